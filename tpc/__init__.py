@@ -1,0 +1,14 @@
+"""tpc: a token pruning compiler for transformers.
+
+    import tpc, timm
+    m = timm.create_model("deit_tiny_patch16_224")
+    pm = tpc.compile(m, method="topk-cls", layers=[3, 6, 9], keep=0.7)   # an nn.Module
+    tpc.export(pm, "deit_tiny_pruned.onnx")
+"""
+
+from tpc import kernels  # noqa: F401  (registers the tpc:: ops before anything uses them)
+from tpc.api import compile, export, inspect
+from tpc.errors import TpcError
+
+__version__ = "0.1.0"
+__all__ = ["TpcError", "__version__", "compile", "export", "inspect"]

@@ -1,0 +1,139 @@
+"""The public API: ``compile``, ``export``, ``inspect``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from tpc import models
+from tpc.capture import capture
+from tpc.compiled import CompileReport, LayerInfo, TpcModule
+from tpc.errors import TpcError
+from tpc.flops import count_flops
+from tpc.graph import count_prefix_tokens, find_attention_sites, find_stream_point
+from tpc.passes import InsertPrune, PassManager, PropagateTokenAxis, get_method
+from tpc.schedule import parse_keep, parse_layers
+
+logger = logging.getLogger("tpc")
+
+BACKENDS = ("torch", "onnxruntime")
+INSERT_POINTS = ("attention", "block")
+
+
+def _resolve(model, example_inputs, **load_kwargs) -> tuple[nn.Module, tuple, str]:
+    if isinstance(model, (str, os.PathLike)):
+        loaded = models.load(str(model), **load_kwargs)
+        return loaded.module, example_inputs or loaded.example_inputs, loaded.name
+    if not isinstance(model, nn.Module):
+        raise TpcError(f"tpc.compile takes an nn.Module or a model id, not {type(model).__name__}")
+    if example_inputs is None:
+        size = models._timm_input_size(model, getattr(model, "pretrained_cfg", {}) or {}) if hasattr(model, "patch_embed") else None
+        if size is None:
+            raise TpcError(f"pass example_inputs for {type(model).__name__}: tpc cannot guess its input shape")
+        example_inputs = models.example_images(size)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    return model, tuple(example_inputs), type(model).__name__
+
+
+def _prefix_of(gm: fx.GraphModule, sites) -> tuple[int, str]:
+    point = find_stream_point(gm, sites[0])
+    return count_prefix_tokens(point.skip, point)
+
+
+def analyze(gm: fx.GraphModule, name: str = "model") -> list:
+    sites = find_attention_sites(gm)
+    if not sites:
+        raise TpcError(
+            f"no attention layers found in {name}: tpc prunes the tokens of transformer models "
+            "(scaled_dot_product_attention or softmax(q·kᵀ)·v in the exported graph)"
+        )
+    return sites
+
+
+def _layer_infos(gm: fx.GraphModule, kept: dict[int, int]) -> list[LayerInfo]:
+    return [LayerInfo(s.layer, s.module, s.kind, s.heads, s.tokens, kept.get(s.layer)) for s in find_attention_sites(gm)]
+
+
+def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=0.7, prefix: int | None = None,
+            after: str = "attention", seed: int = 0, backend: str = "torch", **load_kwargs) -> nn.Module:
+    """Prune ``model``'s tokens after ``layers`` with ``method``; returns an nn.Module.
+
+    ``model`` is an ``nn.Module`` or a model id (see :func:`tpc.models.load`); ``keep`` is a
+    ratio, a list with one ratio per layer, or token counts (ints); ``after`` is "attention"
+    (the block's MLP already runs on fewer tokens) or "block". ``backend="onnxruntime"``
+    returns the ONNX Runtime session of the exported model, checked against the torch module.
+    """
+    if backend not in BACKENDS:
+        raise TpcError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if after not in INSERT_POINTS:
+        raise TpcError(f"unknown insertion point {after!r}: choose one of {', '.join(INSERT_POINTS)}")
+    get_method(method)
+    layer_list = parse_layers(layers)
+    keeps = parse_keep(keep, len(layer_list))
+    module, inputs, name = _resolve(model, example_inputs, **load_kwargs)
+
+    gm = capture(module, inputs)
+    sites = analyze(gm, name)
+    for layer in layer_list:
+        if layer >= len(sites):
+            raise TpcError(f"layer {layer} is out of range: {name} has {len(sites)} attention layers (0-{len(sites) - 1})")
+    if prefix is None:
+        prefix, prefix_source = _prefix_of(gm, sites)
+    else:
+        prefix_source = "given"
+    flops_before = count_flops(gm).total
+
+    passes = []
+    for layer, k in zip(layer_list, keeps):
+        passes += [InsertPrune(method, layer, k, prefix, after, seed), PropagateTokenAxis()]
+    PassManager(passes)(gm)
+
+    kept = {c["layer"]: c["tokens_out"] for c in (n.meta.get("tpc_compaction") for n in gm.graph.nodes) if c}
+    flops = count_flops(gm)
+    report = CompileReport(
+        model=name, method=method, layers=layer_list, keep=keeps, prefix=prefix, prefix_source=prefix_source,
+        insert_after=after, sites=_layer_infos(gm, kept), flops_before=flops_before, flops_after=flops.total,
+        flops_scoring=flops.scoring, pruned_outputs=sorted(gm.meta.get("tpc_pruned_outputs", ())),
+        passes=[p.name for p in passes],
+    )
+    pruned = TpcModule(gm, report, inputs)
+    if backend == "onnxruntime":
+        from tpc.exports import to_onnxruntime
+
+        return to_onnxruntime(pruned)
+    return pruned
+
+
+def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
+    """The report of a compile (attention sites, tokens per layer, FLOPs) without writing anything.
+
+    Without ``layers`` it describes the unpruned model.
+    """
+    if compile_kwargs.get("layers") is None:
+        load_keys = ("weights", "random_weights", "model_args", "input_size")
+        load_kwargs = {k: compile_kwargs[k] for k in load_keys if k in compile_kwargs}
+        module, inputs, name = _resolve(model, example_inputs, **load_kwargs)
+        gm = capture(module, inputs)
+        sites = analyze(gm, name)
+        prefix, source = _prefix_of(gm, sites)
+        flops = count_flops(gm).total
+        return CompileReport(model=name, method=None, layers=[], keep=[], prefix=prefix, prefix_source=source,
+                             insert_after=compile_kwargs.get("after", "attention"), sites=_layer_infos(gm, {}),
+                             flops_before=flops, flops_after=flops)
+    return compile(model, example_inputs, **compile_kwargs).report
+
+
+def export(module: nn.Module, path: str | os.PathLike, example_inputs=None, check: bool = True):
+    """Write ``module`` as an artifact chosen by the suffix of ``path`` (.onnx, .pt2, .plan).
+
+    The artifact is checked against the torch module on the example inputs (batch 1 and the
+    example batch) before it is renamed into place; a failure leaves no file behind.
+    """
+    from tpc.exports import write_artifact
+
+    return write_artifact(module, Path(path), example_inputs, check=check)

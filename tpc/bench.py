@@ -1,0 +1,97 @@
+"""Side-by-side latency of a pruned and an unpruned model, and the cost of the inserted nodes.
+
+Timings on a shared machine drift, so the two models are timed interleaved in one process
+(alternating which goes first in each repeat) and compared as a ratio; the spread of the
+per-repeat ratios shows how noisy the run was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import onnx
+
+from tpc.exports.onnxruntime import make_session
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p90_ms: float
+    throughput: float  # examples per second at the median latency
+
+
+@dataclass
+class PairTiming:
+    base: Timing
+    pruned: Timing
+    speedup: float  # base median / pruned median
+    speedup_spread: tuple[float, float]  # min and max of the per-repeat speedups
+    batch: int
+    repeats: int
+    iters: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _stats(samples: list[float], batch: int) -> Timing:
+    ordered = sorted(samples)
+    median = statistics.median(ordered)
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    return Timing(median * 1e3, p90 * 1e3, batch / median)
+
+
+def time_pair(run_base: Callable[[], object], run_pruned: Callable[[], object], batch: int,
+              warmup: int = 3, iters: int = 10, repeats: int = 5) -> PairTiming:
+    for _ in range(warmup):
+        run_base()
+        run_pruned()
+    base_all, pruned_all, ratios = [], [], []
+    for r in range(repeats):
+        per = {}
+        order = (("base", run_base), ("pruned", run_pruned))
+        for name, fn in (order if r % 2 == 0 else order[::-1]):
+            samples = []
+            for _ in range(iters):
+                t = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - t)
+            per[name] = samples
+        base_all += per["base"]
+        pruned_all += per["pruned"]
+        ratios.append(statistics.median(per["base"]) / statistics.median(per["pruned"]))
+    base, pruned = _stats(base_all, batch), _stats(pruned_all, batch)
+    return PairTiming(base, pruned, base.median_ms / pruned.median_ms, (min(ratios), max(ratios)), batch, repeats, iters)
+
+
+def tpc_node_names(model: onnx.ModelProto) -> set[str]:
+    """ONNX nodes that implement tpc:: ops or side gathers (from the exporter's fx_node metadata)."""
+    names = set()
+    for node in model.graph.node:
+        for prop in node.metadata_props:
+            if prop.key == "pkg.torch.onnx.fx_node" and "torch.ops.tpc." in prop.value:
+                names.add(node.name)
+    return names
+
+
+def inserted_share(model: onnx.ModelProto, feeds: dict, threads: int | None, iters: int = 20) -> float:
+    """Fraction of ONNX Runtime's run time spent in the inserted nodes (from its profiler)."""
+    inserted = tpc_node_names(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        session = make_session(model.SerializeToString(), threads, profile=os.path.join(tmp, "ort"))
+        for _ in range(iters):
+            session.run(None, feeds)
+        path = session.end_profiling()
+        with open(path) as f:
+            events = json.load(f)
+    run_time = sum(e["dur"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    node_time = sum(e["dur"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+                    and e["name"][: -len("_kernel_time")] in inserted)
+    return node_time / run_time if run_time else 0.0

@@ -1,0 +1,71 @@
+"""Capture a model as an aten graph with ``torch.export``, batch dimension dynamic.
+
+Every artifact tpc writes accepts any batch size, so capture marks dim 0 of every tensor
+input dynamic. The graph is captured in inference mode (eval) without touching the
+caller's module: training flags are set on the way in and restored on the way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+
+from tpc.errors import TpcError
+
+MAX_BATCH = 65536
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put every submodule in eval mode for the duration, then restore each flag as it was."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        for m in flags:  # not model.eval(): exported GraphModules refuse it
+            m.training = False
+        yield model
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def dynamic_batch_shapes(example_inputs: tuple, example_kwargs: dict | None = None):
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+
+    def spec(x):
+        return {0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+
+    args = tuple(spec(x) for x in example_inputs)
+    if example_kwargs:
+        return args, {k: spec(v) for k, v in example_kwargs.items()}
+    return args, None
+
+
+def export_program(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> torch.export.ExportedProgram:
+    """torch.export with a dynamic batch; one clear error when the model cannot be captured."""
+    args_spec, kwargs_spec = dynamic_batch_shapes(example_inputs, example_kwargs)
+    dynamic_shapes = args_spec if kwargs_spec is None else {**_by_position(model, args_spec), **kwargs_spec}
+    with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.export.export(model, tuple(example_inputs), kwargs=example_kwargs or None, dynamic_shapes=dynamic_shapes)
+        except Exception as err:  # torch.export raises many types; the user needs one line
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TpcError(f"torch.export could not capture {type(model).__name__} with a dynamic batch: {first}") from err
+
+
+def _by_position(model: nn.Module, args_spec: tuple) -> dict:
+    import inspect
+
+    names = [p for p in inspect.signature(model.forward).parameters]
+    return dict(zip(names, args_spec))
+
+
+def capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> fx.GraphModule:
+    """The model as a GraphModule of aten ops with ``meta['val']`` on every node."""
+    if example_inputs and isinstance(example_inputs[0], torch.Tensor) and example_inputs[0].shape[0] < 2:
+        raise TpcError("example inputs need a batch of at least 2 so the batch dimension is captured as dynamic")
+    return export_program(model, example_inputs, example_kwargs).module()

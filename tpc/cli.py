@@ -1,0 +1,137 @@
+"""The ``tpc`` command line: compile, passes, inspect (and the measuring commands)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from tpc.errors import TpcError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="timm name, path/to/model.pt2, or package.module:function")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--weights", help="state_dict or .safetensors file to load into the model")
+    w.add_argument("--random-weights", action="store_true", help="architecture only: no pretrained weights")
+    p.add_argument("--model-args", help="constructor arguments, e.g. img_size=32,patch_size=4,num_classes=10")
+    p.add_argument("--input-size", help="input shape without batch, e.g. 3,224,224 (default: from the model)")
+
+
+def _add_prune_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--pass", dest="method", default="topk-cls", help="pruning method (see `tpc passes`); default topk-cls")
+    p.add_argument("--layers", required=required, help="layers after which to prune, 0-based, e.g. 3,6,9")
+    p.add_argument("--keep", default="0.7", help="ratio kept per layer (0.7), one per layer (0.9,0.8,0.7), or token counts (120)")
+    p.add_argument("--prefix", type=int, help="number of prefix tokens always kept (default: found in the graph)")
+    p.add_argument("--after", choices=("attention", "block"), default="attention",
+                   help="prune after the attention residual (default; the MLP runs on fewer tokens) or after the block")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random method")
+
+
+def _compile_kwargs(args) -> dict:
+    kwargs = dict(method=args.method, layers=args.layers, keep=args.keep, prefix=args.prefix, after=args.after, seed=args.seed)
+    kwargs.update(weights=args.weights, random_weights=args.random_weights, model_args=args.model_args, input_size=args.input_size)
+    return kwargs
+
+
+def _describe_model(args) -> str:
+    if args.random_weights:
+        return f"{args.model} (random weights)"
+    if args.weights:
+        return f"{args.model} (weights {args.weights})"
+    return args.model
+
+
+def cmd_compile(args) -> int:
+    import tpc
+    from tpc.exports.atomic import check_output_path
+
+    out = Path(args.output)
+    check_output_path(out)
+    if out.suffix.lower() not in (".onnx", ".pt2", ".plan"):
+        raise TpcError(f"unknown artifact type {out.suffix or '(none)'!r} for {str(out)!r}: use .onnx, .pt2 or .plan")
+    if out.suffix.lower() == ".plan":
+        raise TpcError("TensorRT lowering is not available in this build: write .onnx and build the engine with trtexec")
+    start = time.perf_counter()
+    pruned = tpc.compile(args.model, **_compile_kwargs(args))
+    report = pruned.report
+    print(f"{_describe_model(args)}: {report.method} after layers {','.join(map(str, report.layers))}, keep {args.keep}")
+    print(report.table())
+    print(report.summary())
+    result = tpc.export(pruned, out, check=not args.no_check)
+    took = time.perf_counter() - start
+    kind = {".onnx": "ONNX opset 18, standard ops", ".pt2": "torch.export program"}[out.suffix.lower()]
+    print(f"wrote {out} in {took:.1f} s: {kind}, dynamic batch")
+    if result:
+        flips = f", {result.tie_flips} near-tie decision(s) resolved differently" if result.tie_flips else ""
+        print(f"checked against the torch module at batch {' and '.join(map(str, result.batches))}: "
+              f"max abs error {result.max_abs_error:.2g}{flips}")
+    return 0
+
+
+def cmd_passes(args) -> int:
+    from tpc.passes import METHODS
+
+    width = max(len(n) for n in METHODS)
+    for m in METHODS.values():
+        print(f"{m.name:<{width}}  {m.summary}\n{'':<{width}}  paper: {m.paper}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    import tpc
+
+    kwargs = _compile_kwargs(args)
+    report = tpc.inspect(args.model, **kwargs)
+    print(f"{_describe_model(args)}: {len(report.sites)} attention layers"
+          + (f"; {report.method} after layers {','.join(map(str, report.layers))}, keep {args.keep}" if report.layers else ""))
+    print(report.table())
+    print(report.summary())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tpc", description="tpc: token pruning compiler for transformers")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what every pass changed")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="prune a model and write an artifact (.onnx, .pt2, .plan)")
+    _add_model_args(p)
+    _add_prune_args(p, required=True)
+    p.add_argument("-o", "--output", required=True, help="artifact path; the suffix picks the format")
+    p.add_argument("--no-check", action="store_true", help="skip checking the artifact against the torch module")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("passes", help="list the pruning methods and their papers")
+    p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("inspect", help="attention sites, tokens per layer and FLOPs, before/after pruning")
+    _add_model_args(p)
+    _add_prune_args(p, required=False)
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("torch").setLevel(logging.ERROR)
+    try:
+        return args.func(args)
+    except TpcError as err:
+        if args.debug:
+            raise
+        print(f"tpc: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tpc: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

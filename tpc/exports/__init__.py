@@ -1,0 +1,85 @@
+"""Lowering: the rewritten graph as an ONNX file, an ONNX Runtime session, a .pt2 program,
+or (where TensorRT is installed) a TensorRT engine. Every artifact is checked against the
+torch module it came from before it is written, and written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx as onnx_lib  # plain `onnx` here would be shadowed by the tpc.exports.onnx submodule
+import torch
+from torch import nn
+
+from tpc.capture import capture, export_program
+from tpc.compiled import TpcModule
+from tpc.errors import TpcError
+from tpc.exports.atomic import atomic_output, check_output_path
+from tpc.exports.checks import CheckResult, check_artifact, run_graph
+from tpc.exports.onnx import check_onnx, to_onnx
+from tpc.exports.onnxruntime import OrtModule
+
+SUFFIXES = (".onnx", ".pt2", ".plan")
+
+
+def check_batches(inputs: tuple) -> list[tuple]:
+    """The example batch and its first example alone: every artifact must accept both."""
+    first = tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in inputs)
+    return [first, inputs]
+
+
+def _graph_and_inputs(module: nn.Module, example_inputs):
+    inputs = example_inputs if example_inputs is not None else getattr(module, "example_inputs", None)
+    if inputs is None:
+        raise TpcError(f"pass example_inputs to export a {type(module).__name__}")
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    gm = module.graph_module if isinstance(module, TpcModule) else capture(module, inputs)
+    return gm, inputs
+
+
+def to_onnxruntime(module: nn.Module, example_inputs=None, threads: int | None = None) -> OrtModule:
+    """Export to ONNX, check in ONNX Runtime, and return the session as a module."""
+    gm, inputs = _graph_and_inputs(module, example_inputs)
+    model = to_onnx(gm, inputs)
+    check_onnx(model, gm, check_batches(inputs), "ONNX Runtime session")
+    ort_module = OrtModule(model.SerializeToString(), threads=threads, report=getattr(module, "report", None))
+    ort_module.example_inputs = inputs
+    return ort_module
+
+
+def write_artifact(module: nn.Module, path: Path, example_inputs=None, check: bool = True) -> CheckResult | None:
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise TpcError(f"unknown artifact type {path.suffix or '(none)'!r} for {str(path)!r}: use .onnx, .pt2 or .plan")
+    check_output_path(path)
+    if suffix == ".plan":
+        raise TpcError("TensorRT lowering is not available in this build: write .onnx and build the engine with trtexec")
+    if isinstance(module, OrtModule):
+        if suffix != ".onnx":
+            raise TpcError("an ONNX Runtime module can only be written as .onnx")
+        with atomic_output(path) as tmp:
+            tmp.write_bytes(module.onnx_bytes)
+        return None
+    gm, inputs = _graph_and_inputs(module, example_inputs)
+    result = None
+    if suffix == ".onnx":
+        model = to_onnx(gm, inputs)
+        with atomic_output(path) as tmp:
+            onnx_lib.save(model, str(tmp))
+            if check:
+                result = check_onnx(onnx_lib.load(str(tmp)), gm, check_batches(inputs), f"ONNX file {path.name}")
+    else:
+        ep = export_program(gm, inputs)
+        with atomic_output(path) as tmp:
+            torch.export.save(ep, str(tmp))
+            if check:
+                loaded = torch.export.load(str(tmp)).module()
+
+                def run(batch):
+                    outs, replay = run_graph(loaded, batch)
+                    return outs, replay.decisions
+
+                result = check_artifact(gm, run, check_batches(inputs), f"program {path.name}")
+    return result
+
+
+__all__ = ["OrtModule", "check_batches", "to_onnx", "to_onnxruntime", "write_artifact"]

@@ -1,0 +1,113 @@
+"""Check an artifact against the torch module it came from, decision by decision.
+
+Two backends compute scores with different float rounding, so on near-ties they may keep
+different tokens, after which their outputs legitimately differ. The check therefore:
+
+1. runs the artifact and reads its kept indices (every ``select_topk`` result);
+2. replays the torch graph with those same decisions forced, recording the decisions torch
+   itself would have made and the scores behind them;
+3. accepts a differing decision only where the swapped tokens' torch scores lie within float
+   noise of the selection boundary, and requires the outputs to agree to ``tol``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from tpc.errors import TpcError
+
+SELECT = torch.ops.tpc.select_topk.default
+TIE_RTOL = 1e-4
+
+
+class DecisionReplay(fx.Interpreter):
+    """Runs a graph, recording each ``select_topk`` result and, optionally, forcing them."""
+
+    def __init__(self, gm: fx.GraphModule, forced: list[torch.Tensor] | None = None):
+        super().__init__(gm)
+        self.forced = forced
+        self.decisions: list[torch.Tensor] = []
+        self.scores: list[torch.Tensor] = []
+
+    def call_function(self, target, args, kwargs):
+        out = super().call_function(target, args, kwargs)
+        if target is SELECT:
+            self.scores.append(args[0])
+            self.decisions.append(out)
+            if self.forced is not None and len(self.decisions) <= len(self.forced):
+                out = self.forced[len(self.decisions) - 1].to(out.device)
+        return out
+
+
+def flat_outputs(out) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def run_graph(gm: fx.GraphModule, inputs: tuple, forced=None) -> tuple[list[torch.Tensor], DecisionReplay]:
+    replay = DecisionReplay(gm, forced)
+    with torch.no_grad():
+        out = replay.run(*pytree.tree_leaves(inputs))
+    return flat_outputs(out), replay
+
+
+def near_tie(scores: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """Do two index sets differ only by tokens scored within float noise of the boundary?"""
+    for row in range(scores.shape[0]):
+        a, b = set(ours[row].tolist()), set(theirs[row].tolist())
+        if a == b:
+            continue
+        if len(a) != len(b):
+            return False
+        s = scores[row].float()
+        tol = TIE_RTOL * float(s.abs().max()) + 1e-12
+        # every swapped token must lie in one band of width tol around the boundary
+        if max(float(s[j]) for j in a - b) - min(float(s[j]) for j in b - a) > tol:
+            return False
+    return True
+
+
+@dataclass
+class CheckResult:
+    max_abs_error: float
+    tie_flips: int
+    batches: tuple[int, ...]
+
+
+def check_artifact(gm: fx.GraphModule, run_artifact: Callable[[tuple], tuple[list, list | None]],
+                   inputs_list: list[tuple], what: str, tol: float = 1e-4) -> CheckResult:
+    """``run_artifact(inputs) -> (outputs, decisions or None)``; raises TpcError on mismatch."""
+    worst, flips, batches = 0.0, 0, []
+    for inputs in inputs_list:
+        outs, decisions = run_artifact(inputs)
+        outs = [torch.as_tensor(o) for o in outs]
+        ref, replay = run_graph(gm, inputs, forced=decisions)
+        if decisions is not None:
+            if len(decisions) != len(replay.decisions):
+                raise TpcError(f"{what}: the artifact makes {len(decisions)} pruning decisions, the module {len(replay.decisions)}")
+            for i, (theirs, ours, scores) in enumerate(zip(decisions, replay.decisions, replay.scores)):
+                theirs = torch.as_tensor(theirs)
+                if torch.equal(theirs.cpu(), ours.cpu()):
+                    continue
+                if not near_tie(scores.cpu(), ours.cpu(), theirs.cpu()):
+                    raise TpcError(f"{what}: pruning step {i} keeps different tokens than the torch module (not a near-tie)")
+                flips += 1
+        if len(outs) != len(ref):
+            raise TpcError(f"{what}: {len(outs)} outputs, the torch module has {len(ref)}")
+        for o, r in zip(outs, ref):
+            if tuple(o.shape) != tuple(r.shape):
+                raise TpcError(f"{what}: output shape {tuple(o.shape)} differs from the torch module's {tuple(r.shape)}")
+            if o.dtype.is_floating_point:
+                err = float((o.float() - r.float().cpu()).abs().max()) if o.numel() else 0.0
+                scale = max(1.0, float(r.float().abs().max())) if r.numel() else 1.0
+                if not err <= tol * scale:
+                    raise TpcError(f"{what}: outputs differ from the torch module by {err:.3g} (allowed {tol * scale:.3g})")
+                worst = max(worst, err)
+            elif not torch.equal(o.cpu(), r.cpu()):
+                raise TpcError(f"{what}: integer outputs differ from the torch module")
+        batches.append(int(pytree.tree_leaves(inputs)[0].shape[0]))
+    return CheckResult(worst, flips, tuple(batches))

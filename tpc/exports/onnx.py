@@ -1,0 +1,76 @@
+"""Lowering to ONNX: standard ops only (opset 18), dynamic batch, checked, written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import warnings
+
+import onnx
+import torch
+from torch import fx, nn
+
+from tpc.capture import export_program
+from tpc.errors import TpcError
+from tpc.exports.checks import CheckResult, check_artifact
+from tpc.exports.onnx_ops import TRANSLATIONS
+from tpc.exports.onnxruntime import make_session
+
+OPSET = 18
+_DECISION = re.compile(r"^select_topk(_\d+)?$")
+
+
+def to_onnx(module: nn.Module, example_inputs: tuple) -> onnx.ModelProto:
+    """The module as an ONNX model with a dynamic batch dimension (tpc:: ops translated)."""
+    ep = export_program(module, example_inputs)
+    quiet = io.StringIO()
+    logging.getLogger("onnxscript").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(ep, tuple(example_inputs), dynamo=True, opset_version=OPSET,
+                                        custom_translation_table=TRANSLATIONS, verbose=False, optimize=True,
+                                        report=False, verify=False)
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise TpcError(f"ONNX export failed: {first}") from err
+    model = program.model_proto
+    model.producer_name = "tpc"
+    return model
+
+
+def decision_names(model: onnx.ModelProto) -> list[str]:
+    """Names of the values holding each pruning step's kept indices, in graph order."""
+    names = []
+    for node in model.graph.node:
+        names.extend(o for o in node.output if _DECISION.match(o))
+    return names
+
+
+def with_decision_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    names = decision_names(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in existing:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
+    return probe, len(names)
+
+
+def check_onnx(model: onnx.ModelProto, gm: fx.GraphModule, inputs_list: list[tuple], what: str = "ONNX model") -> CheckResult:
+    """Run the model in ONNX Runtime on each input batch and compare with the torch graph."""
+    probe, count = with_decision_outputs(model)
+    session = make_session(probe.SerializeToString())
+    names = [i.name for i in session.get_inputs()]
+    n_out = len(model.graph.output)
+
+    def run(inputs):
+        flat = [x for x in torch.utils._pytree.tree_leaves(inputs) if isinstance(x, torch.Tensor)]
+        outs = session.run(None, {n: x.detach().cpu().numpy() for n, x in zip(names, flat)})
+        decisions = [torch.from_numpy(d) for d in outs[n_out:]] if count else None
+        return [torch.from_numpy(o) for o in outs[:n_out]], decisions
+
+    return check_artifact(gm, run, inputs_list, what)

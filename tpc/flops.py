@@ -1,0 +1,85 @@
+"""FLOPs counted from a graph's shapes, at batch 1.
+
+Counts multiply-accumulates (the convention of the ViT/DeiT papers, where DeiT-S is
+4.6 GFLOPs) for the ops that dominate a transformer: linear, matmul, convolution and
+attention. Inserted ``tpc::`` nodes are counted separately as scoring overhead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from tpc.graph.nodes import aten, target_packet, val
+
+
+def _shape(x) -> tuple[int, ...]:
+    """Concrete shape with every symbolic size (the batch) set to 1."""
+    out = []
+    for s in x.shape:
+        if isinstance(s, int):
+            out.append(s)
+        else:
+            expr = s.node.expr
+            out.append(int(expr.subs({sym: 1 for sym in expr.free_symbols})))
+    return tuple(out)
+
+
+def _numel(x) -> int:
+    return math.prod(_shape(x))
+
+
+def node_macs(node: fx.Node) -> int:
+    if node.op != "call_function":
+        return 0
+    packet = target_packet(node)
+    out = val(node)
+    args = [val(a) if isinstance(a, fx.Node) else a for a in node.args]
+    if packet is aten.linear:
+        return _numel(out) * _shape(args[0])[-1]
+    if packet in (aten.matmul, aten.bmm, aten.mm):
+        return _numel(out) * _shape(args[0])[-1]
+    if packet in (aten.addmm, aten.baddbmm):
+        return _numel(out) * _shape(args[1])[-1]
+    if packet in (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution):
+        weight = _shape(args[1])
+        return _numel(out) * math.prod(weight[1:])
+    if packet is aten.scaled_dot_product_attention:
+        q, k, v = (_shape(a) for a in args[:3])
+        return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+    cost = TPC_OP_MACS.get(packet)
+    return cost(node) if cost is not None else 0
+
+
+@dataclass
+class FlopCount:
+    total: int
+    scoring: int
+
+    @property
+    def gflops(self) -> float:
+        return self.total / 1e9
+
+
+def count_flops(gm: fx.GraphModule) -> FlopCount:
+    total = scoring = 0
+    for node in gm.graph.nodes:
+        macs = node_macs(node)
+        total += macs
+        if "tpc_inserted" in node.meta:
+            scoring += macs
+    return FlopCount(total, scoring)
+
+
+def cls_attention_macs(node: fx.Node) -> int:
+    q, k = (_shape(val(a)) for a in node.args[:2])
+    return q[0] * q[1] * k[-2] * q[-1]
+
+
+# MAC counts of the tpc:: ops that compute (gathers and selections move memory only).
+TPC_OP_MACS = {
+    torch.ops.tpc.cls_attention: cls_attention_macs,
+}

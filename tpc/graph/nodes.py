@@ -1,0 +1,114 @@
+"""Small helpers over ``torch.fx`` nodes of an exported graph."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+# Stand-ins for symbolic sizes when shapes are compared numerically: large primes, so a
+# product of a symbolic size with static sizes never equals an unrelated static size.
+_SYMBOL_PRIMES = (1000003, 1000033, 1000037, 1000039, 1000081, 1000099)
+
+
+def target_packet(node: fx.Node):
+    """The OpOverloadPacket of a call_function node (aten.add for aten.add.Tensor), or its target."""
+    target = node.target
+    return getattr(target, "overloadpacket", target)
+
+
+def is_op(node: object, *packets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and target_packet(node) in packets
+
+
+def val(node: object):
+    """The fake value torch.export recorded for a node (a FakeTensor, SymInt, tuple or None)."""
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def is_tensor_node(node: object) -> bool:
+    return isinstance(val(node), torch.Tensor)
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the innermost module that produced the node ('' for the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, _cls in reversed(list(stack.values())):
+        if isinstance(path, str) and not path.startswith("_empty"):
+            return path
+    return ""
+
+
+def describe(node: fx.Node) -> str:
+    """``node 'reshape_4' (aten.reshape) in blocks.2.attn`` — for error messages."""
+    target = target_packet(node) if node.op == "call_function" else node.target
+    name = getattr(target, "__name__", str(target))
+    if hasattr(target, "_qualified_op_name"):
+        name = target._qualified_op_name.replace("::", ".")
+    where = module_path(node)
+    return f"node '{node.name}' ({name})" + (f" in {where or 'the top-level module'}")
+
+
+_SYMBOL_TABLE: dict[str, int] = {}
+
+
+def numeric_size(size) -> int:
+    """An int for a static size; a symbolic size evaluated with its symbols set to large primes."""
+    if isinstance(size, int):
+        return size
+    expr = size.node.expr
+    subs = {}
+    for sym in expr.free_symbols:
+        key = str(sym)
+        if key not in _SYMBOL_TABLE:
+            _SYMBOL_TABLE[key] = _SYMBOL_PRIMES[len(_SYMBOL_TABLE) % len(_SYMBOL_PRIMES)]
+        subs[sym] = _SYMBOL_TABLE[key]
+    return int(expr.subs(subs))
+
+
+def numeric_shape(node_or_val) -> tuple[int, ...]:
+    value = val(node_or_val) if isinstance(node_or_val, fx.Node) else node_or_val
+    return tuple(numeric_size(s) for s in value.shape)
+
+
+def batch_size_numeric(gm: fx.GraphModule) -> int | None:
+    """Numeric stand-in of the first input's dim 0 when it is symbolic (the dynamic batch)."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = val(node)
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and not isinstance(value.shape[0], int):
+            return numeric_size(value.shape[0])
+    return None
+
+
+def ancestors(node: fx.Node, stop: Iterable[fx.Node] = ()) -> set[fx.Node]:
+    """Every node the value of ``node`` depends on (not including itself)."""
+    seen: set[fx.Node] = set()
+    todo = list(node.all_input_nodes)
+    stop = set(stop)
+    while todo:
+        n = todo.pop()
+        if n in seen or n in stop:
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return seen
+
+
+def depends_on(node: fx.Node, source: fx.Node) -> bool:
+    return source in ancestors(node)
+
+
+def scalar_value(arg) -> float | None:
+    """A Python number argument, or None for a tensor/node."""
+    if isinstance(arg, bool):
+        return None
+    if isinstance(arg, (int, float)):
+        return float(arg)
+    return None
+
+
+GETITEM = operator.getitem

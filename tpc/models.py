@@ -1,0 +1,241 @@
+"""Model ids -> (module, example inputs).
+
+Accepted ids, tried in this order:
+
+- ``path/to/model.pt2``: a saved ``torch.export`` program;
+- ``package.module:function``: a function returning a module, or (module, example inputs);
+- a timm name (``deit_small_patch16_224``, ``timm/deit_small_patch16_224.fb_in1k``).
+
+Weights: pretrained by default (downloaded or from the local cache), ``weights=PATH`` for a
+state_dict / safetensors file, ``random_weights=True`` for architecture-only runs.
+Everything is loaded without executing pickled code (``weights_only=True``, safetensors).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tpc.errors import TpcError
+
+EXAMPLE_BATCH = 2
+HUB_HOST = ("huggingface.co", 443)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    module: nn.Module
+    example_inputs: tuple
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        return tuple(self.example_inputs[0].shape[1:])
+
+
+def parse_model_args(text: str | dict | None) -> dict:
+    """``"img_size=32,patch_size=4"`` -> {"img_size": 32, "patch_size": 4} (values as Python literals)."""
+    if text is None or isinstance(text, dict):
+        return dict(text or {})
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise TpcError(f"--model-args takes key=value pairs separated by commas, not {part!r}")
+        key, value = (s.strip() for s in part.split("=", 1))
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def parse_input_size(text) -> tuple[int, ...] | None:
+    if text is None or isinstance(text, tuple):
+        return text
+    try:
+        return tuple(int(p) for p in str(text).split(","))
+    except ValueError:
+        raise TpcError(f"--input-size takes comma-separated sizes such as 3,224,224, not {text!r}") from None
+
+
+def example_images(input_size: tuple[int, ...], batch: int = EXAMPLE_BATCH, seed: int = 0) -> tuple[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn((batch, *input_size), generator=gen),)
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict:
+    """A state_dict from .safetensors or a torch file, without unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise TpcError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise TpcError(f"cannot read weights from {str(path)!r} as a state_dict (weights_only load): {err}".splitlines()[0]) from err
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise TpcError(f"{str(path)!r} holds a {type(state).__name__}, not a state_dict")
+    return state
+
+
+def apply_weights(module: nn.Module, path: str | os.PathLike) -> None:
+    state = load_state_dict_file(path)
+    result = module.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        parts = []
+        if result.missing_keys:
+            parts.append(f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[0]})")
+        if result.unexpected_keys:
+            parts.append(f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})")
+        raise TpcError(f"weights in {str(path)!r} do not fit the model: {', '.join(parts)}; check --model-args")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(HUB_HOST, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _offline_unless_reachable():
+    """Use only the local cache when the hub cannot be reached (no minute of retries)."""
+    try:
+        import huggingface_hub.constants as hub
+    except ImportError:
+        yield True
+        return
+    online = _hub_reachable()
+    saved = hub.HF_HUB_OFFLINE
+    if not online:
+        hub.HF_HUB_OFFLINE = True
+    try:
+        yield online
+    finally:
+        hub.HF_HUB_OFFLINE = saved
+
+
+def _load_pt2(path: Path) -> LoadedModel:
+    if not path.is_file():
+        raise TpcError(f"model file {str(path)!r} does not exist")
+    import tpc.kernels  # noqa: F401  (a .pt2 written by tpc holds tpc:: ops)
+
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as err:
+        raise TpcError(f"cannot load {str(path)!r} as a torch.export program: {str(err).splitlines()[0]}") from err
+    module = ep.module()
+    inputs = None
+    if ep.example_inputs is not None:
+        args, _kwargs = ep.example_inputs
+        inputs = tuple(args)
+    if inputs is None or inputs[0].shape[0] < EXAMPLE_BATCH:
+        shapes = [n.meta["val"].shape for n in ep.graph.find_nodes(op="placeholder") if n.name in ep.graph_signature.user_inputs]
+        inputs = tuple(torch.randn(EXAMPLE_BATCH, *[int(s) for s in shape[1:]]) for shape in shapes)
+    return LoadedModel(path.name, module, inputs)
+
+
+def _load_function(spec: str, input_size) -> LoadedModel:
+    mod_name, fn_name = spec.rsplit(":", 1)
+    sys.path.insert(0, os.getcwd())
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as err:
+        raise TpcError(f"cannot import {spec!r}: {err}") from err
+    finally:
+        sys.path.pop(0)
+    made = fn()
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
+        module, inputs = made
+        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    elif isinstance(made, nn.Module):
+        module = made
+        if input_size is None:
+            raise TpcError(f"{spec!r} returned a module without example inputs: pass --input-size, e.g. 3,224,224")
+        inputs = example_images(input_size)
+    else:
+        raise TpcError(f"{spec!r} returned {type(made).__name__}; it must return an nn.Module or (module, example_inputs)")
+    return LoadedModel(spec, module, inputs)
+
+
+def _load_timm(name: str, weights, random_weights: bool, model_args: dict, input_size) -> LoadedModel:
+    try:
+        import timm
+    except ImportError:
+        raise TpcError("timm is not installed: pip install 'tpc[timm]'") from None
+    base = name.split(".", 1)[0]
+    if not timm.is_model(base):
+        raise TpcError(
+            f"unknown model id {name!r}: not a timm model, a .pt2 file or a module:function "
+            "(list timm names with `python -c \"import timm; print(timm.list_models('*vit*'))\"`)"
+        )
+    pretrained = not random_weights and weights is None
+    try:
+        if pretrained:
+            with _offline_unless_reachable() as online:
+                try:
+                    module = timm.create_model(name, pretrained=True, **model_args)
+                except Exception as err:
+                    where = "the Hugging Face hub is unreachable and the local cache has no copy" if not online else str(err).splitlines()[0]
+                    raise TpcError(
+                        f"cannot get pretrained weights for {name!r} ({where}): pass --weights FILE with a "
+                        "state_dict/safetensors file, or --random-weights for an architecture-only run"
+                    ) from None
+        else:
+            module = timm.create_model(name, pretrained=False, **model_args)
+    except TypeError as err:
+        raise TpcError(f"timm cannot build {name!r} with --model-args {model_args}: {err}") from None
+    if weights is not None:
+        apply_weights(module, weights)
+    cfg = getattr(module, "pretrained_cfg", {}) or {}
+    size = input_size or _timm_input_size(module, cfg)
+    return LoadedModel(name, module, example_images(size), tuple(cfg.get("mean", ())) or None, tuple(cfg.get("std", ())) or None)
+
+
+def _timm_input_size(module: nn.Module, cfg: dict) -> tuple[int, ...]:
+    embed = getattr(module, "patch_embed", None)
+    img = getattr(embed, "img_size", None)
+    chans = getattr(getattr(embed, "proj", None), "in_channels", None)
+    if img is not None and chans is not None:
+        return (int(chans), int(img[0]), int(img[1]))
+    return tuple(cfg.get("input_size", (3, 224, 224)))
+
+
+def load(model_id: str, weights: str | None = None, random_weights: bool = False, model_args=None,
+         input_size=None) -> LoadedModel:
+    """Resolve a model id to a module and example inputs (batch of 2)."""
+    if random_weights and weights is not None:
+        raise TpcError("--weights and --random-weights contradict each other: pass one")
+    model_args = parse_model_args(model_args)
+    input_size = parse_input_size(input_size)
+    if model_id.endswith(".pt2"):
+        loaded = _load_pt2(Path(model_id))
+    elif ":" in model_id and not os.path.exists(model_id):
+        loaded = _load_function(model_id, input_size)
+        if weights is not None:
+            apply_weights(loaded.module, weights)
+    else:
+        name = model_id[len("timm/"):] if model_id.startswith("timm/") else model_id
+        loaded = _load_timm(name, weights, random_weights, model_args, input_size)
+    if random_weights:
+        loaded.notes.append("random weights")
+    return loaded

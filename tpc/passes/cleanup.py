@@ -1,0 +1,51 @@
+"""``cleanup``: the ending every modifying pass shares.
+
+1. dead-code elimination (the custom ``tpc::`` ops are pure, so unused scorers go too);
+2. ``graph.lint()``;
+3. ``recompile()``;
+4. refresh ``meta["val"]`` of every computed node by fake-tensor propagation, so the next
+   pass (and the token counts tpc reports) see the shapes of the rewritten graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch._guards import detect_fake_mode
+
+from tpc.passes.infra import Pass, PassResult
+
+
+def refresh_meta(gm: fx.GraphModule) -> None:
+    """Recompute ``meta['val']`` of call_function nodes under the graph's fake mode."""
+    placeholders = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
+    fake_mode = detect_fake_mode([v for v in placeholders if isinstance(v, torch.Tensor)])
+    if fake_mode is None:
+        raise RuntimeError("the graph has no fake input values; capture it with tpc.capture")
+
+    def value(a):
+        return a.meta.get("val") if isinstance(a, fx.Node) else a
+
+    with fake_mode:
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            args = fx.node.map_aggregate(node.args, value)
+            kwargs = fx.node.map_aggregate(node.kwargs, value)
+            node.meta["val"] = node.target(*args, **kwargs)
+
+
+def finish(gm: fx.GraphModule) -> None:
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    refresh_meta(gm)
+
+
+class Cleanup(Pass):
+    name = "cleanup"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        before = len(gm.graph.nodes)
+        finish(gm)
+        return PassResult(gm, len(gm.graph.nodes) != before)

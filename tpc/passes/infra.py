@@ -1,0 +1,70 @@
+"""Pass infrastructure, after ``torch.fx.passes.infra``.
+
+A pass is a callable ``(GraphModule) -> PassResult``; a ``PassManager`` runs an ordered
+list of them and, when one fails, says which pass failed after which others.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import fx
+
+from tpc.errors import TpcError
+
+logger = logging.getLogger("tpc.passes")
+
+
+@dataclass
+class PassResult:
+    graph_module: fx.GraphModule
+    modified: bool
+
+
+class Pass:
+    """Base class: subclasses set ``name`` and implement ``call``."""
+
+    name = "pass"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        return self.call(gm)
+
+    def call(self, gm: fx.GraphModule) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def pass_name(p: Callable) -> str:
+    return getattr(p, "name", None) or getattr(p, "__name__", type(p).__name__)
+
+
+class PassManager:
+    """Runs passes in order; a failure names the pass and the passes that ran before it."""
+
+    def __init__(self, passes: Sequence[Callable[[fx.GraphModule], PassResult]]):
+        self.passes = list(passes)
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        modified = False
+        done: list[str] = []
+        for p in self.passes:
+            name = pass_name(p)
+            try:
+                result = p(gm)
+            except TpcError as err:
+                raise TpcError(f"{err} [in pass {name}{self._after(done)}]") from err
+            except Exception as err:
+                raise TpcError(f"pass {name} failed{self._after(done)}: {type(err).__name__}: {err}") from err
+            gm = result.graph_module
+            modified |= result.modified
+            logger.debug("%s: %s", name, "modified the graph" if result.modified else "no change")
+            done.append(name)
+        return PassResult(gm, modified)
+
+    @staticmethod
+    def _after(done: list[str]) -> str:
+        return f", after {', '.join(done)}" if done else ", the first pass"

@@ -1,0 +1,88 @@
+"""``insert_prune``: a score-and-compact pair after one layer's attention.
+
+Rewrite (for the stream tensor ``x`` of layer L, [B, N, C]):
+
+    x = add(skip, attn_out)                     x = add(skip, attn_out)
+    y = layer_norm(x) …            ==>          s = <method scorer>(q_L, k_L | x)     [B, N]
+    z = add(x, mlp(y))                          i = tpc.select_topk(s, k, P)          [B, P+k]
+                                                x' = tpc.gather_tokens(x, i)          [B, P+k, C]
+                                                y = layer_norm(x') …
+                                                z = add(x', mlp(y))
+
+1. every use of ``x`` (except by the new nodes) reads ``x'``;
+2. a [N, B, C] stream is permuted to [B, N, C] around the gather;
+3. the gather is marked as a pending compaction; ``propagate_token_axis`` must run next,
+   because shape constants downstream still say N. This pass therefore ends with
+   ``lint`` + ``recompile`` only: its graph is not executable until propagation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from tpc.errors import TpcError
+from tpc.graph import find_attention_sites, find_stream_point
+from tpc.graph.nodes import aten, val
+from tpc.passes.infra import Pass, PassResult
+from tpc.passes.scorers import Builder, ScoreInputs, get_method
+from tpc.schedule import KeepValue, kept_count
+
+tpc_ops = torch.ops.tpc
+
+
+class InsertPrune(Pass):
+    def __init__(self, method: str, layer: int, keep: KeepValue, prefix: int, after: str = "attention", seed: int = 0):
+        self.method = get_method(method)
+        self.layer = layer
+        self.keep = keep
+        self.prefix = prefix
+        self.after = after
+        self.seed = seed
+        self.name = f"insert_prune(layer {layer})"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        sites = find_attention_sites(gm)
+        if self.layer >= len(sites):
+            raise TpcError(f"layer {self.layer} is out of range: the model has {len(sites)} attention layers (0-{len(sites) - 1})")
+        site = sites[self.layer]
+        if not site.self_attention:
+            raise TpcError(f"layer {self.layer} ({site.module}) is cross-attention: tpc prunes self-attention layers")
+        point = find_stream_point(gm, site, self.after)
+        tokens = point.tokens
+        k = kept_count(self.keep, tokens, self.prefix, self.layer)
+
+        b = Builder(gm, point.node)
+        rank = len(val(point.node).shape)
+        to_canonical = None
+        stream = point.node
+        if (point.batch_dim, point.token_dim) != (0, 1):
+            if point.batch_dim is None:
+                raise TpcError(f"layer {self.layer}: the stream at {point.node.name} has no visible batch dimension")
+            to_canonical = [point.batch_dim, point.token_dim] + [d for d in range(rank) if d not in (point.batch_dim, point.token_dim)]
+            stream = b.op(aten.permute.default, point.node, to_canonical, role="layout")
+
+        inputs = ScoreInputs(site=site, point=point, stream=stream, prefix=self.prefix, seed=self.seed)
+        scores = self.method.score(b, inputs)
+        index = b.op(tpc_ops.select_topk.default, scores, k, self.prefix, role="select")
+        gathered = b.op(tpc_ops.gather_tokens.default, stream, index, role="gather", value=val(stream))
+        out = gathered
+        if to_canonical is not None:
+            inverse = [to_canonical.index(d) for d in range(rank)]
+            out = b.op(aten.permute.default, gathered, inverse, role="layout")
+
+        new_nodes = set(b.inserted)
+        point.node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in new_nodes)
+        gathered.meta["tpc_compaction"] = {
+            "layer": self.layer,
+            "method": self.method.name,
+            "module": site.module,
+            "index": index,
+            "tokens_in": tokens,
+            "tokens_out": self.prefix + k,
+            "prefix": self.prefix,
+            "propagated": False,
+        }
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, True)

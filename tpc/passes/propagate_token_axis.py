@@ -1,0 +1,172 @@
+"""``propagate_token_axis``: carry a compaction's smaller token count through the graph.
+
+torch.export bakes the token count into shape arguments (``reshape(x, [s0, 197, 3, 6, 64])``).
+After ``insert_prune`` replaced a stream tensor by ``gather_tokens(x, index)`` with K < N
+tokens, this pass walks every downstream node in topological order, tracking which dims
+carry tokens (see :mod:`tpc.passes.token_axis_rules`), and
+
+1. rewrites constant shape arguments at token dims: N·f → K·f, a symbolic size → -1;
+2. gathers side tensors that meet the stream with the same index — attention masks,
+   position biases, or stale copies of the stream from before the compaction;
+3. refuses, naming the node and its module, any op it cannot prove correct (a reshape back
+   to an H×W grid, a read of token i, a concatenation along tokens, …).
+
+A graph without an unpropagated compaction is left unchanged (``modified=False``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import fx
+from torch._guards import detect_fake_mode
+
+from tpc.errors import TpcError
+from tpc.graph.nodes import aten, describe, numeric_shape, val
+from tpc.passes.cleanup import finish
+from tpc.passes.infra import Pass, PassResult
+from tpc.passes.token_axis_rules import Axis, Refusal, rule_for
+
+logger = logging.getLogger("tpc.passes")
+
+GATHER = torch.ops.tpc.gather_tokens.default
+
+
+class _Context:
+    def __init__(self, gm: fx.GraphModule, compaction: dict, source: fx.Node):
+        self.gm = gm
+        self.graph = gm.graph
+        self.tokens_old = compaction["tokens_in"]
+        self.tokens_new = compaction["tokens_out"]
+        self.prefix = compaction["prefix"]
+        self.index = compaction["index"]
+        self.source = source
+        self.tracked: dict[fx.Node, object] = {source: {1: Axis()}}
+        self.side_cache: dict[tuple, fx.Node] = {}
+        self.inserted: set[fx.Node] = set()
+        self.rewritten = 0
+        self.batch = numeric_shape(source)[0]
+        self.fake_mode = detect_fake_mode([val(source)])
+        with self.fake_mode:
+            self.old_index_val = torch.empty((val(source).shape[0], self.tokens_old), dtype=torch.int64)
+
+    def atom_old(self, ax: Axis) -> int:
+        return self.tokens_old - ax.offset
+
+    def atom_new(self, ax: Axis) -> int:
+        return self.tokens_new - ax.offset
+
+    def axes_raw(self, node):
+        return self.tracked.get(node) if isinstance(node, fx.Node) else None
+
+    def axes(self, node) -> dict:
+        a = self.axes_raw(node)
+        return a if isinstance(a, dict) else {}
+
+    def mark_rewritten(self, node: fx.Node) -> None:
+        node.meta["tpc_rewritten"] = True
+        self.rewritten += 1
+
+    def _insert(self, target, args, like: fx.Node, value) -> fx.Node:
+        node = self.graph.call_function(target, args)
+        node.meta["val"] = value
+        node.meta["nn_module_stack"] = like.meta.get("nn_module_stack", {})
+        node.meta["tpc_inserted"] = "side_gather"
+        self.inserted.add(node)
+        return node
+
+    def gather_side(self, x: fx.Node, dim: int, ax: Axis, consumer: fx.Node) -> fx.Node:
+        """Gather side tensor ``x`` along ``dim`` with this compaction's index (cached per tensor).
+
+        x is right-aligned with the consumer's output; its dim facing the batch dim (size B
+        or 1) is where each example's index applies. Missing leading dims are added first.
+        """
+        if ax.inner != 1 or ax.offset != 0:
+            raise Refusal("a side tensor meets tokens that are merged with another axis or sliced")
+        key = (x, dim)
+        if key in self.side_cache:
+            return self.side_cache[key]
+        out_shape = numeric_shape(consumer)
+        if self.batch not in out_shape:
+            raise Refusal("a side tensor meets the tokens where no batch dimension is visible")
+        from_right = len(out_shape) - out_shape.index(self.batch)
+        added = max(0, from_right - len(val(x).shape))
+        with self.graph.inserting_before(consumer), self.fake_mode:
+            y, tdim = x, dim + added
+            for _ in range(added):
+                y = self._insert(aten.unsqueeze.default, (y, 0), consumer, val(y).unsqueeze(0))
+            rank = len(val(y).shape)
+            bdim = rank - from_right
+            if numeric_shape(y)[bdim] not in (self.batch, 1):
+                raise Refusal("a side tensor meets the tokens with a batch dimension of another size")
+            perm = [bdim, tdim] + [d for d in range(rank) if d not in (bdim, tdim)]
+            if perm != list(range(rank)):
+                y = self._insert(aten.permute.default, (y, perm), consumer, val(y).permute(perm))
+            g = self._insert(GATHER, (y, self.index), consumer, GATHER(val(y), self.old_index_val))
+            inverse = [perm.index(d) for d in range(rank)]
+            if inverse != list(range(rank)):
+                g = self._insert(aten.permute.default, (g, inverse), consumer, val(g).permute(inverse))
+        self.tracked[g] = {**{d + added: a for d, a in self.axes(x).items()}, tdim: Axis()}
+        self.side_cache[key] = g
+        return g
+
+
+def propagate(gm: fx.GraphModule, gather: fx.Node) -> int:
+    """Propagate one compaction; returns the number of rewritten nodes."""
+    compaction = gather.meta["tpc_compaction"]
+    ctx = _Context(gm, compaction, gather)
+    nodes = list(gm.graph.nodes)
+    for node in nodes[nodes.index(gather) + 1:]:
+        if node in ctx.inserted:
+            continue
+        if node.op == "output":
+            _check_outputs(gm, ctx, node)
+            continue
+        if node.op != "call_function" or not any(a in ctx.tracked for a in node.all_input_nodes):
+            continue
+        rule = rule_for(node)
+        if rule is None:
+            raise TpcError(_refusal(node, "tpc has no token-axis rule for this op", compaction))
+        try:
+            out = rule(ctx, node)
+        except Refusal as r:
+            raise TpcError(_refusal(node, str(r), compaction)) from None
+        if out:
+            ctx.tracked[node] = out
+    compaction["propagated"] = True
+    return ctx.rewritten + len(ctx.inserted)
+
+
+def _check_outputs(gm, ctx, node):
+    outputs = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
+    pruned = [i for i, a in enumerate(outputs) if ctx.axes(a)]
+    if pruned:
+        gm.meta.setdefault("tpc_pruned_outputs", set()).update(pruned)
+        logger.warning("output(s) %s carry the token axis: they now hold %d tokens instead of %d",
+                       pruned, ctx.tokens_new, ctx.tokens_old)
+
+
+def _refusal(node: fx.Node, reason: str, compaction: dict) -> str:
+    return (
+        f"cannot prune after layer {compaction['layer']}: {describe(node)} {reason}. "
+        f"Choose --layers after which no such op reads the tokens"
+    )
+
+
+class PropagateTokenAxis(Pass):
+    """Propagates every compaction not yet propagated, then runs the shared cleanup."""
+
+    name = "propagate_token_axis"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        pending = [n for n in gm.graph.nodes if "tpc_compaction" in n.meta and not n.meta["tpc_compaction"]["propagated"]]
+        if not pending:
+            return PassResult(gm, False)
+        changed = 0
+        for gather in pending:
+            changed += propagate(gm, gather)
+            logger.debug("propagate_token_axis: layer %s, %d nodes rewritten or inserted",
+                         gather.meta["tpc_compaction"]["layer"], changed)
+        finish(gm)
+        return PassResult(gm, True)

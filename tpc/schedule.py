@@ -1,0 +1,84 @@
+"""Pruning schedules: which layers prune, and how many tokens each keeps.
+
+``keep`` follows ToMe's ``parse_r``: one value for every pruning layer or a list with one
+value per layer. A float in (0, 1] is the fraction of the layer's non-prefix tokens kept
+(EViT's keep rate, rounded up); an int is the number of non-prefix tokens kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from tpc.errors import TpcError
+
+KeepValue = float | int
+
+
+def parse_layers(layers) -> list[int]:
+    """``"3,6,9"``, ``3`` or ``[3, 6, 9]`` -> sorted list of distinct layer indices."""
+    if layers is None:
+        raise TpcError("no pruning layers given: pass --layers, e.g. --layers 3,6,9")
+    if isinstance(layers, str):
+        parts = [p.strip() for p in layers.split(",") if p.strip()]
+        try:
+            layers = [int(p) for p in parts]
+        except ValueError:
+            raise TpcError(f"--layers takes comma-separated layer indices such as 3,6,9, not {layers!r}") from None
+    elif isinstance(layers, int):
+        layers = [layers]
+    out = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TpcError(f"layer indices are integers, got {layer!r}")
+        if layer < 0:
+            raise TpcError(f"layer {layer} is negative: layers count from 0")
+        out.append(layer)
+    if not out:
+        raise TpcError("no pruning layers given: pass --layers, e.g. --layers 3,6,9")
+    if len(set(out)) != len(out):
+        raise TpcError(f"layer listed twice in {layers}")
+    return sorted(out)
+
+
+def _parse_one(text: str) -> KeepValue:
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise TpcError(f"--keep takes ratios such as 0.7 or token counts such as 120, not {text!r}") from None
+
+
+def parse_keep(keep, count: int) -> list[KeepValue]:
+    """One keep value per pruning layer, validated."""
+    if isinstance(keep, str):
+        keep = [_parse_one(p) for p in keep.split(",") if p.strip()]
+        if len(keep) == 1:
+            keep = keep[0]
+    values = list(keep) if isinstance(keep, Sequence) else [keep] * count
+    if len(values) != count:
+        raise TpcError(f"--keep has {len(values)} values for {count} pruning layers: give one value, or one per layer")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TpcError(f"keep values are ratios in (0, 1] or token counts, got {v!r}")
+        if isinstance(v, float) and not 0.0 < v <= 1.0:
+            raise TpcError(f"keep ratio {v} is outside (0, 1]: it is the fraction of tokens each layer keeps")
+        if isinstance(v, int) and v < 0:
+            raise TpcError(f"keep count {v} is negative: it is the number of tokens each layer keeps")
+    return values
+
+
+def kept_count(keep: KeepValue, tokens: int, prefix: int, layer: int) -> int:
+    """Non-prefix tokens kept by a layer that sees ``tokens`` tokens, ``prefix`` of them prefix."""
+    available = tokens - prefix
+    if isinstance(keep, float):
+        return min(available, max(1, math.ceil(keep * available)))
+    if keep > available:
+        raise TpcError(f"layer {layer} sees {available} non-prefix tokens and cannot keep {keep}")
+    if keep + prefix == 0:
+        raise TpcError(f"layer {layer} would keep no token at all")
+    return keep
