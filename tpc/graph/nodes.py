@@ -70,6 +70,15 @@ def numeric_size(size) -> int:
     return int(expr.subs(subs))
 
 
+def shape_text(node_or_val) -> str:
+    """``[B, 197, 384]``: a shape for messages, the symbolic batch written as B."""
+    import re
+
+    value = val(node_or_val) if isinstance(node_or_val, fx.Node) else node_or_val
+    dims = [str(s) if isinstance(s, int) else re.sub(r"\bs\d+\b", "B", str(s)) for s in value.shape]
+    return f"[{', '.join(dims)}]"
+
+
 def numeric_shape(node_or_val) -> tuple[int, ...]:
     value = val(node_or_val) if isinstance(node_or_val, fx.Node) else node_or_val
     return tuple(numeric_size(s) for s in value.shape)

@@ -14,7 +14,7 @@ import re
 import torch
 from torch import fx
 
-from tpc.graph.nodes import target_packet, val
+from tpc.graph.nodes import shape_text, target_packet, val
 
 
 def _op_name(node: fx.Node) -> str:
@@ -29,8 +29,7 @@ def _op_name(node: fx.Node) -> str:
 
 def _shape(value) -> str:
     if isinstance(value, torch.Tensor):
-        dims = [str(s) if isinstance(s, int) else re.sub(r"\bs\d+\b", "B", str(s)) for s in value.shape]
-        return f"{str(value.dtype).replace('torch.', '')}[{', '.join(dims)}]"
+        return str(value.dtype).replace("torch.", "") + shape_text(value)
     if isinstance(value, (list, tuple)):
         return "(" + ", ".join(_shape(v) for v in value) + ")"
     return type(value).__name__ if value is not None else ""

@@ -127,7 +127,7 @@ def propagate(gm: fx.GraphModule, gather: fx.Node) -> int:
             continue
         rule = rule_for(node)
         if rule is None:
-            raise TpcError(_refusal(node, "tpc has no token-axis rule for this op", compaction))
+            raise TpcError(_refusal(node, "reads the tokens and tpc has no token-axis rule for this op", compaction))
         try:
             out = rule(ctx, node)
         except Refusal as r:
@@ -149,7 +149,7 @@ def _check_outputs(gm, ctx, node):
 
 def _refusal(node: fx.Node, reason: str, compaction: dict) -> str:
     return (
-        f"cannot prune after layer {compaction['layer']}: {describe(node)} {reason}. "
+        f"cannot prune after layer {compaction['layer']}: {describe(node)}: {reason}. "
         f"Choose --layers after which no such op reads the tokens"
     )
 

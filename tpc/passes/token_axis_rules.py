@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from tpc.graph.nodes import aten, numeric_shape, target_packet, val
+from tpc.graph.nodes import aten, numeric_shape, shape_text, target_packet, val
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def align(ctx, node: fx.Node, args: list[fx.Node], out_rank: int, skip_dims: dic
         for d, ax in ctx.axes(a).items():
             o = d + off
             if o in out and out[o] != ax:
-                raise Refusal("it combines two token axes of different layouts")
+                raise Refusal("combines two token axes of different layouts")
             out[o] = ax
     for o, ax in list(out.items()):
         for i, a in enumerate(args):
@@ -109,7 +109,7 @@ def last_dims_op(count_of):
         n = count_of(node)
         axes = ctx.axes(x)
         if any(d >= rank - n for d in axes):
-            raise Refusal("it mixes tokens together along the token axis")
+            raise Refusal("mixes tokens together along the token axis")
         return dict(axes)
 
     return rule
@@ -131,12 +131,12 @@ def _contract(ctx, node, a: fx.Node, da: int, b: fx.Node, db: int):
         return a, _side_or_refuse(ctx, node, b, db, ax_a)
     if ax_b is not None and ax_a is None:
         return _side_or_refuse(ctx, node, a, da, ax_b), b
-    raise Refusal("it contracts two different token layouts")
+    raise Refusal("contracts two different token layouts")
 
 
 def _side_or_refuse(ctx, node, x, d, ax):
     if numeric_shape(x)[d] != ctx.atom_old(ax) * ax.inner:
-        raise Refusal("it contracts the token axis with an operand of another length")
+        raise Refusal("contracts the token axis with an operand of another length")
     return ctx.gather_side(x, d, ax, node)
 
 
@@ -257,8 +257,8 @@ def map_reshape(ctx, node: fx.Node, in_shape, out_shape, in_axes) -> dict[int, A
                 break
         else:
             raise Refusal(
-                f"it splits the {atom} tokens into {list(out_shape)} (a reshape back to a grid); "
-                "after pruning there is no full token grid"
+                f"splits the {atom} tokens into {shape_text(node)} (a reshape back to a grid), "
+                "and after pruning there is no full token grid"
             )
     return out
 
@@ -353,7 +353,7 @@ def select(ctx, node: fx.Node):
         idx = index + old if isinstance(index, int) and index < 0 else index
         if ax.inner != 1 or ax.offset != 0 or not isinstance(idx, int) or idx >= ctx.prefix:
             raise Refusal(
-                f"it reads token {index} on its own, and only the {ctx.prefix} prefix token(s) are kept in place"
+                f"reads token {index} on its own, and only the {ctx.prefix} prefix token(s) are kept in place"
             )
     return {d - (d > dim): ax for d, ax in axes.items() if d != dim}
 
@@ -387,7 +387,7 @@ def slice_(ctx, node: fx.Node):
     if ax.offset == 0 and 0 <= start and end <= ctx.prefix:
         del axes[dim]
         return axes
-    raise Refusal(f"it slices tokens [{start}:{end}] of {old}, which pruning moves")
+    raise Refusal(f"slices tokens [{start}:{end}] of {old}, which pruning moves")
 
 
 def _dims_arg(node: fx.Node, index: int, name: str):
@@ -428,7 +428,7 @@ def arg_reduction(ctx, node: fx.Node):
     rank = _rank(x)
     axes = ctx.axes(x)
     if dims is None or any(_norm_dim(d, rank) in axes for d in dims):
-        raise Refusal("it returns positions along the token axis, which pruning renumbers")
+        raise Refusal("returns positions along the token axis, which pruning renumbers")
     dim = _norm_dim(dims[0], rank)
     keepdim = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
     out = {d if keepdim else d - (d > dim): ax for d, ax in axes.items()}
@@ -443,7 +443,7 @@ def split(ctx, node: fx.Node):
                     (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)), rank)
     axes = ctx.axes(x)
     if dim in axes:
-        raise Refusal("it splits the sequence along the token axis")
+        raise Refusal("splits the sequence along the token axis")
     if packet is aten.unbind:
         part = {d - (d > dim): ax for d, ax in axes.items()}
     else:
@@ -457,7 +457,7 @@ def cat(ctx, node: fx.Node):
     dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, rank)
     stack = target_packet(node) is aten.stack
     if not stack and any(dim in ctx.axes(t) for t in tensors):
-        raise Refusal("it concatenates along the token axis")
+        raise Refusal("concatenates along the token axis")
     if stack:
         shifted = []
         for t in tensors:
@@ -466,7 +466,7 @@ def cat(ctx, node: fx.Node):
         for s in shifted:
             out.update(s)
         if any(s != out for s in shifted):
-            raise Refusal("it stacks tensors with different token layouts")
+            raise Refusal("stacks tensors with different token layouts")
         return out
     new = list(tensors)
     out = align(ctx, node, new, rank)
@@ -494,7 +494,7 @@ def fresh_tensor(ctx, node: fx.Node):
 def sym_size(ctx, node: fx.Node):
     dim = _norm_dim(node.args[1], _rank(node.args[0]))
     if dim in ctx.axes(node.args[0]):
-        raise Refusal("it reads the token count as a number")
+        raise Refusal("reads the token count as a number")
     return None
 
 

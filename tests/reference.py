@@ -1,0 +1,137 @@
+"""Slow, obviously-correct references: loops over tokens, and eager forwards of the test
+models that prune exactly as a schedule says, written without tpc."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tpc.methods import baseline
+
+
+def cls_attention_slow(q, k, scale, mask=None):
+    """Head-mean softmax of query 0 against every key, one dot product at a time."""
+    b, h, n, d = k.shape
+    out = torch.zeros(b, n, dtype=torch.float64)
+    for bi in range(b):
+        for hi in range(h):
+            logits = []
+            for j in range(n):
+                dot = sum(float(q[bi, hi, 0, t]) * float(k[bi, hi, j, t]) for t in range(d)) * scale
+                if mask is not None:
+                    m = mask.expand(b, h, n, n)[bi, hi, 0, j] if mask.dim() == 4 else mask[..., 0, j].reshape(-1)[0]
+                    if mask.dtype == torch.bool:
+                        dot = dot if bool(m) else -math.inf
+                    else:
+                        dot += float(m)
+                logits.append(dot)
+            top = max(logits)
+            exps = [math.exp(v - top) if v != -math.inf else 0.0 for v in logits]
+            total = sum(exps)
+            for j in range(n):
+                out[bi, j] += exps[j] / total / h
+    return out
+
+
+def select_slow(scores, k, prefix):
+    """Prefix tokens, then the k best others (ties: lower index first), in sequence order."""
+    rows = []
+    for row in scores.tolist():
+        others = sorted(range(prefix, len(row)), key=lambda j: (-row[j], j))[:k]
+        rows.append(list(range(prefix)) + sorted(others))
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def gather_slow(x, index):
+    b, kk = index.shape
+    out = torch.empty(b, kk, *x.shape[2:], dtype=x.dtype)
+    for bi in range(b):
+        for j in range(kk):
+            out[bi, j] = x[bi if x.shape[0] > 1 else 0, index[bi, j]]
+    return out
+
+
+def random_scores_slow(batch, tokens, seed):
+    p = baseline.PRIME
+    out = torch.empty(batch, tokens, dtype=torch.float32)
+    for b in range(batch):
+        for j in range(tokens):
+            h = (j * baseline._A + b * baseline._B + (seed % p) * baseline._C + baseline._D) % p
+            h = h * h % p
+            h = (h * baseline._A + baseline._D) % p
+            h = h * h % p
+            out[b, j] = torch.tensor(h, dtype=torch.float32) / p
+    return out
+
+
+def _keep(tokens, prefix, keep):
+    return min(tokens - prefix, max(1, math.ceil(keep * (tokens - prefix)))) if isinstance(keep, float) else keep
+
+
+def _prune(x, q, k, scale, schedule_keep, prefix, method, layer, seed=0):
+    n = x.shape[1]
+    kk = _keep(n, prefix, schedule_keep)
+    if method == "topk-cls":
+        scores = torch.softmax((q[:, :, :1] @ k.transpose(-2, -1)) * scale, dim=-1).mean(1)[:, 0]
+    else:
+        scores = baseline.hash_scores(x.shape[0], n, seed + layer)
+    idx = select_slow(scores, kk, prefix)
+    return torch.stack([x[b, idx[b]] for b in range(x.shape[0])])
+
+
+@torch.no_grad()
+def eager_timm_vit(model, x, schedule: dict, method="topk-cls", prefix=1):
+    """timm VisionTransformer forward with pruning after the attention of scheduled blocks."""
+    x = model.patch_embed(x)
+    x = model._pos_embed(x)
+    x = model.norm_pre(x)
+    for i, blk in enumerate(model.blocks):
+        h = blk.norm1(x)
+        attn = blk.attn
+        b, n, c = h.shape
+        qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        x = x + blk.ls1(attn.proj(out))
+        if i in schedule:
+            x = _prune(x, q, k, attn.scale, schedule[i], prefix, method, i)
+        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+    return model.forward_head(model.norm(x))
+
+
+@torch.no_grad()
+def eager_hand_written(model, x, schedule: dict, method="topk-cls", prefix=2):
+    x = model.embed(x)
+    for i, blk in enumerate(model.blocks):
+        h = blk.norm1(x)
+        a = blk.attn
+        q, k = a.split(a.q(h)), a.split(a.k(h))
+        x = x + a(h)
+        if i in schedule:
+            x = _prune(x, q, k, 1 / math.sqrt(q.shape[-1]), schedule[i], prefix, method, i)
+        x = x + blk.mlp(blk.norm2(x))
+    return model.head(model.norm(x)[:, 0])
+
+
+@torch.no_grad()
+def eager_encoder(model, x, schedule: dict, method="topk-cls", prefix=1):
+    x = model.embed(x)
+    x = torch.cat([model.cls.expand(x.shape[0], -1, -1), x], dim=1)
+    for i, layer in enumerate(model.encoder.layers):
+        sa = layer.self_attn
+        b, n, c = x.shape
+        heads = sa.num_heads
+        q, k, _v = F.linear(x, sa.in_proj_weight, sa.in_proj_bias).chunk(3, dim=-1)
+        q = q.view(b, n, heads, c // heads).transpose(1, 2)
+        k = k.view(b, n, heads, c // heads).transpose(1, 2)
+        x = x + layer._sa_block(x, None, None)
+        if i in schedule:
+            x = _prune(x, q, k, 1 / math.sqrt(c // heads), schedule[i], prefix, method, i)
+        x = layer.norm1(x)
+        x = layer.norm2(x + layer._ff_block(x))
+    return model.head(x[:, 0])
+
+
+EAGER = {"timm_vit": eager_timm_vit, "handwritten_vit": eager_hand_written, "transformer_encoder": eager_encoder}

@@ -1,0 +1,87 @@
+"""Each tpc:: op against a slow reference, plus its fake (shape) implementation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import tpc  # noqa: F401
+from reference import cls_attention_slow, gather_slow, random_scores_slow, select_slow
+
+ops = torch.ops.tpc
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+def test_cls_attention_matches_loops(mask_kind):
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 7, 4, generator=g), torch.randn(2, 3, 7, 4, generator=g)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(2, 1, 1, 7, generator=g) > 0.3
+        mask[..., 0] = True
+    elif mask_kind == "additive":
+        mask = torch.randn(2, 1, 7, 7, generator=g)
+    got = ops.cls_attention(q, k, 0.5, mask)
+    want = cls_attention_slow(q, k, 0.5, mask)
+    assert got.dtype == torch.float32 and got.shape == (2, 7)
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
+    if mask_kind == "bool":
+        assert torch.all(got[~mask[:, 0, 0]] == 0)
+
+
+@pytest.mark.parametrize("k, prefix", [(3, 1), (0, 1), (6, 1), (2, 0), (7, 0), (0, 2), (5, 2)])
+def test_select_topk_matches_loops(k, prefix):
+    g = torch.Generator().manual_seed(k + 10 * prefix)
+    scores = torch.randn(3, 7, generator=g)
+    got = ops.select_topk(scores, k, prefix)
+    assert got.dtype == torch.int64 and got.shape == (3, prefix + k)
+    assert torch.equal(got, select_slow(scores, k, prefix))
+
+
+def test_select_topk_ties_go_to_lower_index():
+    scores = torch.tensor([[9.0, 1.0, 1.0, 1.0, 0.5, 1.0]])
+    assert ops.select_topk(scores, 2, 1).tolist() == [[0, 1, 2]]
+    assert torch.equal(ops.select_topk(scores, 3, 1), select_slow(scores, 3, 1))
+
+
+@pytest.mark.parametrize("shape, index_batch", [((2, 6, 5), 2), ((1, 6, 3, 4), 3), ((2, 6), 2)])
+def test_gather_tokens_matches_loops(shape, index_batch):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=g)
+    index = torch.stack([torch.randperm(6, generator=g)[:4] for _ in range(index_batch)])
+    got = ops.gather_tokens(x, index)
+    assert got.shape == (index_batch, 4, *shape[2:])
+    assert torch.equal(got, gather_slow(x, index))
+
+
+def test_random_scores_match_integer_loops_and_are_seeded():
+    x = torch.zeros(3, 9, 2)
+    got = ops.random_scores(x, 7)
+    assert torch.equal(got, random_scores_slow(3, 9, 7))
+    assert not torch.equal(got, ops.random_scores(x, 8))
+    assert not torch.equal(got[0], got[1])
+    assert torch.all((got >= 0) & (got < 1))
+
+
+def test_fake_implementations_give_the_reference_shapes():
+    with FakeTensorMode():
+        q = torch.empty(2, 3, 7, 4)
+        assert ops.cls_attention(q, q, 0.5, None).shape == (2, 7)
+        s = torch.empty(2, 7)
+        idx = ops.select_topk(s, 3, 1)
+        assert idx.shape == (2, 4) and idx.dtype == torch.int64
+        assert ops.gather_tokens(torch.empty(1, 7, 5), idx).shape == (2, 4, 5)
+        assert ops.random_scores(torch.empty(2, 7, 5), 0).shape == (2, 7)
+
+
+@pytest.mark.parametrize("name", ["cls_attention", "select_topk", "gather_tokens", "random_scores"])
+def test_opcheck(name):
+    g = torch.Generator().manual_seed(2)
+    args = {
+        "cls_attention": (torch.randn(2, 2, 5, 4, generator=g), torch.randn(2, 2, 5, 4, generator=g), 0.5, None),
+        "select_topk": (torch.randn(2, 5, generator=g), 2, 1),
+        "gather_tokens": (torch.randn(2, 5, 3, generator=g), torch.tensor([[0, 2], [1, 4]])),
+        "random_scores": (torch.randn(2, 5, 3, generator=g), 3),
+    }[name]
+    torch.library.opcheck(getattr(ops, name).default, args, test_utils=("test_schema", "test_faketensor"))
