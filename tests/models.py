@@ -133,3 +133,8 @@ TEST_MODELS = {
     "handwritten_vit": (hand_written_vit, image_inputs, 4, 2),
     "transformer_encoder": (encoder_classifier, feature_inputs, 3, 1),
 }
+
+
+def cli_tiny_vit():
+    """For `tpc compile models:cli_tiny_vit` in the CLI tests."""
+    return tiny_timm_vit(), image_inputs(2)

@@ -32,8 +32,8 @@ def eval_mode(model: nn.Module):
             m.training = flag
 
 
-def dynamic_batch_shapes(example_inputs: tuple, example_kwargs: dict | None = None):
-    batch = Dim("batch", min=1, max=MAX_BATCH)
+def dynamic_batch_shapes(example_inputs: tuple, example_kwargs: dict | None = None, batch=None):
+    batch = batch or Dim("batch", min=1, max=MAX_BATCH)
 
     def spec(x):
         return {0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
@@ -45,16 +45,26 @@ def dynamic_batch_shapes(example_inputs: tuple, example_kwargs: dict | None = No
 
 
 def export_program(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> torch.export.ExportedProgram:
-    """torch.export with a dynamic batch; one clear error when the model cannot be captured."""
-    args_spec, kwargs_spec = dynamic_batch_shapes(example_inputs, example_kwargs)
-    dynamic_shapes = args_spec if kwargs_spec is None else {**_by_position(model, args_spec), **kwargs_spec}
-    with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return torch.export.export(model, tuple(example_inputs), kwargs=example_kwargs or None, dynamic_shapes=dynamic_shapes)
-        except Exception as err:  # torch.export raises many types; the user needs one line
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise TpcError(f"torch.export could not capture {type(model).__name__} with a dynamic batch: {first}") from err
+    """torch.export with a dynamic batch; one clear error when the model cannot be captured.
+
+    The batch range is 1..MAX_BATCH unless the model itself bounds it (a loaded .pt2 keeps
+    the range it was exported with): then the range torch.export infers is taken.
+    """
+    last = None
+    for batch in (None, Dim.DYNAMIC):
+        args_spec, kwargs_spec = dynamic_batch_shapes(example_inputs, example_kwargs, batch)
+        dynamic_shapes = args_spec if kwargs_spec is None else {**_by_position(model, args_spec), **kwargs_spec}
+        with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return torch.export.export(model, tuple(example_inputs), kwargs=example_kwargs or None,
+                                           dynamic_shapes=dynamic_shapes)
+            except Exception as err:  # torch.export raises many types; the user needs one line
+                last = err
+                if "Constraints violated" not in str(err):
+                    break
+    first = str(last).strip().splitlines()[0] if str(last).strip() else type(last).__name__
+    raise TpcError(f"torch.export could not capture {type(model).__name__} with a dynamic batch: {first}") from last
 
 
 def _by_position(model: nn.Module, args_spec: tuple) -> dict:

@@ -67,8 +67,8 @@ def parse_keep(keep, count: int) -> list[KeepValue]:
             raise TpcError(f"keep values are ratios in (0, 1] or token counts, got {v!r}")
         if isinstance(v, float) and not 0.0 < v <= 1.0:
             raise TpcError(f"keep ratio {v} is outside (0, 1]: it is the fraction of tokens each layer keeps")
-        if isinstance(v, int) and v < 0:
-            raise TpcError(f"keep count {v} is negative: it is the number of tokens each layer keeps")
+        if isinstance(v, int) and v <= 0:
+            raise TpcError(f"keep {v} is not positive: give a ratio in (0, 1] or a count of tokens to keep (>= 1)")
     return values
 
 
@@ -79,6 +79,4 @@ def kept_count(keep: KeepValue, tokens: int, prefix: int, layer: int) -> int:
         return min(available, max(1, math.ceil(keep * available)))
     if keep > available:
         raise TpcError(f"layer {layer} sees {available} non-prefix tokens and cannot keep {keep}")
-    if keep + prefix == 0:
-        raise TpcError(f"layer {layer} would keep no token at all")
     return keep

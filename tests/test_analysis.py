@@ -1,0 +1,93 @@
+"""Graph analysis: attention sites, the residual stream, prefix tokens, FLOPs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import tpc
+from models import TEST_MODELS, EncoderClassifier, sharpen
+from tpc.capture import capture
+from tpc.flops import count_flops
+from tpc.graph import count_prefix_tokens, find_attention_sites, find_stream_point
+
+
+@pytest.mark.parametrize("name, kind", [("timm_vit", "sdpa"), ("handwritten_vit", "explicit"), ("transformer_encoder", "sdpa")])
+def test_sites_and_prefix(name, kind):
+    factory, inputs, depth, prefix = TEST_MODELS[name]
+    gm = capture(factory(), inputs(2))
+    sites = find_attention_sites(gm)
+    assert [s.layer for s in sites] == list(range(depth))
+    assert {s.kind for s in sites} == {kind}
+    heads = {"timm_vit": 2, "handwritten_vit": 2, "transformer_encoder": 4}[name]
+    assert all(s.heads == heads and s.self_attention for s in sites)
+    assert all(math.isclose(s.scale, 1 / math.sqrt(s.head_dim)) for s in sites)
+    point = find_stream_point(gm, sites[0])
+    assert point.token_dim == 1 and point.batch_dim == 0 and point.channels == 32
+    assert count_prefix_tokens(point.skip, point)[0] == prefix
+
+
+def test_module_paths_name_the_attention_modules():
+    factory, inputs, _, _ = TEST_MODELS["timm_vit"]
+    sites = find_attention_sites(capture(factory(), inputs(2)))
+    assert [s.module for s in sites] == [f"blocks.{i}.attn" for i in range(4)]
+
+
+class SeqFirst(EncoderClassifier):
+    """The same encoder run sequence-first: the stream is [N, B, C]."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=False, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1).transpose(0, 1)
+        return self.head(self.encoder(x)[0])
+
+
+def test_sequence_first_stream_is_pruned_through_a_permute():
+    model = sharpen(SeqFirst())
+    x = torch.randn(3, 16, 8)
+    gm = capture(model, (x[:2],))
+    point = find_stream_point(gm, find_attention_sites(gm)[0])
+    assert (point.token_dim, point.batch_dim) == (0, 1)
+    full = tpc.compile(model, (x[:2],), layers=[0, 1], keep=1.0)
+    torch.testing.assert_close(full(x), model(x), atol=1e-5, rtol=1e-5)
+    pruned = tpc.compile(model, (x[:2],), layers=[0, 1], keep=0.5)
+    assert [s.tokens for s in pruned.report.sites] == [17, 9, 5]
+    assert pruned(x).shape == (3, 5)
+
+
+def test_block_insertion_point_is_the_mlp_residual():
+    factory, inputs, _, _ = TEST_MODELS["timm_vit"]
+    gm = capture(factory(), inputs(2))
+    site = find_attention_sites(gm)[1]
+    attn, block = find_stream_point(gm, site, "attention"), find_stream_point(gm, site, "block")
+    assert attn.node is not block.node and attn.node in block.node.args
+
+
+def test_a_cnn_has_no_attention():
+    import timm
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    with pytest.raises(tpc.TpcError, match="no attention layers"):
+        tpc.compile(model, (torch.randn(2, 3, 32, 32),), layers=[0])
+
+
+def test_flops_of_a_linear_and_an_attention():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 16)
+
+        def forward(self, x):
+            q = self.lin(x).view(x.shape[0], 5, 2, 8).transpose(1, 2)
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+    gm = capture(Tiny(), (torch.randn(2, 5, 8),))
+    assert count_flops(gm).total == 5 * 8 * 16 + 2 * 5 * 5 * (8 + 8)

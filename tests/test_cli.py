@@ -1,0 +1,88 @@
+"""The command line end to end, through a subprocess, and its one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+TESTS = Path(__file__).parent
+
+
+def tpc(*args, cwd=TESTS):
+    return subprocess.run([sys.executable, "-m", "tpc", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_compile_writes_a_checked_onnx_file(tmp_path):
+    out = tmp_path / "tiny.onnx"
+    r = tpc("compile", "models:cli_tiny_vit", "--pass", "topk-cls", "--layers", "1,2", "--keep", "0.5", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "17 -> 9" in r.stdout and "checked against the torch module at batch 1 and 2" in r.stdout
+    assert onnx.load(out).graph.node
+
+
+def test_compile_pt2_and_inspect_it(tmp_path):
+    out = tmp_path / "tiny.pt2"
+    assert tpc("compile", "models:cli_tiny_vit", "--pass", "random", "--layers", "0", "--keep", "4", "-o", out).returncode == 0
+    r = tpc("inspect", out)
+    assert r.returncode == 0, r.stderr
+    assert "4 attention layers" in r.stdout
+
+
+@pytest.mark.slow
+def test_deit_small_end_to_end(tmp_path):
+    out = tmp_path / "deit_pruned.onnx"
+    r = tpc("compile", "deit_small_patch16_224", "--random-weights", "--pass", "topk-cls", "--layers", "3,6,9",
+            "--keep", "0.7", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "197 -> 139" in r.stdout and "98 -> 69" in r.stdout
+    seconds = float(r.stdout.split(" in ")[1].split(" s")[0])
+    assert seconds < 120  # the budget is 60 s on a 2-core machine; timed tests stay generous
+    r = tpc("inspect", "deit_small_patch16_224", "--random-weights", "--pass", "topk-cls", "--layers", "3,6,9", "--keep", "0.7")
+    assert r.returncode == 0 and "34.8% fewer" in r.stdout
+
+
+def test_passes_lists_methods_with_papers():
+    r = tpc("passes")
+    assert r.returncode == 0 and "topk-cls" in r.stdout and "EViT" in r.stdout and "random" in r.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["no_such_model_xyz", "--layers", "1"], "unknown model id"),
+    (["models:cli_tiny_vit", "--layers", "4"], "out of range"),
+    (["models:cli_tiny_vit", "--layers", "1", "--keep", "0"], "not positive"),
+    (["models:cli_tiny_vit", "--layers", "1", "--keep", "0.0"], "outside (0, 1]"),
+    (["models:cli_tiny_vit", "--layers", "1", "--keep", "1.5"], "outside (0, 1]"),
+    (["models:cli_tiny_vit", "--layers", "1", "--keep", "-3"], "not positive"),
+    (["models:cli_tiny_vit", "--layers", "1", "--pass", "nope"], "unknown pruning method"),
+    (["resnet18", "--random-weights", "--layers", "1"], "no attention layers"),
+    (["deit_tiny_patch16_224", "--layers", "1"], "--random-weights"),
+])
+def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, args, words):
+    out = tmp_path / "out.onnx"
+    r = tpc("compile", *args, "-o", out)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tpc: error: ") and words in lines[0], r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_output_directory(tmp_path):
+    r = tpc("compile", "models:cli_tiny_vit", "--layers", "1", "-o", tmp_path / "nope" / "m.onnx")
+    assert r.returncode != 0 and "does not exist" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_existing_output_is_not_clobbered_on_failure(tmp_path):
+    out = tmp_path / "model.onnx"
+    out.write_text("keep me")
+    r = tpc("compile", "models:cli_tiny_vit", "--layers", "9", "-o", out)
+    assert r.returncode != 0 and out.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_plan_is_answered_clearly_until_tensorrt_exists(tmp_path):
+    r = tpc("compile", "models:cli_tiny_vit", "--layers", "1", "-o", tmp_path / "engine.plan")
+    assert r.returncode != 0 and "TensorRT" in r.stderr and not (tmp_path / "engine.plan").exists()

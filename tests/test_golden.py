@@ -1,0 +1,53 @@
+"""Golden graph texts and outputs: the rewritten graph around every inserted node, and the
+pruned outputs, pinned for each test model. Rewrite with `pytest --update-golden` and review
+the diff like code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tpc
+from models import TEST_MODELS
+from tpc.graph.printing import format_rewrites
+
+GOLDEN = Path(__file__).parent / "golden"
+CASES = {
+    f"{name}_{method}": (name, method)
+    for name in TEST_MODELS
+    for method in ("topk-cls", "random")
+}
+
+
+def _compile(name, method):
+    factory, inputs, depth, _ = TEST_MODELS[name]
+    layers = [1, depth - 1]
+    return tpc.compile(factory(), inputs(2), method=method, layers=layers, keep=[0.5, 0.7]), inputs
+
+
+def _check_text(path: Path, text: str, update: bool):
+    if update:
+        path.write_text(text)
+    assert path.exists(), f"{path.name} is missing: run pytest --update-golden and review it"
+    assert text == path.read_text(), f"{path.name} changed: review, then run pytest --update-golden"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_golden_graph(case, update_golden):
+    pm, _ = _compile(*CASES[case])
+    _check_text(GOLDEN / f"{case}.txt", format_rewrites(pm.graph_module), update_golden)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_golden_outputs(case, update_golden):
+    pm, inputs = _compile(*CASES[case])
+    with torch.no_grad():
+        out = pm(*inputs(3, seed=11)).numpy()
+    path = GOLDEN / f"{case}.npz"
+    if update_golden:
+        np.savez(path, output=out)
+    assert path.exists(), f"{path.name} is missing: run pytest --update-golden"
+    np.testing.assert_allclose(out, np.load(path)["output"], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,101 @@
+"""ONNX lowering: standard ops only, dynamic batch, parity with the torch module (outputs and
+kept indices) at batch 1 and 5 from one artifact, and atomic, checked writes."""
+
+from __future__ import annotations
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import tpc
+from models import TEST_MODELS, tiny_timm_vit
+from tpc.exports.checks import run_graph
+from tpc.exports.onnx import decision_names, with_decision_outputs
+
+STANDARD_DOMAINS = {"", "ai.onnx"}
+
+
+@pytest.mark.parametrize("name", list(TEST_MODELS))
+@pytest.mark.parametrize("method", ["topk-cls", "random"])
+def test_onnx_runtime_parity_at_batch_1_and_5(tmp_path, name, method):
+    factory, inputs, depth, _ = TEST_MODELS[name]
+    pm = tpc.compile(factory(), inputs(2), method=method, layers=[0, depth - 1], keep=[0.6, 0.5])
+    path = tmp_path / "m.onnx"
+    result = tpc.export(pm, path)
+    assert result.batches == (1, 2)
+
+    model = onnx.load(path)
+    assert model.opset_import[0].version >= 18
+    assert {n.domain for n in model.graph.node} <= STANDARD_DOMAINS
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+
+    probe, count = with_decision_outputs(model)
+    assert count == 2
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):
+        x = inputs(batch, seed=20 + batch)
+        out, *decisions = session.run(None, {session.get_inputs()[0].name: x[0].numpy()})
+        ref, replay = run_graph(pm.graph_module, x)
+        assert abs(torch.from_numpy(out) - ref[0]).max() <= 1e-4
+        for got, want in zip(decisions, replay.decisions):
+            assert torch.equal(torch.from_numpy(got), want)
+
+
+def test_ort_backend_returns_a_checked_module(tmp_path):
+    factory, inputs, _, _ = TEST_MODELS["timm_vit"]
+    model = factory()
+    torch_module = tpc.compile(model, inputs(2), layers=[1], keep=0.5)
+    ort_module = tpc.compile(model, inputs(2), layers=[1], keep=0.5, backend="onnxruntime")
+    x = inputs(3, seed=5)
+    torch.testing.assert_close(ort_module(*x), torch_module(*x), atol=1e-4, rtol=1e-4)
+    tpc.export(ort_module, tmp_path / "ort.onnx")
+    assert onnx.load(tmp_path / "ort.onnx").graph.node
+
+
+def test_pt2_round_trip(tmp_path):
+    factory, inputs, _, _ = TEST_MODELS["handwritten_vit"]
+    pm = tpc.compile(factory(), inputs(2), layers=[1], keep=0.5)
+    tpc.export(pm, tmp_path / "m.pt2")
+    loaded = torch.export.load(tmp_path / "m.pt2").module()
+    x = inputs(4, seed=6)
+    torch.testing.assert_close(loaded(*x), pm(*x))
+
+
+def test_decision_values_are_found_in_graph_order(tmp_path):
+    factory, inputs, _, _ = TEST_MODELS["timm_vit"]
+    pm = tpc.compile(factory(), inputs(2), layers=[0, 1, 2], keep=0.7)
+    tpc.export(pm, tmp_path / "m.onnx")
+    assert decision_names(onnx.load(tmp_path / "m.onnx")) == ["select_topk", "select_topk_1", "select_topk_2"]
+
+
+class NoisyViT(nn.Module):
+    """Adds fresh noise in forward: no two runtimes can agree on its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.vit = tiny_timm_vit()
+
+    def forward(self, x):
+        return self.vit(x) + torch.rand_like(self.vit(x))
+
+
+def test_a_failed_check_writes_nothing_and_keeps_the_existing_file(tmp_path):
+    x = torch.randn(2, 3, 32, 32)
+    pm = tpc.compile(NoisyViT().eval(), (x,), layers=[1], keep=0.5)
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"the user's file")
+    with pytest.raises(tpc.TpcError, match="differ"):
+        tpc.export(pm, target)
+    assert target.read_bytes() == b"the user's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_export_replaces_an_existing_artifact_on_success(tmp_path):
+    factory, inputs, _, _ = TEST_MODELS["timm_vit"]
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"old")
+    tpc.export(tpc.compile(factory(), inputs(2), layers=[1], keep=0.5), target)
+    assert onnx.load(target).graph.node
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
