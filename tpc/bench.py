@@ -95,3 +95,77 @@ def inserted_share(model: onnx.ModelProto, feeds: dict, threads: int | None, ite
     node_time = sum(e["dur"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
                     and e["name"][: -len("_kernel_time")] in inserted)
     return node_time / run_time if run_time else 0.0
+
+
+def torch_inserted_share(module, inputs: tuple, iters: int = 10) -> float:
+    """Fraction of a torch module's forward time spent inside tpc:: ops (torch profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        module(*inputs)
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(iters):
+                module(*inputs)
+        wall = time.perf_counter() - start
+    inserted = sum(e.cpu_time_total for e in prof.key_averages() if e.key.startswith("tpc::"))
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    return inserted / total if total else 0.0 if wall else 0.0
+
+
+@dataclass
+class BenchRow:
+    batch: int
+    timing: PairTiming
+    flops_speedup: float  # unpruned FLOPs / pruned FLOPs
+    inserted_share: float
+
+    @property
+    def of_limit(self) -> float:
+        """Measured speedup as a fraction of the FLOPs speedup (1.0 = every saved FLOP became time)."""
+        return self.timing.speedup / self.flops_speedup
+
+
+@dataclass
+class BenchResult:
+    model: str
+    backend: str
+    threads: int
+    config: str
+    rows: list[BenchRow]
+    machine: str
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        for row, d in zip(self.rows, out["rows"]):
+            d["of_limit"] = row.of_limit
+        return out
+
+    def table(self) -> str:
+        lines = [f"{self.model}: {self.config}", f"{self.backend}, {self.threads} threads, on {self.machine}",
+                 f"{'batch':>5}  {'unpruned ms (p90)':>18}  {'pruned ms (p90)':>16}  {'speedup (spread)':>19}  "
+                 f"{'FLOPs':>6}  {'of limit':>8}  {'inserted':>8}"]
+        for r in self.rows:
+            t = r.timing
+            lines.append(
+                f"{r.batch:>5}  {t.base.median_ms:>8.2f} ({t.base.p90_ms:>7.2f})  {t.pruned.median_ms:>7.2f} ({t.pruned.p90_ms:>6.2f})  "
+                f"{t.speedup:>6.3f}x ({t.speedup_spread[0]:.2f}-{t.speedup_spread[1]:.2f})  {r.flops_speedup:>5.3f}x  "
+                f"{r.of_limit:>8.3f}  {100 * r.inserted_share:>7.2f}%"
+            )
+        return "\n".join(lines)
+
+
+def machine_name() -> str:
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"

@@ -92,6 +92,49 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _parse_sweep(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    key, _, values = text.partition("=")
+    if key.strip() != "keep" or not values:
+        raise TpcError(f"--sweep takes keep=V1,V2,... (e.g. keep=0.9,0.8,0.7), not {text!r}")
+    return [v.strip() for v in values.split(",") if v.strip()]
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from tpc.sweep import run_eval
+
+    result = run_eval(args.model, data=args.data, method=args.method, layers=args.layers, keep=args.keep,
+                      sweep=_parse_sweep(args.sweep), mean=args.mean, std=args.std, backend=args.backend,
+                      batch=args.batch, offset=args.offset, limit=args.limit, plot=args.plot,
+                      load_kwargs=dict(weights=args.weights, random_weights=args.random_weights,
+                                       model_args=args.model_args, input_size=args.input_size),
+                      prefix=args.prefix, after=args.after, seed=args.seed, progress=args.progress)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        print(result.table())
+        if result.plot:
+            print(f"wrote {result.plot}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import json
+
+    from tpc.benchmark import run_bench
+
+    result = run_bench(args.model, method=args.method, layers=args.layers, keep=args.keep, backend=args.backend,
+                       batches=args.batch, threads=args.threads, warmup=args.warmup, iters=args.iters,
+                       repeats=args.repeats, prefix=args.prefix, after=args.after, seed=args.seed,
+                       load_kwargs=dict(weights=args.weights, random_weights=args.random_weights,
+                                        model_args=args.model_args, input_size=args.input_size))
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result.table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpc", description="tpc: token pruning compiler for transformers")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what every pass changed")
@@ -112,6 +155,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_prune_args(p, required=False)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", help="latency of the pruned and the unpruned model, side by side")
+    _add_model_args(p)
+    _add_prune_args(p, required=True)
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="onnxruntime")
+    p.add_argument("--batch", default="1,8", help="batch sizes, e.g. 1,8,32")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs of each model first")
+    p.add_argument("--iters", type=int, default=10, help="timed runs per model per repeat")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats (their spread shows the noise)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="top-1 and agreement with the unpruned model on labelled images")
+    _add_model_args(p)
+    _add_prune_args(p, required=False)
+    p.add_argument("--data", required=True, help=".npz with images (uint8) and labels, or an ImageFolder directory")
+    p.add_argument("--sweep", help="evaluate several budgets in one run, e.g. keep=0.9,0.8,0.7")
+    p.add_argument("--mean", help="normalisation mean, e.g. 0.485,0.456,0.406 (default: the model's config)")
+    p.add_argument("--std", help="normalisation std (default: the model's config)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
+    p.add_argument("--batch", type=int, default=500, help="images per forward pass")
+    p.add_argument("--offset", type=int, default=0, help="skip the first N images")
+    p.add_argument("--limit", type=int, help="evaluate at most N images")
+    p.add_argument("--plot", help="PNG of accuracy against FLOPs (default with --sweep: <model>_sweep.png)")
+    p.add_argument("--progress", action="store_true", default=None, help="show a progress bar even when not on a terminal")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

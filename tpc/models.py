@@ -206,9 +206,8 @@ def _load_timm(name: str, weights, random_weights: bool, model_args: dict, input
         raise TpcError(f"timm cannot build {name!r} with --model-args {model_args}: {err}") from None
     if weights is not None:
         apply_weights(module, weights)
-    cfg = getattr(module, "pretrained_cfg", {}) or {}
-    size = input_size or _timm_input_size(module, cfg)
-    return LoadedModel(name, module, example_images(size), tuple(cfg.get("mean", ())) or None, tuple(cfg.get("std", ())) or None)
+    size = input_size or _timm_input_size(module, getattr(module, "pretrained_cfg", {}) or {})
+    return LoadedModel(name, module, example_images(size))
 
 
 def _timm_input_size(module: nn.Module, cfg: dict) -> tuple[int, ...]:
@@ -238,4 +237,7 @@ def load(model_id: str, weights: str | None = None, random_weights: bool = False
         loaded = _load_timm(name, weights, random_weights, model_args, input_size)
     if random_weights:
         loaded.notes.append("random weights")
+    cfg = getattr(loaded.module, "pretrained_cfg", None) or {}
+    loaded.mean = loaded.mean or (tuple(cfg["mean"]) if "mean" in cfg else None)
+    loaded.std = loaded.std or (tuple(cfg["std"]) if "std" in cfg else None)
     return loaded

@@ -1,0 +1,71 @@
+"""``tpc bench``: pruned against unpruned, side by side in one process, per batch size."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tpc import models
+from tpc.bench import BenchResult, BenchRow, inserted_share, machine_name, time_pair, torch_inserted_share
+from tpc.errors import TpcError
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+def parse_batches(text) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise TpcError(f"--batch takes sizes such as 1,8,32, not {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise TpcError(f"--batch sizes must be positive integers, not {text!r}")
+    return values
+
+
+def run_bench(model_id, method="topk-cls", layers=None, keep="0.7", backend="onnxruntime", batches="1,8",
+              threads=None, warmup=3, iters=10, repeats=5, load_kwargs=None, prefix=None, after="attention",
+              seed=0) -> BenchResult:
+    import tpc
+    from tpc.capture import capture
+    from tpc.exports import to_onnx
+    from tpc.exports.onnx import check_onnx
+    from tpc.exports.onnxruntime import make_session
+    from tpc.flops import count_flops
+
+    if backend not in BACKENDS:
+        raise TpcError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "tensorrt":
+        raise TpcError("the TensorRT backend is not available in this build: benchmark onnxruntime or torch")
+    if min(warmup, iters, repeats) < 0 or iters < 1 or repeats < 1:
+        raise TpcError("--iters and --repeats must be at least 1")
+    sizes = parse_batches(batches)
+    threads = threads or os.cpu_count() or 1
+    loaded = models.load(str(model_id), **(load_kwargs or {}))
+    pruned = tpc.compile(loaded.module, loaded.example_inputs, method=method, layers=layers, keep=keep,
+                         prefix=prefix, after=after, seed=seed)
+    report = pruned.report
+    flops_speedup = report.flops_before / report.flops_after
+    base_gm = capture(loaded.module, loaded.example_inputs)
+    rows = []
+    if backend == "onnxruntime":
+        base_model, pruned_model = to_onnx(base_gm, loaded.example_inputs), to_onnx(pruned.graph_module, loaded.example_inputs)
+        check_onnx(pruned_model, pruned.graph_module, [loaded.example_inputs], "pruned ONNX model")
+        base_s = make_session(base_model.SerializeToString(), threads)
+        pruned_s = make_session(pruned_model.SerializeToString(), threads)
+        name = base_s.get_inputs()[0].name
+    else:
+        torch.set_num_threads(threads)
+    for batch in sizes:
+        x = torch.randn(batch, *loaded.example_inputs[0].shape[1:], generator=torch.Generator().manual_seed(batch))
+        if backend == "onnxruntime":
+            feeds = {name: x.numpy()}
+            timing = time_pair(lambda: base_s.run(None, feeds), lambda: pruned_s.run(None, feeds), batch, warmup, iters, repeats)
+            share = inserted_share(pruned_model, feeds, threads, iters=max(3, iters))
+        else:
+            with torch.no_grad():
+                timing = time_pair(lambda: base_gm(x), lambda: pruned(x), batch, warmup, iters, repeats)
+            share = torch_inserted_share(pruned, (x,), iters=max(3, iters))
+        rows.append(BenchRow(batch, timing, flops_speedup, share))
+    config = f"{method} after layers {','.join(map(str, report.layers))}, keep {keep}; FLOPs {report.flops_before / 1e9:.3f} G -> {report.flops_after / 1e9:.3f} G"
+    return BenchResult(loaded.name, backend, threads, config, rows, machine_name())

@@ -1,0 +1,152 @@
+"""Accuracy of pruned models on labelled images, next to the unpruned model.
+
+Data: an ``.npz`` with ``images`` (uint8, NHWC or NCHW) and optional ``labels`` (the format
+of the CIFAR-10 test file), or an ImageFolder directory (one sub-directory per class).
+Images are scaled to [0, 1] and normalised with the model's mean/std. Reported per model:
+top-1 (when labels exist) and agreement, the share of images where the pruned model
+predicts what the unpruned one predicts.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tpc.errors import TpcError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+@dataclass
+class Dataset:
+    images: np.ndarray  # uint8 NCHW
+    labels: np.ndarray | None
+    source: str
+
+
+def _to_nchw(images: np.ndarray, path) -> np.ndarray:
+    if images.ndim != 4:
+        raise TpcError(f"{path}: 'images' must be 4-D (N, H, W, C) or (N, C, H, W), got shape {images.shape}")
+    if images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        images = images.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(images)
+
+
+def load_npz(path: Path) -> Dataset:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise TpcError(f"cannot read {str(path)!r} as .npz: {err}".splitlines()[0]) from err
+    if "images" not in data.files:
+        raise TpcError(f"{str(path)!r} has no 'images' array (it has: {', '.join(data.files) or 'nothing'})")
+    images = _to_nchw(np.asarray(data["images"]), path)
+    labels = np.asarray(data["labels"]).astype(np.int64) if "labels" in data.files else None
+    if labels is not None and len(labels) != len(images):
+        raise TpcError(f"{str(path)!r}: {len(images)} images but {len(labels)} labels")
+    return Dataset(images, labels, str(path))
+
+
+def load_image_folder(path: Path, size: tuple[int, int]) -> Dataset:
+    """ImageFolder: resize the short side and centre-crop to the model's input size."""
+    from PIL import Image
+
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
+    if not classes:
+        raise TpcError(f"{str(path)!r} has no class sub-directories (expected path/<class>/<image>)")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for file in sorted((path / name).iterdir()):
+            if file.suffix.lower() in IMAGE_SUFFIXES:
+                images.append(_resize_crop(Image.open(file).convert("RGB"), size))
+                labels.append(label)
+    if not images:
+        raise TpcError(f"{str(path)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return Dataset(np.stack(images), np.array(labels, dtype=np.int64), str(path))
+
+
+def _resize_crop(img, size: tuple[int, int]) -> np.ndarray:
+    h, w = size
+    scale = max(h / img.height, w / img.width)
+    img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))))
+    left, top = (img.width - w) // 2, (img.height - h) // 2
+    return np.asarray(img.crop((left, top, left + w, top + h))).transpose(2, 0, 1)
+
+
+def load_dataset(path: str | Path, input_size: Sequence[int]) -> Dataset:
+    path = Path(path)
+    if not path.exists():
+        raise TpcError(f"data {str(path)!r} does not exist: give an .npz with images/labels or an ImageFolder directory")
+    data = load_image_folder(path, tuple(input_size[1:])) if path.is_dir() else load_npz(path)
+    if tuple(data.images.shape[1:]) != tuple(input_size):
+        raise TpcError(
+            f"images in {data.source} are {list(data.images.shape[1:])} (C, H, W) but the model takes {list(input_size)}"
+        )
+    return data
+
+
+def parse_floats(text, name: str) -> tuple[float, ...] | None:
+    if text is None or isinstance(text, tuple):
+        return text
+    try:
+        return tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        raise TpcError(f"--{name} takes comma-separated numbers such as 0.5,0.5,0.5, not {text!r}") from None
+
+
+def batches(data: Dataset, mean, std, batch: int):
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    for start in range(0, len(data.images), batch):
+        x = torch.from_numpy(data.images[start:start + batch]).float().div_(255.0)
+        yield start, (x - mean_t) / std_t
+
+
+class Progress:
+    """A one-line progress bar on stderr (only when stderr is a terminal, or when forced)."""
+
+    def __init__(self, total: int, label: str, enabled: bool | None = None):
+        self.total, self.label, self.start = total, label, time.perf_counter()
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+
+    def update(self, done: int) -> None:
+        if self.enabled:
+            width = 30
+            filled = int(width * done / max(1, self.total))
+            rate = done / max(1e-9, time.perf_counter() - self.start)
+            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} ({rate:.0f}/s)")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+@torch.no_grad()
+def predict(model: Callable, data: Dataset, mean, std, batch: int = 500, label: str = "eval",
+            progress: bool | None = None) -> np.ndarray:
+    preds = np.empty(len(data.images), dtype=np.int64)
+    bar = Progress(len(data.images), label, progress)
+    for start, x in batches(data, mean, std, batch):
+        out = model(x)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        preds[start:start + len(x)] = torch.as_tensor(out).argmax(-1).numpy()
+        bar.update(start + len(x))
+    bar.close()
+    return preds
+
+
+@dataclass
+class Accuracy:
+    top1: float | None
+    agreement: float
+
+
+def accuracy(preds: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> Accuracy:
+    top1 = float((preds == labels).mean()) if labels is not None else None
+    return Accuracy(top1, float((preds == reference).mean()))

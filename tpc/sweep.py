@@ -1,0 +1,99 @@
+"""``tpc eval``: accuracy of one or several pruning budgets against the unpruned model."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from tpc import models
+from tpc.errors import TpcError
+from tpc.evaluate import accuracy, load_dataset, parse_floats, predict
+
+
+@dataclass
+class EvalRow:
+    config: str
+    method: str | None
+    keep: str | None
+    gflops: float
+    flops_ratio: float
+    top1: float | None
+    agreement: float
+
+
+@dataclass
+class EvalResult:
+    model: str
+    data: str
+    images: int
+    rows: list[EvalRow] = field(default_factory=list)
+    plot: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        lines = [f"{self.model} on {self.images} images of {self.data}",
+                 f"{'config':<40} {'GFLOPs':>8} {'ratio':>6} {'top-1':>7} {'agree':>7}"]
+        for r in self.rows:
+            top1 = f"{100 * r.top1:6.2f}%" if r.top1 is not None else "      -"
+            lines.append(f"{r.config:<40} {r.gflops:8.4f} {r.flops_ratio:6.3f} {top1} {100 * r.agreement:6.2f}%")
+        return "\n".join(lines)
+
+
+def _runner(module, backend: str, example_inputs=None):
+    if backend == "torch":
+        return module
+    from tpc.exports import to_onnxruntime
+
+    return to_onnxruntime(module, example_inputs)
+
+
+def run_eval(model_id, data, method="topk-cls", layers=None, keep="0.7", sweep=None, mean=None, std=None,
+             backend="torch", batch=500, offset=0, limit=None, plot=None, load_kwargs=None, prefix=None,
+             after="attention", seed=0, progress=None) -> EvalResult:
+    import tpc
+    from tpc.capture import capture
+    from tpc.flops import count_flops
+
+    if backend not in ("torch", "onnxruntime"):
+        raise TpcError(f"unknown backend {backend!r}: tpc eval runs torch or onnxruntime")
+    if batch < 1:
+        raise TpcError("--batch must be at least 1")
+    loaded = models.load(str(model_id), **(load_kwargs or {}))
+    mean = parse_floats(mean, "mean") or loaded.mean
+    std = parse_floats(std, "std") or loaded.std
+    if mean is None or std is None:
+        raise TpcError(f"{loaded.name} has no normalisation in its config: pass --mean and --std")
+    dataset = load_dataset(data, loaded.input_size)
+    end = None if limit is None else offset + limit
+    dataset.images = dataset.images[offset:end]
+    dataset.labels = None if dataset.labels is None else dataset.labels[offset:end]
+    if len(dataset.images) == 0:
+        raise TpcError(f"no images left after --offset {offset} --limit {limit}")
+
+    base_flops = count_flops(capture(loaded.module, loaded.example_inputs)).total
+    ref = predict(_runner(loaded.module, backend, loaded.example_inputs), dataset, mean, std, batch, "unpruned", progress)
+    result = EvalResult(loaded.name, str(data), len(dataset.images))
+    result.rows.append(EvalRow("unpruned", None, None, base_flops / 1e9, 1.0, *asdict(accuracy(ref, ref, dataset.labels)).values()))
+    if layers is not None:
+        for k in sweep or [keep]:
+            pm = tpc.compile(loaded.module, loaded.example_inputs, method=method, layers=layers, keep=k,
+                             prefix=prefix, after=after, seed=seed)
+            label = f"{method} keep {k} after {','.join(map(str, pm.report.layers))}"
+            preds = predict(_runner(pm, backend), dataset, mean, std, batch, label, progress)
+            acc = accuracy(preds, ref, dataset.labels)
+            result.rows.append(EvalRow(label, method, str(k), pm.report.flops_after / 1e9, pm.report.flops_ratio, acc.top1, acc.agreement))
+    if sweep and plot is None:
+        plot = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(loaded.name).stem) + "_sweep.png"
+    if plot:
+        from tpc.plot import accuracy_vs_flops
+
+        base = asdict(result.rows[0])
+        metric = "top1" if dataset.labels is not None else "agreement"
+        accuracy_vs_flops([asdict(r) for r in result.rows[1:]], plot, f"{loaded.name}: {metric} vs FLOPs", base, metric)
+        result.plot = str(plot)
+    return result
