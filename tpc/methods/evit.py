@@ -14,6 +14,17 @@ from __future__ import annotations
 import torch
 
 
+def masked_logits(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Apply an SDPA-style mask (bool: True may attend; float: added) to [..., Nq, N] logits."""
+    if mask is None:
+        return logits
+    if mask.shape[-2] != logits.shape[-2]:
+        mask = mask[..., : logits.shape[-2], :]
+    if mask.dtype == torch.bool:
+        return logits.masked_fill(~mask, float("-inf"))
+    return logits + mask.float()
+
+
 def cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Head-mean attention of query 0 to every key.
 
@@ -21,10 +32,17 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Te
     additive float, as torch's scaled_dot_product_attention takes it. Returns [B, N] float32.
     """
     logits = torch.matmul(q[:, :, :1, :].float(), k.float().transpose(-1, -2)) * scale  # [B, H, 1, N]
-    if mask is not None:
-        row = mask[..., :1, :]
-        if row.dtype == torch.bool:
-            logits = logits.masked_fill(~row, float("-inf"))
-        else:
-            logits = logits + row.float()
-    return torch.softmax(logits, dim=-1).mean(dim=1)[:, 0, :]
+    row = None if mask is None else mask[..., :1, :]
+    return torch.softmax(masked_logits(logits, row), dim=-1).mean(dim=1)[:, 0, :]
+
+
+def fuse_tokens(x: torch.Tensor, scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """EViT's fused token: the kept tokens, then one token Σ_{j dropped} score_j · x_j.
+
+    x: [B, N, C], scores: [B, N] ([CLS] attention), index: [B, K] kept positions.
+    Returns [B, K + 1, C].                                           (EViT, Sec. 3.3)
+    """
+    kept = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    dropped = torch.ones(scores.shape, dtype=x.dtype, device=x.device).scatter(1, index, 0.0)
+    weights = (dropped * scores.to(x.dtype)).unsqueeze(-1)
+    return torch.cat([kept, (x * weights).sum(1, keepdim=True)], dim=1)

@@ -1,0 +1,175 @@
+"""The seed papers' algorithms (tpc.methods) against slow loop references written here,
+on random inputs, with ties and the k = prefix-only / k = N edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tpc.methods import divprune, kcenter, tome, zero_tprune
+
+G = torch.Generator().manual_seed(0)
+
+
+def cos_dist_slow(x):
+    n = x.shape[0]
+    d = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(n):
+            a, b = x[i].double(), x[j].double()
+            d[i][j] = 1.0 - float(a @ b) / max(1e-12, float(a.norm()) * float(b.norm()))
+    return d
+
+
+def greedy_slow(d, chosen, candidates, count):
+    chosen = list(chosen)
+    picks = []
+    for _ in range(count):
+        best, best_j = -math.inf, None
+        for j in candidates:
+            if j in chosen or j in picks:
+                continue
+            near = min(d[j][c] for c in chosen + picks) if chosen + picks else math.inf
+            if near > best + 1e-9:
+                best, best_j = near, j
+        picks.append(best_j)
+    return picks
+
+
+@pytest.mark.parametrize("k, prefix", [(3, 1), (0, 1), (9, 1), (4, 0), (10, 0), (2, 2)])
+def test_kcenter(k, prefix):
+    x = torch.randn(2, 10, 5, generator=G)
+    got = kcenter.kcenter(x, k, prefix)
+    for b in range(2):
+        d = cos_dist_slow(x[b])
+        if prefix:
+            picks = greedy_slow(d, list(range(prefix)), range(prefix, 10), k)
+        else:
+            mean = x[b].double().mean(0)
+            far = [1 - float(mean @ x[b, j].double()) / (float(mean.norm()) * float(x[b, j].double().norm())) for j in range(10)]
+            first = max(range(10), key=lambda j: (far[j], -j))
+            picks = ([first] + greedy_slow(d, [first], range(10), k - 1))[:k] if k else []
+        assert got[b].tolist() == list(range(prefix)) + sorted(picks)
+
+
+@pytest.mark.parametrize("k, prefix", [(3, 1), (0, 1), (9, 1), (4, 0), (10, 0)])
+def test_divprune(k, prefix):
+    x = torch.randn(2, 10, 5, generator=G)
+    got = divprune.divprune(x, k, prefix)
+    for b in range(2):
+        d = cos_dist_slow(x[b, prefix:])
+        m = 10 - prefix
+        picks = []
+        if k:
+            nn = [min(d[i][j] for j in range(m) if j != i) for i in range(m)]
+            first = max(range(m), key=lambda i: (nn[i], -i))
+            picks = [first] + greedy_slow(d, [first], range(m), k - 1)
+        assert got[b].tolist() == list(range(prefix)) + sorted(p + prefix for p in picks)
+
+
+def test_greedy_selection_with_duplicate_tokens_never_repeats():
+    x = torch.ones(1, 6, 3)
+    assert sorted(kcenter.kcenter(x, 5, 1)[0].tolist()) == [0, 1, 2, 3, 4, 5]
+    assert sorted(divprune.divprune(x, 5, 1)[0].tolist()) == [0, 1, 2, 3, 4, 5]
+
+
+def wpr_slow(attn, iterations, v_min, v_max, keep=None):
+    b, h, n, _ = attn.shape
+    out = torch.empty(b, n, dtype=torch.float64)
+    for bi in range(b):
+        kp = [True] * n if keep is None else keep[bi].tolist()
+        per_head = []
+        for hi in range(h):
+            a = [[float(attn[bi, hi, i, j]) if kp[i] and kp[j] else 0.0 for j in range(n)] for i in range(n)]
+            a = [[v / max(1e-12, sum(row)) for v in row] for row in a]
+            s = [1.0 if kp[j] else 0.0 for j in range(n)]
+            for _ in range(iterations):
+                s = [sum(s[i] * a[i][j] for i in range(n)) for j in range(n)]
+            per_head.append(s)
+        count = sum(kp)
+        var = []
+        for s in per_head:
+            mean = sum(s[j] for j in range(n) if kp[j]) / count
+            var.append(sum((s[j] - mean) ** 2 for j in range(n) if kp[j]) / count)
+        use = [v_min <= v <= v_max for v in var]
+        if not any(use):
+            use = [True] * h
+        for j in range(n):
+            out[bi, j] = math.sqrt(sum(per_head[hi][j] ** 2 for hi in range(h) if use[hi]) / sum(use)) if kp[j] else -math.inf
+    return out
+
+
+@pytest.mark.parametrize("iterations, v_min, v_max, with_keep", [(1, 0.01, 0.7, False), (5, 0.0, 100.0, False), (30, 0.01, 0.7, True), (3, 50.0, 60.0, False)])
+def test_weighted_pagerank(iterations, v_min, v_max, with_keep):
+    logits = torch.randn(2, 3, 7, 7, generator=G) * 2
+    attn = logits.softmax(-1)
+    keep = (torch.rand(2, 7, generator=G) > 0.3) if with_keep else None
+    if keep is not None:
+        keep[:, 0] = True
+    got = zero_tprune.weighted_pagerank(attn, iterations, v_min, v_max, keep)
+    torch.testing.assert_close(got.double(), wpr_slow(attn, iterations, v_min, v_max, keep), atol=1e-5, rtol=1e-4)
+
+
+def test_weighted_pagerank_keeps_total_importance():
+    attn = torch.randn(1, 2, 9, 9, generator=G).softmax(-1)
+    s = torch.ones(1, 2, 9)
+    for _ in range(10):
+        s = torch.matmul(s.unsqueeze(-2), attn).squeeze(-2)
+    torch.testing.assert_close(s.sum(-1), torch.full((1, 2), 9.0))
+
+
+@pytest.mark.parametrize("partition", ["sequential", "alternate"])
+@pytest.mark.parametrize("drop", [0, 2, 4, 10])
+def test_similarity_stage(partition, drop):
+    imp = torch.randn(2, 10, generator=G)
+    imp[0, 3] = imp[0, 5]  # a tie in importance
+    keys = torch.randn(2, 10, 4, generator=G)
+    keys[1, 7] = keys[1, 8]  # two identical tokens
+    got = zero_tprune.similarity_keep(imp, keys, drop, 1, partition)
+    for b in range(2):
+        rest = list(range(1, 10))
+        if partition == "sequential":
+            order = sorted(rest, key=lambda j: (float(imp[b, j]), j))
+            group_a, group_b = order[:4], order[4:]
+        else:
+            group_a, group_b = rest[1::2][:4], rest[0::2] + rest[1::2][4:]
+        d = cos_dist_slow(keys[b])
+        best = [max(1 - d[a][j] for j in group_b) for a in group_a]
+        ranked = sorted(range(len(group_a)), key=lambda i: (-best[i], i))[: min(drop, 4)]
+        dropped = {group_a[i] for i in ranked}
+        assert {j for j in range(10) if not got[b, j]} == dropped
+        assert got[b, 0]
+
+
+def test_tome_matching_and_merge():
+    keys = torch.randn(2, 9, 4, generator=G)
+    x = torch.randn(2, 9, 3, generator=G)
+    sizes = torch.rand(2, 9, generator=G) + 0.5
+    for r in (0, 1, 3):
+        kept, assign = tome.bipartite_match(keys, r, 1)
+        assert kept.shape == (2, 9 - r) and torch.all(kept[:, 0] == 0)
+        merged, total = tome.merge_tokens(x, sizes, assign, 9 - r)
+        for b in range(2):
+            a_pos, b_pos = list(range(0, 9, 2)), list(range(1, 9, 2))
+            d = cos_dist_slow(keys[b])
+            prop = {a: (max((1 - d[a][j], -j) for j in b_pos)) for a in a_pos if a >= 1}
+            src = sorted(prop, key=lambda a: (-prop[a][0], a))[:r]
+            dst = {a: -prop[a][1] for a in src}
+            want_kept = [j for j in range(9) if j not in src]
+            assert kept[b].tolist() == want_kept
+            for slot, j in enumerate(want_kept):
+                members = [j] + [a for a in src if dst[a] == j]
+                w = sum(float(sizes[b, m]) for m in members)
+                avg = sum(sizes[b, m].double() * x[b, m].double() for m in members) / w
+                torch.testing.assert_close(merged[b, slot].double(), avg, atol=1e-5, rtol=1e-5)
+                assert abs(float(total[b, slot]) - w) < 1e-5
+
+
+def test_tome_prefix_tokens_never_merge_or_receive():
+    keys = torch.zeros(1, 6, 2)
+    keys[..., 0] = 1.0  # every token identical: every pair ties
+    kept, assign = tome.bipartite_match(keys, 2, 2)
+    assert kept[0, :2].tolist() == [0, 1]
+    assert assign[0, 0] == 0 and assign[0, 1] == 1 and (assign[0, 2:] >= 2).all()
