@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tpc.methods import baseline
+from tpc.methods import baseline, divprune, evit, kcenter, tome, zero_tprune
 
 
 def cls_attention_slow(q, k, scale, mask=None):
@@ -70,65 +70,109 @@ def _keep(tokens, prefix, keep):
     return min(tokens - prefix, max(1, math.ceil(keep * (tokens - prefix)))) if isinstance(keep, float) else keep
 
 
-def _prune(x, q, k, scale, schedule_keep, prefix, method, layer, seed=0):
-    n = x.shape[1]
-    kk = _keep(n, prefix, schedule_keep)
-    if method == "topk-cls":
-        scores = torch.softmax((q[:, :, :1] @ k.transpose(-2, -1)) * scale, dim=-1).mean(1)[:, 0]
-    else:
-        scores = baseline.hash_scores(x.shape[0], n, seed + layer)
-    idx = select_slow(scores, kk, prefix)
+def _take(x, idx):
     return torch.stack([x[b, idx[b]] for b in range(x.shape[0])])
 
 
+def _prune(x, q, k, scale, keep, prefix, method, layer, depth, state, options=None):
+    """One pruning step written directly with the methods' tensor functions (no graph)."""
+    options = options or {}
+    n = x.shape[1]
+    kk = _keep(n, prefix, keep)
+    if method in ("topk-cls", "random"):
+        if method == "topk-cls":
+            scores = torch.softmax((q[:, :, :1] @ k.transpose(-2, -1)) * scale, dim=-1).mean(1)[:, 0]
+        else:
+            scores = baseline.hash_scores(x.shape[0], n, state.get("seed", 0) + layer)
+        idx = select_slow(scores, kk, prefix)
+        if options.get("fuse") and prefix + kk < n:
+            return evit.fuse_tokens(x, scores, idx)
+        return _take(x, idx)
+    if method == "zero-tprune":
+        probs = zero_tprune.attention_probs(q, k, scale)
+        iters = zero_tprune.auto_iterations(layer, depth)
+        imp = zero_tprune.weighted_pagerank(probs, iters, 0.01, 0.7)
+        drop = zero_tprune.s_stage_drop_count(n, prefix, kk, 0.5)
+        if drop > 0:
+            keep_s = zero_tprune.similarity_keep(imp, k.mean(1), drop, prefix, "sequential")
+            imp = zero_tprune.weighted_pagerank(probs, iters, 0.01, 0.7, keep_s)
+        return _take(x, select_slow(imp, kk, prefix))
+    if method == "kcenter":
+        return _take(x, kcenter.kcenter(x, kk, prefix))
+    if method == "divprune":
+        return _take(x, divprune.divprune(x, kk, prefix))
+    if method == "tome":
+        r = n - prefix - kk
+        _kept, assign = tome.bipartite_match(k.mean(1), r, prefix)
+        sizes = state.get("sizes", torch.ones(x.shape[0], n))
+        x, state["sizes"] = tome.merge_tokens(x, sizes, assign, n - r)
+        return x
+    raise ValueError(method)
+
+
+def _size_bias(state):
+    """ToMe's proportional attention: log(size) added to every key's logit once tokens merged."""
+    return None if "sizes" not in state else state["sizes"].log()[:, None, None, :]
+
+
 @torch.no_grad()
-def eager_timm_vit(model, x, schedule: dict, method="topk-cls", prefix=1):
+def eager_timm_vit(model, x, schedule: dict, method="topk-cls", prefix=1, options=None):
     """timm VisionTransformer forward with pruning after the attention of scheduled blocks."""
     x = model.patch_embed(x)
     x = model._pos_embed(x)
     x = model.norm_pre(x)
+    state = {}
     for i, blk in enumerate(model.blocks):
         h = blk.norm1(x)
         attn = blk.attn
         b, n, c = h.shape
         qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=_size_bias(state)).transpose(1, 2).reshape(b, n, c)
         x = x + blk.ls1(attn.proj(out))
         if i in schedule:
-            x = _prune(x, q, k, attn.scale, schedule[i], prefix, method, i)
+            x = _prune(x, q, k, attn.scale, schedule[i], prefix, method, i, len(model.blocks), state, options)
         x = x + blk.ls2(blk.mlp(blk.norm2(x)))
     return model.forward_head(model.norm(x))
 
 
 @torch.no_grad()
-def eager_hand_written(model, x, schedule: dict, method="topk-cls", prefix=2):
+def eager_hand_written(model, x, schedule: dict, method="topk-cls", prefix=2, options=None):
     x = model.embed(x)
+    state = {}
     for i, blk in enumerate(model.blocks):
         h = blk.norm1(x)
         a = blk.attn
-        q, k = a.split(a.q(h)), a.split(a.k(h))
-        x = x + a(h)
+        q, k, v = a.split(a.q(h)), a.split(a.k(h)), a.split(a.v(h))
+        logits = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        if "sizes" in state:
+            logits = logits + _size_bias(state)
+        b, n, c = h.shape
+        x = x + a.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c))
         if i in schedule:
-            x = _prune(x, q, k, 1 / math.sqrt(q.shape[-1]), schedule[i], prefix, method, i)
+            x = _prune(x, q, k, 1 / math.sqrt(q.shape[-1]), schedule[i], prefix, method, i, len(model.blocks), state, options)
         x = x + blk.mlp(blk.norm2(x))
     return model.head(model.norm(x)[:, 0])
 
 
 @torch.no_grad()
-def eager_encoder(model, x, schedule: dict, method="topk-cls", prefix=1):
+def eager_encoder(model, x, schedule: dict, method="topk-cls", prefix=1, options=None):
     x = model.embed(x)
     x = torch.cat([model.cls.expand(x.shape[0], -1, -1), x], dim=1)
-    for i, layer in enumerate(model.encoder.layers):
+    state = {}
+    layers = model.encoder.layers
+    for i, layer in enumerate(layers):
         sa = layer.self_attn
         b, n, c = x.shape
         heads = sa.num_heads
         q, k, _v = F.linear(x, sa.in_proj_weight, sa.in_proj_bias).chunk(3, dim=-1)
         q = q.view(b, n, heads, c // heads).transpose(1, 2)
         k = k.view(b, n, heads, c // heads).transpose(1, 2)
-        x = x + layer._sa_block(x, None, None)
+        bias = _size_bias(state)
+        mask = None if bias is None else bias.expand(b, heads, n, n).reshape(b * heads, n, n)
+        x = x + layer._sa_block(x, mask, None)
         if i in schedule:
-            x = _prune(x, q, k, 1 / math.sqrt(c // heads), schedule[i], prefix, method, i)
+            x = _prune(x, q, k, 1 / math.sqrt(c // heads), schedule[i], prefix, method, i, len(layers), state, options)
         x = layer.norm1(x)
         x = layer.norm2(x + layer._ff_block(x))
     return model.head(x[:, 0])

@@ -15,17 +15,15 @@ from models import TEST_MODELS
 from tpc.graph.printing import format_rewrites
 
 GOLDEN = Path(__file__).parent / "golden"
-CASES = {
-    f"{name}_{method}": (name, method)
-    for name in TEST_MODELS
-    for method in ("topk-cls", "random")
-}
+METHODS = ("topk-cls", "random", "zero-tprune", "kcenter", "divprune", "tome", "topk-cls+fuse")
+CASES = {f"{name}_{method}": (name, method) for name in TEST_MODELS for method in METHODS}
 
 
-def _compile(name, method):
+def _compile(name, spec):
     factory, inputs, depth, _ = TEST_MODELS[name]
-    layers = [1, depth - 1]
-    return tpc.compile(factory(), inputs(2), method=method, layers=layers, keep=[0.5, 0.7]), inputs
+    method, options = ("topk-cls", {"fuse": True}) if spec == "topk-cls+fuse" else (spec, None)
+    pm = tpc.compile(factory(), inputs(2), method=method, layers=[1, depth - 1], keep=[0.5, 0.7], options=options)
+    return pm, inputs
 
 
 def _check_text(path: Path, text: str, update: bool):

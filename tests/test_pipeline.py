@@ -11,12 +11,20 @@ from models import TEST_MODELS
 from reference import EAGER
 
 
+METHODS = ["topk-cls", "random", "zero-tprune", "kcenter", "divprune", "tome", "topk-cls+fuse"]
+
+
+def _method(spec):
+    return ("topk-cls", {"fuse": True}) if spec == "topk-cls+fuse" else (spec, None)
+
+
 @pytest.mark.parametrize("name", list(TEST_MODELS))
-@pytest.mark.parametrize("method", ["topk-cls", "random"])
-def test_keep_one_reproduces_the_original(name, method):
+@pytest.mark.parametrize("spec", METHODS)
+def test_keep_one_reproduces_the_original(name, spec):
     factory, inputs, depth, _prefix = TEST_MODELS[name]
     model = factory()
-    pm = tpc.compile(model, inputs(2), method=method, layers=list(range(depth)), keep=1.0)
+    method, options = _method(spec)
+    pm = tpc.compile(model, inputs(2), method=method, layers=list(range(depth)), keep=1.0, options=options)
     for batch in (1, 2, 5):
         x = inputs(batch, seed=batch)
         with torch.no_grad():
@@ -25,19 +33,32 @@ def test_keep_one_reproduces_the_original(name, method):
 
 
 @pytest.mark.parametrize("name", list(TEST_MODELS))
-@pytest.mark.parametrize("method", ["topk-cls", "random"])
-@pytest.mark.parametrize("schedule", [{0: 0.5}, {1: 0.7, 2: 0.5}, {0: 3, 2: 1}])
-def test_pruned_matches_eager_reference(name, method, schedule):
+@pytest.mark.parametrize("spec", METHODS)
+@pytest.mark.parametrize("schedule", [{0: 0.5}, {1: 0.7, 2: 0.5}, {0: 9, 2: 5}])
+def test_pruned_matches_eager_reference(name, spec, schedule):
     factory, inputs, _depth, prefix = TEST_MODELS[name]
     model = factory()
+    method, options = _method(spec)
     layers = sorted(schedule)
-    pm = tpc.compile(model, inputs(2), method=method, layers=layers, keep=[schedule[i] for i in layers])
+    pm = tpc.compile(model, inputs(2), method=method, layers=layers, keep=[schedule[i] for i in layers], options=options)
     assert pm.report.prefix == prefix
     x = inputs(4, seed=3)
     with torch.no_grad():
         got = pm(*x)
-    want = EAGER[name](model, *x, schedule, method=method, prefix=prefix)
+    want = EAGER[name](model, *x, schedule, method=method, prefix=prefix, options=options)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_tome_refuses_more_merges_than_bipartite_matching_allows():
+    factory, inputs, _depth, _prefix = TEST_MODELS["timm_vit"]
+    with pytest.raises(tpc.TpcError, match="tome can merge at most 8"):
+        tpc.compile(factory(), inputs(2), method="tome", layers=[0], keep=2)
+
+
+def test_r_removes_tokens_per_layer_as_in_tome():
+    factory, inputs, _depth, _prefix = TEST_MODELS["timm_vit"]
+    pm = tpc.compile(factory(), inputs(2), method="tome", layers=[0, 1, 2], r=4)
+    assert [s.tokens for s in pm.report.sites] == [17, 13, 9, 5]
 
 
 def test_tokens_per_layer_follow_the_schedule():

@@ -15,8 +15,8 @@ from tpc.compiled import CompileReport, LayerInfo, TpcModule
 from tpc.errors import TpcError
 from tpc.flops import count_flops
 from tpc.graph import count_prefix_tokens, find_attention_sites, find_stream_point
-from tpc.passes import InsertPrune, PassManager, PropagateTokenAxis, get_method
-from tpc.schedule import parse_keep, parse_layers
+from tpc.passes import InsertPrune, PassManager, PropagateTokenAxis, ProportionalAttention, get_method
+from tpc.schedule import parse_keep, parse_layers, parse_removals
 
 logger = logging.getLogger("tpc")
 
@@ -59,22 +59,25 @@ def _layer_infos(gm: fx.GraphModule, kept: dict[int, int]) -> list[LayerInfo]:
     return [LayerInfo(s.layer, s.module, s.kind, s.heads, s.tokens, kept.get(s.layer)) for s in find_attention_sites(gm)]
 
 
-def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=0.7, prefix: int | None = None,
-            after: str = "attention", seed: int = 0, backend: str = "torch", **load_kwargs) -> nn.Module:
+def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=0.7, r=None,
+            prefix: int | None = None, after: str = "attention", seed: int = 0, options: dict | None = None,
+            backend: str = "torch", **load_kwargs) -> nn.Module:
     """Prune ``model``'s tokens after ``layers`` with ``method``; returns an nn.Module.
 
     ``model`` is an ``nn.Module`` or a model id (see :func:`tpc.models.load`); ``keep`` is a
-    ratio, a list with one ratio per layer, or token counts (ints); ``after`` is "attention"
-    (the block's MLP already runs on fewer tokens) or "block". ``backend="onnxruntime"``
-    returns the ONNX Runtime session of the exported model, checked against the torch module.
+    ratio, a list with one ratio per layer, or token counts (ints); ``r`` (as in ToMe) is
+    instead the number of tokens each layer removes. ``after`` is "attention" (the block's
+    MLP already runs on fewer tokens) or "block". ``options`` are the method's own settings
+    (see ``tpc passes``). ``backend="onnxruntime"`` returns the ONNX Runtime session of the
+    exported model, checked against the torch module.
     """
     if backend not in BACKENDS:
         raise TpcError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if after not in INSERT_POINTS:
         raise TpcError(f"unknown insertion point {after!r}: choose one of {', '.join(INSERT_POINTS)}")
-    get_method(method)
+    options = get_method(method).resolve_options(options)
     layer_list = parse_layers(layers)
-    keeps = parse_keep(keep, len(layer_list))
+    keeps = parse_removals(r, len(layer_list)) if r is not None else parse_keep(keep, len(layer_list))
     module, inputs, name = _resolve(model, example_inputs, **load_kwargs)
 
     gm = capture(module, inputs)
@@ -90,13 +93,14 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
 
     passes = []
     for layer, k in zip(layer_list, keeps):
-        passes += [InsertPrune(method, layer, k, prefix, after, seed), PropagateTokenAxis()]
+        passes += [InsertPrune(method, layer, k, prefix, after, seed, options), PropagateTokenAxis()]
+    passes.append(ProportionalAttention())
     PassManager(passes)(gm)
 
     kept = {c["layer"]: c["tokens_out"] for c in (n.meta.get("tpc_compaction") for n in gm.graph.nodes) if c}
     flops = count_flops(gm)
     report = CompileReport(
-        model=name, method=method, layers=layer_list, keep=keeps, prefix=prefix, prefix_source=prefix_source,
+        model=name, method=method, layers=layer_list, keep=[str(k) for k in keeps], options=options, prefix=prefix, prefix_source=prefix_source,
         insert_after=after, sites=_layer_infos(gm, kept), flops_before=flops_before, flops_after=flops.total,
         flops_scoring=flops.scoring, pruned_outputs=sorted(gm.meta.get("tpc_pruned_outputs", ())),
         passes=[p.name for p in passes],

@@ -53,6 +53,8 @@ def export_program(model: nn.Module, example_inputs: tuple, example_kwargs: dict
     last = None
     for batch in (None, Dim.DYNAMIC):
         args_spec, kwargs_spec = dynamic_batch_shapes(example_inputs, example_kwargs, batch)
+        if _variadic(model):
+            args_spec = (args_spec,)  # forward(self, *xs): one spec for the whole tuple
         dynamic_shapes = args_spec if kwargs_spec is None else {**_by_position(model, args_spec), **kwargs_spec}
         with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -65,6 +67,13 @@ def export_program(model: nn.Module, example_inputs: tuple, example_kwargs: dict
                     break
     first = str(last).strip().splitlines()[0] if str(last).strip() else type(last).__name__
     raise TpcError(f"torch.export could not capture {type(model).__name__} with a dynamic batch: {first}") from last
+
+
+def _variadic(model: nn.Module) -> bool:
+    import inspect
+
+    kinds = [p.kind for p in inspect.signature(model.forward).parameters.values()]
+    return bool(kinds) and kinds[0] is inspect.Parameter.VAR_POSITIONAL
 
 
 def _by_position(model: nn.Module, args_spec: tuple) -> dict:

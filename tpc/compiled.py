@@ -26,6 +26,7 @@ class CompileReport:
     prefix: int
     prefix_source: str
     insert_after: str
+    options: dict = field(default_factory=dict)
     sites: list[LayerInfo] = field(default_factory=list)
     flops_before: int = 0
     flops_after: int = 0

@@ -12,6 +12,13 @@ from collections.abc import Sequence
 
 from tpc.errors import TpcError
 
+class Removal(int):
+    """A number of tokens a layer removes (ToMe's r), as opposed to a number it keeps."""
+
+    def __str__(self) -> str:
+        return f"r={int(self)}"
+
+
 KeepValue = float | int
 
 
@@ -72,9 +79,30 @@ def parse_keep(keep, count: int) -> list[KeepValue]:
     return values
 
 
+def parse_removals(r, count: int) -> list[Removal]:
+    """ToMe's ``r``: tokens removed per layer, one value or one per layer (``"16"``, ``[16, 8]``)."""
+    if isinstance(r, str):
+        try:
+            r = [int(v) for v in r.split(",") if v.strip()]
+        except ValueError:
+            raise TpcError(f"--r takes token counts such as 16 or 16,8,4, not {r!r}") from None
+        r = r[0] if len(r) == 1 else r
+    values = list(r) if isinstance(r, Sequence) else [r] * count
+    if len(values) != count:
+        raise TpcError(f"--r has {len(values)} values for {count} pruning layers: give one value, or one per layer")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise TpcError(f"r values are token counts >= 0, got {v!r}")
+    return [Removal(v) for v in values]
+
+
 def kept_count(keep: KeepValue, tokens: int, prefix: int, layer: int) -> int:
     """Non-prefix tokens kept by a layer that sees ``tokens`` tokens, ``prefix`` of them prefix."""
     available = tokens - prefix
+    if isinstance(keep, Removal):
+        if keep >= available:
+            raise TpcError(f"layer {layer} sees {available} non-prefix tokens and cannot remove {int(keep)}")
+        return available - keep
     if isinstance(keep, float):
         return min(available, max(1, math.ceil(keep * available)))
     if keep > available:

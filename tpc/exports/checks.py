@@ -22,11 +22,17 @@ from torch.utils import _pytree as pytree
 from tpc.errors import TpcError
 
 SELECT = torch.ops.tpc.select_topk.default
+# Ops whose int64 output is a pruning decision (kept positions), in the order they run.
+DECISIONS = (SELECT, torch.ops.tpc.kcenter.default, torch.ops.tpc.divprune.default)
 TIE_RTOL = 1e-4
 
 
 class DecisionReplay(fx.Interpreter):
-    """Runs a graph, recording each ``select_topk`` result and, optionally, forcing them."""
+    """Runs a graph, recording each pruning decision and, optionally, forcing them.
+
+    For ``select_topk`` the scores behind the decision are kept too (``None`` otherwise):
+    only a top-k over scores can be judged a near-tie.
+    """
 
     def __init__(self, gm: fx.GraphModule, forced: list[torch.Tensor] | None = None):
         super().__init__(gm)
@@ -36,8 +42,8 @@ class DecisionReplay(fx.Interpreter):
 
     def call_function(self, target, args, kwargs):
         out = super().call_function(target, args, kwargs)
-        if target is SELECT:
-            self.scores.append(args[0])
+        if target in DECISIONS:
+            self.scores.append(args[0] if target is SELECT else None)
             self.decisions.append(out)
             if self.forced is not None and len(self.decisions) <= len(self.forced):
                 out = self.forced[len(self.decisions) - 1].to(out.device)
@@ -93,7 +99,7 @@ def check_artifact(gm: fx.GraphModule, run_artifact: Callable[[tuple], tuple[lis
                 theirs = torch.as_tensor(theirs)
                 if torch.equal(theirs.cpu(), ours.cpu()):
                     continue
-                if not near_tie(scores.cpu(), ours.cpu(), theirs.cpu()):
+                if scores is None or not near_tie(scores.cpu(), ours.cpu(), theirs.cpu()):
                     raise TpcError(f"{what}: pruning step {i} keeps different tokens than the torch module (not a near-tie)")
                 flips += 1
         if len(outs) != len(ref):

@@ -19,7 +19,7 @@ from tpc.exports.onnx_ops import TRANSLATIONS
 from tpc.exports.onnxruntime import make_session
 
 OPSET = 18
-_DECISION = re.compile(r"^select_topk(_\d+)?$")
+_DECISION = re.compile(r"^(select_topk|kcenter|divprune)(_\d+)?$")  # outputs named after the FX nodes
 
 
 def to_onnx(module: nn.Module, example_inputs: tuple) -> onnx.ModelProto:

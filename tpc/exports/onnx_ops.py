@@ -8,7 +8,13 @@ translation for ``torch.onnx.export(custom_translation_table=...)``.
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
+import onnxscript
 import torch
+from onnxscript import BOOL
+from onnxscript import FLOAT as FLOAT_T
+from onnxscript import INT64 as INT64_T
 from onnxscript import ir
 from onnxscript import opset18 as op
 
@@ -16,7 +22,65 @@ from tpc.methods import baseline
 
 FLOAT = ir.DataType.FLOAT.value
 INT64 = ir.DataType.INT64.value
+BOOL_T = ir.DataType.BOOL.value
 INT64_MAX = 2**63 - 1
+EPS = 1e-12
+
+
+def _const(array: np.ndarray):
+    return op.Constant(value=onnx.numpy_helper.from_array(np.asarray(array)))
+
+
+def _fill(shape, value: float, dtype=onnx.TensorProto.FLOAT):
+    return op.ConstantOfShape(shape, value=onnx.helper.make_tensor("v", dtype, [1], [value]))
+
+
+def _static(x, dim: int) -> int:
+    size = x.shape[dim]
+    return int(size) if isinstance(size, int) or str(size).isdigit() else int(size.value)
+
+
+def _unit(x):
+    """x / max(||x||, eps) along the last axis, in float32 (torch.nn.functional.normalize)."""
+    x = op.Cast(x, to=FLOAT)
+    norm = op.Sqrt(op.ReduceSum(op.Mul(x, x), _ints(-1), keepdims=1))
+    return op.Div(x, op.Max(norm, op.Constant(value_float=EPS)))
+
+
+def _masked(logits, mask, is_bool: bool):
+    """Apply an SDPA-style mask; ``is_bool`` comes from the graph input (sliced values lose their dtype)."""
+    if mask is None:
+        return logits
+    if is_bool:
+        return op.Where(mask, logits, op.Constant(value_float=float("-inf")))
+    return op.Add(logits, op.Cast(mask, to=FLOAT))
+
+
+def _is_bool(mask) -> bool:
+    return mask is not None and mask.dtype == ir.DataType.BOOL
+
+
+def _sort_ascending(index, k: int):
+    """Sort int64 positions ascending (TopK on float: exact below 2^24, and TensorRT-friendly)."""
+    ordered, _ = op.TopK(op.Cast(index, to=FLOAT), _ints(k), axis=1, largest=0, sorted=1)
+    return op.Cast(ordered, to=INT64)
+
+
+def _prefix_then(scores_like, prefix: int, rest, k: int):
+    """Concat the prefix positions 0..P-1 (per example) and ``rest`` sorted ascending."""
+    parts = []
+    if prefix:
+        pre = op.Unsqueeze(op.Range(op.Constant(value_int=0), op.Constant(value_int=prefix), op.Constant(value_int=1)), _ints(0))
+        parts.append(op.Expand(pre, op.Concat(op.Shape(scores_like, start=0, end=1), _ints(prefix), axis=0)))
+    if k:
+        parts.append(_sort_ascending(rest, k))
+    return parts[0] if len(parts) == 1 else op.Concat(*parts, axis=1)
+
+
+def _rows(index, like):
+    """Expand a [B, K] index to [B, K, C...] matching ``like``'s trailing dims (for GatherElements)."""
+    shape = op.Concat(op.Shape(index), op.Shape(like, start=2), axis=0)
+    return op.Expand(op.Unsqueeze(index, _ints(-1)), shape)
 
 
 def _ints(*values: int):
@@ -31,13 +95,8 @@ def cls_attention(q, k, scale: float, mask=None):
     q0 = op.Cast(op.Slice(q, _ints(0), _ints(1), _ints(2)), to=FLOAT)  # [B, H, 1, d]
     kt = op.Transpose(op.Cast(k, to=FLOAT), perm=[0, 1, 3, 2])
     logits = op.Mul(op.MatMul(q0, kt), op.Constant(value_float=scale))  # [B, H, 1, N]
-    if mask is not None:
-        row = op.Slice(mask, _ints(0), _ints(1), _ints(-2))
-        if mask.dtype == ir.DataType.BOOL:
-            logits = op.Where(row, logits, op.Constant(value_float=float("-inf")))
-        else:
-            logits = op.Add(logits, op.Cast(row, to=FLOAT))
-    probs = op.Softmax(logits, axis=-1)
+    row = None if mask is None else op.Slice(mask, _ints(0), _ints(1), _ints(-2))
+    probs = op.Softmax(_masked(logits, row, _is_bool(mask)), axis=-1)
     return op.Squeeze(op.ReduceMean(probs, _ints(1), keepdims=0), _ints(1))
 
 
@@ -61,17 +120,12 @@ def random_scores(x, seed: int):
 
 
 def select_topk(scores, k: int, num_prefix: int):
-    parts = []
-    if num_prefix:
-        prefix = op.Unsqueeze(op.Range(op.Constant(value_int=0), op.Constant(value_int=num_prefix), op.Constant(value_int=1)), _ints(0))
-        parts.append(op.Expand(prefix, op.Concat(_batch(scores), _ints(num_prefix), axis=0)))
+    best = None
     if k:
         rest = op.Slice(scores, _ints(num_prefix), _ints(INT64_MAX), _ints(1))
         _, best = op.TopK(rest, _ints(k), axis=1, largest=1, sorted=1)
-        # Sort the kept positions ascending; TopK on float keeps TensorRT happy (indices < 2^24 are exact).
-        ordered, _ = op.TopK(op.Cast(best, to=FLOAT), _ints(k), axis=1, largest=0, sorted=1)
-        parts.append(op.Add(op.Cast(ordered, to=INT64), op.Constant(value_int=num_prefix)))
-    return parts[0] if len(parts) == 1 else op.Concat(*parts, axis=1)
+        best = op.Add(best, op.Constant(value_int=num_prefix))
+    return _prefix_then(scores, num_prefix, best, k)
 
 
 def gather_tokens(x, index):
@@ -83,9 +137,206 @@ def gather_tokens(x, index):
     return op.GatherElements(src, idx, axis=1)
 
 
+def fuse_tokens(x, scores, index):
+    kept = op.GatherElements(x, _rows(index, x), axis=1)
+    dropped = op.ScatterElements(op.Cast(op.Expand(op.Constant(value_float=1.0), op.Shape(scores)), to=FLOAT),
+                                 index, op.Cast(op.Expand(op.Constant(value_float=0.0), op.Shape(index)), to=FLOAT), axis=1)
+    weights = op.Cast(op.Mul(dropped, op.Cast(scores, to=FLOAT)), to=x.dtype.value)
+    fused = op.ReduceSum(op.Mul(x, op.Unsqueeze(weights, _ints(-1))), _ints(1), keepdims=1)
+    return op.Concat(kept, fused, axis=1)
+
+
+def attention_probs(q, k, scale: float, mask=None):
+    kt = op.Transpose(op.Cast(k, to=FLOAT), perm=[0, 1, 3, 2])
+    logits = op.Mul(op.MatMul(op.Cast(q, to=FLOAT), kt), op.Constant(value_float=scale))
+    return op.Softmax(_masked(logits, mask, _is_bool(mask)), axis=-1)
+
+
+@onnxscript.script()
+def _pagerank_loop(s0: FLOAT_T[...], a: FLOAT_T[...], iterations: INT64_T) -> FLOAT_T[...]:
+    s = s0
+    for _t in range(iterations):
+        s = op.MatMul(s, a)
+    return s
+
+
+def weighted_pagerank(attn, iterations: int, v_min: float, v_max: float, keep=None):
+    batch, tokens = op.Shape(attn, start=0, end=1), op.Shape(attn, start=3, end=4)
+    if keep is None:
+        keep = op.Cast(_fill(op.Concat(batch, tokens, axis=0), 1.0), to=BOOL_T)
+    k = op.Cast(keep, to=FLOAT)
+    a = op.Mul(op.Mul(op.Cast(attn, to=FLOAT), op.Unsqueeze(k, _ints(1, 2))), op.Unsqueeze(k, _ints(1, 3)))
+    a = op.Div(a, op.Max(op.ReduceSum(a, _ints(-1), keepdims=1), op.Constant(value_float=EPS)))
+    s = op.Expand(op.Unsqueeze(k, _ints(1, 2)), op.Concat(op.Shape(attn, start=0, end=2), _ints(1), tokens, axis=0))
+    if iterations:
+        s = _pagerank_loop(s, a, op.Constant(value_int=iterations))
+    s = op.Squeeze(s, _ints(2))  # [B, H, N]
+    count = op.Max(op.ReduceSum(k, _ints(-1), keepdims=1), op.Constant(value_float=1.0))  # [B, 1]
+    mean = op.Div(op.ReduceSum(s, _ints(-1), keepdims=1), op.Unsqueeze(count, _ints(1)))
+    dev = op.Sub(s, mean)
+    var = op.Div(op.ReduceSum(op.Mul(op.Mul(dev, dev), op.Unsqueeze(k, _ints(1))), _ints(-1), keepdims=0), count)
+    use = op.Cast(op.And(op.GreaterOrEqual(var, op.Constant(value_float=v_min)),
+                         op.LessOrEqual(var, op.Constant(value_float=v_max))), to=FLOAT)
+    any_head = op.Greater(op.ReduceSum(use, _ints(-1), keepdims=1), op.Constant(value_float=0.0))
+    use = op.Where(any_head, use, op.Constant(value_float=1.0))
+    num = op.ReduceSum(op.Mul(op.Mul(s, s), op.Unsqueeze(use, _ints(-1))), _ints(1), keepdims=0)
+    score = op.Sqrt(op.Div(num, op.ReduceSum(use, _ints(-1), keepdims=1)))
+    return op.Where(keep, score, op.Constant(value_float=float("-inf")))
+
+
+def similarity_keep(importance, keys, drop: int, num_prefix: int, partition: str):
+    n = _static(importance, 1)
+    rest = n - num_prefix
+    n_a = rest // 2
+    drop = min(drop, n_a)
+    keep = op.Cast(_fill(op.Shape(importance), 1.0), to=BOOL_T)
+    if drop <= 0:
+        return keep
+    if partition == "sequential":
+        scores = op.Slice(importance, _ints(num_prefix), _ints(INT64_MAX), _ints(1))
+        _, order = op.TopK(scores, _ints(rest), axis=1, largest=0, sorted=1)
+        order = op.Add(order, op.Constant(value_int=num_prefix))
+        group_a = op.Slice(order, _ints(0), _ints(n_a), _ints(1))
+        group_b = op.Slice(order, _ints(n_a), _ints(rest), _ints(1))
+    else:
+        pos = np.arange(num_prefix, n)
+        a_pos = pos[1::2][:n_a]
+        b_pos = np.concatenate([pos[0::2], pos[1::2][n_a:]])
+        shape_a = op.Concat(op.Shape(importance, start=0, end=1), _ints(len(a_pos)), axis=0)
+        shape_b = op.Concat(op.Shape(importance, start=0, end=1), _ints(len(b_pos)), axis=0)
+        group_a = op.Expand(_const(a_pos[None].astype(np.int64)), shape_a)
+        group_b = op.Expand(_const(b_pos[None].astype(np.int64)), shape_b)
+    unit = _unit(keys)
+    ua = op.GatherElements(unit, _rows(group_a, unit), axis=1)
+    ub = op.GatherElements(unit, _rows(group_b, unit), axis=1)
+    best = op.ReduceMax(op.MatMul(ua, op.Transpose(ub, perm=[0, 2, 1])), _ints(-1), keepdims=0)
+    _, top = op.TopK(best, _ints(drop), axis=1, largest=1, sorted=1)
+    dropped = op.GatherElements(group_a, top, axis=1)
+    false = op.Cast(_fill(op.Shape(dropped), 0.0), to=BOOL_T)
+    return op.ScatterElements(keep, dropped, false, axis=1)
+
+
+@onnxscript.script()
+def _farthest_loop(dist: FLOAT_T[...], nearest: FLOAT_T[...], picks0: INT64_T[...], count: INT64_T) -> INT64_T[...]:
+    mind = nearest
+    picks = picks0
+    neg = op.Constant(value_float=float("-inf"))
+    for t in range(count):
+        i = op.ArgMax(mind, axis=1, keepdims=1)  # [B, 1], first maximum on ties
+        row_shape = op.Concat(op.Shape(i), op.Shape(dist, start=2), axis=0)
+        row = op.Squeeze(op.GatherElements(dist, op.Expand(op.Unsqueeze(i, [2]), row_shape), axis=1), [1])
+        mind = op.Min(mind, row)
+        mind = op.ScatterElements(mind, i, op.Expand(neg, op.Shape(i)), axis=1)
+        column = op.Expand(op.Reshape(t, [1, 1]), op.Shape(i))
+        picks = op.ScatterElements(picks, column, i, axis=1)
+    return picks
+
+
+def _cosine_distance(features):
+    unit = _unit(features)
+    return op.Sub(op.Constant(value_float=1.0), op.MatMul(unit, op.Transpose(unit, perm=[0, 2, 1])))
+
+
+def _greedy(dist, nearest, taken, count: int):
+    """``count`` max-min picks as in tpc.methods.kcenter.greedy_farthest: [B, count] int64."""
+    mind = op.Where(taken, op.Constant(value_float=float("-inf")), nearest)
+    picks0 = op.Cast(_fill(op.Concat(op.Shape(nearest, start=0, end=1), _ints(count), axis=0), 0.0), to=INT64)
+    return _farthest_loop(dist, mind, picks0, op.Constant(value_int=count))
+
+
+def _positions(like, n: int):
+    return op.Expand(_const(np.arange(n, dtype=np.int64)[None]), op.Shape(like))
+
+
+def kcenter(features, k: int, num_prefix: int):
+    n = _static(features, 1)
+    if k == 0:
+        return _prefix_then(features, num_prefix, None, 0)
+    dist = _cosine_distance(features)
+    batch_n = op.Concat(op.Shape(features, start=0, end=1), _ints(n), axis=0)
+    if num_prefix:
+        nearest = op.ReduceMin(op.Slice(dist, _ints(0), _ints(num_prefix), _ints(1)), _ints(1), keepdims=0)
+        taken = op.Expand(_const((np.arange(n) < num_prefix)[None]), batch_n)
+        picks = _greedy(dist, nearest, taken, k)
+    else:
+        feats = op.Cast(features, to=FLOAT)
+        mean = op.ReduceMean(feats, _ints(1), keepdims=1)
+        far = op.Slice(_cosine_distance(op.Concat(mean, feats, axis=1)), _ints(0, 1), _ints(1, INT64_MAX), _ints(1, 2))
+        first = op.ArgMax(op.Squeeze(far, _ints(1)), axis=1, keepdims=1)  # [B, 1]
+        row_shape = op.Concat(op.Shape(first), op.Shape(dist, start=2), axis=0)
+        nearest = op.Squeeze(op.GatherElements(dist, op.Expand(op.Unsqueeze(first, _ints(2)), row_shape), axis=1), _ints(1))
+        taken = op.Cast(op.ScatterElements(_fill(batch_n, 0.0), first, _fill(op.Shape(first), 1.0), axis=1), to=BOOL_T)
+        picks = first if k == 1 else op.Concat(first, _greedy(dist, nearest, taken, k - 1), axis=1)
+    return _prefix_then(features, num_prefix, picks, k)
+
+
+def divprune(features, k: int, num_prefix: int):
+    n = _static(features, 1)
+    m = n - num_prefix
+    if k == 0:
+        return _prefix_then(features, num_prefix, None, 0)
+    dist = _cosine_distance(op.Slice(features, _ints(num_prefix), _ints(INT64_MAX), _ints(1)))
+    eye = _const(np.where(np.eye(m, dtype=bool), np.float32(np.inf), np.float32(0.0))[None])
+    first = op.ArgMax(op.ReduceMin(op.Add(dist, eye), _ints(2), keepdims=0), axis=1, keepdims=1)
+    row_shape = op.Concat(op.Shape(first), op.Shape(dist, start=2), axis=0)
+    nearest = op.Squeeze(op.GatherElements(dist, op.Expand(op.Unsqueeze(first, _ints(2)), row_shape), axis=1), _ints(1))
+    batch_m = op.Concat(op.Shape(features, start=0, end=1), _ints(m), axis=0)
+    taken = op.Cast(op.ScatterElements(_fill(batch_m, 0.0), first, _fill(op.Shape(first), 1.0), axis=1), to=BOOL_T)
+    picks = first if k == 1 else op.Concat(first, _greedy(dist, nearest, taken, k - 1), axis=1)
+    return _prefix_then(features, num_prefix, op.Add(picks, op.Constant(value_int=num_prefix)), k)
+
+
+def bipartite_match(keys, r: int, num_prefix: int):
+    n = _static(keys, 1)
+    batch_n = op.Concat(op.Shape(keys, start=0, end=1), _ints(n), axis=0)
+    positions = _positions(_fill(batch_n, 0.0), n)
+    if r == 0:
+        return positions, positions
+    unit = _unit(keys)
+    ua = op.Slice(unit, _ints(0), _ints(INT64_MAX), _ints(1), _ints(2))
+    ub = op.Slice(unit, _ints(1), _ints(INT64_MAX), _ints(1), _ints(2))
+    scores = op.MatMul(ua, op.Transpose(ub, perm=[0, 2, 1]))  # [B, nA, nB]
+    a_pos, b_pos = np.arange(0, n, 2), np.arange(1, n, 2)
+    blocked = (a_pos < num_prefix)[:, None] | (b_pos < num_prefix)[None, :]
+    scores = op.Where(_const(blocked[None]), op.Constant(value_float=float("-inf")), scores)
+    best = op.ReduceMax(scores, _ints(-1), keepdims=0)
+    partner = op.ArgMax(scores, axis=-1, keepdims=0)
+    _, order = op.TopK(best, _ints(len(a_pos)), axis=1, largest=1, sorted=1)
+    src = op.Slice(order, _ints(0), _ints(r), _ints(1))
+    two, one = op.Constant(value_int=2), op.Constant(value_int=1)
+    merged = op.Mul(src, two)
+    dst = op.Add(op.Mul(op.GatherElements(partner, src, axis=1), two), one)
+    removed = op.ScatterElements(op.Cast(positions, to=FLOAT), merged, op.Cast(_fill(op.Shape(merged), float(n)), to=FLOAT), axis=1)
+    kept_f, _ = op.TopK(removed, _ints(n - r), axis=1, largest=0, sorted=1)
+    kept = op.Cast(kept_f, to=INT64)
+    slot = op.ScatterElements(op.Cast(_fill(batch_n, 0.0), to=INT64), kept, _positions(kept, n - r), axis=1)
+    assign = op.ScatterElements(slot, merged, op.GatherElements(slot, dst, axis=1), axis=1)
+    return kept, assign
+
+
+def merge_tokens(x, weights, assign, count: int, mean: bool):
+    w = op.Cast(weights, to=FLOAT)
+    batch = op.Shape(x, start=0, end=1)
+    total = op.ScatterElements(_fill(op.Concat(batch, _ints(count), axis=0), 0.0), assign, w, axis=1, reduction="add")
+    acc0 = _fill(op.Concat(batch, _ints(count), op.Shape(x, start=2), axis=0), 0.0)
+    values = op.Mul(op.Cast(x, to=FLOAT), op.Unsqueeze(w, _ints(-1)))
+    acc = op.ScatterElements(acc0, _rows(assign, x), values, axis=1, reduction="add")
+    if mean:
+        acc = op.Div(acc, op.Unsqueeze(op.Max(total, op.Constant(value_float=EPS)), _ints(-1)))
+    return op.Cast(acc, to=x.dtype.value), total
+
+
 TRANSLATIONS = {
     torch.ops.tpc.cls_attention.default: cls_attention,
     torch.ops.tpc.random_scores.default: random_scores,
     torch.ops.tpc.select_topk.default: select_topk,
     torch.ops.tpc.gather_tokens.default: gather_tokens,
+    torch.ops.tpc.fuse_tokens.default: fuse_tokens,
+    torch.ops.tpc.attention_probs.default: attention_probs,
+    torch.ops.tpc.weighted_pagerank.default: weighted_pagerank,
+    torch.ops.tpc.similarity_keep.default: similarity_keep,
+    torch.ops.tpc.kcenter.default: kcenter,
+    torch.ops.tpc.divprune.default: divprune,
+    torch.ops.tpc.bipartite_match.default: bipartite_match,
+    torch.ops.tpc.merge_tokens.default: merge_tokens,
 }

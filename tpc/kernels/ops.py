@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from tpc.methods import baseline, evit
+from tpc.methods import baseline, divprune as divprune_method, evit, kcenter as kcenter_method, tome, zero_tprune
 
 _LIB = "tpc"
 
@@ -73,9 +73,108 @@ def _(x, index):
     return x.new_empty((index.shape[0], index.shape[1], *x.shape[2:]))
 
 
+@torch.library.custom_op(f"{_LIB}::fuse_tokens", mutates_args=())
+def fuse_tokens(x: torch.Tensor, scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[B, K + 1, C]: the kept rows of x, then the dropped rows summed with weights ``scores`` (EViT)."""
+    return evit.fuse_tokens(x, scores, index)
+
+
+@fuse_tokens.register_fake
+def _(x, scores, index):
+    return x.new_empty((index.shape[0], index.shape[1] + 1, x.shape[2]))
+
+
+@torch.library.custom_op(f"{_LIB}::attention_probs", mutates_args=())
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, H, N, N] float32 attention probabilities softmax(q kᵀ · scale + mask)."""
+    return zero_tprune.attention_probs(q, k, scale, mask)
+
+
+@attention_probs.register_fake
+def _(q, k, scale, mask=None):
+    return q.new_empty((q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_LIB}::weighted_pagerank", mutates_args=())
+def weighted_pagerank(attn: torch.Tensor, iterations: int, v_min: float, v_max: float,
+                      keep: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, N] Zero-TPrune importance (WPR with VHF and EIR); -inf where ``keep`` is False."""
+    return zero_tprune.weighted_pagerank(attn, iterations, v_min, v_max, keep)
+
+
+@weighted_pagerank.register_fake
+def _(attn, iterations, v_min, v_max, keep=None):
+    return attn.new_empty((attn.shape[0], attn.shape[-1]), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_LIB}::similarity_keep", mutates_args=())
+def similarity_keep(importance: torch.Tensor, keys: torch.Tensor, drop: int, num_prefix: int, partition: str) -> torch.Tensor:
+    """[B, N] bool: False for the ``drop`` tokens the Zero-TPrune S-stage removes."""
+    return zero_tprune.similarity_keep(importance, keys, drop, num_prefix, partition)
+
+
+@similarity_keep.register_fake
+def _(importance, keys, drop, num_prefix, partition):
+    return importance.new_empty(importance.shape, dtype=torch.bool)
+
+
+@torch.library.custom_op(f"{_LIB}::kcenter", mutates_args=())
+def kcenter(features: torch.Tensor, k: int, num_prefix: int) -> torch.Tensor:
+    """[B, P + k] int64: the prefix, then k greedy k-center picks in sequence order."""
+    return kcenter_method.kcenter(features, k, num_prefix)
+
+
+@kcenter.register_fake
+def _(features, k, num_prefix):
+    return features.new_empty((features.shape[0], num_prefix + k), dtype=torch.int64)
+
+
+@torch.library.custom_op(f"{_LIB}::divprune", mutates_args=())
+def divprune(features: torch.Tensor, k: int, num_prefix: int) -> torch.Tensor:
+    """[B, P + k] int64: the prefix, then k max-min diverse tokens in sequence order."""
+    return divprune_method.divprune(features, k, num_prefix)
+
+
+@divprune.register_fake
+def _(features, k, num_prefix):
+    return features.new_empty((features.shape[0], num_prefix + k), dtype=torch.int64)
+
+
+@torch.library.custom_op(f"{_LIB}::bipartite_match", mutates_args=())
+def bipartite_match(keys: torch.Tensor, r: int, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe matching: (kept [B, N - r] int64 in order, assign [B, N] int64 slot of every token)."""
+    return tome.bipartite_match(keys, r, num_prefix)
+
+
+@bipartite_match.register_fake
+def _(keys, r, num_prefix):
+    b, n = keys.shape[0], keys.shape[1]
+    return keys.new_empty((b, n - r), dtype=torch.int64), keys.new_empty((b, n), dtype=torch.int64)
+
+
+@torch.library.custom_op(f"{_LIB}::merge_tokens", mutates_args=())
+def merge_tokens(x: torch.Tensor, weights: torch.Tensor, assign: torch.Tensor, count: int,
+                 mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold x's tokens into ``count`` slots by ``assign``, weighted: (merged [B, count, C], weight sums)."""
+    return tome.merge_tokens(x, weights, assign, count, mean)
+
+
+@merge_tokens.register_fake
+def _(x, weights, assign, count, mean):
+    return x.new_empty((x.shape[0], count, x.shape[2])), x.new_empty((x.shape[0], count), dtype=torch.float32)
+
+
 OPS = {
     "cls_attention": torch.ops.tpc.cls_attention.default,
     "random_scores": torch.ops.tpc.random_scores.default,
     "select_topk": torch.ops.tpc.select_topk.default,
     "gather_tokens": torch.ops.tpc.gather_tokens.default,
+    "fuse_tokens": torch.ops.tpc.fuse_tokens.default,
+    "attention_probs": torch.ops.tpc.attention_probs.default,
+    "weighted_pagerank": torch.ops.tpc.weighted_pagerank.default,
+    "similarity_keep": torch.ops.tpc.similarity_keep.default,
+    "kcenter": torch.ops.tpc.kcenter.default,
+    "divprune": torch.ops.tpc.divprune.default,
+    "bipartite_match": torch.ops.tpc.bipartite_match.default,
+    "merge_tokens": torch.ops.tpc.merge_tokens.default,
 }

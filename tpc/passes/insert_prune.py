@@ -9,31 +9,36 @@ Rewrite (for the stream tensor ``x`` of layer L, [B, N, C]):
                                                 y = layer_norm(x') …
                                                 z = add(x', mlp(y))
 
-1. every use of ``x`` (except by the new nodes) reads ``x'``;
-2. a [N, B, C] stream is permuted to [B, N, C] around the gather;
-3. the gather is marked as a pending compaction; ``propagate_token_axis`` must run next,
+1. every use of ``x`` (except by the new nodes) reads ``x'`` — a gather, or a merge for ToMe
+   and EViT's fused token (see ``prune_methods.py``);
+2. a [N, B, C] stream is permuted to [B, N, C] around the compaction;
+3. the new stream is marked as a pending compaction; ``propagate_token_axis`` must run next,
    because shape constants downstream still say N. This pass therefore ends with
    ``lint`` + ``recompile`` only: its graph is not executable until propagation.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import fx
 
 from tpc.errors import TpcError
 from tpc.graph import find_attention_sites, find_stream_point
 from tpc.graph.nodes import aten, val
 from tpc.passes.infra import Pass, PassResult
-from tpc.passes.scorers import Builder, ScoreInputs, get_method
+from tpc.passes.prune_methods import Builder, PruneContext, get_method
 from tpc.schedule import KeepValue, kept_count
 
-tpc_ops = torch.ops.tpc
+
+def compactions(gm: fx.GraphModule) -> list[dict]:
+    """The compaction records of the graph, in graph order."""
+    return [n.meta["tpc_compaction"] for n in gm.graph.nodes if "tpc_compaction" in n.meta]
 
 
 class InsertPrune(Pass):
-    def __init__(self, method: str, layer: int, keep: KeepValue, prefix: int, after: str = "attention", seed: int = 0):
+    def __init__(self, method: str, layer: int, keep: KeepValue, prefix: int, after: str = "attention",
+                 seed: int = 0, options: dict | None = None):
         self.method = get_method(method)
+        self.options = self.method.resolve_options(options)
         self.layer = layer
         self.keep = keep
         self.prefix = prefix
@@ -50,7 +55,9 @@ class InsertPrune(Pass):
             raise TpcError(f"layer {self.layer} ({site.module}) is cross-attention: tpc prunes self-attention layers")
         point = find_stream_point(gm, site, self.after)
         tokens = point.tokens
-        k = kept_count(self.keep, tokens, self.prefix, self.layer)
+        if tokens <= self.prefix:
+            raise TpcError(f"layer {self.layer} sees {tokens} tokens, all of them prefix tokens: nothing to prune")
+        kept = kept_count(self.keep, tokens, self.prefix, self.layer)
 
         b = Builder(gm, point.node)
         rank = len(val(point.node).shape)
@@ -62,24 +69,26 @@ class InsertPrune(Pass):
             to_canonical = [point.batch_dim, point.token_dim] + [d for d in range(rank) if d not in (point.batch_dim, point.token_dim)]
             stream = b.op(aten.permute.default, point.node, to_canonical, role="layout")
 
-        inputs = ScoreInputs(site=site, point=point, stream=stream, prefix=self.prefix, seed=self.seed)
-        scores = self.method.score(b, inputs)
-        index = b.op(tpc_ops.select_topk.default, scores, k, self.prefix, role="select")
-        gathered = b.op(tpc_ops.gather_tokens.default, stream, index, role="gather", value=val(stream))
-        out = gathered
+        merges = [c["merge"] for c in compactions(gm) if c.get("merge") is not None]
+        ctx = PruneContext(site=site, point=point, stream=stream, tokens=tokens, kept=kept, prefix=self.prefix,
+                           layer=self.layer, depth=len(sites), seed=self.seed, options=self.options,
+                           merge=merges[-1] if merges else None)
+        result = self.method.build(b, ctx)
+        out = result.out
         if to_canonical is not None:
             inverse = [to_canonical.index(d) for d in range(rank)]
-            out = b.op(aten.permute.default, gathered, inverse, role="layout")
+            out = b.op(aten.permute.default, result.out, inverse, role="layout")
 
         new_nodes = set(b.inserted)
         point.node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in new_nodes)
-        gathered.meta["tpc_compaction"] = {
+        result.out.meta["tpc_compaction"] = {
             "layer": self.layer,
             "method": self.method.name,
             "module": site.module,
-            "index": index,
+            "index": result.index,
+            "merge": result.merge,
             "tokens_in": tokens,
-            "tokens_out": self.prefix + k,
+            "tokens_out": result.tokens,
             "prefix": self.prefix,
             "propagated": False,
         }

@@ -1,0 +1,89 @@
+"""Every tpc:: op's ONNX translation against its reference implementation, in ONNX Runtime,
+at several batch sizes (the batch dimension is dynamic in every exported graph)."""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import tpc  # noqa: F401
+from tpc.exports.onnx import to_onnx
+
+ops = torch.ops.tpc
+
+
+class OpModule(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *xs):
+        return self.fn(*xs)
+
+
+def _inputs(batch, seed, shapes):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in shapes:
+        if shape == "mask":
+            m = torch.rand(batch, 1, 1, 9, generator=g) > 0.3
+            m[..., 0] = True
+            out.append(m)
+        else:
+            out.append(torch.randn(batch, *shape, generator=g) * 2)
+    return tuple(out)
+
+
+def _softmax(x):
+    return x.softmax(-1)
+
+
+CASES = {
+    "cls_attention": (lambda q, k: ops.cls_attention(q, k, 0.5, None), [(2, 9, 4), (2, 9, 4)]),
+    "cls_attention_bool_mask": (lambda q, k, m: ops.cls_attention(q, k, 0.5, m), [(2, 9, 4), (2, 9, 4), "mask"]),
+    "cls_attention_additive_mask": (lambda q, k, m: ops.cls_attention(q, k, 0.5, m), [(2, 9, 4), (2, 9, 4), (1, 9, 9)]),
+    "random_scores": (lambda x: ops.random_scores(x, 5), [(9, 3)]),
+    "select_topk": (lambda s: ops.select_topk(s, 4, 1), [(9,)]),
+    "select_topk_no_prefix": (lambda s: ops.select_topk(s, 9, 0), [(9,)]),
+    "select_topk_prefix_only": (lambda s: ops.select_topk(s, 0, 2), [(9,)]),
+    "gather_tokens": (lambda x, s: ops.gather_tokens(x, ops.select_topk(s, 3, 1)), [(9, 5), (9,)]),
+    "fuse_tokens": (lambda x, s: ops.fuse_tokens(x, s.softmax(-1), ops.select_topk(s, 3, 1)), [(9, 5), (9,)]),
+    "attention_probs": (lambda q, k, m: ops.attention_probs(q, k, 0.3, m), [(2, 9, 4), (2, 9, 4), "mask"]),
+    "weighted_pagerank": (lambda a: ops.weighted_pagerank(_softmax(a), 7, 0.01, 0.7, None), [(3, 9, 9)]),
+    "weighted_pagerank_one_iteration_all_heads": (lambda a: ops.weighted_pagerank(_softmax(a), 1, 100.0, 200.0, None), [(3, 9, 9)]),
+    "weighted_pagerank_keep": (lambda a, s: ops.weighted_pagerank(_softmax(a), 5, 0.0, 9.0, s > -0.5), [(3, 9, 9), (9,)]),
+    "similarity_keep_sequential": (lambda s, k: ops.similarity_keep(s, k, 3, 1, "sequential"), [(9,), (9, 4)]),
+    "similarity_keep_alternate": (lambda s, k: ops.similarity_keep(s, k, 2, 1, "alternate"), [(9,), (9, 4)]),
+    "kcenter": (lambda x: ops.kcenter(x, 4, 1), [(9, 5)]),
+    "kcenter_no_prefix": (lambda x: ops.kcenter(x, 4, 0), [(9, 5)]),
+    "kcenter_all": (lambda x: ops.kcenter(x, 8, 1), [(9, 5)]),
+    "divprune": (lambda x: ops.divprune(x, 3, 1), [(9, 5)]),
+    "divprune_one": (lambda x: ops.divprune(x, 1, 2), [(9, 5)]),
+    "bipartite_match": (lambda k: ops.bipartite_match(k, 3, 1), [(9, 4)]),
+    "bipartite_match_prefix2": (lambda k: ops.bipartite_match(k, 2, 2), [(10, 4)]),
+    "merge_tokens": (lambda x, k: ops.merge_tokens(x, x[..., 0].abs() + 0.5, ops.bipartite_match(k, 3, 1)[1], 6, True), [(9, 5), (9, 4)]),
+    "merge_tokens_sum": (lambda x, k: ops.merge_tokens(x, x[..., 0].abs(), ops.bipartite_match(k, 2, 1)[1], 7, False), [(9, 5), (9, 4)]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_translation_matches_reference(case):
+    fn, shapes = CASES[case]
+    module = OpModule(fn)
+    model = to_onnx(module, _inputs(2, 0, shapes))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        xs = _inputs(batch, batch, shapes)
+        want = module(*xs)
+        want = want if isinstance(want, tuple) else (want,)
+        got = session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), xs)})
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            g = torch.from_numpy(g)
+            assert g.shape == w.shape and g.dtype == w.dtype, (case, g.shape, w.shape, g.dtype, w.dtype)
+            if w.dtype.is_floating_point:
+                torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, equal_nan=True)
+            else:
+                assert torch.equal(g, w), (case, g, w)

@@ -1,0 +1,84 @@
+"""``proportional_attention``: ToMe's size-aware attention after a merge (ToMe, Eq. 1).
+
+A merged token stands for several tokens, so every later attention adds log(size) of each
+key to its logits:
+
+    softmax(q kᵀ · s + mask)        ==>      softmax(q kᵀ · s + mask + log(size)[:, None, None, :])
+
+1. for each attention site, the latest merge feeding its queries gives the sizes;
+2. explicit attention: the bias is added to the softmax input; SDPA is written out as
+   softmax(q kᵀ · s + mask + bias) · v (the ONNX export decomposes SDPA the same way, and
+   SDPA with a float mask picks kernels whose output strides torch's decompositions trip on);
+3. sites with no merge upstream are untouched; no merge in the graph: ``modified=False``.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from tpc.errors import TpcError
+from tpc.graph import find_attention_sites
+from tpc.graph.nodes import ancestors, aten, val
+from tpc.passes.cleanup import finish
+from tpc.passes.infra import Pass, PassResult
+from tpc.passes.prune_methods import Builder, merge_sizes
+
+
+def _merges(gm: fx.GraphModule) -> list[fx.Node]:
+    """The stream outputs of merges, in graph order."""
+    return [n for n in gm.graph.nodes if n.meta.get("tpc_compaction", {}).get("merge") is not None]
+
+
+class ProportionalAttention(Pass):
+    name = "proportional_attention"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        merges = _merges(gm)
+        if not merges:
+            return PassResult(gm, False)
+        changed = False
+        biases: dict[fx.Node, fx.Node] = {}
+        for site in find_attention_sites(gm):
+            upstream = ancestors(site.q)
+            feeding = [m for m in merges if m in upstream]
+            if not feeding:
+                continue
+            if len(val(site.q).shape) != 4:
+                raise TpcError(f"tome: proportional attention needs [B, H, N, d] queries at layer {site.layer} ({site.module})")
+            merge = feeding[-1].meta["tpc_compaction"]["merge"]
+            if merge not in biases:
+                sizes = merge_sizes(merge)
+                b = Builder(gm, sizes)
+                log = b.op(aten.log.default, sizes, role="score")
+                biases[merge] = b.op(aten.view.default, log, [-1, 1, 1, val(sizes).shape[-1]], role="layout")
+            bias = biases[merge]
+            b = Builder(gm, _last_input(site.node))
+            b.like = site.node
+            if site.kind == "sdpa":
+                if site.is_causal or site.node.kwargs.get("enable_gqa"):
+                    raise TpcError(f"tome: proportional attention does not support causal or grouped-query attention "
+                                   f"(layer {site.layer}, {site.module})")
+                logits = b.op(aten.mul.Tensor, b.op(aten.matmul.default, site.q,
+                                                    b.op(aten.transpose.int, site.k, -2, -1, role="layout")), site.scale)
+                if site.mask is not None and val(site.mask).dtype.is_floating_point:
+                    logits = b.op(aten.add.Tensor, logits, site.mask, role="score")
+                elif site.mask is not None:
+                    neg = b.op(aten.full_like.default, logits, float("-inf"), role="score")
+                    logits = b.op(aten.where.self, site.mask, logits, neg, role="score")
+                probs = b.op(aten.softmax.int, b.op(aten.add.Tensor, logits, bias, role="score"), -1, role="score")
+                out = b.op(aten.matmul.default, probs, site.v, role="score")
+                site.node.replace_all_uses_with(out)
+                gm.graph.erase_node(site.node)  # SDPA counts as impure (dropout), so DCE would keep it
+            else:
+                logits = b.op(aten.add.Tensor, site.node.args[0], bias, role="score")
+                site.node.args = (logits, *site.node.args[1:])
+            changed = True
+        if changed:
+            finish(gm)
+        return PassResult(gm, changed)
+
+
+def _last_input(node: fx.Node) -> fx.Node:
+    """The input of ``node`` defined last in the graph: new nodes placed after it precede ``node``."""
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return max(node.all_input_nodes, key=order.__getitem__)

@@ -1,0 +1,248 @@
+"""How each pruning method turns a pruning point into a compaction in the graph.
+
+A method gets a ``Builder`` positioned right after the stream tensor and a ``PruneContext``
+(the layer's attention site, the stream in [B, N, C] layout, how many tokens to keep) and
+emits ``tpc::`` ops: scores, a selection, and a gather (or a merge). It returns the new
+stream and the [B, K] index of the original position each output token stands for, which
+``propagate_token_axis`` uses to gather side tensors. The algorithms live in
+:mod:`tpc.methods`; this module only wires q, k, masks and the stream into the ops.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch._guards import detect_fake_mode
+
+from tpc.errors import TpcError
+from tpc.graph import AttentionSite, StreamPoint
+from tpc.graph.nodes import aten, numeric_shape, val
+from tpc.methods.zero_tprune import auto_iterations, s_stage_drop_count
+
+tpc_ops = torch.ops.tpc
+
+
+class Builder:
+    """Inserts nodes one after another, computing their fake values as it goes."""
+
+    def __init__(self, gm: fx.GraphModule, anchor: fx.Node):
+        self.graph = gm.graph
+        self.cursor = anchor
+        self.like = anchor
+        self.fake_mode = detect_fake_mode([val(anchor)])
+        self.inserted: list[fx.Node] = []
+
+    def op(self, target, *args, role: str = "score", value=None) -> fx.Node:
+        with self.graph.inserting_after(self.cursor):
+            node = self.graph.call_function(target, tuple(args))
+        if value is None:
+            with self.fake_mode:
+                value = target(*fx.node.map_aggregate(args, lambda a: val(a) if isinstance(a, fx.Node) else a))
+        node.meta["val"] = value
+        node.meta["nn_module_stack"] = self.like.meta.get("nn_module_stack", {})
+        node.meta["tpc_inserted"] = role
+        self.cursor = node
+        self.inserted.append(node)
+        return node
+
+
+@dataclass
+class PruneContext:
+    site: AttentionSite
+    point: StreamPoint
+    stream: fx.Node  # the stream in [B, N, C] layout
+    tokens: int
+    kept: int  # non-prefix tokens to keep
+    prefix: int
+    layer: int
+    depth: int
+    seed: int
+    options: dict
+    merge: fx.Node | None = None  # the latest earlier merge (ToMe), whose sizes carry forward
+
+
+@dataclass
+class Compaction:
+    out: fx.Node  # the new stream, [B, tokens, C]
+    index: fx.Node  # [B, tokens]: the original position each output token stands for
+    tokens: int
+    merge: fx.Node | None = None  # a tpc.merge_tokens node: its output 1 holds the token sizes
+
+
+def merge_sizes(merge: fx.Node) -> fx.Node:
+    """The sizes output of a merge node; created right after it when dead-code elimination removed it."""
+    for user in merge.users:
+        if user.target is operator.getitem and user.args[1] == 1:
+            return user
+    with merge.graph.inserting_after(merge):
+        node = merge.graph.call_function(operator.getitem, (merge, 1))
+    node.meta.update(val=val(merge)[1], nn_module_stack=merge.meta.get("nn_module_stack", {}), tpc_inserted="gather")
+    return node
+
+
+def query_key(b: Builder, site: AttentionSite) -> tuple[fx.Node, fx.Node]:
+    """q and k of a site as [B, H, N, d]."""
+    k = site.k if site.k is not None else b.op(aten.transpose.int, site.k_transposed, -2, -1)
+    q = site.q
+    if len(val(q).shape) == 3:
+        q = b.op(aten.view.default, q, [-1, site.heads, *numeric_shape(q)[1:]])
+        k = b.op(aten.view.default, k, [-1, site.heads, *numeric_shape(k)[1:]])
+    return q, k
+
+
+def keep_mask(b: Builder, site: AttentionSite) -> fx.Node | None:
+    """The site's mask as torch SDPA takes it (bool True = may attend, or additive)."""
+    mask = site.mask
+    if mask is None:
+        return None
+    if site.mask_kind == "drop":
+        mask = b.op(aten.logical_not.default, mask)
+    if len(val(site.q).shape) == 3 and len(val(mask).shape) == 3 and numeric_shape(mask)[0] != 1:
+        mask = b.op(aten.view.default, mask, [-1, site.heads, *numeric_shape(mask)[1:]])
+    return mask
+
+
+def mean_keys(b: Builder, site: AttentionSite) -> fx.Node:
+    """Head-averaged keys [B, N, d] (ToMe's matching metric)."""
+    _q, k = query_key(b, site)
+    return b.op(aten.mean.dim, k, [1])
+
+
+def gather(b: Builder, ctx: PruneContext, index: fx.Node) -> Compaction:
+    out = b.op(tpc_ops.gather_tokens.default, ctx.stream, index, role="gather", value=val(ctx.stream))
+    return Compaction(out, index, ctx.prefix + ctx.kept)
+
+
+def select(b: Builder, ctx: PruneContext, scores: fx.Node) -> fx.Node:
+    return b.op(tpc_ops.select_topk.default, scores, ctx.kept, ctx.prefix, role="select")
+
+
+def _needs_cls(ctx: PruneContext, method: str) -> None:
+    if ctx.prefix < 1:
+        raise TpcError(
+            f"{method} ranks tokens by their [CLS] attention, but no [CLS] token was found in this model; "
+            "pass prefix=1 (--prefix 1) if token 0 is a [CLS] token, or use another method"
+        )
+    if ctx.site.is_causal:
+        raise TpcError(f"layer {ctx.layer} uses causal attention: [CLS] attention cannot rank its tokens")
+
+
+def build_topk_cls(b: Builder, ctx: PruneContext) -> Compaction:
+    _needs_cls(ctx, "topk-cls")
+    q, k = query_key(b, ctx.site)
+    scores = b.op(tpc_ops.cls_attention.default, q, k, ctx.site.scale, keep_mask(b, ctx.site))
+    index = select(b, ctx, scores)
+    if not ctx.options["fuse"] or ctx.prefix + ctx.kept == ctx.tokens:  # nothing dropped, nothing to fuse
+        return gather(b, ctx, index)
+    out = b.op(tpc_ops.fuse_tokens.default, ctx.stream, scores, index, role="gather", value=val(ctx.stream))
+    first = b.op(aten.slice.Tensor, index, 1, 0, 1, role="index")
+    rep = b.op(aten.cat.default, [index, first], 1, role="index")  # the fused token stands at [CLS]'s place
+    return Compaction(out, rep, ctx.prefix + ctx.kept + 1)
+
+
+def build_random(b: Builder, ctx: PruneContext) -> Compaction:
+    scores = b.op(tpc_ops.random_scores.default, ctx.stream, ctx.seed + ctx.layer)
+    return gather(b, ctx, select(b, ctx, scores))
+
+
+def build_zero_tprune(b: Builder, ctx: PruneContext) -> Compaction:
+    o = ctx.options
+    site = ctx.site
+    if site.probs is not None and len(val(site.probs).shape) == 4:
+        probs = site.probs
+    else:
+        q, k = query_key(b, site)
+        probs = b.op(tpc_ops.attention_probs.default, q, k, site.scale, keep_mask(b, site))
+    iterations = auto_iterations(ctx.layer, ctx.depth) if o["iterations"] == "auto" else int(o["iterations"])
+    importance = b.op(tpc_ops.weighted_pagerank.default, probs, iterations, float(o["v_min"]), float(o["v_max"]), None)
+    drop = s_stage_drop_count(ctx.tokens, ctx.prefix, ctx.kept, float(o["similarity"]))
+    if drop > 0:
+        keep = b.op(tpc_ops.similarity_keep.default, importance, mean_keys(b, site), drop, ctx.prefix, str(o["partition"]))
+        importance = b.op(tpc_ops.weighted_pagerank.default, probs, iterations, float(o["v_min"]), float(o["v_max"]), keep)
+    return gather(b, ctx, select(b, ctx, importance))
+
+
+def build_kcenter(b: Builder, ctx: PruneContext) -> Compaction:
+    return gather(b, ctx, b.op(tpc_ops.kcenter.default, ctx.stream, ctx.kept, ctx.prefix, role="select"))
+
+
+def build_divprune(b: Builder, ctx: PruneContext) -> Compaction:
+    return gather(b, ctx, b.op(tpc_ops.divprune.default, ctx.stream, ctx.kept, ctx.prefix, role="select"))
+
+
+def tome_max_merges(tokens: int, prefix: int) -> int:
+    """Bipartite matching merges at most the non-prefix tokens of set A (even positions)."""
+    return len([p for p in range(0, tokens, 2) if p >= prefix])
+
+
+def build_tome(b: Builder, ctx: PruneContext) -> Compaction:
+    r = ctx.tokens - ctx.prefix - ctx.kept
+    limit = tome_max_merges(ctx.tokens, ctx.prefix)
+    if r > limit:
+        raise TpcError(
+            f"tome can merge at most {limit} of the {ctx.tokens} tokens at layer {ctx.layer} (bipartite matching "
+            f"pairs every other token); keep at least {ctx.tokens - ctx.prefix - limit} tokens there"
+        )
+    if ctx.site.mask is not None:
+        raise TpcError(f"tome does not merge tokens of attention with a mask yet (layer {ctx.layer}): use another method")
+    match = b.op(tpc_ops.bipartite_match.default, mean_keys(b, ctx.site), r, ctx.prefix, role="select")
+    kept = b.op(operator.getitem, match, 0, role="select")
+    assign = b.op(operator.getitem, match, 1, role="select")
+    if ctx.merge is not None:
+        sizes = merge_sizes(ctx.merge)
+    else:
+        sizes = b.op(aten.ones_like.default, b.op(aten.select.int, ctx.stream, -1, 0, role="layout"), role="score")
+    count = ctx.tokens - r
+    merge = b.op(tpc_ops.merge_tokens.default, ctx.stream, sizes, assign, count, True, role="gather")
+    out = b.op(operator.getitem, merge, 0, role="gather", value=val(ctx.stream))
+    return Compaction(out, kept, count, merge)
+
+
+@dataclass(frozen=True)
+class PruneMethod:
+    name: str
+    paper: str
+    summary: str
+    build: Callable[[Builder, PruneContext], Compaction]
+    options: dict = field(default_factory=dict)
+
+    def resolve_options(self, given: dict | None) -> dict:
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            valid = ", ".join(f"{k} (default {v!r})" for k, v in self.options.items()) or "none"
+            raise TpcError(f"{self.name} has no option {unknown[0]!r}; its options: {valid}")
+        return {**self.options, **given}
+
+
+METHODS: dict[str, PruneMethod] = {
+    m.name: m
+    for m in (
+        PruneMethod("topk-cls", "EViT (Liang et al., ICLR 2022); VTC-CLS (2024)",
+                    "keep the tokens [CLS] attends to most (head-mean attention); fuse=True appends EViT's fused token",
+                    build_topk_cls, {"fuse": False}),
+        PruneMethod("zero-tprune", "Zero-TPrune (Wang, Dedhia, Jha, CVPR 2024, arXiv 2305.17328)",
+                    "Weighted PageRank importance over the attention graph (VHF, EIR), I' -> S -> I stages",
+                    build_zero_tprune,
+                    {"iterations": "auto", "v_min": 0.01, "v_max": 0.7, "similarity": 0.5, "partition": "sequential"}),
+        PruneMethod("kcenter", "ToDRE (greedy k-center token diversity)",
+                    "greedy k-center (farthest point) selection on token features, prefix tokens as first centers",
+                    build_kcenter),
+        PruneMethod("divprune", "DivPrune (Alvar et al., CVPR 2025)",
+                    "greedy max-min diversity with 1 - cosine distance", build_divprune),
+        PruneMethod("tome", "ToMe (Bolya et al., ICLR 2023)",
+                    "bipartite soft matching on head-averaged keys, size-weighted merge, proportional attention",
+                    build_tome),
+        PruneMethod("random", "baseline", "keep a seeded uniform random subset per example", build_random),
+    )
+}
+
+
+def get_method(name: str) -> PruneMethod:
+    if name not in METHODS:
+        raise TpcError(f"unknown pruning method {name!r}: choose one of {', '.join(METHODS)} (see `tpc passes`)")
+    return METHODS[name]
