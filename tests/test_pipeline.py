@@ -85,3 +85,17 @@ def test_compile_does_not_touch_the_users_module():
     tpc.compile(model, inputs(2), layers=[1], keep=0.5)
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("method, options, words", [
+    ("zero-tprune", {"iterations": -1}, "iterations"),
+    ("zero-tprune", {"similarity": 2.0}, "similarity"),
+    ("zero-tprune", {"partition": "x"}, "partition"),
+    ("zero-tprune", {"v_min": 0.5, "v_max": 0.1}, "v_max"),
+    ("topk-cls", {"fuse": "yes"}, "fuse"),
+    ("kcenter", {"fuse": True}, "has no option"),
+])
+def test_bad_method_options(method, options, words):
+    factory, inputs, _depth, _prefix = TEST_MODELS["timm_vit"]
+    with pytest.raises(tpc.TpcError, match=words):
+        tpc.compile(factory(), inputs(2), method=method, layers=[1], keep=0.5, options=options)

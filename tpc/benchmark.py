@@ -24,8 +24,7 @@ def parse_batches(text) -> list[int]:
 
 
 def run_bench(model_id, method="topk-cls", layers=None, keep="0.7", backend="onnxruntime", batches="1,8",
-              threads=None, warmup=3, iters=10, repeats=5, load_kwargs=None, prefix=None, after="attention",
-              seed=0) -> BenchResult:
+              threads=None, warmup=3, iters=10, repeats=5, load_kwargs=None, compile_kwargs=None) -> BenchResult:
     import tpc
     from tpc.capture import capture
     from tpc.exports import to_onnx
@@ -43,7 +42,7 @@ def run_bench(model_id, method="topk-cls", layers=None, keep="0.7", backend="onn
     threads = threads or os.cpu_count() or 1
     loaded = models.load(str(model_id), **(load_kwargs or {}))
     pruned = tpc.compile(loaded.module, loaded.example_inputs, method=method, layers=layers, keep=keep,
-                         prefix=prefix, after=after, seed=seed)
+                         **(compile_kwargs or {}))
     report = pruned.report
     flops_speedup = report.flops_before / report.flops_after
     base_gm = capture(loaded.module, loaded.example_inputs)
@@ -67,5 +66,5 @@ def run_bench(model_id, method="topk-cls", layers=None, keep="0.7", backend="onn
                 timing = time_pair(lambda: base_gm(x), lambda: pruned(x), batch, warmup, iters, repeats)
             share = torch_inserted_share(pruned, (x,), iters=max(3, iters))
         rows.append(BenchRow(batch, timing, flops_speedup, share))
-    config = f"{method} after layers {','.join(map(str, report.layers))}, keep {keep}; FLOPs {report.flops_before / 1e9:.3f} G -> {report.flops_after / 1e9:.3f} G"
+    config = f"{method} after layers {','.join(map(str, report.layers))}, keep {','.join(report.keep)}; FLOPs {report.flops_before / 1e9:.3f} G -> {report.flops_after / 1e9:.3f} G"
     return BenchResult(loaded.name, backend, threads, config, rows, machine_name())

@@ -28,10 +28,28 @@ def _add_prune_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--after", choices=("attention", "block"), default="attention",
                    help="prune after the attention residual (default; the MLP runs on fewer tokens) or after the block")
     p.add_argument("--seed", type=int, default=0, help="seed of the random method")
+    p.add_argument("--r", help="tokens removed per layer instead of --keep, as in ToMe (16, or 16,8,4)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. --option iterations=10 (see `tpc passes`); repeatable")
+    p.add_argument("--fuse", action="store_true", help="topk-cls: append EViT's fused token (same as --option fuse=True)")
+
+
+def _options(args) -> dict | None:
+    from tpc.models import parse_model_args
+
+    options = {}
+    for item in args.option:
+        if "=" not in item:
+            raise TpcError(f"--option takes KEY=VALUE, not {item!r}")
+        options.update(parse_model_args(item))
+    if args.fuse:
+        options["fuse"] = True
+    return options or None
 
 
 def _compile_kwargs(args) -> dict:
-    kwargs = dict(method=args.method, layers=args.layers, keep=args.keep, prefix=args.prefix, after=args.after, seed=args.seed)
+    kwargs = dict(method=args.method, layers=args.layers, keep=args.keep, r=args.r, prefix=args.prefix,
+                  after=args.after, seed=args.seed, options=_options(args))
     kwargs.update(weights=args.weights, random_weights=args.random_weights, model_args=args.model_args, input_size=args.input_size)
     return kwargs
 
@@ -57,7 +75,7 @@ def cmd_compile(args) -> int:
     start = time.perf_counter()
     pruned = tpc.compile(args.model, **_compile_kwargs(args))
     report = pruned.report
-    print(f"{_describe_model(args)}: {report.method} after layers {','.join(map(str, report.layers))}, keep {args.keep}")
+    print(f"{_describe_model(args)}: {report.method} after layers {','.join(map(str, report.layers))}, keep {','.join(report.keep)}")
     print(report.table())
     print(report.summary())
     result = tpc.export(pruned, out, check=not args.no_check)
@@ -77,6 +95,8 @@ def cmd_passes(args) -> int:
     width = max(len(n) for n in METHODS)
     for m in METHODS.values():
         print(f"{m.name:<{width}}  {m.summary}\n{'':<{width}}  paper: {m.paper}")
+        if m.options:
+            print(f"{'':<{width}}  options: " + ", ".join(f"{k}={v!r}" for k, v in m.options.items()))
     return 0
 
 
@@ -86,7 +106,7 @@ def cmd_inspect(args) -> int:
     kwargs = _compile_kwargs(args)
     report = tpc.inspect(args.model, **kwargs)
     print(f"{_describe_model(args)}: {len(report.sites)} attention layers"
-          + (f"; {report.method} after layers {','.join(map(str, report.layers))}, keep {args.keep}" if report.layers else ""))
+          + (f"; {report.method} after layers {','.join(map(str, report.layers))}, keep {','.join(report.keep)}" if report.layers else ""))
     print(report.table())
     print(report.summary())
     return 0
@@ -111,7 +131,8 @@ def cmd_eval(args) -> int:
                       batch=args.batch, offset=args.offset, limit=args.limit, plot=args.plot,
                       load_kwargs=dict(weights=args.weights, random_weights=args.random_weights,
                                        model_args=args.model_args, input_size=args.input_size),
-                      prefix=args.prefix, after=args.after, seed=args.seed, progress=args.progress)
+                      compile_kwargs=dict(prefix=args.prefix, after=args.after, seed=args.seed, options=_options(args)),
+                      progress=args.progress)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -128,9 +149,11 @@ def cmd_bench(args) -> int:
 
     result = run_bench(args.model, method=args.method, layers=args.layers, keep=args.keep, backend=args.backend,
                        batches=args.batch, threads=args.threads, warmup=args.warmup, iters=args.iters,
-                       repeats=args.repeats, prefix=args.prefix, after=args.after, seed=args.seed,
+                       repeats=args.repeats,
                        load_kwargs=dict(weights=args.weights, random_weights=args.random_weights,
-                                        model_args=args.model_args, input_size=args.input_size))
+                                        model_args=args.model_args, input_size=args.input_size),
+                       compile_kwargs=dict(r=args.r, prefix=args.prefix, after=args.after, seed=args.seed,
+                                           options=_options(args)))
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.table())
     return 0
 

@@ -53,8 +53,8 @@ def _runner(module, backend: str, example_inputs=None):
 
 
 def run_eval(model_id, data, method="topk-cls", layers=None, keep="0.7", sweep=None, mean=None, std=None,
-             backend="torch", batch=500, offset=0, limit=None, plot=None, load_kwargs=None, prefix=None,
-             after="attention", seed=0, progress=None) -> EvalResult:
+             backend="torch", batch=500, offset=0, limit=None, plot=None, load_kwargs=None, compile_kwargs=None,
+             progress=None) -> EvalResult:
     import tpc
     from tpc.capture import capture
     from tpc.flops import count_flops
@@ -82,7 +82,7 @@ def run_eval(model_id, data, method="topk-cls", layers=None, keep="0.7", sweep=N
     if layers is not None:
         for k in sweep or [keep]:
             pm = tpc.compile(loaded.module, loaded.example_inputs, method=method, layers=layers, keep=k,
-                             prefix=prefix, after=after, seed=seed)
+                             **(compile_kwargs or {}))
             label = f"{method} keep {k} after {','.join(map(str, pm.report.layers))}"
             preds = predict(_runner(pm, backend), dataset, mean, std, batch, label, progress)
             acc = accuracy(preds, ref, dataset.labels)

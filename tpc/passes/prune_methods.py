@@ -202,6 +202,27 @@ def build_tome(b: Builder, ctx: PruneContext) -> Compaction:
     return Compaction(out, kept, count, merge)
 
 
+def _number(name: str, value, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise TpcError(f"option {name} must be a number in [{low}, {high}], not {value!r}")
+
+
+def check_topk_cls(o: dict) -> None:
+    if not isinstance(o["fuse"], bool):
+        raise TpcError(f"option fuse must be True or False, not {o['fuse']!r}")
+
+
+def check_zero_tprune(o: dict) -> None:
+    it = o["iterations"]
+    if it != "auto" and (isinstance(it, bool) or not isinstance(it, int) or it < 0):
+        raise TpcError(f"option iterations must be 'auto' or an integer >= 0, not {it!r}")
+    _number("v_min", o["v_min"], 0.0, float("inf"))
+    _number("v_max", o["v_max"], o["v_min"], float("inf"))
+    _number("similarity", o["similarity"], 0.0, 1.0)
+    if o["partition"] not in ("sequential", "alternate"):
+        raise TpcError(f"option partition must be 'sequential' or 'alternate', not {o['partition']!r}")
+
+
 @dataclass(frozen=True)
 class PruneMethod:
     name: str
@@ -209,6 +230,7 @@ class PruneMethod:
     summary: str
     build: Callable[[Builder, PruneContext], Compaction]
     options: dict = field(default_factory=dict)
+    check: Callable[[dict], None] | None = None
 
     def resolve_options(self, given: dict | None) -> dict:
         given = dict(given or {})
@@ -216,7 +238,10 @@ class PruneMethod:
         if unknown:
             valid = ", ".join(f"{k} (default {v!r})" for k, v in self.options.items()) or "none"
             raise TpcError(f"{self.name} has no option {unknown[0]!r}; its options: {valid}")
-        return {**self.options, **given}
+        options = {**self.options, **given}
+        if self.check is not None:
+            self.check(options)
+        return options
 
 
 METHODS: dict[str, PruneMethod] = {
@@ -224,11 +249,12 @@ METHODS: dict[str, PruneMethod] = {
     for m in (
         PruneMethod("topk-cls", "EViT (Liang et al., ICLR 2022); VTC-CLS (2024)",
                     "keep the tokens [CLS] attends to most (head-mean attention); fuse=True appends EViT's fused token",
-                    build_topk_cls, {"fuse": False}),
+                    build_topk_cls, {"fuse": False}, check_topk_cls),
         PruneMethod("zero-tprune", "Zero-TPrune (Wang, Dedhia, Jha, CVPR 2024, arXiv 2305.17328)",
                     "Weighted PageRank importance over the attention graph (VHF, EIR), I' -> S -> I stages",
                     build_zero_tprune,
-                    {"iterations": "auto", "v_min": 0.01, "v_max": 0.7, "similarity": 0.5, "partition": "sequential"}),
+                    {"iterations": "auto", "v_min": 0.01, "v_max": 0.7, "similarity": 0.5, "partition": "sequential"},
+                    check_zero_tprune),
         PruneMethod("kcenter", "ToDRE (greedy k-center token diversity)",
                     "greedy k-center (farthest point) selection on token features, prefix tokens as first centers",
                     build_kcenter),
