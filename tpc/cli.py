@@ -158,6 +158,20 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_visualize(args) -> int:
+    from tpc.visualize import run_visualize
+
+    result = run_visualize(args.model, args.image, args.output, method=args.method, layers=args.layers, keep=args.keep,
+                           mean=args.mean, std=args.std,
+                           load_kwargs=dict(weights=args.weights, random_weights=args.random_weights,
+                                            model_args=args.model_args, input_size=args.input_size),
+                           compile_kwargs=dict(r=args.r, prefix=args.prefix, after=args.after, seed=args.seed,
+                                               options=_options(args)))
+    counts = ", ".join(f"layer {layer}: {n} patches" for layer, n in zip(result.layers, result.kept))
+    print(f"wrote {result.path}: {result.grid[0]}x{result.grid[1]} patches of {result.patch} px; kept {counts}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpc", description="tpc: token pruning compiler for transformers")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what every pass changed")
@@ -182,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency of the pruned and the unpruned model, side by side")
     _add_model_args(p)
     _add_prune_args(p, required=True)
-    p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="onnxruntime")
+    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), torch, or tensorrt")
     p.add_argument("--batch", default="1,8", help="batch sizes, e.g. 1,8,32")
     p.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs of each model first")
@@ -191,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("visualize", help="draw which patches each pruning layer keeps")
+    _add_model_args(p)
+    p.add_argument("image", help="an image file (resized and centre-cropped to the model's input)")
+    _add_prune_args(p, required=True)
+    p.add_argument("--mean", help="normalisation mean (default: the model's config)")
+    p.add_argument("--std", help="normalisation std (default: the model's config)")
+    p.add_argument("-o", "--output", required=True, help="the PNG to write")
+    p.set_defaults(func=cmd_visualize)
+
     p = sub.add_parser("eval", help="top-1 and agreement with the unpruned model on labelled images")
     _add_model_args(p)
     _add_prune_args(p, required=False)
@@ -198,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", help="evaluate several budgets in one run, e.g. keep=0.9,0.8,0.7")
     p.add_argument("--mean", help="normalisation mean, e.g. 0.485,0.456,0.406 (default: the model's config)")
     p.add_argument("--std", help="normalisation std (default: the model's config)")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
+    p.add_argument("--backend", default="torch", help="torch (default) or onnxruntime")
     p.add_argument("--batch", type=int, default=500, help="images per forward pass")
     p.add_argument("--offset", type=int, default=0, help="skip the first N images")
     p.add_argument("--limit", type=int, help="evaluate at most N images")

@@ -63,6 +63,8 @@ def run_eval(model_id, data, method="topk-cls", layers=None, keep="0.7", sweep=N
         raise TpcError(f"unknown backend {backend!r}: tpc eval runs torch or onnxruntime")
     if batch < 1:
         raise TpcError("--batch must be at least 1")
+    if not Path(data).exists():
+        raise TpcError(f"data {str(data)!r} does not exist: give an .npz with images/labels or an ImageFolder directory")
     loaded = models.load(str(model_id), **(load_kwargs or {}))
     mean = parse_floats(mean, "mean") or loaded.mean
     std = parse_floats(std, "std") or loaded.std
