@@ -58,7 +58,7 @@ def random_scores_slow(batch, tokens, seed):
     out = torch.empty(batch, tokens, dtype=torch.float32)
     for b in range(batch):
         for j in range(tokens):
-            h = (j * baseline._A + b * baseline._B + (seed % p) * baseline._C + baseline._D) % p
+            h = (j * baseline._A % p + b * baseline._B % p + ((seed % p) * baseline._C + baseline._D) % p) % p
             h = h * h % p
             h = (h * baseline._A + baseline._D) % p
             h = h * h % p

@@ -103,3 +103,17 @@ def test_export_replaces_an_existing_artifact_on_success(tmp_path):
     tpc.export(tpc.compile(factory(), inputs(2), layers=[1], keep=0.5), target)
     assert onnx.load(target).graph.node
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_restore_mode_exports_and_matches(tmp_path):
+    from test_pipeline import DenseFeatures
+
+    factory, inputs, _, _ = TEST_MODELS["timm_vit"]
+    pm = tpc.compile(DenseFeatures(factory()).eval(), inputs(2), method="zero-tprune", layers=[1, 2], keep=0.5, restore=True)
+    result = tpc.export(pm, tmp_path / "dense.onnx")
+    assert result.max_abs_error <= 1e-4
+    session = ort.InferenceSession(str(tmp_path / "dense.onnx"), providers=["CPUExecutionProvider"])
+    x = inputs(4, seed=2)[0]
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert out.shape == (4, 17, 32)
+    torch.testing.assert_close(torch.from_numpy(out), pm(x), atol=1e-4, rtol=1e-4)

@@ -49,10 +49,12 @@ CASES = {
     "select_topk_no_prefix": (lambda s: ops.select_topk(s, 9, 0), [(9,)]),
     "select_topk_prefix_only": (lambda s: ops.select_topk(s, 0, 2), [(9,)]),
     "gather_tokens": (lambda x, s: ops.gather_tokens(x, ops.select_topk(s, 3, 1)), [(9, 5), (9,)]),
+    "restore_tokens": (lambda x, y, s: ops.restore_tokens(x, ops.select_topk(s, 3, 1), y[:, :4]), [(9, 5), (9, 5), (9,)]),
     "fuse_tokens": (lambda x, s: ops.fuse_tokens(x, s.softmax(-1), ops.select_topk(s, 3, 1)), [(9, 5), (9,)]),
     "attention_probs": (lambda q, k, m: ops.attention_probs(q, k, 0.3, m), [(2, 9, 4), (2, 9, 4), "mask"]),
     "weighted_pagerank": (lambda a: ops.weighted_pagerank(_softmax(a), 7, 0.01, 0.7, None), [(3, 9, 9)]),
     "weighted_pagerank_one_iteration_all_heads": (lambda a: ops.weighted_pagerank(_softmax(a), 1, 100.0, 200.0, None), [(3, 9, 9)]),
+    "weighted_pagerank_loop": (lambda a, s: ops.weighted_pagerank(_softmax(a), 20, 0.0, 9.0, s > -0.5), [(3, 9, 9), (9,)]),
     "weighted_pagerank_keep": (lambda a, s: ops.weighted_pagerank(_softmax(a), 5, 0.0, 9.0, s > -0.5), [(3, 9, 9), (9,)]),
     "similarity_keep_sequential": (lambda s, k: ops.similarity_keep(s, k, 3, 1, "sequential"), [(9,), (9, 4)]),
     "similarity_keep_alternate": (lambda s, k: ops.similarity_keep(s, k, 2, 1, "alternate"), [(9,), (9, 4)]),
@@ -64,6 +66,10 @@ CASES = {
     "bipartite_match": (lambda k: ops.bipartite_match(k, 3, 1), [(9, 4)]),
     "bipartite_match_prefix2": (lambda k: ops.bipartite_match(k, 2, 2), [(10, 4)]),
     "merge_tokens": (lambda x, k: ops.merge_tokens(x, x[..., 0].abs() + 0.5, ops.bipartite_match(k, 3, 1)[1], 6, True), [(9, 5), (9, 4)]),
+    "sparse_attention": (lambda q, k, v, s: ops.sparse_attention(q, k, v, ops.select_topk(s, 4, 1), 0.4), [(2, 9, 4), (2, 9, 4), (2, 9, 4), (9,)]),
+    "kcenter_one_no_prefix": (lambda x: ops.kcenter(x, 1, 0), [(9, 5)]),
+    "kcenter_duplicates": (lambda x: ops.kcenter(x[:, :1].expand(-1, 9, -1).contiguous(), 8, 1), [(9, 5)]),
+    "divprune_all": (lambda x: ops.divprune(x, 8, 1), [(9, 5)]),
     "merge_tokens_sum": (lambda x, k: ops.merge_tokens(x, x[..., 0].abs(), ops.bipartite_match(k, 2, 1)[1], 7, False), [(9, 5), (9, 4)]),
 }
 

@@ -3,6 +3,8 @@ pruned module matches an eager forward that prunes the same way without tpc."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -99,3 +101,64 @@ def test_bad_method_options(method, options, words):
     factory, inputs, _depth, _prefix = TEST_MODELS["timm_vit"]
     with pytest.raises(tpc.TpcError, match=words):
         tpc.compile(factory(), inputs(2), method=method, layers=[1], keep=0.5, options=options)
+
+
+class DenseFeatures(torch.nn.Module):
+    """Every token's final feature is the output: the shape of a segmentation or retrieval backbone."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x):
+        return self.vit.forward_features(x)
+
+
+@pytest.mark.parametrize("method", ["topk-cls", "zero-tprune", "tome"])
+def test_restore_brings_back_every_position(method):
+    from reference import _prune
+
+    factory, inputs, _depth, _prefix = TEST_MODELS["timm_vit"]
+    vit = factory()
+    model = DenseFeatures(vit).eval()
+    plain = tpc.compile(model, inputs(2), method=method, layers=[1, 2], keep=0.5)
+    assert plain(*inputs(2))[0].shape == (5, 32) and plain.report.pruned_outputs == [0]
+    pm = tpc.compile(model, inputs(2), method=method, layers=[1, 2], keep=0.5, restore=True)
+    x = inputs(3, seed=9)[0]
+    got = pm(x)
+    assert got.shape == (3, 17, 32) and pm.report.pruned_outputs == []
+    # eager: prune as usual, remember each stage's full stream, then scatter the kept tokens back
+    with torch.no_grad():
+        h = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+        stages, state = [], {}
+        for i, blk in enumerate(vit.blocks):
+            a = blk.attn
+            b, n, c = h.shape
+            qkv = a.qkv(blk.norm1(h)).reshape(b, n, 3, a.num_heads, c // a.num_heads).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            bias = None if "sizes" not in state else state["sizes"].log()[:, None, None, :]
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            h = h + blk.ls1(a.proj(out.transpose(1, 2).reshape(b, n, c)))
+            if i in (1, 2):
+                full = h
+                tagged = torch.cat([h, torch.arange(n).float().expand(b, n)[..., None]], -1)
+                state_copy = dict(state)
+                pruned = _prune(tagged, q, k, a.scale, 0.5, 1, method, i, len(vit.blocks), state_copy)
+                index = pruned[..., -1].round().long() if method != "tome" else None
+                h = _prune(h, q, k, a.scale, 0.5, 1, method, i, len(vit.blocks), state)
+                if method == "tome":
+                    from tpc.methods import tome as tm
+                    r = n - 1 - math.ceil(0.5 * (n - 1))
+                    index = tm.bipartite_match(k.mean(1), r, 1)[0]
+                stages.append((full, index))
+            h = h + blk.ls2(blk.mlp(blk.norm2(h)))
+        for full, index in reversed(stages):
+            h = full.scatter(1, index[..., None].expand(-1, -1, full.shape[-1]), h)
+        want = vit.norm(h)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_restore_and_fuse_are_refused_together():
+    factory, inputs, _depth, _prefix = TEST_MODELS["timm_vit"]
+    with pytest.raises(tpc.TpcError, match="restore and fuse"):
+        tpc.compile(factory(), inputs(2), layers=[1], keep=0.5, restore=True, options={"fuse": True})

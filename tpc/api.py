@@ -61,15 +61,17 @@ def _layer_infos(gm: fx.GraphModule, kept: dict[int, int]) -> list[LayerInfo]:
 
 def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=0.7, r=None,
             prefix: int | None = None, after: str = "attention", seed: int = 0, options: dict | None = None,
-            backend: str = "torch", **load_kwargs) -> nn.Module:
+            restore: bool = False, backend: str = "torch", **load_kwargs) -> nn.Module:
     """Prune ``model``'s tokens after ``layers`` with ``method``; returns an nn.Module.
 
     ``model`` is an ``nn.Module`` or a model id (see :func:`tpc.models.load`); ``keep`` is a
     ratio, a list with one ratio per layer, or token counts (ints); ``r`` (as in ToMe) is
     instead the number of tokens each layer removes. ``after`` is "attention" (the block's
     MLP already runs on fewer tokens) or "block". ``options`` are the method's own settings
-    (see ``tpc passes``). ``backend="onnxruntime"`` returns the ONNX Runtime session of the
-    exported model, checked against the torch module.
+    (see ``tpc passes``). ``restore=True`` brings the full sequence back after the last block,
+    dropped tokens unchanged, for models whose outputs need every position.
+    ``backend="onnxruntime"`` returns the ONNX Runtime session of the exported model, checked
+    against the torch module.
     """
     if backend not in BACKENDS:
         raise TpcError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -93,7 +95,7 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
 
     passes = []
     for layer, k in zip(layer_list, keeps):
-        passes += [InsertPrune(method, layer, k, prefix, after, seed, options), PropagateTokenAxis()]
+        passes += [InsertPrune(method, layer, k, prefix, after, seed, options, restore), PropagateTokenAxis()]
     passes.append(ProportionalAttention())
     PassManager(passes)(gm)
 
@@ -132,12 +134,15 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
     return compile(model, example_inputs, **compile_kwargs).report
 
 
-def export(module: nn.Module, path: str | os.PathLike, example_inputs=None, check: bool = True):
+def export(module: nn.Module, path: str | os.PathLike, example_inputs=None, check: bool = True, batch=None,
+           precision: str = "fp32"):
     """Write ``module`` as an artifact chosen by the suffix of ``path`` (.onnx, .pt2, .plan).
 
     The artifact is checked against the torch module on the example inputs (batch 1 and the
-    example batch) before it is renamed into place; a failure leaves no file behind.
+    example batch) before it is renamed into place; a failure leaves no file behind. For a
+    TensorRT ``.plan``, ``batch`` is the optimization profile "min,opt,max" and ``precision``
+    one of fp32, fp16, bf16.
     """
     from tpc.exports import write_artifact
 
-    return write_artifact(module, Path(path), example_inputs, check=check)
+    return write_artifact(module, Path(path), example_inputs, check=check, batch=batch, precision=precision)

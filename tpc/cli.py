@@ -32,6 +32,8 @@ def _add_prune_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. --option iterations=10 (see `tpc passes`); repeatable")
     p.add_argument("--fuse", action="store_true", help="topk-cls: append EViT's fused token (same as --option fuse=True)")
+    p.add_argument("--restore", action="store_true",
+                   help="bring the full sequence back after the last block (dropped tokens unchanged), for dense outputs")
 
 
 def _options(args) -> dict | None:
@@ -47,11 +49,19 @@ def _options(args) -> dict | None:
     return options or None
 
 
+def _load_kwargs(args) -> dict:
+    return dict(weights=args.weights, random_weights=args.random_weights, model_args=args.model_args,
+                input_size=args.input_size)
+
+
+def _prune_kwargs(args) -> dict:
+    """The compile settings besides method, layers and keep."""
+    return dict(r=args.r, prefix=args.prefix, after=args.after, seed=args.seed, options=_options(args),
+                restore=args.restore)
+
+
 def _compile_kwargs(args) -> dict:
-    kwargs = dict(method=args.method, layers=args.layers, keep=args.keep, r=args.r, prefix=args.prefix,
-                  after=args.after, seed=args.seed, options=_options(args))
-    kwargs.update(weights=args.weights, random_weights=args.random_weights, model_args=args.model_args, input_size=args.input_size)
-    return kwargs
+    return dict(method=args.method, layers=args.layers, keep=args.keep, **_prune_kwargs(args), **_load_kwargs(args))
 
 
 def _describe_model(args) -> str:
@@ -71,16 +81,20 @@ def cmd_compile(args) -> int:
     if out.suffix.lower() not in (".onnx", ".pt2", ".plan"):
         raise TpcError(f"unknown artifact type {out.suffix or '(none)'!r} for {str(out)!r}: use .onnx, .pt2 or .plan")
     if out.suffix.lower() == ".plan":
-        raise TpcError("TensorRT lowering is not available in this build: write .onnx and build the engine with trtexec")
+        from tpc.exports.tensorrt import parse_batch, require_tensorrt
+
+        require_tensorrt()
+        parse_batch(args.batch, 2)
     start = time.perf_counter()
     pruned = tpc.compile(args.model, **_compile_kwargs(args))
     report = pruned.report
     print(f"{_describe_model(args)}: {report.method} after layers {','.join(map(str, report.layers))}, keep {','.join(report.keep)}")
     print(report.table())
     print(report.summary())
-    result = tpc.export(pruned, out, check=not args.no_check)
+    result = tpc.export(pruned, out, check=not args.no_check, batch=args.batch, precision=args.precision)
     took = time.perf_counter() - start
-    kind = {".onnx": "ONNX opset 18, standard ops", ".pt2": "torch.export program"}[out.suffix.lower()]
+    kind = {".onnx": "ONNX opset 18, standard ops", ".pt2": "torch.export program",
+            ".plan": f"TensorRT engine, {args.precision}"}[out.suffix.lower()]
     print(f"wrote {out} in {took:.1f} s: {kind}, dynamic batch")
     if result:
         flips = f", {result.tie_flips} near-tie decision(s) resolved differently" if result.tie_flips else ""
@@ -129,10 +143,7 @@ def cmd_eval(args) -> int:
     result = run_eval(args.model, data=args.data, method=args.method, layers=args.layers, keep=args.keep,
                       sweep=_parse_sweep(args.sweep), mean=args.mean, std=args.std, backend=args.backend,
                       batch=args.batch, offset=args.offset, limit=args.limit, plot=args.plot,
-                      load_kwargs=dict(weights=args.weights, random_weights=args.random_weights,
-                                       model_args=args.model_args, input_size=args.input_size),
-                      compile_kwargs=dict(prefix=args.prefix, after=args.after, seed=args.seed, options=_options(args)),
-                      progress=args.progress)
+                      load_kwargs=_load_kwargs(args), compile_kwargs=_prune_kwargs(args), progress=args.progress)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -149,11 +160,7 @@ def cmd_bench(args) -> int:
 
     result = run_bench(args.model, method=args.method, layers=args.layers, keep=args.keep, backend=args.backend,
                        batches=args.batch, threads=args.threads, warmup=args.warmup, iters=args.iters,
-                       repeats=args.repeats,
-                       load_kwargs=dict(weights=args.weights, random_weights=args.random_weights,
-                                        model_args=args.model_args, input_size=args.input_size),
-                       compile_kwargs=dict(r=args.r, prefix=args.prefix, after=args.after, seed=args.seed,
-                                           options=_options(args)))
+                       repeats=args.repeats, load_kwargs=_load_kwargs(args), compile_kwargs=_prune_kwargs(args))
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.table())
     return 0
 
@@ -162,11 +169,8 @@ def cmd_visualize(args) -> int:
     from tpc.visualize import run_visualize
 
     result = run_visualize(args.model, args.image, args.output, method=args.method, layers=args.layers, keep=args.keep,
-                           mean=args.mean, std=args.std,
-                           load_kwargs=dict(weights=args.weights, random_weights=args.random_weights,
-                                            model_args=args.model_args, input_size=args.input_size),
-                           compile_kwargs=dict(r=args.r, prefix=args.prefix, after=args.after, seed=args.seed,
-                                               options=_options(args)))
+                           mean=args.mean, std=args.std, load_kwargs=_load_kwargs(args),
+                           compile_kwargs=_prune_kwargs(args))
     counts = ", ".join(f"layer {layer}: {n} patches" for layer, n in zip(result.layers, result.kept))
     print(f"wrote {result.path}: {result.grid[0]}x{result.grid[1]} patches of {result.patch} px; kept {counts}")
     return 0
@@ -183,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_args(p, required=True)
     p.add_argument("-o", "--output", required=True, help="artifact path; the suffix picks the format")
     p.add_argument("--no-check", action="store_true", help="skip checking the artifact against the torch module")
+    p.add_argument("--batch", help="TensorRT engines: the optimization profile's batch sizes min,opt,max (default 1,2,32)")
+    p.add_argument("--precision", default="fp32", help="TensorRT engines: fp32 (default), fp16 or bf16")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("passes", help="list the pruning methods and their papers")

@@ -46,13 +46,19 @@ def to_onnxruntime(module: nn.Module, example_inputs=None, threads: int | None =
     return ort_module
 
 
-def write_artifact(module: nn.Module, path: Path, example_inputs=None, check: bool = True) -> CheckResult | None:
+def write_artifact(module: nn.Module, path: Path, example_inputs=None, check: bool = True, batch=None,
+                   precision: str = "fp32") -> CheckResult | None:
+    """Write ``module`` as .onnx, .pt2 or .plan (TensorRT; ``batch`` = min,opt,max and ``precision``)."""
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise TpcError(f"unknown artifact type {path.suffix or '(none)'!r} for {str(path)!r}: use .onnx, .pt2 or .plan")
     check_output_path(path)
     if suffix == ".plan":
-        raise TpcError("TensorRT lowering is not available in this build: write .onnx and build the engine with trtexec")
+        from tpc.exports.tensorrt import require_tensorrt, write_engine
+
+        require_tensorrt()
+        gm, inputs = _graph_and_inputs(module, example_inputs)
+        return write_engine(gm, inputs, path, batch, precision, check_batches(inputs) if check else None)
     if isinstance(module, OrtModule):
         if suffix != ".onnx":
             raise TpcError("an ONNX Runtime module can only be written as .onnx")

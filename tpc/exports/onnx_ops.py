@@ -25,6 +25,7 @@ INT64 = ir.DataType.INT64.value
 BOOL_T = ir.DataType.BOOL.value
 INT64_MAX = 2**63 - 1
 EPS = 1e-12
+UNROLL_ITERATIONS = 16  # WPR iterations up to this count are unrolled; more run in a Loop
 
 
 def _const(array: np.ndarray):
@@ -111,11 +112,14 @@ def random_scores(x, seed: int):
     def c(v: int):
         return op.Constant(value_int=v)
 
-    h = op.Add(op.Add(op.Mul(pos, c(baseline._A)), op.Mul(row, c(baseline._B))), c((seed % p) * baseline._C + baseline._D))
-    h = op.Mod(h, c(p))
-    h = op.Mod(op.Mul(h, h), c(p))
-    h = op.Mod(op.Add(op.Mul(h, c(baseline._A)), c(baseline._D)), c(p))
-    h = op.Mod(op.Mul(h, h), c(p))
+    def mod(v):
+        return op.Mod(v, c(p))
+
+    h = mod(op.Add(op.Add(mod(op.Mul(pos, c(baseline._A))), mod(op.Mul(row, c(baseline._B)))),
+                   c(((seed % p) * baseline._C + baseline._D) % p)))
+    h = mod(op.Mul(h, h))
+    h = mod(op.Add(op.Mul(h, c(baseline._A)), c(baseline._D)))
+    h = mod(op.Mul(h, h))
     return op.Div(op.Cast(h, to=FLOAT), op.Constant(value_float=float(p)))
 
 
@@ -137,6 +141,11 @@ def gather_tokens(x, index):
     return op.GatherElements(src, idx, axis=1)
 
 
+def restore_tokens(base, index, src):
+    full = op.Expand(base, op.Concat(_batch(index), op.Shape(base, start=1), axis=0))
+    return op.ScatterElements(full, _rows(index, src), op.Cast(src, to=base.dtype.value), axis=1)
+
+
 def fuse_tokens(x, scores, index):
     kept = op.GatherElements(x, _rows(index, x), axis=1)
     dropped = op.ScatterElements(op.Cast(op.Expand(op.Constant(value_float=1.0), op.Shape(scores)), to=FLOAT),
@@ -153,10 +162,10 @@ def attention_probs(q, k, scale: float, mask=None):
 
 
 @onnxscript.script()
-def _pagerank_loop(s0: FLOAT_T[...], a: FLOAT_T[...], iterations: INT64_T) -> FLOAT_T[...]:
+def _pagerank_loop(s0: FLOAT_T[...], a: FLOAT_T[...], k: FLOAT_T[...], rows: FLOAT_T[...], iterations: INT64_T) -> FLOAT_T[...]:
     s = s0
     for _t in range(iterations):
-        s = op.MatMul(s, a)
+        s = op.Mul(op.MatMul(op.Div(op.Mul(s, k), rows), a), k)
     return s
 
 
@@ -165,11 +174,16 @@ def weighted_pagerank(attn, iterations: int, v_min: float, v_max: float, keep=No
     if keep is None:
         keep = op.Cast(_fill(op.Concat(batch, tokens, axis=0), 1.0), to=BOOL_T)
     k = op.Cast(keep, to=FLOAT)
-    a = op.Mul(op.Mul(op.Cast(attn, to=FLOAT), op.Unsqueeze(k, _ints(1, 2))), op.Unsqueeze(k, _ints(1, 3)))
-    a = op.Div(a, op.Max(op.ReduceSum(a, _ints(-1), keepdims=1), op.Constant(value_float=EPS)))
-    s = op.Expand(op.Unsqueeze(k, _ints(1, 2)), op.Concat(op.Shape(attn, start=0, end=2), _ints(1), tokens, axis=0))
-    if iterations:
-        s = _pagerank_loop(s, a, op.Constant(value_int=iterations))
+    a = op.Cast(attn, to=FLOAT)
+    k_row = op.Unsqueeze(k, _ints(1, 2))  # [B, 1, 1, N]
+    rows = op.Max(op.MatMul(a, op.Unsqueeze(k, _ints(1, 3))), op.Constant(value_float=EPS))  # [B, H, N, 1]
+    rows = op.Transpose(rows, perm=[0, 1, 3, 2])  # [B, H, 1, N]: query i's kept attention mass
+    s = op.Expand(k_row, op.Concat(op.Shape(attn, start=0, end=2), _ints(1), tokens, axis=0))
+    if iterations > UNROLL_ITERATIONS:
+        s = _pagerank_loop(s, a, k_row, rows, op.Constant(value_int=iterations))
+    else:  # a few MatMuls cost less than a Loop's per-iteration overhead in ONNX Runtime
+        for _ in range(iterations):
+            s = op.Mul(op.MatMul(op.Div(op.Mul(s, k_row), rows), a), k_row)
     s = op.Squeeze(s, _ints(2))  # [B, H, N]
     count = op.Max(op.ReduceSum(k, _ints(-1), keepdims=1), op.Constant(value_float=1.0))  # [B, 1]
     mean = op.Div(op.ReduceSum(s, _ints(-1), keepdims=1), op.Unsqueeze(count, _ints(1)))
@@ -217,19 +231,12 @@ def similarity_keep(importance, keys, drop: int, num_prefix: int, partition: str
 
 
 @onnxscript.script()
-def _farthest_loop(dist: FLOAT_T[...], nearest: FLOAT_T[...], picks0: INT64_T[...], count: INT64_T) -> INT64_T[...]:
+def _farthest_loop(dist: FLOAT_T[...], nearest: FLOAT_T[...], count: INT64_T) -> FLOAT_T[...]:
     mind = nearest
-    picks = picks0
-    neg = op.Constant(value_float=float("-inf"))
-    for t in range(count):
-        i = op.ArgMax(mind, axis=1, keepdims=1)  # [B, 1], first maximum on ties
-        row_shape = op.Concat(op.Shape(i), op.Shape(dist, start=2), axis=0)
-        row = op.Squeeze(op.GatherElements(dist, op.Expand(op.Unsqueeze(i, [2]), row_shape), axis=1), [1])
-        mind = op.Min(mind, row)
-        mind = op.ScatterElements(mind, i, op.Expand(neg, op.Shape(i)), axis=1)
-        column = op.Expand(op.Reshape(t, [1, 1]), op.Shape(i))
-        picks = op.ScatterElements(picks, column, i, axis=1)
-    return picks
+    for _t in range(count):
+        i = op.ArgMax(mind, axis=1, keepdims=1)  # [B, 1], the first maximum on ties
+        mind = op.Min(mind, op.GatherND(dist, i, batch_dims=1))  # dist's diagonal is -inf: the pick leaves the pool
+    return mind
 
 
 def _cosine_distance(features):
@@ -237,53 +244,66 @@ def _cosine_distance(features):
     return op.Sub(op.Constant(value_float=1.0), op.MatMul(unit, op.Transpose(unit, perm=[0, 2, 1])))
 
 
-def _greedy(dist, nearest, taken, count: int):
-    """``count`` max-min picks as in tpc.methods.kcenter.greedy_farthest: [B, count] int64."""
-    mind = op.Where(taken, op.Constant(value_float=float("-inf")), nearest)
-    picks0 = op.Cast(_fill(op.Concat(op.Shape(nearest, start=0, end=1), _ints(count), axis=0), 0.0), to=INT64)
-    return _farthest_loop(dist, mind, picks0, op.Constant(value_int=count))
+def _picked_distance(features, n: int):
+    """1 - cos with -inf on the diagonal, so min(nearest, row of a pick) removes the pick itself."""
+    diag = _const(np.where(np.eye(n, dtype=bool), np.float32(-np.inf), np.float32(0.0))[None])
+    return op.Add(_cosine_distance(features), diag)
+
+
+def _greedy_taken(dist, nearest, count: int):
+    """Run ``count`` max-min picks; return the final distances (-inf marks every taken token).
+
+    Only the set of picks matters (the kept positions are sorted afterwards), so the loop carries
+    one [B, N] tensor and runs three ops per pick.
+    """
+    return _farthest_loop(dist, nearest, op.Constant(value_int=count)) if count else nearest
+
+
+def _taken_positions(mind, n: int, count: int, offset: int = 0):
+    """The ``count`` positions marked -inf in ``mind`` ([B, n]), ascending, plus ``offset``."""
+    taken = op.Equal(mind, op.Constant(value_float=float("-inf")))
+    positions = op.Cast(_const(np.arange(n, dtype=np.int64)[None]), to=FLOAT)
+    keyed = op.Where(taken, positions, op.Constant(value_float=float(2 * n)))
+    ordered, _ = op.TopK(keyed, _ints(count), axis=1, largest=0, sorted=1)
+    return op.Add(op.Cast(ordered, to=INT64), op.Constant(value_int=offset))
 
 
 def _positions(like, n: int):
     return op.Expand(_const(np.arange(n, dtype=np.int64)[None]), op.Shape(like))
 
 
+def _row(dist, i):
+    return op.GatherND(dist, i, batch_dims=1)  # dist [B, N, N], i [B, 1] -> [B, N]
+
+
 def kcenter(features, k: int, num_prefix: int):
-    n = _static(features, 1)
     if k == 0:
         return _prefix_then(features, num_prefix, None, 0)
-    dist = _cosine_distance(features)
-    batch_n = op.Concat(op.Shape(features, start=0, end=1), _ints(n), axis=0)
-    if num_prefix:
+    n = _static(features, 1)
+    dist = _picked_distance(features, n)
+    if num_prefix:  # the prefix tokens are the first centers (their own entries are -inf already)
         nearest = op.ReduceMin(op.Slice(dist, _ints(0), _ints(num_prefix), _ints(1)), _ints(1), keepdims=0)
-        taken = op.Expand(_const((np.arange(n) < num_prefix)[None]), batch_n)
-        picks = _greedy(dist, nearest, taken, k)
-    else:
+        mind = _greedy_taken(dist, nearest, k)
+    else:  # the first center: the token farthest from the mean feature
         feats = op.Cast(features, to=FLOAT)
         mean = op.ReduceMean(feats, _ints(1), keepdims=1)
         far = op.Slice(_cosine_distance(op.Concat(mean, feats, axis=1)), _ints(0, 1), _ints(1, INT64_MAX), _ints(1, 2))
-        first = op.ArgMax(op.Squeeze(far, _ints(1)), axis=1, keepdims=1)  # [B, 1]
-        row_shape = op.Concat(op.Shape(first), op.Shape(dist, start=2), axis=0)
-        nearest = op.Squeeze(op.GatherElements(dist, op.Expand(op.Unsqueeze(first, _ints(2)), row_shape), axis=1), _ints(1))
-        taken = op.Cast(op.ScatterElements(_fill(batch_n, 0.0), first, _fill(op.Shape(first), 1.0), axis=1), to=BOOL_T)
-        picks = first if k == 1 else op.Concat(first, _greedy(dist, nearest, taken, k - 1), axis=1)
-    return _prefix_then(features, num_prefix, picks, k)
+        first = op.ArgMax(op.Squeeze(far, _ints(1)), axis=1, keepdims=1)
+        mind = _greedy_taken(dist, _row(dist, first), k - 1)
+    return _taken_positions(mind, n, num_prefix + k)
 
 
 def divprune(features, k: int, num_prefix: int):
-    n = _static(features, 1)
-    m = n - num_prefix
     if k == 0:
         return _prefix_then(features, num_prefix, None, 0)
-    dist = _cosine_distance(op.Slice(features, _ints(num_prefix), _ints(INT64_MAX), _ints(1)))
-    eye = _const(np.where(np.eye(m, dtype=bool), np.float32(np.inf), np.float32(0.0))[None])
-    first = op.ArgMax(op.ReduceMin(op.Add(dist, eye), _ints(2), keepdims=0), axis=1, keepdims=1)
-    row_shape = op.Concat(op.Shape(first), op.Shape(dist, start=2), axis=0)
-    nearest = op.Squeeze(op.GatherElements(dist, op.Expand(op.Unsqueeze(first, _ints(2)), row_shape), axis=1), _ints(1))
-    batch_m = op.Concat(op.Shape(features, start=0, end=1), _ints(m), axis=0)
-    taken = op.Cast(op.ScatterElements(_fill(batch_m, 0.0), first, _fill(op.Shape(first), 1.0), axis=1), to=BOOL_T)
-    picks = first if k == 1 else op.Concat(first, _greedy(dist, nearest, taken, k - 1), axis=1)
-    return _prefix_then(features, num_prefix, op.Add(picks, op.Constant(value_int=num_prefix)), k)
+    n = _static(features, 1) - num_prefix
+    dist = _picked_distance(op.Slice(features, _ints(num_prefix), _ints(INT64_MAX), _ints(1)), n)
+    # farthest from its nearest neighbour: the diagonal must not count as a neighbour
+    nn = op.ReduceMin(op.Where(op.IsInf(dist, detect_positive=0), op.Constant(value_float=float("inf")), dist),
+                      _ints(2), keepdims=0)
+    first = op.ArgMax(nn, axis=1, keepdims=1)
+    mind = _greedy_taken(dist, _row(dist, first), k - 1)
+    return _prefix_then(features, num_prefix, _taken_positions(mind, n, k, num_prefix), k)
 
 
 def bipartite_match(keys, r: int, num_prefix: int):
@@ -315,15 +335,29 @@ def bipartite_match(keys, r: int, num_prefix: int):
 
 
 def merge_tokens(x, weights, assign, count: int, mean: bool):
+    # A one-hot [B, count, N] matrix of the assignment turns the scatter-add into a MatMul:
+    # no ScatterElements reduction, which TensorRT's parser does not take.
+    slots = _const(np.arange(count, dtype=np.int64)[None, :, None])
+    onehot = op.Cast(op.Equal(op.Unsqueeze(assign, _ints(1)), slots), to=FLOAT)  # [B, count, N]
     w = op.Cast(weights, to=FLOAT)
-    batch = op.Shape(x, start=0, end=1)
-    total = op.ScatterElements(_fill(op.Concat(batch, _ints(count), axis=0), 0.0), assign, w, axis=1, reduction="add")
-    acc0 = _fill(op.Concat(batch, _ints(count), op.Shape(x, start=2), axis=0), 0.0)
-    values = op.Mul(op.Cast(x, to=FLOAT), op.Unsqueeze(w, _ints(-1)))
-    acc = op.ScatterElements(acc0, _rows(assign, x), values, axis=1, reduction="add")
+    total = op.Squeeze(op.MatMul(onehot, op.Unsqueeze(w, _ints(-1))), _ints(-1))  # [B, count]
+    acc = op.MatMul(onehot, op.Mul(op.Cast(x, to=FLOAT), op.Unsqueeze(w, _ints(-1))))
     if mean:
         acc = op.Div(acc, op.Unsqueeze(op.Max(total, op.Constant(value_float=EPS)), _ints(-1)))
     return op.Cast(acc, to=x.dtype.value), total
+
+
+def sparse_attention(q, k, v, index, scale: float):
+    heads, dim = op.Shape(k, start=1, end=2), op.Shape(k, start=3, end=4)
+    rows = op.Unsqueeze(op.Unsqueeze(index, _ints(1)), _ints(-1))  # [B, 1, K, 1]
+    shape = op.Concat(op.Shape(index, start=0, end=1), heads, op.Shape(index, start=1, end=2), dim, axis=0)
+    k_sel = op.GatherElements(k, op.Expand(rows, shape), axis=2)
+    v_sel = op.GatherElements(v, op.Expand(rows, shape), axis=2)
+    logits = op.Mul(op.MatMul(op.Cast(q, to=FLOAT), op.Transpose(op.Cast(k_sel, to=FLOAT), perm=[0, 1, 3, 2])),
+                    op.Constant(value_float=scale))
+    probs = op.Softmax(logits, axis=-1)
+    out = op.Cast(op.MatMul(probs, op.Cast(v_sel, to=FLOAT)), to=q.dtype.value)
+    return out, op.ReduceSum(probs, _ints(-2), keepdims=0)
 
 
 TRANSLATIONS = {
@@ -332,6 +366,7 @@ TRANSLATIONS = {
     torch.ops.tpc.select_topk.default: select_topk,
     torch.ops.tpc.gather_tokens.default: gather_tokens,
     torch.ops.tpc.fuse_tokens.default: fuse_tokens,
+    torch.ops.tpc.restore_tokens.default: restore_tokens,
     torch.ops.tpc.attention_probs.default: attention_probs,
     torch.ops.tpc.weighted_pagerank.default: weighted_pagerank,
     torch.ops.tpc.similarity_keep.default: similarity_keep,
@@ -339,4 +374,5 @@ TRANSLATIONS = {
     torch.ops.tpc.divprune.default: divprune,
     torch.ops.tpc.bipartite_match.default: bipartite_match,
     torch.ops.tpc.merge_tokens.default: merge_tokens,
+    torch.ops.tpc.sparse_attention.default: sparse_attention,
 }

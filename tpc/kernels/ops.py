@@ -73,6 +73,18 @@ def _(x, index):
     return x.new_empty((index.shape[0], index.shape[1], *x.shape[2:]))
 
 
+@torch.library.custom_op(f"{_LIB}::restore_tokens", mutates_args=())
+def restore_tokens(base: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """The full sequence again: ``base`` ([B, N, C]) with rows ``index`` ([B, K]) replaced by ``src``."""
+    rows = index.unsqueeze(-1).expand(-1, -1, src.shape[-1])
+    return base.expand(index.shape[0], *base.shape[1:]).scatter(1, rows, src.to(base.dtype))
+
+
+@restore_tokens.register_fake
+def _(base, index, src):
+    return base.new_empty((index.shape[0], *base.shape[1:]))
+
+
 @torch.library.custom_op(f"{_LIB}::fuse_tokens", mutates_args=())
 def fuse_tokens(x: torch.Tensor, scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """[B, K + 1, C]: the kept rows of x, then the dropped rows summed with weights ``scores`` (EViT)."""
@@ -164,12 +176,33 @@ def _(x, weights, assign, count, mean):
     return x.new_empty((x.shape[0], count, x.shape[2])), x.new_empty((x.shape[0], count), dtype=torch.float32)
 
 
+@torch.library.custom_op(f"{_LIB}::sparse_attention", mutates_args=())
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q ([B, H, M, d]) over the keys/values at ``index`` ([B, K] rows of k, v).
+
+    Returns (softmax(q kᵢᵀ · scale) vᵢ [B, H, M, d], the attention mass each indexed key
+    receives, summed over queries [B, H, K] float32).
+    """
+    rows = index[:, None, :, None]
+    k_sel = torch.gather(k, 2, rows.expand(-1, k.shape[1], -1, k.shape[-1]))
+    v_sel = torch.gather(v, 2, rows.expand(-1, v.shape[1], -1, v.shape[-1]))
+    probs = torch.softmax(torch.matmul(q.float(), k_sel.float().transpose(-1, -2)) * scale, dim=-1)
+    return torch.matmul(probs, v_sel.float()).to(q.dtype), probs.sum(-2)
+
+
+@sparse_attention.register_fake
+def _(q, k, v, index, scale):
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[1], index.shape[1]), dtype=torch.float32)
+
+
 OPS = {
     "cls_attention": torch.ops.tpc.cls_attention.default,
     "random_scores": torch.ops.tpc.random_scores.default,
     "select_topk": torch.ops.tpc.select_topk.default,
     "gather_tokens": torch.ops.tpc.gather_tokens.default,
     "fuse_tokens": torch.ops.tpc.fuse_tokens.default,
+    "restore_tokens": torch.ops.tpc.restore_tokens.default,
     "attention_probs": torch.ops.tpc.attention_probs.default,
     "weighted_pagerank": torch.ops.tpc.weighted_pagerank.default,
     "similarity_keep": torch.ops.tpc.similarity_keep.default,
@@ -177,4 +210,5 @@ OPS = {
     "divprune": torch.ops.tpc.divprune.default,
     "bipartite_match": torch.ops.tpc.bipartite_match.default,
     "merge_tokens": torch.ops.tpc.merge_tokens.default,
+    "sparse_attention": torch.ops.tpc.sparse_attention.default,
 }

@@ -58,15 +58,17 @@ def weighted_pagerank(attn: torch.Tensor, iterations: int, v_min: float = 0.01, 
     b, h, n, _ = attn.shape
     if keep is None:
         keep = torch.ones(b, n, dtype=torch.bool, device=attn.device)
-    k = keep.float()
-    a = attn.float() * k[:, None, None, :] * k[:, None, :, None]
-    a = a / a.sum(-1, keepdim=True).clamp_min(EPS)
-    s = k[:, None, :].expand(b, h, n)
+    k = keep.float()[:, None, :]  # [B, 1, N]
+    a = attn.float()
+    # The restricted graph A'_ij = A_ij k_i k_j / r_i with r_i = sum_j A_ij k_j, applied without
+    # forming A': s'_j = k_j * sum_i (s_i k_i / r_i) A_ij.
+    rows = torch.matmul(a, k.unsqueeze(-1)).squeeze(-1).clamp_min(EPS)  # [B, H, N]
+    s = k.expand(b, h, n)
     for _ in range(iterations):
-        s = torch.matmul(s.unsqueeze(-2), a).squeeze(-2)  # s_j <- sum_i s_i A_ij
-    count = k.sum(-1).clamp_min(1.0)[:, None]  # [B, 1]
+        s = torch.matmul((s * k / rows).unsqueeze(-2), a).squeeze(-2) * k
+    count = k.sum(-1).clamp_min(1.0)  # [B, 1]
     mean = s.sum(-1) / count
-    var = (((s - mean[..., None]) ** 2) * k[:, None, :]).sum(-1) / count  # [B, H]
+    var = (((s - mean[..., None]) ** 2) * k).sum(-1) / count  # [B, H]
     use = ((var >= v_min) & (var <= v_max)).float()
     use = torch.where(use.sum(-1, keepdim=True) > 0, use, torch.ones_like(use))  # no head passes: use all
     score = torch.sqrt((s * s * use[..., None]).sum(1) / use.sum(-1, keepdim=True))

@@ -12,13 +12,18 @@ Rewrite (for the stream tensor ``x`` of layer L, [B, N, C]):
 1. every use of ``x`` (except by the new nodes) reads ``x'`` — a gather, or a merge for ToMe
    and EViT's fused token (see ``prune_methods.py``);
 2. a [N, B, C] stream is permuted to [B, N, C] around the compaction;
-3. the new stream is marked as a pending compaction; ``propagate_token_axis`` must run next,
+3. with ``restore``, the full sequence comes back after the last block: the kept tokens, as
+   the later layers left them, are written over the stream as it was at this layer
+   (``tpc.restore_tokens``), so dropped tokens reach the output unchanged and heads that need
+   every position (dense features, segmentation) still get them;
+4. the new stream is marked as a pending compaction; ``propagate_token_axis`` must run next,
    because shape constants downstream still say N. This pass therefore ends with
    ``lint`` + ``recompile`` only: its graph is not executable until propagation.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from tpc.errors import TpcError
@@ -36,7 +41,7 @@ def compactions(gm: fx.GraphModule) -> list[dict]:
 
 class InsertPrune(Pass):
     def __init__(self, method: str, layer: int, keep: KeepValue, prefix: int, after: str = "attention",
-                 seed: int = 0, options: dict | None = None):
+                 seed: int = 0, options: dict | None = None, restore: bool = False):
         self.method = get_method(method)
         self.options = self.method.resolve_options(options)
         self.layer = layer
@@ -44,6 +49,9 @@ class InsertPrune(Pass):
         self.prefix = prefix
         self.after = after
         self.seed = seed
+        self.restore = restore
+        if restore and self.options.get("fuse"):
+            raise TpcError("restore and fuse do not go together: the fused token has no place in the full sequence")
         self.name = f"insert_prune(layer {layer})"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
@@ -80,6 +88,8 @@ class InsertPrune(Pass):
             out = b.op(aten.permute.default, result.out, inverse, role="layout")
 
         new_nodes = set(b.inserted)
+        if self.restore:
+            new_nodes |= self._insert_restore(gm, sites[-1], point, result)
         point.node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in new_nodes)
         result.out.meta["tpc_compaction"] = {
             "layer": self.layer,
@@ -95,3 +105,14 @@ class InsertPrune(Pass):
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, True)
+
+    def _insert_restore(self, gm: fx.GraphModule, last_site, point, result) -> set[fx.Node]:
+        if (point.batch_dim, point.token_dim) != (0, 1):
+            raise TpcError(f"restore needs a [B, N, C] stream; layer {self.layer}'s is laid out otherwise")
+        end = find_stream_point(gm, last_site, "block").node
+        if end is point.node:
+            return set()
+        b = Builder(gm, end)
+        restored = b.op(torch.ops.tpc.restore_tokens.default, point.node, result.index, end, role="restore", value=val(end))
+        end.replace_all_uses_with(restored, delete_user_cb=lambda user: user is not restored)
+        return {restored}

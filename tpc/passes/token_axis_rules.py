@@ -534,6 +534,17 @@ _EXPLICIT = {
 _EXPLICIT.update({op: reduction for op in _REDUCTIONS})
 
 
+def restore(ctx, node: fx.Node):
+    """tpc.restore_tokens puts the kept rows back into the full sequence: the result is untracked."""
+    base, _index, src = node.args
+    if ctx.axes(base) or set(ctx.axes(src)) - {1} or ctx.axes(src).get(1, Axis()) != Axis():
+        raise Refusal("restores tokens of another layout than the compaction's")
+    return None
+
+
+_EXPLICIT[torch.ops.tpc.restore_tokens] = restore
+
+
 def rule_for(node: fx.Node):
     packet = target_packet(node)
     if packet in _EXPLICIT:

@@ -1,0 +1,69 @@
+"""The TensorRT-compatibility check on the CPU: every method's ONNX passes; known-bad graphs fail."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import tpc
+from models import TEST_MODELS
+from tpc.exports.onnx import to_onnx
+from tpc.exports.tensorrt_compat import tensorrt_problems
+
+METHODS = [("topk-cls", None), ("topk-cls", {"fuse": True}), ("zero-tprune", None), ("zero-tprune", {"iterations": 20}),
+           ("kcenter", None), ("divprune", None), ("tome", None), ("random", None)]
+
+
+@pytest.mark.parametrize("method, options", METHODS)
+def test_every_method_lowers_to_what_tensorrt_parses(method, options):
+    factory, inputs, depth, _ = TEST_MODELS["timm_vit"]
+    pm = tpc.compile(factory(), inputs(2), method=method, layers=[0, depth - 1], keep=[0.6, 0.5], options=options)
+    assert tensorrt_problems(to_onnx(pm.graph_module, inputs(2))) == []
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=18):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+X = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])
+Y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+I = helper.make_tensor_value_info("i", TensorProto.INT64, None)
+
+
+def test_topk_needs_a_constant_small_k():
+    dynamic = _model([helper.make_node("Shape", ["x"], ["k"], start=1), helper.make_node("TopK", ["x", "k"], ["y", "i"])], [X], [Y, I])
+    assert any("constant K" in p for p in tensorrt_problems(dynamic))
+    big = _model([helper.make_node("TopK", ["x", "k"], ["y", "i"])], [X], [Y, I], [numpy_helper.from_array(np.array([4000]), "k")])
+    assert any("3840" in p for p in tensorrt_problems(big))
+    fine = _model([helper.make_node("TopK", ["x", "k"], ["y", "i"])], [X], [Y, I], [numpy_helper.from_array(np.array([3]), "k")])
+    assert tensorrt_problems(fine) == []
+
+
+def test_scatter_reduction_unknown_ops_domains_and_opset():
+    scatter = helper.make_node("ScatterElements", ["x", "idx", "x"], ["y"], reduction="add")
+    idx = numpy_helper.from_array(np.zeros((1, 8), dtype=np.int64), "idx")
+    assert any("reduction" in p for p in tensorrt_problems(_model([scatter], [X], [Y], [idx])))
+    unique = _model([helper.make_node("Unique", ["x"], ["y"])], [X], [Y])
+    assert any("no importer for Unique" in p for p in tensorrt_problems(unique))
+    custom = _model([helper.make_node("gather_tokens", ["x"], ["y"], domain="tpc")], [X], [Y])
+    assert any("domain 'tpc'" in p for p in tensorrt_problems(custom))
+    assert any("opset 21" in p for p in tensorrt_problems(_model([helper.make_node("Relu", ["x"], ["y"])], [X], [Y], opset=21)))
+
+
+def test_loop_bodies_are_checked():
+    body = helper.make_graph([helper.make_node("Unique", ["s"], ["s_out"]), helper.make_node("Identity", ["c"], ["c_out"])], "body",
+                             [helper.make_tensor_value_info("t", TensorProto.INT64, []), helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("s", TensorProto.FLOAT, None)],
+                             [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), helper.make_tensor_value_info("s_out", TensorProto.FLOAT, None)])
+    loop = helper.make_node("Loop", ["n", "", "x"], ["y"], body=body)
+    n = numpy_helper.from_array(np.array(3, dtype=np.int64), "n")
+    problems = tensorrt_problems(_model([loop], [X], [Y], [n]))
+    assert any("Loop node" in p and "Unique" in p for p in problems)
+
+
+def test_compile_checks_tensorrt_compatibility_on_request(tmp_path):
+    model = onnx.load_from_string(_model([helper.make_node("Unique", ["x"], ["y"])], [X], [Y]).SerializeToString())
+    assert tensorrt_problems(model)
