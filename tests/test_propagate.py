@@ -70,8 +70,10 @@ def _inputs(batch=2, seed=0):
     return (torch.randn(batch, TOKENS - 1, DIM, generator=torch.Generator().manual_seed(seed)),)
 
 
-def _random_index(x, layer, keep, prefix=1):
+def _random_index(x, layer, keep, prefix=1, valid=None):
     scores = baseline.hash_scores(x.shape[0], x.shape[1], layer)
+    if valid is not None:  # the random method ranks padding below every real token
+        scores = torch.where(valid, scores, torch.tensor(-1.0))
     return select_slow(scores, keep, prefix)
 
 
@@ -104,7 +106,7 @@ def test_attention_mask_is_gathered_with_the_kept_tokens():
         t = model.tokens(x)
         mask = torch.cat([torch.ones_like(valid[:, :1]), valid], 1)[:, None, None, :]
         t = t + model.blocks[0].attend(t, mask)
-        idx = _random_index(t, 0, 4)
+        idx = _random_index(t, 0, 4, valid=mask[:, 0, 0])
         t = _take(t, idx, 1)
         mask = _take(mask.expand(3, 1, 1, TOKENS), idx, 3)
         t = t + model.blocks[0].mlp(t)
@@ -229,23 +231,32 @@ class AppendsToken(Stack):
 
 
 @pytest.mark.parametrize("model, words", [
-    (GridHead, ["reshape", "grid"]),
-    (ReadsToken, ["select", "reads token 3"]),
-    (AppendsToken, ["cat", "concatenates along the token axis"]),
+    (GridHead, ["reshape", "grid", "--restore"]),
+    (ReadsToken, ["select", "reads token 3", "--restore"]),
+    (AppendsToken, ["cat", "concatenates along the token axis", "Prune after layers 1-2 only"]),
 ])
-def test_refusals_name_the_node_and_the_reason(model, words):
+def test_refusals_name_the_node_the_reason_and_the_way_out(model, words):
     with pytest.raises(tpc.TpcError) as err:
         _compile(model(), _inputs(), [0], 4)
     message = str(err.value)
-    assert "cannot prune after layer 0" in message and "--layers" in message
+    assert "cannot prune after layer 0" in message
     for w in words:
         assert w in message, message
     assert "\n" not in message
 
 
-def test_grid_head_is_refused_at_every_keep_ratio():
+def test_grid_head_is_refused_at_every_keep_ratio_and_compiles_with_restore():
     with pytest.raises(tpc.TpcError, match="full token grid"):
         _compile(GridHead(), _inputs(), [2], 1.0)
+    model = sharpen(GridHead())
+    pm = tpc.compile(model, _inputs(), method="random", layers=[0, 1], keep=4, restore=True)
+    x = _inputs(3, seed=4)
+    assert pm(*x).shape == (3, 3)
+
+
+def test_appending_a_token_after_block_0_still_lets_later_layers_prune():
+    pm = _compile(AppendsToken(), _inputs(), [1], 4)
+    assert [s.tokens for s in pm.report.sites] == [9, 10, 5]
 
 
 def test_no_pending_compaction_is_a_no_op():

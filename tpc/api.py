@@ -30,8 +30,10 @@ def _resolve(model, example_inputs, **load_kwargs) -> tuple[nn.Module, tuple, st
         return loaded.module, example_inputs or loaded.example_inputs, loaded.name
     if not isinstance(model, nn.Module):
         raise TpcError(f"tpc.compile takes an nn.Module or a model id, not {type(model).__name__}")
+    if example_inputs is None and hasattr(getattr(model, "config", None), "model_type"):
+        example_inputs = models.hf_example_inputs(model.config, model, None)  # a transformers model
     if example_inputs is None:
-        size = models._timm_input_size(model, getattr(model, "pretrained_cfg", {}) or {}) if hasattr(model, "patch_embed") else None
+        size = models.image_size_of(model)
         if size is None:
             raise TpcError(f"pass example_inputs for {type(model).__name__}: tpc cannot guess its input shape")
         example_inputs = models.example_images(size)
@@ -43,6 +45,20 @@ def _resolve(model, example_inputs, **load_kwargs) -> tuple[nn.Module, tuple, st
 def _prefix_of(gm: fx.GraphModule, sites) -> tuple[int, str]:
     point = find_stream_point(gm, sites[0])
     return count_prefix_tokens(point.skip, point)
+
+
+def _usage_notes(module: nn.Module) -> list[str]:
+    """What tpc did about a module in training mode or with trainable parameters, said plainly."""
+    notes = []
+    if any(m.training for m in module.modules()):
+        notes.append("the model was in training mode: tpc compiled its eval-mode graph (dropout off, "
+                     "normalization statistics frozen) and left your module as it was")
+    if any(p.requires_grad for p in module.parameters()):
+        notes.append("the pruned module is for inference: it runs without autograd and shares (never changes) "
+                     "your module's parameters")
+    for note in notes:
+        logger.info(note)
+    return notes
 
 
 def analyze(gm: fx.GraphModule, name: str = "model") -> list:
@@ -81,6 +97,7 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     layer_list = parse_layers(layers)
     keeps = parse_removals(r, len(layer_list)) if r is not None else parse_keep(keep, len(layer_list))
     module, inputs, name = _resolve(model, example_inputs, **load_kwargs)
+    notes = _usage_notes(module)
 
     gm = capture(module, inputs)
     sites = analyze(gm, name)
@@ -105,7 +122,7 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
         model=name, method=method, layers=layer_list, keep=[str(k) for k in keeps], options=options, prefix=prefix, prefix_source=prefix_source,
         insert_after=after, sites=_layer_infos(gm, kept), flops_before=flops_before, flops_after=flops.total,
         flops_scoring=flops.scoring, pruned_outputs=sorted(gm.meta.get("tpc_pruned_outputs", ())),
-        passes=[p.name for p in passes],
+        passes=[p.name for p in passes], notes=notes,
     )
     pruned = TpcModule(gm, report, inputs)
     if backend == "onnxruntime":

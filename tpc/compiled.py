@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx, nn
 
 
@@ -33,6 +34,7 @@ class CompileReport:
     flops_scoring: int = 0
     pruned_outputs: list[int] = field(default_factory=list)
     passes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def flops_ratio(self) -> float:
@@ -54,12 +56,18 @@ class CompileReport:
             f"({self.flops_ratio:.3f}x, {100 * (1 - self.flops_ratio):.1f}% fewer; scoring {self.flops_scoring / g:.4f} G)",
         ]
         if self.pruned_outputs:
-            lines.append(f"note: output(s) {self.pruned_outputs} carry the token axis and hold the kept tokens only")
+            lines.append(f"note: output(s) {self.pruned_outputs} carry the token axis and hold the kept tokens only "
+                         "(restore=True / --restore brings every position back)")
+        lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
 
 class TpcModule(nn.Module):
-    """A pruned model: the rewritten aten graph, callable like the original module."""
+    """A pruned model: the rewritten aten graph, callable like the original module.
+
+    It is an inference module: forward runs without autograd (the tpc:: ops define no
+    gradients), in the eval-mode behaviour the graph was captured with.
+    """
 
     def __init__(self, graph_module: fx.GraphModule, report: CompileReport, example_inputs: tuple):
         super().__init__()
@@ -68,4 +76,5 @@ class TpcModule(nn.Module):
         self.example_inputs = example_inputs
 
     def forward(self, *args, **kwargs):
-        return self.graph_module(*args, **kwargs)
+        with torch.no_grad():
+            return self.graph_module(*args, **kwargs)

@@ -4,7 +4,10 @@ Accepted ids, tried in this order:
 
 - ``path/to/model.pt2``: a saved ``torch.export`` program;
 - ``package.module:function``: a function returning a module, or (module, example inputs);
-- a timm name (``deit_small_patch16_224``, ``timm/deit_small_patch16_224.fb_in1k``).
+  ``torchvision.models:vit_b_16`` is one (random weights);
+- a directory saved with Hugging Face ``save_pretrained``;
+- a timm name (``deit_small_patch16_224``, ``timm/deit_small_patch16_224.fb_in1k``);
+- a Hugging Face id (``facebook/deit-small-patch16-224``), from the local cache.
 
 Weights: pretrained by default (downloaded or from the local cache), ``weights=PATH`` for a
 state_dict / safetensors file, ``random_weights=True`` for architecture-only runs.
@@ -154,6 +157,66 @@ def _load_pt2(path: Path) -> LoadedModel:
     return LoadedModel(path.name, module, inputs)
 
 
+TEXT_LENGTH = 128
+
+
+def hf_example_inputs(config, module, input_size) -> tuple:
+    if getattr(config, "image_size", None) and getattr(config, "num_channels", None):
+        size = input_size or (config.num_channels, config.image_size, config.image_size)
+        return example_images(size)
+    if getattr(config, "vocab_size", None):
+        length = int(input_size[0]) if input_size else min(TEXT_LENGTH, getattr(config, "max_position_embeddings", TEXT_LENGTH))
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(1000 if config.vocab_size > 2000 else 1, config.vocab_size, (EXAMPLE_BATCH, length), generator=gen)
+        return ids, torch.ones(EXAMPLE_BATCH, length, dtype=torch.int64)
+    raise TpcError(f"cannot make example inputs for {type(module).__name__}: pass --input-size")
+
+
+def _load_hf(model_id: str, weights, random_weights: bool, model_args: dict, input_size) -> LoadedModel:
+    try:
+        import transformers
+    except ImportError:
+        raise TpcError("transformers is not installed: pip install 'tpc[transformers]'") from None
+    local = Path(model_id).is_dir()
+    with _offline_unless_reachable() as online:
+        try:
+            config = transformers.AutoConfig.from_pretrained(model_id, local_files_only=not online, **model_args)
+        except Exception:
+            where = "this directory has no usable config.json" if local else (
+                "the hub is unreachable and the local cache has no copy" if not online else "no such model on the hub")
+            raise TpcError(
+                f"cannot load Hugging Face model {model_id!r} ({where}): download it once where the hub is reachable, "
+                "or pass a directory saved with save_pretrained"
+            ) from None
+        arch = (config.architectures or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        cls = cls or transformers.AutoModel
+        if random_weights or weights is not None:
+            torch.manual_seed(0)
+            module = cls.from_config(config) if cls is transformers.AutoModel else cls(config)
+        else:
+            try:
+                module = cls.from_pretrained(model_id, local_files_only=not online, **model_args)
+            except Exception as err:
+                raise TpcError(f"cannot load the weights of {model_id!r}: {str(err).splitlines()[0]}; "
+                               "pass --random-weights for an architecture-only run") from None
+    if weights is not None:
+        apply_weights(module, weights)
+    module.eval()
+    loaded = LoadedModel(model_id, module, hf_example_inputs(config, module, input_size))
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(model_id, local_files_only=True)
+        loaded.mean, loaded.std = tuple(processor.image_mean), tuple(processor.image_std)
+    except Exception:
+        pass
+    return loaded
+
+
+def _looks_like_hf(model_id: str) -> bool:
+    path = Path(model_id)
+    return (path / "config.json").is_file() or (model_id.count("/") == 1 and not path.exists())
+
+
 def _load_function(spec: str, input_size) -> LoadedModel:
     mod_name, fn_name = spec.rsplit(":", 1)
     sys.path.insert(0, os.getcwd())
@@ -169,9 +232,10 @@ def _load_function(spec: str, input_size) -> LoadedModel:
         inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     elif isinstance(made, nn.Module):
         module = made
-        if input_size is None:
+        size = input_size or image_size_of(module)
+        if size is None:
             raise TpcError(f"{spec!r} returned a module without example inputs: pass --input-size, e.g. 3,224,224")
-        inputs = example_images(input_size)
+        inputs = example_images(size)
     else:
         raise TpcError(f"{spec!r} returned {type(made).__name__}; it must return an nn.Module or (module, example_inputs)")
     return LoadedModel(spec, module, inputs)
@@ -185,8 +249,8 @@ def _load_timm(name: str, weights, random_weights: bool, model_args: dict, input
     base = name.split(".", 1)[0]
     if not timm.is_model(base):
         raise TpcError(
-            f"unknown model id {name!r}: not a timm model, a .pt2 file or a module:function "
-            "(list timm names with `python -c \"import timm; print(timm.list_models('*vit*'))\"`)"
+            f"unknown model id {name!r}: not a timm model, a Hugging Face id or directory, a .pt2 file or a "
+            "module:function (list timm names with `python -c \"import timm; print(timm.list_models('*vit*'))\"`)"
         )
     pretrained = not random_weights and weights is None
     try:
@@ -208,6 +272,16 @@ def _load_timm(name: str, weights, random_weights: bool, model_args: dict, input
         apply_weights(module, weights)
     size = input_size or _timm_input_size(module, getattr(module, "pretrained_cfg", {}) or {})
     return LoadedModel(name, module, example_images(size))
+
+
+def image_size_of(module: nn.Module) -> tuple[int, ...] | None:
+    """An image model's input size when the module says it (torchvision's ViT: ``image_size``)."""
+    size = getattr(module, "image_size", None)
+    if isinstance(size, int):
+        return (3, size, size)
+    if getattr(module, "patch_embed", None) is not None:
+        return _timm_input_size(module, getattr(module, "pretrained_cfg", {}) or {})
+    return None
 
 
 def _timm_input_size(module: nn.Module, cfg: dict) -> tuple[int, ...]:
@@ -232,9 +306,11 @@ def load(model_id: str, weights: str | None = None, random_weights: bool = False
         loaded = _load_function(model_id, input_size)
         if weights is not None:
             apply_weights(loaded.module, weights)
-    else:
+    elif model_id.startswith("timm/") or not _looks_like_hf(model_id):
         name = model_id[len("timm/"):] if model_id.startswith("timm/") else model_id
         loaded = _load_timm(name, weights, random_weights, model_args, input_size)
+    else:
+        loaded = _load_hf(model_id, weights, random_weights, model_args, input_size)
     if random_weights:
         loaded.notes.append("random weights")
     cfg = getattr(loaded.module, "pretrained_cfg", None) or {}

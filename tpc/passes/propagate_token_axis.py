@@ -127,11 +127,11 @@ def propagate(gm: fx.GraphModule, gather: fx.Node) -> int:
             continue
         rule = rule_for(node)
         if rule is None:
-            raise TpcError(_refusal(node, "reads the tokens and tpc has no token-axis rule for this op", compaction))
+            raise TpcError(_refusal(node, "reads the tokens and tpc has no token-axis rule for this op", compaction, gm))
         try:
             out = rule(ctx, node)
         except Refusal as r:
-            raise TpcError(_refusal(node, str(r), compaction)) from None
+            raise TpcError(_refusal(node, str(r), compaction, gm)) from None
         if out:
             ctx.tracked[node] = out
     compaction["propagated"] = True
@@ -147,11 +147,35 @@ def _check_outputs(gm, ctx, node):
                        pruned, ctx.tokens_new, ctx.tokens_old)
 
 
-def _refusal(node: fx.Node, reason: str, compaction: dict) -> str:
-    return (
-        f"cannot prune after layer {compaction['layer']}: {describe(node)}: {reason}. "
-        f"Choose --layers after which no such op reads the tokens"
-    )
+def _refusal(node: fx.Node, reason: str, compaction: dict, gm: fx.GraphModule) -> str:
+    return f"cannot prune after layer {compaction['layer']}: {describe(node)}: {reason}. {_way_out(gm, node)}"
+
+
+def _way_out(gm: fx.GraphModule, blocker: fx.Node) -> str:
+    """What the user can do instead: the layers after which pruning never reaches ``blocker``,
+    or --restore when the blocker only reads the final sequence."""
+    from tpc.graph import find_attention_sites, find_stream_point
+
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    sites = find_attention_sites(gm)
+    after = []
+    for site in sites:
+        try:
+            point = find_stream_point(gm, site)
+        except TpcError:
+            continue
+        if order[point.node] > order[blocker]:
+            after.append(site.layer)
+    if after:
+        return f"Prune after layers {after[0]}-{sites[-1].layer} only: their tokens never reach this op"
+    try:
+        end = find_stream_point(gm, sites[-1], "block").node
+    except TpcError:
+        end = None
+    if end is not None and order[end] < order[blocker]:
+        return ("It reads the sequence after the last block: --restore (restore=True) brings every token back "
+                "there, dropped ones unchanged")
+    return "No layer of this model can be pruned before it"
 
 
 class PropagateTokenAxis(Pass):

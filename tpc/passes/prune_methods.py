@@ -144,9 +144,34 @@ def build_topk_cls(b: Builder, ctx: PruneContext) -> Compaction:
     return Compaction(out, rep, ctx.prefix + ctx.kept + 1)
 
 
+def key_valid(b: Builder, site: AttentionSite) -> fx.Node:
+    """[B, N] or [N] bool: the keys the site's mask lets query 0 attend to (padding is False).
+
+    The mask is right-aligned with the logits [B, H, N, N]; its row for query 0 with [B, H, N],
+    so the head dim (second from the right) is reduced and a batch dim, if present, kept.
+    """
+    row = b.op(aten.select.int, keep_mask(b, site), -2, 0)
+    if val(row).dtype != torch.bool:
+        row = b.op(aten.gt.Scalar, row, -1e4)
+    rank = len(val(row).shape)
+    if rank > 3:
+        raise TpcError(f"layer {site.layer}: an attention mask of rank {rank + 1} is not one tpc can read")
+    if rank >= 2:
+        row = b.op(aten.all.dim, row, rank - 2)
+    return row
+
+
 def build_random(b: Builder, ctx: PruneContext) -> Compaction:
     scores = b.op(tpc_ops.random_scores.default, ctx.stream, ctx.seed + ctx.layer)
+    if ctx.site.mask is not None:  # padding ranks below every real token
+        scores = b.op(aten.where.ScalarOther, key_valid(b, ctx.site), scores, -1.0)
     return gather(b, ctx, select(b, ctx, scores))
+
+
+def _no_mask(ctx: PruneContext, method: str) -> None:
+    if ctx.site.mask is not None:
+        raise TpcError(f"{method} does not take attention masks yet (layer {ctx.layer}): padding could be kept over "
+                       "real tokens; use topk-cls, zero-tprune or random")
 
 
 def build_zero_tprune(b: Builder, ctx: PruneContext) -> Compaction:
@@ -167,10 +192,12 @@ def build_zero_tprune(b: Builder, ctx: PruneContext) -> Compaction:
 
 
 def build_kcenter(b: Builder, ctx: PruneContext) -> Compaction:
+    _no_mask(ctx, "kcenter")
     return gather(b, ctx, b.op(tpc_ops.kcenter.default, ctx.stream, ctx.kept, ctx.prefix, role="select"))
 
 
 def build_divprune(b: Builder, ctx: PruneContext) -> Compaction:
+    _no_mask(ctx, "divprune")
     return gather(b, ctx, b.op(tpc_ops.divprune.default, ctx.stream, ctx.kept, ctx.prefix, role="select"))
 
 
@@ -187,8 +214,7 @@ def build_tome(b: Builder, ctx: PruneContext) -> Compaction:
             f"tome can merge at most {limit} of the {ctx.tokens} tokens at layer {ctx.layer} (bipartite matching "
             f"pairs every other token); keep at least {ctx.tokens - ctx.prefix - limit} tokens there"
         )
-    if ctx.site.mask is not None:
-        raise TpcError(f"tome does not merge tokens of attention with a mask yet (layer {ctx.layer}): use another method")
+    _no_mask(ctx, "tome")
     match = b.op(tpc_ops.bipartite_match.default, mean_keys(b, ctx.site), r, ctx.prefix, role="select")
     kept = b.op(operator.getitem, match, 0, role="select")
     assign = b.op(operator.getitem, match, 1, role="select")

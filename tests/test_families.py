@@ -1,0 +1,82 @@
+"""Model coverage: each family compiles, keep=1.0 reproduces it, pruning runs in torch and ONNX
+Runtime alike, and its rewritten graph is pinned in tests/golden/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+import tpc
+from families import FAMILIES, MeanPooledEncoder, hf_bert, text_inputs
+from tpc.exports.checks import run_graph
+from tpc.graph.printing import format_rewrites
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def leaves(out):
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_keep_one_prune_and_onnx(name, tmp_path, update_golden):
+    factory, inputs, prefix = FAMILIES[name]
+    model = factory()
+    twin = tpc.compile(model, inputs(2), method="topk-cls", layers=[0, 1, 2], keep=1.0)
+    x = inputs(3, seed=5)
+    with torch.no_grad():
+        for got, want in zip(leaves(twin(*x)), leaves(model(*x))):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    pm = tpc.compile(model, inputs(2), method="topk-cls", layers=[0, 2], keep=[0.6, 0.5])
+    assert pm.report.prefix == prefix
+    assert pm.report.sites[1].tokens < pm.report.sites[0].tokens
+    result = tpc.export(pm, tmp_path / "m.onnx")
+    assert result.max_abs_error <= 1e-4
+    text = format_rewrites(pm.graph_module)
+    path = GOLDEN / f"family_{name}.txt"
+    if update_golden:
+        path.write_text(text)
+    assert path.exists() and text == path.read_text(), f"{path.name} changed: review, then pytest --update-golden"
+
+
+def test_bert_padding_never_outranks_real_tokens_and_mask_is_gathered():
+    model = hf_bert()
+    ids, mask = text_inputs(4, seed=3)
+    pm = tpc.compile(model, text_inputs(2), method="topk-cls", layers=[0, 1], keep=[6, 4])
+    _, replay = run_graph(pm.graph_module, (ids, mask))
+    for b in range(4):
+        real = set(range(int(mask[b].sum())))
+        first = set(replay.decisions[0][b].tolist())
+        assert first <= real or real <= first
+    sides = [n for n in pm.graph_module.graph.nodes if n.meta.get("tpc_inserted") == "side_gather"]
+    assert sides, "the attention mask must be gathered with the kept tokens"
+    assert pm.report.pruned_outputs == [0]  # last_hidden_state holds the kept tokens; the pooler stays right
+
+
+@pytest.mark.parametrize("method", ["topk-cls", "zero-tprune", "random"])
+def test_mask_aware_mean_pooling_stays_a_mean_over_kept_real_tokens(method):
+    model = MeanPooledEncoder(hf_bert()).eval()
+    ids, mask = text_inputs(3, seed=6)
+    twin = tpc.compile(model, text_inputs(2), method=method, layers=[0, 1], keep=1.0)
+    torch.testing.assert_close(twin(ids, mask), model(ids, mask), atol=1e-5, rtol=1e-5)
+    pm = tpc.compile(model, text_inputs(2), method=method, layers=[1], keep=6)
+    gm = pm.graph_module
+    _, replay = run_graph(gm, (ids, mask))
+    kept = replay.decisions[0]
+    assert pm(ids, mask).shape == (3, 32)
+    for b in range(3):
+        real = set(range(int(mask[b].sum())))
+        assert set(kept[b].tolist()) <= real or real <= set(kept[b].tolist())
+
+
+def test_hf_directory_saved_with_save_pretrained(tmp_path):
+    from families import hf_vit
+
+    hf_vit().save_pretrained(tmp_path / "vit")
+    pm = tpc.compile(str(tmp_path / "vit"), layers=[1], keep=0.5)
+    assert [s.tokens for s in pm.report.sites] == [17, 17, 9]
+    with pytest.raises(tpc.TpcError, match="cannot load Hugging Face model 'nobody-xyz/no-such-model'"):
+        tpc.compile("nobody-xyz/no-such-model", layers=[1])
