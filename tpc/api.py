@@ -27,6 +27,9 @@ INSERT_POINTS = ("attention", "block")
 def _resolve(model, example_inputs, **load_kwargs) -> tuple[nn.Module, tuple, str]:
     if isinstance(model, (str, os.PathLike)):
         loaded = models.load(str(model), **load_kwargs)
+        for m in loaded.module.modules():  # tpc built this module: it is an inference model
+            m.training = False  # (not .eval(): loaded .pt2 GraphModules refuse it)
+        loaded.module.requires_grad_(False)
         return loaded.module, example_inputs or loaded.example_inputs, loaded.name
     if not isinstance(model, nn.Module):
         raise TpcError(f"tpc.compile takes an nn.Module or a model id, not {type(model).__name__}")

@@ -254,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tpc: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug in tpc, not bad input: still one line, and no partial file (writes are atomic)
+        if args.debug:
+            raise
+        first = (str(err).strip().splitlines() or [""])[0]
+        print(f"tpc: internal error: {type(err).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
