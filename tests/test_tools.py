@@ -102,6 +102,7 @@ def test_visualize_greys_the_dropped_patches(tmp_path):
     (["eval", MODEL, "--data", "{wrongsize}", "--layers", "1", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5"], "the model takes"),
     (["visualize", MODEL, "{small}", "--layers", "1", "-o", "{out}"], "at least that large"),
     (["bench", MODEL, "--layers", "1", "--backend", "tpu"], "unknown backend"),
+    (["bench", MODEL, "--layers", "1", "--backend", "tensorrt"], "TensorRT is not installed"),
     (["eval", MODEL, "--data", "{wrongsize}", "--layers", "1", "--backend", "tpu"], "unknown backend"),
 ])
 def test_bad_input_one_line(tmp_path, args, words):

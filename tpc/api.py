@@ -71,6 +71,13 @@ def analyze(gm: fx.GraphModule, name: str = "model") -> list:
             f"no attention layers found in {name}: tpc prunes the tokens of transformer models "
             "(scaled_dot_product_attention or softmax(q·kᵀ)·v in the exported graph)"
         )
+    windowed = next((s for s in sites if s.windows > 1), None)
+    if windowed is not None:
+        raise TpcError(
+            f"{name} uses windowed or hierarchical attention ({windowed.module or 'layer ' + str(windowed.layer)} "
+            f"attends within {windowed.windows} windows of {windowed.tokens} tokens): its layers need the full token "
+            "grid to form windows, so tpc cannot prune them; use a plain (global-attention) ViT"
+        )
     return sites
 
 

@@ -151,7 +151,7 @@ class BenchResult:
             lines.append(
                 f"{r.batch:>5}  {t.base.median_ms:>8.2f} ({t.base.p90_ms:>7.2f})  {t.pruned.median_ms:>7.2f} ({t.pruned.p90_ms:>6.2f})  "
                 f"{t.speedup:>6.3f}x ({t.speedup_spread[0]:.2f}-{t.speedup_spread[1]:.2f})  {r.flops_speedup:>5.3f}x  "
-                f"{r.of_limit:>8.3f}  {100 * r.inserted_share:>7.2f}%"
+                f"{r.of_limit:>8.3f}  " + (f"{100 * r.inserted_share:>7.2f}%" if r.inserted_share == r.inserted_share else "       -")
             )
         return "\n".join(lines)
 

@@ -35,7 +35,9 @@ def run_bench(model_id, method="topk-cls", layers=None, keep="0.7", backend="onn
     if backend not in BACKENDS:
         raise TpcError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend == "tensorrt":
-        raise TpcError("the TensorRT backend is not available in this build: benchmark onnxruntime or torch")
+        from tpc.exports.tensorrt import require_tensorrt
+
+        require_tensorrt()
     if min(warmup, iters, repeats) < 0 or iters < 1 or repeats < 1:
         raise TpcError("--iters and --repeats must be at least 1")
     sizes = parse_batches(batches)
@@ -53,6 +55,13 @@ def run_bench(model_id, method="topk-cls", layers=None, keep="0.7", backend="onn
         base_s = make_session(base_model.SerializeToString(), threads)
         pruned_s = make_session(pruned_model.SerializeToString(), threads)
         name = base_s.get_inputs()[0].name
+    elif backend == "tensorrt":
+        from tpc.exports.tensorrt import build_engine, engine_runner
+
+        shapes = [tuple(x.shape) for x in loaded.example_inputs]
+        profile = (1, max(sizes), max(sizes))
+        base_plan = build_engine(to_onnx(base_gm, loaded.example_inputs).SerializeToString(), shapes, profile, "fp16")
+        pruned_plan = build_engine(to_onnx(pruned.graph_module, loaded.example_inputs).SerializeToString(), shapes, profile, "fp16")
     else:
         torch.set_num_threads(threads)
     for batch in sizes:
@@ -61,6 +70,9 @@ def run_bench(model_id, method="topk-cls", layers=None, keep="0.7", backend="onn
             feeds = {name: x.numpy()}
             timing = time_pair(lambda: base_s.run(None, feeds), lambda: pruned_s.run(None, feeds), batch, warmup, iters, repeats)
             share = inserted_share(pruned_model, feeds, threads, iters=max(3, iters))
+        elif backend == "tensorrt":
+            timing = time_pair(engine_runner(base_plan, (x,)), engine_runner(pruned_plan, (x,)), batch, warmup, iters, repeats)
+            share = float("nan")  # TensorRT fuses the inserted nodes; its profiler is not wired in
         else:
             with torch.no_grad():
                 timing = time_pair(lambda: base_gm(x), lambda: pruned(x), batch, warmup, iters, repeats)

@@ -74,17 +74,10 @@ def _describe_model(args) -> str:
 
 def cmd_compile(args) -> int:
     import tpc
-    from tpc.exports.atomic import check_output_path
+    from tpc.exports import check_target
 
     out = Path(args.output)
-    check_output_path(out)
-    if out.suffix.lower() not in (".onnx", ".pt2", ".plan"):
-        raise TpcError(f"unknown artifact type {out.suffix or '(none)'!r} for {str(out)!r}: use .onnx, .pt2 or .plan")
-    if out.suffix.lower() == ".plan":
-        from tpc.exports.tensorrt import parse_batch, require_tensorrt
-
-        require_tensorrt()
-        parse_batch(args.batch, 2)
+    check_target(out, args.batch, args.precision)
     start = time.perf_counter()
     pruned = tpc.compile(args.model, **_compile_kwargs(args))
     report = pruned.report

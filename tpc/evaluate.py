@@ -91,12 +91,9 @@ def load_dataset(path: str | Path, input_size: Sequence[int]) -> Dataset:
 
 
 def parse_floats(text, name: str) -> tuple[float, ...] | None:
-    if text is None or isinstance(text, tuple):
-        return text
-    try:
-        return tuple(float(v) for v in str(text).split(","))
-    except ValueError:
-        raise TpcError(f"--{name} takes comma-separated numbers such as 0.5,0.5,0.5, not {text!r}") from None
+    from tpc.models import parse_numbers
+
+    return parse_numbers(text, float, name, "0.5,0.5,0.5")
 
 
 def batches(data: Dataset, mean, std, batch: int):

@@ -64,13 +64,18 @@ def parse_model_args(text: str | dict | None) -> dict:
     return out
 
 
-def parse_input_size(text) -> tuple[int, ...] | None:
+def parse_numbers(text, cast, flag: str, example: str) -> tuple | None:
+    """``"3,224,224"`` -> (3, 224, 224); None and tuples pass through."""
     if text is None or isinstance(text, tuple):
         return text
     try:
-        return tuple(int(p) for p in str(text).split(","))
+        return tuple(cast(p) for p in str(text).split(","))
     except ValueError:
-        raise TpcError(f"--input-size takes comma-separated sizes such as 3,224,224, not {text!r}") from None
+        raise TpcError(f"--{flag} takes comma-separated numbers such as {example}, not {text!r}") from None
+
+
+def parse_input_size(text) -> tuple[int, ...] | None:
+    return parse_numbers(text, int, "input-size", "3,224,224")
 
 
 def example_images(input_size: tuple[int, ...], batch: int = EXAMPLE_BATCH, seed: int = 0) -> tuple[torch.Tensor]:

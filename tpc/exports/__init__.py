@@ -46,17 +46,29 @@ def to_onnxruntime(module: nn.Module, example_inputs=None, threads: int | None =
     return ort_module
 
 
-def write_artifact(module: nn.Module, path: Path, example_inputs=None, check: bool = True, batch=None,
-                   precision: str = "fp32") -> CheckResult | None:
-    """Write ``module`` as .onnx, .pt2 or .plan (TensorRT; ``batch`` = min,opt,max and ``precision``)."""
+def check_target(path: Path, batch=None, precision: str = "fp32") -> str:
+    """Fail before any work when ``path`` cannot receive an artifact; returns its suffix."""
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise TpcError(f"unknown artifact type {path.suffix or '(none)'!r} for {str(path)!r}: use .onnx, .pt2 or .plan")
     check_output_path(path)
     if suffix == ".plan":
-        from tpc.exports.tensorrt import require_tensorrt, write_engine
+        from tpc.exports.tensorrt import PRECISIONS, parse_batch, require_tensorrt
 
+        if precision not in PRECISIONS:
+            raise TpcError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
         require_tensorrt()
+        parse_batch(batch, 2)
+    return suffix
+
+
+def write_artifact(module: nn.Module, path: Path, example_inputs=None, check: bool = True, batch=None,
+                   precision: str = "fp32") -> CheckResult | None:
+    """Write ``module`` as .onnx, .pt2 or .plan (TensorRT; ``batch`` = min,opt,max and ``precision``)."""
+    suffix = check_target(path, batch, precision)
+    if suffix == ".plan":
+        from tpc.exports.tensorrt import write_engine
+
         gm, inputs = _graph_and_inputs(module, example_inputs)
         return write_engine(gm, inputs, path, batch, precision, check_batches(inputs) if check else None)
     if isinstance(module, OrtModule):
@@ -88,4 +100,4 @@ def write_artifact(module: nn.Module, path: Path, example_inputs=None, check: bo
     return result
 
 
-__all__ = ["OrtModule", "check_batches", "to_onnx", "to_onnxruntime", "write_artifact"]
+__all__ = ["OrtModule", "check_batches", "check_target", "to_onnx", "to_onnxruntime", "write_artifact"]

@@ -20,6 +20,7 @@ from tpc.exports.onnxruntime import make_session
 
 OPSET = 18
 _DECISION = re.compile(r"^(select_topk|kcenter|divprune)(_\d+)?$")  # outputs named after the FX nodes
+_FX_DECISION = re.compile(r"^%((?:select_topk|kcenter|divprune)(?:_\d+)?) : .*target=torch\.ops\.tpc\.")
 
 
 def to_onnx(module: nn.Module, example_inputs: tuple) -> onnx.ModelProto:
@@ -42,11 +43,20 @@ def to_onnx(module: nn.Module, example_inputs: tuple) -> onnx.ModelProto:
 
 
 def decision_names(model: onnx.ModelProto) -> list[str]:
-    """Names of the values holding each pruning step's kept indices, in graph order."""
-    names = []
+    """Names of the values holding each pruning step's kept indices, in graph order.
+
+    The exporter names an op's result after its FX node (``select_topk_1``); where the ONNX
+    optimizer renamed it, the last node made from that FX node (its ``fx_node`` metadata) holds it.
+    """
+    names, groups = [], {}
     for node in model.graph.node:
-        names.extend(o for o in node.output if _DECISION.match(o))
-    return names
+        named = [o for o in node.output if _DECISION.match(o)]
+        names.extend(named)
+        fx_node = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.fx_node"), "")
+        match = _FX_DECISION.match(fx_node)
+        if match:
+            groups[match.group(1)] = named[0] if named else node.output[0]
+    return names if len(names) >= len(groups) else list(groups.values())
 
 
 def with_decision_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:

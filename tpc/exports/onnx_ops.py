@@ -265,7 +265,8 @@ def _taken_positions(mind, n: int, count: int, offset: int = 0):
     positions = op.Cast(_const(np.arange(n, dtype=np.int64)[None]), to=FLOAT)
     keyed = op.Where(taken, positions, op.Constant(value_float=float(2 * n)))
     ordered, _ = op.TopK(keyed, _ints(count), axis=1, largest=0, sorted=1)
-    return op.Add(op.Cast(ordered, to=INT64), op.Constant(value_int=offset))
+    positions = op.Cast(ordered, to=INT64)
+    return op.Add(positions, op.Constant(value_int=offset)) if offset else positions
 
 
 def _positions(like, n: int):

@@ -75,6 +75,12 @@ def build_engine(onnx_bytes: bytes, input_shapes: list[tuple[int, ...]], batch: 
 
 
 def run_engine(plan: bytes, inputs: tuple) -> list[torch.Tensor]:
+    """Run a serialized engine once on ``inputs``; outputs on the CPU."""
+    return [o.cpu() for o in engine_runner(plan, inputs)()]
+
+
+def engine_runner(plan: bytes, inputs: tuple):
+    """A callable that runs the engine on ``inputs`` (bound once, on the GPU) and returns its outputs."""
     trt = require_tensorrt()
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine(plan)
@@ -94,16 +100,17 @@ def run_engine(plan: bytes, inputs: tuple) -> list[torch.Tensor]:
             context.set_tensor_address(name, out.data_ptr())
             outputs.append(out)
     stream = torch.cuda.current_stream()
-    context.execute_async_v3(stream.cuda_stream)
-    stream.synchronize()
-    return [o.cpu() for o in outputs]
+
+    def run() -> list[torch.Tensor]:
+        context.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+        return outputs
+
+    return run
 
 
 def write_engine(gm: fx.GraphModule, inputs: tuple, path: Path, batch=None, precision: str = "fp32",
                  check_batches: list[tuple] | None = None) -> CheckResult | None:
-    if precision not in PRECISIONS:
-        raise TpcError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    require_tensorrt()
     sizes = parse_batch(batch, int(inputs[0].shape[0]))
     model = to_onnx(gm, inputs)
     problems = tensorrt_problems(model)

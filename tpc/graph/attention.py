@@ -51,6 +51,7 @@ class AttentionSite:
     head_dim: int
     module: str
     is_causal: bool
+    windows: int = 1  # >1: windowed attention (Swin), the batch dim carries windows of tokens
 
     @property
     def self_attention(self) -> bool:
@@ -180,5 +181,8 @@ def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
             site = _explicit_site(node, batch)
         if site is not None:
             site.layer = len(sites)
+            lead = numeric_shape(site.q)[0]
+            if batch and len(val(site.q).shape) == 4 and lead != batch and lead % batch == 0:
+                site.windows = lead // batch
             sites.append(site)
     return sites

@@ -56,12 +56,28 @@ def _norm_dim(dim: int, rank: int) -> int:
 # --------------------------------------------------------------------------- broadcasting
 
 
-def align(ctx, node: fx.Node, args: list[fx.Node], out_rank: int, skip_dims: dict | None = None) -> dict[int, Axis]:
-    """Right-aligned broadcasting of ``args`` to an output of ``out_rank`` dims.
+def meet(ctx, node: fx.Node, x: fx.Node, out_rank: int, wanted: dict[int, Axis], what: str = "an operand") -> fx.Node:
+    """``x`` right-aligned with an output of ``out_rank`` dims that carries ``wanted`` token axes.
 
-    Returns the output axes; untracked args (or args tracked at another dim) that carry the
-    old token count at a tracked output dim are gathered as side tensors.
+    Where x lacks such an axis but has the old token count there, it is a side tensor (a mask,
+    a bias, a stale copy of the stream) and is gathered with the compaction's index; size 1
+    broadcasts and is left alone. Returns x or its gathered replacement.
     """
+    for o, ax in sorted(wanted.items()):
+        d = o - (out_rank - _rank(x))
+        if d < 0 or ctx.axes(x).get(d) == ax:
+            continue
+        size = numeric_shape(x)[d]
+        if size == 1:
+            continue
+        if size != ctx.atom_old(ax) * ax.inner:
+            raise Refusal(f"{what} has {size} entries where the stream has {ctx.atom_old(ax)} tokens")
+        x = ctx.gather_side(x, d, ax, node)
+    return x
+
+
+def align(ctx, node: fx.Node, args: list[fx.Node], out_rank: int) -> dict[int, Axis]:
+    """Right-aligned broadcasting of ``args`` (updated in place) to an output of ``out_rank`` dims."""
     out: dict[int, Axis] = {}
     for a in args:
         off = out_rank - _rank(a)
@@ -70,18 +86,8 @@ def align(ctx, node: fx.Node, args: list[fx.Node], out_rank: int, skip_dims: dic
             if o in out and out[o] != ax:
                 raise Refusal("combines two token axes of different layouts")
             out[o] = ax
-    for o, ax in list(out.items()):
-        for i, a in enumerate(args):
-            off = out_rank - _rank(a)
-            d = o - off
-            if d < 0 or ctx.axes(a).get(d) == ax:
-                continue
-            size = numeric_shape(a)[d]
-            if size == 1:
-                continue
-            if size != ctx.atom_old(ax) * ax.inner:
-                raise Refusal(f"an operand has {size} entries where the stream has {ctx.atom_old(ax)} tokens")
-            args[i] = a = ctx.gather_side(a, d, ax, node)
+    for i, a in enumerate(args):
+        args[i] = meet(ctx, node, a, out_rank, out)
     return out
 
 
@@ -220,19 +226,9 @@ def _align_mask(ctx, node, mask: fx.Node, rank: int, batch_axes: dict, q_ax, kv_
         want[rank - 2] = q_ax
     if kv_ax is not None:
         want[rank - 1] = kv_ax
-    for o, ax in sorted(want.items()):
-        d = o - (rank - _rank(mask))
-        if d < 0 or ctx.axes(mask).get(d) == ax:
-            continue
-        size = numeric_shape(mask)[d]
-        if size == 1:
-            continue
-        if size != ctx.atom_old(ax) * ax.inner:
-            raise Refusal(f"the attention mask has {size} entries where the stream has {ctx.atom_old(ax)} tokens")
-        mask = ctx.gather_side(mask, d, ax, node)
+    mask = meet(ctx, node, mask, rank, want, "the attention mask")
     off = rank - _rank(mask)
-    extra = set(ctx.axes(mask)) - {o - off for o in want}
-    if extra:
+    if set(ctx.axes(mask)) - {o - off for o in want}:
         raise Refusal("the attention mask carries tokens where the attention has none")
     return mask
 
