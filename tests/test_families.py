@@ -80,3 +80,22 @@ def test_hf_directory_saved_with_save_pretrained(tmp_path):
     assert [s.tokens for s in pm.report.sites] == [17, 17, 9]
     with pytest.raises(tpc.TpcError, match="cannot load Hugging Face model 'nobody-xyz/no-such-model'"):
         tpc.compile("nobody-xyz/no-such-model", layers=[1])
+
+
+def test_hf_id_from_the_local_cache(tmp_path):
+    """A Hugging Face id loads offline from the hub cache, as `huggingface_hub` lays it out."""
+    import os
+    import subprocess
+    import sys
+
+    from families import hf_vit
+
+    snapshot = tmp_path / "hub" / "models--tiny-org--tiny-vit" / "snapshots" / ("0" * 40)
+    hf_vit().save_pretrained(snapshot)
+    (tmp_path / "hub" / "models--tiny-org--tiny-vit" / "refs").mkdir()
+    (tmp_path / "hub" / "models--tiny-org--tiny-vit" / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "tpc", "inspect", "tiny-org/tiny-vit", "--layers", "1", "--keep", "0.5"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "17 -> 9" in r.stdout

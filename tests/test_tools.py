@@ -120,3 +120,13 @@ def test_bad_input_one_line(tmp_path, args, words):
 def test_run_eval_rejects_unknown_backend(npz):
     with pytest.raises(TpcError, match="unknown backend"):
         run_eval(MODEL, data=npz, layers="1", backend="tpu")
+
+
+def test_eval_reads_an_image_folder(tmp_path):
+    rng = np.random.default_rng(2)
+    for label in ("cat", "dog"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "data" / label / f"{i}.png")
+    result = run_eval(MODEL, data=tmp_path / "data", layers="1", keep="0.5", mean="0.5,0.5,0.5", std="0.5,0.5,0.5")
+    assert result.images == 6 and all(r.top1 is not None for r in result.rows)

@@ -6,6 +6,7 @@ list of them and, when one fails, says which pass failed after which others.
 
 from __future__ import annotations
 
+import abc
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ class PassResult:
     modified: bool
 
 
-class Pass:
+class Pass(abc.ABC):
     """Base class: subclasses set ``name`` and implement ``call``."""
 
     name = "pass"
@@ -31,8 +32,9 @@ class Pass:
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         return self.call(gm)
 
-    def call(self, gm: fx.GraphModule) -> PassResult:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        """Rewrite ``gm`` in place; say whether anything changed."""
 
     def __repr__(self) -> str:
         return self.name
