@@ -117,3 +117,13 @@ def test_restore_mode_exports_and_matches(tmp_path):
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert out.shape == (4, 17, 32)
     torch.testing.assert_close(torch.from_numpy(out), pm(x), atol=1e-4, rtol=1e-4)
+
+
+def test_near_ties_are_told_from_wrong_decisions():
+    from tpc.exports.checks import near_tie
+
+    scores = torch.tensor([[1.0, 0.50000, 0.50001, 0.1, float("-inf")]])
+    ours = torch.tensor([[0, 2]])
+    assert near_tie(scores, ours, torch.tensor([[0, 1]]))           # swapped within float noise
+    assert not near_tie(scores, ours, torch.tensor([[0, 3]]))       # a clearly worse token
+    assert not near_tie(scores, ours, torch.tensor([[0, 4]]))       # a token the method had ruled out

@@ -23,6 +23,7 @@ from torch import fx
 from torch._guards import detect_fake_mode
 
 from tpc.errors import TpcError
+from tpc.graph import find_attention_sites, find_stream_point
 from tpc.graph.nodes import aten, describe, numeric_shape, val
 from tpc.passes.cleanup import finish
 from tpc.passes.infra import Pass, PassResult
@@ -143,8 +144,8 @@ def _check_outputs(gm, ctx, node):
     pruned = [i for i, a in enumerate(outputs) if ctx.axes(a)]
     if pruned:
         gm.meta.setdefault("tpc_pruned_outputs", set()).update(pruned)
-        logger.warning("output(s) %s carry the token axis: they now hold %d tokens instead of %d",
-                       pruned, ctx.tokens_new, ctx.tokens_old)
+        logger.info("output(s) %s carry the token axis: they now hold %d tokens instead of %d",
+                    pruned, ctx.tokens_new, ctx.tokens_old)
 
 
 def _refusal(node: fx.Node, reason: str, compaction: dict, gm: fx.GraphModule) -> str:
@@ -154,8 +155,6 @@ def _refusal(node: fx.Node, reason: str, compaction: dict, gm: fx.GraphModule) -
 def _way_out(gm: fx.GraphModule, blocker: fx.Node) -> str:
     """What the user can do instead: the layers after which pruning never reaches ``blocker``,
     or --restore when the blocker only reads the final sequence."""
-    from tpc.graph import find_attention_sites, find_stream_point
-
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     sites = find_attention_sites(gm)
     after = []
