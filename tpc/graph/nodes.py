@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable
 
 import torch
@@ -28,10 +27,6 @@ def is_op(node: object, *packets) -> bool:
 def val(node: object):
     """The fake value torch.export recorded for a node (a FakeTensor, SymInt, tuple or None)."""
     return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
-def is_tensor_node(node: object) -> bool:
-    return isinstance(val(node), torch.Tensor)
 
 
 def module_path(node: fx.Node) -> str:
@@ -107,10 +102,6 @@ def ancestors(node: fx.Node, stop: Iterable[fx.Node] = ()) -> set[fx.Node]:
     return seen
 
 
-def depends_on(node: fx.Node, source: fx.Node) -> bool:
-    return source in ancestors(node)
-
-
 def scalar_value(arg) -> float | None:
     """A Python number argument, or None for a tensor/node."""
     if isinstance(arg, bool):
@@ -119,5 +110,3 @@ def scalar_value(arg) -> float | None:
         return float(arg)
     return None
 
-
-GETITEM = operator.getitem
