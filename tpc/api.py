@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 
 from tpc import models
-from tpc.capture import capture
+from tpc.capture import capture, set_eval
 from tpc.compiled import CompileReport, LayerInfo, TpcModule
 from tpc.errors import TpcError
 from tpc.flops import count_flops
@@ -27,8 +27,7 @@ INSERT_POINTS = ("attention", "block")
 def _resolve(model, example_inputs, **load_kwargs) -> tuple[nn.Module, tuple, str]:
     if isinstance(model, (str, os.PathLike)):
         loaded = models.load(str(model), **load_kwargs)
-        for m in loaded.module.modules():  # tpc built this module: it is an inference model
-            m.training = False  # (not .eval(): loaded .pt2 GraphModules refuse it)
+        set_eval(loaded.module)  # tpc built this module: it is an inference model
         loaded.module.requires_grad_(False)
         return loaded.module, example_inputs or loaded.example_inputs, loaded.name
     if not isinstance(model, nn.Module):

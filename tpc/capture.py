@@ -19,13 +19,18 @@ from tpc.errors import TpcError
 MAX_BATCH = 65536
 
 
+def set_eval(model: nn.Module) -> None:
+    """Eval mode for every submodule (not ``model.eval()``: exported GraphModules refuse it)."""
+    for m in model.modules():
+        m.training = False
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
     """Put every submodule in eval mode for the duration, then restore each flag as it was."""
     flags = {m: m.training for m in model.modules()}
     try:
-        for m in flags:  # not model.eval(): exported GraphModules refuse it
-            m.training = False
+        set_eval(model)
         yield model
     finally:
         for m, flag in flags.items():

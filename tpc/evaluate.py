@@ -63,14 +63,14 @@ def load_image_folder(path: Path, size: tuple[int, int]) -> Dataset:
     for label, name in enumerate(classes):
         for file in sorted((path / name).iterdir()):
             if file.suffix.lower() in IMAGE_SUFFIXES:
-                images.append(_resize_crop(Image.open(file).convert("RGB"), size))
+                images.append(resize_crop(Image.open(file).convert("RGB"), size))
                 labels.append(label)
     if not images:
         raise TpcError(f"{str(path)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return Dataset(np.stack(images), np.array(labels, dtype=np.int64), str(path))
 
 
-def _resize_crop(img, size: tuple[int, int]) -> np.ndarray:
+def resize_crop(img, size: tuple[int, int]) -> np.ndarray:
     h, w = size
     scale = max(h / img.height, w / img.width)
     img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))))
@@ -78,10 +78,15 @@ def _resize_crop(img, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + w, top + h))).transpose(2, 0, 1)
 
 
-def load_dataset(path: str | Path, input_size: Sequence[int]) -> Dataset:
+def check_data_path(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise TpcError(f"data {str(path)!r} does not exist: give an .npz with images/labels or an ImageFolder directory")
+    return path
+
+
+def load_dataset(path: str | Path, input_size: Sequence[int]) -> Dataset:
+    path = check_data_path(path)
     data = load_image_folder(path, tuple(input_size[1:])) if path.is_dir() else load_npz(path)
     if tuple(data.images.shape[1:]) != tuple(input_size):
         raise TpcError(

@@ -10,7 +10,7 @@ import torch
 
 from tpc import models
 from tpc.errors import TpcError
-from tpc.evaluate import accuracy, load_dataset, parse_floats, predict
+from tpc.evaluate import accuracy, check_data_path, load_dataset, parse_floats, predict
 
 
 @dataclass
@@ -63,8 +63,7 @@ def run_eval(model_id, data, method="topk-cls", layers=None, keep="0.7", sweep=N
         raise TpcError(f"unknown backend {backend!r}: tpc eval runs torch or onnxruntime")
     if batch < 1:
         raise TpcError("--batch must be at least 1")
-    if not Path(data).exists():
-        raise TpcError(f"data {str(data)!r} does not exist: give an .npz with images/labels or an ImageFolder directory")
+    check_data_path(data)  # before loading the model: a typo should not cost a model load
     loaded = models.load(str(model_id), **(load_kwargs or {}))
     mean = parse_floats(mean, "mean") or loaded.mean
     std = parse_floats(std, "std") or loaded.std

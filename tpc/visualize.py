@@ -45,15 +45,15 @@ def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     h, w = size
     if img.height < h or img.width < w:
         raise TpcError(f"image {str(path)!r} is {img.width}x{img.height} but the model takes {w}x{h}: give an image at least that large")
-    from tpc.evaluate import _resize_crop
+    from tpc.evaluate import resize_crop
 
-    return _resize_crop(img, size)
+    return resize_crop(img, size)
 
 
 def kept_positions(gm: fx.GraphModule, inputs: tuple) -> tuple[list[int], list[torch.Tensor]]:
     """(layers, original token positions kept after each compaction) for the first example."""
-    records = [(n, n.meta["tpc_compaction"]) for n in gm.graph.nodes if "tpc_compaction" in n.meta]
-    wanted = {c["index"]: c["layer"] for _n, c in records}
+    wanted = {n.meta["tpc_compaction"]["index"]: n.meta["tpc_compaction"]["layer"]
+              for n in gm.graph.nodes if "tpc_compaction" in n.meta}
     seen: dict[int, torch.Tensor] = {}
 
     class Recorder(fx.Interpreter):

@@ -19,7 +19,6 @@ from tpc.exports.onnx_ops import TRANSLATIONS
 from tpc.exports.onnxruntime import make_session
 
 OPSET = 18
-_DECISION = re.compile(r"^(select_topk|kcenter|divprune)(_\d+)?$")  # outputs named after the FX nodes
 _FX_DECISION = re.compile(r"^%((?:select_topk|kcenter|divprune)(?:_\d+)?) : .*target=torch\.ops\.tpc\.")
 
 
@@ -45,18 +44,16 @@ def to_onnx(module: nn.Module, example_inputs: tuple) -> onnx.ModelProto:
 def decision_names(model: onnx.ModelProto) -> list[str]:
     """Names of the values holding each pruning step's kept indices, in graph order.
 
-    The exporter names an op's result after its FX node (``select_topk_1``); where the ONNX
-    optimizer renamed it, the last node made from that FX node (its ``fx_node`` metadata) holds it.
+    Every ONNX node records the FX node it came from (``fx_node`` metadata); the last node made
+    from a decision op's FX node produces its result, whatever name the optimizer left it.
     """
-    names, groups = [], {}
+    last: dict[str, str] = {}
     for node in model.graph.node:
-        named = [o for o in node.output if _DECISION.match(o)]
-        names.extend(named)
         fx_node = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.fx_node"), "")
         match = _FX_DECISION.match(fx_node)
         if match:
-            groups[match.group(1)] = named[0] if named else node.output[0]
-    return names if len(names) >= len(groups) else list(groups.values())
+            last[match.group(1)] = node.output[0]
+    return list(last.values())
 
 
 def with_decision_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
