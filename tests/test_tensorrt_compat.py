@@ -48,7 +48,7 @@ def test_scatter_reduction_unknown_ops_domains_and_opset():
     assert any("reduction" in p for p in tensorrt_problems(_model([scatter], [X], [Y], [idx])))
     unique = _model([helper.make_node("Unique", ["x"], ["y"])], [X], [Y])
     assert any("no importer for Unique" in p for p in tensorrt_problems(unique))
-    custom = _model([helper.make_node("gather_tokens", ["x"], ["y"], domain="tpc")], [X], [Y])
+    custom = _model([helper.make_node("kcenter", ["x"], ["y"], domain="tpc")], [X], [Y])
     assert any("domain 'tpc'" in p for p in tensorrt_problems(custom))
     assert any("opset 21" in p for p in tensorrt_problems(_model([helper.make_node("Relu", ["x"], ["y"])], [X], [Y], opset=21)))
 

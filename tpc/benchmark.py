@@ -56,12 +56,11 @@ def run_bench(model_id, method="topk-cls", layers=None, keep="0.7", backend="onn
         pruned_s = make_session(pruned_model.SerializeToString(), threads)
         name = base_s.get_inputs()[0].name
     elif backend == "tensorrt":
-        from tpc.exports.tensorrt import build_engine, engine_runner
+        from tpc.exports.tensorrt import engine_runner, graph_engine
 
-        shapes = [tuple(x.shape) for x in loaded.example_inputs]
         profile = (1, max(sizes), max(sizes))
-        base_plan = build_engine(to_onnx(base_gm, loaded.example_inputs).SerializeToString(), shapes, profile, "fp16")
-        pruned_plan = build_engine(to_onnx(pruned.graph_module, loaded.example_inputs).SerializeToString(), shapes, profile, "fp16")
+        base_plan, _ = graph_engine(base_gm, loaded.example_inputs, profile, "fp16")
+        pruned_plan, _ = graph_engine(pruned.graph_module, loaded.example_inputs, profile, "fp16")
     else:
         torch.set_num_threads(threads)
     for batch in sizes:
@@ -71,7 +70,8 @@ def run_bench(model_id, method="topk-cls", layers=None, keep="0.7", backend="onn
             timing = time_pair(lambda: base_s.run(None, feeds), lambda: pruned_s.run(None, feeds), batch, warmup, iters, repeats)
             share = inserted_share(pruned_model, feeds, threads, iters=max(3, iters))
         elif backend == "tensorrt":
-            timing = time_pair(engine_runner(base_plan, (x,)), engine_runner(pruned_plan, (x,)), batch, warmup, iters, repeats)
+            xh = (x.half(),)
+            timing = time_pair(engine_runner(base_plan, xh), engine_runner(pruned_plan, xh), batch, warmup, iters, repeats)
             share = float("nan")  # TensorRT fuses the inserted nodes; its profiler is not wired in
         else:
             with torch.no_grad():

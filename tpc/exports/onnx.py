@@ -15,15 +15,19 @@ from torch import fx, nn
 from tpc.capture import export_program
 from tpc.errors import TpcError
 from tpc.exports.checks import CheckResult, check_artifact
-from tpc.exports.onnx_ops import TRANSLATIONS
+from tpc.exports.onnx_ops import PLUGIN_TRANSLATIONS, TRANSLATIONS, plugin_reference_functions
 from tpc.exports.onnxruntime import make_session
 
 OPSET = 18
 _FX_DECISION = re.compile(r"^%((?:select_topk|kcenter|divprune)(?:_\d+)?) : .*target=torch\.ops\.tpc\.")
 
 
-def to_onnx(module: nn.Module, example_inputs: tuple) -> onnx.ModelProto:
-    """The module as an ONNX model with a dynamic batch dimension (tpc:: ops translated)."""
+def to_onnx(module: nn.Module, example_inputs: tuple, plugins: bool = False) -> onnx.ModelProto:
+    """The module as an ONNX model with a dynamic batch dimension (tpc:: ops translated).
+
+    With ``plugins``, the ops in ``onnx_ops.PLUGIN_OPS`` stay single nodes in domain ``tpc`` for
+    tpc's TensorRT plugins instead of being spelled out in standard ops.
+    """
     ep = export_program(module, example_inputs)
     quiet = io.StringIO()
     logging.getLogger("onnxscript").setLevel(logging.ERROR)
@@ -31,7 +35,7 @@ def to_onnx(module: nn.Module, example_inputs: tuple) -> onnx.ModelProto:
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(ep, tuple(example_inputs), dynamo=True, opset_version=OPSET,
-                                        custom_translation_table=TRANSLATIONS, verbose=False, optimize=True,
+                                        custom_translation_table=PLUGIN_TRANSLATIONS if plugins else TRANSLATIONS, verbose=False, optimize=True,
                                         report=False, verify=False)
         except Exception as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
@@ -39,6 +43,14 @@ def to_onnx(module: nn.Module, example_inputs: tuple) -> onnx.ModelProto:
     model = program.model_proto
     model.producer_name = "tpc"
     return model
+
+
+def with_plugin_references(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of an engine's ONNX that ONNX Runtime can run: tpc's plugin ops as standard-op functions."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.functions.extend(plugin_reference_functions())
+    return copy
 
 
 def decision_names(model: onnx.ModelProto) -> list[str]:

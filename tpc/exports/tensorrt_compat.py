@@ -3,7 +3,7 @@
 It encodes the parser's limits that matter for tpc's graphs (TensorRT 10, onnx-tensorrt's
 operator support matrix): the opset range, the operators it imports, and per-operator
 restrictions — TopK needs a constant K of at most 3840, ScatterElements/ScatterND take no
-``reduction``, only the default ONNX domain (plugins aside), no DOUBLE tensors. Loop and If
+``reduction``, only the default ONNX domain and tpc's own plugin ops, no DOUBLE tensors. Loop and If
 bodies are checked too. A model that passes can still fail on a GPU for other reasons; one
 that fails here would fail there.
 """
@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 import onnx
 from onnx import numpy_helper
+
+from tpc.exports.onnx_ops import PLUGIN_DOMAIN, PLUGIN_OPS
 
 MAX_OPSET = 20
 TOPK_MAX_K = 3840
@@ -53,6 +55,11 @@ def _check_graph(graph: onnx.GraphProto, outer: dict, where: str) -> Iterable[st
             yield f"{where}initializer {tensor.name} is DOUBLE"
     for node in graph.node:
         name = f"{where}{node.op_type} node {node.name or node.output[0]}"
+        if node.domain == PLUGIN_DOMAIN and node.op_type in PLUGIN_OPS:
+            namespace = next((a.s.decode() for a in node.attribute if a.name == "plugin_namespace"), None)
+            if namespace != PLUGIN_DOMAIN:
+                yield f"{name} lacks plugin_namespace={PLUGIN_DOMAIN!r}: TensorRT's parser would not find tpc's plugin"
+            continue
         if node.domain not in ("", "ai.onnx"):
             yield f"{name} is in domain {node.domain!r}, which TensorRT's parser only takes for registered plugins"
             continue

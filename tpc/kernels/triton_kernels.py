@@ -26,15 +26,21 @@ def _block(n: int, cap: int = 128) -> int:
 
 
 @triton.jit
-def _gather_kernel(x_ptr, idx_ptr, out_ptr, K, C, x_batch_stride, BLOCK_C: tl.constexpr):
+def gather_kernel(x_ptr, idx_ptr, K, C, x_batch_stride, out_ptr, BLOCK_C: tl.constexpr):
+    """Grid (B·K, cdiv(C, BLOCK_C)). Arguments are inputs, int32 scalars, outputs, in that order:
+    the launch contract of a TensorRT ahead-of-time plugin, so the same kernel serves both."""
     row = tl.program_id(0)
     cblk = tl.program_id(1)
-    b = row // K
+    b = (row // K).to(tl.int64)
     i = tl.load(idx_ptr + row).to(tl.int64)
     offs = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
     m = offs < C
     vals = tl.load(x_ptr + b * x_batch_stride + i * C + offs, mask=m)
     tl.store(out_ptr + row.to(tl.int64) * C + offs, vals, mask=m)
+
+
+def gather_block(channels: int) -> int:
+    return _block(channels, 1024)
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -46,8 +52,8 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     out = torch.empty(batch, kept, c, dtype=x.dtype, device=x.device)
     if out.numel():
         stride = 0 if x.shape[0] == 1 else xc.shape[1] * c
-        block = _block(c, 1024)
-        _gather_kernel[(batch * kept, triton.cdiv(c, block))](xc, index.contiguous(), out, kept, c, stride, BLOCK_C=block)
+        block = gather_block(c)
+        gather_kernel[(batch * kept, triton.cdiv(c, block))](xc, index.contiguous(), kept, c, stride, out, BLOCK_C=block)
     return out.reshape(batch, kept, *rest)
 
 
