@@ -88,6 +88,9 @@ def _prune(x, q, k, scale, keep, prefix, method, layer, depth, state, options=No
         if options.get("fuse") and prefix + kk < n:
             return evit.fuse_tokens(x, scores, idx)
         return _take(x, idx)
+    if method == "topk-mass":
+        probs = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+        return _take(x, select_slow(probs.sum(-2).mean(1), kk, prefix))
     if method == "zero-tprune":
         probs = zero_tprune.attention_probs(q, k, scale)
         iters = zero_tprune.auto_iterations(layer, depth)

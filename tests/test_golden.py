@@ -15,7 +15,7 @@ from models import TEST_MODELS
 from tpc.graph.printing import format_rewrites
 
 GOLDEN = Path(__file__).parent / "golden"
-METHODS = ("topk-cls", "random", "zero-tprune", "kcenter", "divprune", "tome", "topk-cls+fuse")
+METHODS = ("topk-cls", "random", "zero-tprune", "kcenter", "divprune", "tome", "topk-cls+fuse", "topk-mass")
 CASES = {f"{name}_{method}": (name, method) for name in TEST_MODELS for method in METHODS}
 
 

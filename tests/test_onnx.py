@@ -17,7 +17,7 @@ from tpc.exports.onnx import decision_names, with_decision_outputs
 STANDARD_DOMAINS = {"", "ai.onnx"}
 
 
-METHODS = ["topk-cls", "random", "zero-tprune", "kcenter", "divprune", "tome", "topk-cls+fuse"]
+METHODS = ["topk-cls", "random", "zero-tprune", "kcenter", "divprune", "tome", "topk-cls+fuse", "topk-mass"]
 
 
 @pytest.mark.parametrize("name", list(TEST_MODELS))

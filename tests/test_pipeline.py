@@ -13,7 +13,7 @@ from models import TEST_MODELS
 from reference import EAGER
 
 
-METHODS = ["topk-cls", "random", "zero-tprune", "kcenter", "divprune", "tome", "topk-cls+fuse"]
+METHODS = ["topk-cls", "random", "zero-tprune", "kcenter", "divprune", "tome", "topk-cls+fuse", "topk-mass"]
 
 
 def _method(spec):

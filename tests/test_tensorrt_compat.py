@@ -13,7 +13,7 @@ from tpc.exports.onnx import to_onnx
 from tpc.exports.tensorrt_compat import tensorrt_problems
 
 METHODS = [("topk-cls", None), ("topk-cls", {"fuse": True}), ("zero-tprune", None), ("zero-tprune", {"iterations": 20}),
-           ("kcenter", None), ("divprune", None), ("tome", None), ("random", None)]
+           ("kcenter", None), ("divprune", None), ("tome", None), ("random", None), ("topk-mass", None)]
 
 
 @pytest.mark.parametrize("method, options", METHODS)

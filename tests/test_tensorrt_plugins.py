@@ -1,8 +1,8 @@
 """tpc's TensorRT plugins, as far as they can be checked without TensorRT or a GPU.
 
-- the engine's ONNX: gather_tokens as a plugin node, taken by the compatibility check, and
+- the engine's ONNX: gather_tokens and sparse_attention as plugin nodes, taken by the compatibility check, and
   (with the plugin spelled out as an ONNX function) equal to the torch graph in ONNX Runtime;
-- the ahead-of-time kernels: compiled to PTX for real GPU architectures, with exactly the
+- the ahead-of-time kernels (gather, sparse attention): compiled to PTX for real GPU architectures, with exactly the
   parameters TensorRT passes (inputs, int32 scalars, outputs), accepted by ptxas;
 - the plugin registrations themselves, where the ``tensorrt`` package installs.
 """
@@ -18,7 +18,7 @@ import tpc
 from models import TEST_MODELS
 from tpc.exports import check_batches
 from tpc.exports.onnx import check_onnx, with_plugin_references
-from tpc.exports.onnx_ops import PLUGIN_DOMAIN
+from tpc.exports.onnx_plugins import PLUGIN_DOMAIN
 from tpc.exports.tensorrt import KEPT, engine_onnx, in_precision, with_kept_outputs
 from tpc.exports.tensorrt_compat import tensorrt_problems
 
@@ -28,14 +28,17 @@ def _plugin_nodes(model):
 
 
 @pytest.mark.parametrize("name", list(TEST_MODELS))
-@pytest.mark.parametrize("method", ["topk-cls", "zero-tprune", "kcenter"])
+@pytest.mark.parametrize("method", ["topk-cls", "zero-tprune", "kcenter", "topk-mass"])
 def test_engine_onnx_runs_the_plugin_graph_like_the_torch_graph(name, method):
     factory, inputs, depth, _ = TEST_MODELS[name]
     pm = tpc.compile(factory(), inputs(2), method=method, layers=[0, depth - 1], keep=[0.6, 0.5])
     model = engine_onnx(pm.graph_module, inputs(2))
-    gathers = _plugin_nodes(model)
-    assert len(gathers) >= 2 and {n.op_type for n in gathers} == {"gather_tokens"}
-    for node in gathers:
+    plugins = _plugin_nodes(model)
+    kinds = [n.op_type for n in plugins]
+    assert kinds.count("gather_tokens") >= 2
+    # topk-mass scores SDPA layers with the fused attention; explicit attention keeps its own probabilities
+    assert kinds.count("sparse_attention") == (2 if method == "topk-mass" and name != "handwritten_vit" else 0)
+    for node in plugins:
         attrs = {a.name: a for a in node.attribute}
         assert attrs["plugin_namespace"].s == b"tpc" and attrs["aot"].i == 1
     assert tensorrt_problems(model) == []
@@ -108,9 +111,22 @@ def test_trimming_refuses_parameters_the_body_reads():
         aot.trim_params(ptx, "k", 1)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("head_dim", [32, 64, 80])
+def test_sparse_attention_kernel_compiles_to_ptx_with_tensorrts_argument_layout(dtype, head_dim):
+    kernel = aot.sparse_attention_ptx(dtype, "i64", head_dim ** -0.5, head_dim, 90)
+    kinds = [p.split()[1] for p in kernel.params]
+    # q, k, v, index | H, M, N, K, D | out, mass
+    assert kinds == [".u64"] * 4 + [".u32"] * 5 + [".u64"] * 2
+    assert 0 < kernel.shared <= aot.SHARED_LIMIT
+    assert len(aot.assemble(kernel, 90)) > 1000
+
+
 def test_unknown_kernel_types_are_refused():
     with pytest.raises(ValueError, match="gather_tokens takes"):
         aot.gather_ptx("fp64", "i64", 128, 90)
+    with pytest.raises(ValueError, match="sparse_attention takes"):
+        aot.sparse_attention_ptx("fp16", "fp32", 0.1, 64, 90)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
@@ -121,6 +137,7 @@ def test_plugins_register_with_tensorrt():
 
     import tpc.exports.tensorrt_plugins  # noqa: F401
 
-    plugin = trtp_lib.QDP_REGISTRY["tpc::gather_tokens"]
-    assert plugin.aot_impl_func is not None and plugin.impl_func is not None
-    assert plugin.input_tensor_names == ["x", "index"]
+    for name, inputs in (("gather_tokens", ["x", "index"]), ("sparse_attention", ["q", "k", "v", "index"])):
+        plugin = trtp_lib.QDP_REGISTRY[f"tpc::{name}"]
+        assert plugin.aot_impl_func is not None and plugin.impl_func is not None
+        assert plugin.input_tensor_names == inputs

@@ -2,7 +2,10 @@
 
 Counts multiply-accumulates (the convention of the ViT/DeiT papers, where DeiT-S is
 4.6 GFLOPs) for the ops that dominate a transformer: linear, matmul, convolution and
-attention. Inserted ``tpc::`` nodes are counted separately as scoring overhead.
+attention (SDPA, or ``tpc::sparse_attention`` where topk-mass fused it). Of the inserted
+``tpc::`` scorers only ``cls_attention`` has a MAC count (reported as scoring overhead); the
+graph methods' scorers (PageRank, greedy selections, matching) are not counted here — their
+cost is measured as run time instead (``tpc bench``'s "inserted" share).
 """
 
 from __future__ import annotations
@@ -79,7 +82,14 @@ def cls_attention_macs(node: fx.Node) -> int:
     return q[0] * q[1] * k[-2] * q[-1]
 
 
+def sparse_attention_macs(node: fx.Node) -> int:
+    q, k = (_shape(val(a)) for a in node.args[:2])
+    keys = k[-2] if node.args[3] is None else _shape(val(node.args[3]))[-1]
+    return math.prod(q[:-1]) * keys * 2 * q[-1]
+
+
 # MAC counts of the tpc:: ops that compute (gathers and selections move memory only).
 TPC_OP_MACS = {
     torch.ops.tpc.cls_attention: cls_attention_macs,
+    torch.ops.tpc.sparse_attention: sparse_attention_macs,
 }

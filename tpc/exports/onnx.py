@@ -15,7 +15,8 @@ from torch import fx, nn
 from tpc.capture import export_program
 from tpc.errors import TpcError
 from tpc.exports.checks import CheckResult, check_artifact
-from tpc.exports.onnx_ops import PLUGIN_TRANSLATIONS, TRANSLATIONS, plugin_reference_functions
+from tpc.exports.onnx_ops import TRANSLATIONS
+from tpc.exports.onnx_plugins import PLUGIN_TRANSLATIONS, plugin_reference_functions
 from tpc.exports.onnxruntime import make_session
 
 OPSET = 18
@@ -25,7 +26,7 @@ _FX_DECISION = re.compile(r"^%((?:select_topk|kcenter|divprune)(?:_\d+)?) : .*ta
 def to_onnx(module: nn.Module, example_inputs: tuple, plugins: bool = False) -> onnx.ModelProto:
     """The module as an ONNX model with a dynamic batch dimension (tpc:: ops translated).
 
-    With ``plugins``, the ops in ``onnx_ops.PLUGIN_OPS`` stay single nodes in domain ``tpc`` for
+    With ``plugins``, the ops in ``onnx_plugins.PLUGIN_OPS`` stay single nodes in domain ``tpc`` for
     tpc's TensorRT plugins instead of being spelled out in standard ops.
     """
     ep = export_program(module, example_inputs)

@@ -349,74 +349,17 @@ def merge_tokens(x, weights, assign, count: int, mean: bool):
 
 
 def sparse_attention(q, k, v, index, scale: float):
-    heads, dim = op.Shape(k, start=1, end=2), op.Shape(k, start=3, end=4)
-    rows = op.Unsqueeze(op.Unsqueeze(index, _ints(1)), _ints(-1))  # [B, 1, K, 1]
-    shape = op.Concat(op.Shape(index, start=0, end=1), heads, op.Shape(index, start=1, end=2), dim, axis=0)
-    k_sel = op.GatherElements(k, op.Expand(rows, shape), axis=2)
-    v_sel = op.GatherElements(v, op.Expand(rows, shape), axis=2)
-    logits = op.Mul(op.MatMul(op.Cast(q, to=FLOAT), op.Transpose(op.Cast(k_sel, to=FLOAT), perm=[0, 1, 3, 2])),
+    if index is not None:
+        heads, dim = op.Shape(k, start=1, end=2), op.Shape(k, start=3, end=4)
+        rows = op.Unsqueeze(op.Unsqueeze(index, _ints(1)), _ints(-1))  # [B, 1, K, 1]
+        shape = op.Concat(op.Shape(index, start=0, end=1), heads, op.Shape(index, start=1, end=2), dim, axis=0)
+        k = op.GatherElements(k, op.Expand(rows, shape), axis=2)
+        v = op.GatherElements(v, op.Expand(rows, shape), axis=2)
+    logits = op.Mul(op.MatMul(op.Cast(q, to=FLOAT), op.Transpose(op.Cast(k, to=FLOAT), perm=[0, 1, 3, 2])),
                     op.Constant(value_float=scale))
     probs = op.Softmax(logits, axis=-1)
-    out = op.Cast(op.MatMul(probs, op.Cast(v_sel, to=FLOAT)), to=q.dtype.value)
+    out = op.Cast(op.MatMul(probs, op.Cast(v, to=FLOAT)), to=q.dtype.value)
     return out, op.ReduceSum(probs, _ints(-2), keepdims=0)
-
-
-PLUGIN_DOMAIN = "tpc"
-PLUGIN_OPS = ("gather_tokens",)  # ops a TensorRT engine runs as tpc's plugins (tpc/exports/tensorrt_plugins.py)
-_PLUGIN_FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
-
-
-def _register_plugin_schema() -> onnxscript.values.Opset:
-    """Declares tpc.gather_tokens to ONNX (the exporter and checker need a schema for every op)."""
-    schema = onnx.defs.OpSchema
-    if not onnx.defs.has(PLUGIN_OPS[0], PLUGIN_DOMAIN):
-        onnx.defs.register_schema(schema(
-            "gather_tokens", PLUGIN_DOMAIN, 1,
-            doc="Rows of x [B or 1, N, ...] picked by index [B, K]: [B, K, ...] (a TensorRT plugin of tpc).",
-            inputs=[schema.FormalParameter("x", "T"), schema.FormalParameter("index", "tensor(int64)")],
-            outputs=[schema.FormalParameter("y", "T")],
-            type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "row types")],
-            attributes=[schema.Attribute("plugin_namespace", schema.AttrType.STRING, "the plugin's namespace"),
-                        schema.Attribute("aot", schema.AttrType.INT, "1: use the ahead-of-time kernel")]))
-    return onnxscript.values.Opset(PLUGIN_DOMAIN, 1)
-
-
-_PLUGINS = _register_plugin_schema()
-
-
-def plugin_reference_functions() -> list[onnx.FunctionProto]:
-    """The plugin ops spelled out in standard ops, as ONNX functions of domain ``tpc``.
-
-    Attached to an engine's ONNX they let ONNX Runtime run it on the CPU, which checks the
-    plugin nodes' wiring (inputs, shapes, broadcasting) against the torch graph without TensorRT.
-    """
-    h = onnx.helper
-    one = h.make_tensor("one", onnx.TensorProto.INT64, [1], [1])
-    nodes = [
-        h.make_node("Shape", ["index"], ["index_shape"]),
-        h.make_node("Shape", ["index"], ["batch"], start=0, end=1),
-        h.make_node("Shape", ["x"], ["x_tail"], start=1),
-        h.make_node("Concat", ["batch", "x_tail"], ["full"], axis=0),
-        h.make_node("Expand", ["x", "full"], ["src"]),
-        h.make_node("Shape", ["x"], ["rest"], start=2),
-        h.make_node("Shape", ["rest"], ["rest_rank"]),
-        h.make_node("ConstantOfShape", ["rest_rank"], ["ones"], value=one),
-        h.make_node("Concat", ["index_shape", "ones"], ["index_rank_shape"], axis=0),
-        h.make_node("Reshape", ["index", "index_rank_shape"], ["index_ranked"]),
-        h.make_node("Concat", ["index_shape", "rest"], ["target"], axis=0),
-        h.make_node("Expand", ["index_ranked", "target"], ["rows"]),
-        h.make_node("GatherElements", ["src", "rows"], ["y"], axis=1),
-    ]
-    gather = h.make_function(PLUGIN_DOMAIN, "gather_tokens", ["x", "index"], ["y"], nodes,
-                             [h.make_opsetid("", 18)], attributes=["plugin_namespace", "aot"])
-    return [gather]
-
-
-def gather_tokens_plugin(x, index):
-    """gather_tokens as a node TensorRT's parser hands to tpc's plugin; non-float tensors (masks) stay standard."""
-    if x.dtype not in _PLUGIN_FLOATS:
-        return gather_tokens(x, index)
-    return _PLUGINS.gather_tokens(x, index, plugin_namespace=PLUGIN_DOMAIN, aot=1)
 
 
 TRANSLATIONS = {
@@ -435,5 +378,3 @@ TRANSLATIONS = {
     torch.ops.tpc.merge_tokens.default: merge_tokens,
     torch.ops.tpc.sparse_attention.default: sparse_attention,
 }
-
-PLUGIN_TRANSLATIONS = {**TRANSLATIONS, torch.ops.tpc.gather_tokens.default: gather_tokens_plugin}

@@ -37,7 +37,7 @@ def require_tensorrt():
     except ImportError:
         raise TpcError(
             "TensorRT is not installed: on a machine with an NVIDIA GPU, `pip install 'tpc[tensorrt]'` "
-            "(TensorRT 10.8 or newer); nothing was written"
+            "(TensorRT 10.9 or newer); nothing was written"
         ) from None
     if not torch.cuda.is_available():
         raise TpcError("no CUDA GPU is visible: a TensorRT engine is built on the GPU it will run on; nothing was written")

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import onnx
 from onnx import numpy_helper
 
-from tpc.exports.onnx_ops import PLUGIN_DOMAIN, PLUGIN_OPS
+from tpc.exports.onnx_plugins import PLUGIN_DOMAIN, PLUGIN_OPS
 
 MAX_OPSET = 20
 TOPK_MAX_K = 3840

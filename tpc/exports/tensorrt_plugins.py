@@ -1,4 +1,6 @@
-"""TensorRT plugins for the tpc:: ops an engine carries (needs ``tensorrt``; importing registers them).
+"""TensorRT plugins for the tpc:: ops an engine carries: ``gather_tokens``, ``sparse_attention``.
+
+Needs ``tensorrt``; importing this module registers the plugins.
 
 Quickly deployable Python plugins (``tensorrt.plugin``, TensorRT 10.9+): ``register`` gives the
 output shape, ``autotune`` the types, and ``aot_impl`` the kernel — tpc's Triton kernel compiled
@@ -6,9 +8,8 @@ to PTX for the GPU the engine is built on, which TensorRT bakes into the plan, s
 runs in any TensorRT runtime (trtexec, C++) without Python or tpc. ``impl`` is the same kernel
 launched from Python, for TensorRT builds that prefer just-in-time plugins.
 
-The engine's ONNX (:func:`tpc.exports.onnx.to_onnx` with ``plugins=True``) names each op as
-TensorRT's parser expects: op type = plugin name, attributes ``plugin_namespace="tpc"`` and
-``aot=1``.
+The engine's ONNX (:mod:`tpc.exports.onnx_plugins`) names each op as TensorRT's parser
+expects: op type = plugin name, attributes ``plugin_namespace="tpc"`` and ``aot=1``.
 """
 
 from __future__ import annotations
@@ -71,6 +72,55 @@ def gather_tokens_impl(x: trtp.Tensor, index: trtp.Tensor, outputs, stream: int)
     from tpc.kernels.triton_kernels import gather_tokens
 
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-        out = torch.as_tensor(outputs[0], device="cuda")
-        out.copy_(gather_tokens(torch.as_tensor(x, device="cuda"), torch.as_tensor(index, device="cuda")))
+        gather_tokens(torch.as_tensor(x, device="cuda"), torch.as_tensor(index, device="cuda"),
+                      out=torch.as_tensor(outputs[0], device="cuda"))
 
+
+
+def _attention_block(q: trtp.TensorDesc) -> int:
+    from tpc.kernels.triton_kernels import attention_block
+
+    width = q.shape_expr[3]
+    return attention_block(width.constant_value() if width.is_constant else 128)
+
+
+@trtp.register("tpc::sparse_attention")
+def sparse_attention_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, index: trtp.TensorDesc,
+                          scale: float) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+    """q [B, H, M, d], k/v [B, H, N, d], index [B, K] -> (out [B, H, M, d], mass per query block [B, H, blocks, K])."""
+    blocks = trtp.cdiv(q.shape_expr[2], _attention_block(q))
+    mass = trtp.from_shape_expr((q.shape_expr[0], q.shape_expr[1], blocks, index.shape_expr[1]), dtype=trt.float32)
+    return q.like(), mass
+
+
+@trtp.autotune("tpc::sparse_attention")
+def sparse_attention_autotune(q, k, v, index, outputs) -> list[trtp.AutoTuneCombination]:
+    return [trtp.AutoTuneCombination("FP32|FP16|BF16, FP32|FP16|BF16, FP32|FP16|BF16, INT64, FP32|FP16|BF16, FP32", "LINEAR")]
+
+
+@trtp.aot_impl("tpc::sparse_attention")
+def sparse_attention_aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, index: trtp.TensorDesc,
+                         scale: float, outputs, tactic: int):
+    width = q.shape_expr[3]
+    if not width.is_constant:
+        raise ValueError("tpc::sparse_attention needs a head width known when the engine is built")
+    kernel = aot.sparse_attention_ptx(TRITON_TYPES[q.dtype], TRITON_TYPES[index.dtype], scale, width.constant_value(), _arch())
+    b, h, m, _ = q.shape_expr
+    launch = trtp.KernelLaunchParams()
+    launch.grid_x = b * h
+    launch.grid_y = trtp.cdiv(m, _attention_block(q))
+    launch.block_x = kernel.threads
+    launch.shared_mem = kernel.shared
+    sizes = (h, m, k.shape_expr[2], index.shape_expr[1], width)
+    extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in sizes])
+    return kernel.name.encode(), kernel.ptx.encode(), launch, extra
+
+
+@trtp.impl("tpc::sparse_attention")
+def sparse_attention_impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, index: trtp.Tensor, scale: float,
+                          outputs, stream: int) -> None:
+    from tpc.kernels.triton_kernels import launch_sparse_attention
+
+    with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+        cuda = [torch.as_tensor(t, device="cuda") for t in (q, k, v, index, outputs[0], outputs[1])]
+        launch_sparse_attention(*cuda[:4], scale, cuda[4], cuda[5])

@@ -103,3 +103,25 @@ def gather_ptx(dtype: str, index_dtype: str, block_c: int, arch: int) -> PtxKern
     signature = {"x_ptr": f"*{dtype}", "idx_ptr": f"*{index_dtype}", "K": "i32", "C": "i32",
                  "x_batch_stride": "i32", "out_ptr": f"*{dtype}"}
     return _compile(gather_kernel, signature, {"BLOCK_C": block_c}, arch)
+
+
+SHARED_LIMIT = 48 * 1024  # dynamic shared memory a launch gets without an opt-in attribute
+
+
+@functools.lru_cache(maxsize=None)
+def sparse_attention_ptx(dtype: str, index_dtype: str, scale: float, head_dim: int, arch: int) -> PtxKernel:
+    """``sparse_attention_kernel`` with an index, for ``dtype`` q/k/v/out, a fixed ``scale`` and head width."""
+    if dtype not in FLOAT_TYPES or index_dtype not in INDEX_TYPES:
+        raise ValueError(f"sparse_attention takes {FLOAT_TYPES} tensors and {INDEX_TYPES} indices, not {dtype}/{index_dtype}")
+    from tpc.kernels.triton_kernels import attention_block, attention_block_d, dot_precision, sparse_attention_kernel
+
+    signature = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "idx_ptr": f"*{index_dtype}",
+                 "H": "i32", "M": "i32", "N": "i32", "K": "i32", "D": "i32", "out_ptr": f"*{dtype}", "mass_ptr": "*fp32"}
+    block = attention_block(head_dim)
+    constexprs = {"SCALE": float(scale), "HAS_INDEX": True, "HALF_DOT": dtype == "fp16",
+                  "PRECISION": dot_precision(dtype), "BLOCK_M": block, "BLOCK_K": block,
+                  "BLOCK_D": attention_block_d(head_dim)}
+    kernel = _compile(sparse_attention_kernel, signature, constexprs, arch)
+    if kernel.shared > SHARED_LIMIT:
+        raise RuntimeError(f"sparse_attention for head width {head_dim} needs {kernel.shared} bytes of shared memory")
+    return kernel

@@ -177,23 +177,26 @@ def _(x, weights, assign, count, mean):
 
 
 @torch.library.custom_op(f"{_LIB}::sparse_attention", mutates_args=())
-def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor | None,
                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q ([B, H, M, d]) over the keys/values at ``index`` ([B, K] rows of k, v).
+    """Attention of q ([B, H, M, d]) over the keys/values at ``index`` ([B, K] rows of k, v; every key when None).
 
-    Returns (softmax(q kᵢᵀ · scale) vᵢ [B, H, M, d], the attention mass each indexed key
-    receives, summed over queries [B, H, K] float32).
+    Returns (softmax(q kᵢᵀ · scale) vᵢ [B, H, M, d], the attention mass each of those keys
+    receives, summed over queries [B, H, K] float32) — the column sums a scorer needs, from the
+    attention the layer computes anyway.
     """
-    rows = index[:, None, :, None]
-    k_sel = torch.gather(k, 2, rows.expand(-1, k.shape[1], -1, k.shape[-1]))
-    v_sel = torch.gather(v, 2, rows.expand(-1, v.shape[1], -1, v.shape[-1]))
-    probs = torch.softmax(torch.matmul(q.float(), k_sel.float().transpose(-1, -2)) * scale, dim=-1)
-    return torch.matmul(probs, v_sel.float()).to(q.dtype), probs.sum(-2)
+    if index is not None:
+        rows = index[:, None, :, None]
+        k = torch.gather(k, 2, rows.expand(-1, k.shape[1], -1, k.shape[-1]))
+        v = torch.gather(v, 2, rows.expand(-1, v.shape[1], -1, v.shape[-1]))
+    probs = torch.softmax(torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale, dim=-1)
+    return torch.matmul(probs, v.float()).to(q.dtype), probs.sum(-2)
 
 
 @sparse_attention.register_fake
 def _(q, k, v, index, scale):
-    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[1], index.shape[1]), dtype=torch.float32)
+    keys = k.shape[2] if index is None else index.shape[1]
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[1], keys), dtype=torch.float32)
 
 
 OPS = {

@@ -8,10 +8,11 @@ is how the tests check them against the reference implementations.
   and copies the row — one read and one write of the kept data, any float dtype.
 - ``merge_tokens``: sources are sorted by destination slot (a segment per slot), so each
   program reduces its slot's sources in order: deterministic, one read of x, one write.
-- ``sparse_attention``: queries attend to the keys/values named by a per-example index, read
-  row by row through the index (no gathered copy), with an online softmax (flash-attention
-  style); a second kernel recomputes the probabilities per key block and sums them over
-  queries: the attention mass each kept key receives, which scorers need.
+- ``sparse_attention``: queries attend to the keys/values named by a per-example index (or to
+  every key), read row by row through the index (no gathered copy), with an online softmax
+  (flash-attention style); a second pass over the keys in the same program recomputes the
+  normalized probabilities and sums them over the block's queries: the attention mass each
+  key receives, which scorers need, without materializing the [M, K] probabilities.
 """
 
 from __future__ import annotations
@@ -43,18 +44,19 @@ def gather_block(channels: int) -> int:
     return _block(channels, 1024)
 
 
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B or 1, N, ...], index [B, K] -> [B, K, ...]."""
+def gather_tokens(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B or 1, N, ...], index [B, K] -> [B, K, ...] (into ``out`` when given, contiguous)."""
     batch, kept = index.shape
     rest = x.shape[2:]
     xc = x.contiguous().reshape(x.shape[0], x.shape[1], -1)
     c = xc.shape[-1]
-    out = torch.empty(batch, kept, c, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(batch, kept, *rest, dtype=x.dtype, device=x.device)
     if out.numel():
         stride = 0 if x.shape[0] == 1 else xc.shape[1] * c
         block = gather_block(c)
         gather_kernel[(batch * kept, triton.cdiv(c, block))](xc, index.contiguous(), kept, c, stride, out, BLOCK_C=block)
-    return out.reshape(batch, kept, *rest)
+    return out
 
 
 @triton.jit
@@ -97,86 +99,101 @@ def merge_tokens(x: torch.Tensor, weights: torch.Tensor, assign: torch.Tensor, c
 
 
 @triton.jit
-def _sparse_attention_fwd(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, m_ptr, l_ptr,
-                          H, M, N, K, D, scale,
-                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def sparse_attention_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, H, M, N, K, D, out_ptr, mass_ptr,
+                            SCALE: tl.constexpr, HAS_INDEX: tl.constexpr, HALF_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (B·H, cdiv(M, BLOCK_M)); q [B, H, M, D], k/v [B, H, N, D], idx [B, K] (HAS_INDEX) or
+    every key, out [B, H, M, D], mass [B, H, cdiv(M, BLOCK_M), K] float32: this query block's
+    share of each key's attention mass (summed over blocks by the caller, deterministically).
+    Inputs, int32 scalars, outputs: the argument order of a TensorRT ahead-of-time plugin.
+    HALF_DOT: fp16 operands go to tl.dot as they are (float32 accumulation); others as float32,
+    multiplied at PRECISION ("ieee" for fp32 tensors; "tf32" holds bf16 values exactly)."""
     bh = tl.program_id(0)
     mblk = tl.program_id(1)
     b = bh // H
+    bh64 = bh.to(tl.int64)
     rows = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < M
     dim_ok = dims < D
-    q = tl.load(q_ptr + (bh * M + rows[:, None]) * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = tl.load(q_ptr + (bh64 * M + rows[:, None]) * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    dot_type = tl.float16 if HALF_DOT else tl.float32
+    q = q.to(dot_type)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):
+    for start in range(0, K, BLOCK_K):  # pass 1: online softmax (flash-attention style)
         cols = start + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        key_rows = tl.load(idx_ptr + b * K + cols, mask=col_ok, other=0).to(tl.int64)
-        kv_off = (bh.to(tl.int64) * N + key_rows[:, None]) * D + dims[None, :]
+        if HAS_INDEX:
+            key_rows = tl.load(idx_ptr + b * K + cols, mask=col_ok, other=0).to(tl.int64)
+        else:
+            key_rows = cols.to(tl.int64)
+        kv_off = (bh64 * N + key_rows[:, None]) * D + dims[None, :]
         kmask = col_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kmask, other=0.0)
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * scale
+        k = tl.load(k_ptr + kv_off, mask=kmask, other=0.0).to(dot_type)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + kv_off, mask=kmask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+        v = tl.load(v_ptr + kv_off, mask=kmask, other=0.0).to(dot_type)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dot_type), v, input_precision=PRECISION)
         m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + (bh * M + rows[:, None]) * D + dims[None, :], out.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + (bh64 * M + rows[:, None]) * D + dims[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & dim_ok[None, :])
-    tl.store(m_ptr + bh * M + rows, m_i, mask=row_ok)
-    tl.store(l_ptr + bh * M + rows, l_i, mask=row_ok)
-
-
-@triton.jit
-def _sparse_attention_mass(q_ptr, k_ptr, idx_ptr, m_ptr, l_ptr, mass_ptr,
-                           H, M, N, K, D, scale,
-                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(0)
-    kblk = tl.program_id(1)
-    b = bh // H
-    cols = kblk * BLOCK_K + tl.arange(0, BLOCK_K)
-    dims = tl.arange(0, BLOCK_D)
-    col_ok = cols < K
-    dim_ok = dims < D
-    key_rows = tl.load(idx_ptr + b * K + cols, mask=col_ok, other=0).to(tl.int64)
-    k = tl.load(k_ptr + (bh.to(tl.int64) * N + key_rows[:, None]) * D + dims[None, :],
-                mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-    mass = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for start in range(0, M, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        q = tl.load(q_ptr + (bh * M + rows[:, None]) * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        m_i = tl.load(m_ptr + bh * M + rows, mask=row_ok, other=0.0)
-        l_i = tl.load(l_ptr + bh * M + rows, mask=row_ok, other=1.0)
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * scale
-        p = tl.exp(s - m_i[:, None]) / l_i[:, None]
+    blocks = tl.num_programs(1)
+    for start in range(0, K, BLOCK_K):  # pass 2: normalized probabilities, summed over this block's queries
+        cols = start + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        if HAS_INDEX:
+            key_rows = tl.load(idx_ptr + b * K + cols, mask=col_ok, other=0).to(tl.int64)
+        else:
+            key_rows = cols.to(tl.int64)
+        k = tl.load(k_ptr + (bh64 * N + key_rows[:, None]) * D + dims[None, :],
+                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0).to(dot_type)
+        p = tl.exp(tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE - m_i[:, None]) / l_i[:, None]
         p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
-        mass += tl.sum(p, 0)
-    tl.store(mass_ptr + bh * K + cols, mass, mask=col_ok)
+        tl.store(mass_ptr + (bh64 * blocks + mblk) * K + cols, tl.sum(p, 0), mask=col_ok)
 
 
-def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+def attention_block_d(head_dim: int) -> int:
+    return _block(head_dim)
+
+
+def dot_precision(dtype) -> str:
+    return "ieee" if dtype in (torch.float32, "fp32") else "tf32"
+
+
+def attention_block(head_dim: int) -> int:
+    """Queries (and keys) per block: 32, or 16 for heads wider than 64 so a block's tiles fit
+    in 48 KB of shared memory. tl.dot needs at least 16 on each side."""
+    return 32 if attention_block_d(head_dim) <= 64 else 16
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor | None,
                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q · k[index]ᵀ · scale) · v[index], and the attention mass of each indexed key."""
+    """softmax(q · k[index]ᵀ · scale) · v[index] (every key when ``index`` is None), and the
+    attention mass each of those keys receives, summed over queries."""
+    b, h, m, d = q.shape
+    kept = k.shape[2] if index is None else index.shape[1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    partial = torch.empty(b, h, triton.cdiv(m, attention_block(d)), kept, dtype=torch.float32, device=q.device)
+    launch_sparse_attention(q, k, v, index, scale, out, partial)
+    return out, partial.sum(2)
+
+
+def launch_sparse_attention(q, k, v, index, scale: float, out: torch.Tensor, partial: torch.Tensor) -> None:
+    """The kernel into ``out`` [B, H, M, d] and ``partial`` [B, H, cdiv(M, attention_block(d)), K] (contiguous)."""
     b, h, m, d = q.shape
     n = k.shape[2]
-    kept = index.shape[1]
-    qc, kc, vc, ic = q.contiguous(), k.contiguous(), v.contiguous(), index.contiguous()
-    out = torch.empty_like(qc)
-    m_stat = torch.empty(b, h, m, dtype=torch.float32, device=q.device)
-    l_stat = torch.empty_like(m_stat)
-    mass = torch.empty(b, h, kept, dtype=torch.float32, device=q.device)
-    block_d = _block(d)
-    block_m, block_k = 32, 32
-    _sparse_attention_fwd[(b * h, triton.cdiv(m, block_m))](qc, kc, vc, ic, out, m_stat, l_stat, h, m, n, kept, d, scale,
-                                                            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d)
-    _sparse_attention_mass[(b * h, triton.cdiv(kept, block_k))](qc, kc, ic, m_stat, l_stat, mass, h, m, n, kept, d, scale,
-                                                               BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d)
-    return out, mass
+    kept = partial.shape[-1]
+    qc = q.contiguous()
+    ic = qc if index is None else index.contiguous()  # any pointer: unread without an index
+    if out.numel() and kept:
+        sparse_attention_kernel[(b * h, partial.shape[2])](qc, k.contiguous(), v.contiguous(), ic, h, m, n, kept, d, out, partial,
+                                                           SCALE=float(scale), HAS_INDEX=index is not None,
+                                                           HALF_DOT=q.dtype == torch.float16, PRECISION=dot_precision(q.dtype),
+                                                           BLOCK_M=attention_block(d), BLOCK_K=attention_block(d),
+                                                           BLOCK_D=attention_block_d(d))

@@ -168,6 +168,37 @@ def build_random(b: Builder, ctx: PruneContext) -> Compaction:
     return gather(b, ctx, select(b, ctx, scores))
 
 
+def fused_attention(site: AttentionSite) -> fx.Node:
+    """Replace the site's SDPA by ``tpc.sparse_attention`` over every key: same output, plus the
+    [B, H, N] attention mass each key receives, from the one pass over q·kᵀ."""
+    b = Builder(site.node.graph.owning_module, site.node)
+    fused = b.op(tpc_ops.sparse_attention.default, site.q, site.k, site.v, None, site.scale)
+    out = b.op(operator.getitem, fused, 0, value=val(site.node))
+    mass = b.op(operator.getitem, fused, 1, role="score")
+    for node in (fused, out):  # the layer's own attention, rewritten: not scoring work
+        del node.meta["tpc_inserted"]
+        node.meta["tpc_rewritten"] = True
+    site.node.replace_all_uses_with(out)
+    site.node.graph.erase_node(site.node)  # SDPA counts as impure, so DCE would keep it
+    return mass
+
+
+def build_topk_mass(b: Builder, ctx: PruneContext) -> Compaction:
+    """Score = Σ_i A[i, j] averaged over heads: the attention token j receives (PoWER-BERT's significance)."""
+    site = ctx.site
+    fusable = (site.kind == "sdpa" and site.mask is None and not site.is_causal and len(val(site.q).shape) == 4
+               and val(site.k).shape == val(site.v).shape and val(site.q).shape[1] == val(site.k).shape[1])
+    if site.probs is not None and len(val(site.probs).shape) == 4:
+        mass = b.op(aten.sum.dim_IntList, site.probs, [-2])
+    elif fusable:
+        mass = fused_attention(site)
+    else:  # a mask, grouped or merged heads: recompute the probabilities (a second pass over q·kᵀ)
+        q, k = query_key(b, site)
+        mass = b.op(aten.sum.dim_IntList, b.op(tpc_ops.attention_probs.default, q, k, site.scale, keep_mask(b, site)), [-2])
+    scores = b.op(aten.mean.dim, mass, [1])  # [B, N]: attention received, averaged over heads
+    return gather(b, ctx, select(b, ctx, scores))
+
+
 def _no_mask(ctx: PruneContext, method: str) -> None:
     if ctx.site.mask is not None:
         raise TpcError(f"{method} does not take attention masks yet (layer {ctx.layer}): padding could be kept over "
@@ -289,6 +320,10 @@ METHODS: dict[str, PruneMethod] = {
         PruneMethod("tome", "ToMe (Bolya et al., ICLR 2023)",
                     "bipartite soft matching on head-averaged keys, size-weighted merge, proportional attention",
                     build_tome),
+        PruneMethod("topk-mass", "PoWER-BERT (Goyal et al., ICML 2020, arXiv 2001.08950); LTP (Kim et al., KDD 2022)",
+                    "keep the tokens that receive the most attention (column sums of the attention, head mean); "
+                    "no [CLS] needed; on SDPA layers the scores come from the layer's own attention",
+                    build_topk_mass),
         PruneMethod("random", "baseline", "keep a seeded uniform random subset per example", build_random),
     )
 }
