@@ -141,3 +141,18 @@ def test_plugins_register_with_tensorrt():
         plugin = trtp_lib.QDP_REGISTRY[f"tpc::{name}"]
         assert plugin.aot_impl_func is not None and plugin.impl_func is not None
         assert plugin.input_tensor_names == inputs
+
+
+def test_plugin_annotations_stay_classes():
+    """tensorrt.plugin validates signatures by their annotation objects; postponed (string)
+    annotations would make every registration fail where TensorRT is installed."""
+    import ast
+    from pathlib import Path
+
+    source = Path(tpc.__file__).parent / "exports" / "tensorrt_plugins.py"
+    tree = ast.parse(source.read_text())
+    futures = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "__future__"]
+    assert not futures
+    decorated = [f for f in tree.body if isinstance(f, ast.FunctionDef) and f.decorator_list]
+    aot_impls = [f for f in decorated if "aot_impl" in ast.unparse(f.decorator_list[0])]
+    assert len(aot_impls) == 2 and all(f.returns is not None for f in aot_impls)  # TensorRT 11 requires it

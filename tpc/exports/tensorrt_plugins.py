@@ -12,14 +12,14 @@ The engine's ONNX (:mod:`tpc.exports.onnx_plugins`) names each op as TensorRT's 
 expects: op type = plugin name, attributes ``plugin_namespace="tpc"`` and ``aot=1``.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: tensorrt.plugin reads the annotations as classes.
 import tensorrt as trt
 import tensorrt.plugin as trtp
 import torch
 
 from tpc.kernels import aot
 
+AotKernel = tuple[bytes, bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]  # name, PTX, launch, int32 scalars
 TRITON_TYPES = {trt.float32: "fp32", trt.float16: "fp16", trt.bfloat16: "bf16", trt.int32: "i32", trt.int64: "i64"}
 
 
@@ -48,7 +48,7 @@ def gather_tokens_autotune(x: trtp.TensorDesc, index: trtp.TensorDesc, outputs) 
 
 
 @trtp.aot_impl("tpc::gather_tokens")
-def gather_tokens_aot(x: trtp.TensorDesc, index: trtp.TensorDesc, outputs, tactic: int):
+def gather_tokens_aot(x: trtp.TensorDesc, index: trtp.TensorDesc, outputs, tactic: int) -> AotKernel:
     from tpc.kernels.triton_kernels import gather_block
 
     channels = _product([x.shape_expr[i] for i in range(2, x.ndim)])
@@ -81,6 +81,8 @@ def _attention_block(q: trtp.TensorDesc) -> int:
     from tpc.kernels.triton_kernels import attention_block
 
     width = q.shape_expr[3]
+    if width.is_fake:  # TensorRT asks for output types with placeholder shapes: the value is unused
+        return attention_block(64)
     return attention_block(width.constant_value() if width.is_constant else 128)
 
 
@@ -100,7 +102,7 @@ def sparse_attention_autotune(q, k, v, index, outputs) -> list[trtp.AutoTuneComb
 
 @trtp.aot_impl("tpc::sparse_attention")
 def sparse_attention_aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, index: trtp.TensorDesc,
-                         scale: float, outputs, tactic: int):
+                         scale: float, outputs, tactic: int) -> AotKernel:
     width = q.shape_expr[3]
     if not width.is_constant:
         raise ValueError("tpc::sparse_attention needs a head width known when the engine is built")
