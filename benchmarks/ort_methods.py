@@ -18,7 +18,7 @@ from tpc.benchmark import run_bench
 
 MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224")
 METHODS = (("topk-cls", None), ("topk-cls", {"fuse": True}), ("zero-tprune", None), ("kcenter", None),
-           ("divprune", None), ("tome", None), ("random", None))
+           ("divprune", None), ("tome", None), ("topk-mass", None), ("random", None))
 
 
 def main() -> None:
