@@ -2,10 +2,11 @@
 
 1. kernel correctness: the Triton kernels (compiled for the GPU) against the reference ops,
    fp32/fp16/bf16, K = 1, K = N, channel counts that are not powers of two, batch > 1;
+   and the same kernels as the TensorRT plugins compile them ahead of time, launched by Triton;
 2. gather_tokens bandwidth as a fraction of a device-to-device copy of the same bytes (goal >= 0.8);
 3. sparse_attention (output + per-key mass) against PyTorch SDPA on already-gathered K/V (goal: no slower);
 4. DeiT-S and DeiT-B (random weights, fp16): the pruned torch module's throughput against the
-   unpruned one at batch 256, next to the FLOPs ratio (goal >= 0.95 of it).
+   unpruned one at batch 256 (topk-cls, zero-tprune, topk-mass), next to the FLOPs ratio (goal >= 0.95 of it).
 
 Run by benchmarks/gpu_check.sh on a machine with one NVIDIA GPU and PyTorch + Triton + timm;
 nothing is downloaded. Each section reports its own failure and the rest still run.
@@ -102,6 +103,48 @@ def kernels():
                  "all", "ok" if not failures else "fail"))
 
 
+@section("TensorRT plugin kernels")
+def plugin_kernels():
+    """The kernels as the TensorRT plugins compile them (tpc/kernels/aot.py: fixed types, scale and
+    blocks, inputs / int32 scalars / outputs), launched by Triton on this GPU against the reference ops."""
+    import triton
+
+    from tpc.kernels import aot
+    from tpc.kernels.triton_kernels import attention_block, gather_block
+
+    major, minor = torch.cuda.get_device_capability()
+    arch = major * 10 + minor
+    g = torch.Generator(device="cuda").manual_seed(1)
+    failures, cases = [], 0
+    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        b, n, k, c = 4, 197, 138, 384
+        x = torch.randn(b, n, c, device="cuda", generator=g).to(dtype)
+        idx = torch.sort(torch.rand(b, n, device="cuda", generator=g).argsort(1)[:, :k], 1).values.contiguous()
+        kernel = aot.gather_ptx(name, "i64", gather_block(c), arch)
+        out = torch.empty(b, k, c, device="cuda", dtype=dtype)
+        kernel.compiled[(b * k, triton.cdiv(c, gather_block(c)), 1)](x, idx, k, c, n * c, out)
+        cases += 1
+        if not torch.equal(out, torch.gather(x, 1, idx[..., None].expand(-1, -1, c))):
+            failures.append(f"gather {name}")
+        h, d = 6, 64
+        q = torch.randn(b, h, k, d, device="cuda", generator=g).to(dtype)
+        kk = torch.randn(b, h, n, d, device="cuda", generator=g).to(dtype)
+        v = torch.randn(b, h, n, d, device="cuda", generator=g).to(dtype)
+        block = attention_block(d)
+        kernel = aot.sparse_attention_ptx(name, "i64", d ** -0.5, d, arch)
+        out = torch.empty_like(q)
+        partial = torch.empty(b, h, triton.cdiv(k, block), k, device="cuda", dtype=torch.float32)
+        kernel.compiled[(b * h, triton.cdiv(k, block), 1)](q, kk, v, idx, h, k, n, k, d, out, partial)
+        want, want_mass = torch.ops.tpc.sparse_attention(q.cpu(), kk.cpu(), v.cpu(), idx.cpu(), d ** -0.5)
+        tol = 5e-5 if dtype == torch.float32 else 1e-1
+        cases += 1
+        if not torch.allclose(out.float().cpu(), want.float(), atol=tol, rtol=tol) \
+                or not torch.allclose(partial.sum(2).cpu(), want_mass, atol=1e-2, rtol=1e-2):
+            failures.append(f"sparse_attention {name}")
+    ROWS.append(("TensorRT plugin kernels (AOT builds)", f"{cases - len(failures)}/{cases} cases pass"
+                 + (f" ({'; '.join(failures)})" if failures else ""), "all", "ok" if not failures else "fail"))
+
+
 @section("gather bandwidth")
 def bandwidth():
     from tpc.kernels import triton_kernels as tk
@@ -157,14 +200,14 @@ def _throughput(name: str, method: str):
 @section("DeiT throughput")
 def throughput():
     for name in ("deit_small_patch16_224", "deit_base_patch16_224"):
-        for method in ("topk-cls", "zero-tprune"):
+        for method in ("topk-cls", "zero-tprune", "topk-mass"):
             _throughput(name, method)
 
 
 def main() -> None:
     start = time.time()
     print(f"torch {torch.__version__}, GPU: {torch.cuda.get_device_name(0)}", flush=True)
-    for fn in (kernels, bandwidth, attention, throughput):
+    for fn in (kernels, plugin_kernels, bandwidth, attention, throughput):
         fn()
     width = max(len(r[0]) for r in ROWS)
     print(f"\n== tpc GPU check on {torch.cuda.get_device_name(0)}, {time.strftime('%Y-%m-%d')}, {time.time() - start:.0f} s ==")

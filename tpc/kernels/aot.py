@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 FLOAT_TYPES = ("fp32", "fp16", "bf16")
 INDEX_TYPES = ("i32", "i64")
@@ -24,6 +24,7 @@ class PtxKernel:
     num_warps: int
     shared: int  # bytes of shared memory per block
     params: tuple[str, ...]  # the PTX entry's parameter declarations, in order
+    compiled: object = field(default=None, repr=False, compare=False)  # Triton's kernel: launchable where a GPU is
 
     @property
     def threads(self) -> int:
@@ -70,7 +71,7 @@ def _compile(fn, signature: dict[str, str], constexprs: dict, arch: int) -> PtxK
     if scratch:  # a TensorRT launch passes no scratch buffers
         raise RuntimeError(f"kernel {meta.name} needs {scratch} bytes of Triton scratch memory; TensorRT cannot give it")
     ptx = trim_params(compiled.asm["ptx"], meta.name, len(signature))
-    return PtxKernel(meta.name, ptx, meta.num_warps, meta.shared, tuple(_entry_params(ptx, meta.name)))
+    return PtxKernel(meta.name, ptx, meta.num_warps, meta.shared, tuple(_entry_params(ptx, meta.name)), compiled)
 
 
 def assemble(kernel: PtxKernel, arch: int) -> bytes:
