@@ -99,6 +99,16 @@ def merge_tokens(x: torch.Tensor, weights: torch.Tensor, assign: torch.Tensor, c
 
 
 @triton.jit
+def _key_offsets(idx_ptr, b, bh64, cols, col_ok, dims, dim_ok, N, K, D, HAS_INDEX: tl.constexpr):
+    """Offsets of key/value rows ``cols`` (through the index, or directly) and their load mask."""
+    if HAS_INDEX:
+        key_rows = tl.load(idx_ptr + b * K + cols, mask=col_ok, other=0).to(tl.int64)
+    else:
+        key_rows = cols.to(tl.int64)
+    return (bh64 * N + key_rows[:, None]) * D + dims[None, :], col_ok[:, None] & dim_ok[None, :]
+
+
+@triton.jit
 def sparse_attention_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, H, M, N, K, D, out_ptr, mass_ptr,
                             SCALE: tl.constexpr, HAS_INDEX: tl.constexpr, HALF_DOT: tl.constexpr, PRECISION: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -125,12 +135,7 @@ def sparse_attention_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, H, M, N, K, D, out_ptr
     for start in range(0, K, BLOCK_K):  # pass 1: online softmax (flash-attention style)
         cols = start + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        if HAS_INDEX:
-            key_rows = tl.load(idx_ptr + b * K + cols, mask=col_ok, other=0).to(tl.int64)
-        else:
-            key_rows = cols.to(tl.int64)
-        kv_off = (bh64 * N + key_rows[:, None]) * D + dims[None, :]
-        kmask = col_ok[:, None] & dim_ok[None, :]
+        kv_off, kmask = _key_offsets(idx_ptr, b, bh64, cols, col_ok, dims, dim_ok, N, K, D, HAS_INDEX)
         k = tl.load(k_ptr + kv_off, mask=kmask, other=0.0).to(dot_type)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE
         s = tl.where(col_ok[None, :], s, float("-inf"))
@@ -147,12 +152,8 @@ def sparse_attention_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, H, M, N, K, D, out_ptr
     for start in range(0, K, BLOCK_K):  # pass 2: normalized probabilities, summed over this block's queries
         cols = start + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        if HAS_INDEX:
-            key_rows = tl.load(idx_ptr + b * K + cols, mask=col_ok, other=0).to(tl.int64)
-        else:
-            key_rows = cols.to(tl.int64)
-        k = tl.load(k_ptr + (bh64 * N + key_rows[:, None]) * D + dims[None, :],
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0).to(dot_type)
+        kv_off, kmask = _key_offsets(idx_ptr, b, bh64, cols, col_ok, dims, dim_ok, N, K, D, HAS_INDEX)
+        k = tl.load(k_ptr + kv_off, mask=kmask, other=0.0).to(dot_type)
         p = tl.exp(tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE - m_i[:, None]) / l_i[:, None]
         p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
         tl.store(mass_ptr + (bh64 * blocks + mblk) * K + cols, tl.sum(p, 0), mask=col_ok)
