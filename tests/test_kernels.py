@@ -64,6 +64,39 @@ def test_random_scores_match_integer_loops_and_are_seeded():
     assert torch.all((got >= 0) & (got < 1))
 
 
+def sparse_attention_slow(q, k, v, index, scale):
+    """Per example, head and query: softmax over the indexed keys, then the weighted sum of values."""
+    b, h, m, d = q.shape
+    keys = list(range(k.shape[2])) if index is None else None
+    out = torch.zeros(b, h, m, d, dtype=torch.float64)
+    mass = torch.zeros(b, h, len(keys) if keys else index.shape[1], dtype=torch.float64)
+    for e in range(b):
+        rows = keys if keys else index[e].tolist()
+        for head in range(h):
+            for i in range(m):
+                logits = [float(q[e, head, i].double() @ k[e, head, j].double()) * scale for j in rows]
+                top = max(logits)
+                weights = [torch.exp(torch.tensor(x - top, dtype=torch.float64)) for x in logits]
+                total = sum(weights)
+                for slot, (j, w) in enumerate(zip(rows, weights)):
+                    out[e, head, i] += (w / total) * v[e, head, j].double()
+                    mass[e, head, slot] += w / total
+    return out, mass
+
+
+@pytest.mark.parametrize("indexed", [True, False])
+def test_sparse_attention_matches_loops(indexed):
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, 5, 4, generator=g)
+    k, v = torch.randn(2, 3, 8, 4, generator=g), torch.randn(2, 3, 8, 4, generator=g)
+    index = torch.tensor([[0, 2, 7], [1, 3, 4]]) if indexed else None
+    out, mass = ops.sparse_attention(q, k, v, index, 0.7)
+    want, want_mass = sparse_attention_slow(q, k, v, index, 0.7)
+    assert out.shape == (2, 3, 5, 4) and mass.shape == (2, 3, 3 if indexed else 8) and mass.dtype == torch.float32
+    torch.testing.assert_close(out.double(), want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(mass.double(), want_mass, atol=1e-6, rtol=1e-5)
+
+
 def test_fake_implementations_give_the_reference_shapes():
     with FakeTensorMode():
         q = torch.empty(2, 3, 7, 4)
@@ -73,9 +106,12 @@ def test_fake_implementations_give_the_reference_shapes():
         assert idx.shape == (2, 4) and idx.dtype == torch.int64
         assert ops.gather_tokens(torch.empty(1, 7, 5), idx).shape == (2, 4, 5)
         assert ops.random_scores(torch.empty(2, 7, 5), 0).shape == (2, 7)
+        kv = torch.empty(2, 3, 9, 4)
+        assert [t.shape for t in ops.sparse_attention(q, kv, kv, idx, 0.5)] == [(2, 3, 7, 4), (2, 3, 4)]
+        assert [t.shape for t in ops.sparse_attention(q, kv, kv, None, 0.5)] == [(2, 3, 7, 4), (2, 3, 9)]
 
 
-@pytest.mark.parametrize("name", ["cls_attention", "select_topk", "gather_tokens", "random_scores"])
+@pytest.mark.parametrize("name", ["cls_attention", "select_topk", "gather_tokens", "random_scores", "sparse_attention"])
 def test_opcheck(name):
     g = torch.Generator().manual_seed(2)
     args = {
@@ -83,5 +119,7 @@ def test_opcheck(name):
         "select_topk": (torch.randn(2, 5, generator=g), 2, 1),
         "gather_tokens": (torch.randn(2, 5, 3, generator=g), torch.tensor([[0, 2], [1, 4]])),
         "random_scores": (torch.randn(2, 5, 3, generator=g), 3),
+        "sparse_attention": (torch.randn(2, 2, 3, 4, generator=g), torch.randn(2, 2, 5, 4, generator=g),
+                             torch.randn(2, 2, 5, 4, generator=g), None, 0.5),
     }[name]
     torch.library.opcheck(getattr(ops, name).default, args, test_utils=("test_schema", "test_faketensor"))

@@ -30,13 +30,14 @@ def to_onnx(module: nn.Module, example_inputs: tuple, plugins: bool = False) -> 
     tpc's TensorRT plugins instead of being spelled out in standard ops.
     """
     ep = export_program(module, example_inputs)
+    table = PLUGIN_TRANSLATIONS if plugins else TRANSLATIONS
     quiet = io.StringIO()
     logging.getLogger("onnxscript").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(ep, tuple(example_inputs), dynamo=True, opset_version=OPSET,
-                                        custom_translation_table=PLUGIN_TRANSLATIONS if plugins else TRANSLATIONS, verbose=False, optimize=True,
+                                        custom_translation_table=table, verbose=False, optimize=True,
                                         report=False, verify=False)
         except Exception as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -1,8 +1,9 @@
 """Lowering to a serialized TensorRT engine (``engine.plan``), extra ``tpc[tensorrt]``.
 
 The graph is cast to the requested precision (TensorRT 11 builds strongly typed networks
-only: the ONNX's types are the engine's), lowered to ONNX with ``tpc::gather_tokens`` as
-nodes for tpc's ahead-of-time plugins (:mod:`tpc.exports.tensorrt_plugins`), checked on the
+only: the ONNX's types are the engine's), lowered to ONNX with ``gather_tokens`` and
+``sparse_attention`` as nodes for tpc's ahead-of-time plugins
+(:mod:`tpc.exports.tensorrt_plugins`), checked on the
 CPU for what TensorRT's parser takes (:mod:`tpc.exports.tensorrt_compat`), parsed, and built
 with one optimization profile spanning ``batch=(min, opt, max)``. The engine is run on the GPU
 against the torch graph in the same precision on the example inputs before it is written,
