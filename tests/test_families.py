@@ -42,10 +42,11 @@ def test_family_keep_one_prune_and_onnx(name, tmp_path, update_golden):
     assert path.exists() and text == path.read_text(), f"{path.name} changed: review, then pytest --update-golden"
 
 
-def test_bert_padding_never_outranks_real_tokens_and_mask_is_gathered():
+@pytest.mark.parametrize("method", ["topk-cls", "topk-mass", "kcenter", "divprune"])
+def test_bert_padding_never_outranks_real_tokens_and_mask_is_gathered(method):
     model = hf_bert()
     ids, mask = text_inputs(4, seed=3)
-    pm = tpc.compile(model, text_inputs(2), method="topk-cls", layers=[0, 1], keep=[6, 4])
+    pm = tpc.compile(model, text_inputs(2), method=method, layers=[0, 1], keep=[6, 4])
     _, replay = run_graph(pm.graph_module, (ids, mask))
     for b in range(4):
         real = set(range(int(mask[b].sum())))
@@ -56,7 +57,7 @@ def test_bert_padding_never_outranks_real_tokens_and_mask_is_gathered():
     assert pm.report.pruned_outputs == [0]  # last_hidden_state holds the kept tokens; the pooler stays right
 
 
-@pytest.mark.parametrize("method", ["topk-cls", "zero-tprune", "random"])
+@pytest.mark.parametrize("method", ["topk-cls", "zero-tprune", "random", "topk-mass", "kcenter", "divprune"])
 def test_mask_aware_mean_pooling_stays_a_mean_over_kept_real_tokens(method):
     model = MeanPooledEncoder(hf_bert()).eval()
     ids, mask = text_inputs(3, seed=6)
@@ -99,3 +100,8 @@ def test_hf_id_from_the_local_cache(tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "17 -> 9" in r.stdout
+
+
+def test_tome_refuses_masked_attention_and_names_the_alternatives():
+    with pytest.raises(tpc.TpcError, match="tome does not take attention masks yet.*kcenter, divprune or random"):
+        tpc.compile(hf_bert(), text_inputs(2), method="tome", layers=[0], keep=10)

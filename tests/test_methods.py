@@ -69,6 +69,46 @@ def test_divprune(k, prefix):
         assert got[b].tolist() == list(range(prefix)) + sorted(p + prefix for p in picks)
 
 
+def _with_padding_slow(select, valid, prefix, k):
+    """Padding is taken only when the real tokens run out, first positions first."""
+    real = [j for j in range(prefix, len(valid)) if valid[j]]
+    picks = select(real, min(k, len(real)))
+    padding = [j for j in range(prefix, len(valid)) if not valid[j]]
+    return picks + padding[:k - len(picks)]
+
+
+@pytest.mark.parametrize("k", [2, 5, 8])
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_kcenter_and_divprune_take_padding_last(k, prefix):
+    x = torch.randn(2, 10, 5, generator=G)
+    valid = torch.tensor([[True] * 6 + [False] * 4, [True, False] * 5])
+    valid[:, :prefix] = True
+    for b in range(2):
+        d = cos_dist_slow(x[b])
+        v = valid[b].tolist()
+
+        def kcenter_slow(real, count):
+            if prefix:
+                return greedy_slow(d, list(range(prefix)), real, count)
+            mean = x[b].double().mean(0)
+            far = {j: 1 - float(mean @ x[b, j].double()) / (float(mean.norm()) * float(x[b, j].double().norm())) for j in real}
+            first = max(real, key=lambda j: (far[j], -j))
+            return ([first] + greedy_slow(d, [first], real, count - 1))[:count] if count else []
+
+        def divprune_slow(real, count):
+            if not count:
+                return []
+            nn = {i: min(d[i][j] for j in range(prefix, 10) if j != i) for i in real}
+            first = max(real, key=lambda i: (nn[i], -i))
+            return [first] + greedy_slow(d, [first], real, count - 1)
+
+        for fn, slow in ((kcenter.kcenter, kcenter_slow), (divprune.divprune, divprune_slow)):
+            got = fn(x, k, prefix, valid)[b].tolist()
+            assert got == list(range(prefix)) + sorted(_with_padding_slow(slow, v, prefix, k)), fn.__name__
+            flat = fn(x, k, prefix, valid[b])[b].tolist()  # a mask without batch dim broadcasts
+            assert flat == got
+
+
 def test_greedy_selection_with_duplicate_tokens_never_repeats():
     x = torch.ones(1, 6, 3)
     assert sorted(kcenter.kcenter(x, 5, 1)[0].tolist()) == [0, 1, 2, 3, 4, 5]

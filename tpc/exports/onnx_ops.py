@@ -277,33 +277,44 @@ def _row(dist, i):
     return op.GatherND(dist, i, batch_dims=1)  # dist [B, N, N], i [B, 1] -> [B, N]
 
 
-def kcenter(features, k: int, num_prefix: int):
+def _demote_padding(scores, valid, n: int):
+    """As ``tpc.methods.kcenter.demote_padding``: padding at -4 - j/n, below every real token;
+    -inf (already taken: the prefix) stays."""
+    if valid is None:
+        return scores
+    order = _const((-4.0 - np.arange(n, dtype=np.float32) / n)[None])
+    return op.Where(op.Or(valid, op.IsInf(scores, detect_positive=0)), scores, order)
+
+
+def kcenter(features, k: int, num_prefix: int, valid=None):
     if k == 0:
         return _prefix_then(features, num_prefix, None, 0)
     n = _static(features, 1)
     dist = _picked_distance(features, n)
     if num_prefix:  # the prefix tokens are the first centers (their own entries are -inf already)
         nearest = op.ReduceMin(op.Slice(dist, _ints(0), _ints(num_prefix), _ints(1)), _ints(1), keepdims=0)
-        mind = _greedy_taken(dist, nearest, k)
+        mind = _greedy_taken(dist, _demote_padding(nearest, valid, n), k)
     else:  # the first center: the token farthest from the mean feature
         feats = op.Cast(features, to=FLOAT)
         mean = op.ReduceMean(feats, _ints(1), keepdims=1)
         far = op.Slice(_cosine_distance(op.Concat(mean, feats, axis=1)), _ints(0, 1), _ints(1, INT64_MAX), _ints(1, 2))
-        first = op.ArgMax(op.Squeeze(far, _ints(1)), axis=1, keepdims=1)
-        mind = _greedy_taken(dist, _row(dist, first), k - 1)
+        first = op.ArgMax(_demote_padding(op.Squeeze(far, _ints(1)), valid, n), axis=1, keepdims=1)
+        mind = _greedy_taken(dist, _demote_padding(_row(dist, first), valid, n), k - 1)
     return _taken_positions(mind, n, num_prefix + k)
 
 
-def divprune(features, k: int, num_prefix: int):
+def divprune(features, k: int, num_prefix: int, valid=None):
     if k == 0:
         return _prefix_then(features, num_prefix, None, 0)
     n = _static(features, 1) - num_prefix
     dist = _picked_distance(op.Slice(features, _ints(num_prefix), _ints(INT64_MAX), _ints(1)), n)
+    if valid is not None:
+        valid = op.Slice(valid, _ints(num_prefix), _ints(INT64_MAX), _ints(-1))
     # farthest from its nearest neighbour: the diagonal must not count as a neighbour
     nn = op.ReduceMin(op.Where(op.IsInf(dist, detect_positive=0), op.Constant(value_float=float("inf")), dist),
                       _ints(2), keepdims=0)
-    first = op.ArgMax(nn, axis=1, keepdims=1)
-    mind = _greedy_taken(dist, _row(dist, first), k - 1)
+    first = op.ArgMax(_demote_padding(nn, valid, n), axis=1, keepdims=1)
+    mind = _greedy_taken(dist, _demote_padding(_row(dist, first), valid, n), k - 1)
     return _prefix_then(features, num_prefix, _taken_positions(mind, n, k, num_prefix), k)
 
 

@@ -3,11 +3,11 @@
 The graph is cast to the requested precision (TensorRT 11 builds strongly typed networks
 only: the ONNX's types are the engine's), lowered to ONNX with ``gather_tokens`` and
 ``sparse_attention`` as nodes for tpc's ahead-of-time plugins
-(:mod:`tpc.exports.tensorrt_plugins`), checked on the
-CPU for what TensorRT's parser takes (:mod:`tpc.exports.tensorrt_compat`), parsed, and built
-with one optimization profile spanning ``batch=(min, opt, max)``. The engine is run on the GPU
-against the torch graph in the same precision on the example inputs before it is written,
-atomically. Without TensorRT or a CUDA GPU this says which is missing and writes nothing.
+(:mod:`tpc.exports.tensorrt_plugins`), checked on the CPU for what TensorRT's parser takes
+(:mod:`tpc.exports.tensorrt_compat`), parsed, and built with one optimization profile
+spanning ``batch=(min, opt, max)``. The engine is run on the GPU against the torch graph in
+the same precision on the example inputs before it is written, atomically. Without TensorRT
+or a CUDA GPU this says which is missing and writes nothing.
 """
 
 from __future__ import annotations

@@ -131,24 +131,26 @@ def _(importance, keys, drop, num_prefix, partition):
 
 
 @torch.library.custom_op(f"{_LIB}::kcenter", mutates_args=())
-def kcenter(features: torch.Tensor, k: int, num_prefix: int) -> torch.Tensor:
-    """[B, P + k] int64: the prefix, then k greedy k-center picks in sequence order."""
-    return kcenter_method.kcenter(features, k, num_prefix)
+def kcenter(features: torch.Tensor, k: int, num_prefix: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, P + k] int64: the prefix, then k greedy k-center picks in sequence order; padding
+    (``valid`` False, [B, N] or [N]) only after every real token."""
+    return kcenter_method.kcenter(features, k, num_prefix, valid)
 
 
 @kcenter.register_fake
-def _(features, k, num_prefix):
+def _(features, k, num_prefix, valid=None):
     return features.new_empty((features.shape[0], num_prefix + k), dtype=torch.int64)
 
 
 @torch.library.custom_op(f"{_LIB}::divprune", mutates_args=())
-def divprune(features: torch.Tensor, k: int, num_prefix: int) -> torch.Tensor:
-    """[B, P + k] int64: the prefix, then k max-min diverse tokens in sequence order."""
-    return divprune_method.divprune(features, k, num_prefix)
+def divprune(features: torch.Tensor, k: int, num_prefix: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, P + k] int64: the prefix, then k max-min diverse tokens in sequence order; padding
+    (``valid`` False) only after every real token."""
+    return divprune_method.divprune(features, k, num_prefix, valid)
 
 
 @divprune.register_fake
-def _(features, k, num_prefix):
+def _(features, k, num_prefix, valid=None):
     return features.new_empty((features.shape[0], num_prefix + k), dtype=torch.int64)
 
 

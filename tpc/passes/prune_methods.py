@@ -161,10 +161,15 @@ def key_valid(b: Builder, site: AttentionSite) -> fx.Node:
     return row
 
 
+def _valid(b: Builder, ctx: PruneContext) -> fx.Node | None:
+    return None if ctx.site.mask is None else key_valid(b, ctx.site)
+
+
 def build_random(b: Builder, ctx: PruneContext) -> Compaction:
     scores = b.op(tpc_ops.random_scores.default, ctx.stream, ctx.seed + ctx.layer)
-    if ctx.site.mask is not None:  # padding ranks below every real token
-        scores = b.op(aten.where.ScalarOther, key_valid(b, ctx.site), scores, -1.0)
+    valid = _valid(b, ctx)
+    if valid is not None:  # padding ranks below every real token
+        scores = b.op(aten.where.ScalarOther, valid, scores, -1.0)
     return gather(b, ctx, select(b, ctx, scores))
 
 
@@ -199,12 +204,6 @@ def build_topk_mass(b: Builder, ctx: PruneContext) -> Compaction:
     return gather(b, ctx, select(b, ctx, scores))
 
 
-def _no_mask(ctx: PruneContext, method: str) -> None:
-    if ctx.site.mask is not None:
-        raise TpcError(f"{method} does not take attention masks yet (layer {ctx.layer}): padding could be kept over "
-                       "real tokens; use topk-cls, zero-tprune or random")
-
-
 def build_zero_tprune(b: Builder, ctx: PruneContext) -> Compaction:
     o = ctx.options
     site = ctx.site
@@ -223,13 +222,13 @@ def build_zero_tprune(b: Builder, ctx: PruneContext) -> Compaction:
 
 
 def build_kcenter(b: Builder, ctx: PruneContext) -> Compaction:
-    _no_mask(ctx, "kcenter")
-    return gather(b, ctx, b.op(tpc_ops.kcenter.default, ctx.stream, ctx.kept, ctx.prefix, role="select"))
+    valid = _valid(b, ctx)
+    return gather(b, ctx, b.op(tpc_ops.kcenter.default, ctx.stream, ctx.kept, ctx.prefix, valid, role="select"))
 
 
 def build_divprune(b: Builder, ctx: PruneContext) -> Compaction:
-    _no_mask(ctx, "divprune")
-    return gather(b, ctx, b.op(tpc_ops.divprune.default, ctx.stream, ctx.kept, ctx.prefix, role="select"))
+    valid = _valid(b, ctx)
+    return gather(b, ctx, b.op(tpc_ops.divprune.default, ctx.stream, ctx.kept, ctx.prefix, valid, role="select"))
 
 
 def tome_max_merges(tokens: int, prefix: int) -> int:
@@ -245,7 +244,9 @@ def build_tome(b: Builder, ctx: PruneContext) -> Compaction:
             f"tome can merge at most {limit} of the {ctx.tokens} tokens at layer {ctx.layer} (bipartite matching "
             f"pairs every other token); keep at least {ctx.tokens - ctx.prefix - limit} tokens there"
         )
-    _no_mask(ctx, "tome")
+    if ctx.site.mask is not None:
+        raise TpcError(f"tome does not take attention masks yet (layer {ctx.layer}): padding could be merged into "
+                       "real tokens; use topk-cls, topk-mass, zero-tprune, kcenter, divprune or random")
     match = b.op(tpc_ops.bipartite_match.default, mean_keys(b, ctx.site), r, ctx.prefix, role="select")
     kept = b.op(operator.getitem, match, 0, role="select")
     assign = b.op(operator.getitem, match, 1, role="select")
