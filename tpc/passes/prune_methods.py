@@ -221,14 +221,18 @@ def build_zero_tprune(b: Builder, ctx: PruneContext) -> Compaction:
     return gather(b, ctx, select(b, ctx, importance))
 
 
-def build_kcenter(b: Builder, ctx: PruneContext) -> Compaction:
+def _diverse(op, b: Builder, ctx: PruneContext) -> Compaction:
     valid = _valid(b, ctx)
-    return gather(b, ctx, b.op(tpc_ops.kcenter.default, ctx.stream, ctx.kept, ctx.prefix, valid, role="select"))
+    padding = () if valid is None else (valid,)  # padding is picked only once the real tokens run out
+    return gather(b, ctx, b.op(op, ctx.stream, ctx.kept, ctx.prefix, *padding, role="select"))
+
+
+def build_kcenter(b: Builder, ctx: PruneContext) -> Compaction:
+    return _diverse(tpc_ops.kcenter.default, b, ctx)
 
 
 def build_divprune(b: Builder, ctx: PruneContext) -> Compaction:
-    valid = _valid(b, ctx)
-    return gather(b, ctx, b.op(tpc_ops.divprune.default, ctx.stream, ctx.kept, ctx.prefix, valid, role="select"))
+    return _diverse(tpc_ops.divprune.default, b, ctx)
 
 
 def tome_max_merges(tokens: int, prefix: int) -> int:
