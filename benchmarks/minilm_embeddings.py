@@ -71,7 +71,7 @@ def main() -> None:
           f"({real.mean():.1f} real tokens on average)\n")
     print("| method | schedule | FLOPs saved | mean cosine | min cosine | share >= 0.95 |")
     print("|---|---|---|---|---|---|")
-    for method in ("topk-cls", "topk-mass", "zero-tprune", "random"):
+    for method in ("topk-cls", "topk-mass", "zero-tprune", "kcenter", "divprune", "random"):
         for layers, keep in (("1,3", 0.7), ("1,3", 0.5)):
             pm = tpc.compile(model, example, method=method, layers=layers, keep=keep)
             cos = (pm(ids, mask) * ref).sum(-1)
