@@ -16,6 +16,7 @@ from tpc.errors import TpcError
 from tpc.flops import count_flops
 from tpc.graph import count_prefix_tokens, find_attention_sites, find_stream_point
 from tpc.passes import InsertPrune, PassManager, PropagateTokenAxis, ProportionalAttention, get_method
+from tpc.passes.insert_prune import compactions
 from tpc.schedule import parse_keep, parse_layers, parse_removals
 
 logger = logging.getLogger("tpc")
@@ -125,7 +126,7 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     passes.append(ProportionalAttention())
     PassManager(passes)(gm)
 
-    kept = {c["layer"]: c["tokens_out"] for c in (n.meta.get("tpc_compaction") for n in gm.graph.nodes) if c}
+    kept = {c["layer"]: c["tokens_out"] for c in compactions(gm)}
     flops = count_flops(gm)
     report = CompileReport(
         model=name, method=method, layers=layer_list, keep=[str(k) for k in keeps], options=options, prefix=prefix, prefix_source=prefix_source,

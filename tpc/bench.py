@@ -8,6 +8,7 @@ per-repeat ratios shows how noisy the run was.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -149,7 +150,7 @@ class BenchResult:
             lines.append(
                 f"{r.batch:>5}  {t.base.median_ms:>8.2f} ({t.base.p90_ms:>7.2f})  {t.pruned.median_ms:>7.2f} ({t.pruned.p90_ms:>6.2f})  "
                 f"{t.speedup:>6.3f}x ({t.speedup_spread[0]:.2f}-{t.speedup_spread[1]:.2f})  {r.flops_speedup:>5.3f}x  "
-                f"{r.of_limit:>8.3f}  " + (f"{100 * r.inserted_share:>7.2f}%" if r.inserted_share == r.inserted_share else "       -")
+                f"{r.of_limit:>8.3f}  " + ("       -" if math.isnan(r.inserted_share) else f"{100 * r.inserted_share:>7.2f}%")
             )
         return "\n".join(lines)
 

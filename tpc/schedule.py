@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from tpc.errors import TpcError
 
+
 class Removal(int):
     """A number of tokens a layer removes (ToMe's r), as opposed to a number it keeps."""
 
@@ -60,15 +61,21 @@ def _parse_one(text: str) -> KeepValue:
         raise TpcError(f"--keep takes ratios such as 0.7 or token counts such as 120, not {text!r}") from None
 
 
+def _per_layer(value, count: int, flag: str, parse_one) -> list:
+    """One value for every pruning layer, or one per layer (``"0.7"``, ``"0.7,0.5"``, ``[0.7, 0.5]``)."""
+    if isinstance(value, str):
+        value = [parse_one(p) for p in value.split(",") if p.strip()]
+        if len(value) == 1:
+            value = value[0]
+    values = list(value) if isinstance(value, Sequence) else [value] * count
+    if len(values) != count:
+        raise TpcError(f"--{flag} has {len(values)} values for {count} pruning layers: give one value, or one per layer")
+    return values
+
+
 def parse_keep(keep, count: int) -> list[KeepValue]:
     """One keep value per pruning layer, validated."""
-    if isinstance(keep, str):
-        keep = [_parse_one(p) for p in keep.split(",") if p.strip()]
-        if len(keep) == 1:
-            keep = keep[0]
-    values = list(keep) if isinstance(keep, Sequence) else [keep] * count
-    if len(values) != count:
-        raise TpcError(f"--keep has {len(values)} values for {count} pruning layers: give one value, or one per layer")
+    values = _per_layer(keep, count, "keep", _parse_one)
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TpcError(f"keep values are ratios in (0, 1] or token counts, got {v!r}")
@@ -81,15 +88,13 @@ def parse_keep(keep, count: int) -> list[KeepValue]:
 
 def parse_removals(r, count: int) -> list[Removal]:
     """ToMe's ``r``: tokens removed per layer, one value or one per layer (``"16"``, ``[16, 8]``)."""
-    if isinstance(r, str):
+    def parse_one(text: str) -> int:
         try:
-            r = [int(v) for v in r.split(",") if v.strip()]
+            return int(text)
         except ValueError:
             raise TpcError(f"--r takes token counts such as 16 or 16,8,4, not {r!r}") from None
-        r = r[0] if len(r) == 1 else r
-    values = list(r) if isinstance(r, Sequence) else [r] * count
-    if len(values) != count:
-        raise TpcError(f"--r has {len(values)} values for {count} pruning layers: give one value, or one per layer")
+
+    values = _per_layer(r, count, "r", parse_one)
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise TpcError(f"r values are token counts >= 0, got {v!r}")

@@ -52,8 +52,9 @@ def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
 
 def kept_positions(gm: fx.GraphModule, inputs: tuple) -> tuple[list[int], list[torch.Tensor]]:
     """(layers, original token positions kept after each compaction) for the first example."""
-    wanted = {n.meta["tpc_compaction"]["index"]: n.meta["tpc_compaction"]["layer"]
-              for n in gm.graph.nodes if "tpc_compaction" in n.meta}
+    from tpc.passes.insert_prune import compactions
+
+    wanted = {c["index"]: c["layer"] for c in compactions(gm)}
     seen: dict[int, torch.Tensor] = {}
 
     class Recorder(fx.Interpreter):

@@ -70,14 +70,18 @@ def decision_names(model: onnx.ModelProto) -> list[str]:
     return list(last.values())
 
 
+KEPT = "tpc_kept_"
+
+
 def with_decision_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of the model with each pruning step's kept indices ([B, K] int64) as extra outputs
+    ``tpc_kept_<i>`` after its own, and how many there are."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     names = decision_names(model)
-    existing = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in existing:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
+    for i, name in enumerate(names):
+        probe.graph.node.append(onnx.helper.make_node("Identity", [name], [f"{KEPT}{i}"], name=f"{KEPT}{i}"))
+        probe.graph.output.append(onnx.helper.make_tensor_value_info(f"{KEPT}{i}", onnx.TensorProto.INT64, None))
     return probe, len(names)
 
 

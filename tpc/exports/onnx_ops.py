@@ -92,10 +92,14 @@ def _batch(x):
     return op.Shape(x, start=0, end=1)
 
 
-def cls_attention(q, k, scale: float, mask=None):
-    q0 = op.Cast(op.Slice(q, _ints(0), _ints(1), _ints(2)), to=FLOAT)  # [B, H, 1, d]
+def _logits(q, k, scale: float):
+    """q kᵀ · scale in float32 ([B, H, M, d] x [B, H, N, d] -> [B, H, M, N])."""
     kt = op.Transpose(op.Cast(k, to=FLOAT), perm=[0, 1, 3, 2])
-    logits = op.Mul(op.MatMul(q0, kt), op.Constant(value_float=scale))  # [B, H, 1, N]
+    return op.Mul(op.MatMul(op.Cast(q, to=FLOAT), kt), op.Constant(value_float=scale))
+
+
+def cls_attention(q, k, scale: float, mask=None):
+    logits = _logits(op.Slice(q, _ints(0), _ints(1), _ints(2)), k, scale)  # [B, H, 1, N]
     row = None if mask is None else op.Slice(mask, _ints(0), _ints(1), _ints(-2))
     probs = op.Softmax(_masked(logits, row, _is_bool(mask)), axis=-1)
     return op.Squeeze(op.ReduceMean(probs, _ints(1), keepdims=0), _ints(1))
@@ -156,9 +160,7 @@ def fuse_tokens(x, scores, index):
 
 
 def attention_probs(q, k, scale: float, mask=None):
-    kt = op.Transpose(op.Cast(k, to=FLOAT), perm=[0, 1, 3, 2])
-    logits = op.Mul(op.MatMul(op.Cast(q, to=FLOAT), kt), op.Constant(value_float=scale))
-    return op.Softmax(_masked(logits, mask, _is_bool(mask)), axis=-1)
+    return op.Softmax(_masked(_logits(q, k, scale), mask, _is_bool(mask)), axis=-1)
 
 
 @onnxscript.script()
@@ -366,9 +368,7 @@ def sparse_attention(q, k, v, index, scale: float):
         shape = op.Concat(op.Shape(index, start=0, end=1), heads, op.Shape(index, start=1, end=2), dim, axis=0)
         k = op.GatherElements(k, op.Expand(rows, shape), axis=2)
         v = op.GatherElements(v, op.Expand(rows, shape), axis=2)
-    logits = op.Mul(op.MatMul(op.Cast(q, to=FLOAT), op.Transpose(op.Cast(k, to=FLOAT), perm=[0, 1, 3, 2])),
-                    op.Constant(value_float=scale))
-    probs = op.Softmax(logits, axis=-1)
+    probs = attention_probs(q, k, scale)
     out = op.Cast(op.MatMul(probs, op.Cast(v, to=FLOAT)), to=q.dtype.value)
     return out, op.ReduceSum(probs, _ints(-2), keepdims=0)
 

@@ -22,13 +22,12 @@ from torch import fx
 from tpc.errors import TpcError
 from tpc.exports.atomic import atomic_output
 from tpc.exports.checks import CheckResult, check_artifact
-from tpc.exports.onnx import decision_names, to_onnx
+from tpc.exports.onnx import KEPT, to_onnx, with_decision_outputs
 from tpc.exports.tensorrt_compat import tensorrt_problems
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TIE_RTOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}  # near-tie band of a pruning decision, relative
 TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 5e-2}
-KEPT = "tpc_kept_"
 
 
 def require_tensorrt():
@@ -57,13 +56,16 @@ def parse_batch(text, example_batch: int) -> tuple[int, int, int]:
     return values
 
 
+def cast_inputs(inputs: tuple, precision: str) -> tuple:
+    dtype = PRECISIONS[precision]
+    return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
+
+
 def in_precision(gm: fx.GraphModule, inputs: tuple, precision: str) -> tuple[fx.GraphModule, tuple]:
     """A copy of the graph and its float inputs in ``precision``; the user's graph is left as it is."""
     if precision == "fp32":
         return gm, inputs
-    dtype = PRECISIONS[precision]
-    cast = copy.deepcopy(gm).to(dtype)
-    return cast, tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
+    return copy.deepcopy(gm).to(PRECISIONS[precision]), cast_inputs(inputs, precision)
 
 
 def engine_onnx(gm: fx.GraphModule, inputs: tuple) -> onnx.ModelProto:
@@ -77,15 +79,10 @@ def engine_onnx(gm: fx.GraphModule, inputs: tuple) -> onnx.ModelProto:
 
 
 def with_kept_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with each pruning step's kept indices ([B, K] int64) as outputs ``tpc_kept_<i>``, after its own.
-
-    The engine check compares them with the torch graph's decisions (a near-tie may go either
-    way in half precision); users get which tokens each step kept.
-    """
-    for i, name in enumerate(decision_names(model)):
-        model.graph.node.append(onnx.helper.make_node("Identity", [name], [f"{KEPT}{i}"], name=f"{KEPT}{i}"))
-        model.graph.output.append(onnx.helper.make_tensor_value_info(f"{KEPT}{i}", onnx.TensorProto.INT64, None))
-    return model
+    """The engine's model: the kept indices of each pruning step as outputs ``tpc_kept_<i>`` after
+    its own. The engine check compares them with the torch graph's decisions (a near-tie may go
+    either way in half precision); users get which tokens each step kept."""
+    return with_decision_outputs(model)[0]
 
 
 def _network_flags(trt) -> int:
@@ -174,7 +171,7 @@ def write_engine(gm: fx.GraphModule, inputs: tuple, path: Path, batch=None, prec
     with atomic_output(path) as tmp:
         tmp.write_bytes(plan)
         if check_batches:
-            typed_batches = [in_precision(gm, b, precision)[1] for b in check_batches]
+            typed_batches = [cast_inputs(b, precision) for b in check_batches]
             result = check_artifact(typed_gm, lambda batch_inputs: run_engine(plan, batch_inputs), typed_batches,
                                     f"engine {path.name}", tol=TOLERANCE[precision], tie_rtol=TIE_RTOL[precision])
     return result

@@ -191,7 +191,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
         rows = index[:, None, :, None]
         k = torch.gather(k, 2, rows.expand(-1, k.shape[1], -1, k.shape[-1]))
         v = torch.gather(v, 2, rows.expand(-1, v.shape[1], -1, v.shape[-1]))
-    probs = torch.softmax(torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale, dim=-1)
+    probs = zero_tprune.attention_probs(q, k, scale)
     return torch.matmul(probs, v.float()).to(q.dtype), probs.sum(-2)
 
 
