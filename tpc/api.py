@@ -10,11 +10,12 @@ import torch
 from torch import fx, nn
 
 from tpc import models
-from tpc.capture import capture, set_eval
+from tpc.capture import capture, is_token_input, length_range, set_eval
 from tpc.compiled import CompileReport, LayerInfo, TpcModule
 from tpc.errors import TpcError
-from tpc.flops import count_flops
+from tpc.flops import count_flops, example_size, example_sizes
 from tpc.graph import count_prefix_tokens, find_attention_sites, find_stream_point
+from tpc.graph.nodes import val
 from tpc.passes import InsertPrune, PassManager, PropagateTokenAxis, ProportionalAttention, get_method
 from tpc.passes.insert_prune import compactions
 from tpc.schedule import parse_keep, parse_layers, parse_removals
@@ -81,13 +82,55 @@ def analyze(gm: fx.GraphModule, name: str = "model") -> list:
     return sites
 
 
-def _layer_infos(gm: fx.GraphModule, kept: dict[int, int]) -> list[LayerInfo]:
-    return [LayerInfo(s.layer, s.module, s.kind, s.heads, s.tokens, kept.get(s.layer)) for s in find_attention_sites(gm)]
+def _layer_infos(gm: fx.GraphModule) -> list[LayerInfo]:
+    """One row per attention layer; with a symbolic length, the counts at the example length."""
+    sizes = example_sizes(gm)
+    kept = {c["layer"]: example_size(val(c["index"]).shape[1], sizes) for c in compactions(gm)}
+    return [LayerInfo(s.layer, s.module, s.kind, s.heads, example_size(val(s.q).shape[-2], sizes), kept.get(s.layer))
+            for s in find_attention_sites(gm)]
+
+
+def _fix_length(inputs: tuple, seq_len: int | None) -> tuple:
+    """The example inputs with every token input at ``seq_len`` tokens (cut, or padded with padding
+    tokens: id 0, mask 0); unchanged when ``seq_len`` is None."""
+    if seq_len is None:
+        return inputs
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise TpcError(f"seq_len must be a token count >= 2, not {seq_len!r}")
+    if not any(is_token_input(x) for x in inputs):
+        raise TpcError("seq_len (--seq-len) fixes the length of token inputs ([B, N] integer tensors), and this model "
+                       "takes none: images keep the fixed size they were given")
+
+    def fit(x):
+        if not is_token_input(x):
+            return x
+        if x.shape[1] >= seq_len:
+            return x[:, :seq_len]
+        return torch.cat([x, x.new_zeros(x.shape[0], seq_len - x.shape[1])], dim=1)
+
+    return tuple(fit(x) for x in inputs)
+
+
+def _length_notes(gm: fx.GraphModule, keeps: list, inputs: tuple) -> list[str]:
+    """What a symbolic sequence length means for this compile, said once in the report."""
+    lengths = length_range(gm)
+    if lengths is None:
+        return []
+    example = next(x.shape[1] for x in inputs if is_token_input(x))
+    top = "" if lengths[1] is None else f"-{lengths[1]}"
+    notes = [f"the sequence length is dynamic ({lengths[0]}{top} tokens): one graph serves every length; a ratio keeps "
+             f"ceil(ratio x n) of the n non-prefix tokens a layer sees (at least 1); the token counts and FLOPs above are "
+             f"at the example length {example}; seq_len=N (--seq-len N) fixes the length instead"]
+    counts = sorted({int(k) for k in keeps if isinstance(k, int) and not isinstance(k, bool)})
+    if counts:
+        notes.append(f"keep given as a token count ({', '.join(map(str, counts))}) is clamped to the non-prefix tokens a "
+                     "layer sees: shorter sequences keep all of theirs")
+    return notes
 
 
 def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=0.7, r=None,
             prefix: int | None = None, after: str = "attention", seed: int = 0, options: dict | None = None,
-            restore: bool = False, backend: str = "torch", **load_kwargs) -> nn.Module:
+            restore: bool = False, backend: str = "torch", seq_len: int | None = None, **load_kwargs) -> nn.Module:
     """Prune ``model``'s tokens after ``layers`` with ``method``; returns an nn.Module.
 
     ``model`` is an ``nn.Module`` or a model id (see :func:`tpc.models.load`); ``keep`` is a
@@ -97,7 +140,9 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     (see ``tpc passes``). ``restore=True`` brings the full sequence back after the last block,
     dropped tokens unchanged, for models whose outputs need every position.
     ``backend="onnxruntime"`` returns the ONNX Runtime session of the exported model, checked
-    against the torch module.
+    against the torch module. Text models (token inputs [B, N]) are captured with a dynamic
+    sequence length, so the pruned module and its artifacts take any length;
+    ``seq_len=N`` fixes the length at N instead (the example inputs cut or padded to N).
     """
     if backend not in BACKENDS:
         raise TpcError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -107,9 +152,10 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     layer_list = parse_layers(layers)
     keeps = parse_removals(r, len(layer_list)) if r is not None else parse_keep(keep, len(layer_list))
     module, inputs, name = _resolve(model, example_inputs, **load_kwargs)
+    inputs = _fix_length(inputs, seq_len)
     notes = _usage_notes(module)
 
-    gm = capture(module, inputs)
+    gm = capture(module, inputs, dynamic_length=seq_len is None)
     sites = analyze(gm, name)
     for layer in layer_list:
         if layer >= len(sites):
@@ -126,11 +172,11 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     passes.append(ProportionalAttention())
     PassManager(passes)(gm)
 
-    kept = {c["layer"]: c["tokens_out"] for c in compactions(gm)}
+    notes += _length_notes(gm, keeps, inputs)
     flops = count_flops(gm)
     report = CompileReport(
         model=name, method=method, layers=layer_list, keep=[str(k) for k in keeps], options=options, prefix=prefix, prefix_source=prefix_source,
-        insert_after=after, sites=_layer_infos(gm, kept), flops_before=flops_before, flops_after=flops.total,
+        insert_after=after, sites=_layer_infos(gm), flops_before=flops_before, flops_after=flops.total,
         flops_scoring=flops.scoring, pruned_outputs=sorted(gm.meta.get("tpc_pruned_outputs", ())),
         passes=[p.name for p in passes], notes=notes,
     )
@@ -156,7 +202,7 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
         prefix, source = _prefix_of(gm, sites)
         flops = count_flops(gm).total
         return CompileReport(model=name, method=None, layers=[], keep=[], prefix=prefix, prefix_source=source,
-                             insert_after=compile_kwargs.get("after", "attention"), sites=_layer_infos(gm, {}),
+                             insert_after=compile_kwargs.get("after", "attention"), sites=_layer_infos(gm),
                              flops_before=flops, flops_after=flops)
     return compile(model, example_inputs, **compile_kwargs).report
 

@@ -34,6 +34,8 @@ def _add_prune_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--fuse", action="store_true", help="topk-cls: append EViT's fused token (same as --option fuse=True)")
     p.add_argument("--restore", action="store_true",
                    help="bring the full sequence back after the last block (dropped tokens unchanged), for dense outputs")
+    p.add_argument("--seq-len", type=int, metavar="N",
+                   help="text models: fix the sequence length at N (default: dynamic, one artifact for every length)")
 
 
 def _options(args) -> dict | None:
@@ -57,7 +59,7 @@ def _load_kwargs(args) -> dict:
 def _prune_kwargs(args) -> dict:
     """The compile settings besides method, layers and keep."""
     return dict(r=args.r, prefix=args.prefix, after=args.after, seed=args.seed, options=_options(args),
-                restore=args.restore)
+                restore=args.restore, seq_len=args.seq_len)
 
 
 def _compile_kwargs(args) -> dict:

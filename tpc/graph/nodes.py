@@ -65,13 +65,34 @@ def numeric_size(size) -> int:
     return int(expr.subs(subs))
 
 
-def shape_text(node_or_val) -> str:
-    """``[B, 197, 384]``: a shape for messages, the symbolic batch written as B."""
+def shape_text(node_or_val, names: dict[str, str] | None = None) -> str:
+    """``[B, 197, 384]``: a shape for messages, the symbolic batch written as B (and other
+    symbols as ``names`` says, e.g. a sequence length as N)."""
     import re
 
     value = val(node_or_val) if isinstance(node_or_val, fx.Node) else node_or_val
-    dims = [str(s) if isinstance(s, int) else re.sub(r"\bs\d+\b", "B", str(s)) for s in value.shape]
+    names = names or {}
+    dims = [str(s) if isinstance(s, int) else re.sub(r"\bs\d+\b", lambda m: names.get(m.group(0), "B"), str(s))
+            for s in value.shape]
     return f"[{', '.join(dims)}]"
+
+
+def symbol_names(gm: fx.GraphModule) -> dict[str, str]:
+    """Readable names of the graph's input symbols: B for a batch (dim 0), N for a sequence
+    length (dim 1 of an integer [B, N] input)."""
+    names = {}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = val(node)
+        if not isinstance(value, torch.Tensor):
+            continue
+        for d, size in enumerate(value.shape):
+            if isinstance(size, int) or not size.node.expr.is_symbol:
+                continue
+            if d == 0:
+                names.setdefault(str(size.node.expr), "B")
+            elif d == 1 and value.dim() == 2 and not value.dtype.is_floating_point:
+                names.setdefault(str(size.node.expr), "N")
+    return names
 
 
 def numeric_shape(node_or_val) -> tuple[int, ...]:

@@ -3,7 +3,7 @@
 Only the interesting part is printed: nodes tpc inserted (``+``), nodes whose shape
 arguments it rewrote (``~``), and their direct neighbours (`` ``), in graph order with
 ``...`` between chunks. Node names are normalized (``%add_3`` -> ``%add.0`` by order of
-appearance) and a symbolic batch prints as ``B``, so the text changes only when the rewrite
+appearance), a symbolic batch prints as ``B`` and a symbolic sequence length as ``N``, so the text changes only when the rewrite
 does.
 """
 
@@ -14,7 +14,7 @@ import re
 import torch
 from torch import fx
 
-from tpc.graph.nodes import shape_text, target_packet, val
+from tpc.graph.nodes import shape_text, symbol_names, target_packet, val
 
 
 def _op_name(node: fx.Node) -> str:
@@ -27,16 +27,17 @@ def _op_name(node: fx.Node) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def _shape(value) -> str:
+def _shape(value, names: dict[str, str] | None = None) -> str:
     if isinstance(value, torch.Tensor):
-        return str(value.dtype).replace("torch.", "") + shape_text(value)
+        return str(value.dtype).replace("torch.", "") + shape_text(value, names)
     if isinstance(value, (list, tuple)):
-        return "(" + ", ".join(_shape(v) for v in value) + ")"
+        return "(" + ", ".join(_shape(v, names) for v in value) + ")"
     return type(value).__name__ if value is not None else ""
 
 
 def format_rewrites(gm: fx.GraphModule) -> str:
     nodes = list(gm.graph.nodes)
+    symbols = symbol_names(gm)
     marked = {n for n in nodes if "tpc_inserted" in n.meta or n.meta.get("tpc_rewritten")}
     show = set(marked)
     for n in marked:
@@ -72,5 +73,5 @@ def format_rewrites(gm: fx.GraphModule) -> str:
         last = i
         mark = "+" if "tpc_inserted" in n.meta else ("~" if n.meta.get("tpc_rewritten") else " ")
         args = ", ".join([fmt_arg(a) for a in n.args] + [f"{k}={fmt_arg(v)}" for k, v in n.kwargs.items()])
-        lines.append(f"{mark} {name(n)} = {_op_name(n)}({args}) :: {_shape(val(n))}")
+        lines.append(f"{mark} {name(n)} = {_op_name(n)}({args}) :: {_shape(val(n), symbols)}")
     return "\n".join(lines) + "\n"

@@ -16,12 +16,18 @@ Rewrite (for the stream tensor ``x`` of layer L, [B, N, C]):
    the later layers left them, are written over the stream as it was at this layer
    (``tpc.restore_tokens``), so dropped tokens reach the output unchanged and heads that need
    every position (dense features, segmentation) still get them;
-4. the new stream is marked as a pending compaction; ``propagate_token_axis`` must run next,
+4. when the sequence length is symbolic (a text model captured with a dynamic length), the
+   count kept is computed in the graph from the incoming length ``n`` (``sym_size``): a ratio
+   keeps ``ceil(ratio × (n - P))``, a count ``min(count, n - P)`` (clamped), so one graph
+   serves every length;
+5. the new stream is marked as a pending compaction; ``propagate_token_axis`` must run next,
    because shape constants downstream still say N. This pass therefore ends with
    ``lint`` + ``recompile`` only: its graph is not executable until propagation.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch import fx
@@ -31,7 +37,7 @@ from tpc.graph import find_attention_sites, find_stream_point
 from tpc.graph.nodes import aten, val
 from tpc.passes.infra import Pass, PassResult
 from tpc.passes.prune_methods import Builder, PruneContext, get_method
-from tpc.schedule import KeepValue, kept_count
+from tpc.schedule import KeepValue, Removal, kept_count, ratio_fraction
 
 
 def compactions(gm: fx.GraphModule) -> list[dict]:
@@ -63,9 +69,9 @@ class InsertPrune(Pass):
             raise TpcError(f"layer {self.layer} ({site.module}) is cross-attention: tpc prunes self-attention layers")
         point = find_stream_point(gm, site, self.after)
         tokens = point.tokens
+        symbolic = not isinstance(val(point.node).shape[point.token_dim], int)
         if tokens <= self.prefix:
             raise TpcError(f"layer {self.layer} sees {tokens} tokens, all of them prefix tokens: nothing to prune")
-        kept = kept_count(self.keep, tokens, self.prefix, self.layer)
 
         b = Builder(gm, point.node)
         rank = len(val(point.node).shape)
@@ -76,6 +82,7 @@ class InsertPrune(Pass):
                 raise TpcError(f"layer {self.layer}: the stream at {point.node.name} has no visible batch dimension")
             to_canonical = [point.batch_dim, point.token_dim] + [d for d in range(rank) if d not in (point.batch_dim, point.token_dim)]
             stream = b.op(aten.permute.default, point.node, to_canonical, role="layout")
+        kept = self._kept_in_graph(b, stream) if symbolic else kept_count(self.keep, tokens, self.prefix, self.layer)
 
         merges = [c["merge"] for c in compactions(gm) if c.get("merge") is not None]
         ctx = PruneContext(site=site, point=point, stream=stream, tokens=tokens, kept=kept, prefix=self.prefix,
@@ -105,6 +112,19 @@ class InsertPrune(Pass):
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, True)
+
+    def _kept_in_graph(self, b: Builder, stream: fx.Node) -> fx.Node:
+        """The non-prefix count kept, computed from the stream's symbolic length (see rule 4)."""
+        if isinstance(self.keep, Removal):
+            raise TpcError(f"--r removes a fixed number of tokens, but layer {self.layer} sees a dynamic sequence length: "
+                           "give --keep as a ratio, or fix the length with --seq-len N")
+        n = b.op(aten.sym_size.int, stream, 1, role="select")
+        available = b.op(operator.sub, n, self.prefix, role="select") if self.prefix else n
+        if isinstance(self.keep, int):
+            return b.op(torch.sym_min, available, self.keep, role="select")
+        f = ratio_fraction(self.keep)
+        scaled = b.op(operator.add, b.op(operator.mul, available, f.numerator, role="select"), f.denominator - 1, role="select")
+        return b.op(operator.floordiv, scaled, f.denominator, role="select")
 
     def _insert_restore(self, gm: fx.GraphModule, last_site, point, result) -> set[fx.Node]:
         if (point.batch_dim, point.token_dim) != (0, 1):

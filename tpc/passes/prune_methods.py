@@ -56,7 +56,7 @@ class PruneContext:
     point: StreamPoint
     stream: fx.Node  # the stream in [B, N, C] layout
     tokens: int
-    kept: int  # non-prefix tokens to keep
+    kept: int | fx.Node  # non-prefix tokens to keep; a SymInt node when the length is symbolic
     prefix: int
     layer: int
     depth: int
@@ -112,9 +112,20 @@ def mean_keys(b: Builder, site: AttentionSite) -> fx.Node:
     return b.op(aten.mean.dim, k, [1])
 
 
+def dynamic_length(ctx: PruneContext) -> bool:
+    return isinstance(ctx.kept, fx.Node)
+
+
+def _fixed_length_only(ctx: PruneContext, what: str) -> None:
+    if dynamic_length(ctx):
+        raise TpcError(f"{what} needs a fixed sequence length, but layer {ctx.layer} sees a dynamic one: "
+                       "fix the length with --seq-len N (seq_len=N)")
+
+
 def gather(b: Builder, ctx: PruneContext, index: fx.Node) -> Compaction:
     out = b.op(tpc_ops.gather_tokens.default, ctx.stream, index, role="gather", value=val(ctx.stream))
-    return Compaction(out, index, ctx.prefix + ctx.kept)
+    tokens = numeric_shape(index)[1] if dynamic_length(ctx) else ctx.prefix + ctx.kept
+    return Compaction(out, index, tokens)
 
 
 def select(b: Builder, ctx: PruneContext, scores: fx.Node) -> fx.Node:
@@ -133,6 +144,8 @@ def _needs_cls(ctx: PruneContext, method: str) -> None:
 
 def build_topk_cls(b: Builder, ctx: PruneContext) -> Compaction:
     _needs_cls(ctx, "topk-cls")
+    if ctx.options["fuse"]:
+        _fixed_length_only(ctx, "topk-cls with fuse=True")
     q, k = query_key(b, ctx.site)
     scores = b.op(tpc_ops.cls_attention.default, q, k, ctx.site.scale, keep_mask(b, ctx.site))
     index = select(b, ctx, scores)
@@ -207,6 +220,8 @@ def build_topk_mass(b: Builder, ctx: PruneContext) -> Compaction:
 def build_zero_tprune(b: Builder, ctx: PruneContext) -> Compaction:
     o = ctx.options
     site = ctx.site
+    if float(o["similarity"]) > 0:
+        _fixed_length_only(ctx, "zero-tprune's similarity stage (option similarity > 0; similarity=0 works at any length)")
     if site.probs is not None and len(val(site.probs).shape) == 4:
         probs = site.probs
     else:
@@ -214,7 +229,7 @@ def build_zero_tprune(b: Builder, ctx: PruneContext) -> Compaction:
         probs = b.op(tpc_ops.attention_probs.default, q, k, site.scale, keep_mask(b, site))
     iterations = auto_iterations(ctx.layer, ctx.depth) if o["iterations"] == "auto" else int(o["iterations"])
     importance = b.op(tpc_ops.weighted_pagerank.default, probs, iterations, float(o["v_min"]), float(o["v_max"]), None)
-    drop = s_stage_drop_count(ctx.tokens, ctx.prefix, ctx.kept, float(o["similarity"]))
+    drop = s_stage_drop_count(ctx.tokens, ctx.prefix, ctx.kept, float(o["similarity"])) if not dynamic_length(ctx) else 0
     if drop > 0:
         keep = b.op(tpc_ops.similarity_keep.default, importance, mean_keys(b, site), drop, ctx.prefix, str(o["partition"]))
         importance = b.op(tpc_ops.weighted_pagerank.default, probs, iterations, float(o["v_min"]), float(o["v_max"]), keep)
@@ -241,6 +256,7 @@ def tome_max_merges(tokens: int, prefix: int) -> int:
 
 
 def build_tome(b: Builder, ctx: PruneContext) -> Compaction:
+    _fixed_length_only(ctx, "tome (its merge count)")
     r = ctx.tokens - ctx.prefix - ctx.kept
     limit = tome_max_merges(ctx.tokens, ctx.prefix)
     if r > limit:
