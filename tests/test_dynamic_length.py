@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import tpc
 from families import MeanPooledEncoder
 from models import sharpen
+from reference import ratio_kept
 from tpc.capture import length_range
 from tpc.exports.checks import run_graph
 from tpc.exports.onnx import check_onnx, to_onnx
@@ -56,14 +57,6 @@ def compiled(method: str, keep=0.5):
     return tpc.compile(encoder(), EXAMPLE, method=method, layers=[0, 1], keep=keep, options=MASK_METHODS[method])
 
 
-def ratio_kept(n: int, prefix: int, ratio: float) -> int:
-    """The slow obvious count: prefix + ceil(ratio × (n - prefix)), by exact rational arithmetic."""
-    import math
-    from fractions import Fraction
-
-    return prefix + max(1, math.ceil(Fraction(str(ratio)) * (n - prefix)))
-
-
 @pytest.mark.parametrize("method", list(MASK_METHODS))
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
@@ -76,7 +69,7 @@ def test_any_length_and_padding_pattern_keeps_ceil_ratio_and_real_tokens_first(m
     assert torch.isfinite(out[0]).all()
     counts = [length]
     for decision in replay.decisions:
-        counts.append(ratio_kept(counts[-1], 1, 0.5))
+        counts.append(1 + ratio_kept(0.5, counts[-1] - 1))
         assert decision.shape == (len(reals), counts[-1])
     first = replay.decisions[0]
     for b, real in enumerate(reals):

@@ -312,7 +312,8 @@ def _taken_positions(mind, n, count, offset: int = 0):
     """The ``count`` positions marked -inf in ``mind`` ([B, n]), ascending, plus ``offset``."""
     taken = op.Equal(mind, op.Constant(value_float=float("-inf")))
     positions = op.Cast(_arange(n), to=FLOAT)
-    keyed = op.Where(taken, positions, op.Mul(_as_float(n), op.Constant(value_float=2.0)))
+    beyond = op.Constant(value_float=float(2 * n)) if isinstance(n, int) else op.Mul(_as_float(n), op.Constant(value_float=2.0))
+    keyed = op.Where(taken, positions, beyond)
     ordered, _ = op.TopK(keyed, _count(count), axis=1, largest=0, sorted=1)
     positions = op.Cast(ordered, to=INT64)
     return op.Add(positions, op.Constant(value_int=offset)) if offset else positions
