@@ -75,6 +75,7 @@ def _describe_model(args) -> str:
 
 def cmd_compile(args) -> int:
     import tpc
+    from tpc.compiled import recipe
     from tpc.exports import check_target
 
     out = Path(args.output)
@@ -82,7 +83,7 @@ def cmd_compile(args) -> int:
     start = time.perf_counter()
     pruned = tpc.compile(args.model, **_compile_kwargs(args))
     report = pruned.report
-    print(f"{_describe_model(args)}: {report.recipe()}")
+    print(f"{_describe_model(args)}: {recipe(report)}")
     print(report.table())
     print(report.summary())
     result = tpc.export(pruned, out, check=not args.no_check, batch=args.batch, precision=args.precision)
@@ -110,11 +111,12 @@ def cmd_passes(args) -> int:
 
 def cmd_inspect(args) -> int:
     import tpc
+    from tpc.compiled import recipe
 
     kwargs = _compile_kwargs(args)
     report = tpc.inspect(args.model, **kwargs)
     print(f"{_describe_model(args)}: {len(report.sites)} attention layers"
-          + (f"; {report.recipe()}" if report.layers else ""))
+          + (f"; {recipe(report)}" if report.layers else ""))
     print(report.table())
     print(report.summary())
     return 0

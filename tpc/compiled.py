@@ -53,11 +53,7 @@ class CompileReport:
         return "\n".join(rows)
 
     def recipe(self) -> str:
-        """One line: the method, its layers and its budget (runs of equal values shown once)."""
-        removals = all(k.startswith("r=") for k in self.keep)
-        values = [k[2:] for k in self.keep] if removals else list(self.keep)
-        budget = values[0] if len(set(values)) == 1 else ",".join(values)
-        return f"{self.method} {'r=' if removals else 'keep '}{budget} after layers {_ranges(self.layers)}"
+        return recipe(self)
 
     def summary(self) -> str:
         g = 1e9
@@ -75,6 +71,15 @@ class CompileReport:
                          "see the table")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def recipe(report) -> str:
+    """One line for any report with method, layers and keep (a VLM's too): the method, its
+    budget (equal values shown once) and its layers."""
+    removals = bool(report.keep) and all(str(k).startswith("r=") for k in report.keep)
+    values = [str(k)[2:] for k in report.keep] if removals else [str(k) for k in report.keep]
+    budget = values[0] if len(set(values)) == 1 else ",".join(values)
+    return f"{report.method} {'r=' if removals else 'keep '}{budget} after layers {_ranges(list(report.layers))}"
 
 
 def _ranges(values: list[int]) -> str:
