@@ -27,17 +27,19 @@ def _op_name(node: fx.Node) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def _shape(value, names: dict[str, str] | None = None) -> str:
+def _shape(value, symbols=None) -> str:
     if isinstance(value, torch.Tensor):
-        return str(value.dtype).replace("torch.", "") + shape_text(value, names)
+        return str(value.dtype).replace("torch.", "") + shape_text(value, symbols)
     if isinstance(value, (list, tuple)):
-        return "(" + ", ".join(_shape(v, names) for v in value) + ")"
+        return "(" + ", ".join(_shape(v, symbols) for v in value) + ")"
     return type(value).__name__ if value is not None else ""
 
 
-def format_rewrites(gm: fx.GraphModule) -> str:
+def format_rewrites(gm: fx.GraphModule, symbols: dict[str, str] | None = None) -> str:
+    """The text; ``symbols`` names symbolic sizes (default: the graph's input symbols as
+    ``symbol_names`` reads them, B for a batch and N for a sequence length; any other as B)."""
     nodes = list(gm.graph.nodes)
-    symbols = symbol_names(gm)
+    symbols = {**symbol_names(gm), **(symbols or {})}
     marked = {n for n in nodes if "tpc_inserted" in n.meta or n.meta.get("tpc_rewritten")}
     show = set(marked)
     for n in marked:

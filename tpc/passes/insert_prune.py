@@ -16,17 +16,21 @@ Rewrite (for the stream tensor ``x`` of layer L, [B, N, C]):
    the later layers left them, are written over the stream as it was at this layer
    (``tpc.restore_tokens``), so dropped tokens reach the output unchanged and heads that need
    every position (dense features, segmentation) still get them;
-4. when the sequence length is symbolic (a text model captured with a dynamic length), the
+4. an ``r`` (tokens removed) is clamped to the method's bound at this layer (tome: ToMe's
+   ``(tokens - prefix) // 2``), kept in ``self.removal`` for the report; r = 0 inserts nothing
+   (``modified=False``), as ToMe's r = 0 leaves the layer alone;
+5. when the sequence length is symbolic (a text model captured with a dynamic length), the
    count kept is computed in the graph from the incoming length ``n`` (``sym_size``): a ratio
    keeps ``ceil(ratio × (n - P))``, a count ``min(count, n - P)`` (clamped), so one graph
    serves every length;
-5. the new stream is marked as a pending compaction; ``propagate_token_axis`` must run next,
+6. the new stream is marked as a pending compaction; ``propagate_token_axis`` must run next,
    because shape constants downstream still say N. This pass therefore ends with
    ``lint`` + ``recompile`` only: its graph is not executable until propagation.
 """
 
 from __future__ import annotations
 
+import logging
 import operator
 
 import torch
@@ -38,6 +42,8 @@ from tpc.graph.nodes import aten, val
 from tpc.passes.infra import Pass, PassResult
 from tpc.passes.prune_methods import Builder, PruneContext, get_method
 from tpc.schedule import KeepValue, Removal, kept_count, ratio_fraction
+
+logger = logging.getLogger("tpc.passes")
 
 
 def compactions(gm: fx.GraphModule) -> list[dict]:
@@ -56,6 +62,7 @@ class InsertPrune(Pass):
         self.after = after
         self.seed = seed
         self.restore = restore
+        self.removal: tuple[int, int] | None = None  # (r asked, r applied) once the pass ran with an r
         if restore and self.options.get("fuse"):
             raise TpcError("restore and fuse do not go together: the fused token has no place in the full sequence")
         self.name = f"insert_prune(layer {layer})"
@@ -72,6 +79,14 @@ class InsertPrune(Pass):
         symbolic = not isinstance(val(point.node).shape[point.token_dim], int)
         if tokens <= self.prefix:
             raise TpcError(f"layer {self.layer} sees {tokens} tokens, all of them prefix tokens: nothing to prune")
+        if symbolic and isinstance(self.keep, Removal):
+            raise TpcError(f"--r removes a fixed number of tokens, but layer {self.layer} sees a dynamic sequence length: "
+                           "give --keep as a ratio, or fix the length with --seq-len N")
+        keep = self._bounded(self.keep, tokens)
+        if keep == 0 and isinstance(keep, Removal):
+            logger.debug("%s: r = 0, nothing to remove", self.name)
+            return PassResult(gm, False)  # ToMe's r = 0: the layer is left as it is
+        kept = None if symbolic else kept_count(keep, tokens, self.prefix, self.layer)
 
         b = Builder(gm, point.node)
         rank = len(val(point.node).shape)
@@ -82,7 +97,8 @@ class InsertPrune(Pass):
                 raise TpcError(f"layer {self.layer}: the stream at {point.node.name} has no visible batch dimension")
             to_canonical = [point.batch_dim, point.token_dim] + [d for d in range(rank) if d not in (point.batch_dim, point.token_dim)]
             stream = b.op(aten.permute.default, point.node, to_canonical, role="layout")
-        kept = self._kept_in_graph(b, stream) if symbolic else kept_count(self.keep, tokens, self.prefix, self.layer)
+        if symbolic:
+            kept = self._kept_in_graph(b, stream)
 
         merges = [c["merge"] for c in compactions(gm) if c.get("merge") is not None]
         ctx = PruneContext(site=site, point=point, stream=stream, tokens=tokens, kept=kept, prefix=self.prefix,
@@ -114,10 +130,7 @@ class InsertPrune(Pass):
         return PassResult(gm, True)
 
     def _kept_in_graph(self, b: Builder, stream: fx.Node) -> fx.Node:
-        """The non-prefix count kept, computed from the stream's symbolic length (see rule 4)."""
-        if isinstance(self.keep, Removal):
-            raise TpcError(f"--r removes a fixed number of tokens, but layer {self.layer} sees a dynamic sequence length: "
-                           "give --keep as a ratio, or fix the length with --seq-len N")
+        """The non-prefix count kept, computed from the stream's symbolic length (see rule 5)."""
         n = b.op(aten.sym_size.int, stream, 1, role="select")
         available = b.op(operator.sub, n, self.prefix, role="select") if self.prefix else n
         if isinstance(self.keep, int):
@@ -125,6 +138,17 @@ class InsertPrune(Pass):
         f = ratio_fraction(self.keep)
         scaled = b.op(operator.add, b.op(operator.mul, available, f.numerator, role="select"), f.denominator - 1, role="select")
         return b.op(operator.floordiv, scaled, f.denominator, role="select")
+
+    def _bounded(self, keep: KeepValue, tokens: int) -> KeepValue:
+        """An r clamped to the method's bound at this layer (tome: ToMe's (tokens - prefix) // 2)."""
+        if not isinstance(keep, Removal):
+            return keep
+        limit = self.method.max_removal(tokens, self.prefix) if self.method.max_removal else int(keep)
+        applied = min(int(keep), limit)
+        self.removal = (int(keep), applied)
+        if applied < keep:
+            logger.debug("%s: r = %d clamped to %d (%d tokens, %d prefix)", self.name, keep, applied, tokens, self.prefix)
+        return Removal(applied)
 
     def _insert_restore(self, gm: fx.GraphModule, last_site, point, result) -> set[fx.Node]:
         if (point.batch_dim, point.token_dim) != (0, 1):
