@@ -94,6 +94,14 @@ def test_a_token_count_is_clamped_to_the_length_and_the_report_says_so():
     assert [tuple(d.shape) for d in replay.decisions] == [(2, 6), (2, 6)]
 
 
+def test_the_dynamic_graph_at_length_n_is_the_graph_compiled_for_n():
+    dynamic = compiled("topk-cls")
+    for length in (9, 24):
+        fixed = tpc.compile(encoder(), EXAMPLE, method="topk-cls", layers=[0, 1], keep=0.5, seq_len=length)
+        ids, mask = batch([length, length - 3, 2], length, seed=3)
+        torch.testing.assert_close(dynamic(ids, mask), fixed(ids, mask), atol=1e-6, rtol=1e-6)
+
+
 def test_seq_len_fixes_the_length_and_images_stay_fixed():
     fixed = tpc.compile(encoder(), EXAMPLE, method="topk-cls", layers=[1], keep=0.5, seq_len=24)
     assert length_range(fixed.graph_module) is None
