@@ -1,9 +1,10 @@
 """Pass infrastructure, after ``torch.fx.passes.infra``.
 
 A pass is a callable ``(GraphModule) -> PassResult``; a ``PassManager`` runs an ordered
-list of them and, when one fails, says which pass failed after which others. A ``TpcError``
-(a deliberate refusal) reaches the user as one; any other exception is a bug in tpc and is
-raised as ``TpcInternalError`` naming the pass and, where the pass marked it with
+list of them and, when one fails, names the failing pass (its name carries the layer, e.g.
+``insert_prune(layer 23)``); the passes that ran before it go to the debug log only. A
+``TpcError`` (a deliberate refusal) reaches the user as one; any other exception is a bug in
+tpc and is raised as ``TpcInternalError`` naming the pass and, where the pass marked it with
 ``at_node``, the node it was working on.
 """
 
@@ -63,7 +64,7 @@ def at_node(node: fx.Node) -> Iterator[None]:
 
 
 class PassManager:
-    """Runs passes in order; a failure names the pass and the passes that ran before it."""
+    """Runs passes in order; a failure names the pass (the ones before it: ``logger.debug``)."""
 
     def __init__(self, passes: Sequence[Callable[[fx.GraphModule], PassResult]]):
         self.passes = list(passes)
@@ -76,13 +77,15 @@ class PassManager:
             try:
                 result = p(gm)
             except TpcError as err:
-                raise TpcError(f"{err} [in pass {name}{self._after(done)}]") from err
+                self._log_failure(name, done)
+                raise TpcError(f"{err} [in pass {name}]") from err
             except Exception as err:
+                self._log_failure(name, done)
                 node = getattr(err, "tpc_node", None)
-                where = f", at {describe(node)}" if isinstance(node, fx.Node) else ""
+                where = f" at {describe(node)}" if isinstance(node, fx.Node) else ""
                 first = (str(err).strip().splitlines() or [""])[0]
                 raise TpcInternalError(
-                    f"internal error in pass {name}{self._after(done)}{where}: {type(err).__name__}: {first}; {REPORT}"
+                    f"internal error in pass {name}{where}: {type(err).__name__}: {first}; {REPORT}"
                 ) from err
             if not isinstance(result, PassResult):
                 raise TpcInternalError(f"pass {name} returned {type(result).__name__}, not a PassResult; {REPORT}")
@@ -93,5 +96,5 @@ class PassManager:
         return PassResult(gm, modified)
 
     @staticmethod
-    def _after(done: list[str]) -> str:
-        return f", after {', '.join(done)}" if done else ", the first pass"
+    def _log_failure(name: str, done: list[str]) -> None:
+        logger.debug("pass %s failed after %s", name, ", ".join(done) if done else "no other pass")
