@@ -176,6 +176,16 @@ def test_pyramid_schedule_composes_stages_and_batch_equals_alone(llava):
         assert torch.equal(generated[b, 24:], pruned.generate(**alone, max_new_tokens=5)[0, alone["input_ids"].shape[1]:])
 
 
+def test_keep_zero_drops_every_visual_token_after_a_layer(llava):
+    model, inputs, program = llava
+    out = prune(model, program, inputs, method="fastv", layers=[0, 1], keep=[0.5, 0]).prefill(**inputs)
+    kept = out.kept[-1]
+    assert kept.shape[1] == 24 - VISUAL and not (inputs["input_ids"].gather(1, kept) == IMAGE).any()
+    assert [out.cache.layers[i].keys.shape[2] for i in range(3)] == [24, 16, 8]
+    with pytest.raises(TpcError, match="text-only prompt"):
+        prune(model, program, inputs, method="random", keep=0)
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda i: {**i, "input_ids": i["input_ids"].masked_fill(i["input_ids"] == IMAGE, 5)}, "no image token"),
     (lambda i: {**i, "pixel_values": i["pixel_values"][:1]}, "images make"),
