@@ -6,8 +6,7 @@ patch 14, so each image is 576 visual tokens; prompts are 576 visual + 64 text t
 every method at 25 % of the visual tokens kept it prints the prefill FLOPs ratio (aten ops
 executed, counted by torch's FlopCounterMode; the tpc:: scoring ops are not in it), the
 measured prefill speedup (torch, CPU; speedup × FLOPs ratio ≥ 0.9 means the latency
-follows the FLOPs), and one decode step's latency (median, side by side; each timed step
-appends one entry to its cache) and KV-cache bytes with the pruned cache against the
+follows the FLOPs), and one decode step's latency (median, side by side) and KV-cache bytes with the pruned cache against the
 unpruned one.
 
     python benchmarks/vlm_speed.py [--threads 1] [--iters 3] [--repeats 3]
@@ -58,16 +57,19 @@ def flops(run) -> int:
 
 
 def decode_step(model, state):
-    """One greedy decode step over (a copy of) the prefill's cache; each call appends one entry."""
+    """One greedy decode step over a copy of the prefill's cache, cropped back after each call."""
     lm, head = language_model(model)
     token = state.logits[:, -1].argmax(-1)[:, None]
     position = state.positions[:, -1:] + 1
     valid = [torch.cat([v, torch.ones_like(v[:, :1])], 1) for v in state.valid]
     cache = copy.deepcopy(state.cache)
+    lengths = [layer.keys.shape[2] for layer in cache.layers]
 
     def run():
         with torch.no_grad():
             _decode_step(lm, head, token, position, valid, cache)
+        for layer, n in zip(cache.layers, lengths):  # back to the prefill's cache (views, no copy)
+            layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
     return run
 
 
