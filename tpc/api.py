@@ -16,8 +16,8 @@ from tpc.errors import TpcError
 from tpc.flops import count_flops, example_size, example_sizes
 from tpc.graph import count_prefix_tokens, find_attention_sites, find_stream_point
 from tpc.graph.nodes import val
-from tpc.passes import InsertPrune, PassManager, PropagateTokenAxis, ProportionalAttention, get_method
-from tpc.passes.insert_prune import compactions
+from tpc.passes import FuseAttentionScores, InsertPrune, PassManager, ProportionalAttention, compactions, get_method
+from tpc.passes.compaction import pruned_outputs
 from tpc.schedule import parse_keep, parse_layers, parse_removals, read_r
 
 logger = logging.getLogger("tpc")
@@ -91,14 +91,12 @@ def analyze(gm: fx.GraphModule, name: str = "model") -> list:
     return sites
 
 
-def _layer_infos(gm: fx.GraphModule, removals: dict | None = None) -> list[LayerInfo]:
-    """One row per attention layer; with a symbolic length, the counts at the example length."""
+def _layer_infos(sites, kept: dict[int, int], removals: dict | None = None, sizes: dict | None = None) -> list[LayerInfo]:
+    """One row per attention site found before pruning; tokens are read from its queries now (with a
+    symbolic length, at the example length: ``sizes``)."""
     removals = removals or {}
-    sizes = example_sizes(gm)
-    kept = {c["layer"]: example_size(val(c["index"]).shape[1], sizes) for c in compactions(gm)}
-    return [LayerInfo(s.layer, s.module, s.kind, s.heads, example_size(val(s.q).shape[-2], sizes), kept.get(s.layer),
-                      *removals.get(s.layer, (None, None)))
-            for s in find_attention_sites(gm)]
+    return [LayerInfo(s.layer, s.module, s.kind, s.heads, example_size(val(s.q).shape[-2], sizes or {}), kept.get(s.layer),
+                      *removals.get(s.layer, (None, None))) for s in sites]
 
 
 def _fix_length(inputs: tuple, seq_len: int | None) -> tuple:
@@ -196,19 +194,19 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
         prefix_source = "given"
     flops_before = count_flops(gm).total
 
-    passes = []
-    for layer, k in zip(layer_list, keeps):
-        passes += [InsertPrune(method, layer, k, prefix, after, seed, options, restore), PropagateTokenAxis()]
-    passes.append(ProportionalAttention())
+    passes = [InsertPrune(method, layer, k, prefix, after, seed, options, restore) for layer, k in zip(layer_list, keeps)]
+    passes += [ProportionalAttention(), FuseAttentionScores()]
     PassManager(passes)(gm)
     removals = {p.layer: p.removal for p in passes if isinstance(p, InsertPrune) and p.removal is not None}
 
     notes += _length_notes(gm, keeps, inputs)
+    sizes = example_sizes(gm)
+    kept = {c.layer: example_size(val(c.index).shape[1], sizes) for c in compactions(gm)}
     flops = count_flops(gm)
     report = CompileReport(
         model=name, method=method, layers=layer_list, keep=[str(k) for k in keeps], options=options, prefix=prefix, prefix_source=prefix_source,
-        insert_after=after, sites=_layer_infos(gm, removals), flops_before=flops_before, flops_after=flops.total,
-        flops_scoring=flops.scoring, pruned_outputs=sorted(gm.meta.get("tpc_pruned_outputs", ())),
+        insert_after=after, sites=_layer_infos(sites, kept, removals, sizes), flops_before=flops_before, flops_after=flops.total,
+        flops_scoring=flops.scoring, pruned_outputs=pruned_outputs(gm),
         passes=[p.name for p in passes], notes=notes,
     )
     pruned = TpcModule(gm, report, inputs)
@@ -243,7 +241,7 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
         prefix, source = _prefix_of(gm, sites)
         flops = count_flops(gm).total
         return CompileReport(model=name, method=None, layers=[], keep=[], prefix=prefix, prefix_source=source,
-                             insert_after=compile_kwargs.get("after", "attention"), sites=_layer_infos(gm),
+                             insert_after=compile_kwargs.get("after", "attention"), sites=_layer_infos(sites, {}, sizes=example_sizes(gm)),
                              flops_before=flops, flops_after=flops)
     return compile(model, example_inputs, **compile_kwargs).report
 
