@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect as inspect_module
 import logging
 import os
 from pathlib import Path
@@ -25,14 +26,33 @@ BACKENDS = ("torch", "onnxruntime")
 INSERT_POINTS = ("attention", "block")
 
 
-def _resolve(model, example_inputs, **load_kwargs) -> tuple[nn.Module, tuple, str]:
+LOAD_KEYWORDS = ("weights", "random_weights", "model_args", "input_size")
+
+
+def _check_keywords(function: str, given: dict, accepted) -> None:
+    """Refuse a keyword ``function`` does not take, naming the nearest one it does."""
+    import difflib
+
+    for key in given:
+        if key not in accepted:
+            near = difflib.get_close_matches(key, list(accepted), n=1)
+            hint = f"; did you mean {near[0]}=?" if near else f"; it takes {', '.join(accepted)}"
+            raise TpcError(f"{function} has no keyword {key!r}{hint}")
+
+
+def _resolve(model, example_inputs, seed: int = 0, **load_kwargs) -> tuple[nn.Module, tuple, str]:
     if isinstance(model, (str, os.PathLike)):
-        loaded = models.load(str(model), **load_kwargs)
+        loaded = models.load(str(model), seed=seed, **load_kwargs)
         set_eval(loaded.module)  # tpc built this module: it is an inference model
         loaded.module.requires_grad_(False)
-        return loaded.module, example_inputs or loaded.example_inputs, loaded.name
+        inputs = loaded.example_inputs if example_inputs is None else example_inputs
+        return loaded.module, (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs), loaded.name
     if not isinstance(model, nn.Module):
         raise TpcError(f"tpc.compile takes an nn.Module or a model id, not {type(model).__name__}")
+    given = [k for k, v in load_kwargs.items() if v]
+    if given:
+        raise TpcError(f"{', '.join(given)} apply to model ids, which tpc loads; for an nn.Module, load the weights "
+                       "into it and pass example_inputs")
     if example_inputs is None and hasattr(getattr(model, "config", None), "model_type"):
         example_inputs = models.hf_example_inputs(model.config, model, None)  # a transformers model
     if example_inputs is None:
@@ -85,28 +105,46 @@ def _layer_infos(gm: fx.GraphModule, kept: dict[int, int]) -> list[LayerInfo]:
     return [LayerInfo(s.layer, s.module, s.kind, s.heads, s.tokens, kept.get(s.layer)) for s in find_attention_sites(gm)]
 
 
-def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=0.7, r=None,
-            prefix: int | None = None, after: str = "attention", seed: int = 0, options: dict | None = None,
+def parse_options(options) -> dict | None:
+    """A method's options as a dict, also from the CLI's ``"key=value,key=value"`` string form."""
+    if options is None or isinstance(options, dict):
+        return options
+    if isinstance(options, str):
+        return models.parse_model_args(options)
+    raise TpcError(f"options is a dict such as {{'iterations': 3}} or a string such as 'iterations=3', "
+                   f"not a {type(options).__name__}")
+
+
+def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=None, r=None,
+            prefix: int | None = None, after: str = "attention", seed: int = 0, options: dict | str | None = None,
             restore: bool = False, backend: str = "torch", **load_kwargs) -> nn.Module:
     """Prune ``model``'s tokens after ``layers`` with ``method``; returns an nn.Module.
 
-    ``model`` is an ``nn.Module`` or a model id (see :func:`tpc.models.load`); ``keep`` is a
-    ratio, a list with one ratio per layer, or token counts (ints); ``r`` (as in ToMe) is
-    instead the number of tokens each layer removes. ``after`` is "attention" (the block's
+    ``model`` is an ``nn.Module`` or a model id (see :func:`tpc.models.load`, which takes
+    ``weights``, ``random_weights`` (drawn with ``seed``), ``model_args`` and ``input_size``);
+    ``keep`` is a ratio (default 0.7), a list with one ratio per layer, or token counts (ints);
+    ``r`` (as in ToMe) is instead the number of tokens each layer removes. ``after`` is "attention" (the block's
     MLP already runs on fewer tokens) or "block". ``options`` are the method's own settings
     (see ``tpc passes``). ``restore=True`` brings the full sequence back after the last block,
     dropped tokens unchanged, for models whose outputs need every position.
     ``backend="onnxruntime"`` returns the ONNX Runtime session of the exported model, checked
     against the torch module.
     """
+    _check_keywords("tpc.compile", load_kwargs, COMPILE_KEYWORDS)
     if backend not in BACKENDS:
         raise TpcError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if r is not None and keep is not None:
+        raise TpcError("--r and --keep both set how many tokens each layer keeps: pass one of them")
+    keep = 0.7 if keep is None else keep
+    if prefix is not None and (isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0):
+        raise TpcError(f"--prefix is the number of leading tokens always kept (0 or more), not {prefix!r}")
+    options = parse_options(options)
     if after not in INSERT_POINTS:
         raise TpcError(f"unknown insertion point {after!r}: choose one of {', '.join(INSERT_POINTS)}")
     options = get_method(method).resolve_options(options)
     layer_list = parse_layers(layers)
     keeps = parse_removals(r, len(layer_list)) if r is not None else parse_keep(keep, len(layer_list))
-    module, inputs, name = _resolve(model, example_inputs, **load_kwargs)
+    module, inputs, name = _resolve(model, example_inputs, seed, **load_kwargs)
     notes = _usage_notes(module)
 
     gm = capture(module, inputs)
@@ -142,15 +180,20 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     return pruned
 
 
+COMPILE_KEYWORDS = (*(name for name, p in inspect_module.signature(compile).parameters.items()
+                      if p.kind is p.KEYWORD_ONLY), *LOAD_KEYWORDS)
+
+
 def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
     """The report of a compile (attention sites, tokens per layer, FLOPs) without writing anything.
 
     Without ``layers`` it describes the unpruned model.
     """
+    _check_keywords("tpc.inspect", compile_kwargs, COMPILE_KEYWORDS)
     if compile_kwargs.get("layers") is None:
-        load_keys = ("weights", "random_weights", "model_args", "input_size")
-        load_kwargs = {k: compile_kwargs[k] for k in load_keys if k in compile_kwargs}
-        module, inputs, name = _resolve(model, example_inputs, **load_kwargs)
+        get_method(compile_kwargs.get("method") or "topk-cls").resolve_options(parse_options(compile_kwargs.get("options")))
+        load_kwargs = {k: compile_kwargs[k] for k in LOAD_KEYWORDS if k in compile_kwargs}
+        module, inputs, name = _resolve(model, example_inputs, compile_kwargs.get("seed", 0), **load_kwargs)
         gm = capture(module, inputs)
         sites = analyze(gm, name)
         prefix, source = _prefix_of(gm, sites)

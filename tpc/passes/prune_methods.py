@@ -246,7 +246,8 @@ def build_tome(b: Builder, ctx: PruneContext) -> Compaction:
     if r > limit:
         raise TpcError(
             f"tome can merge at most {limit} of the {ctx.tokens} tokens at layer {ctx.layer} (bipartite matching "
-            f"pairs every other token); keep at least {ctx.tokens - ctx.prefix - limit} tokens there"
+            f"pairs every other token): give --r {limit} or less there (or --keep {ctx.tokens - ctx.prefix - limit} "
+            "or more tokens)"
         )
     if ctx.site.mask is not None:
         raise TpcError(f"tome does not take attention masks yet (layer {ctx.layer}): padding could be merged into "
