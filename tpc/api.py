@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from tpc import models
+from tpc import models, vlm
 from tpc.capture import capture, set_eval
 from tpc.compiled import CompileReport, LayerInfo, TpcModule
 from tpc.errors import TpcError
@@ -46,7 +46,8 @@ def _resolve(model, example_inputs, seed: int = 0, **load_kwargs) -> tuple[nn.Mo
         set_eval(loaded.module)  # tpc built this module: it is an inference model
         loaded.module.requires_grad_(False)
         inputs = loaded.example_inputs if example_inputs is None else example_inputs
-        return loaded.module, (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs), loaded.name
+        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
+        return loaded.module, inputs if hasattr(inputs, "keys") else tuple(inputs), loaded.name  # keys: a VLM's
     if not isinstance(model, nn.Module):
         raise TpcError(f"tpc.compile takes an nn.Module or a model id, not {type(model).__name__}")
     given = [k for k, v in load_kwargs.items() if v]
@@ -62,7 +63,16 @@ def _resolve(model, example_inputs, seed: int = 0, **load_kwargs) -> tuple[nn.Mo
         example_inputs = models.example_images(size)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if hasattr(example_inputs, "keys"):  # a VLM's processor outputs
+        return model, example_inputs, type(model).__name__
     return model, tuple(example_inputs), type(model).__name__
+
+
+def _maybe_vlm(model, method: str, layers) -> bool:
+    """Whether compile must load the model before parsing encoder options: it may be a VLM."""
+    if isinstance(model, nn.Module):
+        return vlm.is_vlm(model)
+    return method in vlm.VLM_ONLY or layers is None
 
 
 def _prefix_of(gm: fx.GraphModule, sites) -> tuple[int, str]:
@@ -141,10 +151,21 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     options = parse_options(options)
     if after not in INSERT_POINTS:
         raise TpcError(f"unknown insertion point {after!r}: choose one of {', '.join(INSERT_POINTS)}")
+    resolved = None
+    if _maybe_vlm(model, method, layers):
+        resolved = _resolve(model, example_inputs, seed, **load_kwargs)
+        if vlm.is_vlm(resolved[0]):
+            if r is not None or prefix is not None or restore or options or backend != "torch":
+                raise TpcError("a VLM takes method, layers, keep and seed only (r, prefix, restore, options and "
+                               "backends other than torch are for encoders)")
+            return vlm.compile_vlm(resolved[0], resolved[1], method=method, layers=layers, keep=keep, seed=seed)
+    if method in vlm.VLM_ONLY:
+        raise TpcError(f"{method} prunes the visual tokens of a vision-language model ({', '.join(vlm.FAMILIES)}); "
+                       f"{type(model).__name__ if isinstance(model, nn.Module) else model} is not one")
     options = get_method(method).resolve_options(options)
     layer_list = parse_layers(layers)
     keeps = parse_removals(r, len(layer_list)) if r is not None else parse_keep(keep, len(layer_list))
-    module, inputs, name = _resolve(model, example_inputs, seed, **load_kwargs)
+    module, inputs, name = resolved or _resolve(model, example_inputs, seed, **load_kwargs)
     notes = _usage_notes(module)
 
     gm = capture(module, inputs)
@@ -190,10 +211,14 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
     Without ``layers`` it describes the unpruned model.
     """
     _check_keywords("tpc.inspect", compile_kwargs, COMPILE_KEYWORDS)
+    if compile_kwargs.get("method") in vlm.VLM_ONLY:
+        return compile(model, example_inputs, **compile_kwargs).report
     if compile_kwargs.get("layers") is None:
         get_method(compile_kwargs.get("method") or "topk-cls").resolve_options(parse_options(compile_kwargs.get("options")))
         load_kwargs = {k: compile_kwargs[k] for k in LOAD_KEYWORDS if k in compile_kwargs}
         module, inputs, name = _resolve(model, example_inputs, compile_kwargs.get("seed", 0), **load_kwargs)
+        if vlm.is_vlm(module):
+            return vlm.describe(module, inputs)
         gm = capture(module, inputs)
         sites = analyze(gm, name)
         prefix, source = _prefix_of(gm, sites)
@@ -215,4 +240,6 @@ def export(module: nn.Module, path: str | os.PathLike, example_inputs=None, chec
     """
     from tpc.exports import write_artifact
 
+    if isinstance(module, vlm.VlmModule):
+        return module.save(path, check=check)
     return write_artifact(module, Path(path), example_inputs, check=check, batch=batch, precision=precision)
