@@ -205,7 +205,6 @@ def test_bad_inputs_get_one_line_naming_the_mistake(capsys, bad_files, tmp_path,
         (["eval", TINY, "--data", d / "u8.npz", "--mean", "0.5", "--std", "0.5", "--plot", tmp_path / "no" / "p.png"],
          "of --plot does not exist"),
         (["eval", TINY, "--data", d / "empty.npz", "--mean", "0.5", "--std", "0.5"], "holds no images"),
-        (["compile", TINY, "--pass", "tome", "--layers", "1", "--r", "10", "-o", out], "--r 8 or less"),
         # item 12: float images outside [0, 1]
         (["eval", TINY, "--data", d / "f255.npz", "--mean", "0.5", "--std", "0.5"], "float in [0, 1]"),
         # item 14: conflicting flags
