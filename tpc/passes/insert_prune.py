@@ -28,6 +28,7 @@ from torch import fx
 
 from tpc.errors import TpcError
 from tpc.graph import find_attention_sites, find_stream_point
+from tpc.graph.attention import layer_runs
 from tpc.graph.nodes import aten, val
 from tpc.passes.infra import Pass, PassResult
 from tpc.passes.prune_methods import Builder, PruneContext, get_method
@@ -37,6 +38,11 @@ from tpc.schedule import KeepValue, kept_count
 def compactions(gm: fx.GraphModule) -> list[dict]:
     """The compaction records of the graph, in graph order."""
     return [n.meta["tpc_compaction"] for n in gm.graph.nodes if "tpc_compaction" in n.meta]
+
+
+def _self_attention_layers(sites) -> str:
+    layers = [s.layer for s in sites if s.self_attention]
+    return f"this model's self-attention layers are {layer_runs(layers)}" if layers else "this model has none"
 
 
 class InsertPrune(Pass):
@@ -60,7 +66,9 @@ class InsertPrune(Pass):
             raise TpcError(f"layer {self.layer} is out of range: the model has {len(sites)} attention layers (0-{len(sites) - 1})")
         site = sites[self.layer]
         if not site.self_attention:
-            raise TpcError(f"layer {self.layer} ({site.module}) is cross-attention: tpc prunes self-attention layers")
+            queries = f"{site.tokens} quer{'y' if site.tokens == 1 else 'ies'}"
+            raise TpcError(f"layer {self.layer} ({site.module}) is class- or cross-attention ({queries} over "
+                           f"{site.key_tokens} keys): tpc prunes self-attention layers; {_self_attention_layers(sites)}")
         point = find_stream_point(gm, site, self.after)
         tokens = point.tokens
         if tokens <= self.prefix:
