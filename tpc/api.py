@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from tpc import models
+from tpc import models, vlm
 from tpc.capture import capture, set_eval
 from tpc.compiled import CompileReport, LayerInfo, TpcModule
 from tpc.errors import TpcError
@@ -17,7 +17,7 @@ from tpc.flops import count_flops
 from tpc.graph import count_prefix_tokens, find_attention_sites, find_stream_point
 from tpc.passes import InsertPrune, PassManager, PropagateTokenAxis, ProportionalAttention, get_method
 from tpc.passes.insert_prune import compactions
-from tpc.schedule import parse_keep, parse_layers, parse_removals
+from tpc.schedule import parse_keep, parse_layers, parse_removals, read_r
 
 logger = logging.getLogger("tpc")
 
@@ -42,7 +42,16 @@ def _resolve(model, example_inputs, **load_kwargs) -> tuple[nn.Module, tuple, st
         example_inputs = models.example_images(size)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if hasattr(example_inputs, "keys"):  # a VLM's processor outputs
+        return model, example_inputs, type(model).__name__
     return model, tuple(example_inputs), type(model).__name__
+
+
+def _maybe_vlm(model, method: str, layers) -> bool:
+    """Whether compile must load the model before parsing encoder options: it may be a VLM."""
+    if isinstance(model, nn.Module):
+        return vlm.is_vlm(model)
+    return method in vlm.VLM_ONLY or layers is None
 
 
 def _prefix_of(gm: fx.GraphModule, sites) -> tuple[int, str]:
@@ -81,8 +90,10 @@ def analyze(gm: fx.GraphModule, name: str = "model") -> list:
     return sites
 
 
-def _layer_infos(gm: fx.GraphModule, kept: dict[int, int]) -> list[LayerInfo]:
-    return [LayerInfo(s.layer, s.module, s.kind, s.heads, s.tokens, kept.get(s.layer)) for s in find_attention_sites(gm)]
+def _layer_infos(gm: fx.GraphModule, kept: dict[int, int], removals: dict | None = None) -> list[LayerInfo]:
+    removals = removals or {}
+    return [LayerInfo(s.layer, s.module, s.kind, s.heads, s.tokens, kept.get(s.layer), *removals.get(s.layer, (None, None)))
+            for s in find_attention_sites(gm)]
 
 
 def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=0.7, r=None,
@@ -92,7 +103,9 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
 
     ``model`` is an ``nn.Module`` or a model id (see :func:`tpc.models.load`); ``keep`` is a
     ratio, a list with one ratio per layer, or token counts (ints); ``r`` (as in ToMe) is
-    instead the number of tokens each layer removes. ``after`` is "attention" (the block's
+    instead the number of tokens each layer removes: an int, a per-layer list, or ToMe's
+    ``(r, inflection)`` schedule, clamped per layer by the method (tome: as ToMe clamps it).
+    ``layers=None`` is an error, except for tome, which then merges at every layer as ToMe does. ``after`` is "attention" (the block's
     MLP already runs on fewer tokens) or "block". ``options`` are the method's own settings
     (see ``tpc passes``). ``restore=True`` brings the full sequence back after the last block,
     dropped tokens unchanged, for models whose outputs need every position.
@@ -103,14 +116,31 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
         raise TpcError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if after not in INSERT_POINTS:
         raise TpcError(f"unknown insertion point {after!r}: choose one of {', '.join(INSERT_POINTS)}")
-    options = get_method(method).resolve_options(options)
-    layer_list = parse_layers(layers)
-    keeps = parse_removals(r, len(layer_list)) if r is not None else parse_keep(keep, len(layer_list))
-    module, inputs, name = _resolve(model, example_inputs, **load_kwargs)
+    resolved = None
+    if _maybe_vlm(model, method, layers):
+        resolved = _resolve(model, example_inputs, **load_kwargs)
+        if vlm.is_vlm(resolved[0]):
+            if r is not None or prefix is not None or restore or options or backend != "torch":
+                raise TpcError("a VLM takes method, layers, keep and seed only (r, prefix, restore, options and "
+                               "backends other than torch are for encoders)")
+            return vlm.compile_vlm(resolved[0], resolved[1], method=method, layers=layers, keep=keep, seed=seed)
+    if method in vlm.VLM_ONLY:
+        raise TpcError(f"{method} prunes the visual tokens of a vision-language model ({', '.join(vlm.FAMILIES)}); "
+                       f"{type(model).__name__ if isinstance(model, nn.Module) else model} is not one")
+    spec = get_method(method)
+    options = spec.resolve_options(options)
+    every_layer = layers is None and spec.every_layer_by_default  # ToMe merges at every layer
+    layer_list = None if every_layer else parse_layers(layers)
+    if r is not None:
+        read_r(r)  # a malformed r fails before the model loads
+    module, inputs, name = resolved or _resolve(model, example_inputs, **load_kwargs)
     notes = _usage_notes(module)
 
     gm = capture(module, inputs)
     sites = analyze(gm, name)
+    if layer_list is None:
+        layer_list = list(range(len(sites)))
+    keeps = parse_removals(r, len(layer_list), pad=every_layer) if r is not None else parse_keep(keep, len(layer_list))
     for layer in layer_list:
         if layer >= len(sites):
             raise TpcError(f"layer {layer} is out of range: {name} has {len(sites)} attention layers (0-{len(sites) - 1})")
@@ -125,12 +155,13 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
         passes += [InsertPrune(method, layer, k, prefix, after, seed, options, restore), PropagateTokenAxis()]
     passes.append(ProportionalAttention())
     PassManager(passes)(gm)
+    removals = {p.layer: p.removal for p in passes if isinstance(p, InsertPrune) and p.removal is not None}
 
     kept = {c["layer"]: c["tokens_out"] for c in compactions(gm)}
     flops = count_flops(gm)
     report = CompileReport(
         model=name, method=method, layers=layer_list, keep=[str(k) for k in keeps], options=options, prefix=prefix, prefix_source=prefix_source,
-        insert_after=after, sites=_layer_infos(gm, kept), flops_before=flops_before, flops_after=flops.total,
+        insert_after=after, sites=_layer_infos(gm, kept, removals), flops_before=flops_before, flops_after=flops.total,
         flops_scoring=flops.scoring, pruned_outputs=sorted(gm.meta.get("tpc_pruned_outputs", ())),
         passes=[p.name for p in passes], notes=notes,
     )
@@ -142,15 +173,25 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     return pruned
 
 
+def prunes(method: str, layers) -> bool:
+    """Whether a compile with these settings prunes: layers are named, or the method (tome)
+    prunes every layer by default."""
+    return layers is not None or get_method(method).every_layer_by_default
+
+
 def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
     """The report of a compile (attention sites, tokens per layer, FLOPs) without writing anything.
 
-    Without ``layers`` it describes the unpruned model.
+    Without ``layers`` it describes the unpruned model (for tome: merging at every layer).
     """
-    if compile_kwargs.get("layers") is None:
+    if compile_kwargs.get("method") in vlm.VLM_ONLY:
+        return compile(model, example_inputs, **compile_kwargs).report
+    if not prunes(compile_kwargs.get("method", "topk-cls"), compile_kwargs.get("layers")):
         load_keys = ("weights", "random_weights", "model_args", "input_size")
         load_kwargs = {k: compile_kwargs[k] for k in load_keys if k in compile_kwargs}
         module, inputs, name = _resolve(model, example_inputs, **load_kwargs)
+        if vlm.is_vlm(module):
+            return vlm.describe(module, inputs)
         gm = capture(module, inputs)
         sites = analyze(gm, name)
         prefix, source = _prefix_of(gm, sites)
@@ -172,4 +213,6 @@ def export(module: nn.Module, path: str | os.PathLike, example_inputs=None, chec
     """
     from tpc.exports import write_artifact
 
+    if isinstance(module, vlm.VlmModule):
+        return module.save(path, check=check)
     return write_artifact(module, Path(path), example_inputs, check=check, batch=batch, precision=precision)

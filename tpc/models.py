@@ -11,7 +11,8 @@ Accepted ids, tried in this order:
 
 Weights: pretrained by default (downloaded or from the local cache), ``weights=PATH`` for a
 state_dict / safetensors file, ``random_weights=True`` for architecture-only runs.
-Everything is loaded without executing pickled code (``weights_only=True``, safetensors).
+Everything is loaded without executing pickled code (``weights_only=True``, safetensors, and
+``.pt2`` archives through :mod:`tpc.pt2`).
 """
 
 from __future__ import annotations
@@ -143,14 +144,9 @@ def _offline_unless_reachable():
 
 
 def _load_pt2(path: Path) -> LoadedModel:
-    if not path.is_file():
-        raise TpcError(f"model file {str(path)!r} does not exist")
-    import tpc.kernels  # noqa: F401  (a .pt2 written by tpc holds tpc:: ops)
+    from tpc.pt2 import load_program
 
-    try:
-        ep = torch.export.load(str(path))
-    except Exception as err:
-        raise TpcError(f"cannot load {str(path)!r} as a torch.export program: {str(err).splitlines()[0]}") from err
+    ep = load_program(path)
     module = ep.module()
     inputs = None
     if ep.example_inputs is not None:
@@ -165,7 +161,13 @@ def _load_pt2(path: Path) -> LoadedModel:
 TEXT_LENGTH = 128
 
 
-def hf_example_inputs(config, module, input_size) -> tuple:
+def hf_example_inputs(config, module, input_size) -> tuple | dict:
+    from tpc.vlm import is_vlm
+
+    if is_vlm(module):
+        from tpc.vlm.family import example_inputs
+
+        return example_inputs(module)
     if getattr(config, "image_size", None) and getattr(config, "num_channels", None):
         size = input_size or (config.num_channels, config.image_size, config.image_size)
         return example_images(size)

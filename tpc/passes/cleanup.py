@@ -16,9 +16,10 @@ from torch._guards import detect_fake_mode
 from tpc.passes.infra import Pass, PassResult
 
 
-def refresh_meta(gm: fx.GraphModule) -> None:
+def refresh_meta(gm: fx.GraphModule, start: fx.Node | None = None) -> None:
     """Recompute ``meta['val']`` of call_function nodes under the graph's fake mode.
 
+    With ``start``, only that node and the nodes after it (the ones a rewrite there can change).
     Autograd stays off, as in the inference graph torch.export captured: with it on, values
     derived from parameters require grad, and some ops then pick another kernel with other
     output strides (CPU SDPA with a bias that requires grad takes the math path), so a
@@ -33,19 +34,21 @@ def refresh_meta(gm: fx.GraphModule) -> None:
         return a.meta.get("val") if isinstance(a, fx.Node) else a
 
     with fake_mode, torch.no_grad():
+        seen = start is None
         for node in gm.graph.nodes:
-            if node.op != "call_function":
+            seen = seen or node is start
+            if not seen or node.op != "call_function":
                 continue
             args = fx.node.map_aggregate(node.args, value)
             kwargs = fx.node.map_aggregate(node.kwargs, value)
             node.meta["val"] = node.target(*args, **kwargs)
 
 
-def finish(gm: fx.GraphModule) -> None:
+def finish(gm: fx.GraphModule, start: fx.Node | None = None) -> None:
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-    refresh_meta(gm)
+    refresh_meta(gm, start)
 
 
 class Cleanup(Pass):
