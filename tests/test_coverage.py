@@ -137,7 +137,10 @@ def test_cait_talking_heads_layers_are_found_numbered_and_pruned():
         ("blocks.0.attn", 16), ("blocks.1.attn", 16), ("blocks.2.attn", 8),
         ("blocks_token_only.0.attn", 1), ("blocks_token_only.1.attn", 1)]
     torch.testing.assert_close(pm(*x), eager_cait(model, *x, layer=1, keep=0.5), atol=1e-5, rtol=1e-5)
-    _exact(tpc.compile(model, _images(2, 1), method="topk-mass", layers=[1], keep=1.0), model, x)
+    twin = tpc.compile(model, _images(2, 1), method="topk-mass", layers=[0, 1], keep=1.0)
+    _exact(twin, model, x)
+    # the scorer reading layer 0's softmax must not hide that layer from the site numbering
+    assert [s.module for s in twin.report.sites] == [s.module for s in pm.report.sites]
     with pytest.raises(tpc.TpcError, match=r"layer 3 \(blocks_token_only.0.attn\) is class- or cross-attention "
                                            r"\(1 query over 17 keys\).*self-attention layers are 0-2"):
         tpc.compile(model, _images(2, 1), method="random", layers=[3], keep=0.5)

@@ -180,8 +180,8 @@ def _explicit_site(softmax: fx.Node, batch: int | None) -> AttentionSite | None:
 
     probs_use = softmax
     while True:
-        users = [u for u in probs_use.users if is_op(u, *_PASS_THROUGH)]
-        if len(users) == 1 and len(probs_use.users) == 1:
+        users = [u for u in _model_users(probs_use) if is_op(u, *_PASS_THROUGH)]
+        if len(users) == 1 and len(_model_users(probs_use)) == 1:
             probs_use = users[0]
             continue
         mix = _head_mix_output(probs_use)
@@ -202,11 +202,16 @@ def _explicit_site(softmax: fx.Node, batch: int | None) -> AttentionSite | None:
     )
 
 
+def _model_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that the model has, not the scorers tpc inserted to read it."""
+    return [u for u in node.users if "tpc_inserted" not in u.meta]
+
+
 def _head_mix_output(node: fx.Node) -> fx.Node | None:
     """The head mix applied to ``node`` (its only use), or None."""
-    if len(node.users) != 1:
+    if len(_model_users(node)) != 1:
         return None
-    permute = next(iter(node.users))
+    permute = _model_users(node)[0]
     if not is_op(permute, aten.permute) or len(permute.users) != 1:
         return None
     linear = next(iter(permute.users))
