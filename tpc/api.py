@@ -15,8 +15,9 @@ from tpc.compiled import CompileReport, LayerInfo, TpcModule
 from tpc.errors import TpcError
 from tpc.flops import count_flops
 from tpc.graph import count_prefix_tokens, find_attention_sites, find_stream_point
-from tpc.passes import InsertPrune, PassManager, PropagateTokenAxis, ProportionalAttention, get_method
-from tpc.passes.insert_prune import compactions
+from tpc.graph.nodes import numeric_shape
+from tpc.passes import FuseAttentionScores, InsertPrune, PassManager, ProportionalAttention, compactions, get_method
+from tpc.passes.compaction import pruned_outputs
 from tpc.schedule import parse_keep, parse_layers, parse_removals, read_r
 
 logger = logging.getLogger("tpc")
@@ -90,10 +91,11 @@ def analyze(gm: fx.GraphModule, name: str = "model") -> list:
     return sites
 
 
-def _layer_infos(gm: fx.GraphModule, kept: dict[int, int], removals: dict | None = None) -> list[LayerInfo]:
+def _layer_infos(sites, kept: dict[int, int], removals: dict | None = None) -> list[LayerInfo]:
+    """One row per attention site found before pruning; tokens are read from its queries now."""
     removals = removals or {}
-    return [LayerInfo(s.layer, s.module, s.kind, s.heads, s.tokens, kept.get(s.layer), *removals.get(s.layer, (None, None)))
-            for s in find_attention_sites(gm)]
+    return [LayerInfo(s.layer, s.module, s.kind, s.heads, numeric_shape(s.q)[-2], kept.get(s.layer),
+                      *removals.get(s.layer, (None, None))) for s in sites]
 
 
 def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=0.7, r=None,
@@ -150,19 +152,17 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
         prefix_source = "given"
     flops_before = count_flops(gm).total
 
-    passes = []
-    for layer, k in zip(layer_list, keeps):
-        passes += [InsertPrune(method, layer, k, prefix, after, seed, options, restore), PropagateTokenAxis()]
-    passes.append(ProportionalAttention())
+    passes = [InsertPrune(method, layer, k, prefix, after, seed, options, restore) for layer, k in zip(layer_list, keeps)]
+    passes += [ProportionalAttention(), FuseAttentionScores()]
     PassManager(passes)(gm)
     removals = {p.layer: p.removal for p in passes if isinstance(p, InsertPrune) and p.removal is not None}
 
-    kept = {c["layer"]: c["tokens_out"] for c in compactions(gm)}
+    kept = {c.layer: c.tokens_out for c in compactions(gm)}
     flops = count_flops(gm)
     report = CompileReport(
         model=name, method=method, layers=layer_list, keep=[str(k) for k in keeps], options=options, prefix=prefix, prefix_source=prefix_source,
-        insert_after=after, sites=_layer_infos(gm, kept, removals), flops_before=flops_before, flops_after=flops.total,
-        flops_scoring=flops.scoring, pruned_outputs=sorted(gm.meta.get("tpc_pruned_outputs", ())),
+        insert_after=after, sites=_layer_infos(sites, kept, removals), flops_before=flops_before, flops_after=flops.total,
+        flops_scoring=flops.scoring, pruned_outputs=pruned_outputs(gm),
         passes=[p.name for p in passes], notes=notes,
     )
     pruned = TpcModule(gm, report, inputs)
@@ -197,7 +197,7 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
         prefix, source = _prefix_of(gm, sites)
         flops = count_flops(gm).total
         return CompileReport(model=name, method=None, layers=[], keep=[], prefix=prefix, prefix_source=source,
-                             insert_after=compile_kwargs.get("after", "attention"), sites=_layer_infos(gm, {}),
+                             insert_after=compile_kwargs.get("after", "attention"), sites=_layer_infos(sites, {}),
                              flops_before=flops, flops_after=flops)
     return compile(model, example_inputs, **compile_kwargs).report
 

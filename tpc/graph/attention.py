@@ -1,10 +1,8 @@
 """Find the attention sites of an exported graph.
 
-Three forms are recognized, in topological order (the order gives the layer index):
+Two forms are recognized, in topological order (the order gives the layer index):
 
   SDPA:      out = aten.scaled_dot_product_attention(q, k, v, attn_mask, ..., scale)
-
-  fused:     out, mass = tpc.sparse_attention(q, k, v, None, scale)   (an SDPA topk-mass rewrote)
 
   explicit:  q ─► [mul/div by s] ─┐
              k ─► transpose(-2,-1) ┴► matmul ─► [mul/div by s] ─► [add mask | masked_fill]
@@ -17,7 +15,6 @@ For each site the analysis records what a scorer needs to recompute the logits
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -172,16 +169,6 @@ def _explicit_site(softmax: fx.Node, batch: int | None) -> AttentionSite | None:
     )
 
 
-def _sparse_site(node: fx.Node, batch: int | None) -> AttentionSite:
-    q, k, v, _index, scale = node.args[:5]
-    output = next((u for u in node.users if u.target is operator.getitem and u.args[1] == 0), node)
-    return AttentionSite(
-        layer=-1, node=node, kind="sparse", q=q, k=k, k_transposed=None, v=v, scale=float(scale), mask=None,
-        mask_kind=None, probs=None, output=output, heads=_heads(q, batch), tokens=numeric_shape(q)[-2],
-        key_tokens=numeric_shape(k)[-2], head_dim=numeric_shape(q)[-1], module=module_path(node), is_causal=False,
-    )
-
-
 def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
     """All attention sites, numbered 0.. in graph order."""
     batch = batch_size_numeric(gm)
@@ -192,8 +179,6 @@ def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
             site = _sdpa_site(node, batch)
         elif is_op(node, aten.softmax, aten._softmax):
             site = _explicit_site(node, batch)
-        elif node.target is torch.ops.tpc.sparse_attention.default and node.args[3] is None:
-            site = _sparse_site(node, batch)
         if site is not None:
             site.layer = len(sites)
             lead = numeric_shape(site.q)[0]

@@ -1,4 +1,4 @@
-"""``cleanup``: the ending every modifying pass shares.
+"""``finish()``: the ending every modifying pass shares.
 
 1. dead-code elimination (the custom ``tpc::`` ops are pure, so unused scorers go too);
 2. ``graph.lint()``;
@@ -13,7 +13,6 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 
-from tpc.passes.infra import Pass, PassResult
 
 
 def refresh_meta(gm: fx.GraphModule, start: fx.Node | None = None) -> None:
@@ -45,12 +44,3 @@ def finish(gm: fx.GraphModule, start: fx.Node | None = None) -> None:
     gm.graph.lint()
     gm.recompile()
     refresh_meta(gm, start)
-
-
-class Cleanup(Pass):
-    name = "cleanup"
-
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        before = len(gm.graph.nodes)
-        finish(gm)
-        return PassResult(gm, len(gm.graph.nodes) != before)

@@ -1,4 +1,4 @@
-"""``insert_prune``: a score-and-compact pair after one layer's attention.
+"""``insert_prune``: a score-and-compact pair after one layer's attention, carried through the graph.
 
 Rewrite (for the stream tensor ``x`` of layer L, [B, N, C]):
 
@@ -19,9 +19,10 @@ Rewrite (for the stream tensor ``x`` of layer L, [B, N, C]):
 4. an ``r`` (tokens removed) is clamped to the method's bound at this layer (tome: ToMe's
    ``(tokens - prefix) // 2``), kept in ``self.removal`` for the report; r = 0 inserts nothing
    (``modified=False``), as ToMe's r = 0 leaves the layer alone;
-5. the new stream is marked as a pending compaction; ``propagate_token_axis`` must run next,
-   because shape constants downstream still say N. This pass therefore ends with
-   ``lint`` + ``recompile`` only: its graph is not executable until propagation.
+5. the compaction's record (:class:`tpc.passes.compaction.Compaction`) is attached to ``x'``,
+   and the smaller token count is carried through every later node
+   (:func:`tpc.passes.propagate_token_axis.propagate`) before the pass ends with ``finish()``:
+   the graph this pass leaves is executable, as after every pass.
 """
 
 from __future__ import annotations
@@ -34,16 +35,14 @@ from torch import fx
 from tpc.errors import TpcError
 from tpc.graph import find_attention_sites, find_stream_point
 from tpc.graph.nodes import aten, val
+from tpc.passes.cleanup import finish
+from tpc.passes.compaction import Builder, Compaction, Role, attach, compactions
 from tpc.passes.infra import Pass, PassResult
-from tpc.passes.prune_methods import Builder, PruneContext, get_method
+from tpc.passes.propagate_token_axis import propagate
+from tpc.passes.prune_methods import PruneContext, get_method
 from tpc.schedule import KeepValue, Removal, kept_count
 
 logger = logging.getLogger("tpc.passes")
-
-
-def compactions(gm: fx.GraphModule) -> list[dict]:
-    """The compaction records of the graph, in graph order."""
-    return [n.meta["tpc_compaction"] for n in gm.graph.nodes if "tpc_compaction" in n.meta]
 
 
 class InsertPrune(Pass):
@@ -87,9 +86,9 @@ class InsertPrune(Pass):
             if point.batch_dim is None:
                 raise TpcError(f"layer {self.layer}: the stream at {point.node.name} has no visible batch dimension")
             to_canonical = [point.batch_dim, point.token_dim] + [d for d in range(rank) if d not in (point.batch_dim, point.token_dim)]
-            stream = b.op(aten.permute.default, point.node, to_canonical, role="layout")
+            stream = b.op(aten.permute.default, point.node, to_canonical, role=Role.GATHER)
 
-        merges = [c["merge"] for c in compactions(gm) if c.get("merge") is not None]
+        merges = [c.merge for c in compactions(gm) if c.merge is not None]
         ctx = PruneContext(site=site, point=point, stream=stream, tokens=tokens, kept=kept, prefix=self.prefix,
                            layer=self.layer, depth=len(sites), seed=self.seed, options=self.options,
                            merge=merges[-1] if merges else None)
@@ -97,25 +96,19 @@ class InsertPrune(Pass):
         out = result.out
         if to_canonical is not None:
             inverse = [to_canonical.index(d) for d in range(rank)]
-            out = b.op(aten.permute.default, result.out, inverse, role="layout")
+            out = b.op(aten.permute.default, result.out, inverse, role=Role.GATHER)
 
         new_nodes = set(b.inserted)
         if self.restore:
             new_nodes |= self._insert_restore(gm, sites[-1], point, result)
         point.node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in new_nodes)
-        result.out.meta["tpc_compaction"] = {
-            "layer": self.layer,
-            "method": self.method.name,
-            "module": site.module,
-            "index": result.index,
-            "merge": result.merge,
-            "tokens_in": tokens,
-            "tokens_out": result.tokens,
-            "prefix": self.prefix,
-            "propagated": False,
-        }
+        record = Compaction(layer=self.layer, method=self.method.name, module=site.module, out=result.out,
+                            index=result.index, tokens_in=tokens, tokens_out=result.tokens, prefix=self.prefix,
+                            merge=result.merge)
+        attach(record)
         gm.graph.lint()
-        gm.recompile()
+        propagate(gm, record)
+        finish(gm)
         return PassResult(gm, True)
 
     def _bounded(self, keep: KeepValue, tokens: int) -> KeepValue:
@@ -136,6 +129,6 @@ class InsertPrune(Pass):
         if end is point.node:
             return set()
         b = Builder(gm, end)
-        restored = b.op(torch.ops.tpc.restore_tokens.default, point.node, result.index, end, role="restore", value=val(end))
+        restored = b.op(torch.ops.tpc.restore_tokens.default, point.node, result.index, end, role=Role.GATHER, value=val(end))
         end.replace_all_uses_with(restored, delete_user_cb=lambda user: user is not restored)
         return {restored}

@@ -1,4 +1,4 @@
-"""``propagate_token_axis``: carry a compaction's smaller token count through the graph.
+"""Carry a compaction's smaller token count through the graph (the second half of ``insert_prune``).
 
 torch.export bakes the token count into shape arguments (``reshape(x, [s0, 197, 3, 6, 64])``).
 After ``insert_prune`` replaced a stream tensor by ``gather_tokens(x, index)`` with K < N
@@ -11,7 +11,8 @@ carry tokens (see :mod:`tpc.passes.token_axis_rules`), and
 3. refuses, naming the node and its module, any op it cannot prove correct (a reshape back
    to an H×W grid, a read of token i, a concatenation along tokens, …).
 
-A graph without an unpropagated compaction is left unchanged (``modified=False``).
+It is not a pass of its own: ``insert_prune`` calls :func:`propagate` right after inserting
+a compaction, so no pass ever sees a graph whose shape constants still say N.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from torch._guards import detect_fake_mode
 from tpc.errors import TpcError
 from tpc.graph import find_attention_sites, find_stream_point
 from tpc.graph.nodes import aten, describe, numeric_shape, val
-from tpc.passes.cleanup import finish
-from tpc.passes.infra import Pass, PassResult
+from tpc.passes.compaction import Compaction, Role, mark_pruned_outputs, mark_rewritten, set_role
+from tpc.passes.infra import at_node
 from tpc.passes.token_axis_rules import Axis, Refusal, rule_for
 
 logger = logging.getLogger("tpc.passes")
@@ -35,13 +36,14 @@ GATHER = torch.ops.tpc.gather_tokens.default
 
 
 class _Context:
-    def __init__(self, gm: fx.GraphModule, compaction: dict, source: fx.Node):
+    def __init__(self, gm: fx.GraphModule, compaction: Compaction):
+        source = compaction.out
         self.gm = gm
         self.graph = gm.graph
-        self.tokens_old = compaction["tokens_in"]
-        self.tokens_new = compaction["tokens_out"]
-        self.prefix = compaction["prefix"]
-        self.index = compaction["index"]
+        self.tokens_old = compaction.tokens_in
+        self.tokens_new = compaction.tokens_out
+        self.prefix = compaction.prefix
+        self.index = compaction.index
         self.source = source
         self.tracked: dict[fx.Node, object] = {source: {1: Axis()}}
         self.side_cache: dict[tuple, fx.Node] = {}
@@ -66,14 +68,14 @@ class _Context:
         return a if isinstance(a, dict) else {}
 
     def mark_rewritten(self, node: fx.Node) -> None:
-        node.meta["tpc_rewritten"] = True
+        mark_rewritten(node)
         self.rewritten += 1
 
     def _insert(self, target, args, like: fx.Node, value) -> fx.Node:
         node = self.graph.call_function(target, args)
         node.meta["val"] = value
         node.meta["nn_module_stack"] = like.meta.get("nn_module_stack", {})
-        node.meta["tpc_inserted"] = "side_gather"
+        set_role(node, Role.GATHER)
         self.inserted.add(node)
         return node
 
@@ -113,12 +115,11 @@ class _Context:
         return g
 
 
-def propagate(gm: fx.GraphModule, gather: fx.Node) -> int:
-    """Propagate one compaction; returns the number of rewritten nodes."""
-    compaction = gather.meta["tpc_compaction"]
-    ctx = _Context(gm, compaction, gather)
+def propagate(gm: fx.GraphModule, compaction: Compaction) -> int:
+    """Propagate one compaction through every node after it; returns the number of rewritten nodes."""
+    ctx = _Context(gm, compaction)
     nodes = list(gm.graph.nodes)
-    for node in nodes[nodes.index(gather) + 1:]:
+    for node in nodes[nodes.index(compaction.out) + 1:]:
         if node in ctx.inserted:
             continue
         if node.op == "output":
@@ -130,12 +131,14 @@ def propagate(gm: fx.GraphModule, gather: fx.Node) -> int:
         if rule is None:
             raise TpcError(_refusal(node, "reads the tokens and tpc has no token-axis rule for this op", compaction, gm))
         try:
-            out = rule(ctx, node)
+            with at_node(node):
+                out = rule(ctx, node)
         except Refusal as r:
             raise TpcError(_refusal(node, str(r), compaction, gm)) from None
         if out:
             ctx.tracked[node] = out
-    compaction["propagated"] = True
+    logger.debug("propagate_token_axis: layer %s, %d nodes rewritten or inserted",
+                 compaction.layer, ctx.rewritten + len(ctx.inserted))
     return ctx.rewritten + len(ctx.inserted)
 
 
@@ -143,13 +146,13 @@ def _check_outputs(gm, ctx, node):
     outputs = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
     pruned = [i for i, a in enumerate(outputs) if ctx.axes(a)]
     if pruned:
-        gm.meta.setdefault("tpc_pruned_outputs", set()).update(pruned)
+        mark_pruned_outputs(gm, pruned)
         logger.info("output(s) %s carry the token axis: they now hold %d tokens instead of %d",
                     pruned, ctx.tokens_new, ctx.tokens_old)
 
 
-def _refusal(node: fx.Node, reason: str, compaction: dict, gm: fx.GraphModule) -> str:
-    return f"cannot prune after layer {compaction['layer']}: {describe(node)}: {reason}. {_way_out(gm, node)}"
+def _refusal(node: fx.Node, reason: str, compaction: Compaction, gm: fx.GraphModule) -> str:
+    return f"cannot prune after layer {compaction.layer}: {describe(node)}: {reason}. {_way_out(gm, node)}"
 
 
 def _way_out(gm: fx.GraphModule, blocker: fx.Node) -> str:
@@ -175,21 +178,3 @@ def _way_out(gm: fx.GraphModule, blocker: fx.Node) -> str:
         return ("It reads the sequence after the last block: --restore (restore=True) brings every token back "
                 "there, dropped ones unchanged")
     return "No layer of this model can be pruned before it"
-
-
-class PropagateTokenAxis(Pass):
-    """Propagates every compaction not yet propagated, then runs the shared cleanup."""
-
-    name = "propagate_token_axis"
-
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        pending = [n for n in gm.graph.nodes if "tpc_compaction" in n.meta and not n.meta["tpc_compaction"]["propagated"]]
-        if not pending:
-            return PassResult(gm, False)
-        changed = 0
-        for gather in pending:
-            changed += propagate(gm, gather)
-            logger.debug("propagate_token_axis: layer %s, %d nodes rewritten or inserted",
-                         gather.meta["tpc_compaction"]["layer"], changed)
-        finish(gm)
-        return PassResult(gm, True)

@@ -23,36 +23,31 @@ from tpc.graph import find_attention_sites
 from tpc.graph.nodes import ancestors, aten, val
 from tpc.passes.cleanup import finish
 from tpc.passes.infra import Pass, PassResult
-from tpc.passes.prune_methods import Builder, merge_sizes
-
-
-def _merges(gm: fx.GraphModule) -> list[fx.Node]:
-    """The stream outputs of merges, in graph order."""
-    return [n for n in gm.graph.nodes if n.meta.get("tpc_compaction", {}).get("merge") is not None]
+from tpc.passes.compaction import Builder, Role, compactions, merge_sizes
 
 
 class ProportionalAttention(Pass):
     name = "proportional_attention"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        merges = _merges(gm)
+        merges = [c for c in compactions(gm) if c.merge is not None]
         if not merges:
             return PassResult(gm, False)
         changed = False
         biases: dict[fx.Node, fx.Node] = {}
         for site in find_attention_sites(gm):
             upstream = ancestors(site.q)
-            feeding = [m for m in merges if m in upstream]
+            feeding = [c for c in merges if c.out in upstream]
             if not feeding:
                 continue
             if len(val(site.q).shape) != 4:
                 raise TpcError(f"tome: proportional attention needs [B, H, N, d] queries at layer {site.layer} ({site.module})")
-            merge = feeding[-1].meta["tpc_compaction"]["merge"]
+            merge = feeding[-1].merge
             if merge not in biases:
                 sizes = merge_sizes(merge)
                 b = Builder(gm, sizes)
-                log = b.op(aten.log.default, sizes, role="score")
-                biases[merge] = b.op(aten.view.default, log, [-1, 1, 1, val(sizes).shape[-1]], role="layout")
+                log = b.op(aten.log.default, sizes, role=Role.MODEL)
+                biases[merge] = b.op(aten.view.default, log, [-1, 1, 1, val(sizes).shape[-1]], role=Role.MODEL)
             bias = biases[merge]
             b = Builder(gm, _last_input(site.node))
             b.like = site.node
@@ -60,20 +55,21 @@ class ProportionalAttention(Pass):
                 if site.is_causal or site.node.kwargs.get("enable_gqa"):
                     raise TpcError(f"tome: proportional attention does not support causal or grouped-query attention "
                                    f"(layer {site.layer}, {site.module})")
-                logits = b.op(aten.mul.Tensor, b.op(aten.matmul.default, site.q,
-                                                    b.op(aten.transpose.int, site.k, -2, -1, role="layout")), site.scale)
+                kt = b.op(aten.transpose.int, site.k, -2, -1, role=Role.MODEL)
+                logits = b.op(aten.mul.Tensor, b.op(aten.matmul.default, site.q, kt, role=Role.MODEL), site.scale,
+                              role=Role.MODEL)
                 if site.mask is not None and val(site.mask).dtype.is_floating_point:
-                    logits = b.op(aten.add.Tensor, logits, site.mask, role="score")
+                    logits = b.op(aten.add.Tensor, logits, site.mask, role=Role.MODEL)
                 elif site.mask is not None:
-                    neg = b.op(aten.full_like.default, logits, float("-inf"), role="score")
-                    logits = b.op(aten.where.self, site.mask, logits, neg, role="score")
-                probs = b.op(aten.softmax.int, b.op(aten.add.Tensor, logits, _like(b, bias, logits), role="score"), -1,
-                             role="score")
-                out = b.op(aten.matmul.default, probs, site.v, role="score")
+                    neg = b.op(aten.full_like.default, logits, float("-inf"), role=Role.MODEL)
+                    logits = b.op(aten.where.self, site.mask, logits, neg, role=Role.MODEL)
+                probs = b.op(aten.softmax.int, b.op(aten.add.Tensor, logits, _like(b, bias, logits), role=Role.MODEL), -1,
+                             role=Role.MODEL)
+                out = b.op(aten.matmul.default, probs, site.v, role=Role.MODEL)
                 site.node.replace_all_uses_with(out)
                 gm.graph.erase_node(site.node)  # SDPA counts as impure (dropout), so DCE would keep it
             else:
-                logits = b.op(aten.add.Tensor, site.node.args[0], _like(b, bias, site.node.args[0]), role="score")
+                logits = b.op(aten.add.Tensor, site.node.args[0], _like(b, bias, site.node.args[0]), role=Role.MODEL)
                 site.node.args = (logits, *site.node.args[1:])
             changed = True
         if changed:
@@ -84,7 +80,7 @@ class ProportionalAttention(Pass):
 def _like(b: Builder, bias: fx.Node, logits: fx.Node) -> fx.Node:
     """The (float32) bias in the logits' dtype, read when the graph runs: a module compiled in fp32
     and cast with ``.to(torch.bfloat16)`` adds a bf16 bias, and the softmax stays in the model's dtype."""
-    return b.op(aten.type_as.default, bias, logits, role="score")
+    return b.op(aten.type_as.default, bias, logits, role=Role.MODEL)
 
 
 def _last_input(node: fx.Node) -> fx.Node:
