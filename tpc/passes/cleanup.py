@@ -19,6 +19,10 @@ def refresh_meta(gm: fx.GraphModule, start: fx.Node | None = None) -> None:
     """Recompute ``meta['val']`` of call_function nodes under the graph's fake mode.
 
     With ``start``, only that node and the nodes after it (the ones a rewrite there can change).
+    Autograd stays off, as in the inference graph torch.export captured: with it on, values
+    derived from parameters require grad, and some ops then pick another kernel with other
+    output strides (CPU SDPA with a bias that requires grad takes the math path), so a
+    ``view`` export kept on the old strides would fail (HF Data2VecVision's attention did).
     """
     placeholders = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
     fake_mode = detect_fake_mode([v for v in placeholders if isinstance(v, torch.Tensor)])
@@ -28,7 +32,7 @@ def refresh_meta(gm: fx.GraphModule, start: fx.Node | None = None) -> None:
     def value(a):
         return a.meta.get("val") if isinstance(a, fx.Node) else a
 
-    with fake_mode:
+    with fake_mode, torch.no_grad():
         seen = start is None
         for node in gm.graph.nodes:
             seen = seen or node is start

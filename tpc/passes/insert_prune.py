@@ -34,6 +34,7 @@ from torch import fx
 
 from tpc.errors import TpcError
 from tpc.graph import find_attention_sites, find_stream_point
+from tpc.graph.attention import layer_runs
 from tpc.graph.nodes import aten, val
 from tpc.passes.cleanup import finish
 from tpc.passes.compaction import Builder, Compaction, Role, attach, compactions
@@ -43,6 +44,11 @@ from tpc.passes.prune_methods import PruneContext, get_method
 from tpc.schedule import KeepValue, Removal, kept_count
 
 logger = logging.getLogger("tpc.passes")
+
+
+def _self_attention_layers(sites) -> str:
+    layers = [s.layer for s in sites if s.self_attention]
+    return f"this model's self-attention layers are {layer_runs(layers)}" if layers else "this model has none"
 
 
 class InsertPrune(Pass):
@@ -67,7 +73,9 @@ class InsertPrune(Pass):
             raise TpcError(f"layer {self.layer} is out of range: the model has {len(sites)} attention layers (0-{len(sites) - 1})")
         site = sites[self.layer]
         if not site.self_attention:
-            raise TpcError(f"layer {self.layer} ({site.module}) is cross-attention: tpc prunes self-attention layers")
+            queries = f"{site.tokens} quer{'y' if site.tokens == 1 else 'ies'}"
+            raise TpcError(f"layer {self.layer} ({site.module}) is class- or cross-attention ({queries} over "
+                           f"{site.key_tokens} keys): tpc prunes self-attention layers; {_self_attention_layers(sites)}")
         point = find_stream_point(gm, site, self.after)
         tokens = point.tokens
         if tokens <= self.prefix:

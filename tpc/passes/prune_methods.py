@@ -99,8 +99,12 @@ def _needs_cls(ctx: PruneContext, method: str) -> None:
 
 def build_topk_cls(b: Builder, ctx: PruneContext) -> MethodOutput:
     _needs_cls(ctx, "topk-cls")
-    q, k = query_key(b, ctx.site)
-    scores = b.op(tpc_ops.cls_attention.default, q, k, ctx.site.scale, keep_mask(b, ctx.site), role=Role.SCORING)
+    if ctx.site.heads_mixed:  # talking heads: the softmax in the graph is the attention, q·kᵀ alone is not
+        scores = b.op(aten.mean.dim, b.op(aten.select.int, ctx.site.probs, -2, 0, role=Role.SCORING), [1],
+                      role=Role.SCORING)
+    else:
+        q, k = query_key(b, ctx.site)
+        scores = b.op(tpc_ops.cls_attention.default, q, k, ctx.site.scale, keep_mask(b, ctx.site), role=Role.SCORING)
     index = select(b, ctx, scores)
     if not ctx.options["fuse"] or ctx.prefix + ctx.kept == ctx.tokens:  # nothing dropped, nothing to fuse
         return gather(b, ctx, index)
@@ -111,14 +115,17 @@ def build_topk_cls(b: Builder, ctx: PruneContext) -> MethodOutput:
 
 
 def key_valid(b: Builder, site: AttentionSite) -> fx.Node:
-    """[B, N] or [N] bool: the keys the site's mask lets query 0 attend to (padding is False).
+    """[B, N] or [N] bool: the keys the site's mask lets some query attend to (padding is False).
 
-    The mask is right-aligned with the logits [B, H, N, N]; its row for query 0 with [B, H, N],
-    so the head dim (second from the right) is reduced and a batch dim, if present, kept.
+    A key no query may see is padding. Reading one query's row would not do: under a causal
+    mask query 0 sees key 0 only, which would rank every later real token as padding. The mask
+    is right-aligned with the logits [B, H, N, N]; reduced over queries it is [B, H, N], so the
+    head dim (second from the right) is reduced too and a batch dim, if present, kept.
     """
-    row = b.op(aten.select.int, keep_mask(b, site), -2, 0, role=Role.SCORING)
-    if val(row).dtype != torch.bool:
-        row = b.op(aten.gt.Scalar, row, -1e4, role=Role.SCORING)
+    mask = keep_mask(b, site)
+    if val(mask).dtype != torch.bool:
+        mask = b.op(aten.gt.Scalar, mask, -1e4, role=Role.SCORING)
+    row = b.op(aten.any.dim, mask, -2, role=Role.SCORING)
     rank = len(val(row).shape)
     if rank > 3:
         raise TpcError(f"layer {site.layer}: an attention mask of rank {rank + 1} is not one tpc can read")
