@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect as inspect_module
 import logging
 import os
 from pathlib import Path
@@ -26,14 +27,34 @@ BACKENDS = ("torch", "onnxruntime")
 INSERT_POINTS = ("attention", "block")
 
 
-def _resolve(model, example_inputs, **load_kwargs) -> tuple[nn.Module, tuple, str]:
+LOAD_KEYWORDS = ("weights", "random_weights", "model_args", "input_size")
+
+
+def _check_keywords(function: str, given: dict, accepted) -> None:
+    """Refuse a keyword ``function`` does not take, naming the nearest one it does."""
+    import difflib
+
+    for key in given:
+        if key not in accepted:
+            near = difflib.get_close_matches(key, list(accepted), n=1)
+            hint = f"; did you mean {near[0]}=?" if near else f"; it takes {', '.join(accepted)}"
+            raise TpcError(f"{function} has no keyword {key!r}{hint}")
+
+
+def _resolve(model, example_inputs, seed: int = 0, **load_kwargs) -> tuple[nn.Module, tuple, str]:
     if isinstance(model, (str, os.PathLike)):
-        loaded = models.load(str(model), **load_kwargs)
+        loaded = models.load(str(model), seed=seed, **load_kwargs)
         set_eval(loaded.module)  # tpc built this module: it is an inference model
         loaded.module.requires_grad_(False)
-        return loaded.module, example_inputs or loaded.example_inputs, loaded.name
+        inputs = loaded.example_inputs if example_inputs is None else example_inputs
+        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
+        return loaded.module, inputs if hasattr(inputs, "keys") else tuple(inputs), loaded.name  # keys: a VLM's
     if not isinstance(model, nn.Module):
         raise TpcError(f"tpc.compile takes an nn.Module or a model id, not {type(model).__name__}")
+    given = [k for k, v in load_kwargs.items() if v]
+    if given:
+        raise TpcError(f"{', '.join(given)} apply to model ids, which tpc loads; for an nn.Module, load the weights "
+                       "into it and pass example_inputs")
     if example_inputs is None and hasattr(getattr(model, "config", None), "model_type"):
         example_inputs = models.hf_example_inputs(model.config, model, None)  # a transformers model
     if example_inputs is None:
@@ -98,14 +119,25 @@ def _layer_infos(sites, kept: dict[int, int], removals: dict | None = None) -> l
                       *removals.get(s.layer, (None, None))) for s in sites]
 
 
-def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=0.7, r=None,
-            prefix: int | None = None, after: str = "attention", seed: int = 0, options: dict | None = None,
+def parse_options(options) -> dict | None:
+    """A method's options as a dict, also from the CLI's ``"key=value,key=value"`` string form."""
+    if options is None or isinstance(options, dict):
+        return options
+    if isinstance(options, str):
+        return models.parse_model_args(options)
+    raise TpcError(f"options is a dict such as {{'iterations': 3}} or a string such as 'iterations=3', "
+                   f"not a {type(options).__name__}")
+
+
+def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=None, r=None,
+            prefix: int | None = None, after: str = "attention", seed: int = 0, options: dict | str | None = None,
             restore: bool = False, backend: str = "torch", **load_kwargs) -> nn.Module:
     """Prune ``model``'s tokens after ``layers`` with ``method``; returns an nn.Module.
 
-    ``model`` is an ``nn.Module`` or a model id (see :func:`tpc.models.load`); ``keep`` is a
-    ratio, a list with one ratio per layer, or token counts (ints); ``r`` (as in ToMe) is
-    instead the number of tokens each layer removes: an int, a per-layer list, or ToMe's
+    ``model`` is an ``nn.Module`` or a model id (see :func:`tpc.models.load`, which takes
+    ``weights``, ``random_weights`` (drawn with ``seed``), ``model_args`` and ``input_size``);
+    ``keep`` is a ratio (default 0.7), a list with one ratio per layer, or token counts (ints);
+    ``r`` (as in ToMe) is instead the number of tokens each layer removes: an int, a per-layer list, or ToMe's
     ``(r, inflection)`` schedule, clamped per layer by the method (tome: as ToMe clamps it).
     ``layers=None`` is an error, except for tome, which then merges at every layer as ToMe does. ``after`` is "attention" (the block's
     MLP already runs on fewer tokens) or "block". ``options`` are the method's own settings
@@ -114,13 +146,20 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     ``backend="onnxruntime"`` returns the ONNX Runtime session of the exported model, checked
     against the torch module.
     """
+    _check_keywords("tpc.compile", load_kwargs, COMPILE_KEYWORDS)
     if backend not in BACKENDS:
         raise TpcError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if r is not None and keep is not None:
+        raise TpcError("--r and --keep both set how many tokens each layer keeps: pass one of them")
+    keep = 0.7 if keep is None else keep
+    if prefix is not None and (isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0):
+        raise TpcError(f"--prefix is the number of leading tokens always kept (0 or more), not {prefix!r}")
+    options = parse_options(options)
     if after not in INSERT_POINTS:
         raise TpcError(f"unknown insertion point {after!r}: choose one of {', '.join(INSERT_POINTS)}")
     resolved = None
     if _maybe_vlm(model, method, layers):
-        resolved = _resolve(model, example_inputs, **load_kwargs)
+        resolved = _resolve(model, example_inputs, seed, **load_kwargs)
         if vlm.is_vlm(resolved[0]):
             if r is not None or prefix is not None or restore or options or backend != "torch":
                 raise TpcError("a VLM takes method, layers, keep and seed only (r, prefix, restore, options and "
@@ -135,7 +174,7 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     layer_list = None if every_layer else parse_layers(layers)
     if r is not None:
         read_r(r)  # a malformed r fails before the model loads
-    module, inputs, name = resolved or _resolve(model, example_inputs, **load_kwargs)
+    module, inputs, name = resolved or _resolve(model, example_inputs, seed, **load_kwargs)
     notes = _usage_notes(module)
 
     gm = capture(module, inputs)
@@ -173,6 +212,10 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     return pruned
 
 
+COMPILE_KEYWORDS = (*(name for name, p in inspect_module.signature(compile).parameters.items()
+                      if p.kind is p.KEYWORD_ONLY), *LOAD_KEYWORDS)
+
+
 def prunes(method: str, layers) -> bool:
     """Whether a compile with these settings prunes: layers are named, or the method (tome)
     prunes every layer by default."""
@@ -184,12 +227,13 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
 
     Without ``layers`` it describes the unpruned model (for tome: merging at every layer).
     """
+    _check_keywords("tpc.inspect", compile_kwargs, COMPILE_KEYWORDS)
     if compile_kwargs.get("method") in vlm.VLM_ONLY:
         return compile(model, example_inputs, **compile_kwargs).report
-    if not prunes(compile_kwargs.get("method", "topk-cls"), compile_kwargs.get("layers")):
-        load_keys = ("weights", "random_weights", "model_args", "input_size")
-        load_kwargs = {k: compile_kwargs[k] for k in load_keys if k in compile_kwargs}
-        module, inputs, name = _resolve(model, example_inputs, **load_kwargs)
+    if not prunes(compile_kwargs.get("method") or "topk-cls", compile_kwargs.get("layers")):
+        get_method(compile_kwargs.get("method") or "topk-cls").resolve_options(parse_options(compile_kwargs.get("options")))
+        load_kwargs = {k: compile_kwargs[k] for k in LOAD_KEYWORDS if k in compile_kwargs}
+        module, inputs, name = _resolve(model, example_inputs, compile_kwargs.get("seed", 0), **load_kwargs)
         if vlm.is_vlm(module):
             return vlm.describe(module, inputs)
         gm = capture(module, inputs)
