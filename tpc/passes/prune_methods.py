@@ -210,6 +210,7 @@ def build_divprune(b: Builder, ctx: PruneContext) -> MethodOutput:
 
 
 def build_tome(b: Builder, ctx: PruneContext) -> MethodOutput:
+    _fixed_length_only(ctx, "tome (its merge count)")
     r = ctx.tokens - ctx.prefix - ctx.kept
     limit = tome.max_merges(ctx.tokens, ctx.prefix)
     if r > limit:
