@@ -269,3 +269,25 @@ def test_golden_graph(llava, method, layers, update_golden):
     if update_golden:
         path.write_text(text)
     assert text == path.read_text(), f"{path.name} changed: review, then run pytest --update-golden"
+
+
+def test_keep_as_text_as_the_cli_gives_it():
+    from tpc.vlm.compile import stages_of
+    from tpc.vlm.family import spec_of
+
+    spec = spec_of(tiny_llava())
+    assert stages_of(spec, VISUAL, "fastv", "1", "0.25") == stages_of(spec, VISUAL, "fastv", 1, 0.25)
+    assert [s.visual_out for s in stages_of(spec, VISUAL, "fastv", "0,1", "0.5,0")] == [8, 0]
+    assert [s.visual_out for s in stages_of(spec, VISUAL, "random", None, "5")] == [5]
+    with pytest.raises(TpcError, match="--keep takes ratios"):
+        stages_of(spec, VISUAL, "random", None, "half")
+
+
+def test_a_saved_vlm_is_a_vlm_whatever_method_and_layers_it_is_given(tmp_path):
+    import tpc
+
+    tiny_llava().save_pretrained(tmp_path / "llava")
+    for method in ("divprune", "random"):  # methods encoders have too, with layers: still the VLM path
+        with pytest.raises(TpcError, match="beyond the language model's depth"):
+            tpc.compile(str(tmp_path / "llava"), method=method, layers=7)
+

@@ -118,14 +118,18 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
         raise TpcError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if after not in INSERT_POINTS:
         raise TpcError(f"unknown insertion point {after!r}: choose one of {', '.join(INSERT_POINTS)}")
+    def compile_vlm(module, inputs):
+        if r is not None or prefix is not None or restore or given_options or backend != "torch":
+            raise TpcError("a VLM takes method, layers, keep and seed only (r, prefix, restore, options and "
+                           "backends other than torch are for encoders)")
+        return vlm.compile_vlm(module, inputs, method=method, layers=layers, keep=keep, seed=seed)
+
+    given_options = options
     resolved = None
     if _maybe_vlm(model, method, layers):
         resolved = _resolve(model, example_inputs, **load_kwargs)
         if vlm.is_vlm(resolved[0]):
-            if r is not None or prefix is not None or restore or options or backend != "torch":
-                raise TpcError("a VLM takes method, layers, keep and seed only (r, prefix, restore, options and "
-                               "backends other than torch are for encoders)")
-            return vlm.compile_vlm(resolved[0], resolved[1], method=method, layers=layers, keep=keep, seed=seed)
+            return compile_vlm(*resolved[:2])
     if method in vlm.VLM_ONLY:
         raise TpcError(f"{method} prunes the visual tokens of a vision-language model ({', '.join(vlm.FAMILIES)}); "
                        f"{type(model).__name__ if isinstance(model, nn.Module) else model} is not one")
@@ -136,6 +140,8 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     if r is not None:
         read_r(r)  # a malformed r fails before the model loads
     module, inputs, name = resolved or _resolve(model, example_inputs, **load_kwargs)
+    if vlm.is_vlm(module):  # a VLM named by path, with a method and layers an encoder could take too
+        return compile_vlm(module, inputs)
     notes = _usage_notes(module)
 
     gm = capture(module, inputs)
