@@ -291,3 +291,26 @@ def test_a_saved_vlm_is_a_vlm_whatever_method_and_layers_it_is_given(tmp_path):
         with pytest.raises(TpcError, match="beyond the language model's depth"):
             tpc.compile(str(tmp_path / "llava"), method=method, layers=7)
 
+
+def test_tpc_imports_without_the_optional_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['transformers'] = None; import tpc, tpc.cli, tpc.benchmark, tpc.sweep, tpc.visualize"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr.strip().splitlines()[-1:]
+
+
+def test_commands_without_vlm_support_refuse_a_vlm_in_one_line(tmp_path):
+    from tpc.benchmark import run_bench
+    from tpc.sweep import run_eval
+    from tpc.visualize import run_visualize
+
+    tiny_llava().save_pretrained(tmp_path / "llava")
+    path = str(tmp_path / "llava")
+    for command, call in (("bench", lambda: run_bench(path, method="fastv", layers="1", backend="torch")),
+                          ("eval", lambda: run_eval(path, tmp_path, method="fastv", layers="1")),
+                          ("visualize", lambda: run_visualize(path, tmp_path / "x.png", tmp_path / "v.png", method="fastv", layers="1"))):
+        with pytest.raises(TpcError, match=f"tpc {command} does not take vision-language models yet") as err:
+            call()
+        assert "\n" not in str(err.value)

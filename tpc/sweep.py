@@ -12,6 +12,7 @@ from tpc import models
 from tpc.api import prunes
 from tpc.errors import TpcError
 from tpc.evaluate import accuracy, check_data_path, load_dataset, parse_floats, predict
+from tpc.vlm.family import refuse_vlm
 
 
 @dataclass
@@ -66,6 +67,7 @@ def run_eval(model_id, data, method="topk-cls", layers=None, keep="0.7", sweep=N
         raise TpcError("--batch must be at least 1")
     check_data_path(data)  # before loading the model: a typo should not cost a model load
     loaded = models.load(str(model_id), **(load_kwargs or {}))
+    refuse_vlm(loaded.module, "eval")
     mean = parse_floats(mean, "mean") or loaded.mean
     std = parse_floats(std, "std") or loaded.std
     if mean is None or std is None:

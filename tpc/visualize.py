@@ -16,6 +16,7 @@ from torch import fx
 
 from tpc import models
 from tpc.errors import TpcError
+from tpc.vlm.family import refuse_vlm
 
 GREY = (128, 128, 128)
 MIN_PANEL = 224
@@ -121,6 +122,7 @@ def run_visualize(model_id, image_path, out, method="topk-cls", layers=None, kee
     if Path(out).suffix.lower() != ".png":
         raise TpcError(f"tpc visualize writes a PNG: give -o with a .png name, not {str(out)!r}")
     loaded = models.load(str(model_id), **(load_kwargs or {}))
+    refuse_vlm(loaded.module, "visualize")
     size = loaded.input_size
     if len(size) != 3:
         raise TpcError(f"{loaded.name} does not take images (its input is {list(size)}); visualize needs an image model")
