@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect as inspect_module
 import logging
 import os
 from pathlib import Path
@@ -10,12 +11,12 @@ import torch
 from torch import fx, nn
 
 from tpc import models, vlm
-from tpc.capture import capture, set_eval
+from tpc.capture import capture, is_token_input, length_range, set_eval
 from tpc.compiled import CompileReport, LayerInfo, TpcModule
 from tpc.errors import TpcError
-from tpc.flops import count_flops
+from tpc.flops import count_flops, example_size, example_sizes
 from tpc.graph import count_prefix_tokens, find_attention_sites, find_stream_point
-from tpc.graph.nodes import numeric_shape
+from tpc.graph.nodes import val
 from tpc.passes import FuseAttentionScores, InsertPrune, PassManager, ProportionalAttention, compactions, get_method
 from tpc.passes.compaction import pruned_outputs
 from tpc.schedule import parse_keep, parse_layers, parse_removals, read_r
@@ -26,14 +27,34 @@ BACKENDS = ("torch", "onnxruntime")
 INSERT_POINTS = ("attention", "block")
 
 
-def _resolve(model, example_inputs, **load_kwargs) -> tuple[nn.Module, tuple, str]:
+LOAD_KEYWORDS = ("weights", "random_weights", "model_args", "input_size")
+
+
+def _check_keywords(function: str, given: dict, accepted) -> None:
+    """Refuse a keyword ``function`` does not take, naming the nearest one it does."""
+    import difflib
+
+    for key in given:
+        if key not in accepted:
+            near = difflib.get_close_matches(key, list(accepted), n=1)
+            hint = f"; did you mean {near[0]}=?" if near else f"; it takes {', '.join(accepted)}"
+            raise TpcError(f"{function} has no keyword {key!r}{hint}")
+
+
+def _resolve(model, example_inputs, seed: int = 0, **load_kwargs) -> tuple[nn.Module, tuple, str]:
     if isinstance(model, (str, os.PathLike)):
-        loaded = models.load(str(model), **load_kwargs)
+        loaded = models.load(str(model), seed=seed, **load_kwargs)
         set_eval(loaded.module)  # tpc built this module: it is an inference model
         loaded.module.requires_grad_(False)
-        return loaded.module, example_inputs or loaded.example_inputs, loaded.name
+        inputs = loaded.example_inputs if example_inputs is None else example_inputs
+        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
+        return loaded.module, inputs if hasattr(inputs, "keys") else tuple(inputs), loaded.name  # keys: a VLM's
     if not isinstance(model, nn.Module):
         raise TpcError(f"tpc.compile takes an nn.Module or a model id, not {type(model).__name__}")
+    given = [k for k, v in load_kwargs.items() if v]
+    if given:
+        raise TpcError(f"{', '.join(given)} apply to model ids, which tpc loads; for an nn.Module, load the weights "
+                       "into it and pass example_inputs")
     if example_inputs is None and hasattr(getattr(model, "config", None), "model_type"):
         example_inputs = models.hf_example_inputs(model.config, model, None)  # a transformers model
     if example_inputs is None:
@@ -91,43 +112,105 @@ def analyze(gm: fx.GraphModule, name: str = "model") -> list:
     return sites
 
 
-def _layer_infos(sites, kept: dict[int, int], removals: dict | None = None) -> list[LayerInfo]:
-    """One row per attention site found before pruning; tokens are read from its queries now."""
+def _layer_infos(sites, kept: dict[int, int], removals: dict | None = None, sizes: dict | None = None) -> list[LayerInfo]:
+    """One row per attention site found before pruning; tokens are read from its queries now (with a
+    symbolic length, at the example length: ``sizes``)."""
     removals = removals or {}
-    return [LayerInfo(s.layer, s.module, s.kind, s.heads, numeric_shape(s.q)[-2], kept.get(s.layer),
+    return [LayerInfo(s.layer, s.module, s.kind, s.heads, example_size(val(s.q).shape[-2], sizes or {}), kept.get(s.layer),
                       *removals.get(s.layer, (None, None))) for s in sites]
 
 
-def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=0.7, r=None,
-            prefix: int | None = None, after: str = "attention", seed: int = 0, options: dict | None = None,
-            restore: bool = False, backend: str = "torch", **load_kwargs) -> nn.Module:
+def _fix_length(inputs: tuple, seq_len: int | None) -> tuple:
+    """The example inputs with every token input at ``seq_len`` tokens (cut, or padded with padding
+    tokens: id 0, mask 0); unchanged when ``seq_len`` is None."""
+    if seq_len is None:
+        return inputs
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise TpcError(f"seq_len must be a token count >= 2, not {seq_len!r}")
+    if not any(is_token_input(x) for x in inputs):
+        raise TpcError("seq_len (--seq-len) fixes the length of token inputs ([B, N] integer tensors), and this model "
+                       "takes none: images keep the fixed size they were given")
+
+    def fit(x):
+        if not is_token_input(x):
+            return x
+        if x.shape[1] >= seq_len:
+            return x[:, :seq_len]
+        return torch.cat([x, x.new_zeros(x.shape[0], seq_len - x.shape[1])], dim=1)
+
+    return tuple(fit(x) for x in inputs)
+
+
+def _length_notes(gm: fx.GraphModule, keeps: list, inputs: tuple) -> list[str]:
+    """What a symbolic sequence length means for this compile, said once in the report."""
+    lengths = length_range(gm)
+    if lengths is None:
+        return []
+    example = next(x.shape[1] for x in inputs if is_token_input(x))
+    top = "" if lengths[1] is None else f"-{lengths[1]}"
+    notes = [f"the sequence length is dynamic ({lengths[0]}{top} tokens): one graph serves every length; a ratio keeps "
+             f"ceil(ratio x n) of the n non-prefix tokens a layer sees (at least 1); the token counts and FLOPs above are "
+             f"at the example length {example}; seq_len=N (--seq-len N) fixes the length instead"]
+    counts = sorted({int(k) for k in keeps if isinstance(k, int) and not isinstance(k, bool)})
+    if counts:
+        notes.append(f"keep given as a token count ({', '.join(map(str, counts))}) is clamped to the non-prefix tokens a "
+                     "layer sees: shorter sequences keep all of theirs")
+    return notes
+
+
+def parse_options(options) -> dict | None:
+    """A method's options as a dict, also from the CLI's ``"key=value,key=value"`` string form."""
+    if options is None or isinstance(options, dict):
+        return options
+    if isinstance(options, str):
+        return models.parse_model_args(options)
+    raise TpcError(f"options is a dict such as {{'iterations': 3}} or a string such as 'iterations=3', "
+                   f"not a {type(options).__name__}")
+
+
+def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=None, r=None,
+            prefix: int | None = None, after: str = "attention", seed: int = 0, options: dict | str | None = None,
+            restore: bool = False, backend: str = "torch", seq_len: int | None = None,
+            **load_kwargs) -> nn.Module:
     """Prune ``model``'s tokens after ``layers`` with ``method``; returns an nn.Module.
 
-    ``model`` is an ``nn.Module`` or a model id (see :func:`tpc.models.load`); ``keep`` is a
-    ratio, a list with one ratio per layer, or token counts (ints); ``r`` (as in ToMe) is
-    instead the number of tokens each layer removes: an int, a per-layer list, or ToMe's
+    ``model`` is an ``nn.Module`` or a model id (see :func:`tpc.models.load`, which takes
+    ``weights``, ``random_weights`` (drawn with ``seed``), ``model_args`` and ``input_size``);
+    ``keep`` is a ratio (default 0.7), a list with one ratio per layer, or token counts (ints);
+    ``r`` (as in ToMe) is instead the number of tokens each layer removes: an int, a per-layer list, or ToMe's
     ``(r, inflection)`` schedule, clamped per layer by the method (tome: as ToMe clamps it).
     ``layers=None`` is an error, except for tome, which then merges at every layer as ToMe does. ``after`` is "attention" (the block's
     MLP already runs on fewer tokens) or "block". ``options`` are the method's own settings
     (see ``tpc passes``). ``restore=True`` brings the full sequence back after the last block,
     dropped tokens unchanged, for models whose outputs need every position.
     ``backend="onnxruntime"`` returns the ONNX Runtime session of the exported model, checked
-    against the torch module.
+    against the torch module. Text models (token inputs [B, N]) are captured with a dynamic
+    sequence length, so the pruned module and its artifacts take any length;
+    ``seq_len=N`` fixes the length at N instead (the example inputs cut or padded to N).
     """
+    _check_keywords("tpc.compile", load_kwargs, COMPILE_KEYWORDS)
     if backend not in BACKENDS:
         raise TpcError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if r is not None and keep is not None:
+        raise TpcError("--r and --keep both set how many tokens each layer keeps: pass one of them")
+    keep = 0.7 if keep is None else keep
+    if prefix is not None and (isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0):
+        raise TpcError(f"--prefix is the number of leading tokens always kept (0 or more), not {prefix!r}")
+    options = parse_options(options)
     if after not in INSERT_POINTS:
         raise TpcError(f"unknown insertion point {after!r}: choose one of {', '.join(INSERT_POINTS)}")
+
     def compile_vlm(module, inputs):
-        if r is not None or prefix is not None or restore or given_options or backend != "torch":
-            raise TpcError("a VLM takes method, layers, keep and seed only (r, prefix, restore, options and "
+        encoder_only = (r, prefix, seq_len, given_options or None, restore or None, None if backend == "torch" else backend)
+        if any(v is not None for v in encoder_only):
+            raise TpcError("a VLM takes method, layers, keep and seed only (r, prefix, restore, options, seq_len and "
                            "backends other than torch are for encoders)")
         return vlm.compile_vlm(module, inputs, method=method, layers=layers, keep=keep, seed=seed)
 
     given_options = options
     resolved = None
     if _maybe_vlm(model, method, layers):
-        resolved = _resolve(model, example_inputs, **load_kwargs)
+        resolved = _resolve(model, example_inputs, seed, **load_kwargs)
         if vlm.is_vlm(resolved[0]):
             return compile_vlm(*resolved[:2])
     if method in vlm.VLM_ONLY:
@@ -139,12 +222,13 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     layer_list = None if every_layer else parse_layers(layers)
     if r is not None:
         read_r(r)  # a malformed r fails before the model loads
-    module, inputs, name = resolved or _resolve(model, example_inputs, **load_kwargs)
+    module, inputs, name = resolved or _resolve(model, example_inputs, seed, **load_kwargs)
     if vlm.is_vlm(module):  # a VLM named by path, with a method and layers an encoder could take too
         return compile_vlm(module, inputs)
+    inputs = _fix_length(inputs, seq_len)
     notes = _usage_notes(module)
 
-    gm = capture(module, inputs)
+    gm = capture(module, inputs, dynamic_length=seq_len is None)
     sites = analyze(gm, name)
     if layer_list is None:
         layer_list = list(range(len(sites)))
@@ -163,11 +247,13 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     PassManager(passes)(gm)
     removals = {p.layer: p.removal for p in passes if isinstance(p, InsertPrune) and p.removal is not None}
 
-    kept = {c.layer: c.tokens_out for c in compactions(gm)}
+    notes += _length_notes(gm, keeps, inputs)
+    sizes = example_sizes(gm)
+    kept = {c.layer: example_size(val(c.index).shape[1], sizes) for c in compactions(gm)}
     flops = count_flops(gm)
     report = CompileReport(
         model=name, method=method, layers=layer_list, keep=[str(k) for k in keeps], options=options, prefix=prefix, prefix_source=prefix_source,
-        insert_after=after, sites=_layer_infos(sites, kept, removals), flops_before=flops_before, flops_after=flops.total,
+        insert_after=after, sites=_layer_infos(sites, kept, removals, sizes), flops_before=flops_before, flops_after=flops.total,
         flops_scoring=flops.scoring, pruned_outputs=pruned_outputs(gm),
         passes=[p.name for p in passes], notes=notes,
     )
@@ -177,6 +263,10 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
 
         return to_onnxruntime(pruned)
     return pruned
+
+
+COMPILE_KEYWORDS = (*(name for name, p in inspect_module.signature(compile).parameters.items()
+                      if p.kind is p.KEYWORD_ONLY), *LOAD_KEYWORDS)
 
 
 def prunes(method: str, layers) -> bool:
@@ -190,12 +280,13 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
 
     Without ``layers`` it describes the unpruned model (for tome: merging at every layer).
     """
+    _check_keywords("tpc.inspect", compile_kwargs, COMPILE_KEYWORDS)
     if compile_kwargs.get("method") in vlm.VLM_ONLY:
         return compile(model, example_inputs, **compile_kwargs).report
-    if not prunes(compile_kwargs.get("method", "topk-cls"), compile_kwargs.get("layers")):
-        load_keys = ("weights", "random_weights", "model_args", "input_size")
-        load_kwargs = {k: compile_kwargs[k] for k in load_keys if k in compile_kwargs}
-        module, inputs, name = _resolve(model, example_inputs, **load_kwargs)
+    if not prunes(compile_kwargs.get("method") or "topk-cls", compile_kwargs.get("layers")):
+        get_method(compile_kwargs.get("method") or "topk-cls").resolve_options(parse_options(compile_kwargs.get("options")))
+        load_kwargs = {k: compile_kwargs[k] for k in LOAD_KEYWORDS if k in compile_kwargs}
+        module, inputs, name = _resolve(model, example_inputs, compile_kwargs.get("seed", 0), **load_kwargs)
         if vlm.is_vlm(module):
             return vlm.describe(module, inputs)
         gm = capture(module, inputs)
@@ -203,7 +294,7 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
         prefix, source = _prefix_of(gm, sites)
         flops = count_flops(gm).total
         return CompileReport(model=name, method=None, layers=[], keep=[], prefix=prefix, prefix_source=source,
-                             insert_after=compile_kwargs.get("after", "attention"), sites=_layer_infos(sites, {}),
+                             insert_after=compile_kwargs.get("after", "attention"), sites=_layer_infos(sites, {}, sizes=example_sizes(gm)),
                              flops_before=flops, flops_after=flops)
     return compile(model, example_inputs, **compile_kwargs).report
 
