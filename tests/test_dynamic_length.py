@@ -118,6 +118,8 @@ def test_seq_len_fixes_the_length_and_images_stay_fixed():
 def test_fixed_length_only_options_are_refused_clearly():
     with pytest.raises(tpc.TpcError, match="similarity stage.*needs a fixed sequence length.*--seq-len N"):
         tpc.compile(encoder(), EXAMPLE, method="zero-tprune", layers=[1], keep=0.5)
+    with pytest.raises(tpc.TpcError, match="tome .its merge count. needs a fixed sequence length"):
+        tpc.compile(encoder().encoder, EXAMPLE[:1], method="tome", layers=[1], keep=0.5)  # no mask: tome would run
     with pytest.raises(tpc.TpcError, match="--r removes a fixed number of tokens.*--seq-len N"):
         tpc.compile(encoder(), EXAMPLE, method="topk-cls", layers=[1], r=2)
 

@@ -188,7 +188,7 @@ def build_zero_tprune(b: Builder, ctx: PruneContext) -> MethodOutput:
         probs = b.op(tpc_ops.attention_probs.default, q, k, site.scale, keep_mask(b, site), role=Role.SCORING)
     iterations = auto_iterations(ctx.layer, ctx.depth) if o["iterations"] == "auto" else int(o["iterations"])
     importance = b.op(tpc_ops.weighted_pagerank.default, probs, iterations, float(o["v_min"]), float(o["v_max"]), None, role=Role.SCORING)
-    drop = s_stage_drop_count(ctx.tokens, ctx.prefix, ctx.kept, float(o["similarity"]))
+    drop = 0 if dynamic_length(ctx) else s_stage_drop_count(ctx.tokens, ctx.prefix, ctx.kept, float(o["similarity"]))
     if drop > 0:
         keep = b.op(tpc_ops.similarity_keep.default, importance, mean_keys(b, site), drop, ctx.prefix, str(o["partition"]), role=Role.SCORING)
         importance = b.op(tpc_ops.weighted_pagerank.default, probs, iterations, float(o["v_min"]), float(o["v_max"]), keep, role=Role.SCORING)
@@ -210,6 +210,7 @@ def build_divprune(b: Builder, ctx: PruneContext) -> MethodOutput:
 
 
 def build_tome(b: Builder, ctx: PruneContext) -> MethodOutput:
+    _fixed_length_only(ctx, "tome (its merge count)")
     r = ctx.tokens - ctx.prefix - ctx.kept
     limit = tome.max_merges(ctx.tokens, ctx.prefix)
     if r > limit:
