@@ -199,14 +199,20 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     options = parse_options(options)
     if after not in INSERT_POINTS:
         raise TpcError(f"unknown insertion point {after!r}: choose one of {', '.join(INSERT_POINTS)}")
+
+    def compile_vlm(module, inputs):
+        encoder_only = (r, prefix, seq_len, given_options or None, restore or None, None if backend == "torch" else backend)
+        if any(v is not None for v in encoder_only):
+            raise TpcError("a VLM takes method, layers, keep and seed only (r, prefix, restore, options, seq_len and "
+                           "backends other than torch are for encoders)")
+        return vlm.compile_vlm(module, inputs, method=method, layers=layers, keep=keep, seed=seed)
+
+    given_options = options
     resolved = None
     if _maybe_vlm(model, method, layers):
         resolved = _resolve(model, example_inputs, seed, **load_kwargs)
         if vlm.is_vlm(resolved[0]):
-            if r is not None or prefix is not None or restore or options or backend != "torch":
-                raise TpcError("a VLM takes method, layers, keep and seed only (r, prefix, restore, options and "
-                               "backends other than torch are for encoders)")
-            return vlm.compile_vlm(resolved[0], resolved[1], method=method, layers=layers, keep=keep, seed=seed)
+            return compile_vlm(*resolved[:2])
     if method in vlm.VLM_ONLY:
         raise TpcError(f"{method} prunes the visual tokens of a vision-language model ({', '.join(vlm.FAMILIES)}); "
                        f"{type(model).__name__ if isinstance(model, nn.Module) else model} is not one")
@@ -217,6 +223,8 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     if r is not None:
         read_r(r)  # a malformed r fails before the model loads
     module, inputs, name = resolved or _resolve(model, example_inputs, seed, **load_kwargs)
+    if vlm.is_vlm(module):  # a VLM named by path, with a method and layers an encoder could take too
+        return compile_vlm(module, inputs)
     inputs = _fix_length(inputs, seq_len)
     notes = _usage_notes(module)
 
