@@ -89,6 +89,14 @@ def test_r_forms_as_tome_takes_them():
             parse_removals(bad, 3)
 
 
+def test_malformed_r_strings_and_non_finite_inflections_are_refused_in_one_line():
+    for bad in ("16,,8", "(16,", "[16", "16]", "16,", "(16,nan)", "(16,inf)", (16, float("nan")), (16, float("inf"))):
+        with pytest.raises(tpc.TpcError, match="--r takes|schedule") as err:
+            parse_removals(bad, 3)
+        assert "\n" not in str(err.value)
+    assert parse_removals("[16, 8, 4]", 3) == [16, 8, 4] == parse_removals(" 16 , 8 , 4 ", 3)
+
+
 def test_a_schedule_on_named_layers_spans_those_layers():
     # ToMe's (2, -1) over two layers: 4, then 0 (no merge at layer 2)
     pm = tpc.compile(tiny_timm_vit(depth=3), image_inputs(2), method="tome", layers=[1, 2], r=(2, -1.0))

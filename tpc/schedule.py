@@ -10,6 +10,8 @@ schedule); a method may bound it per layer (tome clamps it as ToMe does).
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from fractions import Fraction
 
@@ -100,19 +102,23 @@ def read_r(r) -> RValue:
     if isinstance(r, str):
         text = r.strip()
         schedule = text.startswith("(") and text.endswith(")")
-        parts = [p.strip() for p in text.strip("()[]").split(",") if p.strip()]
+        listed = text.startswith("[") and text.endswith("]")
+        body = text[1:-1] if schedule or listed else text
+        parts = [p.strip() for p in body.split(",")] if body.strip() else []
         try:
+            if any(not p or p[0] in "([" or p[-1] in ")]" for p in parts):  # '16,,8', '(16,', '[16'
+                raise ValueError
             if schedule:
                 if len(parts) != 2:
                     raise ValueError
                 r = (int(parts[0]), float(parts[1]))
             else:
                 values = [int(p) for p in parts]
-                r = values[0] if len(values) == 1 and not text.startswith("[") else values
+                r = values[0] if len(values) == 1 and not listed else values
         except ValueError:
             raise TpcError(f"{form}, not {text!r}") from None
     if isinstance(r, tuple):
-        if len(r) != 2 or isinstance(r[1], bool) or not isinstance(r[1], (int, float)):
+        if len(r) != 2 or isinstance(r[1], bool) or not isinstance(r[1], (int, float)) or not math.isfinite(r[1]):
             raise TpcError(f"a tuple r is ToMe's (r, inflection) schedule, e.g. (16, -0.5), not {r!r}; "
                            "give a list for one r per layer")
         _check_r(r[0])
