@@ -79,6 +79,21 @@ def test_a_pt2_never_runs_pickled_code(tmp_path, where):
         assert not marker.exists()
 
 
+def test_a_pt2_with_a_fixed_batch_or_already_pruned_is_refused_with_what_to_do(tmp_path):
+    from models import image_inputs, tiny_timm_vit
+
+    model = tiny_timm_vit(depth=2)
+    fixed = tmp_path / "fixed.pt2"
+    torch.export.save(torch.export.export(model, image_inputs(2)), fixed)  # torch.export's default: batch 2 only
+    with pytest.raises(TpcError, match="fixed batch of 2.*Dim.DYNAMIC") as err:
+        tpc.compile(str(fixed), method="topk-cls", layers=[1])
+    assert "\n" not in str(err.value)
+    pruned = tmp_path / "pruned.pt2"
+    tpc.export(tpc.compile(model, image_inputs(2), method="topk-cls", layers=[1], keep=0.5), pruned)
+    with pytest.raises(TpcError, match="already pruned by tpc"):
+        tpc.compile(str(pruned), method="topk-cls", layers=[0])
+
+
 # --- precision (item 15) ---------------------------------------------------------------------
 
 HALF = (torch.float16, torch.bfloat16)

@@ -225,6 +225,7 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     module, inputs, name = resolved or _resolve(model, example_inputs, seed, **load_kwargs)
     if vlm.is_vlm(module):  # a VLM named by path, with a method and layers an encoder could take too
         return compile_vlm(module, inputs)
+    models.refuse_pruned(module, name)
     inputs = _fix_length(inputs, seq_len)
     notes = _usage_notes(module)
 

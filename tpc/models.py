@@ -174,6 +174,7 @@ def _load_pt2(path: Path) -> LoadedModel:
     from tpc.pt2 import load_program
 
     ep = load_program(path)
+    _check_recompilable(ep, path)
     module = ep.module()
     inputs = None
     if ep.example_inputs is not None:
@@ -183,6 +184,26 @@ def _load_pt2(path: Path) -> LoadedModel:
         shapes = [n.meta["val"].shape for n in ep.graph.find_nodes(op="placeholder") if n.name in ep.graph_signature.user_inputs]
         inputs = tuple(torch.randn(EXAMPLE_BATCH, *[int(s) for s in shape[1:]]) for shape in shapes)
     return LoadedModel(path.name, module, inputs)
+
+
+def _check_recompilable(ep: torch.export.ExportedProgram, path: Path) -> None:
+    """A .pt2 exported with a dynamic batch: a program specialised to one batch size cannot become
+    the any-batch artifact tpc writes."""
+    inputs = [n.meta["val"] for n in ep.graph.find_nodes(op="placeholder") if n.name in ep.graph_signature.user_inputs]
+    tensors = [v for v in inputs if isinstance(v, torch.Tensor) and v.dim() > 0]
+    if tensors and all(isinstance(v.shape[0], int) for v in tensors):
+        raise TpcError(f"{path.name!r} was exported with a fixed batch of {tensors[0].shape[0]} and tpc writes "
+                       "artifacts for any batch: export it again with a dynamic batch (torch.export.export(model, "
+                       "args, dynamic_shapes=... with Dim.DYNAMIC on dim 0)) or give tpc the module itself")
+
+
+def refuse_pruned(module: nn.Module, name: str) -> None:
+    """Pruning a program tpc already pruned (a .pt2 it wrote) is refused: its ``tpc::`` nodes are
+    not inputs tpc's passes take; the original model with the combined schedule is the way."""
+    graph = getattr(module, "graph", None)
+    if isinstance(graph, torch.fx.Graph) and any(getattr(n.target, "namespace", None) == "tpc" for n in graph.nodes):
+        raise TpcError(f"{name} was already pruned by tpc: compile the original model with the combined schedule "
+                       "(--layers/--keep over all layers) instead")
 
 
 TEXT_LENGTH = 128
