@@ -352,3 +352,18 @@ def test_python_api_takes_a_tensor_rejects_misspelt_keywords_and_reads_option_st
             tpc.compile(target, layers=[0], kepp=0.5)
     with pytest.raises(TpcError, match="options is a dict"):
         tpc.compile(module, torch.randn(1, 3), layers=[0], options=3)
+
+
+def test_a_tokenizer_dict_as_example_inputs_is_taken_in_forward_order():
+    from families import hf_bert, text_inputs
+
+    model = hf_bert()
+    ids, mask = text_inputs(2)
+    batch = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": mask}  # a tokenizer's order
+    twin = tpc.compile(model, batch, method="topk-cls", layers=[1], keep=1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids, mask, torch.zeros_like(ids))["last_hidden_state"],
+                                   model(**batch).last_hidden_state, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TpcError, match="not the leading arguments of BertModel.forward") as err:
+        tpc.compile(model, {"input_ids": ids, "inputs_embeds": None}, method="topk-cls", layers=[1])
+    assert "\n" not in str(err.value)

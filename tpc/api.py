@@ -48,7 +48,7 @@ def _resolve(model, example_inputs, seed: int = 0, **load_kwargs) -> tuple[nn.Mo
         loaded.module.requires_grad_(False)
         inputs = loaded.example_inputs if example_inputs is None else example_inputs
         inputs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
-        return loaded.module, inputs if hasattr(inputs, "keys") else tuple(inputs), loaded.name  # keys: a VLM's
+        return loaded.module, _positional(loaded.module, inputs), loaded.name
     if not isinstance(model, nn.Module):
         raise TpcError(f"tpc.compile takes an nn.Module or a model id, not {type(model).__name__}")
     given = [k for k, v in load_kwargs.items() if v]
@@ -64,9 +64,21 @@ def _resolve(model, example_inputs, seed: int = 0, **load_kwargs) -> tuple[nn.Mo
         example_inputs = models.example_images(size)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    if hasattr(example_inputs, "keys"):  # a VLM's processor outputs
-        return model, example_inputs, type(model).__name__
-    return model, tuple(example_inputs), type(model).__name__
+    return model, _positional(model, example_inputs), type(model).__name__
+
+
+def _positional(module: nn.Module, inputs) -> tuple | dict:
+    """Example inputs as forward's leading positional arguments: a dict (a tokenizer's output) is
+    ordered by forward's signature; a VLM keeps its processor outputs as a dict."""
+    if not hasattr(inputs, "keys"):
+        return tuple(inputs)
+    if vlm.is_vlm(module):
+        return inputs
+    names = list(inspect_module.signature(module.forward).parameters)[:len(inputs)]
+    if set(names) != set(inputs.keys()):
+        raise TpcError(f"example_inputs {', '.join(inputs.keys())} are not the leading arguments of "
+                       f"{type(module).__name__}.forward ({', '.join(names)}): pass a tuple in forward's order")
+    return tuple(inputs[name] for name in names)
 
 
 def _maybe_vlm(model, method: str, layers) -> bool:
