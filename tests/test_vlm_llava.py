@@ -314,3 +314,14 @@ def test_commands_without_vlm_support_refuse_a_vlm_in_one_line(tmp_path):
         with pytest.raises(TpcError, match=f"tpc {command} does not take vision-language models yet") as err:
             call()
         assert "\n" not in str(err.value)
+
+
+def test_generate_refuses_settings_it_would_ignore(llava):
+    model, inputs, program = llava
+    pruned = prune(model, program, inputs, method="random", keep=0.5)
+    for kwargs, message in (({"num_beams": 2}, "num_beams=2"), ({"repetition_penalty": 1.3}, "repetition_penalty"),
+                            ({"max_new_token": 3}, "no option 'max_new_token'")):
+        with pytest.raises(TpcError, match=message) as err:
+            pruned.generate(**inputs, max_new_tokens=2, **kwargs)
+        assert "\n" not in str(err.value)
+    pruned.generate(**inputs, max_new_tokens=2, num_beams=1, repetition_penalty=1.0)  # neutral values are fine
