@@ -237,6 +237,8 @@ def test_api_compiles_and_writes_a_checked_program(llava, tmp_path):
     report = tpc.inspect(model, inputs)
     assert report.visual_span == (3, 18) and report.visual == VISUAL
     assert report.layer_tokens == [24, 24, 24] and report.tower == "CLIPVisionModel"
+    pruned_report = tpc.inspect(model, inputs, method="divprune", keep=4)  # as tpc.compile: before the LM
+    assert pruned_report.layer_tokens == [12, 12, 12] and "divprune: visual 16 -> 4" in pruned_report.table()
 
 
 def _cli(*args):
