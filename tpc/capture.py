@@ -17,6 +17,7 @@ import warnings
 import torch
 from torch import fx, nn
 from torch.export import Dim
+from torch.utils._sympy.numbers import int_oo
 
 from tpc.errors import TpcError
 
@@ -118,6 +119,7 @@ def length_range(gm: fx.GraphModule) -> tuple[int, int] | None:
             size = value.shape[1]
             ranges = size.node.shape_env.var_to_range.get(size.node.expr)
             low = int(ranges.lower) if ranges is not None else 2
-            high = int(ranges.upper) if ranges is not None and ranges.upper.is_finite else None
+            bounded = ranges is not None and ranges.upper.is_finite and ranges.upper != int_oo  # int_oo says finite
+            high = int(ranges.upper) if bounded else None
             return low, high
     return None
