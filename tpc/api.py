@@ -15,9 +15,9 @@ from tpc.compiled import CompileReport, LayerInfo, TpcModule
 from tpc.errors import TpcError
 from tpc.flops import count_flops
 from tpc.graph import count_prefix_tokens, find_attention_sites, find_stream_point
-from tpc.passes import InsertPrune, PassManager, PropagateTokenAxis, ProportionalAttention, get_method
+from tpc.passes import InsertPrune, PassManager, PropagateTokenAxis, ProportionalAttention
 from tpc.passes.insert_prune import compactions
-from tpc.schedule import parse_keep, parse_layers, parse_removals
+from tpc.recipe import Step, check_steps, load_recipe, steps_from_pass
 
 logger = logging.getLogger("tpc")
 
@@ -81,13 +81,15 @@ def analyze(gm: fx.GraphModule, name: str = "model") -> list:
     return sites
 
 
-def _layer_infos(gm: fx.GraphModule, kept: dict[int, int]) -> list[LayerInfo]:
-    return [LayerInfo(s.layer, s.module, s.kind, s.heads, s.tokens, kept.get(s.layer)) for s in find_attention_sites(gm)]
+def _layer_infos(gm: fx.GraphModule, kept: dict[int, int], methods: dict[int, str] | None = None) -> list[LayerInfo]:
+    methods = methods or {}
+    return [LayerInfo(s.layer, s.module, s.kind, s.heads, s.tokens, kept.get(s.layer), methods.get(s.layer))
+            for s in find_attention_sites(gm)]
 
 
 def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=0.7, r=None,
             prefix: int | None = None, after: str = "attention", seed: int = 0, options: dict | None = None,
-            restore: bool = False, backend: str = "torch", **load_kwargs) -> nn.Module:
+            restore: bool = False, backend: str = "torch", recipe=None, **load_kwargs) -> nn.Module:
     """Prune ``model``'s tokens after ``layers`` with ``method``; returns an nn.Module.
 
     ``model`` is an ``nn.Module`` or a model id (see :func:`tpc.models.load`); ``keep`` is a
@@ -96,45 +98,27 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     MLP already runs on fewer tokens) or "block". ``options`` are the method's own settings
     (see ``tpc passes``). ``restore=True`` brings the full sequence back after the last block,
     dropped tokens unchanged, for models whose outputs need every position.
+    ``recipe`` (a recipe.json path, a :class:`tpc.recipe.Recipe`, or a list of steps such as
+    ``[{"layer": 0, "method": "tome", "r": 8}, {"layer": 4, "method": "topk-cls", "keep": 0.6}]``)
+    gives a method per layer instead of ``method``/``layers``/``keep``/``r``/``options``.
     ``backend="onnxruntime"`` returns the ONNX Runtime session of the exported model, checked
     against the torch module.
     """
     if backend not in BACKENDS:
         raise TpcError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if recipe is not None:
+        if layers is not None or r is not None or options:
+            raise TpcError("give either a recipe or method/layers/keep/r/options, not both")
+        loaded = load_recipe(recipe)
+        steps, after, seed = loaded.steps, loaded.after, loaded.seed
+    else:
+        steps = check_steps(steps_from_pass(method, layers, keep, r, options))
     if after not in INSERT_POINTS:
         raise TpcError(f"unknown insertion point {after!r}: choose one of {', '.join(INSERT_POINTS)}")
-    options = get_method(method).resolve_options(options)
-    layer_list = parse_layers(layers)
-    keeps = parse_removals(r, len(layer_list)) if r is not None else parse_keep(keep, len(layer_list))
     module, inputs, name = _resolve(model, example_inputs, **load_kwargs)
     notes = _usage_notes(module)
-
-    gm = capture(module, inputs)
-    sites = analyze(gm, name)
-    for layer in layer_list:
-        if layer >= len(sites):
-            raise TpcError(f"layer {layer} is out of range: {name} has {len(sites)} attention layers (0-{len(sites) - 1})")
-    if prefix is None:
-        prefix, prefix_source = _prefix_of(gm, sites)
-    else:
-        prefix_source = "given"
-    flops_before = count_flops(gm).total
-
-    passes = []
-    for layer, k in zip(layer_list, keeps):
-        passes += [InsertPrune(method, layer, k, prefix, after, seed, options, restore), PropagateTokenAxis()]
-    passes.append(ProportionalAttention())
-    PassManager(passes)(gm)
-
-    kept = {c["layer"]: c["tokens_out"] for c in compactions(gm)}
-    flops = count_flops(gm)
-    report = CompileReport(
-        model=name, method=method, layers=layer_list, keep=[str(k) for k in keeps], options=options, prefix=prefix, prefix_source=prefix_source,
-        insert_after=after, sites=_layer_infos(gm, kept), flops_before=flops_before, flops_after=flops.total,
-        flops_scoring=flops.scoring, pruned_outputs=sorted(gm.meta.get("tpc_pruned_outputs", ())),
-        passes=[p.name for p in passes], notes=notes,
-    )
-    pruned = TpcModule(gm, report, inputs)
+    pruned = prune_graph(capture(module, inputs), inputs, name, steps, prefix=prefix, after=after, seed=seed,
+                         restore=restore, notes=notes)
     if backend == "onnxruntime":
         from tpc.exports import to_onnxruntime
 
@@ -142,12 +126,47 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     return pruned
 
 
+def prune_graph(gm: fx.GraphModule, inputs: tuple, name: str, steps: list[Step], *, prefix: int | None = None,
+                after: str = "attention", seed: int = 0, restore: bool = False, notes=()) -> TpcModule:
+    """Run the pass pipeline for validated ``steps`` on a captured graph (rewritten in place)."""
+    sites = analyze(gm, name)
+    for step in steps:
+        if step.layer >= len(sites):
+            raise TpcError(f"layer {step.layer} is out of range: {name} has {len(sites)} attention layers (0-{len(sites) - 1})")
+    if prefix is None:
+        prefix, prefix_source = _prefix_of(gm, sites)
+    else:
+        prefix_source = "given"
+    flops_before = count_flops(gm).total
+
+    passes = []
+    for step in steps:
+        passes += [InsertPrune(step.method, step.layer, step.amount, prefix, after, seed, step.options, restore),
+                   PropagateTokenAxis()]
+    passes.append(ProportionalAttention())
+    PassManager(passes)(gm)
+
+    kept = {c["layer"]: c["tokens_out"] for c in compactions(gm)}
+    methods = {s.layer: s.method for s in steps}
+    flops = count_flops(gm)
+    names = list(dict.fromkeys(s.method for s in steps))
+    report = CompileReport(
+        model=name, method="+".join(names), layers=[s.layer for s in steps], keep=[str(s.amount) for s in steps],
+        options=steps[0].options if len(names) == 1 else {s.layer: s.options for s in steps if s.options},
+        prefix=prefix, prefix_source=prefix_source,
+        insert_after=after, sites=_layer_infos(gm, kept, methods), flops_before=flops_before, flops_after=flops.total,
+        flops_scoring=flops.scoring, pruned_outputs=sorted(gm.meta.get("tpc_pruned_outputs", ())),
+        passes=[p.name for p in passes], notes=list(notes),
+    )
+    return TpcModule(gm, report, inputs)
+
+
 def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
     """The report of a compile (attention sites, tokens per layer, FLOPs) without writing anything.
 
     Without ``layers`` it describes the unpruned model.
     """
-    if compile_kwargs.get("layers") is None:
+    if compile_kwargs.get("layers") is None and compile_kwargs.get("recipe") is None:
         load_keys = ("weights", "random_weights", "model_args", "input_size")
         load_kwargs = {k: compile_kwargs[k] for k in load_keys if k in compile_kwargs}
         module, inputs, name = _resolve(model, example_inputs, **load_kwargs)

@@ -21,9 +21,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_prune_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--pass", dest="method", default="topk-cls", help="pruning method (see `tpc passes`); default topk-cls")
+    p.add_argument("--pass", dest="method", help="pruning method (see `tpc passes`); default topk-cls")
     p.add_argument("--layers", required=required, help="layers after which to prune, 0-based, e.g. 3,6,9")
-    p.add_argument("--keep", default="0.7", help="ratio kept per layer (0.7), one per layer (0.9,0.8,0.7), or token counts (120)")
+    p.add_argument("--keep", help="ratio kept per layer (0.7, the default), one per layer (0.9,0.8,0.7), or token counts (120)")
     p.add_argument("--prefix", type=int, help="number of prefix tokens always kept (default: found in the graph)")
     p.add_argument("--after", choices=("attention", "block"), default="attention",
                    help="prune after the attention residual (default; the MLP runs on fewer tokens) or after the block")
@@ -34,6 +34,18 @@ def _add_prune_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--fuse", action="store_true", help="topk-cls: append EViT's fused token (same as --option fuse=True)")
     p.add_argument("--restore", action="store_true",
                    help="bring the full sequence back after the last block (dropped tokens unchanged), for dense outputs")
+
+
+PRUNE_DEFAULTS = {"method": "topk-cls", "keep": "0.7"}
+SCHEDULE_FLAGS = {"method": "--pass", "layers": "--layers", "keep": "--keep", "r": "--r", "option": "--option", "fuse": "--fuse"}
+
+
+def _fill_prune_defaults(args) -> None:
+    """Note which schedule flags were given (a recipe replaces them), then fill the defaults."""
+    args.schedule_given = [flag for key, flag in SCHEDULE_FLAGS.items() if getattr(args, key, None)]
+    for key, value in PRUNE_DEFAULTS.items():
+        if hasattr(args, key) and getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def _options(args) -> dict | None:
@@ -61,6 +73,10 @@ def _prune_kwargs(args) -> dict:
 
 
 def _compile_kwargs(args) -> dict:
+    if getattr(args, "recipe", None):
+        if args.schedule_given:
+            raise TpcError(f"--recipe replaces {', '.join(args.schedule_given)}: give the recipe or the flags, not both")
+        return dict(recipe=args.recipe, prefix=args.prefix, restore=args.restore, **_load_kwargs(args))
     return dict(method=args.method, layers=args.layers, keep=args.keep, **_prune_kwargs(args), **_load_kwargs(args))
 
 
@@ -81,7 +97,7 @@ def cmd_compile(args) -> int:
     start = time.perf_counter()
     pruned = tpc.compile(args.model, **_compile_kwargs(args))
     report = pruned.report
-    print(f"{_describe_model(args)}: {report.method} after layers {','.join(map(str, report.layers))}, keep {','.join(report.keep)}")
+    print(f"{_describe_model(args)}: {report.schedule()}")
     print(report.table())
     print(report.summary())
     result = tpc.export(pruned, out, check=not args.no_check, batch=args.batch, precision=args.precision)
@@ -113,7 +129,7 @@ def cmd_inspect(args) -> int:
     kwargs = _compile_kwargs(args)
     report = tpc.inspect(args.model, **kwargs)
     print(f"{_describe_model(args)}: {len(report.sites)} attention layers"
-          + (f"; {report.method} after layers {','.join(map(str, report.layers))}, keep {','.join(report.keep)}" if report.layers else ""))
+          + (f"; {report.schedule()}" if report.layers else ""))
     print(report.table())
     print(report.summary())
     return 0
@@ -177,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="prune a model and write an artifact (.onnx, .pt2, .plan)")
     _add_model_args(p)
-    _add_prune_args(p, required=True)
+    _add_prune_args(p, required=False)
+    p.add_argument("--recipe", help="recipe.json (as `tpc tune` writes it): a method, layer and keep or r per step, "
+                   "instead of --pass/--layers/--keep/--r/--option")
     p.add_argument("-o", "--output", required=True, help="artifact path; the suffix picks the format")
     p.add_argument("--no-check", action="store_true", help="skip checking the artifact against the torch module")
     p.add_argument("--batch", help="TensorRT engines: the optimization profile's batch sizes min,opt,max (default 1,2,32)")
@@ -190,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="attention sites, tokens per layer and FLOPs, before/after pruning")
     _add_model_args(p)
     _add_prune_args(p, required=False)
+    p.add_argument("--recipe", help="recipe.json: describe the model as this recipe prunes it")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="latency of the pruned and the unpruned model, side by side")
@@ -234,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _fill_prune_defaults(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if not args.verbose:
         logging.getLogger("torch").setLevel(logging.ERROR)

@@ -16,6 +16,7 @@ class LayerInfo:
     heads: int
     tokens: int  # tokens the layer's attention sees
     kept: int | None = None  # tokens after the layer's pruning step, when it prunes
+    method: str | None = None  # the method of that step
 
 
 @dataclass
@@ -40,11 +41,21 @@ class CompileReport:
     def flops_ratio(self) -> float:
         return self.flops_after / self.flops_before if self.flops_before else 1.0
 
+    def schedule(self) -> str:
+        """``topk-cls after layers 3,6, keep 0.7,0.5``, or per step for a mixed recipe: ``tome@0 r=8, topk-cls@4 keep 0.6``."""
+        if not self.layers:
+            return "unpruned"
+        methods = [next((s.method for s in self.sites if s.layer == layer and s.method), self.method) for layer in self.layers]
+        if len(set(methods)) == 1:
+            return f"{methods[0]} after layers {','.join(map(str, self.layers))}, keep {','.join(self.keep)}"
+        return ", ".join(f"{m}@{layer} {k if k.startswith('r=') else 'keep ' + k}"
+                         for m, layer, k in zip(methods, self.layers, self.keep))
+
     def table(self) -> str:
         """The per-layer table `tpc inspect` prints."""
         rows = [f"{'layer':>5}  {'module':<28} {'attention':<9} {'heads':>5} {'tokens':>6}  pruning"]
         for s in self.sites:
-            prune = f"{self.method}: {s.tokens} -> {s.kept}" if s.kept is not None else ""
+            prune = f"{s.method or self.method}: {s.tokens} -> {s.kept}" if s.kept is not None else ""
             rows.append(f"{s.layer:>5}  {s.module[:28]:<28} {s.kind:<9} {s.heads:>5} {s.tokens:>6}  {prune}")
         return "\n".join(rows)
 

@@ -30,7 +30,7 @@ from tpc.errors import TpcError
 from tpc.graph import find_attention_sites, find_stream_point
 from tpc.graph.nodes import aten, val
 from tpc.passes.infra import Pass, PassResult
-from tpc.passes.prune_methods import Builder, PruneContext, get_method
+from tpc.passes.prune_methods import Builder, PruneContext, get_method, stream_sizes
 from tpc.schedule import KeepValue, kept_count
 
 
@@ -77,10 +77,14 @@ class InsertPrune(Pass):
             to_canonical = [point.batch_dim, point.token_dim] + [d for d in range(rank) if d not in (point.batch_dim, point.token_dim)]
             stream = b.op(aten.permute.default, point.node, to_canonical, role="layout")
 
-        merges = [c["merge"] for c in compactions(gm) if c.get("merge") is not None]
+        earlier = compactions(gm)
+        sized = earlier[-1] if earlier and (earlier[-1]["merge"] is not None or earlier[-1].get("carries")) else None
+        if sized is not None and self.options.get("fuse"):
+            raise TpcError(f"layer {self.layer}: topk-cls with fuse=True cannot follow a tome merge (the fused token's "
+                           "size is not tracked); drop fuse, or merge after this layer instead")
         ctx = PruneContext(site=site, point=point, stream=stream, tokens=tokens, kept=kept, prefix=self.prefix,
                            layer=self.layer, depth=len(sites), seed=self.seed, options=self.options,
-                           merge=merges[-1] if merges else None)
+                           sizes=stream_sizes(gm, sized) if sized is not None else None)
         result = self.method.build(b, ctx)
         out = result.out
         if to_canonical is not None:
@@ -97,6 +101,7 @@ class InsertPrune(Pass):
             "module": site.module,
             "index": result.index,
             "merge": result.merge,
+            "carries": sized if result.merge is None else None,  # a gather after a merge carries its sizes on
             "tokens_in": tokens,
             "tokens_out": result.tokens,
             "prefix": self.prefix,

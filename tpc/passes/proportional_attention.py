@@ -5,7 +5,9 @@ key to its logits:
 
     softmax(q kᵀ · s + mask)        ==>      softmax(q kᵀ · s + mask + log(size)[:, None, None, :])
 
-1. for each attention site, the latest merge feeding its queries gives the sizes;
+1. for each attention site, the latest compaction feeding its queries gives the sizes: a
+   merge's own, or, for a pruning step after a merge, the merge's sizes gathered with the
+   kept indices (``stream_sizes``);
 2. explicit attention: the bias is added to the softmax input; SDPA is written out as
    softmax(q kᵀ · s + mask + bias) · v (the ONNX export decomposes SDPA the same way, and
    SDPA with a float mask picks kernels whose output strides torch's decompositions trip on);
@@ -21,37 +23,36 @@ from tpc.graph import find_attention_sites
 from tpc.graph.nodes import ancestors, aten, val
 from tpc.passes.cleanup import finish
 from tpc.passes.infra import Pass, PassResult
-from tpc.passes.prune_methods import Builder, merge_sizes
+from tpc.passes.prune_methods import Builder, stream_sizes
 
 
-def _merges(gm: fx.GraphModule) -> list[fx.Node]:
-    """The stream outputs of merges, in graph order."""
-    return [n for n in gm.graph.nodes if n.meta.get("tpc_compaction", {}).get("merge") is not None]
+def _compacted(gm: fx.GraphModule) -> list[fx.Node]:
+    """The stream outputs of compactions, in graph order."""
+    return [n for n in gm.graph.nodes if "tpc_compaction" in n.meta]
 
 
 class ProportionalAttention(Pass):
     name = "proportional_attention"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        merges = _merges(gm)
-        if not merges:
+        compacted = _compacted(gm)
+        if not any(n.meta["tpc_compaction"]["merge"] is not None for n in compacted):
             return PassResult(gm, False)
         changed = False
         biases: dict[fx.Node, fx.Node] = {}
         for site in find_attention_sites(gm):
             upstream = ancestors(site.q)
-            feeding = [m for m in merges if m in upstream]
-            if not feeding:
+            feeding = [c for c in compacted if c in upstream]
+            sizes = stream_sizes(gm, feeding[-1].meta["tpc_compaction"]) if feeding else None
+            if sizes is None:
                 continue
             if len(val(site.q).shape) != 4:
                 raise TpcError(f"tome: proportional attention needs [B, H, N, d] queries at layer {site.layer} ({site.module})")
-            merge = feeding[-1].meta["tpc_compaction"]["merge"]
-            if merge not in biases:
-                sizes = merge_sizes(merge)
+            if sizes not in biases:
                 b = Builder(gm, sizes)
                 log = b.op(aten.log.default, sizes, role="score")
-                biases[merge] = b.op(aten.view.default, log, [-1, 1, 1, val(sizes).shape[-1]], role="layout")
-            bias = biases[merge]
+                biases[sizes] = b.op(aten.view.default, log, [-1, 1, 1, val(sizes).shape[-1]], role="layout")
+            bias = biases[sizes]
             b = Builder(gm, _last_input(site.node))
             b.like = site.node
             if site.kind == "sdpa":

@@ -62,7 +62,7 @@ class PruneContext:
     depth: int
     seed: int
     options: dict
-    merge: fx.Node | None = None  # the latest earlier merge (ToMe), whose sizes carry forward
+    sizes: fx.Node | None = None  # [B, N]: how many original tokens each stream token stands for, after a merge
 
 
 @dataclass
@@ -82,6 +82,26 @@ def merge_sizes(merge: fx.Node) -> fx.Node:
         node = merge.graph.call_function(operator.getitem, (merge, 1))
     node.meta.update(val=val(merge)[1], nn_module_stack=merge.meta.get("nn_module_stack", {}), tpc_inserted="gather")
     return node
+
+
+def stream_sizes(gm: fx.GraphModule, record: dict) -> fx.Node | None:
+    """[B, tokens_out]: the token sizes after compaction ``record`` (None when no merge is upstream).
+
+    A merge makes them; a later gather-based compaction carries them by gathering the sizes
+    of its input with its kept indices, so ToMe's proportional attention and later merges stay
+    exact when pruning follows merging. Nodes are made on demand (dead-code elimination may
+    have removed them) and reused when already there.
+    """
+    if record.get("merge") is not None:
+        return merge_sizes(record["merge"])
+    if record.get("carries") is None:
+        return None
+    source = stream_sizes(gm, record["carries"])
+    index = record["index"]
+    for user in index.users:
+        if user.target is tpc_ops.gather_tokens.default and user.args[0] is source:
+            return user
+    return Builder(gm, index).op(tpc_ops.gather_tokens.default, source, index, role="gather")
 
 
 def query_key(b: Builder, site: AttentionSite) -> tuple[fx.Node, fx.Node]:
@@ -191,7 +211,7 @@ def fused_attention(site: AttentionSite) -> fx.Node:
 def build_topk_mass(b: Builder, ctx: PruneContext) -> Compaction:
     """Score = Σ_i A[i, j] averaged over heads: the attention token j receives (PoWER-BERT's significance)."""
     site = ctx.site
-    fusable = (site.kind == "sdpa" and site.mask is None and not site.is_causal and len(val(site.q).shape) == 4
+    fusable = (site.kind == "sdpa" and site.mask is None and ctx.sizes is None and not site.is_causal and len(val(site.q).shape) == 4
                and val(site.k).shape == val(site.v).shape and val(site.q).shape[1] == val(site.k).shape[1])
     if site.probs is not None and len(val(site.probs).shape) == 4:
         mass = b.op(aten.sum.dim_IntList, site.probs, [-2])
@@ -254,9 +274,8 @@ def build_tome(b: Builder, ctx: PruneContext) -> Compaction:
     match = b.op(tpc_ops.bipartite_match.default, mean_keys(b, ctx.site), r, ctx.prefix, role="select")
     kept = b.op(operator.getitem, match, 0, role="select")
     assign = b.op(operator.getitem, match, 1, role="select")
-    if ctx.merge is not None:
-        sizes = merge_sizes(ctx.merge)
-    else:
+    sizes = ctx.sizes
+    if sizes is None:
         sizes = b.op(aten.ones_like.default, b.op(aten.select.int, ctx.stream, -1, 0, role="layout"), role="score")
     count = ctx.tokens - r
     merge = b.op(tpc_ops.merge_tokens.default, ctx.stream, sizes, assign, count, True, role="gather")
