@@ -1,4 +1,4 @@
-"""The ``tpc`` command line: compile, passes, inspect (and the measuring commands)."""
+"""The ``tpc`` command line: compile, passes, inspect, tune (and the measuring commands)."""
 
 from __future__ import annotations
 
@@ -174,6 +174,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from tpc.tune import run_tune
+
+    result = run_tune(args.model, args.data, max_drop=args.max_drop, target=args.target, backend=args.backend,
+                      batch=args.batch, time_budget=args.time, metric=args.metric, max_flops=args.max_flops,
+                      check_split=args.check_split, plot=args.plot, output=args.output, methods=args.methods,
+                      mean=args.mean, std=args.std, after=args.after, seed=args.seed, load_kwargs=_load_kwargs(args),
+                      progress=args.progress)
+    print(result.table())
+    return 0 if result.best is not None else 1
+
+
 def cmd_visualize(args) -> int:
     from tpc.visualize import run_visualize
 
@@ -231,6 +243,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--std", help="normalisation std (default: the model's config)")
     p.add_argument("-o", "--output", required=True, help="the PNG to write")
     p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("tune", help="search the fastest recipe within an accuracy budget on your data; writes recipe.json")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help=".npz with images (+ labels) or with one array per model input, "
+                   "or an ImageFolder directory")
+    p.add_argument("--max-drop", type=float, help="largest metric drop allowed: points of top-1/agreement, or 1 - cosine")
+    p.add_argument("--max-flops", type=float, help="instead: the best metric with at most this FLOPs ratio (e.g. 0.6)")
+    p.add_argument("--metric", help="top1 (labels), agreement or cosine (default: from the data and the model's output)")
+    p.add_argument("--target", default="flops", help="flops (default) or latency (measured on --backend at --batch)")
+    p.add_argument("--backend", default="onnxruntime", help="latency backend: onnxruntime")
+    p.add_argument("--batch", type=int, default=8, help="batch size of the latency measurement (default 8)")
+    p.add_argument("--time", default="15m", help="search time budget, e.g. 15m, 90s (default 15m)")
+    p.add_argument("--check-split", type=float, default=0.2,
+                   help="held-out fraction at the end of the data, reported next to the tuning part (default 0.2)")
+    p.add_argument("--methods", help="methods to search, e.g. tome,topk-cls (default: all but random)")
+    p.add_argument("--after", choices=("attention", "block"), default="attention", help="insertion point (default attention)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random method")
+    p.add_argument("--mean", help="image normalisation mean (default: the model's config)")
+    p.add_argument("--std", help="image normalisation std (default: the model's config)")
+    p.add_argument("--plot", help="PNG of the Pareto front with every method's recipes and the unpruned model")
+    p.add_argument("--progress", action="store_true", default=None, help="show progress even when not on a terminal")
+    p.add_argument("-o", "--output", required=True, help="the recipe.json to write (read by tpc compile --recipe)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("eval", help="top-1 and agreement with the unpruned model on labelled images")
     _add_model_args(p)
