@@ -63,6 +63,14 @@ def test_r_removes_tokens_per_layer_as_in_tome():
     assert [s.tokens for s in pm.report.sites] == [17, 13, 9, 5]
 
 
+def test_a_refusal_names_the_layer_s_pass_not_every_pass_before_it():
+    factory, inputs, _depth, _prefix = TEST_MODELS["timm_vit"]
+    with pytest.raises(tpc.TpcError) as err:
+        tpc.compile(factory(), inputs(2), layers=[0, 1, 2], keep=[9, 8, 12])
+    assert str(err.value).endswith("[in pass insert_prune(layer 2)]"), str(err.value)
+    assert "propagate" not in str(err.value)
+
+
 def test_tokens_per_layer_follow_the_schedule():
     factory, inputs, _depth, _prefix = TEST_MODELS["timm_vit"]
     pm = tpc.compile(factory(), inputs(2), layers=[0, 2], keep=[0.5, 2])

@@ -11,7 +11,8 @@ Accepted ids, tried in this order:
 
 Weights: pretrained by default (downloaded or from the local cache), ``weights=PATH`` for a
 state_dict / safetensors file, ``random_weights=True`` for architecture-only runs.
-Everything is loaded without executing pickled code (``weights_only=True``, safetensors).
+Everything is loaded without executing pickled code (``weights_only=True``, safetensors, and
+``.pt2`` archives through :mod:`tpc.pt2`).
 """
 
 from __future__ import annotations
@@ -143,14 +144,9 @@ def _offline_unless_reachable():
 
 
 def _load_pt2(path: Path) -> LoadedModel:
-    if not path.is_file():
-        raise TpcError(f"model file {str(path)!r} does not exist")
-    import tpc.kernels  # noqa: F401  (a .pt2 written by tpc holds tpc:: ops)
+    from tpc.pt2 import load_program
 
-    try:
-        ep = torch.export.load(str(path))
-    except Exception as err:
-        raise TpcError(f"cannot load {str(path)!r} as a torch.export program: {str(err).splitlines()[0]}") from err
+    ep = load_program(path)
     module = ep.module()
     inputs = None
     if ep.example_inputs is not None:

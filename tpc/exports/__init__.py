@@ -17,6 +17,7 @@ from tpc.exports.atomic import atomic_output, check_output_path
 from tpc.exports.checks import CheckResult, check_artifact, run_graph
 from tpc.exports.onnx import check_onnx, to_onnx
 from tpc.exports.onnxruntime import OrtModule
+from tpc.pt2 import load_program
 
 SUFFIXES = (".onnx", ".pt2", ".plan")
 
@@ -90,7 +91,7 @@ def write_artifact(module: nn.Module, path: Path, example_inputs=None, check: bo
         with atomic_output(path) as tmp:
             torch.export.save(ep, str(tmp))
             if check:
-                loaded = torch.export.load(str(tmp)).module()
+                loaded = load_program(tmp).module()
 
                 def run(batch):
                     outs, replay = run_graph(loaded, batch)

@@ -19,8 +19,11 @@ from torch._guards import detect_fake_mode
 from tpc.passes.infra import Pass, PassResult
 
 
-def refresh_meta(gm: fx.GraphModule) -> None:
-    """Recompute ``meta['val']`` of call_function nodes under the graph's fake mode."""
+def refresh_meta(gm: fx.GraphModule, start: fx.Node | None = None) -> None:
+    """Recompute ``meta['val']`` of call_function nodes under the graph's fake mode.
+
+    With ``start``, only that node and the nodes after it (the ones a rewrite there can change).
+    """
     placeholders = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
     fake_mode = detect_fake_mode([v for v in placeholders if isinstance(v, torch.Tensor)])
     if fake_mode is None:
@@ -30,8 +33,10 @@ def refresh_meta(gm: fx.GraphModule) -> None:
         return a.meta.get("val") if isinstance(a, fx.Node) else a
 
     with fake_mode:
+        seen = start is None
         for node in gm.graph.nodes:
-            if node.op != "call_function":
+            seen = seen or node is start
+            if not seen or node.op != "call_function":
                 continue
             key = (node.target, str(node.args), str(node.kwargs), *(value(n) for n in node.all_input_nodes))
             old = node.meta.get("tpc_val_key")
@@ -44,11 +49,11 @@ def refresh_meta(gm: fx.GraphModule) -> None:
             node.meta["tpc_val_key"] = (node.meta["val"], *key)
 
 
-def finish(gm: fx.GraphModule) -> None:
+def finish(gm: fx.GraphModule, start: fx.Node | None = None) -> None:
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-    refresh_meta(gm)
+    refresh_meta(gm, start)
 
 
 class Cleanup(Pass):

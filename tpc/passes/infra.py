@@ -1,7 +1,8 @@
 """Pass infrastructure, after ``torch.fx.passes.infra``.
 
 A pass is a callable ``(GraphModule) -> PassResult``; a ``PassManager`` runs an ordered
-list of them and, when one fails, says which pass failed after which others.
+list of them and, when one fails, names the failing pass (its name carries the layer, e.g.
+``insert_prune(layer 23)``); the passes that ran before it go to the debug log only.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def pass_name(p: Callable) -> str:
 
 
 class PassManager:
-    """Runs passes in order; a failure names the pass and the passes that ran before it."""
+    """Runs passes in order; a failure names the pass (the ones before it: ``logger.debug``)."""
 
     def __init__(self, passes: Sequence[Callable[[fx.GraphModule], PassResult]]):
         self.passes = list(passes)
@@ -58,9 +59,11 @@ class PassManager:
             try:
                 result = p(gm)
             except TpcError as err:
-                raise TpcError(f"{err} [in pass {name}{self._after(done)}]") from err
+                self._log_failure(name, done)
+                raise TpcError(f"{err} [in pass {name}]") from err
             except Exception as err:
-                raise TpcError(f"pass {name} failed{self._after(done)}: {type(err).__name__}: {err}") from err
+                self._log_failure(name, done)
+                raise TpcError(f"pass {name} failed: {type(err).__name__}: {err}") from err
             gm = result.graph_module
             modified |= result.modified
             logger.debug("%s: %s", name, "modified the graph" if result.modified else "no change")
@@ -68,5 +71,5 @@ class PassManager:
         return PassResult(gm, modified)
 
     @staticmethod
-    def _after(done: list[str]) -> str:
-        return f", after {', '.join(done)}" if done else ", the first pass"
+    def _log_failure(name: str, done: list[str]) -> None:
+        logger.debug("pass %s failed after %s", name, ", ".join(done) if done else "no other pass")

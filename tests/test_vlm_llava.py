@@ -1,0 +1,203 @@
+"""LLaVA (stock ``LlavaForConditionalGeneration``, SDPA): visual-token pruning through prefill
+and generate(), against eager references written here from the papers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from tpc.errors import TpcError
+from tpc.vlm import capture_prefill, compile_vlm, prune
+from tpc.vlm.inputs import prompt_positions
+
+IMAGE, PAD, VISUAL = 63, 0, 16
+
+
+def tiny_llava(attn="sdpa", seed=0):
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=32)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=64, max_position_embeddings=256, pad_token_id=PAD)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, image_seq_length=VISUAL,
+                         vision_feature_layer=-1, attn_implementation=attn)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def prompt(before: int, after: int, length: int, gen: torch.Generator) -> tuple[list[int], list[int]]:
+    """Left-padded token ids: 1 (bos), text, VISUAL image tokens, text."""
+    ids = [1] + torch.randint(3, 60, (before,), generator=gen).tolist() + [IMAGE] * VISUAL
+    ids += torch.randint(3, 60, (after,), generator=gen).tolist()
+    pad = length - len(ids)
+    return [PAD] * pad + ids, [0] * pad + [1] * len(ids)
+
+
+@pytest.fixture(scope="module")
+def llava():
+    gen = torch.Generator().manual_seed(1)
+    rows = [prompt(2, 5, 24, gen), prompt(1, 3, 24, gen)]
+    inputs = {"input_ids": torch.tensor([r[0] for r in rows]), "attention_mask": torch.tensor([r[1] for r in rows]),
+              "pixel_values": torch.randn(2, 3, 32, 32, generator=gen)}
+    model = tiny_llava()
+    return model, inputs, capture_prefill(model, inputs)
+
+
+def hf_forward(model, inputs, **kw):
+    with torch.no_grad():
+        return model(**inputs, position_ids=prompt_positions(inputs["attention_mask"]), **kw)
+
+
+def eager_from(model, inputs, hidden, kept, first_layer):
+    """The stock decoder layers from ``first_layer`` on, run eagerly on the kept tokens only:
+    original rotary positions, causal order of the kept tokens, padding masked."""
+    lm = model.model.language_model
+    am = inputs["attention_mask"].bool().gather(1, kept)
+    positions = prompt_positions(inputs["attention_mask"]).gather(1, kept)
+    h = hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1]))
+    n = kept.shape[1]
+    mask = torch.tril(torch.ones(n, n, dtype=torch.bool))[None, None] & am[:, None, None, :]
+    with torch.no_grad():
+        rotary = lm.rotary_emb(h, positions)
+        for layer in lm.layers[first_layer:]:
+            h = layer(h, attention_mask=mask, position_embeddings=rotary)
+        return model.lm_head(lm.norm(h))
+
+
+def real(inputs, kept):
+    return inputs["attention_mask"].bool().gather(1, kept)
+
+
+def visual_positions(inputs):
+    return [torch.nonzero(row == IMAGE)[:, 0] for row in inputs["input_ids"]]
+
+
+def with_text(inputs, chosen_visual):
+    """Sorted kept positions: every non-visual token plus the chosen visual positions."""
+    rows = []
+    for ids, chosen in zip(inputs["input_ids"], chosen_visual):
+        keep = ids != IMAGE
+        keep[chosen] = True
+        rows.append(torch.nonzero(keep)[:, 0])
+    return torch.stack(rows)
+
+
+def test_keep_all_is_the_stock_model(llava):
+    model, inputs, program = llava
+    pruned = prune(model, program, inputs, method="fastv", layers=1, keep=1.0)
+    out = pruned.prefill(**inputs)
+    ref = hf_forward(model, inputs).logits
+    valid = inputs["attention_mask"].bool()
+    assert out.logits.shape == ref.shape
+    assert torch.allclose(out.logits[valid], ref[valid], atol=1e-5)
+    with torch.no_grad():
+        expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(pruned.generate(**inputs, max_new_tokens=6), expected)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        sampled = model.generate(**inputs, max_new_tokens=6, do_sample=True, top_k=20, temperature=0.7)
+    torch.manual_seed(3)
+    assert torch.equal(pruned.generate(**inputs, max_new_tokens=6, do_sample=True, top_k=20, temperature=0.7), sampled)
+
+
+def test_fastv_matches_eager_reference_and_shrinks_the_cache(llava):
+    model, inputs, program = llava
+    layer, keep = 1, 4
+    pruned = prune(model, program, inputs, method="fastv", layers=layer, keep=keep)
+    out = pruned.prefill(**inputs)
+    # FastV (Chen et al., 2024): the last prompt token's attention at layer K, head mean, top-k visual tokens.
+    eager = tiny_llava("eager")
+    eager.load_state_dict(model.state_dict())
+    attn = hf_forward(eager, inputs, output_attentions=True).attentions[layer][:, :, -1].mean(1)
+    chosen = [pos[attn[b, pos].topk(keep).indices] for b, pos in enumerate(visual_positions(inputs))]
+    kept = with_text(inputs, chosen)
+    assert torch.equal(out.kept[0], kept)
+    hidden = hf_forward(model, inputs, output_hidden_states=True).hidden_states[layer + 1]
+    ref = eager_from(model, inputs, hidden, kept, layer + 1)
+    assert torch.allclose(out.logits[real(inputs, kept)], ref[real(inputs, kept)], atol=1e-5)
+    s = inputs["input_ids"].shape[1]
+    assert [out.cache.layers[i].keys.shape[2] for i in range(3)] == [s, s, s - VISUAL + keep]
+
+
+def _divprune(x, k):
+    """DivPrune (Alvar et al., 2025): greedy max-min diversity, d = 1 - cos."""
+    x = torch.nn.functional.normalize(x, dim=-1)
+    d = 1 - x @ x.T
+    n = len(x)
+    first = max(range(n), key=lambda i: min(d[i, j] for j in range(n) if j != i))
+    picked = [first]
+    while len(picked) < k:
+        picked.append(max((i for i in range(n) if i not in picked), key=lambda i: min(d[i, j] for j in picked)))
+    return torch.tensor(sorted(picked))
+
+
+def _kcenter(x, k):
+    """Greedy k-center (Gonzalez): first the token farthest from the mean, then farthest-point."""
+    unit = torch.nn.functional.normalize(x, dim=-1)
+    d = 1 - unit @ unit.T
+    mean = torch.nn.functional.normalize(x.mean(0), dim=0)
+    picked = [int((1 - unit @ mean).argmax())]
+    while len(picked) < k:
+        picked.append(int(d[:, picked].min(1).values.masked_fill(torch.isin(torch.arange(len(x)), torch.tensor(picked)), -1).argmax()))
+    return torch.tensor(sorted(picked))
+
+
+@pytest.mark.parametrize("method,select", [("divprune", _divprune), ("kcenter", _kcenter)])
+def test_diversity_before_the_language_model(llava, method, select):
+    model, inputs, program = llava
+    keep = 5
+    out = prune(model, program, inputs, method=method, keep=keep).prefill(**inputs)
+    embeds = hf_forward(model, inputs, output_hidden_states=True).hidden_states[0]  # image features scattered in
+    chosen = [pos[select(embeds[b, pos], keep)] for b, pos in enumerate(visual_positions(inputs))]
+    kept = with_text(inputs, chosen)
+    assert torch.equal(out.kept[0], kept)
+    ref = eager_from(model, inputs, embeds, kept, 0)
+    assert torch.allclose(out.logits[real(inputs, kept)], ref[real(inputs, kept)], atol=1e-5)
+    assert all(out.cache.layers[i].keys.shape[2] == kept.shape[1] for i in range(3))
+
+
+def test_pyramid_schedule_composes_stages_and_batch_equals_alone(llava):
+    model, inputs, program = llava
+    pruned = prune(model, program, inputs, method="random", layers=[0, 1], keep=0.5)
+    out = pruned.prefill(**inputs)
+    first, second = out.kept
+    assert first.shape[1] == 24 - 8 and second.shape[1] == 24 - 12
+    assert all(set(second[b].tolist()) <= set(first[b].tolist()) for b in range(2))
+    assert [out.cache.layers[i].keys.shape[2] for i in range(3)] == [24, 16, 12]
+    generated = pruned.generate(**inputs, max_new_tokens=5)
+    for b in range(2):
+        real_tokens = inputs["attention_mask"][b].bool()
+        alone = {"input_ids": inputs["input_ids"][b:b + 1, real_tokens],
+                 "attention_mask": inputs["attention_mask"][b:b + 1, real_tokens],
+                 "pixel_values": inputs["pixel_values"][b:b + 1]}
+        single = pruned.prefill(**alone)
+        rows = real(inputs, out.kept[-1])[b]
+        assert torch.allclose(out.logits[b, rows], single.logits[0], atol=1e-5)
+        assert torch.equal(generated[b, 24:], pruned.generate(**alone, max_new_tokens=5)[0, alone["input_ids"].shape[1]:])
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda i: {**i, "input_ids": i["input_ids"].masked_fill(i["input_ids"] == IMAGE, 5)}, "no image token"),
+    (lambda i: {**i, "pixel_values": i["pixel_values"][:1]}, "images make"),
+])
+def test_bad_inputs_are_refused_in_one_line(llava, change, message):
+    model, inputs, program = llava
+    pruned = prune(model, program, inputs, method="fastv", layers=1, keep=0.5)
+    with pytest.raises(TpcError, match=message) as err:
+        pruned.generate(**change(inputs), max_new_tokens=2)
+    assert "\n" not in str(err.value)
+    with pytest.raises(TpcError, match=message):
+        compile_vlm(model, change(inputs), method="fastv", layers=1)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"method": "fastv", "layers": 3}, "beyond the language model's depth"),
+    ({"method": "fastv", "layers": 2}, "saves nothing"),
+    ({"method": "fastv"}, "give the layer"),
+    ({"method": "topk-cls"}, "not implemented yet"),
+])
+def test_bad_schedules_are_refused(llava, kwargs, message):
+    model, inputs, program = llava
+    with pytest.raises(TpcError, match=message) as err:
+        prune(model, program, inputs, **kwargs)
+    assert "\n" not in str(err.value)

@@ -1,0 +1,12 @@
+"""Visual-token pruning in vision-language models (LLaVA): capture, rewrite, generate.
+
+``compile_vlm(model, processor_outputs, method=…, layers=…, keep=…)`` returns a
+:class:`~tpc.vlm.module.VlmModule` whose ``generate`` runs the pruned prefill and decodes
+from its smaller KV cache. See docs/vlm.md.
+"""
+
+from tpc.vlm.compile import capture_prefill, compile_vlm, prune
+from tpc.vlm.family import is_vlm, spec_of
+from tpc.vlm.module import VlmModule
+
+__all__ = ["VlmModule", "capture_prefill", "compile_vlm", "is_vlm", "prune", "spec_of"]

@@ -1,0 +1,101 @@
+"""``compile_vlm``: capture a VLM's prefill, prune its visual tokens, return a ``VlmModule``.
+
+Without ``layers`` the method prunes before the language model (stage 1); with ``layers``
+it prunes after each of those decoder layers (stage 2; several layers make a PyramidDrop
+schedule, each keeping its ratio of the visual tokens that reach it).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+
+from tpc.capture import eval_mode
+from tpc.errors import TpcError
+from tpc.passes import PassManager
+from tpc.schedule import kept_count, parse_keep, parse_layers
+from tpc.vlm.family import prefill_module, spec_of
+from tpc.vlm.graph import visual_mask
+from tpc.vlm.inputs import prompt_positions, visual_per_example
+from tpc.vlm.module import Stage, VlmModule
+from tpc.vlm.prune_visual import METHODS, STATE, PruneVisual
+
+INPUT_NAMES = ("input_ids", "pixel_values", "attention_mask")
+
+
+def example_args(inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, pixel_values, attention_mask) from processor outputs (a dict or a BatchFeature)."""
+    if not hasattr(inputs, "keys") or "input_ids" not in inputs or "pixel_values" not in inputs:
+        raise TpcError("a VLM takes its processor's outputs as example inputs: a dict with input_ids and pixel_values")
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    return ids, inputs["pixel_values"], torch.ones_like(ids) if mask is None else mask
+
+
+def capture_prefill(model: nn.Module, inputs) -> torch.export.ExportedProgram:
+    """The prefill as an aten program with symbolic batch and prompt length (reusable: see ``prune``)."""
+    spec = spec_of(model)
+    ids, pixels, mask = example_args(inputs)
+    visual_per_example(spec, ids, pixels)
+    if ids.shape[0] < 2:  # a batch of one would be captured as a constant
+        ids, pixels, mask = (torch.cat([t, t]) for t in (ids, pixels, mask))
+    images = pixels.shape[0] // ids.shape[0]
+    batch, seq = Dim("batch", min=1, max=4096), Dim("prompt", min=2, max=131072)
+    dynamic = ({0: batch, 1: seq}, {0: batch * images if images > 1 else batch}, {0: batch, 1: seq}, {0: batch, 1: seq})
+    wrapper = prefill_module(model)
+    with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.export.export(wrapper, (ids, pixels, mask, prompt_positions(mask)), dynamic_shapes=dynamic)
+        except Exception as err:  # torch.export raises many types; the user needs one line
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise TpcError(f"torch.export could not capture the prefill of {type(model).__name__}: {first}") from err
+    return program
+
+
+def stages_of(spec, visual: int, method: str, layers, keep) -> list[Stage]:
+    if method not in METHODS:
+        hint = (" (VTC-CLS's [CLS] scoring of visual tokens is not implemented yet)" if method == "topk-cls" else "")
+        raise TpcError(f"method {method!r} does not prune visual tokens{hint}: choose one of {', '.join(METHODS)}")
+    cuts = [0] if layers is None else [layer + 1 for layer in parse_layers(layers)]
+    for cut in cuts:
+        if cut - 1 >= spec.num_layers:
+            raise TpcError(f"layer {cut - 1} is beyond the language model's depth: it has {spec.num_layers} decoder "
+                           f"layers (0-{spec.num_layers - 1})")
+        if cut == spec.num_layers:
+            raise TpcError(f"pruning after the last decoder layer ({cut - 1}) saves nothing: choose a layer below "
+                           f"{spec.num_layers - 1}")
+    keeps = parse_keep(keep, len(cuts))
+    stages = []
+    for cut, k in zip(cuts, keeps):
+        out = kept_count(k, visual, 0, cut - 1)
+        stages.append(Stage(cut, method, visual, out))
+        visual = out
+    return stages
+
+
+def compile_vlm(model: nn.Module, inputs, *, method: str = "fastv", layers=None, keep=0.5, seed: int = 0) -> VlmModule:
+    """Prune ``model``'s visual tokens with ``method``; see the module docstring for stages."""
+    spec = spec_of(model)
+    ids, pixels, _ = example_args(inputs)
+    stages_of(spec, visual_per_example(spec, ids, pixels), method, layers, keep)  # refuse before capturing
+    return prune(model, capture_prefill(model, inputs), inputs, method=method, layers=layers, keep=keep, seed=seed)
+
+
+def prune(model: nn.Module, program: torch.export.ExportedProgram, inputs, *, method: str, layers=None, keep=0.5,
+          seed: int = 0) -> VlmModule:
+    """Rewrite a fresh copy of a captured prefill (``capture_prefill``); the program is not changed."""
+    spec = spec_of(model)
+    ids, pixels, _ = example_args(inputs)
+    stages = stages_of(spec, visual_per_example(spec, ids, pixels), method, layers, keep)
+    gm = program.module()
+    gm.meta[STATE] = {"visual": visual_mask(gm, spec.image_token_id), "positions": None, "stages": [],
+                      "inserted": set()}
+    hidden = model.config.text_config.hidden_size
+    PassManager([PruneVisual(s.before_layer, s.method, s.visual_in, s.visual_out, hidden, seed) for s in stages])(gm)
+    gm.graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs: the kept positions are extra outputs
+    gm.recompile()
+    return VlmModule(gm, model, spec, stages, report=None)

@@ -1,0 +1,35 @@
+"""Checks on a VLM's processor outputs, and the positions ``generate()`` gives a prompt."""
+
+from __future__ import annotations
+
+import torch
+
+from tpc.errors import TpcError
+from tpc.vlm.family import VlmSpec
+
+
+def visual_per_example(spec: VlmSpec, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> int:
+    """The number of visual tokens in every example's prompt; one line refusing anything else."""
+    if input_ids.dim() != 2:
+        raise TpcError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+    counts = (input_ids == spec.image_token_id).sum(1).tolist()
+    if min(counts) == 0:
+        raise TpcError(f"no image token (id {spec.image_token_id}) in the prompt of example {counts.index(0)}: "
+                       "put the processor's image placeholder in every prompt")
+    if len(set(counts)) != 1:
+        raise TpcError(f"the examples hold different numbers of image tokens {counts}: give every prompt the same "
+                       "number of images")
+    images = pixel_values.shape[0]
+    expected = images * spec.tokens_per_image
+    if sum(counts) != expected:
+        raise TpcError(f"the prompts hold {sum(counts)} image tokens but {images} images make {expected} visual "
+                       f"tokens ({spec.tokens_per_image} per image): give one image per placeholder group")
+    if images % input_ids.shape[0]:
+        raise TpcError(f"{images} images do not split evenly over {input_ids.shape[0]} prompts")
+    return counts[0]
+
+
+def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S] positions as ``generate()`` assigns them: count of real tokens before, 0 at padding."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)

@@ -1,0 +1,130 @@
+"""The pruned VLM: a captured, rewritten prefill and a decoder that reuses its KV cache.
+
+``prefill`` runs the rewritten graph: logits of the kept prompt tokens and every layer's
+keys and values, the layers after a pruning point holding only the kept tokens. ``generate``
+then decodes with the model's own (stock, unpatched) decoder layers over that cache: each
+new token's position continues from the unpruned prompt (``generate()``'s positions: the
+count of real tokens), and each layer's attention mask covers exactly the keys its cache
+holds, so every rotary distance is the unpruned model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from tpc.vlm.family import VlmSpec, language_model
+from tpc.vlm.inputs import prompt_positions, visual_per_example
+
+
+@dataclass
+class Prefill:
+    logits: torch.Tensor  # [B, S', vocab]: the last decoder layer's kept tokens
+    cache: DynamicCache  # per layer, the keys/values of the tokens that layer saw
+    valid: list[torch.Tensor]  # per layer, [B, len] bool: which cached keys are real (not padding)
+    kept: list[torch.Tensor]  # per pruning stage, [B, S'] original positions of the tokens kept
+    positions: torch.Tensor  # [B, S] prompt positions
+
+
+@dataclass(frozen=True)
+class Stage:
+    before_layer: int  # decoder layer that first runs on the pruned tokens (0: before the LM)
+    method: str
+    visual_in: int
+    visual_out: int
+
+
+class VlmModule(nn.Module):
+    """A VLM whose prefill prunes visual tokens; ``generate`` as the Hugging Face model's."""
+
+    def __init__(self, gm: fx.GraphModule, model: nn.Module, spec: VlmSpec, stages: list[Stage], report):
+        super().__init__()
+        self.gm = gm
+        self.spec, self.stages, self.report = spec, stages, report
+        self._model = [model]  # not a submodule: its parameters are shared, never registered twice
+        self.generation_config = model.generation_config
+
+    def prefill(self, input_ids, pixel_values, attention_mask=None) -> Prefill:
+        visual_per_example(self.spec, input_ids, pixel_values)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = prompt_positions(attention_mask)
+        with torch.no_grad():
+            out = self.gm(input_ids, pixel_values, attention_mask, positions)
+        n = self.spec.num_layers
+        logits, kv, kept = out[0], out[1:1 + 2 * n], list(out[1 + 2 * n:])
+        cache = DynamicCache()
+        for i in range(n):
+            cache.update(kv[2 * i], kv[2 * i + 1], i)
+        valid, mask, stage = [], attention_mask.bool(), 0
+        for i in range(n):
+            while stage < len(self.stages) and self.stages[stage].before_layer <= i:
+                mask = attention_mask.bool().gather(1, kept[stage])
+                stage += 1
+            valid.append(mask)
+        return Prefill(logits, cache, valid, kept, positions)
+
+    def forward(self, input_ids, pixel_values, attention_mask=None) -> torch.Tensor:
+        """Logits of the tokens the last decoder layer kept, [B, S', vocab]."""
+        return self.prefill(input_ids, pixel_values, attention_mask).logits
+
+    def generate(self, input_ids, pixel_values, attention_mask=None, max_new_tokens: int | None = None,
+                 do_sample: bool | None = None, **generation_kwargs) -> torch.Tensor:
+        """Prompt and new tokens, [B, S + new], as ``model.generate(**processor_outputs)`` returns them."""
+        config = GenerationConfig(**{**self.generation_config.to_dict(), **generation_kwargs,
+                                     **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),
+                                     **({"do_sample": do_sample} if do_sample is not None else {})})
+        eos = config.eos_token_id
+        eos = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), dtype=torch.long)
+        pad = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+        warpers = _warpers(config)
+        state = self.prefill(input_ids, pixel_values, attention_mask)
+        lm, head = language_model(self._model[0])
+        position = state.positions[:, -1:]
+        logits = state.logits[:, -1].float()
+        valid, cache = state.valid, state.cache
+        unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool)
+        tokens = [input_ids]
+        new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - input_ids.shape[1]
+        with torch.no_grad():
+            for step in range(new):
+                scores = warpers(torch.cat(tokens, 1), logits) if config.do_sample else logits
+                if config.do_sample:
+                    token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+                else:
+                    token = scores.argmax(-1)
+                token = torch.where(unfinished, token, torch.full_like(token, pad))
+                tokens.append(token[:, None])
+                unfinished &= ~torch.isin(token, eos)
+                if not unfinished.any() or step == new - 1:
+                    break
+                position = position + 1
+                valid = [torch.cat([v, torch.ones_like(v[:, :1])], 1) for v in valid]
+                logits = _decode_step(lm, head, token[:, None], position, valid, cache)
+        return torch.cat(tokens, 1)
+
+
+def _decode_step(lm, head, token, position, valid, cache) -> torch.Tensor:
+    """One token through the stock decoder layers, each attending to the keys its cache holds."""
+    hidden = lm.embed_tokens(token)
+    rotary = lm.rotary_emb(hidden, position)
+    for i, layer in enumerate(lm.layers):
+        hidden = layer(hidden, attention_mask=valid[i][:, None, None, :], position_ids=position, cache=cache,
+                       use_cache=True, position_embeddings=rotary)
+    return head(lm.norm(hidden))[:, -1].float()
+
+
+def _warpers(config: GenerationConfig) -> LogitsProcessorList:
+    """Sampling warpers in the order ``generate()`` applies them."""
+    out = LogitsProcessorList()
+    if config.temperature is not None and config.temperature != 1.0:
+        out.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k is not None and config.top_k != 0:
+        out.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
+    if config.top_p is not None and config.top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
+    return out

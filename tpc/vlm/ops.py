@@ -1,0 +1,105 @@
+"""The ``tpc::`` ops of visual-token pruning in a language model's prompt.
+
+Shapes: B batch, S prompt tokens entering a compaction, V visual tokens among them, K visual
+tokens kept, H heads, d head width. A compaction keeps every text token and K visual tokens
+per example, in their original order, so S' = S - V + K for every example of a batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tpc.errors import TpcError
+from tpc.methods.evit import masked_logits
+
+_LIB = "tpc"
+
+
+@torch.library.custom_op(f"{_LIB}::visual_index", mutates_args=())
+def visual_index(visual: torch.Tensor, count: int) -> torch.Tensor:
+    """[B, V] int64 positions of the visual tokens (``visual``: [B, S] bool), in prompt order.
+
+    Every example must hold exactly ``count`` visual tokens (the number the graph was
+    compiled for): a different number is refused, never truncated.
+    """
+    found = visual.sum(1)
+    if bool((found != count).any()):
+        raise TpcError(f"an example holds {found.tolist()} image tokens; this module was compiled for {count} per "
+                       "example (one per visual token of its images): compile again for that many images")
+    order = torch.sort((~visual).to(torch.int8), dim=1, stable=True).indices
+    return order[:, :count]
+
+
+@visual_index.register_fake
+def _(visual, count):
+    return visual.new_empty((visual.shape[0], count), dtype=torch.int64)
+
+
+@torch.library.custom_op(f"{_LIB}::last_token_attention", mutates_args=())
+def last_token_attention(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, S] head-mean attention of the last query over every key (FastV's score).
+
+    q: [B, H, S, d], k: [B, H or H_kv, S, d] (grouped keys are repeated), mask: SDPA-style,
+    [B or 1, 1 or H, S, S] (bool: may attend; float: added). Only the last row is computed.
+    """
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = torch.matmul(q[:, :, -1:].float(), k.float().transpose(-1, -2)) * scale  # [B, H, 1, S]
+    if mask is not None:
+        mask = mask[..., -1:, :]
+    probs = torch.softmax(masked_logits(logits, mask), dim=-1)
+    return probs.mean(1)[:, 0]
+
+
+@last_token_attention.register_fake
+def _(q, k, scale, mask=None):
+    return q.new_empty((q.shape[0], k.shape[2]), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_LIB}::keep_visual", mutates_args=())
+def keep_visual(visual_pos: torch.Tensor, chosen: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[B, S - V + K] int64 positions kept: every non-visual token and the visual tokens
+    ``visual_pos[b, chosen[b]]`` (``visual_pos``: [B, V], ``chosen``: [B, K] indices into it),
+    sorted ascending so kept tokens keep their order. ``tokens`` is S."""
+    b = visual_pos.shape[0]
+    keep = torch.ones(b, tokens, dtype=torch.bool, device=visual_pos.device)
+    keep.scatter_(1, visual_pos, False)
+    keep.scatter_(1, torch.gather(visual_pos, 1, chosen), True)
+    kept = tokens - visual_pos.shape[1] + chosen.shape[1]
+    return torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :kept]
+
+
+@keep_visual.register_fake
+def _(visual_pos, chosen, tokens):
+    return visual_pos.new_empty((visual_pos.shape[0], tokens - visual_pos.shape[1] + chosen.shape[1]))
+
+
+@torch.library.custom_op(f"{_LIB}::gather_axis", mutates_args=())
+def gather_axis(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """x with axis ``dim`` (a token axis) reduced to the rows ``index`` ([B, K]) of each example.
+
+    x's batch may be 1 (a side tensor shared by every example, such as rotary cos/sin): it is
+    broadcast to index's batch first.
+    """
+    batch, kept = index.shape
+    src = x.expand(batch, *x.shape[1:])
+    shape = [1] * src.dim()
+    shape[0], shape[dim] = batch, kept
+    size = list(src.shape)
+    size[dim] = kept
+    return torch.gather(src, dim, index.reshape(shape).expand(size))
+
+
+@gather_axis.register_fake
+def _(x, index, dim):
+    size = list(x.shape)
+    size[0], size[dim] = index.shape[0], index.shape[1]
+    return x.new_empty(size)
+
+
+VLM_OPS = {
+    "visual_index": torch.ops.tpc.visual_index.default,
+    "last_token_attention": torch.ops.tpc.last_token_attention.default,
+    "keep_visual": torch.ops.tpc.keep_visual.default,
+    "gather_axis": torch.ops.tpc.gather_axis.default,
+}
