@@ -83,12 +83,13 @@ class Engine:
     def outputs(self, pm: TpcModule, batch_index: int) -> torch.Tensor:
         """The candidate's output on one batch, run from its cut on top of the saved unpruned values."""
         gm = pm.graph_module
-        cut = getattr(pm, "_tune_cut", None)
-        if cut is None:
-            cut = pm._tune_cut = self.cut(gm)
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        before = list(gm.graph.nodes)[:cut]
-        crossing = {n.name for n in before if n.op != "get_attr" and any(order[u] >= cut for u in n.users)}
+        if getattr(pm, "_tune_plan", None) is None:
+            cut = self.cut(gm)
+            order = {n: i for i, n in enumerate(gm.graph.nodes)}
+            before = list(gm.graph.nodes)[:cut]
+            pm._tune_plan = before, {n.name for n in before if n.op != "get_attr" and any(order[u] >= cut for u in n.users)}
+        before, crossing = pm._tune_plan
+        cut = len(before)
         missing = crossing - set(self.saved)
         if missing:
             self._run_prefix(cut, missing)

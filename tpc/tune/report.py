@@ -1,5 +1,5 @@
-"""The PNG of a tune: every recipe scored on the full tuning part, the Pareto front, the
-unpruned model, the best recipe of each single method, and the chosen recipe."""
+"""The PNG of a tune: every recipe scored (at the number of tuning examples it reached), one
+colour per method or mix, the Pareto front, the unpruned model, the budget and the chosen recipe."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ def plot_front(result, path: str | Path) -> None:
     m = result.metric
     base = result.base_value
     fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
-    n = max((c.n for c in result.candidates if c.n), default=0)
-    scored = [c for c in result.candidates if c.n == n and c.refused is None]
+    scored = [c for c in result.candidates if c.n and c.refused is None]  # each at the examples it reached
     for family in dict.fromkeys(c.family for c in scored):
         pts = [(100 * c.flops_ratio, base - c.drop) for c in scored if c.family == family]
         ax.scatter(*zip(*pts), s=14, alpha=0.6, label=family)
@@ -30,7 +29,7 @@ def plot_front(result, path: str | Path) -> None:
                 markerfacecolor="none", markeredgecolor="red", linestyle="none", label="chosen")
     ax.set_xlabel("FLOPs, % of the unpruned model")
     ax.set_ylabel({"top1": "top-1 (%)", "agreement": "agreement with unpruned (%)", "cosine": "cosine to unpruned"}[m.name])
-    ax.set_title(f"{result.model}: tpc tune on {n} examples")
+    ax.set_title(f"{result.model}: tpc tune, {len(scored)} recipes")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

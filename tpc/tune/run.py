@@ -80,18 +80,21 @@ class TuneResult:
                  f"(unpruned {m.format(self.tuning.unpruned if self.tuning else float('nan'))})" if self.tuning else
                  f"{self.model}: {m.name} on examples {self.tuning_range[0]}-{self.tuning_range[1] - 1} of {self.data}",
                  "Pareto front (tuning examples):",
-                 f"  {'recipe':<64} {'GFLOPs':>8} {'saved':>6} {m.name:>9} {'drop':>9}  latency"]
+                 f"  {'recipe':<64} {'GFLOPs':>8} {'saved':>6} {m.name:>9} {'drop':>9} {'on':>5}  latency"]
         for c in self.front:
             lat = f"{100 * (1 - c.latency['ratio']):5.1f}% faster" if c.latency else ""
             mark = "*" if c is self.best else " "
             lines.append(f"{mark} {c.label[:64]:<64} {c.gflops:8.4f} {100 * (1 - c.flops_ratio):5.1f}% "
-                         f"{m.format(self.base_value - c.drop):>9} {m.format_drop(c.drop):>9}  {lat}")
+                         f"{m.format(self.base_value - c.drop):>9} {m.format_drop(c.drop):>9} {c.n:>5}  {lat}")
         s = self.search
+        for method, why in s.get("methods_left_out", {}).items():
+            lines.append(f"left out {method}: {why}")
         rounds = " -> ".join(f"{r['scored']} on {r['examples']}" for r in s["rounds"])
         lines.append(f"search: {s['tried']} recipes tried ({s['refused']} refused by the compiler, {s['skipped']} over "
                      f"the FLOPs budget), recipes scored per round (examples): {rounds}; "
                      f"{s['wall_s']:.0f} s" + (" (interrupted: best so far)" if s["interrupted"] else "")
-                     + (" (time budget reached)" if s["out_of_time"] else ""))
+                     + (" (time budget reached)" if s["out_of_time"] else "")
+                     + (f" (time budget: {s['space'] - s['tried']} recipes of the space not tried)" if s["space_cut"] else ""))
         if self.best is None:
             lines.append("no recipe met the budget")
             return "\n".join(lines)
@@ -193,14 +196,19 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
 
     search = Search(engine, metric_obj, references, base_scores, max_drop, max_flops, seconds,
                     sys.stderr.isatty() if progress is None else progress)
-    space = candidates(len(sites), sites[0].tokens, prefix, method_list)
+    skipped = {m: why for m, why in (("tome", "the attention takes a mask (tome refuses masks)" if any(
+        site.mask is not None for site in sites) else None), ("topk-cls", "no [CLS] token found" if prefix < 1 else None))
+        if why and m in method_list}
+    space = candidates(len(sites), sites[0].tokens, prefix, [m for m in method_list if m not in skipped])
+    if not space:
+        raise TpcError(f"no method to search on {loaded.name}: " + "; ".join(f"{m}: {why}" for m, why in skipped.items()))
     search.run(space)
     if target == "latency" and not search.interrupted:
         try:
             measure_latency(search, backend, batch, None)
         except KeyboardInterrupt:
             search.interrupted = True
-    best = search.best()
+    best, front = search.best(), search.front()
     baselines = search.single_method_best()
     baseline = None
     if baselines:
@@ -229,10 +237,10 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
         "tried": len(s.candidates), "space": len(space), "refused": sum(c.refused is not None for c in s.candidates),
         "skipped": sum(c.refused is None and not c.n for c in s.candidates), "rounds": s.rounds,
         "prefix_runs": engine.prefix_runs, "wall_s": time.perf_counter() - start, "interrupted": s.interrupted,
-        "out_of_time": s.out_of_time,
+        "out_of_time": s.out_of_time, "space_cut": s.space_cut, "methods_left_out": skipped,
     }
     result = TuneResult(loaded.name, metric_obj, str(data), (0, cut), (cut, len(dataset)) if check is not None else None,
-                        flops_before, best, tuning_m, check_m, search.front(), baseline, baseline_check, info, s.candidates,
+                        flops_before, best, tuning_m, check_m, front, baseline, baseline_check, info, s.candidates,
                         {"max_drop": max_drop, "max_flops": max_flops, "target": target})
     if best is None:
         return result

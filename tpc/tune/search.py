@@ -68,7 +68,8 @@ class Search:
     rounds: list[dict] = field(default_factory=list)
     start: float = field(default_factory=time.perf_counter)
     interrupted: bool = False
-    out_of_time: bool = False
+    out_of_time: bool = False  # a later round stopped for the time budget
+    space_cut: bool = False  # the first round stopped before the end of the space for the time budget
 
     # -- scoring -------------------------------------------------------------------------------
 
@@ -174,8 +175,8 @@ class Search:
         entrants = []
         self.rounds.append({"examples": self._examples(size), "scored": 0})
         for i, steps in enumerate(space):
-            if self.elapsed > self.time_budget * (1.0 if last else 0.5):
-                self.out_of_time = True
+            if self.elapsed > self.time_budget * (1.0 if last else 0.5):  # the later rounds get the other half
+                self.space_cut = True
                 break
             self.show(f"round 1 ({self._examples(size)} examples) {i + 1}/{len(space)}")
             c = Candidate(steps, family_of(steps))

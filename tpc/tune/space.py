@@ -1,6 +1,7 @@
 """The recipes ``tpc tune`` tries: a small grid per family, interleaved so that any prefix of
 the list covers every family (a time budget cuts the list short, never a whole family), and
-each family's grid is shuffled once (fixed seed) so a short prefix spans layers and budgets.
+each family's grid is taken midpoint-first in order of estimated FLOPs, so a short prefix
+already spans the range from light to heavy pruning.
 
 Families, for a model of D attention layers with N tokens (P of them prefix):
 
@@ -14,10 +15,9 @@ Families, for a model of D attention layers with N tokens (P of them prefix):
 
 from __future__ import annotations
 
-import random
-
 from tpc.passes.prune_methods import tome_max_merges
 from tpc.recipe import Step
+from tpc.schedule import kept_count
 
 GATHER_METHODS = ("topk-cls", "topk-mass", "zero-tprune", "kcenter", "divprune")
 IMPORTANCE_METHODS = ("topk-cls", "topk-mass")
@@ -66,8 +66,8 @@ def candidates(depth: int, tokens: int, prefix: int, methods: list[str]) -> list
                     for keep in MIXED_KEEPS:
                         mixed.append(head + _gather_steps(method, range(t, depth), keep))
         families.append(mixed)
-    for family in families:  # a fixed shuffle: a list cut short still spans layers and budgets
-        random.Random(len(family)).shuffle(family)
+    for i, family in enumerate(families):  # midpoints first: a list cut short still spans the FLOPs range
+        families[i] = spread(sorted(family, key=lambda steps: flops_estimate(steps, depth, tokens, prefix)))
     out, seen = [], set()
     for i in range(max((len(f) for f in families), default=0)):
         for family in families:
@@ -76,6 +76,30 @@ def candidates(depth: int, tokens: int, prefix: int, methods: list[str]) -> list
                 if key not in seen:
                     seen.add(key)
                     out.append(family[i])
+    return out
+
+
+def flops_estimate(steps: list[Step], depth: int, tokens: int, prefix: int) -> float:
+    """Rough share of the unpruned compute: a layer's attention at the tokens it sees, its MLP after the step."""
+    at = {s.layer: s for s in steps}
+    full, cost = tokens, 0.0
+    for layer in range(depth):
+        seen = tokens
+        if layer in at:
+            tokens = prefix + kept_count(at[layer].amount, tokens, prefix, layer)
+        cost += 0.4 * seen + 0.6 * tokens
+    return cost / (depth * full)
+
+
+def spread(items: list) -> list:
+    """Sorted items in midpoint-first order (middle, then the middles of each half, …)."""
+    out, spans = [], [(0, len(items) - 1)]
+    while spans:
+        lo, hi = spans.pop(0)
+        if lo <= hi:
+            mid = (lo + hi) // 2
+            out.append(items[mid])
+            spans += [(lo, mid - 1), (mid + 1, hi)]
     return out
 
 
