@@ -76,3 +76,53 @@ def test_a_pt2_never_runs_pickled_code(tmp_path, where):
         line = one_error_line(run_tpc("inspect", evil))
         assert "refusing to load" in line and "pickle" in line
         assert not marker.exists()
+
+
+# --- precision (item 15) ---------------------------------------------------------------------
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("method", sorted(tpc.passes.METHODS))
+def test_every_method_runs_cast_to_half_precision(method):
+    """A pruned module cast with .to(fp16/bf16) runs in that dtype and stays near the fp32 output."""
+    from models import TEST_MODELS
+
+    factory, inputs, _, _ = TEST_MODELS["timm_vit"]
+    pm = tpc.compile(factory(), inputs(2), method=method, layers=[1], keep=0.5)
+    x = inputs(2)
+    ref = pm(*x)
+    for dtype in HALF:
+        out = pm.to(dtype)(*(t.to(dtype) for t in x))
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        if dtype == torch.float16:  # bf16's 8 bits may legitimately flip a greedy selection
+            assert (out.float() - ref).abs().max() <= 0.1 * ref.abs().max()
+        pm.to(torch.float32)
+
+
+def test_tome_compiles_in_half_precision_and_fp16_onnx_is_checked_with_fp16_tolerances(tmp_path):
+    from models import TEST_MODELS
+
+    factory, inputs, _, _ = TEST_MODELS["timm_vit"]
+    ref = tpc.compile(factory(), inputs(2), method="tome", layers=[1], r=4)(*inputs(2))
+    for dtype in HALF:
+        x = tuple(t.to(dtype) for t in inputs(2))
+        pm = tpc.compile(factory().to(dtype), x, method="tome", layers=[1], r=4)
+        out = pm(*x)
+        assert out.dtype == dtype
+        assert (out.float() - ref).abs().max() <= 0.1 * ref.abs().max()
+        if dtype == torch.float16:
+            result = tpc.export(pm, tmp_path / "tome16.onnx")
+            assert result.max_abs_error > 1e-4  # fp32's tolerance would have refused it
+    assert [p.name for p in tmp_path.iterdir()] == ["tome16.onnx"]
+
+
+def test_bf16_onnx_check_says_onnx_runtime_cannot_run_it(tmp_path):
+    from models import TEST_MODELS
+
+    factory, inputs, _, _ = TEST_MODELS["timm_vit"]
+    x = tuple(t.to(torch.bfloat16) for t in inputs(2))
+    pm = tpc.compile(factory().to(torch.bfloat16), x, layers=[1], keep=0.5)
+    with pytest.raises(TpcError, match="cannot run this bfloat16 model.*--no-check"):
+        tpc.export(pm, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []

@@ -201,3 +201,57 @@ def test_bad_schedules_are_refused(llava, kwargs, message):
     with pytest.raises(TpcError, match=message) as err:
         prune(model, program, inputs, **kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_api_compiles_and_writes_a_checked_program(llava, tmp_path):
+    import tpc
+
+    model, inputs, program = llava
+    with pytest.raises(TpcError, match="beyond the language model's depth"):  # tpc.compile hands VLMs to tpc.vlm
+        tpc.compile(model, inputs, method="fastv", layers=7)
+    pruned = prune(model, program, inputs, method="fastv", layers=0, keep=0.5)
+    assert pruned.report.layer_tokens == [24, 16, 16] and "fastv: visual 16 -> 8" in pruned.report.table()
+    result = tpc.export(pruned, tmp_path / "vlm.pt2")
+    assert result.batches == (1, 2) and result.max_abs_error == 0.0
+    program = torch.export.load(tmp_path / "vlm.pt2").module()
+    args = (inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+            prompt_positions(inputs["attention_mask"]))
+    assert program(*args)[-1].shape == (2, 16)
+    with pytest.raises(TpcError, match="supported for VLMs yet"):
+        tpc.export(pruned, tmp_path / "vlm.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vlm.pt2"]
+    report = tpc.inspect(model, inputs)
+    assert report.visual_span == (3, 18) and report.visual == VISUAL
+    assert report.layer_tokens == [24, 24, 24] and report.tower == "CLIPVisionModel"
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "tpc", *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_refuses_a_layer_beyond_the_language_model(tmp_path):
+    tiny_llava().save_pretrained(tmp_path / "llava")
+    bad = tmp_path / "bad.pt2"
+    r = _cli("compile", tmp_path / "llava", "--pass", "fastv", "--layers", "5", "-o", bad)
+    assert r.returncode != 0 and sorted(p.name for p in tmp_path.iterdir()) == ["llava"]
+    last = r.stderr.strip().splitlines()[-1]  # above it only transformers' weight-loading progress bar
+    assert last == "tpc: error: layer 5 is beyond the language model's depth: it has 3 decoder layers (0-2)"
+
+
+@pytest.mark.parametrize("method,layers", [("fastv", 1), ("divprune", None)])
+def test_golden_graph(llava, method, layers, update_golden):
+    from pathlib import Path
+
+    from tpc.graph.printing import format_rewrites
+
+    model, inputs, program = llava
+    gm = prune(model, program, inputs, method=method, layers=layers, keep=4).gm
+    batch, seq = next(iter(gm.graph.find_nodes(op="placeholder", target="input_ids"))).meta["val"].shape
+    text = format_rewrites(gm, {str(batch): "B", str(seq): "S"})
+    path = Path(__file__).parent / "golden" / f"vlm_llava_{method}.txt"
+    if update_golden:
+        path.write_text(text)
+    assert text == path.read_text(), f"{path.name} changed: review, then run pytest --update-golden"

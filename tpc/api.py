@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from tpc import models
+from tpc import models, vlm
 from tpc.capture import capture, set_eval
 from tpc.compiled import CompileReport, LayerInfo, TpcModule
 from tpc.errors import TpcError
@@ -42,7 +42,16 @@ def _resolve(model, example_inputs, **load_kwargs) -> tuple[nn.Module, tuple, st
         example_inputs = models.example_images(size)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if hasattr(example_inputs, "keys"):  # a VLM's processor outputs
+        return model, example_inputs, type(model).__name__
     return model, tuple(example_inputs), type(model).__name__
+
+
+def _maybe_vlm(model, method: str, layers) -> bool:
+    """Whether compile must load the model before parsing encoder options: it may be a VLM."""
+    if isinstance(model, nn.Module):
+        return vlm.is_vlm(model)
+    return method in vlm.VLM_ONLY or layers is None
 
 
 def _prefix_of(gm: fx.GraphModule, sites) -> tuple[int, str]:
@@ -106,6 +115,17 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     """
     if backend not in BACKENDS:
         raise TpcError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    resolved = None
+    if recipe is None and _maybe_vlm(model, method, layers):
+        resolved = _resolve(model, example_inputs, **load_kwargs)
+        if vlm.is_vlm(resolved[0]):
+            if r is not None or prefix is not None or restore or options or backend != "torch":
+                raise TpcError("a VLM takes method, layers, keep and seed only (r, prefix, restore, options and "
+                               "backends other than torch are for encoders)")
+            return vlm.compile_vlm(resolved[0], resolved[1], method=method, layers=layers, keep=keep, seed=seed)
+    if recipe is None and method in vlm.VLM_ONLY:
+        raise TpcError(f"{method} prunes the visual tokens of a vision-language model ({', '.join(vlm.FAMILIES)}); "
+                       f"{type(model).__name__ if isinstance(model, nn.Module) else model} is not one")
     if recipe is not None:
         if layers is not None or r is not None or options:
             raise TpcError("give either a recipe or method/layers/keep/r/options, not both")
@@ -115,7 +135,7 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
         steps = check_steps(steps_from_pass(method, layers, keep, r, options))
     if after not in INSERT_POINTS:
         raise TpcError(f"unknown insertion point {after!r}: choose one of {', '.join(INSERT_POINTS)}")
-    module, inputs, name = _resolve(model, example_inputs, **load_kwargs)
+    module, inputs, name = resolved or _resolve(model, example_inputs, **load_kwargs)
     notes = _usage_notes(module)
     pruned = prune_graph(capture(module, inputs), inputs, name, steps, prefix=prefix, after=after, seed=seed,
                          restore=restore, notes=notes)
@@ -166,10 +186,14 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
 
     Without ``layers`` it describes the unpruned model.
     """
+    if compile_kwargs.get("method") in vlm.VLM_ONLY:
+        return compile(model, example_inputs, **compile_kwargs).report
     if compile_kwargs.get("layers") is None and compile_kwargs.get("recipe") is None:
         load_keys = ("weights", "random_weights", "model_args", "input_size")
         load_kwargs = {k: compile_kwargs[k] for k in load_keys if k in compile_kwargs}
         module, inputs, name = _resolve(model, example_inputs, **load_kwargs)
+        if vlm.is_vlm(module):
+            return vlm.describe(module, inputs)
         gm = capture(module, inputs)
         sites = analyze(gm, name)
         prefix, source = _prefix_of(gm, sites)
@@ -191,4 +215,6 @@ def export(module: nn.Module, path: str | os.PathLike, example_inputs=None, chec
     """
     from tpc.exports import write_artifact
 
+    if isinstance(module, vlm.VlmModule):
+        return module.save(path, check=check)
     return write_artifact(module, Path(path), example_inputs, check=check, batch=batch, precision=precision)

@@ -161,7 +161,13 @@ def _load_pt2(path: Path) -> LoadedModel:
 TEXT_LENGTH = 128
 
 
-def hf_example_inputs(config, module, input_size) -> tuple:
+def hf_example_inputs(config, module, input_size) -> tuple | dict:
+    from tpc.vlm import is_vlm
+
+    if is_vlm(module):
+        from tpc.vlm.family import example_inputs
+
+        return example_inputs(module)
     if getattr(config, "image_size", None) and getattr(config, "num_channels", None):
         size = input_size or (config.num_channels, config.image_size, config.image_size)
         return example_images(size)

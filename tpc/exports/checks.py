@@ -25,6 +25,16 @@ SELECT = torch.ops.tpc.select_topk.default
 # Ops whose int64 output is a pruning decision (kept positions), in the order they run.
 DECISIONS = (SELECT, torch.ops.tpc.kcenter.default, torch.ops.tpc.divprune.default)
 TIE_RTOL = 1e-4
+# (output tolerance relative to the output scale, near-tie band) by the outputs' dtype: a
+# half-precision model rounds every op to 11 (fp16) or 8 (bf16) significant bits.
+TOLERANCES = {torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 5e-2)}
+
+
+def tolerances(outputs: list[torch.Tensor], tol: float | None, tie_rtol: float | None) -> tuple[float, float]:
+    """The given tolerances, or those of the least precise floating dtype among ``outputs``."""
+    dtypes = {o.dtype for o in outputs}
+    default = next((TOLERANCES[d] for d in (torch.bfloat16, torch.float16) if d in dtypes), (1e-4, TIE_RTOL))
+    return (default[0] if tol is None else tol), (default[1] if tie_rtol is None else tie_rtol)
 
 
 class DecisionReplay(fx.Interpreter):
@@ -86,16 +96,19 @@ class CheckResult:
 
 
 def check_artifact(gm: fx.GraphModule, run_artifact: Callable[[tuple], tuple[list, list | None]],
-                   inputs_list: list[tuple], what: str, tol: float = 1e-4, tie_rtol: float = TIE_RTOL) -> CheckResult:
+                   inputs_list: list[tuple], what: str, tol: float | None = None,
+                   tie_rtol: float | None = None) -> CheckResult:
     """``run_artifact(inputs) -> (outputs, decisions or None)``; raises TpcError on mismatch.
 
-    ``tie_rtol`` is the near-tie band relative to the largest score: wider for half precision.
+    ``tol`` (relative to the output scale) and ``tie_rtol`` (the near-tie band relative to the
+    largest score) default to the torch module's output dtype: wider for half precision.
     """
     worst, flips, batches = 0.0, 0, []
     for inputs in inputs_list:
         outs, decisions = run_artifact(inputs)
         outs = [torch.as_tensor(o) for o in outs]
         ref, replay = run_graph(gm, inputs, forced=decisions)
+        tol, tie_rtol = tolerances(ref, tol, tie_rtol)
         if decisions is not None:
             if len(decisions) != len(replay.decisions):
                 raise TpcError(f"{what}: the artifact makes {len(decisions)} pruning decisions, the module {len(replay.decisions)}")

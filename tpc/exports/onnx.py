@@ -85,10 +85,23 @@ def with_decision_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]
     return probe, len(names)
 
 
+def _uses_bfloat16(model: onnx.ModelProto) -> bool:
+    bf16 = onnx.TensorProto.BFLOAT16
+    return any(t.data_type == bf16 for t in model.graph.initializer) or any(
+        v.type.tensor_type.elem_type == bf16 for v in [*model.graph.input, *model.graph.output])
+
+
 def check_onnx(model: onnx.ModelProto, gm: fx.GraphModule, inputs_list: list[tuple], what: str = "ONNX model") -> CheckResult:
     """Run the model in ONNX Runtime on each input batch and compare with the torch graph."""
     probe, count = with_decision_outputs(model)
-    session = make_session(probe.SerializeToString())
+    try:
+        session = make_session(probe.SerializeToString())
+    except Exception as err:  # ONNX Runtime's own exception types
+        if not _uses_bfloat16(model):
+            raise
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise TpcError(f"{what}: ONNX Runtime cannot run this bfloat16 model on the CPU ({first[:160]}); write it "
+                       "unchecked with --no-check (check=False), or compile the model in float16 or float32") from None
     names = [i.name for i in session.get_inputs()]
     n_out = len(model.graph.output)
 

@@ -65,12 +65,17 @@ def numeric_size(size) -> int:
     return int(expr.subs(subs))
 
 
-def shape_text(node_or_val) -> str:
-    """``[B, 197, 384]``: a shape for messages, the symbolic batch written as B."""
+def shape_text(node_or_val, symbols: dict[str, str] | None = None) -> str:
+    """``[B, 197, 384]``: a shape for messages, the symbolic batch written as B (or each
+    symbol by its name in ``symbols``, e.g. ``{"s0": "B", "s1": "S"}``)."""
     import re
 
     value = val(node_or_val) if isinstance(node_or_val, fx.Node) else node_or_val
-    dims = [str(s) if isinstance(s, int) else re.sub(r"\bs\d+\b", "B", str(s)) for s in value.shape]
+
+    def name(match) -> str:
+        return (symbols or {}).get(match.group(0), "B")
+
+    dims = [str(s) if isinstance(s, int) else re.sub(r"\bs\d+\b", name, str(s)) for s in value.shape]
     return f"[{', '.join(dims)}]"
 
 

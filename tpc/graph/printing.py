@@ -27,15 +27,16 @@ def _op_name(node: fx.Node) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def _shape(value) -> str:
+def _shape(value, symbols=None) -> str:
     if isinstance(value, torch.Tensor):
-        return str(value.dtype).replace("torch.", "") + shape_text(value)
+        return str(value.dtype).replace("torch.", "") + shape_text(value, symbols)
     if isinstance(value, (list, tuple)):
-        return "(" + ", ".join(_shape(v) for v in value) + ")"
+        return "(" + ", ".join(_shape(v, symbols) for v in value) + ")"
     return type(value).__name__ if value is not None else ""
 
 
-def format_rewrites(gm: fx.GraphModule) -> str:
+def format_rewrites(gm: fx.GraphModule, symbols: dict[str, str] | None = None) -> str:
+    """The text; ``symbols`` names symbolic sizes (default: every symbol prints as B)."""
     nodes = list(gm.graph.nodes)
     marked = {n for n in nodes if "tpc_inserted" in n.meta or n.meta.get("tpc_rewritten")}
     show = set(marked)
@@ -72,5 +73,5 @@ def format_rewrites(gm: fx.GraphModule) -> str:
         last = i
         mark = "+" if "tpc_inserted" in n.meta else ("~" if n.meta.get("tpc_rewritten") else " ")
         args = ", ".join([fmt_arg(a) for a in n.args] + [f"{k}={fmt_arg(v)}" for k, v in n.kwargs.items()])
-        lines.append(f"{mark} {name(n)} = {_op_name(n)}({args}) :: {_shape(val(n))}")
+        lines.append(f"{mark} {name(n)} = {_op_name(n)}({args}) :: {_shape(val(n), symbols)}")
     return "\n".join(lines) + "\n"

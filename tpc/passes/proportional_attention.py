@@ -11,7 +11,9 @@ key to its logits:
 2. explicit attention: the bias is added to the softmax input; SDPA is written out as
    softmax(q kᵀ · s + mask + bias) · v (the ONNX export decomposes SDPA the same way, and
    SDPA with a float mask picks kernels whose output strides torch's decompositions trip on);
-3. sites with no merge upstream are untouched; no merge in the graph: ``modified=False``.
+3. the bias takes the logits' dtype when the graph runs (fp16/bf16 models, or a module cast after
+   compiling), so a half-precision attention stays half precision;
+4. sites with no merge upstream are untouched; no merge in the graph: ``modified=False``.
 """
 
 from __future__ import annotations
@@ -66,17 +68,24 @@ class ProportionalAttention(Pass):
                 elif site.mask is not None:
                     neg = b.op(aten.full_like.default, logits, float("-inf"), role="score")
                     logits = b.op(aten.where.self, site.mask, logits, neg, role="score")
-                probs = b.op(aten.softmax.int, b.op(aten.add.Tensor, logits, bias, role="score"), -1, role="score")
+                probs = b.op(aten.softmax.int, b.op(aten.add.Tensor, logits, _like(b, bias, logits), role="score"), -1,
+                             role="score")
                 out = b.op(aten.matmul.default, probs, site.v, role="score")
                 site.node.replace_all_uses_with(out)
                 gm.graph.erase_node(site.node)  # SDPA counts as impure (dropout), so DCE would keep it
             else:
-                logits = b.op(aten.add.Tensor, site.node.args[0], bias, role="score")
+                logits = b.op(aten.add.Tensor, site.node.args[0], _like(b, bias, site.node.args[0]), role="score")
                 site.node.args = (logits, *site.node.args[1:])
             changed = True
         if changed:
             finish(gm)
         return PassResult(gm, changed)
+
+
+def _like(b: Builder, bias: fx.Node, logits: fx.Node) -> fx.Node:
+    """The (float32) bias in the logits' dtype, read when the graph runs: a module compiled in fp32
+    and cast with ``.to(torch.bfloat16)`` adds a bf16 bias, and the softmax stays in the model's dtype."""
+    return b.op(aten.type_as.default, bias, logits, role="score")
 
 
 def _last_input(node: fx.Node) -> fx.Node:

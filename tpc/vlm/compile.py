@@ -22,6 +22,7 @@ from tpc.vlm.graph import visual_mask
 from tpc.vlm.inputs import prompt_positions, visual_per_example
 from tpc.vlm.module import Stage, VlmModule
 from tpc.vlm.prune_visual import METHODS, STATE, PruneVisual
+from tpc.vlm.report import describe
 
 INPUT_NAMES = ("input_ids", "pixel_values", "attention_mask")
 
@@ -35,6 +36,15 @@ def example_args(inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, inputs["pixel_values"], torch.ones_like(ids) if mask is None else mask
 
 
+def dynamic_shapes(images: int, visual: int) -> tuple:
+    """Symbolic batch and prompt length for (input_ids, pixel_values, attention_mask, position_ids).
+
+    A prompt holds its visual tokens and at least two more, whatever a pruning stage keeps.
+    """
+    batch, seq = Dim("batch", min=1, max=4096), Dim("prompt", min=visual + 2, max=131072)
+    return {0: batch, 1: seq}, {0: batch * images if images > 1 else batch}, {0: batch, 1: seq}, {0: batch, 1: seq}
+
+
 def capture_prefill(model: nn.Module, inputs) -> torch.export.ExportedProgram:
     """The prefill as an aten program with symbolic batch and prompt length (reusable: see ``prune``)."""
     spec = spec_of(model)
@@ -43,8 +53,7 @@ def capture_prefill(model: nn.Module, inputs) -> torch.export.ExportedProgram:
     if ids.shape[0] < 2:  # a batch of one would be captured as a constant
         ids, pixels, mask = (torch.cat([t, t]) for t in (ids, pixels, mask))
     images = pixels.shape[0] // ids.shape[0]
-    batch, seq = Dim("batch", min=1, max=4096), Dim("prompt", min=2, max=131072)
-    dynamic = ({0: batch, 1: seq}, {0: batch * images if images > 1 else batch}, {0: batch, 1: seq}, {0: batch, 1: seq})
+    dynamic = dynamic_shapes(images, visual_per_example(spec, ids, pixels))
     wrapper = prefill_module(model)
     with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -98,4 +107,7 @@ def prune(model: nn.Module, program: torch.export.ExportedProgram, inputs, *, me
     PassManager([PruneVisual(s.before_layer, s.method, s.visual_in, s.visual_out, hidden, seed) for s in stages])(gm)
     gm.graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs: the kept positions are extra outputs
     gm.recompile()
-    return VlmModule(gm, model, spec, stages, report=None)
+    mask = example_args(inputs)[2]
+    report = describe(model, inputs, stages, method)
+    example = (ids, pixels, mask, prompt_positions(mask))
+    return VlmModule(gm, model, spec, stages, report, example)

@@ -47,6 +47,19 @@ def prefill_module(model: nn.Module) -> nn.Module:
     return FAMILIES[type(model).__name__](model)
 
 
+def example_inputs(model: nn.Module, batch: int = 2, text: int = 8, seed: int = 0) -> dict:
+    """Processor-like inputs when none are given: each prompt one image's placeholders between text."""
+    spec = spec_of(model)
+    vision = model.config.vision_config
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.text_config.vocab_size
+    words = torch.randint(3, min(vocab, 1000), (batch, text + 1), generator=gen)
+    words = words.masked_fill(words == spec.image_token_id, 3)
+    ids = torch.cat([words[:, :1], torch.full((batch, spec.tokens_per_image), spec.image_token_id), words[:, 1:]], 1)
+    pixels = torch.randn(batch, vision.num_channels, vision.image_size, vision.image_size, generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+
 def language_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(the decoder stack with ``embed_tokens``/``layers``/``norm``/``rotary_emb``, the LM head)."""
     return model.model.language_model, model.lm_head

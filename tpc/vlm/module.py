@@ -41,10 +41,11 @@ class Stage:
 class VlmModule(nn.Module):
     """A VLM whose prefill prunes visual tokens; ``generate`` as the Hugging Face model's."""
 
-    def __init__(self, gm: fx.GraphModule, model: nn.Module, spec: VlmSpec, stages: list[Stage], report):
+    def __init__(self, gm: fx.GraphModule, model: nn.Module, spec: VlmSpec, stages: list[Stage], report,
+                 example_inputs: tuple):
         super().__init__()
         self.gm = gm
-        self.spec, self.stages, self.report = spec, stages, report
+        self.spec, self.stages, self.report, self.example_inputs = spec, stages, report, example_inputs
         self._model = [model]  # not a submodule: its parameters are shared, never registered twice
         self.generation_config = model.generation_config
 
@@ -67,6 +68,14 @@ class VlmModule(nn.Module):
                 stage += 1
             valid.append(mask)
         return Prefill(logits, cache, valid, kept, positions)
+
+    def save(self, path, check: bool = True):
+        """Write the pruned prefill as a ``.pt2`` program (symbolic batch and prompt length), checked
+        against this module on the example inputs (the batch and its first example) before it is
+        renamed into place. Returns the check's result."""
+        from tpc.vlm.export import save_prefill
+
+        return save_prefill(self, path, check)
 
     def forward(self, input_ids, pixel_values, attention_mask=None) -> torch.Tensor:
         """Logits of the tokens the last decoder layer kept, [B, S', vocab]."""

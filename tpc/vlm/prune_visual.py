@@ -110,6 +110,7 @@ class PruneVisual(Pass):
             for user in list(node.users):
                 if user not in before and user not in inserted and user.op != "output":
                     user.replace_input_with(node, replacement)
+                    user.meta["tpc_rewritten"] = True
         output = next(iter(graph.find_nodes(op="output")))
         output.args = (tuple(output.args[0]) + (positions,),)  # the kept positions are graph outputs
         state["positions"] = positions

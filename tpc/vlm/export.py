@@ -1,0 +1,50 @@
+"""The pruned VLM prefill as a ``.pt2`` program; other artifact types are refused for now."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from tpc.errors import TpcError
+from tpc.exports.atomic import atomic_output, check_output_path
+from tpc.exports.checks import CheckResult
+from tpc.pt2 import load_program
+
+
+def save_prefill(module, path, check: bool = True) -> CheckResult | None:
+    from tpc.vlm.compile import dynamic_shapes
+
+    path = Path(path)
+    if path.suffix.lower() != ".pt2":
+        raise TpcError(f"a pruned VLM is written as .pt2 (its prefill program); {path.suffix or 'no suffix'} is not "
+                       "supported for VLMs yet")
+    check_output_path(path)
+    ids, pixels = module.example_inputs[:2]
+    dynamic = dynamic_shapes(pixels.shape[0] // ids.shape[0], module.stages[0].visual_in)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.export.export(module.gm, module.example_inputs, dynamic_shapes=dynamic)
+        except Exception as err:  # one line for the user
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise TpcError(f"torch.export could not capture the pruned prefill: {first}") from err
+    with atomic_output(path) as tmp:
+        torch.export.save(program, str(tmp))
+        if not check:
+            return None
+        loaded = load_program(tmp).module()
+        worst, batches = 0.0, []
+        for inputs in (tuple(x[:1] for x in module.example_inputs), module.example_inputs):
+            with torch.no_grad():
+                want, got = module.gm(*inputs), loaded(*inputs)
+            for a, b in zip(want, got):
+                if a.shape != b.shape or not torch.equal(a, b) and not a.is_floating_point():
+                    raise TpcError(f"the written program disagrees with the pruned module at batch {inputs[0].shape[0]}")
+                if a.is_floating_point():
+                    worst = max(worst, (a - b).abs().max().item())
+            batches.append(inputs[0].shape[0])
+        if worst > 1e-4:
+            raise TpcError(f"the written program's outputs differ from the pruned module's by {worst:.2g}")
+        return CheckResult(worst, 0, tuple(batches))

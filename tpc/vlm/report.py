@@ -1,0 +1,73 @@
+"""What a VLM compile did, for ``tpc compile`` / ``tpc inspect``: the vision tower, the visual
+span, and the tokens every decoder layer sees for the example prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class VlmReport:
+    model: str
+    tower: str
+    vision_layers: int
+    image_token_id: int
+    prompt_tokens: int  # the example prompt's length (any length runs)
+    visual_span: tuple[int, int]  # first and last visual position in the first example
+    visual: int  # visual tokens per example
+    layer_tokens: list[int]  # tokens each decoder layer runs on, for the example prompt
+    method: str | None = None
+    layers: list[int] = field(default_factory=list)
+    keep: list[str] = field(default_factory=list)
+    stages: list = field(default_factory=list)
+
+    @property
+    def sites(self) -> list[int]:
+        """The language model's decoder layers (what ``tpc inspect`` counts)."""
+        return list(range(len(self.layer_tokens)))
+
+    def table(self) -> str:
+        rows = [f"vision tower: {self.tower} ({self.vision_layers} layers); image token id {self.image_token_id}",
+                f"visual tokens: {self.visual} per example, positions {self.visual_span[0]}-{self.visual_span[1]} "
+                f"of the {self.prompt_tokens}-token example prompt",
+                f"{'layer':>5}  {'tokens':>6}  pruning"]
+        for stage in self.stages:
+            if stage.before_layer == 0:
+                rows.append(f"{'LM in':>5}  {self.prompt_tokens:>6}  {stage.method}: visual {stage.visual_in} -> "
+                            f"{stage.visual_out} before the language model")
+        for i, tokens in enumerate(self.layer_tokens):
+            prune = next((f"{s.method}: visual {s.visual_in} -> {s.visual_out}" for s in self.stages
+                          if s.before_layer == i + 1 and s.before_layer > 0), "")
+            rows.append(f"{i:>5}  {tokens:>6}  {prune}")
+        return "\n".join(rows)
+
+    def summary(self) -> str:
+        full = self.prompt_tokens * len(self.layer_tokens)
+        ratio = sum(self.layer_tokens) / full if full else 1.0
+        return (f"decoder-layer tokens: {sum(self.layer_tokens)} of {full} ({ratio:.3f}x) for the example prompt; "
+                "KV cache after prefill: " + ", ".join(map(str, self.layer_tokens)) + " tokens per layer")
+
+
+def layer_tokens(prompt: int, layers: int, stages) -> list[int]:
+    out, tokens = [], prompt
+    for i in range(layers):
+        for stage in stages:
+            if stage.before_layer == i:
+                tokens -= stage.visual_in - stage.visual_out
+        out.append(tokens)
+    return out
+
+
+def describe(model, inputs, stages=(), method: str | None = None) -> VlmReport:
+    """The report for ``model`` on ``inputs`` (processor outputs) under ``stages`` (none: unpruned)."""
+    import torch
+
+    from tpc.vlm.family import spec_of
+
+    spec = spec_of(model)
+    ids = inputs["input_ids"]
+    first = torch.nonzero(ids[0] == spec.image_token_id)[:, 0]
+    span = (int(first[0]), int(first[-1])) if len(first) else (-1, -1)
+    return VlmReport(type(model).__name__, spec.vision_tower, spec.vision_layers, spec.image_token_id, ids.shape[1],
+                     span, len(first), layer_tokens(ids.shape[1], spec.num_layers, stages), method,
+                     [s.before_layer - 1 for s in stages], [str(s.visual_out) for s in stages], list(stages))
