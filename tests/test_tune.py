@@ -50,7 +50,7 @@ def test_recipe_found_written_read_back_and_reproduced(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["model"] == "models:cli_tiny_vit" and saved["tpc_version"] == tpc.__version__
     assert saved["metric"]["name"] == "cosine" and saved["data"]["tuning"] == [0, 30] and saved["data"]["check"] == [30, 40]
-    assert saved["search"]["tried"] >= 1 and saved["search"]["wall_s"] > 0
+    assert saved["search"]["tried"] >= 1 and saved["search"]["wall_s"] > 0 and saved["search"]["prefix_runs"] >= 1
 
     model = tiny_timm_vit()
     pm = tpc.compile("models:cli_tiny_vit", recipe=out)
@@ -91,6 +91,7 @@ def test_text_encoder_tunes_on_token_arrays_with_cosine_by_default(tmp_path):
                       check_split=0.25, output=out)
     saved = json.loads(out.read_text())
     assert result.metric.name == "cosine" and saved["metric"]["name"] == "cosine"
+    assert saved["search"]["prefix_runs"] >= 1  # the layers before the first pruned one ran once, shared (BERT's unused pooler is no obstacle)
     model, _ = tiny_sentence_encoder()
     pm = tpc.compile(model, text_inputs(2), recipe=out)
     got = _score(pm, (ids[:18], mask[:18]), model, None, Metric("cosine", "cosine"))
@@ -146,3 +147,20 @@ def test_bad_tune_arguments_are_refused_in_one_line(tmp_path, kwargs, message):
     with pytest.raises(tpc.TpcError, match=message) as err:
         run_tune("models:cli_tiny_vit", _images(tmp_path / "d.npz", n=8), mean=MEAN, std=STD, output=out, **kwargs)
     assert "\n" not in str(err.value) and not out.exists()
+
+
+def test_latency_target_times_finalists_in_onnx_runtime(tmp_path):
+    out = tmp_path / "r.json"
+    result = run_tune("models:cli_tiny_vit", _images(tmp_path / "d.npz", n=24), max_drop=100, target="latency", batch=4,
+                      time_budget=1, methods="topk-cls", mean=MEAN, std=STD, check_split=0, output=out)
+    latency = json.loads(out.read_text())["measured"]["latency"]
+    assert result.best.latency is latency or result.best.latency == latency
+    assert latency["backend"] == "onnxruntime" and latency["batch"] == 4 and latency["pruned_ms"] > 0 and latency["unpruned_ms"] > 0
+
+
+def test_max_flops_picks_the_best_metric_under_the_flops_budget(tmp_path):
+    result = run_tune("models:cli_tiny_vit", _images(tmp_path / "d.npz", n=24), max_flops=0.9, time_budget=1,
+                      methods="tome", mean=MEAN, std=STD, check_split=0, output=tmp_path / "r.json")
+    tried = [c for c in result.candidates if c.n]
+    assert tried and all(c.flops_ratio <= 0.9 for c in tried)
+    assert result.best.drop == min(c.drop for c in tried if c.n == result.best.n)

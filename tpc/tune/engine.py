@@ -1,7 +1,8 @@
 """Evaluating many recipes on one captured model, cheaply.
 
-- The model is captured once; each candidate prunes a copy of that graph (the graph is
-  copied, the parameters are shared).
+- The model is captured once (dead code removed, as the passes remove it from every pruned
+  graph); each candidate prunes a copy of that graph (the graph is copied, the parameters
+  are shared).
 - Work before the first pruned layer is shared: the unpruned graph runs once per batch up to
   a candidate's *cut* (the first node where its graph differs from the unpruned one), the
   values that cross the cut are kept, and each candidate runs only from its cut on
@@ -40,6 +41,8 @@ class Engine:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: tuple, name: str, data: TuneData, batch: int,
                  after: str = "attention", seed: int = 0):
+        gm.graph.eliminate_dead_code()  # as every pruned graph is: unused outputs (a pooler) must not shift the node order
+        gm.recompile()
         self.gm, self.example_inputs, self.name = gm, example_inputs, name
         self.data, self.batch, self.after, self.seed = data, batch, after, seed
         self.nodes = list(gm.graph.nodes)

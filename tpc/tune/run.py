@@ -186,9 +186,9 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
 
     sites = analyze(gm, loaded.name)
     prefix, _ = _prefix_of(gm, sites)
-    flops_before = count_flops(gm).total
     eval_batch = eval_batch or max(8, min(256, len(tuning) // 8))
     engine = Engine(gm, loaded.example_inputs, loaded.name, tuning, eval_batch, after, seed)
+    flops_before = count_flops(engine.gm).total
     references = [engine.reference(b) for b in range(len(engine.batches))]
     metric_obj = choose_metric(metric, tuning.labels, loaded.module, references[0])
     base_scores = torch.cat([metric_obj.per_example(r, r, None if tuning.labels is None else tuning.labels[s:e])
