@@ -6,8 +6,8 @@ patch 14, so each image is 576 visual tokens; prompts are 576 visual + 64 text t
 every method at 25 % of the visual tokens kept it prints the prefill FLOPs ratio (aten ops
 executed, counted by torch's FlopCounterMode; the tpc:: scoring ops are not in it), the
 measured prefill speedup (torch, CPU; speedup × FLOPs ratio ≥ 0.9 means the latency
-follows the FLOPs), and one decode step's latency and KV-cache bytes
-with the pruned cache against the unpruned one.
+follows the FLOPs), and one decode step's latency (median, side by side) and KV-cache bytes with the pruned cache against the
+unpruned one.
 
     python benchmarks/vlm_speed.py [--threads 1] [--iters 3] [--repeats 3]
 """
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -58,19 +56,21 @@ def flops(run) -> int:
     return counter.get_total_flops()
 
 
-def decode_ms(model, state, repeats: int) -> float:
+def decode_step(model, state):
+    """One greedy decode step over a copy of the prefill's cache, cropped back after each call."""
     lm, head = language_model(model)
     token = state.logits[:, -1].argmax(-1)[:, None]
     position = state.positions[:, -1:] + 1
     valid = [torch.cat([v, torch.ones_like(v[:, :1])], 1) for v in state.valid]
-    times = []
-    for _ in range(repeats):
-        cache = copy.deepcopy(state.cache)
-        start = time.perf_counter()
+    cache = copy.deepcopy(state.cache)
+    lengths = [layer.keys.shape[2] for layer in cache.layers]
+
+    def run():
         with torch.no_grad():
             _decode_step(lm, head, token, position, valid, cache)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        for layer, n in zip(cache.layers, lengths):  # back to the prefill's cache (views, no copy)
+            layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
+    return run
 
 
 def kv_bytes(state) -> int:
@@ -101,17 +101,18 @@ def main() -> None:
           f"torch CPU, {args.threads} thread(s)")
     print(f"{'method':<10} {'where':<16} {'FLOPs ratio':>11} {'prefill speedup':>15} {'(min-max)':>13} "
           f"{'speedup*FLOPs':>13} {'decode ms':>15} {'KV cache MB':>15}")
-    base_decode = decode_ms(model, base_state, 5)
     for method, layers in (("fastv", 1), ("divprune", None), ("kcenter", None), ("random", None), ("random", 1)):
         pruned = prune(model, program, inputs, method=method, layers=layers, keep=0.25)
         state = pruned.prefill(**one)
         ratio = flops(lambda: pruned.prefill(**one)) / base_flops
         timing = time_pair(run_base, lambda: pruned.prefill(**one), 1, warmup=1,
                            iters=args.iters, repeats=args.repeats)
+        decode = time_pair(decode_step(model, base_state), decode_step(model, state), 1, warmup=1, iters=5,
+                           repeats=args.repeats)
         where = "before the LM" if layers is None else f"after layer {layers}"
         print(f"{method:<10} {where:<16} {ratio:>11.3f} {timing.speedup:>14.2f}x "
               f"{timing.speedup_spread[0]:>6.2f}-{timing.speedup_spread[1]:<6.2f} {timing.speedup * ratio:>13.2f} "
-              f"{base_decode:>6.1f} -> {decode_ms(model, state, 5):<6.1f} "
+              f"{decode.base.median_ms:>6.1f} -> {decode.pruned.median_ms:<6.1f} "
               f"{kv_bytes(base_state) / 2**20:>6.1f} -> {kv_bytes(state) / 2**20:<6.1f}")
 
 

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tpc.methods import baseline, divprune, evit, kcenter, tome, zero_tprune
+from tpc.methods import baseline, divprune, evit, kcenter, zero_tprune
 
 
 def cls_attention_slow(q, k, scale, mask=None):
@@ -66,6 +66,52 @@ def random_scores_slow(batch, tokens, seed):
     return out
 
 
+class R(int):
+    """ToMe's r at one layer (tokens removed, clamped there as ToMe clamps it), in a schedule of keeps."""
+
+
+def tome_merge_slow(keys, x, sizes, r, prefix):
+    """ToMe's bipartite soft matching and size-weighted merge (Bolya et al., ICLR 2023, Sec. 3, and
+    the token order its merge produces), one example and one token pair at a time, in float64.
+
+    A = even positions, B = odd. r is clamped to (N - prefix) // 2. Every A token that is not a
+    prefix token proposes its most cosine-similar non-prefix B token (ties: the first); the r
+    strongest proposals (ties: the first A token) merge into their B token, x_b <- Σ s·x / Σ s.
+    The merged sequence is the prefix, the unmerged A tokens (in sequence order when there is a
+    prefix, strongest proposal first when there is none), then the B tokens.
+    Returns (x [B, N - r, C], sizes [B, N - r], positions [B, N - r]: the token each row stands for).
+    """
+    b, n, _ = keys.shape
+    r = max(0, min(r, (n - prefix) // 2))
+    xs, ss, ps = [], [], []
+    for bi in range(b):
+        unit = [keys[bi, j].double() / keys[bi, j].double().norm() for j in range(n)]
+        group_a = [a for a in range(0, n, 2) if a >= prefix]
+        group_b = [j for j in range(1, n, 2) if j >= prefix]
+        proposal = {}
+        for a in group_a:
+            sims = [(float(unit[a] @ unit[j]), -j) for j in group_b]
+            sim, neg_j = max(sims)
+            proposal[a] = (sim, -neg_j)
+        strongest = sorted(group_a, key=lambda a: (-proposal[a][0], a))
+        merged = strongest[:r] if r else []
+        unmerged = [a for a in group_a if a not in merged] if prefix else strongest[r:]
+        if not r:
+            order = list(range(n))
+        else:
+            order = list(range(prefix)) + unmerged + group_b
+        rows, weights = [], []
+        for j in order:
+            members = [j] + [a for a in merged if proposal[a][1] == j]
+            w = sum(float(sizes[bi, m]) for m in members)
+            rows.append(sum(float(sizes[bi, m]) * x[bi, m].double() for m in members) / w)
+            weights.append(w)
+        xs.append(torch.stack(rows))
+        ss.append(torch.tensor(weights, dtype=torch.float64))
+        ps.append(torch.tensor(order))
+    return torch.stack(xs), torch.stack(ss), torch.stack(ps)
+
+
 def _keep(tokens, prefix, keep):
     return min(tokens - prefix, max(1, math.ceil(keep * (tokens - prefix)))) if isinstance(keep, float) else keep
 
@@ -111,11 +157,13 @@ def _prune(x, q, k, scale, keep, prefix, method, layer, depth, state, options=No
     if method == "divprune":
         return _take(x, divprune.divprune(x, kk, prefix), state)
     if method == "tome":
-        r = n - prefix - kk
-        _kept, assign = tome.bipartite_match(k.mean(1), r, prefix)
+        r = keep if isinstance(keep, R) else n - prefix - kk
+        if r == 0 and isinstance(keep, R):
+            return x  # ToMe's r = 0: nothing happens
         sizes = state.get("sizes", torch.ones(x.shape[0], n))
-        x, state["sizes"] = tome.merge_tokens(x, sizes, assign, n - r)
-        return x
+        merged, sizes, _positions = tome_merge_slow(k.mean(1), x, sizes, r, prefix)
+        state["sizes"] = sizes.float()
+        return merged.to(x.dtype)
     raise ValueError(method)
 
 

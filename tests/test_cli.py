@@ -46,6 +46,13 @@ def test_deit_small_end_to_end(tmp_path):
     assert r.returncode == 0 and "34.8% fewer" in r.stdout
 
 
+def test_inspect_tome_merges_every_layer_with_tome_s_schedule():
+    r = tpc("inspect", "models:cli_tiny_vit", "--pass", "tome", "--r", "(4,-1)")
+    assert r.returncode == 0, r.stderr
+    assert "tome r=8,5,2,0 after layers 0-3" in r.stdout, r.stdout  # ToMe's parse_r(4, (4, -1))
+    assert "tome: 17 -> 9" in r.stdout and "(r 5 clamped to 4)" in r.stdout, r.stdout
+
+
 def test_passes_lists_methods_with_papers():
     r = tpc("passes")
     assert r.returncode == 0 and "topk-cls" in r.stdout and "EViT" in r.stdout and "random" in r.stdout
@@ -59,6 +66,8 @@ def test_passes_lists_methods_with_papers():
     (["models:cli_tiny_vit", "--layers", "1", "--keep", "1.5"], "outside (0, 1]"),
     (["models:cli_tiny_vit", "--layers", "1", "--keep", "-3"], "not positive"),
     (["models:cli_tiny_vit", "--layers", "1", "--pass", "nope"], "unknown pruning method"),
+    (["models:cli_tiny_vit", "--keep", "0.5"], "no pruning layers given: pass --layers"),
+    (["models:cli_tiny_vit", "--pass", "tome", "--r", "(16)"], "--r takes 16"),
     (["resnet18", "--random-weights", "--layers", "1"], "no attention layers"),
     (["deit_tiny_patch16_224", "--layers", "1"], "--random-weights"),
 ])

@@ -183,30 +183,6 @@ def test_similarity_stage(partition, drop):
         assert got[b, 0]
 
 
-def test_tome_matching_and_merge():
-    keys = torch.randn(2, 9, 4, generator=G)
-    x = torch.randn(2, 9, 3, generator=G)
-    sizes = torch.rand(2, 9, generator=G) + 0.5
-    for r in (0, 1, 3):
-        kept, assign = tome.bipartite_match(keys, r, 1)
-        assert kept.shape == (2, 9 - r) and torch.all(kept[:, 0] == 0)
-        merged, total = tome.merge_tokens(x, sizes, assign, 9 - r)
-        for b in range(2):
-            a_pos, b_pos = list(range(0, 9, 2)), list(range(1, 9, 2))
-            d = cos_dist_slow(keys[b])
-            prop = {a: (max((1 - d[a][j], -j) for j in b_pos)) for a in a_pos if a >= 1}
-            src = sorted(prop, key=lambda a: (-prop[a][0], a))[:r]
-            dst = {a: -prop[a][1] for a in src}
-            want_kept = [j for j in range(9) if j not in src]
-            assert kept[b].tolist() == want_kept
-            for slot, j in enumerate(want_kept):
-                members = [j] + [a for a in src if dst[a] == j]
-                w = sum(float(sizes[b, m]) for m in members)
-                avg = sum(sizes[b, m].double() * x[b, m].double() for m in members) / w
-                torch.testing.assert_close(merged[b, slot].double(), avg, atol=1e-5, rtol=1e-5)
-                assert abs(float(total[b, slot]) - w) < 1e-5
-
-
 def test_tome_prefix_tokens_never_merge_or_receive():
     keys = torch.zeros(1, 6, 2)
     keys[..., 0] = 1.0  # every token identical: every pair ties

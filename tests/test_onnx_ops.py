@@ -65,6 +65,8 @@ CASES = {
     "divprune_one": (lambda x: ops.divprune(x, 1, 2), [(9, 5)]),
     "bipartite_match": (lambda k: ops.bipartite_match(k, 3, 1), [(9, 4)]),
     "bipartite_match_prefix2": (lambda k: ops.bipartite_match(k, 2, 2), [(10, 4)]),
+    "bipartite_match_no_prefix": (lambda k: ops.bipartite_match(k, 4, 0), [(9, 4)]),
+    "bipartite_match_nothing": (lambda k: ops.bipartite_match(k, 0, 1), [(9, 4)]),
     "merge_tokens": (lambda x, k: ops.merge_tokens(x, x[..., 0].abs() + 0.5, ops.bipartite_match(k, 3, 1)[1], 6, True), [(9, 5), (9, 4)]),
     "sparse_attention": (lambda q, k, v, s: ops.sparse_attention(q, k, v, ops.select_topk(s, 4, 1), 0.4), [(2, 9, 4), (2, 9, 4), (2, 9, 4), (9,)]),
     "sparse_attention_every_key": (lambda q, k, v: ops.sparse_attention(q, k, v, None, 0.4), [(2, 9, 4), (2, 9, 4), (2, 9, 4)]),

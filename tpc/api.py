@@ -17,7 +17,9 @@ from tpc.flops import count_flops
 from tpc.graph import count_prefix_tokens, find_attention_sites, find_stream_point
 from tpc.passes import InsertPrune, PassManager, PropagateTokenAxis, ProportionalAttention
 from tpc.passes.insert_prune import compactions
+from tpc.passes.prune_methods import get_method
 from tpc.recipe import Step, check_steps, load_recipe, steps_from_pass
+from tpc.schedule import parse_keep, parse_layers, parse_removals, read_r
 
 logger = logging.getLogger("tpc")
 
@@ -90,9 +92,11 @@ def analyze(gm: fx.GraphModule, name: str = "model") -> list:
     return sites
 
 
-def _layer_infos(gm: fx.GraphModule, kept: dict[int, int], methods: dict[int, str] | None = None) -> list[LayerInfo]:
-    methods = methods or {}
-    return [LayerInfo(s.layer, s.module, s.kind, s.heads, s.tokens, kept.get(s.layer), methods.get(s.layer))
+def _layer_infos(gm: fx.GraphModule, kept: dict[int, int], removals: dict | None = None,
+                 methods: dict[int, str] | None = None) -> list[LayerInfo]:
+    removals, methods = removals or {}, methods or {}
+    return [LayerInfo(s.layer, s.module, s.kind, s.heads, s.tokens, kept.get(s.layer), *removals.get(s.layer, (None, None)),
+                      methods.get(s.layer))
             for s in find_attention_sites(gm)]
 
 
@@ -103,7 +107,9 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
 
     ``model`` is an ``nn.Module`` or a model id (see :func:`tpc.models.load`); ``keep`` is a
     ratio, a list with one ratio per layer, or token counts (ints); ``r`` (as in ToMe) is
-    instead the number of tokens each layer removes. ``after`` is "attention" (the block's
+    instead the number of tokens each layer removes: an int, a per-layer list, or ToMe's
+    ``(r, inflection)`` schedule, clamped per layer by the method (tome: as ToMe clamps it).
+    ``layers=None`` is an error, except for tome, which then merges at every layer as ToMe does. ``after`` is "attention" (the block's
     MLP already runs on fewer tokens) or "block". ``options`` are the method's own settings
     (see ``tpc passes``). ``restore=True`` brings the full sequence back after the last block,
     dropped tokens unchanged, for models whose outputs need every position.
@@ -132,13 +138,23 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
         loaded = load_recipe(recipe)
         steps, after, seed = loaded.steps, loaded.after, loaded.seed
     else:
-        steps = check_steps(steps_from_pass(method, layers, keep, r, options))
+        spec = get_method(method)
+        options = spec.resolve_options(options)
+        every_layer = layers is None and spec.every_layer_by_default  # ToMe merges at every layer
+        layer_list = None if every_layer else parse_layers(layers)
+        if r is not None:
+            read_r(r)  # a malformed r fails before the model loads
+        if layer_list is not None:
+            steps = check_steps(steps_from_pass(method, layer_list, keep, r, options))
     if after not in INSERT_POINTS:
         raise TpcError(f"unknown insertion point {after!r}: choose one of {', '.join(INSERT_POINTS)}")
     module, inputs, name = resolved or _resolve(model, example_inputs, **load_kwargs)
     notes = _usage_notes(module)
-    pruned = prune_graph(capture(module, inputs), inputs, name, steps, prefix=prefix, after=after, seed=seed,
-                         restore=restore, notes=notes)
+    gm = capture(module, inputs)
+    if recipe is None and layer_list is None:  # every layer: ToMe's r (a list padded with 0, or a schedule)
+        depth = len(analyze(gm, name))
+        steps = check_steps(steps_from_pass(method, list(range(depth)), keep, r, options, pad=True))
+    pruned = prune_graph(gm, inputs, name, steps, prefix=prefix, after=after, seed=seed, restore=restore, notes=notes)
     if backend == "onnxruntime":
         from tpc.exports import to_onnxruntime
 
@@ -165,6 +181,7 @@ def prune_graph(gm: fx.GraphModule, inputs: tuple, name: str, steps: list[Step],
                    PropagateTokenAxis()]
     passes.append(ProportionalAttention())
     PassManager(passes)(gm)
+    removals = {p.layer: p.removal for p in passes if isinstance(p, InsertPrune) and p.removal is not None}
 
     kept = {c["layer"]: c["tokens_out"] for c in compactions(gm)}
     methods = {s.layer: s.method for s in steps}
@@ -173,22 +190,29 @@ def prune_graph(gm: fx.GraphModule, inputs: tuple, name: str, steps: list[Step],
     report = CompileReport(
         model=name, method="+".join(names), layers=[s.layer for s in steps], keep=[str(s.amount) for s in steps],
         options=steps[0].options if len(names) == 1 else {s.layer: s.options for s in steps if s.options},
-        prefix=prefix, prefix_source=prefix_source,
-        insert_after=after, sites=_layer_infos(gm, kept, methods), flops_before=flops_before, flops_after=flops.total,
+        prefix=prefix, prefix_source=prefix_source, insert_after=after, sites=_layer_infos(gm, kept, removals, methods),
+        flops_before=flops_before, flops_after=flops.total,
         flops_scoring=flops.scoring, pruned_outputs=sorted(gm.meta.get("tpc_pruned_outputs", ())),
         passes=[p.name for p in passes], notes=list(notes),
     )
     return TpcModule(gm, report, inputs)
 
 
+def prunes(method: str, layers) -> bool:
+    """Whether a compile with these settings prunes: layers are named, or the method (tome)
+    prunes every layer by default."""
+    return layers is not None or get_method(method).every_layer_by_default
+
+
 def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
     """The report of a compile (attention sites, tokens per layer, FLOPs) without writing anything.
 
-    Without ``layers`` it describes the unpruned model.
+    Without ``layers`` it describes the unpruned model (for tome: merging at every layer).
     """
     if compile_kwargs.get("method") in vlm.VLM_ONLY:
         return compile(model, example_inputs, **compile_kwargs).report
-    if compile_kwargs.get("layers") is None and compile_kwargs.get("recipe") is None:
+    if not prunes(compile_kwargs.get("method", "topk-cls"), compile_kwargs.get("layers")) \
+            and compile_kwargs.get("recipe") is None:
         load_keys = ("weights", "random_weights", "model_args", "input_size")
         load_kwargs = {k: compile_kwargs[k] for k in load_keys if k in compile_kwargs}
         module, inputs, name = _resolve(model, example_inputs, **load_kwargs)

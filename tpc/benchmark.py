@@ -78,5 +78,5 @@ def run_bench(model_id, method="topk-cls", layers=None, keep="0.7", backend="onn
                 timing = time_pair(lambda: base_gm(x), lambda: pruned(x), batch, warmup, iters, repeats)
             share = torch_inserted_share(pruned, (x,), iters=max(3, iters))
         rows.append(BenchRow(batch, timing, flops_speedup, share))
-    config = f"{method} after layers {','.join(map(str, report.layers))}, keep {','.join(report.keep)}; FLOPs {report.flops_before / 1e9:.3f} G -> {report.flops_after / 1e9:.3f} G"
+    config = f"{report.recipe()}; FLOPs {report.flops_before / 1e9:.3f} G -> {report.flops_after / 1e9:.3f} G"
     return BenchResult(loaded.name, backend, threads, config, rows, machine_name())

@@ -20,15 +20,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", help="input shape without batch, e.g. 3,224,224 (default: from the model)")
 
 
-def _add_prune_args(p: argparse.ArgumentParser, required: bool) -> None:
+def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pass", dest="method", help="pruning method (see `tpc passes`); default topk-cls")
-    p.add_argument("--layers", required=required, help="layers after which to prune, 0-based, e.g. 3,6,9")
+    p.add_argument("--layers", help="layers after which to prune, 0-based, e.g. 3,6,9 (tome: every layer by default)")
     p.add_argument("--keep", help="ratio kept per layer (0.7, the default), one per layer (0.9,0.8,0.7), or token counts (120)")
     p.add_argument("--prefix", type=int, help="number of prefix tokens always kept (default: found in the graph)")
     p.add_argument("--after", choices=("attention", "block"), default="attention",
                    help="prune after the attention residual (default; the MLP runs on fewer tokens) or after the block")
     p.add_argument("--seed", type=int, default=0, help="seed of the random method")
-    p.add_argument("--r", help="tokens removed per layer instead of --keep, as in ToMe (16, or 16,8,4)")
+    p.add_argument("--r", help="tokens removed per layer instead of --keep, as ToMe takes r: 16, one per layer 16,8,4, "
+                               "or ToMe's schedule '(16,-0.5)' (r, inflection); tome clamps it per layer as ToMe does")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. --option iterations=10 (see `tpc passes`); repeatable")
     p.add_argument("--fuse", action="store_true", help="topk-cls: append EViT's fused token (same as --option fuse=True)")
@@ -90,6 +91,7 @@ def _describe_model(args) -> str:
 
 def cmd_compile(args) -> int:
     import tpc
+    from tpc.compiled import recipe
     from tpc.exports import check_target
 
     out = Path(args.output)
@@ -97,7 +99,7 @@ def cmd_compile(args) -> int:
     start = time.perf_counter()
     pruned = tpc.compile(args.model, **_compile_kwargs(args))
     report = pruned.report
-    print(f"{_describe_model(args)}: {report.schedule()}")
+    print(f"{_describe_model(args)}: {recipe(report)}")
     print(report.table())
     print(report.summary())
     result = tpc.export(pruned, out, check=not args.no_check, batch=args.batch, precision=args.precision)
@@ -125,11 +127,12 @@ def cmd_passes(args) -> int:
 
 def cmd_inspect(args) -> int:
     import tpc
+    from tpc.compiled import recipe
 
     kwargs = _compile_kwargs(args)
     report = tpc.inspect(args.model, **kwargs)
     print(f"{_describe_model(args)}: {len(report.sites)} attention layers"
-          + (f"; {report.schedule()}" if report.layers else ""))
+          + (f"; {recipe(report)}" if report.layers else ""))
     print(report.table())
     print(report.summary())
     return 0
@@ -205,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="prune a model and write an artifact (.onnx, .pt2, .plan)")
     _add_model_args(p)
-    _add_prune_args(p, required=False)
+    _add_prune_args(p)
     p.add_argument("--recipe", help="recipe.json (as `tpc tune` writes it): a method, layer and keep or r per step, "
                    "instead of --pass/--layers/--keep/--r/--option")
     p.add_argument("-o", "--output", required=True, help="artifact path; the suffix picks the format")
@@ -219,13 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="attention sites, tokens per layer and FLOPs, before/after pruning")
     _add_model_args(p)
-    _add_prune_args(p, required=False)
+    _add_prune_args(p)
     p.add_argument("--recipe", help="recipe.json: describe the model as this recipe prunes it")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="latency of the pruned and the unpruned model, side by side")
     _add_model_args(p)
-    _add_prune_args(p, required=True)
+    _add_prune_args(p)
     p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), torch, or tensorrt")
     p.add_argument("--batch", default="1,8", help="batch sizes, e.g. 1,8,32")
     p.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
@@ -238,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("visualize", help="draw which patches each pruning layer keeps")
     _add_model_args(p)
     p.add_argument("image", help="an image file (resized and centre-cropped to the model's input)")
-    _add_prune_args(p, required=True)
+    _add_prune_args(p)
     p.add_argument("--mean", help="normalisation mean (default: the model's config)")
     p.add_argument("--std", help="normalisation std (default: the model's config)")
     p.add_argument("-o", "--output", required=True, help="the PNG to write")
@@ -269,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="top-1 and agreement with the unpruned model on labelled images")
     _add_model_args(p)
-    _add_prune_args(p, required=False)
+    _add_prune_args(p)
     p.add_argument("--data", required=True, help=".npz with images (uint8) and labels, or an ImageFolder directory")
     p.add_argument("--sweep", help="evaluate several budgets in one run, e.g. keep=0.9,0.8,0.7")
     p.add_argument("--mean", help="normalisation mean, e.g. 0.485,0.456,0.406 (default: the model's config)")

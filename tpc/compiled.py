@@ -16,6 +16,8 @@ class LayerInfo:
     heads: int
     tokens: int  # tokens the layer's attention sees
     kept: int | None = None  # tokens after the layer's pruning step, when it prunes
+    r_asked: int | None = None  # the r the schedule gave this layer, when pruning by r
+    r: int | None = None  # the r applied: r_asked clamped to the method's bound (tome: ToMe's)
     method: str | None = None  # the method of that step
 
 
@@ -41,23 +43,19 @@ class CompileReport:
     def flops_ratio(self) -> float:
         return self.flops_after / self.flops_before if self.flops_before else 1.0
 
-    def schedule(self) -> str:
-        """``topk-cls after layers 3,6, keep 0.7,0.5``, or per step for a mixed recipe: ``tome@0 r=8, topk-cls@4 keep 0.6``."""
-        if not self.layers:
-            return "unpruned"
-        methods = [next((s.method for s in self.sites if s.layer == layer and s.method), self.method) for layer in self.layers]
-        if len(set(methods)) == 1:
-            return f"{methods[0]} after layers {','.join(map(str, self.layers))}, keep {','.join(self.keep)}"
-        return ", ".join(f"{m}@{layer} {k if k.startswith('r=') else 'keep ' + k}"
-                         for m, layer, k in zip(methods, self.layers, self.keep))
-
     def table(self) -> str:
         """The per-layer table `tpc inspect` prints."""
         rows = [f"{'layer':>5}  {'module':<28} {'attention':<9} {'heads':>5} {'tokens':>6}  pruning"]
         for s in self.sites:
-            prune = f"{s.method or self.method}: {s.tokens} -> {s.kept}" if s.kept is not None else ""
+            method = s.method or self.method
+            prune = f"{method}: {s.tokens} -> {s.kept}" if s.kept is not None else ""
+            if s.r is not None and s.r != s.r_asked:
+                prune = f"{prune or method + ': nothing merged'} (r {s.r_asked} clamped to {s.r})"
             rows.append(f"{s.layer:>5}  {s.module[:28]:<28} {s.kind:<9} {s.heads:>5} {s.tokens:>6}  {prune}")
         return "\n".join(rows)
+
+    def recipe(self) -> str:
+        return recipe(self)
 
     def summary(self) -> str:
         g = 1e9
@@ -69,8 +67,37 @@ class CompileReport:
         if self.pruned_outputs:
             lines.append(f"note: output(s) {self.pruned_outputs} carry the token axis and hold the kept tokens only "
                          "(restore=True / --restore brings every position back)")
+        clamped = [s for s in self.sites if s.r is not None and s.r != s.r_asked]
+        if clamped:
+            lines.append(f"note: r clamped at {len(clamped)} layer(s) to (tokens - prefix) // 2, as ToMe clamps it; "
+                         "see the table")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def recipe(report) -> str:
+    """One line for any report with method, layers and keep (a VLM's too): the method, its
+    budget (equal values shown once) and its layers; a mixed recipe step by step."""
+    methods = [next((s.method for s in getattr(report, "sites", []) if s.layer == layer and getattr(s, "method", None)),
+                    report.method) for layer in report.layers]
+    if len(set(methods)) > 1:  # a mixed recipe: one method per step
+        return ", ".join(f"{m}@{layer} {k if str(k).startswith('r=') else f'keep {k}'}"
+                         for m, layer, k in zip(methods, report.layers, report.keep))
+    removals = bool(report.keep) and all(str(k).startswith("r=") for k in report.keep)
+    values = [str(k)[2:] for k in report.keep] if removals else [str(k) for k in report.keep]
+    budget = values[0] if len(set(values)) == 1 else ",".join(values)
+    return f"{report.method} {'r=' if removals else 'keep '}{budget} after layers {_ranges(list(report.layers))}"
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 3, 7] -> "0-3,7"."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs)
 
 
 class TpcModule(nn.Module):

@@ -61,10 +61,11 @@ def describe(steps: list[Step]) -> str:
     return ", ".join(map(str, steps)) if steps else "unpruned"
 
 
-def steps_from_pass(method: str, layers, keep=0.7, r=None, options: dict | None = None) -> list[Step]:
-    """The single ``--pass`` form as a recipe: one method at every listed layer."""
+def steps_from_pass(method: str, layers, keep=0.7, r=None, options: dict | None = None, pad: bool = False) -> list[Step]:
+    """The single ``--pass`` form as a recipe: one method at every listed layer (``r`` in any of
+    ToMe's forms; ``pad`` when the layers are every layer by default, as ToMe pads a short list)."""
     layer_list = parse_layers(layers)
-    amounts = parse_removals(r, len(layer_list)) if r is not None else parse_keep(keep, len(layer_list))
+    amounts = parse_removals(r, len(layer_list), pad=pad) if r is not None else parse_keep(keep, len(layer_list))
     return [Step(layer, method, None if isinstance(a, Removal) else a, int(a) if isinstance(a, Removal) else None,
                  dict(options or {})) for layer, a in zip(layer_list, amounts)]
 

@@ -1,8 +1,10 @@
-"""Pruning schedules: which layers prune, and how many tokens each keeps.
+"""Pruning schedules: which layers prune, and how many tokens each keeps or removes.
 
-``keep`` follows ToMe's ``parse_r``: one value for every pruning layer or a list with one
-value per layer. A float in (0, 1] is the fraction of the layer's non-prefix tokens kept
-(EViT's keep rate, rounded up); an int is the number of non-prefix tokens kept.
+``keep`` is one value for every pruning layer or a list with one value per layer. A float in
+(0, 1] is the fraction of the layer's non-prefix tokens kept (EViT's keep rate, rounded up);
+an int is the number of non-prefix tokens kept. ``r`` is ToMe's: tokens removed per layer,
+taken in every form ToMe's ``parse_r`` takes (an int, a per-layer list, an (r, inflection)
+schedule); a method may bound it per layer (tome clamps it as ToMe does).
 """
 
 from __future__ import annotations
@@ -86,18 +88,73 @@ def parse_keep(keep, count: int) -> list[KeepValue]:
     return values
 
 
-def parse_removals(r, count: int) -> list[Removal]:
-    """ToMe's ``r``: tokens removed per layer, one value or one per layer (``"16"``, ``[16, 8]``)."""
-    def parse_one(text: str) -> int:
-        try:
-            return int(text)
-        except ValueError:
-            raise TpcError(f"--r takes token counts such as 16 or 16,8,4, not {r!r}") from None
+RValue = int | list | tuple
 
-    values = _per_layer(r, count, "r", parse_one)
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise TpcError(f"r values are token counts >= 0, got {v!r}")
+
+def read_r(r) -> RValue:
+    """ToMe's ``r``, validated: an int (every layer), a list (one per layer), or a tuple
+    ``(r, inflection)`` (ToMe's schedule). Strings as on the command line: ``"16"``,
+    ``"16,8,4"`` or ``"[16,8,4]"``, ``"(16,-0.5)"``."""
+    form = "--r takes 16 (every layer), 16,8,4 (one per layer) or (16,-0.5) (ToMe's r, inflection schedule)"
+    if isinstance(r, str):
+        text = r.strip()
+        schedule = text.startswith("(") and text.endswith(")")
+        parts = [p.strip() for p in text.strip("()[]").split(",") if p.strip()]
+        try:
+            if schedule:
+                if len(parts) != 2:
+                    raise ValueError
+                r = (int(parts[0]), float(parts[1]))
+            else:
+                values = [int(p) for p in parts]
+                r = values[0] if len(values) == 1 and not text.startswith("[") else values
+        except ValueError:
+            raise TpcError(f"{form}, not {text!r}") from None
+    if isinstance(r, tuple):
+        if len(r) != 2 or isinstance(r[1], bool) or not isinstance(r[1], (int, float)):
+            raise TpcError(f"a tuple r is ToMe's (r, inflection) schedule, e.g. (16, -0.5), not {r!r}; "
+                           "give a list for one r per layer")
+        _check_r(r[0])
+        return (int(r[0]), float(r[1]))
+    if isinstance(r, Sequence):
+        values = list(r)
+        if not values:
+            raise TpcError(f"{form}: the list is empty")
+        for v in values:
+            _check_r(v)
+        return values
+    _check_r(r)
+    return r
+
+
+def _check_r(v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise TpcError(f"r values are token counts >= 0, got {v!r}")
+
+
+def tome_schedule(r: int, inflection: float, count: int) -> list[int]:
+    """ToMe's ``parse_r`` schedule: r per layer on a line through r at the middle layer, with
+    slope set by ``inflection`` (-1: decreasing, 0: constant, +1: increasing); a value below 0
+    means no merging at that layer, as in ToMe."""
+    low = int(r * (1.0 - inflection))
+    step = (2 * r - 2 * low) / max(count - 1, 1)
+    return [max(0, int(low + step * i)) for i in range(count)]
+
+
+def parse_removals(r, count: int, pad: bool = False) -> list[Removal]:
+    """ToMe's ``r`` as tokens removed at each of ``count`` pruning layers. A list shorter than
+    the layers is padded with 0 when ``pad`` (every layer was chosen by default, as in ToMe);
+    otherwise it must have one value per layer."""
+    r = read_r(r)
+    if isinstance(r, tuple):
+        values = tome_schedule(r[0], r[1], count)
+    elif isinstance(r, list):
+        values = r + [0] * (count - len(r)) if pad else r
+        if len(values) != count:
+            where = f"the model's {count} layers" if pad else f"{count} pruning layers"
+            raise TpcError(f"--r has {len(r)} values for {where}: give one value, one per layer, or a schedule")
+    else:
+        values = [r] * count
     return [Removal(v) for v in values]
 
 

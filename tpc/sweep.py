@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from tpc import models
+from tpc.api import prunes
 from tpc.errors import TpcError
 from tpc.evaluate import accuracy, check_data_path, load_dataset, parse_floats, predict
 
@@ -80,11 +81,11 @@ def run_eval(model_id, data, method="topk-cls", layers=None, keep="0.7", sweep=N
     ref = predict(_runner(loaded.module, backend, loaded.example_inputs), dataset, mean, std, batch, "unpruned", progress)
     result = EvalResult(loaded.name, str(data), len(dataset.images))
     result.rows.append(EvalRow("unpruned", None, None, base_flops / 1e9, 1.0, *asdict(accuracy(ref, ref, dataset.labels)).values()))
-    if layers is not None:
+    if prunes(method, layers):
         for k in sweep or [keep]:
             pm = tpc.compile(loaded.module, loaded.example_inputs, method=method, layers=layers, keep=k,
                              **(compile_kwargs or {}))
-            label = f"{method} keep {k} after {','.join(map(str, pm.report.layers))}"
+            label = pm.report.recipe()
             preds = predict(_runner(pm, backend), dataset, mean, std, batch, label, progress)
             acc = accuracy(preds, ref, dataset.labels)
             result.rows.append(EvalRow(label, method, str(k), pm.report.flops_after / 1e9, pm.report.flops_ratio, acc.top1, acc.agreement))

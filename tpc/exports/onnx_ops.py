@@ -340,12 +340,21 @@ def bipartite_match(keys, r: int, num_prefix: int):
     two, one = op.Constant(value_int=2), op.Constant(value_int=1)
     merged = op.Mul(src, two)
     dst = op.Add(op.Mul(op.GatherElements(partner, src, axis=1), two), one)
-    removed = op.ScatterElements(op.Cast(positions, to=FLOAT), merged, op.Cast(_fill(op.Shape(merged), float(n)), to=FLOAT), axis=1)
-    kept_f, _ = op.TopK(removed, _ints(n - r), axis=1, largest=0, sorted=1)
-    kept = op.Cast(kept_f, to=INT64)
-    slot = op.ScatterElements(op.Cast(_fill(batch_n, 0.0), to=INT64), kept, _positions(kept, n - r), axis=1)
+    # ToMe's order, as in tpc.methods.tome: a sort key per token, prefix < unmerged A < B < merged A
+    if num_prefix > 0:
+        a_key = op.Expand(_const(np.where(a_pos < num_prefix, a_pos, n + a_pos)[None].astype(np.float32)), op.Shape(best))
+    else:
+        a_rank = op.ScatterElements(op.Cast(_fill(op.Shape(order), 0.0), to=INT64), order, _positions(order, len(a_pos)), axis=1)
+        a_key = op.Cast(op.Add(a_rank, op.Constant(value_int=n)), to=FLOAT)
+    b_key = op.Expand(_const(np.where(b_pos < num_prefix, b_pos, 2 * n + b_pos)[None].astype(np.float32)),
+                      op.Concat(op.Shape(best, start=0, end=1), _ints(len(b_pos)), axis=0))
+    by_position = np.argsort(np.concatenate([a_pos, b_pos]))  # [A..., B...] back to sequence order
+    key = op.Gather(op.Concat(a_key, b_key, axis=1), _const(by_position), axis=1)
+    key = op.ScatterElements(key, merged, op.Cast(_fill(op.Shape(merged), float(3 * n)), to=FLOAT), axis=1)
+    _, index = op.TopK(key, _ints(n - r), axis=1, largest=0, sorted=1)
+    slot = op.ScatterElements(op.Cast(_fill(batch_n, 0.0), to=INT64), index, _positions(index, n - r), axis=1)
     assign = op.ScatterElements(slot, merged, op.GatherElements(slot, dst, axis=1), axis=1)
-    return kept, assign
+    return index, assign
 
 
 def merge_tokens(x, weights, assign, count: int, mean: bool):

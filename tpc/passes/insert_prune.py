@@ -16,12 +16,17 @@ Rewrite (for the stream tensor ``x`` of layer L, [B, N, C]):
    the later layers left them, are written over the stream as it was at this layer
    (``tpc.restore_tokens``), so dropped tokens reach the output unchanged and heads that need
    every position (dense features, segmentation) still get them;
-4. the new stream is marked as a pending compaction; ``propagate_token_axis`` must run next,
+4. an ``r`` (tokens removed) is clamped to the method's bound at this layer (tome: ToMe's
+   ``(tokens - prefix) // 2``), kept in ``self.removal`` for the report; r = 0 inserts nothing
+   (``modified=False``), as ToMe's r = 0 leaves the layer alone;
+5. the new stream is marked as a pending compaction; ``propagate_token_axis`` must run next,
    because shape constants downstream still say N. This pass therefore ends with
    ``lint`` + ``recompile`` only: its graph is not executable until propagation.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import fx
@@ -31,7 +36,9 @@ from tpc.graph import find_attention_sites, find_stream_point
 from tpc.graph.nodes import aten, val
 from tpc.passes.infra import Pass, PassResult
 from tpc.passes.prune_methods import Builder, PruneContext, get_method, stream_sizes
-from tpc.schedule import KeepValue, kept_count
+from tpc.schedule import KeepValue, Removal, kept_count
+
+logger = logging.getLogger("tpc.passes")
 
 
 def compactions(gm: fx.GraphModule) -> list[dict]:
@@ -50,6 +57,7 @@ class InsertPrune(Pass):
         self.after = after
         self.seed = seed
         self.restore = restore
+        self.removal: tuple[int, int] | None = None  # (r asked, r applied) once the pass ran with an r
         if restore and self.options.get("fuse"):
             raise TpcError("restore and fuse do not go together: the fused token has no place in the full sequence")
         self.name = f"insert_prune(layer {layer})"
@@ -65,7 +73,11 @@ class InsertPrune(Pass):
         tokens = point.tokens
         if tokens <= self.prefix:
             raise TpcError(f"layer {self.layer} sees {tokens} tokens, all of them prefix tokens: nothing to prune")
-        kept = kept_count(self.keep, tokens, self.prefix, self.layer)
+        keep = self._bounded(self.keep, tokens)
+        if keep == 0 and isinstance(keep, Removal):
+            logger.debug("%s: r = 0, nothing to remove", self.name)
+            return PassResult(gm, False)  # ToMe's r = 0: the layer is left as it is
+        kept = kept_count(keep, tokens, self.prefix, self.layer)
 
         b = Builder(gm, point.node)
         rank = len(val(point.node).shape)
@@ -110,6 +122,17 @@ class InsertPrune(Pass):
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, True)
+
+    def _bounded(self, keep: KeepValue, tokens: int) -> KeepValue:
+        """An r clamped to the method's bound at this layer (tome: ToMe's (tokens - prefix) // 2)."""
+        if not isinstance(keep, Removal):
+            return keep
+        limit = self.method.max_removal(tokens, self.prefix) if self.method.max_removal else int(keep)
+        applied = min(int(keep), limit)
+        self.removal = (int(keep), applied)
+        if applied < keep:
+            logger.debug("%s: r = %d clamped to %d (%d tokens, %d prefix)", self.name, keep, applied, tokens, self.prefix)
+        return Removal(applied)
 
     def _insert_restore(self, gm: fx.GraphModule, last_site, point, result) -> set[fx.Node]:
         if (point.batch_dim, point.token_dim) != (0, 1):

@@ -21,6 +21,7 @@ from torch._guards import detect_fake_mode
 from tpc.errors import TpcError
 from tpc.graph import AttentionSite, StreamPoint
 from tpc.graph.nodes import aten, numeric_shape, val
+from tpc.methods import tome
 from tpc.methods.zero_tprune import auto_iterations, s_stage_drop_count
 
 tpc_ops = torch.ops.tpc
@@ -255,24 +256,20 @@ def build_divprune(b: Builder, ctx: PruneContext) -> Compaction:
     return _diverse(tpc_ops.divprune.default, b, ctx)
 
 
-def tome_max_merges(tokens: int, prefix: int) -> int:
-    """Bipartite matching merges at most the non-prefix tokens of set A (even positions)."""
-    return len([p for p in range(0, tokens, 2) if p >= prefix])
-
-
 def build_tome(b: Builder, ctx: PruneContext) -> Compaction:
     r = ctx.tokens - ctx.prefix - ctx.kept
-    limit = tome_max_merges(ctx.tokens, ctx.prefix)
+    limit = tome.max_merges(ctx.tokens, ctx.prefix)
     if r > limit:
         raise TpcError(
-            f"tome can merge at most {limit} of the {ctx.tokens} tokens at layer {ctx.layer} (bipartite matching "
-            f"pairs every other token); keep at least {ctx.tokens - ctx.prefix - limit} tokens there"
+            f"tome can merge at most {limit} of the {ctx.tokens} tokens at layer {ctx.layer} (ToMe's bound, "
+            f"(tokens - prefix) // 2: bipartite matching pairs every other token); keep at least "
+            f"{ctx.tokens - ctx.prefix - limit} tokens there, or give r, which tome clamps to that bound as ToMe does"
         )
     if ctx.site.mask is not None:
         raise TpcError(f"tome does not take attention masks yet (layer {ctx.layer}): padding could be merged into "
                        "real tokens; use topk-cls, topk-mass, zero-tprune, kcenter, divprune or random")
     match = b.op(tpc_ops.bipartite_match.default, mean_keys(b, ctx.site), r, ctx.prefix, role="select")
-    kept = b.op(operator.getitem, match, 0, role="select")
+    index = b.op(operator.getitem, match, 0, role="select")
     assign = b.op(operator.getitem, match, 1, role="select")
     sizes = ctx.sizes
     if sizes is None:
@@ -280,7 +277,7 @@ def build_tome(b: Builder, ctx: PruneContext) -> Compaction:
     count = ctx.tokens - r
     merge = b.op(tpc_ops.merge_tokens.default, ctx.stream, sizes, assign, count, True, role="gather")
     out = b.op(operator.getitem, merge, 0, role="gather", value=val(ctx.stream))
-    return Compaction(out, kept, count, merge)
+    return Compaction(out, index, count, merge)
 
 
 def _number(name: str, value, low: float, high: float) -> None:
@@ -312,6 +309,9 @@ class PruneMethod:
     build: Callable[[Builder, PruneContext], Compaction]
     options: dict = field(default_factory=dict)
     check: Callable[[dict], None] | None = None
+    # ToMe's conventions: r clamped per layer to max_removal(tokens, prefix); every layer when none are named
+    max_removal: Callable[[int, int], int] | None = None
+    every_layer_by_default: bool = False
 
     def resolve_options(self, given: dict | None) -> dict:
         given = dict(given or {})
@@ -342,8 +342,9 @@ METHODS: dict[str, PruneMethod] = {
         PruneMethod("divprune", "DivPrune (Alvar et al., CVPR 2025)",
                     "greedy max-min diversity with 1 - cosine distance", build_divprune),
         PruneMethod("tome", "ToMe (Bolya et al., ICLR 2023)",
-                    "bipartite soft matching on head-averaged keys, size-weighted merge, proportional attention",
-                    build_tome),
+                    "bipartite soft matching on head-averaged keys, size-weighted merge, proportional attention; "
+                    "r as ToMe takes it, clamped per layer as ToMe clamps it; every layer unless --layers",
+                    build_tome, max_removal=tome.max_merges, every_layer_by_default=True),
         PruneMethod("topk-mass", "PoWER-BERT (Goyal et al., ICML 2020, arXiv 2001.08950); LTP (Kim et al., KDD 2022)",
                     "keep the tokens that receive the most attention (column sums of the attention, head mean); "
                     "no [CLS] needed; on SDPA layers the scores come from the layer's own attention",

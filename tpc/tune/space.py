@@ -15,7 +15,7 @@ Families, for a model of D attention layers with N tokens (P of them prefix):
 
 from __future__ import annotations
 
-from tpc.passes.prune_methods import tome_max_merges
+from tpc.methods.tome import max_merges as tome_max_merges
 from tpc.recipe import Step
 from tpc.schedule import kept_count
 

@@ -77,13 +77,30 @@ def stages_of(spec, visual: int, method: str, layers, keep) -> list[Stage]:
         if cut == spec.num_layers:
             raise TpcError(f"pruning after the last decoder layer ({cut - 1}) saves nothing: choose a layer below "
                            f"{spec.num_layers - 1}")
-    keeps = parse_keep(keep, len(cuts))
+    drop_all = _drop_all(keep, len(cuts))
+    keeps = parse_keep([1 if d else k for d, k in zip(drop_all, _values(keep, len(cuts)))], len(cuts))
     stages = []
-    for cut, k in zip(cuts, keeps):
-        out = kept_count(k, visual, 0, cut - 1)
+    for cut, k, drop in zip(cuts, keeps, drop_all):
+        if drop and cut == 0:
+            raise TpcError("keep 0 drops every visual token; before the language model that is a text-only prompt: "
+                           "give the layer after which the text no longer needs them (ToDRE's second stage)")
+        out = 0 if drop else kept_count(k, visual, 0, cut - 1)
         stages.append(Stage(cut, method, visual, out))
         visual = out
     return stages
+
+
+def _values(keep, count: int) -> list:
+    if isinstance(keep, str):
+        keep = [v.strip() for v in keep.split(",") if v.strip()]
+        keep = keep[0] if len(keep) == 1 else keep
+    return list(keep) if isinstance(keep, (list, tuple)) else [keep] * count
+
+
+def _drop_all(keep, count: int) -> list[bool]:
+    """Which stages keep 0 visual tokens (ToDRE's second stage drops every one left)."""
+    values = _values(keep, count)
+    return [v in (0, "0") and not isinstance(v, bool) for v in values] if len(values) == count else [False] * count
 
 
 def compile_vlm(model: nn.Module, inputs, *, method: str = "fastv", layers=None, keep=0.5, seed: int = 0) -> VlmModule:

@@ -17,6 +17,7 @@ from torch import fx, nn
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from tpc.errors import TpcError
 from tpc.vlm.family import VlmSpec, language_model
 from tpc.vlm.inputs import prompt_positions, visual_per_example
 
@@ -50,7 +51,11 @@ class VlmModule(nn.Module):
         self.generation_config = model.generation_config
 
     def prefill(self, input_ids, pixel_values, attention_mask=None) -> Prefill:
-        visual_per_example(self.spec, input_ids, pixel_values)
+        visual = visual_per_example(self.spec, input_ids, pixel_values)
+        if visual != self.stages[0].visual_in:
+            raise TpcError(f"each prompt holds {visual} image tokens; this module was compiled for "
+                           f"{self.stages[0].visual_in} (its example inputs' number of images): compile it again "
+                           "with that many images per prompt")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         positions = prompt_positions(attention_mask)

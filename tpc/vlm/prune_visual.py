@@ -67,7 +67,8 @@ class PruneVisual(Pass):
             raise TpcError(f"cannot prune before decoder layer {self.before}: the language model has {len(layers)} layers")
         cut = layers[self.before].first
         before = _nodes_before(gm, cut)
-        crossing = [n for n in before if n.op != "get_attr" and any(u not in before and u.op != "output" for u in n.users)]
+        crossing = [n for n in graph_order(gm, before)
+                    if n.op != "get_attr" and any(u not in before and u.op != "output" for u in n.users)]
         stream = self._stream(crossing, cut)
         seq = val(stream).shape[1]
         graph = gm.graph
@@ -160,6 +161,11 @@ def _nodes_before(gm: fx.GraphModule, cut: fx.Node) -> set[fx.Node]:
             return out
         out.add(node)
     return out
+
+
+def graph_order(gm: fx.GraphModule, nodes: set[fx.Node]) -> list[fx.Node]:
+    """``nodes`` in graph order (a set's order would change the rewrite's node order run to run)."""
+    return [n for n in gm.graph.nodes if n in nodes]
 
 
 def _after_nodes(gm: fx.GraphModule, cut: fx.Node) -> set[fx.Node]:
