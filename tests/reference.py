@@ -235,4 +235,150 @@ def eager_encoder(model, x, schedule: dict, method="topk-cls", prefix=1, options
     return model.head(x[:, 0])
 
 
+def random_index(x, layer, keep, prefix, seed=0, valid=None):
+    """The random method's kept positions, from its hash written out (select_slow); padding
+    (``valid`` False) ranks below every real token."""
+    scores = baseline.hash_scores(x.shape[0], x.shape[1], seed + layer)
+    if valid is not None:
+        scores = torch.where(valid, scores, torch.tensor(-1.0))
+    return select_slow(scores, _keep(x.shape[1], prefix, keep), prefix)
+
+
+@torch.no_grad()
+def eager_eva(model, x, layer: int, keep, prefix=1):
+    """timm Eva (EVA-02: 2-D rotary positions on the patch tokens) pruned by the random method
+    after the attention of block ``layer``; each kept patch keeps its own row of the rope table."""
+    x, rope = model._pos_embed(model.patch_embed(x))
+    x = model.norm_pre(x)
+    for i, blk in enumerate(model.blocks):
+        a = blk.attn(blk.norm1(x), rope=rope)
+        x = x + (a if blk.gamma_1 is None else blk.gamma_1 * a)
+        if i == layer:
+            idx = random_index(x, layer, keep, prefix)
+            x = _take(x, idx)
+            rope = torch.stack([rope[row[prefix:] - prefix] for row in idx]).unsqueeze(1)  # [B, 1, K, D]
+        m = blk.mlp(blk.norm2(x))
+        x = x + (m if blk.gamma_2 is None else blk.gamma_2 * m)
+    return model.forward_head(model.norm(x))
+
+
+def _take_square(bias, idx):
+    """Rows and columns of a [B|1, H, N, N] bias for each example's kept tokens."""
+    bias = bias.expand(idx.shape[0], *bias.shape[1:])
+    return torch.stack([bias[b][:, idx[b]][:, :, idx[b]] for b in range(idx.shape[0])])
+
+
+@torch.no_grad()
+def eager_data2vec(model, x, layer: int, keep, prefix=1):
+    """HF Data2VecVisionModel (relative-position bias per layer, LayerScale, mean-pooled patches)
+    pruned by the random method after the attention of layer ``layer``; the bias keeps the rows
+    and columns of the kept tokens."""
+    config = model.config
+    window = (x.shape[2] // config.patch_size, x.shape[3] // config.patch_size)
+    h, _ = model.embeddings(x)
+    tokens, idx = h.shape[1], None
+    for i, blk in enumerate(model.encoder.layer):
+        sa = blk.attention.attention
+        bias = sa.relative_position_bias(window, False, dim_size=tokens)  # [1, H, N, N]
+        if idx is not None:
+            bias = _take_square(bias, idx)
+        hn = blk.layernorm_before(h)
+        b, n, c = hn.shape
+        q, k, v = (f(hn).view(b, n, -1, sa.attention_head_size).transpose(1, 2) for f in (sa.query, sa.key, sa.value))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b, n, c)
+        h = h + blk.lambda_1 * blk.attention.output(out, hn)
+        if i == layer:
+            idx = random_index(h, layer, keep, prefix)
+            h = _take(h, idx)
+        h = h + blk.lambda_2 * blk.output(blk.intermediate(blk.layernorm_after(h)))
+    seq = model.layernorm(h)
+    return seq, model.pooler(seq)
+
+
+@torch.no_grad()
+def eager_t5_encoder(model, ids, mask, layer: int, keep):
+    """HF T5EncoderModel (one relative-position bias from block 0 shared by every block, padding
+    mask) pruned by the random method after the attention of block ``layer``: bias rows and
+    columns and the mask's key entries follow the kept tokens."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    enc = model.encoder
+    h = enc.embed_tokens(ids)
+    n = ids.shape[1]
+    attn_mask = create_bidirectional_mask(config=enc.config, inputs_embeds=h, attention_mask=mask)
+    bias = enc.block[0].layer[0].SelfAttention.compute_bias(n, n)
+    for i, blk in enumerate(enc.block):
+        h = blk.layer[0](h, attention_mask=attn_mask, position_bias=bias)[0]
+        if i == layer:
+            idx = random_index(h, layer, keep, 0, valid=mask.bool())
+            h, bias = _take(h, idx), _take_square(bias, idx)
+            attn_mask = None if attn_mask is None else _take_square(attn_mask.expand(-1, -1, n, n), idx)
+        h = blk.layer[-1](h)
+    return enc.final_layer_norm(h)
+
+
+@torch.no_grad()
+def eager_cait(model, x, layer: int, keep):
+    """timm Cait: talking-heads self-attention blocks (no prefix token) pruned by the random
+    method after the attention of block ``layer``; the class-attention blocks then put the
+    class token in front of the kept patches."""
+    x = model.patch_embed(x) + model.pos_embed
+    for i, blk in enumerate(model.blocks):
+        x = x + blk.gamma_1 * blk.attn(blk.norm1(x))
+        if i == layer:
+            x = _take(x, random_index(x, layer, keep, 0))
+        x = x + blk.gamma_2 * blk.mlp(blk.norm2(x))
+    cls = model.cls_token.expand(x.shape[0], -1, -1)
+    for blk in model.blocks_token_only:
+        cls = blk(x, cls)
+    return model.forward_head(model.norm(torch.cat([cls, x], 1)))
+
+
+@torch.no_grad()
+def eager_levit(model, x, stage: int, block: int, layer: int, keep):
+    """timm Levit (attention biases per layer, batch norm) pruned by the random method after
+    the attention of ``stages[stage].blocks[block]`` (attention layer ``layer``, the random
+    method's seed); the biases keep the kept tokens' rows and columns."""
+    x = model.stem(x).flatten(2).transpose(1, 2)
+    for s in model.stages[:stage]:
+        x = s(x)
+    st = model.stages[stage]
+    x = st.downsample(x)
+    idx = None
+    for i, blk in enumerate(st.blocks):
+        a = blk.attn
+        b, n, _ = x.shape
+        q, k, v = a.qkv(x).view(b, n, a.num_heads, -1).split([a.key_dim, a.key_dim, a.val_dim], dim=3)
+        bias = a.attention_biases[:, a.attention_bias_idxs].unsqueeze(0)
+        if idx is not None:
+            bias = _take_square(bias, idx)
+        attn = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1) * a.scale + bias).softmax(-1)
+        x = x + a.proj((attn @ v.transpose(1, 2)).transpose(1, 2).reshape(b, n, a.val_attn_dim))
+        if i == block:
+            idx = random_index(x, layer, keep, 0)
+            x = _take(x, idx)
+        x = x + blk.mlp(x)
+    return model.forward_head(x)
+
+
+@torch.no_grad()
+def eager_llama(model, ids, layer: int, keep):
+    """HF LlamaModel (1-D rotary positions from position_ids, causal attention) pruned by the
+    random method after the attention of decoder layer ``layer``: each kept token keeps its
+    cos/sin row and attends to the kept tokens at or before its original position."""
+    x = model.embed_tokens(ids)
+    b, n = ids.shape
+    pos = torch.arange(n)[None].expand(b, n)
+    cos, sin = model.rotary_emb(x, position_ids=pos)
+    mask = (pos[:, None, :, None] >= pos[:, None, None, :])
+    for i, blk in enumerate(model.layers):
+        x = x + blk.self_attn(blk.input_layernorm(x), attention_mask=mask, position_embeddings=(cos, sin))[0]
+        if i == layer:
+            idx = random_index(x, layer, keep, 0)
+            x, cos, sin, pos = (_take(t, idx) for t in (x, cos, sin, pos))
+            mask = (pos[:, None, :, None] >= pos[:, None, None, :])
+        x = x + blk.mlp(blk.post_attention_layernorm(x))
+    return model.norm(x)
+
+
 EAGER = {"timm_vit": eager_timm_vit, "handwritten_vit": eager_hand_written, "transformer_encoder": eager_encoder}

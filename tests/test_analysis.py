@@ -13,6 +13,7 @@ from models import TEST_MODELS, EncoderClassifier, sharpen
 from tpc.capture import capture
 from tpc.flops import count_flops
 from tpc.graph import count_prefix_tokens, find_attention_sites, find_stream_point
+from tpc.passes import METHODS, Role
 
 
 @pytest.mark.parametrize("name, kind", [("timm_vit", "sdpa"), ("handwritten_vit", "explicit"), ("transformer_encoder", "sdpa")])
@@ -91,3 +92,34 @@ def test_flops_of_a_linear_and_an_attention():
 
     gm = capture(Tiny(), (torch.randn(2, 5, 8),))
     assert count_flops(gm).total == 5 * 8 * 16 + 2 * 5 * 5 * (8 + 8)
+
+
+# The scoring MACs each method adds on the tiny timm ViT (17 tokens, 2 heads of 16) pruned after
+# layer 1: topk-cls reads one [CLS] row of q·kᵀ, topk-mass takes its column sums from the layer's
+# own fused attention, zero-tprune's recomputed q·kᵀ is not counted (see tpc/flops.py), and the
+# rest select or merge without multiply-adds.
+SCORING_MACS = {"topk-cls": 2 * 17 * 16, "zero-tprune": 0, "topk-mass": 0, "kcenter": 0,
+                "divprune": 0, "tome": 0, "random": 0}
+
+
+def _vit_macs(tokens_attention: list[int], tokens_mlp: list[int], dim=32, heads=2, hidden=64, classes=5) -> int:
+    """Multiply-adds of tiny_timm_vit with these token counts per block, from its shapes alone."""
+    patch_embed = 16 * dim * 3 * 8 * 8
+    total = patch_embed + dim * classes  # the head reads the [CLS] token only
+    for n, m in zip(tokens_attention, tokens_mlp):
+        total += n * dim * 3 * dim + heads * n * n * 2 * (dim // heads) + n * dim * dim  # qkv, attention, proj
+        total += m * dim * hidden * 2  # MLP
+    return total
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_flops_split_by_role(method):
+    """Model compute is the pruned ViT's own work, whatever the method (ToMe's proportional attention
+    included); the overhead is the method's scoring alone."""
+    factory, inputs, _, _ = TEST_MODELS["timm_vit"]
+    pm = tpc.compile(factory(), inputs(2), method=method, layers=[1], keep=12)
+    flops = count_flops(pm.graph_module)
+    model = _vit_macs([17, 17, 13, 13], [17, 13, 13, 13])
+    assert flops.by_role == {Role.MODEL: model, Role.SCORING: SCORING_MACS[method], Role.SELECTION: 0, Role.GATHER: 0}
+    assert pm.report.flops_scoring == SCORING_MACS[method]
+    assert pm.report.flops_after == model + SCORING_MACS[method]

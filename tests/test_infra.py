@@ -4,7 +4,10 @@ import logging
 
 import pytest
 
-from tpc import TpcError
+import tpc
+from models import TEST_MODELS
+from tpc import TpcError, TpcInternalError
+from tpc.cli import main
 from tpc.passes import Pass, PassManager, PassResult
 
 
@@ -31,8 +34,6 @@ class Refuses(Pass):
 
 def test_pass_manager_reports_modified_and_names_the_failing_pass(caplog):
     assert PassManager([Noop(), Noop()])(object()).modified is False
-    with pytest.raises(TpcError, match=r"^pass broken failed: ValueError: boom$"):
-        PassManager([Noop(), Broken()])(object())
     with pytest.raises(TpcError, match=r"^cannot do that \[in pass refuses\]$"):
         PassManager([Refuses(), Noop()])(object())
 
@@ -42,3 +43,44 @@ def test_a_refusal_names_only_the_failing_pass_and_logs_the_passes_before_it(cap
         PassManager([Noop(), Noop(), Refuses()])(object())
     assert "noop" not in str(err.value)
     assert "pass refuses failed after noop, noop" in caplog.text
+
+
+def test_a_bug_in_a_pass_is_an_internal_error_not_a_refusal():
+    with pytest.raises(TpcInternalError, match=r"internal error in pass broken: ValueError: boom; "
+                                               r"this is a bug in tpc") as err:
+        PassManager([Noop(), Broken()])(object())
+    assert not isinstance(err.value, TpcError) and isinstance(err.value.__cause__, ValueError)
+
+
+def _break_the_linear_rule(monkeypatch):
+    """Make the token-axis rule of linear crash as a bug would."""
+    from tpc.passes import token_axis_rules
+
+    real = token_axis_rules.rule_for
+
+    def broken(node):
+        rule = real(node)
+        if "linear" not in str(node.target):
+            return rule
+
+        def crash(ctx, n):
+            raise IndexError("list index out of range")
+        return crash
+
+    monkeypatch.setattr("tpc.passes.propagate_token_axis.rule_for", broken)
+
+
+def test_a_broken_rule_is_reported_with_its_pass_and_node(monkeypatch):
+    _break_the_linear_rule(monkeypatch)
+    factory, inputs, _, _ = TEST_MODELS["timm_vit"]
+    with pytest.raises(TpcInternalError, match=r"internal error in pass insert_prune\(layer 1\) "
+                                               r"at node 'linear_\d+' \(aten\.linear\) in blocks\.1\.mlp\.fc1: IndexError"):
+        tpc.compile(factory(), inputs(2), method="random", layers=[1], keep=8)
+
+
+def test_the_cli_says_internal_error_and_exits_3(monkeypatch, capsys, tmp_path):
+    _break_the_linear_rule(monkeypatch)
+    code = main(["compile", "models:cli_tiny_vit", "--layers", "1", "--keep", "8", "-o", str(tmp_path / "x.onnx")])
+    err = capsys.readouterr().err
+    assert code == 3 and err.startswith("tpc: internal error in pass insert_prune(layer 1)"), err
+    assert "bug in tpc" in err and err.count("\n") == 1 and not list(tmp_path.iterdir())

@@ -15,7 +15,7 @@ from models import sharpen
 from reference import select_slow
 from tpc.capture import capture
 from tpc.methods import baseline
-from tpc.passes import PropagateTokenAxis
+from tpc.passes import FuseAttentionScores, ProportionalAttention, compactions
 
 DIM, HEADS, TOKENS = 16, 2, 9
 
@@ -99,8 +99,9 @@ def test_attention_mask_is_gathered_with_the_kept_tokens():
     g = torch.Generator().manual_seed(3)
     x, valid = torch.randn(3, 8, DIM, generator=g), torch.rand(3, 8, generator=g) > 0.4
     pm = tpc.compile(model, (x[:2], valid[:2]), method="random", layers=[0], keep=4)
-    side = [n for n in pm.graph_module.graph.nodes if n.meta.get("tpc_inserted") == "side_gather"]
-    assert any(n.target == torch.ops.tpc.gather_tokens.default for n in side)
+    streams = {c.out for c in compactions(pm.graph_module)}
+    side = [n for n in pm.graph_module.graph.nodes if n.target is torch.ops.tpc.gather_tokens.default and n not in streams]
+    assert side, "the attention mask must be gathered with the kept tokens"
 
     with torch.no_grad():
         t = model.tokens(x)
@@ -259,8 +260,83 @@ def test_appending_a_token_after_block_0_still_lets_later_layers_prune():
     assert [s.tokens for s in pm.report.sites] == [9, 10, 5]
 
 
-def test_no_pending_compaction_is_a_no_op():
+@pytest.mark.parametrize("make_pass", [ProportionalAttention, FuseAttentionScores])
+def test_passes_without_a_match_leave_the_graph_unchanged(make_pass):
     gm = capture(sharpen(Stack()), _inputs())
     before = gm.code
-    result = PropagateTokenAxis()(gm)
+    result = make_pass()(gm)
     assert result.modified is False and gm.code == before
+
+
+def _rotate(t, table):
+    """Rotary embedding with a cos|sin table right-aligned to t ([N, D] or [B, 1, N, D])."""
+    cos, sin = table.chunk(2, -1)
+    t1, t2 = t.chunk(2, -1)
+    return t * cos + torch.cat([-t2, t1], -1) * sin
+
+
+class RotaryStack(Stack):
+    """EVA-02's layout: q and k of the patch tokens rotated by a per-patch table, the prefix joined back."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(TOKENS - 1, 2 * (DIM // HEADS)))
+
+    def attend(self, blk, x, table):
+        b, n, _ = x.shape
+        q, k, v = blk.qkv_heads(x)
+        q, k = (torch.cat([t[:, :, :1], _rotate(t[:, :, 1:], table)], 2) for t in (q, k))
+        return blk.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, DIM))
+
+    def forward(self, x):
+        x = self.tokens(x)
+        for blk in self.blocks:
+            x = x + self.attend(blk, x, self.table)
+            x = x + blk.mlp(x)
+        return self.head(x[:, 0])
+
+
+def test_rotary_table_of_patch_tokens_is_gathered_so_kept_tokens_keep_their_positions():
+    model = sharpen(RotaryStack())
+    x = _inputs(3, seed=7)[0]
+    pm = _compile(model, _inputs(), [1], 4)
+    with torch.no_grad():
+        t = model.tokens(x)
+        t = t + model.attend(model.blocks[0], t, model.table)
+        t = t + model.blocks[0].mlp(t)
+        t = t + model.attend(model.blocks[1], t, model.table)
+        idx = _random_index(t, 1, 4)
+        t = _take(t, idx, 1)
+        table = torch.stack([model.table[idx[b, 1:] - 1] for b in range(3)]).unsqueeze(1)  # [B, 1, K, D]
+        t = t + model.blocks[1].mlp(t)
+        t = t + model.attend(model.blocks[2], t, table)
+        t = t + model.blocks[2].mlp(t)
+        torch.testing.assert_close(pm(x), model.head(t[:, 0]), atol=1e-5, rtol=1e-5)
+
+
+class PrependsToken(Stack):
+    """CaiT's layout: a class token put in front of the (pruned) tokens after block 0."""
+
+    def forward(self, x):
+        x = self.tokens(x)
+        x = self.blocks[0](x)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        for blk in self.blocks[1:]:
+            x = blk(x)
+        return self.head(x[:, 0])
+
+
+def test_a_token_put_in_front_after_pruning_is_carried_and_readable():
+    model = sharpen(PrependsToken())
+    x = _inputs(3, seed=8)[0]
+    pm = _compile(model, _inputs(), [0], 4)
+    assert [s.tokens for s in pm.report.sites] == [9, 6, 6]
+    with torch.no_grad():
+        t = model.tokens(x)
+        t = t + model.blocks[0].attend(t)
+        t = _take(t, _random_index(t, 0, 4), 1)
+        t = t + model.blocks[0].mlp(t)
+        t = torch.cat([model.cls.expand(3, -1, -1), t], 1)
+        for blk in model.blocks[1:]:
+            t = blk(t)
+        torch.testing.assert_close(pm(x), model.head(t[:, 0]), atol=1e-5, rtol=1e-5)

@@ -8,7 +8,7 @@
 
 from tpc import kernels  # noqa: F401  (registers the tpc:: ops before anything uses them)
 from tpc.api import compile, export, inspect
-from tpc.errors import TpcError
+from tpc.errors import TpcError, TpcInternalError
 
 __version__ = "0.1.0"
-__all__ = ["TpcError", "__version__", "compile", "export", "inspect"]
+__all__ = ["TpcError", "TpcInternalError", "__version__", "compile", "export", "inspect"]

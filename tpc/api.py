@@ -15,9 +15,9 @@ from tpc.compiled import CompileReport, LayerInfo, TpcModule
 from tpc.errors import TpcError
 from tpc.flops import count_flops
 from tpc.graph import count_prefix_tokens, find_attention_sites, find_stream_point
-from tpc.passes import InsertPrune, PassManager, PropagateTokenAxis, ProportionalAttention
-from tpc.passes.insert_prune import compactions
-from tpc.passes.prune_methods import get_method
+from tpc.graph.nodes import numeric_shape
+from tpc.passes import FuseAttentionScores, InsertPrune, PassManager, ProportionalAttention, compactions, get_method
+from tpc.passes.compaction import pruned_outputs
 from tpc.recipe import Step, check_steps, load_recipe, steps_from_pass
 from tpc.schedule import parse_keep, parse_layers, parse_removals, read_r
 
@@ -92,12 +92,12 @@ def analyze(gm: fx.GraphModule, name: str = "model") -> list:
     return sites
 
 
-def _layer_infos(gm: fx.GraphModule, kept: dict[int, int], removals: dict | None = None,
+def _layer_infos(sites, kept: dict[int, int], removals: dict | None = None,
                  methods: dict[int, str] | None = None) -> list[LayerInfo]:
+    """One row per attention site found before pruning; tokens are read from its queries now."""
     removals, methods = removals or {}, methods or {}
-    return [LayerInfo(s.layer, s.module, s.kind, s.heads, s.tokens, kept.get(s.layer), *removals.get(s.layer, (None, None)),
-                      methods.get(s.layer))
-            for s in find_attention_sites(gm)]
+    return [LayerInfo(s.layer, s.module, s.kind, s.heads, numeric_shape(s.q)[-2], kept.get(s.layer),
+                      *removals.get(s.layer, (None, None)), methods.get(s.layer)) for s in sites]
 
 
 def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=0.7, r=None,
@@ -175,24 +175,22 @@ def prune_graph(gm: fx.GraphModule, inputs: tuple, name: str, steps: list[Step],
         prefix_source = "given"
     flops_before = count_flops(gm).total
 
-    passes = []
-    for step in steps:
-        passes += [InsertPrune(step.method, step.layer, step.amount, prefix, after, seed, step.options, restore),
-                   PropagateTokenAxis()]
-    passes.append(ProportionalAttention())
+    passes = [InsertPrune(step.method, step.layer, step.amount, prefix, after, seed, step.options, restore)
+              for step in steps]
+    passes += [ProportionalAttention(), FuseAttentionScores()]
     PassManager(passes)(gm)
     removals = {p.layer: p.removal for p in passes if isinstance(p, InsertPrune) and p.removal is not None}
 
-    kept = {c["layer"]: c["tokens_out"] for c in compactions(gm)}
+    kept = {c.layer: c.tokens_out for c in compactions(gm)}
     methods = {s.layer: s.method for s in steps}
     flops = count_flops(gm)
     names = list(dict.fromkeys(s.method for s in steps))
     report = CompileReport(
         model=name, method="+".join(names), layers=[s.layer for s in steps], keep=[str(s.amount) for s in steps],
         options=steps[0].options if len(names) == 1 else {s.layer: s.options for s in steps if s.options},
-        prefix=prefix, prefix_source=prefix_source, insert_after=after, sites=_layer_infos(gm, kept, removals, methods),
+        prefix=prefix, prefix_source=prefix_source, insert_after=after, sites=_layer_infos(sites, kept, removals, methods),
         flops_before=flops_before, flops_after=flops.total,
-        flops_scoring=flops.scoring, pruned_outputs=sorted(gm.meta.get("tpc_pruned_outputs", ())),
+        flops_scoring=flops.scoring, pruned_outputs=pruned_outputs(gm),
         passes=[p.name for p in passes], notes=list(notes),
     )
     return TpcModule(gm, report, inputs)
@@ -223,7 +221,7 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
         prefix, source = _prefix_of(gm, sites)
         flops = count_flops(gm).total
         return CompileReport(model=name, method=None, layers=[], keep=[], prefix=prefix, prefix_source=source,
-                             insert_after=compile_kwargs.get("after", "attention"), sites=_layer_infos(gm, {}),
+                             insert_after=compile_kwargs.get("after", "attention"), sites=_layer_infos(sites, {}),
                              flops_before=flops, flops_after=flops)
     return compile(model, example_inputs, **compile_kwargs).report
 

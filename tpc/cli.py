@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from tpc.errors import TpcError
+from tpc.errors import REPORT, TpcError, TpcInternalError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -308,8 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a bug in tpc, not bad input: still one line, and no partial file (writes are atomic)
         if args.debug:
             raise
+        if isinstance(err, TpcInternalError):  # a pass's bug, already said with its pass and node
+            print(f"tpc: {err}", file=sys.stderr)
+            return 3
         first = (str(err).strip().splitlines() or [""])[0]
-        print(f"tpc: internal error: {type(err).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"tpc: internal error: {type(err).__name__}: {first}; {REPORT}", file=sys.stderr)
         return 3
 
 

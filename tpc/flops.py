@@ -2,10 +2,13 @@
 
 Counts multiply-accumulates (the convention of the ViT/DeiT papers, where DeiT-S is
 4.6 GFLOPs) for the ops that dominate a transformer: linear, matmul, convolution and
-attention (SDPA, or ``tpc::sparse_attention`` where topk-mass fused it). Of the inserted
-``tpc::`` scorers only ``cls_attention`` has a MAC count (reported as scoring overhead); the
-graph methods' scorers (PageRank, greedy selections, matching) are not counted here — their
-cost is measured as run time instead (``tpc bench``'s "inserted" share).
+attention (SDPA, or ``tpc::sparse_attention`` where topk-mass fused it). Each node's MACs go
+to the role a pass gave it (:class:`tpc.passes.compaction.Role`): the model's own nodes and
+rewritten model computation (ToMe's proportional attention, the fused SDPA) are model
+compute; scoring, selection and gathers are the pruning overhead. Of the ``tpc::`` scorers
+only ``cls_attention`` has a MAC count; ``attention_probs`` (zero-tprune's q·kᵀ beside an
+SDPA) and the graph methods' scorers (PageRank, greedy selections, matching) are not counted
+here — their cost is measured as run time instead (``tpc bench``'s "inserted" share).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from torch import fx
 
 from tpc.graph.nodes import aten, target_packet, val
+from tpc.passes.compaction import Role, role_of
 
 
 def _shape(x) -> tuple[int, ...]:
@@ -60,7 +64,12 @@ def node_macs(node: fx.Node) -> int:
 @dataclass
 class FlopCount:
     total: int
-    scoring: int
+    by_role: dict[Role, int]  # MACs per role; the model's own nodes count as Role.MODEL
+
+    @property
+    def scoring(self) -> int:
+        """The pruning overhead: every MAC that is not model compute."""
+        return self.total - self.by_role[Role.MODEL]
 
     @property
     def gflops(self) -> float:
@@ -68,13 +77,10 @@ class FlopCount:
 
 
 def count_flops(gm: fx.GraphModule) -> FlopCount:
-    total = scoring = 0
+    by_role = dict.fromkeys(Role, 0)
     for node in gm.graph.nodes:
-        macs = node_macs(node)
-        total += macs
-        if "tpc_inserted" in node.meta:
-            scoring += macs
-    return FlopCount(total, scoring)
+        by_role[role_of(node) or Role.MODEL] += node_macs(node)
+    return FlopCount(sum(by_role.values()), by_role)
 
 
 def cls_attention_macs(node: fx.Node) -> int:

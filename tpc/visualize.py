@@ -52,9 +52,9 @@ def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
 
 def kept_positions(gm: fx.GraphModule, inputs: tuple) -> tuple[list[int], list[torch.Tensor]]:
     """(layers, original token positions kept after each compaction) for the first example."""
-    from tpc.passes.insert_prune import compactions
+    from tpc.passes.compaction import compactions
 
-    wanted = {c["index"]: c["layer"] for c in compactions(gm)}
+    wanted = {c.index: c.layer for c in compactions(gm)}
     seen: dict[int, torch.Tensor] = {}
 
     class Recorder(fx.Interpreter):

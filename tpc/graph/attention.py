@@ -1,14 +1,16 @@
 """Find the attention sites of an exported graph.
 
-Three forms are recognized, in topological order (the order gives the layer index):
+Two forms are recognized, in topological order (the order gives the layer index):
 
   SDPA:      out = aten.scaled_dot_product_attention(q, k, v, attn_mask, ..., scale)
 
-  fused:     out, mass = tpc.sparse_attention(q, k, v, None, scale)   (an SDPA topk-mass rewrote)
-
   explicit:  q ─► [mul/div by s] ─┐
              k ─► transpose(-2,-1) ┴► matmul ─► [mul/div by s] ─► [add mask | masked_fill]
-                 ─► softmax(-1) ─► [dropout] ─► matmul(·, v) ─► out
+                 ─► [mix heads] ─► softmax(-1) ─► [mix heads] ─► [dropout] ─► matmul(·, v) ─► out
+
+  where "mix heads" is talking-heads attention (CaiT): permute the head dim last, a linear
+  layer across heads, permute back. It leaves both token axes alone, so the site is still one
+  self-attention; its softmax is what scorers read (``heads_mixed``: q·kᵀ alone is not it).
 
 For each site the analysis records what a scorer needs to recompute the logits
 ``(q @ kᵀ) · scale + mask`` and, for explicit sites, the probabilities already in the graph.
@@ -17,7 +19,6 @@ For each site the analysis records what a scorer needs to recompute the logits
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,7 @@ class AttentionSite:
     module: str
     is_causal: bool
     windows: int = 1  # >1: windowed attention (Swin), the batch dim carries windows of tokens
+    heads_mixed: bool = False  # talking heads: logits mixed across heads before the softmax
 
     @property
     def self_attention(self) -> bool:
@@ -124,11 +126,32 @@ def _is_key_transpose(node) -> bool:
     return False
 
 
+def _head_mix_input(node) -> fx.Node | None:
+    """``permute(linear(permute(x, p), W[H, H]), p⁻¹)`` with ``p`` moving dim 1 (heads) last: x, else None."""
+    if not is_op(node, aten.permute) or not is_op(node.args[0], aten.linear):
+        return None
+    linear = node.args[0]
+    inner = linear.args[0]
+    if not is_op(inner, aten.permute) or len(inner.users) != 1 or len(linear.users) != 1:
+        return None
+    p, q = list(inner.args[1]), list(node.args[1])
+    rank = len(p)
+    if rank != 4 or p != [0, 2, 3, 1] or q != [0, 3, 1, 2]:
+        return None
+    heads = numeric_shape(inner.args[0])[1]
+    if numeric_shape(linear.args[1]) != (heads, heads):
+        return None
+    return inner.args[0]
+
+
 def _explicit_site(softmax: fx.Node, batch: int | None) -> AttentionSite | None:
     rank = len(val(softmax).shape)
     if rank < 3 or softmax.args[1] % rank != rank - 1:
         return None
     logits, scale = _strip_scale(softmax.args[0], 1.0)
+    mixed = _head_mix_input(logits)
+    if mixed is not None:
+        logits, scale = _strip_scale(mixed, scale)
     mask = mask_kind = None
     if is_op(logits, aten.add) and all(isinstance(a, fx.Node) for a in logits.args[:2]):
         left, lscale = _strip_scale(logits.args[0], scale)
@@ -154,9 +177,13 @@ def _explicit_site(softmax: fx.Node, batch: int | None) -> AttentionSite | None:
 
     probs_use = softmax
     while True:
-        users = [u for u in probs_use.users if is_op(u, *_PASS_THROUGH)]
-        if len(users) == 1 and len(probs_use.users) == 1:
+        users = [u for u in _model_users(probs_use) if is_op(u, *_PASS_THROUGH)]
+        if len(users) == 1 and len(_model_users(probs_use)) == 1:
             probs_use = users[0]
+            continue
+        mix = _head_mix_output(probs_use)
+        if mix is not None:
+            probs_use = mix
             continue
         break
     outputs = [u for u in probs_use.users if is_op(u, aten.matmul, aten.bmm) and u.args[0] is probs_use]
@@ -168,18 +195,27 @@ def _explicit_site(softmax: fx.Node, batch: int | None) -> AttentionSite | None:
         layer=-1, node=softmax, kind="explicit", q=q, k=k, k_transposed=k_transposed, v=output.args[1],
         scale=scale, mask=mask, mask_kind=mask_kind, probs=softmax, output=output, heads=_heads(q, batch),
         tokens=qs[-2], key_tokens=numeric_shape(k_transposed)[-1], head_dim=qs[-1],
-        module=module_path(softmax), is_causal=False,
+        module=module_path(softmax), is_causal=False, heads_mixed=mixed is not None,
     )
 
 
-def _sparse_site(node: fx.Node, batch: int | None) -> AttentionSite:
-    q, k, v, _index, scale = node.args[:5]
-    output = next((u for u in node.users if u.target is operator.getitem and u.args[1] == 0), node)
-    return AttentionSite(
-        layer=-1, node=node, kind="sparse", q=q, k=k, k_transposed=None, v=v, scale=float(scale), mask=None,
-        mask_kind=None, probs=None, output=output, heads=_heads(q, batch), tokens=numeric_shape(q)[-2],
-        key_tokens=numeric_shape(k)[-2], head_dim=numeric_shape(q)[-1], module=module_path(node), is_causal=False,
-    )
+def _model_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that the model has, not the scorers tpc inserted to read it."""
+    return [u for u in node.users if u.meta.get("tpc_role") is None]
+
+
+def _head_mix_output(node: fx.Node) -> fx.Node | None:
+    """The head mix applied to ``node`` (its only use), or None."""
+    if len(_model_users(node)) != 1:
+        return None
+    permute = _model_users(node)[0]
+    if not is_op(permute, aten.permute) or len(permute.users) != 1:
+        return None
+    linear = next(iter(permute.users))
+    if not is_op(linear, aten.linear) or linear.args[0] is not permute or len(linear.users) != 1:
+        return None
+    out = next(iter(linear.users))
+    return out if _head_mix_input(out) is node else None
 
 
 def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
@@ -192,8 +228,6 @@ def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
             site = _sdpa_site(node, batch)
         elif is_op(node, aten.softmax, aten._softmax):
             site = _explicit_site(node, batch)
-        elif node.target is torch.ops.tpc.sparse_attention.default and node.args[3] is None:
-            site = _sparse_site(node, batch)
         if site is not None:
             site.layer = len(sites)
             lead = numeric_shape(site.q)[0]
@@ -201,3 +235,14 @@ def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
                 site.windows = lead // batch
             sites.append(site)
     return sites
+
+
+def layer_runs(layers: list[int]) -> str:
+    """``0-2, 4-5``: layer numbers as runs of consecutive layers."""
+    runs = []
+    for layer in layers:
+        if runs and runs[-1][1] == layer - 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)

@@ -15,6 +15,7 @@ import torch
 from torch import fx
 
 from tpc.graph.nodes import shape_text, target_packet, val
+from tpc.passes.compaction import is_rewritten, role_of
 
 
 def _op_name(node: fx.Node) -> str:
@@ -38,7 +39,7 @@ def _shape(value, symbols=None) -> str:
 def format_rewrites(gm: fx.GraphModule, symbols: dict[str, str] | None = None) -> str:
     """The text; ``symbols`` names symbolic sizes (default: every symbol prints as B)."""
     nodes = list(gm.graph.nodes)
-    marked = {n for n in nodes if "tpc_inserted" in n.meta or n.meta.get("tpc_rewritten")}
+    marked = {n for n in nodes if role_of(n) is not None or is_rewritten(n)}
     show = set(marked)
     for n in marked:
         show.update(a for a in n.all_input_nodes if a.op == "call_function")
@@ -71,7 +72,7 @@ def format_rewrites(gm: fx.GraphModule, symbols: dict[str, str] | None = None) -
         if last >= 0 and i != last + 1:
             lines.append("...")
         last = i
-        mark = "+" if "tpc_inserted" in n.meta else ("~" if n.meta.get("tpc_rewritten") else " ")
+        mark = "~" if is_rewritten(n) else ("+" if role_of(n) is not None else " ")
         args = ", ".join([fmt_arg(a) for a in n.args] + [f"{k}={fmt_arg(v)}" for k, v in n.kwargs.items()])
         lines.append(f"{mark} {name(n)} = {_op_name(n)}({args}) :: {_shape(val(n), symbols)}")
     return "\n".join(lines) + "\n"

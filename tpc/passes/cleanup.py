@@ -1,4 +1,4 @@
-"""``cleanup``: the ending every modifying pass shares.
+"""``finish()``: the ending every modifying pass shares.
 
 1. dead-code elimination (the custom ``tpc::`` ops are pure, so unused scorers go too);
 2. ``graph.lint()``;
@@ -16,13 +16,16 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 
-from tpc.passes.infra import Pass, PassResult
 
 
 def refresh_meta(gm: fx.GraphModule, start: fx.Node | None = None) -> None:
     """Recompute ``meta['val']`` of call_function nodes under the graph's fake mode.
 
     With ``start``, only that node and the nodes after it (the ones a rewrite there can change).
+    Autograd stays off, as in the inference graph torch.export captured: with it on, values
+    derived from parameters require grad, and some ops then pick another kernel with other
+    output strides (CPU SDPA with a bias that requires grad takes the math path), so a
+    ``view`` export kept on the old strides would fail (HF Data2VecVision's attention did).
     """
     placeholders = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
     fake_mode = detect_fake_mode([v for v in placeholders if isinstance(v, torch.Tensor)])
@@ -32,7 +35,7 @@ def refresh_meta(gm: fx.GraphModule, start: fx.Node | None = None) -> None:
     def value(a):
         return a.meta.get("val") if isinstance(a, fx.Node) else a
 
-    with fake_mode:
+    with fake_mode, torch.no_grad():
         seen = start is None
         for node in gm.graph.nodes:
             seen = seen or node is start
@@ -54,12 +57,3 @@ def finish(gm: fx.GraphModule, start: fx.Node | None = None) -> None:
     gm.graph.lint()
     gm.recompile()
     refresh_meta(gm, start)
-
-
-class Cleanup(Pass):
-    name = "cleanup"
-
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        before = len(gm.graph.nodes)
-        finish(gm)
-        return PassResult(gm, len(gm.graph.nodes) != before)

@@ -2,19 +2,24 @@
 
 A pass is a callable ``(GraphModule) -> PassResult``; a ``PassManager`` runs an ordered
 list of them and, when one fails, names the failing pass (its name carries the layer, e.g.
-``insert_prune(layer 23)``); the passes that ran before it go to the debug log only.
+``insert_prune(layer 23)``); the passes that ran before it go to the debug log only. A
+``TpcError`` (a deliberate refusal) reaches the user as one; any other exception is a bug in
+tpc and is raised as ``TpcInternalError`` naming the pass and, where the pass marked it with
+``at_node``, the node it was working on.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import fx
 
-from tpc.errors import TpcError
+from tpc.errors import REPORT, TpcError, TpcInternalError
+from tpc.graph.nodes import describe
 
 logger = logging.getLogger("tpc.passes")
 
@@ -45,6 +50,19 @@ def pass_name(p: Callable) -> str:
     return getattr(p, "name", None) or getattr(p, "__name__", type(p).__name__)
 
 
+@contextlib.contextmanager
+def at_node(node: fx.Node) -> Iterator[None]:
+    """Remember ``node`` on any bug raised inside the block, so the report can name it."""
+    try:
+        yield
+    except TpcError:
+        raise
+    except Exception as err:
+        if not hasattr(err, "tpc_node"):
+            err.tpc_node = node
+        raise
+
+
 class PassManager:
     """Runs passes in order; a failure names the pass (the ones before it: ``logger.debug``)."""
 
@@ -63,7 +81,14 @@ class PassManager:
                 raise TpcError(f"{err} [in pass {name}]") from err
             except Exception as err:
                 self._log_failure(name, done)
-                raise TpcError(f"pass {name} failed: {type(err).__name__}: {err}") from err
+                node = getattr(err, "tpc_node", None)
+                where = f" at {describe(node)}" if isinstance(node, fx.Node) else ""
+                first = (str(err).strip().splitlines() or [""])[0]
+                raise TpcInternalError(
+                    f"internal error in pass {name}{where}: {type(err).__name__}: {first}; {REPORT}"
+                ) from err
+            if not isinstance(result, PassResult):
+                raise TpcInternalError(f"pass {name} returned {type(result).__name__}, not a PassResult; {REPORT}")
             gm = result.graph_module
             modified |= result.modified
             logger.debug("%s: %s", name, "modified the graph" if result.modified else "no change")

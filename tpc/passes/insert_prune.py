@@ -1,4 +1,4 @@
-"""``insert_prune``: a score-and-compact pair after one layer's attention.
+"""``insert_prune``: a score-and-compact pair after one layer's attention, carried through the graph.
 
 Rewrite (for the stream tensor ``x`` of layer L, [B, N, C]):
 
@@ -19,9 +19,10 @@ Rewrite (for the stream tensor ``x`` of layer L, [B, N, C]):
 4. an ``r`` (tokens removed) is clamped to the method's bound at this layer (tome: ToMe's
    ``(tokens - prefix) // 2``), kept in ``self.removal`` for the report; r = 0 inserts nothing
    (``modified=False``), as ToMe's r = 0 leaves the layer alone;
-5. the new stream is marked as a pending compaction; ``propagate_token_axis`` must run next,
-   because shape constants downstream still say N. This pass therefore ends with
-   ``lint`` + ``recompile`` only: its graph is not executable until propagation.
+5. the compaction's record (:class:`tpc.passes.compaction.Compaction`) is attached to ``x'``,
+   and the smaller token count is carried through every later node
+   (:func:`tpc.passes.propagate_token_axis.propagate`) before the pass ends with ``finish()``:
+   the graph this pass leaves is executable, as after every pass.
 """
 
 from __future__ import annotations
@@ -33,17 +34,21 @@ from torch import fx
 
 from tpc.errors import TpcError
 from tpc.graph import find_attention_sites, find_stream_point
+from tpc.graph.attention import layer_runs
 from tpc.graph.nodes import aten, val
+from tpc.passes.cleanup import finish
+from tpc.passes.compaction import Builder, Compaction, Role, attach, compactions
 from tpc.passes.infra import Pass, PassResult
-from tpc.passes.prune_methods import Builder, PruneContext, get_method, stream_sizes
+from tpc.passes.propagate_token_axis import propagate
+from tpc.passes.prune_methods import PruneContext, get_method, stream_sizes
 from tpc.schedule import KeepValue, Removal, kept_count
 
 logger = logging.getLogger("tpc.passes")
 
 
-def compactions(gm: fx.GraphModule) -> list[dict]:
-    """The compaction records of the graph, in graph order."""
-    return [n.meta["tpc_compaction"] for n in gm.graph.nodes if "tpc_compaction" in n.meta]
+def _self_attention_layers(sites) -> str:
+    layers = [s.layer for s in sites if s.self_attention]
+    return f"this model's self-attention layers are {layer_runs(layers)}" if layers else "this model has none"
 
 
 class InsertPrune(Pass):
@@ -68,7 +73,9 @@ class InsertPrune(Pass):
             raise TpcError(f"layer {self.layer} is out of range: the model has {len(sites)} attention layers (0-{len(sites) - 1})")
         site = sites[self.layer]
         if not site.self_attention:
-            raise TpcError(f"layer {self.layer} ({site.module}) is cross-attention: tpc prunes self-attention layers")
+            queries = f"{site.tokens} quer{'y' if site.tokens == 1 else 'ies'}"
+            raise TpcError(f"layer {self.layer} ({site.module}) is class- or cross-attention ({queries} over "
+                           f"{site.key_tokens} keys): tpc prunes self-attention layers; {_self_attention_layers(sites)}")
         point = find_stream_point(gm, site, self.after)
         tokens = point.tokens
         if tokens <= self.prefix:
@@ -87,10 +94,10 @@ class InsertPrune(Pass):
             if point.batch_dim is None:
                 raise TpcError(f"layer {self.layer}: the stream at {point.node.name} has no visible batch dimension")
             to_canonical = [point.batch_dim, point.token_dim] + [d for d in range(rank) if d not in (point.batch_dim, point.token_dim)]
-            stream = b.op(aten.permute.default, point.node, to_canonical, role="layout")
+            stream = b.op(aten.permute.default, point.node, to_canonical, role=Role.GATHER)
 
         earlier = compactions(gm)
-        sized = earlier[-1] if earlier and (earlier[-1]["merge"] is not None or earlier[-1].get("carries")) else None
+        sized = earlier[-1] if earlier and (earlier[-1].merge is not None or earlier[-1].carries is not None) else None
         if sized is not None and self.options.get("fuse"):
             raise TpcError(f"layer {self.layer}: topk-cls with fuse=True cannot follow a tome merge (the fused token's "
                            "size is not tracked); drop fuse, or merge after this layer instead")
@@ -101,26 +108,19 @@ class InsertPrune(Pass):
         out = result.out
         if to_canonical is not None:
             inverse = [to_canonical.index(d) for d in range(rank)]
-            out = b.op(aten.permute.default, result.out, inverse, role="layout")
+            out = b.op(aten.permute.default, result.out, inverse, role=Role.GATHER)
 
         new_nodes = set(b.inserted)
         if self.restore:
             new_nodes |= self._insert_restore(gm, sites[-1], point, result)
         point.node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in new_nodes)
-        result.out.meta["tpc_compaction"] = {
-            "layer": self.layer,
-            "method": self.method.name,
-            "module": site.module,
-            "index": result.index,
-            "merge": result.merge,
-            "carries": sized if result.merge is None else None,  # a gather after a merge carries its sizes on
-            "tokens_in": tokens,
-            "tokens_out": result.tokens,
-            "prefix": self.prefix,
-            "propagated": False,
-        }
+        record = Compaction(layer=self.layer, method=self.method.name, module=site.module, out=result.out,
+                            index=result.index, tokens_in=tokens, tokens_out=result.tokens, prefix=self.prefix,
+                            merge=result.merge, carries=sized if result.merge is None else None)
+        attach(record)
         gm.graph.lint()
-        gm.recompile()
+        propagate(gm, record)
+        finish(gm)
         return PassResult(gm, True)
 
     def _bounded(self, keep: KeepValue, tokens: int) -> KeepValue:
@@ -141,6 +141,6 @@ class InsertPrune(Pass):
         if end is point.node:
             return set()
         b = Builder(gm, end)
-        restored = b.op(torch.ops.tpc.restore_tokens.default, point.node, result.index, end, role="restore", value=val(end))
+        restored = b.op(torch.ops.tpc.restore_tokens.default, point.node, result.index, end, role=Role.GATHER, value=val(end))
         end.replace_all_uses_with(restored, delete_user_cb=lambda user: user is not restored)
         return {restored}

@@ -1,4 +1,4 @@
-"""``propagate_token_axis``: carry a compaction's smaller token count through the graph.
+"""Carry a compaction's smaller token count through the graph (the second half of ``insert_prune``).
 
 torch.export bakes the token count into shape arguments (``reshape(x, [s0, 197, 3, 6, 64])``).
 After ``insert_prune`` replaced a stream tensor by ``gather_tokens(x, index)`` with K < N
@@ -7,11 +7,13 @@ carry tokens (see :mod:`tpc.passes.token_axis_rules`), and
 
 1. rewrites constant shape arguments at token dims: N·f → K·f, a symbolic size → -1;
 2. gathers side tensors that meet the stream with the same index — attention masks,
-   position biases, or stale copies of the stream from before the compaction;
+   position biases, rotary cos/sin tables, or stale copies of the stream from before the
+   compaction (see ``gather_side``);
 3. refuses, naming the node and its module, any op it cannot prove correct (a reshape back
    to an H×W grid, a read of token i, a concatenation along tokens, …).
 
-A graph without an unpropagated compaction is left unchanged (``modified=False``).
+It is not a pass of its own: ``insert_prune`` calls :func:`propagate` right after inserting
+a compaction, so no pass ever sees a graph whose shape constants still say N.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from torch._guards import detect_fake_mode
 
 from tpc.errors import TpcError
 from tpc.graph import find_attention_sites, find_stream_point
+from tpc.graph.attention import layer_runs
 from tpc.graph.nodes import aten, describe, numeric_shape, val
-from tpc.passes.cleanup import finish
-from tpc.passes.infra import Pass, PassResult
+from tpc.passes.compaction import Compaction, Role, mark_pruned_outputs, mark_rewritten, set_role
+from tpc.passes.infra import at_node
 from tpc.passes.token_axis_rules import Axis, Refusal, rule_for
 
 logger = logging.getLogger("tpc.passes")
@@ -35,22 +38,23 @@ GATHER = torch.ops.tpc.gather_tokens.default
 
 
 class _Context:
-    def __init__(self, gm: fx.GraphModule, compaction: dict, source: fx.Node):
+    def __init__(self, gm: fx.GraphModule, compaction: Compaction):
+        source = compaction.out
         self.gm = gm
         self.graph = gm.graph
-        self.tokens_old = compaction["tokens_in"]
-        self.tokens_new = compaction["tokens_out"]
-        self.prefix = compaction["prefix"]
-        self.index = compaction["index"]
+        self.tokens_old = compaction.tokens_in
+        self.tokens_new = compaction.tokens_out
+        self.prefix = compaction.prefix
+        self.index = compaction.index
         self.source = source
         self.tracked: dict[fx.Node, object] = {source: {1: Axis()}}
         self.side_cache: dict[tuple, fx.Node] = {}
+        self.index_cache: dict[int, fx.Node] = {0: self.index}
         self.inserted: set[fx.Node] = set()
         self.rewritten = 0
         self.batch = numeric_shape(source)[0]
         self.fake_mode = detect_fake_mode([val(source)])
-        with self.fake_mode:
-            self.old_index_val = torch.empty((val(source).shape[0], self.tokens_old), dtype=torch.int64)
+        self.old_batch = val(source).shape[0]
 
     def atom_old(self, ax: Axis) -> int:
         return self.tokens_old - ax.offset
@@ -66,25 +70,56 @@ class _Context:
         return a if isinstance(a, dict) else {}
 
     def mark_rewritten(self, node: fx.Node) -> None:
-        node.meta["tpc_rewritten"] = True
+        mark_rewritten(node)
         self.rewritten += 1
 
     def _insert(self, target, args, like: fx.Node, value) -> fx.Node:
         node = self.graph.call_function(target, args)
         node.meta["val"] = value
         node.meta["nn_module_stack"] = like.meta.get("nn_module_stack", {})
-        node.meta["tpc_inserted"] = "side_gather"
+        set_role(node, Role.GATHER)
         self.inserted.add(node)
         return node
+
+    def old_index_val(self, offset: int):
+        """A fake index in old terms (all N - offset positions), for fake values of inserted gathers."""
+        with self.fake_mode:
+            return torch.empty((self.old_batch, self.tokens_old - offset), dtype=torch.int64)
+
+    def index_at(self, offset: int) -> fx.Node:
+        """The kept positions counted from token ``offset`` on: ``index[:, offset:] - offset``.
+
+        Prefix tokens are kept in place at the front, so for a tensor that starts after
+        ``offset <= prefix`` tokens (``x[:, 1:]``, a per-patch table) this is its own index.
+        """
+        if offset not in self.index_cache:
+            with self.graph.inserting_after(self.index), self.fake_mode:
+                index_val = val(self.index)
+                sliced = self._insert(aten.slice.Tensor, (self.index, 1, offset), self.index, index_val[:, offset:])
+                with self.graph.inserting_after(sliced):
+                    shifted = self._insert(aten.sub.Tensor, (sliced, offset), self.index, val(sliced) - offset)
+            self.index_cache[offset] = shifted
+        return self.index_cache[offset]
 
     def gather_side(self, x: fx.Node, dim: int, ax: Axis, consumer: fx.Node) -> fx.Node:
         """Gather side tensor ``x`` along ``dim`` with this compaction's index (cached per tensor).
 
+        Side tensors are what meets the stream at a token dim with the old token count without
+        descending from the stream: attention masks, position biases, stale copies of the
+        stream, and rotary position tables. For rotary embeddings this is the one rule for
+        every layout: the cos/sin rows (a per-patch [N, D] table of a 2-D ViT rope such as
+        EVA-02's, or a [B, N, D] table built from ``position_ids`` in a decoder's
+        ``apply_rotary_pos_emb``) are gathered with the kept tokens, so each kept token keeps
+        the rotary position it had, and every q·k rotary distance is the unpruned model's.
+
         x is right-aligned with the consumer's output; its dim facing the batch dim (size B
         or 1) is where each example's index applies. Missing leading dims are added first.
+        A token axis sliced past ``offset`` prefix tokens uses ``index_at(offset)``.
         """
-        if ax.inner != 1 or ax.offset != 0:
-            raise Refusal("a side tensor meets tokens that are merged with another axis or sliced")
+        if ax.inner != 1:
+            raise Refusal("a side tensor meets tokens that are merged with another axis")
+        if ax.offset < 0:
+            raise Refusal("a side tensor meets tokens that were put in front of the stream after pruning")
         key = (x, dim)
         if key in self.side_cache:
             return self.side_cache[key]
@@ -93,6 +128,7 @@ class _Context:
             raise Refusal("a side tensor meets the tokens where no batch dimension is visible")
         from_right = len(out_shape) - out_shape.index(self.batch)
         added = max(0, from_right - len(val(x).shape))
+        index = self.index_at(ax.offset)
         with self.graph.inserting_before(consumer), self.fake_mode:
             y, tdim = x, dim + added
             for _ in range(added):
@@ -104,21 +140,20 @@ class _Context:
             perm = [bdim, tdim] + [d for d in range(rank) if d not in (bdim, tdim)]
             if perm != list(range(rank)):
                 y = self._insert(aten.permute.default, (y, perm), consumer, val(y).permute(perm))
-            g = self._insert(GATHER, (y, self.index), consumer, GATHER(val(y), self.old_index_val))
+            g = self._insert(GATHER, (y, index), consumer, GATHER(val(y), self.old_index_val(ax.offset)))
             inverse = [perm.index(d) for d in range(rank)]
             if inverse != list(range(rank)):
                 g = self._insert(aten.permute.default, (g, inverse), consumer, val(g).permute(inverse))
-        self.tracked[g] = {**{d + added: a for d, a in self.axes(x).items()}, tdim: Axis()}
+        self.tracked[g] = {**{d + added: a for d, a in self.axes(x).items()}, tdim: ax}
         self.side_cache[key] = g
         return g
 
 
-def propagate(gm: fx.GraphModule, gather: fx.Node) -> int:
-    """Propagate one compaction; returns the number of rewritten nodes."""
-    compaction = gather.meta["tpc_compaction"]
-    ctx = _Context(gm, compaction, gather)
+def propagate(gm: fx.GraphModule, compaction: Compaction) -> int:
+    """Propagate one compaction through every node after it; returns the number of rewritten nodes."""
+    ctx = _Context(gm, compaction)
     nodes = list(gm.graph.nodes)
-    for node in nodes[nodes.index(gather) + 1:]:
+    for node in nodes[nodes.index(compaction.out) + 1:]:
         if node in ctx.inserted:
             continue
         if node.op == "output":
@@ -130,12 +165,14 @@ def propagate(gm: fx.GraphModule, gather: fx.Node) -> int:
         if rule is None:
             raise TpcError(_refusal(node, "reads the tokens and tpc has no token-axis rule for this op", compaction, gm))
         try:
-            out = rule(ctx, node)
+            with at_node(node):
+                out = rule(ctx, node)
         except Refusal as r:
             raise TpcError(_refusal(node, str(r), compaction, gm)) from None
         if out:
             ctx.tracked[node] = out
-    compaction["propagated"] = True
+    logger.debug("propagate_token_axis: layer %s, %d nodes rewritten or inserted",
+                 compaction.layer, ctx.rewritten + len(ctx.inserted))
     return ctx.rewritten + len(ctx.inserted)
 
 
@@ -143,13 +180,13 @@ def _check_outputs(gm, ctx, node):
     outputs = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
     pruned = [i for i, a in enumerate(outputs) if ctx.axes(a)]
     if pruned:
-        gm.meta.setdefault("tpc_pruned_outputs", set()).update(pruned)
+        mark_pruned_outputs(gm, pruned)
         logger.info("output(s) %s carry the token axis: they now hold %d tokens instead of %d",
                     pruned, ctx.tokens_new, ctx.tokens_old)
 
 
-def _refusal(node: fx.Node, reason: str, compaction: dict, gm: fx.GraphModule) -> str:
-    return f"cannot prune after layer {compaction['layer']}: {describe(node)}: {reason}. {_way_out(gm, node)}"
+def _refusal(node: fx.Node, reason: str, compaction: Compaction, gm: fx.GraphModule) -> str:
+    return f"cannot prune after layer {compaction.layer}: {describe(node)}: {reason}. {_way_out(gm, node)}"
 
 
 def _way_out(gm: fx.GraphModule, blocker: fx.Node) -> str:
@@ -163,10 +200,10 @@ def _way_out(gm: fx.GraphModule, blocker: fx.Node) -> str:
             point = find_stream_point(gm, site)
         except TpcError:
             continue
-        if order[point.node] > order[blocker]:
+        if order[point.node] > order[blocker] and site.self_attention:
             after.append(site.layer)
     if after:
-        return f"Prune after layers {after[0]}-{sites[-1].layer} only: their tokens never reach this op"
+        return f"Prune after layers {layer_runs(after)} only: their tokens never reach this op"
     try:
         end = find_stream_point(gm, sites[-1], "block").node
     except TpcError:
@@ -175,21 +212,3 @@ def _way_out(gm: fx.GraphModule, blocker: fx.Node) -> str:
         return ("It reads the sequence after the last block: --restore (restore=True) brings every token back "
                 "there, dropped ones unchanged")
     return "No layer of this model can be pruned before it"
-
-
-class PropagateTokenAxis(Pass):
-    """Propagates every compaction not yet propagated, then runs the shared cleanup."""
-
-    name = "propagate_token_axis"
-
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        pending = [n for n in gm.graph.nodes if "tpc_compaction" in n.meta and not n.meta["tpc_compaction"]["propagated"]]
-        if not pending:
-            return PassResult(gm, False)
-        changed = 0
-        for gather in pending:
-            changed += propagate(gm, gather)
-            logger.debug("propagate_token_axis: layer %s, %d nodes rewritten or inserted",
-                         gather.meta["tpc_compaction"]["layer"], changed)
-        finish(gm)
-        return PassResult(gm, True)

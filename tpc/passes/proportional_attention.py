@@ -5,9 +5,7 @@ key to its logits:
 
     softmax(q kᵀ · s + mask)        ==>      softmax(q kᵀ · s + mask + log(size)[:, None, None, :])
 
-1. for each attention site, the latest compaction feeding its queries gives the sizes: a
-   merge's own, or, for a pruning step after a merge, the merge's sizes gathered with the
-   kept indices (``stream_sizes``);
+1. for each attention site, the latest merge feeding its queries gives the sizes;
 2. explicit attention: the bias is added to the softmax input; SDPA is written out as
    softmax(q kᵀ · s + mask + bias) · v (the ONNX export decomposes SDPA the same way, and
    SDPA with a float mask picks kernels whose output strides torch's decompositions trip on);
@@ -25,56 +23,54 @@ from tpc.graph import find_attention_sites
 from tpc.graph.nodes import ancestors, aten, val
 from tpc.passes.cleanup import finish
 from tpc.passes.infra import Pass, PassResult
-from tpc.passes.prune_methods import Builder, stream_sizes
-
-
-def _compacted(gm: fx.GraphModule) -> list[fx.Node]:
-    """The stream outputs of compactions, in graph order."""
-    return [n for n in gm.graph.nodes if "tpc_compaction" in n.meta]
+from tpc.passes.compaction import Builder, Role, compactions
+from tpc.passes.prune_methods import stream_sizes
 
 
 class ProportionalAttention(Pass):
     name = "proportional_attention"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        compacted = _compacted(gm)
-        if not any(n.meta["tpc_compaction"]["merge"] is not None for n in compacted):
+        records = compactions(gm)
+        if not any(c.merge is not None for c in records):
             return PassResult(gm, False)
         changed = False
         biases: dict[fx.Node, fx.Node] = {}
         for site in find_attention_sites(gm):
             upstream = ancestors(site.q)
-            feeding = [c for c in compacted if c in upstream]
-            sizes = stream_sizes(gm, feeding[-1].meta["tpc_compaction"]) if feeding else None
+            feeding = [c for c in records if c.out in upstream]
+            sizes = stream_sizes(gm, feeding[-1]) if feeding else None  # a merge's, or carried on by a later gather
             if sizes is None:
                 continue
             if len(val(site.q).shape) != 4:
                 raise TpcError(f"tome: proportional attention needs [B, H, N, d] queries at layer {site.layer} ({site.module})")
-            if sizes not in biases:
+            merge = sizes
+            if merge not in biases:
                 b = Builder(gm, sizes)
-                log = b.op(aten.log.default, sizes, role="score")
-                biases[sizes] = b.op(aten.view.default, log, [-1, 1, 1, val(sizes).shape[-1]], role="layout")
-            bias = biases[sizes]
+                log = b.op(aten.log.default, sizes, role=Role.MODEL)
+                biases[merge] = b.op(aten.view.default, log, [-1, 1, 1, val(sizes).shape[-1]], role=Role.MODEL)
+            bias = biases[merge]
             b = Builder(gm, _last_input(site.node))
             b.like = site.node
             if site.kind == "sdpa":
                 if site.is_causal or site.node.kwargs.get("enable_gqa"):
                     raise TpcError(f"tome: proportional attention does not support causal or grouped-query attention "
                                    f"(layer {site.layer}, {site.module})")
-                logits = b.op(aten.mul.Tensor, b.op(aten.matmul.default, site.q,
-                                                    b.op(aten.transpose.int, site.k, -2, -1, role="layout")), site.scale)
+                kt = b.op(aten.transpose.int, site.k, -2, -1, role=Role.MODEL)
+                logits = b.op(aten.mul.Tensor, b.op(aten.matmul.default, site.q, kt, role=Role.MODEL), site.scale,
+                              role=Role.MODEL)
                 if site.mask is not None and val(site.mask).dtype.is_floating_point:
-                    logits = b.op(aten.add.Tensor, logits, site.mask, role="score")
+                    logits = b.op(aten.add.Tensor, logits, site.mask, role=Role.MODEL)
                 elif site.mask is not None:
-                    neg = b.op(aten.full_like.default, logits, float("-inf"), role="score")
-                    logits = b.op(aten.where.self, site.mask, logits, neg, role="score")
-                probs = b.op(aten.softmax.int, b.op(aten.add.Tensor, logits, _like(b, bias, logits), role="score"), -1,
-                             role="score")
-                out = b.op(aten.matmul.default, probs, site.v, role="score")
+                    neg = b.op(aten.full_like.default, logits, float("-inf"), role=Role.MODEL)
+                    logits = b.op(aten.where.self, site.mask, logits, neg, role=Role.MODEL)
+                probs = b.op(aten.softmax.int, b.op(aten.add.Tensor, logits, _like(b, bias, logits), role=Role.MODEL), -1,
+                             role=Role.MODEL)
+                out = b.op(aten.matmul.default, probs, site.v, role=Role.MODEL)
                 site.node.replace_all_uses_with(out)
                 gm.graph.erase_node(site.node)  # SDPA counts as impure (dropout), so DCE would keep it
             else:
-                logits = b.op(aten.add.Tensor, site.node.args[0], _like(b, bias, site.node.args[0]), role="score")
+                logits = b.op(aten.add.Tensor, site.node.args[0], _like(b, bias, site.node.args[0]), role=Role.MODEL)
                 site.node.args = (logits, *site.node.args[1:])
             changed = True
         if changed:
@@ -85,7 +81,7 @@ class ProportionalAttention(Pass):
 def _like(b: Builder, bias: fx.Node, logits: fx.Node) -> fx.Node:
     """The (float32) bias in the logits' dtype, read when the graph runs: a module compiled in fp32
     and cast with ``.to(torch.bfloat16)`` adds a bf16 bias, and the softmax stays in the model's dtype."""
-    return b.op(aten.type_as.default, bias, logits, role="score")
+    return b.op(aten.type_as.default, bias, logits, role=Role.MODEL)
 
 
 def _last_input(node: fx.Node) -> fx.Node:

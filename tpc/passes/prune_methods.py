@@ -16,39 +16,15 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx
-from torch._guards import detect_fake_mode
 
 from tpc.errors import TpcError
 from tpc.graph import AttentionSite, StreamPoint
 from tpc.graph.nodes import aten, numeric_shape, val
 from tpc.methods import tome
 from tpc.methods.zero_tprune import auto_iterations, s_stage_drop_count
+from tpc.passes.compaction import Builder, Role, merge_sizes
 
 tpc_ops = torch.ops.tpc
-
-
-class Builder:
-    """Inserts nodes one after another, computing their fake values as it goes."""
-
-    def __init__(self, gm: fx.GraphModule, anchor: fx.Node):
-        self.graph = gm.graph
-        self.cursor = anchor
-        self.like = anchor
-        self.fake_mode = detect_fake_mode([val(anchor)])
-        self.inserted: list[fx.Node] = []
-
-    def op(self, target, *args, role: str = "score", value=None) -> fx.Node:
-        with self.graph.inserting_after(self.cursor):
-            node = self.graph.call_function(target, tuple(args))
-        if value is None:
-            with self.fake_mode:
-                value = target(*fx.node.map_aggregate(args, lambda a: val(a) if isinstance(a, fx.Node) else a))
-        node.meta["val"] = value
-        node.meta["nn_module_stack"] = self.like.meta.get("nn_module_stack", {})
-        node.meta["tpc_inserted"] = role
-        self.cursor = node
-        self.inserted.append(node)
-        return node
 
 
 @dataclass
@@ -67,51 +43,38 @@ class PruneContext:
 
 
 @dataclass
-class Compaction:
+class MethodOutput:
     out: fx.Node  # the new stream, [B, tokens, C]
     index: fx.Node  # [B, tokens]: the original position each output token stands for
     tokens: int
     merge: fx.Node | None = None  # a tpc.merge_tokens node: its output 1 holds the token sizes
 
 
-def merge_sizes(merge: fx.Node) -> fx.Node:
-    """The sizes output of a merge node; created right after it when dead-code elimination removed it."""
-    for user in merge.users:
-        if user.target is operator.getitem and user.args[1] == 1:
-            return user
-    with merge.graph.inserting_after(merge):
-        node = merge.graph.call_function(operator.getitem, (merge, 1))
-    node.meta.update(val=val(merge)[1], nn_module_stack=merge.meta.get("nn_module_stack", {}), tpc_inserted="gather")
-    return node
-
-
-def stream_sizes(gm: fx.GraphModule, record: dict) -> fx.Node | None:
+def stream_sizes(gm: fx.GraphModule, record) -> fx.Node | None:
     """[B, tokens_out]: the token sizes after compaction ``record`` (None when no merge is upstream).
 
-    A merge makes them; a later gather-based compaction carries them by gathering the sizes
-    of its input with its kept indices, so ToMe's proportional attention and later merges stay
-    exact when pruning follows merging. Nodes are made on demand (dead-code elimination may
-    have removed them) and reused when already there.
+    A merge makes them; a later gather-based compaction carries them by gathering the sizes of
+    its input with its kept indices, so proportional attention and later merges stay exact when
+    pruning follows merging. Made on demand and reused when already there.
     """
-    if record.get("merge") is not None:
-        return merge_sizes(record["merge"])
-    if record.get("carries") is None:
+    if record.merge is not None:
+        return merge_sizes(record.merge)
+    if record.carries is None:
         return None
-    source = stream_sizes(gm, record["carries"])
-    index = record["index"]
-    for user in index.users:
+    source = stream_sizes(gm, record.carries)
+    for user in record.index.users:
         if user.target is tpc_ops.gather_tokens.default and user.args[0] is source:
             return user
-    return Builder(gm, index).op(tpc_ops.gather_tokens.default, source, index, role="gather")
+    return Builder(gm, record.index).op(tpc_ops.gather_tokens.default, source, record.index, role=Role.GATHER)
 
 
 def query_key(b: Builder, site: AttentionSite) -> tuple[fx.Node, fx.Node]:
     """q and k of a site as [B, H, N, d]."""
-    k = site.k if site.k is not None else b.op(aten.transpose.int, site.k_transposed, -2, -1)
+    k = site.k if site.k is not None else b.op(aten.transpose.int, site.k_transposed, -2, -1, role=Role.SCORING)
     q = site.q
     if len(val(q).shape) == 3:
-        q = b.op(aten.view.default, q, [-1, site.heads, *numeric_shape(q)[1:]])
-        k = b.op(aten.view.default, k, [-1, site.heads, *numeric_shape(k)[1:]])
+        q = b.op(aten.view.default, q, [-1, site.heads, *numeric_shape(q)[1:]], role=Role.SCORING)
+        k = b.op(aten.view.default, k, [-1, site.heads, *numeric_shape(k)[1:]], role=Role.SCORING)
     return q, k
 
 
@@ -121,25 +84,25 @@ def keep_mask(b: Builder, site: AttentionSite) -> fx.Node | None:
     if mask is None:
         return None
     if site.mask_kind == "drop":
-        mask = b.op(aten.logical_not.default, mask)
+        mask = b.op(aten.logical_not.default, mask, role=Role.SCORING)
     if len(val(site.q).shape) == 3 and len(val(mask).shape) == 3 and numeric_shape(mask)[0] != 1:
-        mask = b.op(aten.view.default, mask, [-1, site.heads, *numeric_shape(mask)[1:]])
+        mask = b.op(aten.view.default, mask, [-1, site.heads, *numeric_shape(mask)[1:]], role=Role.SCORING)
     return mask
 
 
 def mean_keys(b: Builder, site: AttentionSite) -> fx.Node:
     """Head-averaged keys [B, N, d] (ToMe's matching metric)."""
     _q, k = query_key(b, site)
-    return b.op(aten.mean.dim, k, [1])
+    return b.op(aten.mean.dim, k, [1], role=Role.SCORING)
 
 
-def gather(b: Builder, ctx: PruneContext, index: fx.Node) -> Compaction:
-    out = b.op(tpc_ops.gather_tokens.default, ctx.stream, index, role="gather", value=val(ctx.stream))
-    return Compaction(out, index, ctx.prefix + ctx.kept)
+def gather(b: Builder, ctx: PruneContext, index: fx.Node) -> MethodOutput:
+    out = b.op(tpc_ops.gather_tokens.default, ctx.stream, index, role=Role.GATHER, value=val(ctx.stream))
+    return MethodOutput(out, index, ctx.prefix + ctx.kept)
 
 
 def select(b: Builder, ctx: PruneContext, scores: fx.Node) -> fx.Node:
-    return b.op(tpc_ops.select_topk.default, scores, ctx.kept, ctx.prefix, role="select")
+    return b.op(tpc_ops.select_topk.default, scores, ctx.kept, ctx.prefix, role=Role.SELECTION)
 
 
 def _needs_cls(ctx: PruneContext, method: str) -> None:
@@ -152,33 +115,40 @@ def _needs_cls(ctx: PruneContext, method: str) -> None:
         raise TpcError(f"layer {ctx.layer} uses causal attention: [CLS] attention cannot rank its tokens")
 
 
-def build_topk_cls(b: Builder, ctx: PruneContext) -> Compaction:
+def build_topk_cls(b: Builder, ctx: PruneContext) -> MethodOutput:
     _needs_cls(ctx, "topk-cls")
-    q, k = query_key(b, ctx.site)
-    scores = b.op(tpc_ops.cls_attention.default, q, k, ctx.site.scale, keep_mask(b, ctx.site))
+    if ctx.site.heads_mixed:  # talking heads: the softmax in the graph is the attention, q·kᵀ alone is not
+        scores = b.op(aten.mean.dim, b.op(aten.select.int, ctx.site.probs, -2, 0, role=Role.SCORING), [1],
+                      role=Role.SCORING)
+    else:
+        q, k = query_key(b, ctx.site)
+        scores = b.op(tpc_ops.cls_attention.default, q, k, ctx.site.scale, keep_mask(b, ctx.site), role=Role.SCORING)
     index = select(b, ctx, scores)
     if not ctx.options["fuse"] or ctx.prefix + ctx.kept == ctx.tokens:  # nothing dropped, nothing to fuse
         return gather(b, ctx, index)
-    out = b.op(tpc_ops.fuse_tokens.default, ctx.stream, scores, index, role="gather", value=val(ctx.stream))
-    first = b.op(aten.slice.Tensor, index, 1, 0, 1, role="index")
-    rep = b.op(aten.cat.default, [index, first], 1, role="index")  # the fused token stands at [CLS]'s place
-    return Compaction(out, rep, ctx.prefix + ctx.kept + 1)
+    out = b.op(tpc_ops.fuse_tokens.default, ctx.stream, scores, index, role=Role.GATHER, value=val(ctx.stream))
+    first = b.op(aten.slice.Tensor, index, 1, 0, 1, role=Role.SELECTION)
+    rep = b.op(aten.cat.default, [index, first], 1, role=Role.SELECTION)  # the fused token stands at [CLS]'s place
+    return MethodOutput(out, rep, ctx.prefix + ctx.kept + 1)
 
 
 def key_valid(b: Builder, site: AttentionSite) -> fx.Node:
-    """[B, N] or [N] bool: the keys the site's mask lets query 0 attend to (padding is False).
+    """[B, N] or [N] bool: the keys the site's mask lets some query attend to (padding is False).
 
-    The mask is right-aligned with the logits [B, H, N, N]; its row for query 0 with [B, H, N],
-    so the head dim (second from the right) is reduced and a batch dim, if present, kept.
+    A key no query may see is padding. Reading one query's row would not do: under a causal
+    mask query 0 sees key 0 only, which would rank every later real token as padding. The mask
+    is right-aligned with the logits [B, H, N, N]; reduced over queries it is [B, H, N], so the
+    head dim (second from the right) is reduced too and a batch dim, if present, kept.
     """
-    row = b.op(aten.select.int, keep_mask(b, site), -2, 0)
-    if val(row).dtype != torch.bool:
-        row = b.op(aten.gt.Scalar, row, -1e4)
+    mask = keep_mask(b, site)
+    if val(mask).dtype != torch.bool:
+        mask = b.op(aten.gt.Scalar, mask, -1e4, role=Role.SCORING)
+    row = b.op(aten.any.dim, mask, -2, role=Role.SCORING)
     rank = len(val(row).shape)
     if rank > 3:
         raise TpcError(f"layer {site.layer}: an attention mask of rank {rank + 1} is not one tpc can read")
     if rank >= 2:
-        row = b.op(aten.all.dim, row, rank - 2)
+        row = b.op(aten.all.dim, row, rank - 2, role=Role.SCORING)
     return row
 
 
@@ -186,77 +156,63 @@ def _valid(b: Builder, ctx: PruneContext) -> fx.Node | None:
     return None if ctx.site.mask is None else key_valid(b, ctx.site)
 
 
-def build_random(b: Builder, ctx: PruneContext) -> Compaction:
-    scores = b.op(tpc_ops.random_scores.default, ctx.stream, ctx.seed + ctx.layer)
+def build_random(b: Builder, ctx: PruneContext) -> MethodOutput:
+    scores = b.op(tpc_ops.random_scores.default, ctx.stream, ctx.seed + ctx.layer, role=Role.SCORING)
     valid = _valid(b, ctx)
     if valid is not None:  # padding ranks below every real token
-        scores = b.op(aten.where.ScalarOther, valid, scores, -1.0)
+        scores = b.op(aten.where.ScalarOther, valid, scores, -1.0, role=Role.SCORING)
     return gather(b, ctx, select(b, ctx, scores))
 
 
-def fused_attention(site: AttentionSite) -> fx.Node:
-    """Replace the site's SDPA by ``tpc.sparse_attention`` over every key: same output, plus the
-    [B, H, N] attention mass each key receives, from the one pass over q·kᵀ."""
-    b = Builder(site.node.graph.owning_module, site.node)
-    fused = b.op(tpc_ops.sparse_attention.default, site.q, site.k, site.v, None, site.scale)
-    out = b.op(operator.getitem, fused, 0, value=val(site.node))
-    mass = b.op(operator.getitem, fused, 1, role="score")
-    for node in (fused, out):  # the layer's own attention, rewritten: not scoring work
-        del node.meta["tpc_inserted"]
-        node.meta["tpc_rewritten"] = True
-    site.node.replace_all_uses_with(out)
-    site.node.graph.erase_node(site.node)  # SDPA counts as impure, so DCE would keep it
-    return mass
+def build_topk_mass(b: Builder, ctx: PruneContext) -> MethodOutput:
+    """Score = Σ_i A[i, j] averaged over heads: the attention token j receives (PoWER-BERT's significance).
 
-
-def build_topk_mass(b: Builder, ctx: PruneContext) -> Compaction:
-    """Score = Σ_i A[i, j] averaged over heads: the attention token j receives (PoWER-BERT's significance)."""
+    Explicit attention gives the probabilities; otherwise they are recomputed, and on a plain SDPA
+    layer ``fuse_attention_scores`` later takes them from the layer's own attention instead.
+    """
     site = ctx.site
-    fusable = (site.kind == "sdpa" and site.mask is None and ctx.sizes is None and not site.is_causal and len(val(site.q).shape) == 4
-               and val(site.k).shape == val(site.v).shape and val(site.q).shape[1] == val(site.k).shape[1])
     if site.probs is not None and len(val(site.probs).shape) == 4:
-        mass = b.op(aten.sum.dim_IntList, site.probs, [-2])
-    elif fusable:
-        mass = fused_attention(site)
-    else:  # a mask, grouped or merged heads: recompute the probabilities (a second pass over q·kᵀ)
+        probs = site.probs
+    else:
         q, k = query_key(b, site)
-        mass = b.op(aten.sum.dim_IntList, b.op(tpc_ops.attention_probs.default, q, k, site.scale, keep_mask(b, site)), [-2])
-    scores = b.op(aten.mean.dim, mass, [1])  # [B, N]: attention received, averaged over heads
+        probs = b.op(tpc_ops.attention_probs.default, q, k, site.scale, keep_mask(b, site), role=Role.SCORING)
+    mass = b.op(aten.sum.dim_IntList, probs, [-2], role=Role.SCORING)
+    scores = b.op(aten.mean.dim, mass, [1], role=Role.SCORING)  # [B, N]: attention received, averaged over heads
     return gather(b, ctx, select(b, ctx, scores))
 
 
-def build_zero_tprune(b: Builder, ctx: PruneContext) -> Compaction:
+def build_zero_tprune(b: Builder, ctx: PruneContext) -> MethodOutput:
     o = ctx.options
     site = ctx.site
     if site.probs is not None and len(val(site.probs).shape) == 4:
         probs = site.probs
     else:
         q, k = query_key(b, site)
-        probs = b.op(tpc_ops.attention_probs.default, q, k, site.scale, keep_mask(b, site))
+        probs = b.op(tpc_ops.attention_probs.default, q, k, site.scale, keep_mask(b, site), role=Role.SCORING)
     iterations = auto_iterations(ctx.layer, ctx.depth) if o["iterations"] == "auto" else int(o["iterations"])
-    importance = b.op(tpc_ops.weighted_pagerank.default, probs, iterations, float(o["v_min"]), float(o["v_max"]), None)
+    importance = b.op(tpc_ops.weighted_pagerank.default, probs, iterations, float(o["v_min"]), float(o["v_max"]), None, role=Role.SCORING)
     drop = s_stage_drop_count(ctx.tokens, ctx.prefix, ctx.kept, float(o["similarity"]))
     if drop > 0:
-        keep = b.op(tpc_ops.similarity_keep.default, importance, mean_keys(b, site), drop, ctx.prefix, str(o["partition"]))
-        importance = b.op(tpc_ops.weighted_pagerank.default, probs, iterations, float(o["v_min"]), float(o["v_max"]), keep)
+        keep = b.op(tpc_ops.similarity_keep.default, importance, mean_keys(b, site), drop, ctx.prefix, str(o["partition"]), role=Role.SCORING)
+        importance = b.op(tpc_ops.weighted_pagerank.default, probs, iterations, float(o["v_min"]), float(o["v_max"]), keep, role=Role.SCORING)
     return gather(b, ctx, select(b, ctx, importance))
 
 
-def _diverse(op, b: Builder, ctx: PruneContext) -> Compaction:
+def _diverse(op, b: Builder, ctx: PruneContext) -> MethodOutput:
     valid = _valid(b, ctx)
     padding = () if valid is None else (valid,)  # padding is picked only once the real tokens run out
-    return gather(b, ctx, b.op(op, ctx.stream, ctx.kept, ctx.prefix, *padding, role="select"))
+    return gather(b, ctx, b.op(op, ctx.stream, ctx.kept, ctx.prefix, *padding, role=Role.SELECTION))
 
 
-def build_kcenter(b: Builder, ctx: PruneContext) -> Compaction:
+def build_kcenter(b: Builder, ctx: PruneContext) -> MethodOutput:
     return _diverse(tpc_ops.kcenter.default, b, ctx)
 
 
-def build_divprune(b: Builder, ctx: PruneContext) -> Compaction:
+def build_divprune(b: Builder, ctx: PruneContext) -> MethodOutput:
     return _diverse(tpc_ops.divprune.default, b, ctx)
 
 
-def build_tome(b: Builder, ctx: PruneContext) -> Compaction:
+def build_tome(b: Builder, ctx: PruneContext) -> MethodOutput:
     r = ctx.tokens - ctx.prefix - ctx.kept
     limit = tome.max_merges(ctx.tokens, ctx.prefix)
     if r > limit:
@@ -268,16 +224,16 @@ def build_tome(b: Builder, ctx: PruneContext) -> Compaction:
     if ctx.site.mask is not None:
         raise TpcError(f"tome does not take attention masks yet (layer {ctx.layer}): padding could be merged into "
                        "real tokens; use topk-cls, topk-mass, zero-tprune, kcenter, divprune or random")
-    match = b.op(tpc_ops.bipartite_match.default, mean_keys(b, ctx.site), r, ctx.prefix, role="select")
-    index = b.op(operator.getitem, match, 0, role="select")
-    assign = b.op(operator.getitem, match, 1, role="select")
+    match = b.op(tpc_ops.bipartite_match.default, mean_keys(b, ctx.site), r, ctx.prefix, role=Role.SELECTION)
+    index = b.op(operator.getitem, match, 0, role=Role.SELECTION)
+    assign = b.op(operator.getitem, match, 1, role=Role.SELECTION)
     sizes = ctx.sizes
     if sizes is None:
-        sizes = b.op(aten.ones_like.default, b.op(aten.select.int, ctx.stream, -1, 0, role="layout"), role="score")
+        sizes = b.op(aten.ones_like.default, b.op(aten.select.int, ctx.stream, -1, 0, role=Role.GATHER), role=Role.GATHER)
     count = ctx.tokens - r
-    merge = b.op(tpc_ops.merge_tokens.default, ctx.stream, sizes, assign, count, True, role="gather")
-    out = b.op(operator.getitem, merge, 0, role="gather", value=val(ctx.stream))
-    return Compaction(out, index, count, merge)
+    merge = b.op(tpc_ops.merge_tokens.default, ctx.stream, sizes, assign, count, True, role=Role.GATHER)
+    out = b.op(operator.getitem, merge, 0, role=Role.GATHER, value=val(ctx.stream))
+    return MethodOutput(out, index, count, merge)
 
 
 def _number(name: str, value, low: float, high: float) -> None:
@@ -306,7 +262,7 @@ class PruneMethod:
     name: str
     paper: str
     summary: str
-    build: Callable[[Builder, PruneContext], Compaction]
+    build: Callable[[Builder, PruneContext], MethodOutput]
     options: dict = field(default_factory=dict)
     check: Callable[[dict], None] | None = None
     # ToMe's conventions: r clamped per layer to max_removal(tokens, prefix); every layer when none are named

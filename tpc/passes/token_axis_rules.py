@@ -3,7 +3,9 @@
 A tracked tensor maps each of its dims that carries tokens to an ``Axis``: ``inner`` is the
 product of the sizes merged to the right of the token atom in that dim (1 when the dim is
 the token axis itself; B when [N·B] was flattened, as nn.MultiheadAttention does) and
-``offset`` the number of leading prefix tokens sliced off (``x[:, 1:]``).
+``offset`` the number of leading prefix tokens sliced off (``x[:, 1:]``: 1), or minus the
+number of tokens put in front after the compaction (CaiT's class token: -1). The first
+``prefix - offset`` positions of such a dim hold the same tokens before and after pruning.
 
 A rule reads the *old* shapes (``meta['val']`` from before this compaction), returns the
 axes of the node's output (a dict, a list of dicts for tuple outputs, or ``None`` for an
@@ -119,6 +121,21 @@ def last_dims_op(count_of):
         return dict(axes)
 
     return rule
+
+
+def batch_norm(ctx, node: fx.Node):
+    """Batch norm in eval mode is a per-channel affine map on dim 1 (running statistics): it
+    carries the token axis unless tokens are the channels. In training mode it would average
+    over tokens, so that is refused."""
+    x = node.args[0]
+    packet = target_packet(node)
+    training = node.args[5] if packet is aten.batch_norm else False
+    if training:
+        raise Refusal("batch norm in training mode averages over the tokens")
+    axes = ctx.axes(x)
+    if 1 in axes:
+        raise Refusal("batch norm whose channels are the token axis")
+    return [dict(axes), None, None] if packet is aten._native_batch_norm_legit_no_training else dict(axes)
 
 
 def softmax(ctx, node: fx.Node):
@@ -300,6 +317,16 @@ def reshape(ctx, node: fx.Node):
     return out
 
 
+def reshape_as(ctx, node: fx.Node):
+    """``x.reshape_as(y)`` takes its sizes from y at run time: fine when y carries the tokens
+    where the reshape puts x's (LeViT: ``bn(x.flatten(0, 1)).reshape_as(x)``)."""
+    x, like = node.args[:2]
+    out = map_reshape(ctx, node, numeric_shape(x), numeric_shape(node), ctx.axes(x))
+    if ctx.axes(like) != out:
+        raise Refusal("reshapes the tokens to the shape of a tensor that holds them elsewhere")
+    return out
+
+
 def permute(ctx, node: fx.Node):
     x = node.args[0]
     rank = _rank(x)
@@ -347,7 +374,7 @@ def select(ctx, node: fx.Node):
         ax = axes[dim]
         old = ctx.atom_old(ax)
         idx = index + old if isinstance(index, int) and index < 0 else index
-        if ax.inner != 1 or ax.offset != 0 or not isinstance(idx, int) or idx >= ctx.prefix:
+        if ax.inner != 1 or not isinstance(idx, int) or idx >= ctx.prefix - ax.offset:
             raise Refusal(
                 f"reads token {index} on its own, and only the {ctx.prefix} prefix token(s) are kept in place"
             )
@@ -380,7 +407,7 @@ def slice_(ctx, node: fx.Node):
             node.args = (x, node.args[1], node.args[2], INT_MAX, *node.args[4:])
             ctx.mark_rewritten(node)
         return axes
-    if ax.offset == 0 and 0 <= start and end <= ctx.prefix:
+    if 0 <= start and end <= ctx.prefix - ax.offset:
         del axes[dim]
         return axes
     raise Refusal(f"slices tokens [{start}:{end}] of {old}, which pruning moves")
@@ -453,7 +480,7 @@ def cat(ctx, node: fx.Node):
     dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, rank)
     stack = target_packet(node) is aten.stack
     if not stack and any(dim in ctx.axes(t) for t in tensors):
-        raise Refusal("concatenates along the token axis")
+        return _cat_in_front(ctx, node, tensors, dim)
     if stack:
         shifted = []
         for t in tensors:
@@ -469,6 +496,27 @@ def cat(ctx, node: fx.Node):
     if new != tensors:
         node.args = (new, *node.args[1:])
     return out
+
+
+def _cat_in_front(ctx, node: fx.Node, tensors: list[fx.Node], dim: int):
+    """``cat([front…, x], dim=tokens)``: tokens that pruning does not touch, put in front of the stream.
+
+    Two forms meet here. Rotary ViTs (EVA-02) rotate only the patch tokens ``x[:, P:]`` and
+    join the prefix ``x[:, :P]`` back in front; CaiT puts its class token in front of the patch
+    tokens after the self-attention blocks. Untracked front pieces of ``f`` tokens before the one
+    tracked piece (offset ``o``) give a token axis of offset ``o - f``: its first ``prefix - o + f``
+    positions are the same tokens before and after pruning, the rest follow the kept tokens.
+    """
+    *front, last = tensors
+    ax = ctx.axes(last).get(dim)
+    if ax is None or ax.inner != 1 or any(dim in ctx.axes(t) for t in front):
+        raise Refusal("concatenates along the token axis")
+    rank = _rank(node)
+    wanted = {d: a for d, a in ctx.axes(last).items() if d != dim}
+    new = [meet(ctx, node, t, rank, wanted) for t in front] + [last]
+    if new != tensors:
+        node.args = (new, *node.args[1:])
+    return {**wanted, dim: Axis(1, ax.offset - sum(numeric_shape(t)[dim] for t in front))}
 
 
 def getitem(ctx, node: fx.Node):
@@ -494,6 +542,36 @@ def sym_size(ctx, node: fx.Node):
     return None
 
 
+def assert_metadata(ctx, node: fx.Node):
+    """``_assert_tensor_metadata(x, size?, stride?, dtype?)``, which torch.export emits for ``.to()``:
+    a check with no output. A size it asserts is rewritten like a reshape's; a stride across the
+    token axis is dropped (the new strides follow from the new sizes), the dtype and device checks stay."""
+    x = node.args[0]
+    axes = ctx.axes(x)
+    args = list(node.args) + [None] * (3 - len(node.args))
+    kwargs = dict(node.kwargs)
+    size = kwargs.get("size", args[1])
+    if size is not None and axes:
+        new = _rewrite_sizes(ctx, size, axes, list(val(x).shape))
+        if "size" in kwargs:
+            kwargs["size"] = new
+        else:
+            args[1] = new
+    if axes and (kwargs.get("stride", args[2]) is not None):
+        kwargs.pop("stride", None)
+        args[2] = None
+    args = tuple(args[:len(node.args)])
+    if args != tuple(node.args) or kwargs != dict(node.kwargs):
+        node.args, node.kwargs = args, kwargs
+        ctx.mark_rewritten(node)
+    return None
+
+
+def assert_value(ctx, node: fx.Node):
+    """``_assert_async(cond)`` and its functional form: a check on values, with no token-shaped output."""
+    return None
+
+
 def embedding(ctx, node: fx.Node):
     weight, ids = node.args[:2]
     if ctx.axes(weight):
@@ -504,12 +582,13 @@ def embedding(ctx, node: fx.Node):
 _EXPLICIT = {
     aten.softmax: softmax, aten._softmax: softmax, aten.log_softmax: softmax, aten._log_softmax: softmax,
     aten.layer_norm: last_dims_op(lambda n: len(n.args[1])),
+    aten.batch_norm: batch_norm, aten._native_batch_norm_legit_no_training: batch_norm,
     aten.rms_norm: last_dims_op(lambda n: len(n.args[1])),
     aten.linear: last_dims_op(lambda n: 1),
     aten.matmul: matmul, aten.bmm: matmul, aten.mm: matmul, aten.addmm: addmm,
     aten.scaled_dot_product_attention: sdpa,
     aten.view: reshape, aten.reshape: reshape, aten._unsafe_view: reshape, aten.flatten: reshape,
-    aten.unflatten: reshape, aten.squeeze: reshape, aten.unsqueeze: reshape,
+    aten.unflatten: reshape, aten.squeeze: reshape, aten.unsqueeze: reshape, aten.reshape_as: reshape_as,
     aten.permute: permute, aten.transpose: permute, aten.t: permute, aten.movedim: permute,
     aten.expand: expand,
     aten.select: select, aten.slice: slice_,
@@ -521,10 +600,13 @@ _EXPLICIT = {
     aten.zeros_like: same_shape, aten.ones_like: same_shape, aten.empty_like: same_shape,
     aten.full_like: same_shape, aten.lift_fresh_copy: same_shape,
     aten.masked_fill: pointwise, aten.where: pointwise,
+    aten.hardswish: pointwise,  # elementwise, but not tagged pointwise in torch
     aten.new_zeros: fresh_tensor, aten.new_ones: fresh_tensor, aten.new_empty: fresh_tensor,
     aten.new_full: fresh_tensor,
     aten.sym_size: sym_size,
     aten.embedding: embedding,
+    aten._assert_tensor_metadata: assert_metadata,
+    aten._assert_async: assert_value, aten._functional_assert_async: assert_value,
     operator.getitem: getitem,
 }
 _EXPLICIT.update({op: reduction for op in _REDUCTIONS})

@@ -38,6 +38,7 @@ from torch import fx
 from tpc.errors import TpcError
 from tpc.graph.nodes import describe, val
 from tpc.passes.cleanup import finish
+from tpc.passes.compaction import Role, mark_rewritten, set_role
 from tpc.passes.infra import Pass, PassResult
 from tpc.vlm import ops  # noqa: F401  (registers the tpc:: VLM ops)
 from tpc.vlm.graph import decoder_layers
@@ -47,6 +48,12 @@ tpc = torch.ops.tpc
 aten = torch.ops.aten
 
 METHODS = ("fastv", "divprune", "kcenter", "random")
+# What each inserted op is for (FLOPs and reports count by role); the rest (gathers, sizes) move tokens.
+_ROLES = {tpc.last_token_attention.default: Role.SCORING, tpc.random_scores.default: Role.SCORING,
+          aten.slice.Tensor: Role.SCORING, tpc.visual_index.default: Role.SELECTION,
+          tpc.select_topk.default: Role.SELECTION, tpc.divprune.default: Role.SELECTION,
+          tpc.kcenter.default: Role.SELECTION, tpc.keep_visual.default: Role.SELECTION,
+          aten.expand.default: Role.SELECTION}
 STATE = "tpc_vlm"  # gm.meta key: {"visual": the placeholder mask, "positions": last kept positions, "stages", "inserted"}
 
 
@@ -111,14 +118,14 @@ class PruneVisual(Pass):
             for user in list(node.users):
                 if user not in before and user not in inserted and user.op != "output":
                     user.replace_input_with(node, replacement)
-                    user.meta["tpc_rewritten"] = True
+                    mark_rewritten(user)
         output = next(iter(graph.find_nodes(op="output")))
         output.args = (tuple(output.args[0]) + (positions,),)  # the kept positions are graph outputs
         state["positions"] = positions
         state["stages"].append({"before_layer": self.before, "method": self.method, "visual_in": self.visual,
                                 "visual_out": self.keep, "kept": positions})
         for node in inserted:
-            node.meta["tpc_inserted"] = "vlm_prune"
+            set_role(node, _ROLES.get(node.target, Role.GATHER))
             node.meta["nn_module_stack"] = dict(cut.meta.get("nn_module_stack") or {})
         state["inserted"] |= inserted
         finish(gm, start=next(n for n in graph.nodes if n in inserted))
