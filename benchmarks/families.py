@@ -52,6 +52,7 @@ def _timm(name, **kw):
 
 def _whisper():
     config = hf.WhisperConfig(d_model=32, encoder_layers=3, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=8,
+                              decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64,
                               max_source_positions=16)
     return LastHidden(hf.WhisperModel(config).encoder, "input_features"), (torch.randn(2, 8, 32),)
 

@@ -14,7 +14,7 @@ import torch
 import tpc
 from tpc.capture import capture
 from tpc.graph import find_attention_sites
-from tpc.passes import InsertPrune, PassManager, PropagateTokenAxis
+from tpc.passes import InsertPrune, PassManager
 from models import sharpen
 from reference import eager_cait, eager_data2vec, eager_eva, eager_levit, eager_llama, eager_t5_encoder
 
@@ -163,7 +163,7 @@ def test_levit_batch_norm_carries_tokens_and_only_the_last_stage_prunes():
 
     def prune(layer, keep):
         pruned = copy.deepcopy(gm)
-        PassManager([InsertPrune("random", layer, keep, prefix=0), PropagateTokenAxis()])(pruned)
+        PassManager([InsertPrune("random", layer, keep, prefix=0)])(pruned)
         return pruned
 
     pruned = prune(4, 0.5)

@@ -62,7 +62,7 @@ def test_mixed_recipe_onnx_runtime_parity(tmp_path, name):
     factory, inputs, depth, _ = TEST_MODELS[name]
     pm = tpc.compile(factory(), inputs(2), recipe=_mixed(depth))
     path = tmp_path / "m.onnx"
-    tpc.export(pm, path)
+    tpc.export(pm, path, check=False)  # checked below, with the kept indices too
     import onnx
 
     probe, count = with_decision_outputs(onnx.load(path))
@@ -88,7 +88,7 @@ def test_single_pass_form_is_a_recipe_of_one_method():
 
 
 def test_recipe_file_round_trip(tmp_path):
-    factory, inputs, depth, _ = TEST_MODELS["timm_vit"]
+    factory, inputs, _, _ = TEST_MODELS["timm_vit"]
     model = factory()
     recipe = Recipe([Step(0, "tome", r=3), Step(2, "topk-cls", keep=0.5, options={"fuse": False})],
                     info={"model": "tiny", "metric": {"name": "agreement"}})
@@ -97,9 +97,8 @@ def test_recipe_file_round_trip(tmp_path):
     assert data["format"] == "tpc-recipe/1" and data["tpc_version"] == tpc.__version__ and data["model"] == "tiny"
     back = load_recipe(path)
     assert back.steps == recipe.steps and back.info["metric"] == {"name": "agreement"}
-    x = inputs(3, seed=2)
-    torch.testing.assert_close(tpc.compile(model, inputs(2), recipe=path)(*x),
-                               tpc.compile(model, inputs(2), recipe=recipe.steps)(*x))
+    pm = tpc.compile(model, inputs(2), recipe=path)  # the numbers a compiled file gives: tests/test_tune.py
+    assert [s.method for s in pm.report.sites if s.kept is not None] == ["tome", "topk-cls"]
 
 
 @pytest.mark.parametrize(("steps", "message"), [
@@ -129,9 +128,16 @@ def test_cli_compile_reads_a_recipe_and_refuses_recipe_with_layers(tmp_path, cap
 
     recipe = tmp_path / "r.json"
     Recipe([Step(0, "tome", r=2), Step(2, "random", keep=0.5)]).save(recipe)
-    out = tmp_path / "m.onnx"
-    assert main(["compile", "models:cli_tiny_vit", "--recipe", str(recipe), "-o", str(out)]) == 0
+    out = tmp_path / "m.pt2"
+    # .pt2, --no-check: test_mixed_recipe_onnx_runtime_parity runs mixed recipes' ONNX exports in ONNX Runtime
+    assert main(["compile", "models:cli_tiny_vit", "--recipe", str(recipe), "-o", str(out), "--no-check"]) == 0
     assert out.is_file() and "tome@0 r=2, random@2 keep 0.5" in capsys.readouterr().out
     assert main(["compile", "models:cli_tiny_vit", "--recipe", str(recipe), "--layers", "1", "-o", str(tmp_path / "x.onnx")]) == 1
     assert "--recipe replaces" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("flags", [{"keep": 0.5}, {"layers": [1]}, {"r": 2}, {"options": "fuse=True"}])
+def test_recipe_with_schedule_keywords_is_refused_before_loading(flags):
+    with pytest.raises(tpc.TpcError, match="give either a recipe or method/layers/keep/r/options, not both"):
+        tpc.compile("no-such-model", recipe=[{"layer": 0, "method": "tome", "r": 2}], **flags)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect as inspect_module
 import logging
 import os
 from pathlib import Path
@@ -27,14 +28,34 @@ BACKENDS = ("torch", "onnxruntime")
 INSERT_POINTS = ("attention", "block")
 
 
-def _resolve(model, example_inputs, **load_kwargs) -> tuple[nn.Module, tuple, str]:
+LOAD_KEYWORDS = ("weights", "random_weights", "model_args", "input_size")
+
+
+def _check_keywords(function: str, given: dict, accepted) -> None:
+    """Refuse a keyword ``function`` does not take, naming the nearest one it does."""
+    import difflib
+
+    for key in given:
+        if key not in accepted:
+            near = difflib.get_close_matches(key, list(accepted), n=1)
+            hint = f"; did you mean {near[0]}=?" if near else f"; it takes {', '.join(accepted)}"
+            raise TpcError(f"{function} has no keyword {key!r}{hint}")
+
+
+def _resolve(model, example_inputs, seed: int = 0, **load_kwargs) -> tuple[nn.Module, tuple, str]:
     if isinstance(model, (str, os.PathLike)):
-        loaded = models.load(str(model), **load_kwargs)
+        loaded = models.load(str(model), seed=seed, **load_kwargs)
         set_eval(loaded.module)  # tpc built this module: it is an inference model
         loaded.module.requires_grad_(False)
-        return loaded.module, example_inputs or loaded.example_inputs, loaded.name
+        inputs = loaded.example_inputs if example_inputs is None else example_inputs
+        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
+        return loaded.module, inputs if hasattr(inputs, "keys") else tuple(inputs), loaded.name  # keys: a VLM's
     if not isinstance(model, nn.Module):
         raise TpcError(f"tpc.compile takes an nn.Module or a model id, not {type(model).__name__}")
+    given = [k for k, v in load_kwargs.items() if v]
+    if given:
+        raise TpcError(f"{', '.join(given)} apply to model ids, which tpc loads; for an nn.Module, load the weights "
+                       "into it and pass example_inputs")
     if example_inputs is None and hasattr(getattr(model, "config", None), "model_type"):
         example_inputs = models.hf_example_inputs(model.config, model, None)  # a transformers model
     if example_inputs is None:
@@ -100,14 +121,25 @@ def _layer_infos(sites, kept: dict[int, int], removals: dict | None = None,
                       *removals.get(s.layer, (None, None)), methods.get(s.layer)) for s in sites]
 
 
-def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=0.7, r=None,
-            prefix: int | None = None, after: str = "attention", seed: int = 0, options: dict | None = None,
+def parse_options(options) -> dict | None:
+    """A method's options as a dict, also from the CLI's ``"key=value,key=value"`` string form."""
+    if options is None or isinstance(options, dict):
+        return options
+    if isinstance(options, str):
+        return models.parse_model_args(options)
+    raise TpcError(f"options is a dict such as {{'iterations': 3}} or a string such as 'iterations=3', "
+                   f"not a {type(options).__name__}")
+
+
+def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=None, r=None,
+            prefix: int | None = None, after: str = "attention", seed: int = 0, options: dict | str | None = None,
             restore: bool = False, backend: str = "torch", recipe=None, **load_kwargs) -> nn.Module:
     """Prune ``model``'s tokens after ``layers`` with ``method``; returns an nn.Module.
 
-    ``model`` is an ``nn.Module`` or a model id (see :func:`tpc.models.load`); ``keep`` is a
-    ratio, a list with one ratio per layer, or token counts (ints); ``r`` (as in ToMe) is
-    instead the number of tokens each layer removes: an int, a per-layer list, or ToMe's
+    ``model`` is an ``nn.Module`` or a model id (see :func:`tpc.models.load`, which takes
+    ``weights``, ``random_weights`` (drawn with ``seed``), ``model_args`` and ``input_size``);
+    ``keep`` is a ratio (default 0.7), a list with one ratio per layer, or token counts (ints);
+    ``r`` (as in ToMe) is instead the number of tokens each layer removes: an int, a per-layer list, or ToMe's
     ``(r, inflection)`` schedule, clamped per layer by the method (tome: as ToMe clamps it).
     ``layers=None`` is an error, except for tome, which then merges at every layer as ToMe does. ``after`` is "attention" (the block's
     MLP already runs on fewer tokens) or "block". ``options`` are the method's own settings
@@ -115,15 +147,25 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     dropped tokens unchanged, for models whose outputs need every position.
     ``recipe`` (a recipe.json path, a :class:`tpc.recipe.Recipe`, or a list of steps such as
     ``[{"layer": 0, "method": "tome", "r": 8}, {"layer": 4, "method": "topk-cls", "keep": 0.6}]``)
-    gives a method per layer instead of ``method``/``layers``/``keep``/``r``/``options``.
+    gives a method per layer instead of ``method``/``layers``/``keep``/``r``/``options``; its own
+    ``after`` and ``seed`` then prune (``seed`` still draws ``random_weights``).
     ``backend="onnxruntime"`` returns the ONNX Runtime session of the exported model, checked
     against the torch module.
     """
+    _check_keywords("tpc.compile", load_kwargs, COMPILE_KEYWORDS)
     if backend not in BACKENDS:
         raise TpcError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if recipe is not None and (layers is not None or keep is not None or r is not None or options):
+        raise TpcError("give either a recipe or method/layers/keep/r/options, not both")
+    if r is not None and keep is not None:
+        raise TpcError("--r and --keep both set how many tokens each layer keeps: pass one of them")
+    keep = 0.7 if keep is None else keep
+    if prefix is not None and (isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0):
+        raise TpcError(f"--prefix is the number of leading tokens always kept (0 or more), not {prefix!r}")
+    options = parse_options(options)
     resolved = None
     if recipe is None and _maybe_vlm(model, method, layers):
-        resolved = _resolve(model, example_inputs, **load_kwargs)
+        resolved = _resolve(model, example_inputs, seed, **load_kwargs)
         if vlm.is_vlm(resolved[0]):
             if r is not None or prefix is not None or restore or options or backend != "torch":
                 raise TpcError("a VLM takes method, layers, keep and seed only (r, prefix, restore, options and "
@@ -132,11 +174,10 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     if recipe is None and method in vlm.VLM_ONLY:
         raise TpcError(f"{method} prunes the visual tokens of a vision-language model ({', '.join(vlm.FAMILIES)}); "
                        f"{type(model).__name__ if isinstance(model, nn.Module) else model} is not one")
+    prune_seed = seed  # seed also draws --random-weights; a recipe brings its own for the pruning
     if recipe is not None:
-        if layers is not None or r is not None or options:
-            raise TpcError("give either a recipe or method/layers/keep/r/options, not both")
         loaded = load_recipe(recipe)
-        steps, after, seed = loaded.steps, loaded.after, loaded.seed
+        steps, after, prune_seed = loaded.steps, loaded.after, loaded.seed
     else:
         spec = get_method(method)
         options = spec.resolve_options(options)
@@ -148,13 +189,13 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
             steps = check_steps(steps_from_pass(method, layer_list, keep, r, options))
     if after not in INSERT_POINTS:
         raise TpcError(f"unknown insertion point {after!r}: choose one of {', '.join(INSERT_POINTS)}")
-    module, inputs, name = resolved or _resolve(model, example_inputs, **load_kwargs)
+    module, inputs, name = resolved or _resolve(model, example_inputs, seed, **load_kwargs)
     notes = _usage_notes(module)
     gm = capture(module, inputs)
     if recipe is None and layer_list is None:  # every layer: ToMe's r (a list padded with 0, or a schedule)
         depth = len(analyze(gm, name))
         steps = check_steps(steps_from_pass(method, list(range(depth)), keep, r, options, pad=True))
-    pruned = prune_graph(gm, inputs, name, steps, prefix=prefix, after=after, seed=seed, restore=restore, notes=notes)
+    pruned = prune_graph(gm, inputs, name, steps, prefix=prefix, after=after, seed=prune_seed, restore=restore, notes=notes)
     if backend == "onnxruntime":
         from tpc.exports import to_onnxruntime
 
@@ -196,6 +237,10 @@ def prune_graph(gm: fx.GraphModule, inputs: tuple, name: str, steps: list[Step],
     return TpcModule(gm, report, inputs)
 
 
+COMPILE_KEYWORDS = (*(name for name, p in inspect_module.signature(compile).parameters.items()
+                      if p.kind is p.KEYWORD_ONLY), *LOAD_KEYWORDS)
+
+
 def prunes(method: str, layers) -> bool:
     """Whether a compile with these settings prunes: layers are named, or the method (tome)
     prunes every layer by default."""
@@ -207,13 +252,14 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
 
     Without ``layers`` it describes the unpruned model (for tome: merging at every layer).
     """
+    _check_keywords("tpc.inspect", compile_kwargs, COMPILE_KEYWORDS)
     if compile_kwargs.get("method") in vlm.VLM_ONLY:
         return compile(model, example_inputs, **compile_kwargs).report
-    if not prunes(compile_kwargs.get("method", "topk-cls"), compile_kwargs.get("layers")) \
+    if not prunes(compile_kwargs.get("method") or "topk-cls", compile_kwargs.get("layers")) \
             and compile_kwargs.get("recipe") is None:
-        load_keys = ("weights", "random_weights", "model_args", "input_size")
-        load_kwargs = {k: compile_kwargs[k] for k in load_keys if k in compile_kwargs}
-        module, inputs, name = _resolve(model, example_inputs, **load_kwargs)
+        get_method(compile_kwargs.get("method") or "topk-cls").resolve_options(parse_options(compile_kwargs.get("options")))
+        load_kwargs = {k: compile_kwargs[k] for k in LOAD_KEYWORDS if k in compile_kwargs}
+        module, inputs, name = _resolve(model, example_inputs, compile_kwargs.get("seed", 0), **load_kwargs)
         if vlm.is_vlm(module):
             return vlm.describe(module, inputs)
         gm = capture(module, inputs)

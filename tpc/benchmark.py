@@ -23,7 +23,7 @@ def parse_batches(text) -> list[int]:
     return values
 
 
-def run_bench(model_id, method="topk-cls", layers=None, keep="0.7", backend="onnxruntime", batches="1,8",
+def run_bench(model_id, method="topk-cls", layers=None, keep=None, backend="onnxruntime", batches="1,8",
               threads=None, warmup=3, iters=10, repeats=5, load_kwargs=None, compile_kwargs=None) -> BenchResult:
     import tpc
     from tpc.capture import capture

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,11 +25,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pass", dest="method", help="pruning method (see `tpc passes`); default topk-cls")
     p.add_argument("--layers", help="layers after which to prune, 0-based, e.g. 3,6,9 (tome: every layer by default)")
-    p.add_argument("--keep", help="ratio kept per layer (0.7, the default), one per layer (0.9,0.8,0.7), or token counts (120)")
+    p.add_argument("--keep", help="ratio kept per layer (default 0.7), one per layer (0.9,0.8,0.7), or token counts (120)")
     p.add_argument("--prefix", type=int, help="number of prefix tokens always kept (default: found in the graph)")
     p.add_argument("--after", choices=("attention", "block"), default="attention",
                    help="prune after the attention residual (default; the MLP runs on fewer tokens) or after the block")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random method")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random method and of --random-weights (timm and Hugging Face alike); default 0")
     p.add_argument("--r", help="tokens removed per layer instead of --keep, as ToMe takes r: 16, one per layer 16,8,4, "
                                "or ToMe's schedule '(16,-0.5)' (r, inflection); tome clamps it per layer as ToMe does")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -37,7 +40,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="bring the full sequence back after the last block (dropped tokens unchanged), for dense outputs")
 
 
-PRUNE_DEFAULTS = {"method": "topk-cls", "keep": "0.7"}
+PRUNE_DEFAULTS = {"method": "topk-cls"}  # keep: None means 0.7 (tpc.compile)
 SCHEDULE_FLAGS = {"method": "--pass", "layers": "--layers", "keep": "--keep", "r": "--r", "option": "--option", "fuse": "--fuse"}
 
 
@@ -64,7 +67,7 @@ def _options(args) -> dict | None:
 
 def _load_kwargs(args) -> dict:
     return dict(weights=args.weights, random_weights=args.random_weights, model_args=args.model_args,
-                input_size=args.input_size)
+                input_size=args.input_size, seed=args.seed)
 
 
 def _prune_kwargs(args) -> dict:
@@ -78,7 +81,7 @@ def _compile_kwargs(args) -> dict:
         if args.schedule_given:
             raise TpcError(f"--recipe replaces {', '.join(args.schedule_given)}: give the recipe or the flags, not both")
         return dict(recipe=args.recipe, prefix=args.prefix, restore=args.restore, **_load_kwargs(args))
-    return dict(method=args.method, layers=args.layers, keep=args.keep, **_prune_kwargs(args), **_load_kwargs(args))
+    return {"method": args.method, "layers": args.layers, "keep": args.keep, **_prune_kwargs(args), **_load_kwargs(args)}
 
 
 def _describe_model(args) -> str:
@@ -288,7 +291,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that partial files are removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; SIGTERM, like Ctrl-C, unwinds so partial files are removed."""
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _fill_prune_defaults(args)
@@ -305,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tpc: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("tpc: terminated; nothing was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except Exception as err:  # a bug in tpc, not bad input: still one line, and no partial file (writes are atomic)
         if args.debug:
             raise

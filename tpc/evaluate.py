@@ -1,8 +1,9 @@
 """Accuracy of pruned models on labelled images, next to the unpruned model.
 
-Data: an ``.npz`` with ``images`` (uint8, NHWC or NCHW) and optional ``labels`` (the format
-of the CIFAR-10 test file), or an ImageFolder directory (one sub-directory per class).
-Images are scaled to [0, 1] and normalised with the model's mean/std. Reported per model:
+Data: an ``.npz`` with ``images`` (uint8 0-255, or float already in [0, 1]; NHWC or NCHW) and
+optional integer ``labels`` (the format of the CIFAR-10 test file), or an ImageFolder directory
+(one sub-directory per class). uint8 images are scaled to [0, 1]; all are normalised with the
+model's mean/std. Reported per model:
 top-1 (when labels exist) and agreement, the share of images where the pruned model
 predicts what the unpruned one predicts.
 """
@@ -25,7 +26,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 @dataclass
 class Dataset:
-    images: np.ndarray  # uint8 NCHW
+    images: np.ndarray  # NCHW, uint8 (0-255) or float32 in [0, 1]
     labels: np.ndarray | None
     source: str
 
@@ -38,15 +39,43 @@ def _to_nchw(images: np.ndarray, path) -> np.ndarray:
     return np.ascontiguousarray(images)
 
 
+def _array(data, key: str, path: Path) -> np.ndarray:
+    try:
+        return np.asarray(data[key])
+    except ValueError:  # numpy refuses object arrays without allow_pickle, which tpc never sets
+        raise TpcError(f"{str(path)!r}: {key!r} is an array of Python objects; save numbers "
+                       "(images uint8 or float in [0, 1], labels integers)") from None
+
+
+def _pixels(images: np.ndarray, path: Path) -> np.ndarray:
+    """uint8 images as they are; float images must already be scaled to [0, 1]."""
+    if images.dtype == np.uint8:
+        return images
+    if images.dtype.kind == "f" and images.size and np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1:
+        return images.astype(np.float32)
+    if images.dtype.kind == "f" and not images.size:
+        return images.astype(np.float32)
+    found = f"{images.dtype}" + (f" in [{images.min():g}, {images.max():g}]" if images.size and images.dtype.kind in "fiub" else "")
+    raise TpcError(f"{str(path)!r}: images must be uint8 (0-255) or float in [0, 1], not {found}")
+
+
 def load_npz(path: Path) -> Dataset:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise TpcError(f"{str(path)!r} is not an .npz file (a zip of arrays written by numpy.savez)")
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as err:
         raise TpcError(f"cannot read {str(path)!r} as .npz: {err}".splitlines()[0]) from err
     if "images" not in data.files:
         raise TpcError(f"{str(path)!r} has no 'images' array (it has: {', '.join(data.files) or 'nothing'})")
-    images = _to_nchw(np.asarray(data["images"]), path)
-    labels = np.asarray(data["labels"]).astype(np.int64) if "labels" in data.files else None
+    images = _to_nchw(_pixels(_array(data, "images", path), path), path)
+    labels = _array(data, "labels", path) if "labels" in data.files else None
+    if labels is not None:
+        if labels.dtype.kind not in "iu":
+            raise TpcError(f"{str(path)!r}: labels must be integer class indices, not {labels.dtype}")
+        labels = labels.astype(np.int64)
     if labels is not None and len(labels) != len(images):
         raise TpcError(f"{str(path)!r}: {len(images)} images but {len(labels)} labels")
     return Dataset(images, labels, str(path))
@@ -105,7 +134,9 @@ def batches(data: Dataset, mean, std, batch: int):
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     for start in range(0, len(data.images), batch):
-        x = torch.from_numpy(data.images[start:start + batch]).float().div_(255.0)
+        x = torch.from_numpy(data.images[start:start + batch]).float()
+        if data.images.dtype == np.uint8:
+            x = x.div_(255.0)
         yield start, (x - mean_t) / std_t
 
 

@@ -21,8 +21,11 @@ import ast
 import contextlib
 import importlib
 import os
+import pickle
 import socket
 import sys
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,33 +91,57 @@ def load_state_dict_file(path: str | os.PathLike) -> dict:
     """A state_dict from .safetensors or a torch file, without unpickling arbitrary objects."""
     path = Path(path)
     if not path.is_file():
-        raise TpcError(f"weights file {str(path)!r} does not exist")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise TpcError(f"weights file {str(path)!r} {what}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:
+            raise TpcError(f"weights file {str(path)!r} is corrupt: not a valid safetensors file ({err})") from None
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if not head.startswith(b"\x80"):  # torch.save's legacy format is a pickle, which starts with PROTO
+            raise TpcError(f"weights file {str(path)!r} is neither a torch checkpoint (torch.save) nor .safetensors")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says enough
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise TpcError(f"weights file {str(path)!r} holds pickled Python objects besides tensors, which tpc never "
+                       "unpickles: save model.state_dict() with torch.save, or a .safetensors file") from None
     except Exception as err:
-        raise TpcError(f"cannot read weights from {str(path)!r} as a state_dict (weights_only load): {err}".splitlines()[0]) from err
+        raise TpcError(f"weights file {str(path)!r} is corrupt or not a torch checkpoint: "
+                       f"{type(err).__name__}: {err}".splitlines()[0]) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict):
-        raise TpcError(f"{str(path)!r} holds a {type(state).__name__}, not a state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TpcError(f"{str(path)!r} holds a {type(state).__name__}, not a state_dict of tensors")
     return state
 
 
 def apply_weights(module: nn.Module, path: str | os.PathLike) -> None:
+    """Load ``path`` into ``module``; a mismatch names the first keys concerned and both shapes."""
     state = load_state_dict_file(path)
-    result = module.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        parts = []
-        if result.missing_keys:
-            parts.append(f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[0]})")
-        if result.unexpected_keys:
-            parts.append(f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})")
+    own = module.state_dict()
+    wrong = [f"{k} {list(v.shape)} in the file, {list(own[k].shape)} in the model"
+             for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    parts = []
+    if wrong:
+        parts.append(f"{len(wrong)} with other shapes (e.g. {wrong[0]})")
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if parts:
         raise TpcError(f"weights in {str(path)!r} do not fit the model: {', '.join(parts)}; check --model-args")
+    module.load_state_dict(state, strict=True)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -199,7 +226,6 @@ def _load_hf(model_id: str, weights, random_weights: bool, model_args: dict, inp
         cls = getattr(transformers, arch, None) if arch else None
         cls = cls or transformers.AutoModel
         if random_weights or weights is not None:
-            torch.manual_seed(0)
             module = cls.from_config(config) if cls is transformers.AutoModel else cls(config)
         else:
             try:
@@ -219,6 +245,14 @@ def _load_hf(model_id: str, weights, random_weights: bool, model_args: dict, inp
     return loaded
 
 
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Random initialisation drawn from ``seed``; the caller's RNG state is restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def _looks_like_hf(model_id: str) -> bool:
     path = Path(model_id)
     return (path / "config.json").is_file() or (model_id.count("/") == 1 and not path.exists())
@@ -226,14 +260,23 @@ def _looks_like_hf(model_id: str) -> bool:
 
 def _load_function(spec: str, input_size) -> LoadedModel:
     mod_name, fn_name = spec.rsplit(":", 1)
+    if not mod_name.strip() or not fn_name.strip():
+        raise TpcError(f"{spec!r} is not a model id: a module:function names both, e.g. benchmarks.cifar_vit:model")
     sys.path.insert(0, os.getcwd())
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
     except (ImportError, AttributeError) as err:
         raise TpcError(f"cannot import {spec!r}: {err}") from err
+    except Exception as err:
+        raise TpcError(f"importing {mod_name!r} for {spec!r} raised {_user_error(err)}") from err
     finally:
         sys.path.pop(0)
-    made = fn()
+    if not callable(fn):
+        raise TpcError(f"{spec!r} is a {type(fn).__name__}, not a function returning a model")
+    try:
+        made = fn()
+    except Exception as err:
+        raise TpcError(f"{spec!r} raised {_user_error(err)}") from err
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
         module, inputs = made
         inputs = inputs if isinstance(inputs, tuple) else (inputs,)
@@ -246,6 +289,16 @@ def _load_function(spec: str, input_size) -> LoadedModel:
     else:
         raise TpcError(f"{spec!r} returned {type(made).__name__}; it must return an nn.Module or (module, example_inputs)")
     return LoadedModel(spec, module, inputs)
+
+
+def _user_error(err: BaseException) -> str:
+    """``Type: message (at file:line)``, the line being the innermost frame of the user's code."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename != __file__]
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first}{where}"
 
 
 def _load_timm(name: str, weights, random_weights: bool, model_args: dict, input_size) -> LoadedModel:
@@ -301,23 +354,40 @@ def _timm_input_size(module: nn.Module, cfg: dict) -> tuple[int, ...]:
 
 
 def load(model_id: str, weights: str | None = None, random_weights: bool = False, model_args=None,
-         input_size=None) -> LoadedModel:
-    """Resolve a model id to a module and example inputs (batch of 2)."""
+         input_size=None, seed: int = 0) -> LoadedModel:
+    """Resolve a model id to a module and example inputs (batch of 2).
+
+    Randomly initialised weights (``random_weights``, or before ``weights`` are loaded) are drawn
+    with ``seed``, the same way for timm and Hugging Face models, without touching the global RNG.
+    """
     if random_weights and weights is not None:
         raise TpcError("--weights and --random-weights contradict each other: pass one")
     model_args = parse_model_args(model_args)
     input_size = parse_input_size(input_size)
+    if model_id.lower().endswith(".onnx"):
+        raise TpcError(f"{model_id!r} is an ONNX file: tpc compiles PyTorch models (a timm name, a Hugging Face id or "
+                       "directory, a .pt2 program, a module:function) and writes ONNX files as its output")
     if model_id.endswith(".pt2"):
+        given = [flag for flag, value in (("--weights", weights), ("--random-weights", random_weights),
+                                          ("--model-args", model_args), ("--input-size", input_size)) if value]
+        if given:
+            raise TpcError(f"{' and '.join(given)} cannot apply to a .pt2 program: it holds its own weights, "
+                           "architecture and input shape; drop them, or pass the model they belong to")
         loaded = _load_pt2(Path(model_id))
     elif ":" in model_id and not os.path.exists(model_id):
+        if model_args:
+            raise TpcError(f"--model-args cannot apply to {model_id!r}: your function builds the model, so give it "
+                           "the arguments itself")
         loaded = _load_function(model_id, input_size)
         if weights is not None:
             apply_weights(loaded.module, weights)
     elif model_id.startswith("timm/") or not _looks_like_hf(model_id):
         name = model_id[len("timm/"):] if model_id.startswith("timm/") else model_id
-        loaded = _load_timm(name, weights, random_weights, model_args, input_size)
+        with _seeded(seed):
+            loaded = _load_timm(name, weights, random_weights, model_args, input_size)
     else:
-        loaded = _load_hf(model_id, weights, random_weights, model_args, input_size)
+        with _seeded(seed):
+            loaded = _load_hf(model_id, weights, random_weights, model_args, input_size)
     if random_weights:
         loaded.notes.append("random weights")
     cfg = getattr(loaded.module, "pretrained_cfg", None) or {}

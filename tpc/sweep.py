@@ -12,6 +12,7 @@ from tpc import models
 from tpc.api import prunes
 from tpc.errors import TpcError
 from tpc.evaluate import accuracy, check_data_path, load_dataset, parse_floats, predict
+from tpc.exports.atomic import check_output_path
 
 
 @dataclass
@@ -53,7 +54,7 @@ def _runner(module, backend: str, example_inputs=None):
     return to_onnxruntime(module, example_inputs)
 
 
-def run_eval(model_id, data, method="topk-cls", layers=None, keep="0.7", sweep=None, mean=None, std=None,
+def run_eval(model_id, data, method="topk-cls", layers=None, keep=None, sweep=None, mean=None, std=None,
              backend="torch", batch=500, offset=0, limit=None, plot=None, load_kwargs=None, compile_kwargs=None,
              progress=None) -> EvalResult:
     import tpc
@@ -64,18 +65,32 @@ def run_eval(model_id, data, method="topk-cls", layers=None, keep="0.7", sweep=N
         raise TpcError(f"unknown backend {backend!r}: tpc eval runs torch or onnxruntime")
     if batch < 1:
         raise TpcError("--batch must be at least 1")
+    if offset < 0 or (limit is not None and limit < 1):
+        raise TpcError("--offset is 0 or more and --limit 1 or more")
     check_data_path(data)  # before loading the model: a typo should not cost a model load
+    if sweep and plot is None:
+        plot = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(model_id)).stem) + "_sweep.png"
+    if plot:
+        check_output_path(plot, "--plot")
+    user_mean, user_std = parse_floats(mean, "mean"), parse_floats(std, "std")
     loaded = models.load(str(model_id), **(load_kwargs or {}))
-    mean = parse_floats(mean, "mean") or loaded.mean
-    std = parse_floats(std, "std") or loaded.std
+    mean, std = user_mean or loaded.mean, user_std or loaded.std
     if mean is None or std is None:
         raise TpcError(f"{loaded.name} has no normalisation in its config: pass --mean and --std")
+    channels = loaded.input_size[0]
+    for flag, values in (("--mean", mean), ("--std", std)):
+        if len(values) not in (1, channels):
+            raise TpcError(f"{flag} has {len(values)} values but the model's images have {channels} channels: "
+                           f"give one value or {channels}")
     dataset = load_dataset(data, loaded.input_size)
+    total = len(dataset.images)
+    if total == 0:
+        raise TpcError(f"{data} holds no images")
+    if offset >= total:
+        raise TpcError(f"--offset {offset} skips all {total} images of {data}")
     end = None if limit is None else offset + limit
     dataset.images = dataset.images[offset:end]
     dataset.labels = None if dataset.labels is None else dataset.labels[offset:end]
-    if len(dataset.images) == 0:
-        raise TpcError(f"no images left after --offset {offset} --limit {limit}")
 
     base_flops = count_flops(capture(loaded.module, loaded.example_inputs)).total
     ref = predict(_runner(loaded.module, backend, loaded.example_inputs), dataset, mean, std, batch, "unpruned", progress)
@@ -88,9 +103,7 @@ def run_eval(model_id, data, method="topk-cls", layers=None, keep="0.7", sweep=N
             label = pm.report.recipe()
             preds = predict(_runner(pm, backend), dataset, mean, std, batch, label, progress)
             acc = accuracy(preds, ref, dataset.labels)
-            result.rows.append(EvalRow(label, method, str(k), pm.report.flops_after / 1e9, pm.report.flops_ratio, acc.top1, acc.agreement))
-    if sweep and plot is None:
-        plot = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(loaded.name).stem) + "_sweep.png"
+            result.rows.append(EvalRow(label, method, str(k) if k is not None else ",".join(pm.report.keep), pm.report.flops_after / 1e9, pm.report.flops_ratio, acc.top1, acc.agreement))
     if plot:
         from tpc.plot import accuracy_vs_flops
 

@@ -7,6 +7,7 @@ merges (ToMe) a merged-away token counts as dropped; its patch lives on in the t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    if path.is_dir():
+        raise TpcError(f"image {str(path)!r} is a directory: give one image file")
     if not path.is_file():
         raise TpcError(f"image {str(path)!r} does not exist")
     try:
@@ -111,7 +114,7 @@ def render(image: np.ndarray, positions: list[torch.Tensor], layers: list[int], 
     return Visualization(str(out), grid, ph, kept_counts, layers)
 
 
-def run_visualize(model_id, image_path, out, method="topk-cls", layers=None, keep="0.7", mean=None, std=None,
+def run_visualize(model_id, image_path, out, method="topk-cls", layers=None, keep=None, mean=None, std=None,
                   load_kwargs=None, compile_kwargs=None) -> Visualization:
     import tpc
     from tpc.evaluate import parse_floats
@@ -120,6 +123,8 @@ def run_visualize(model_id, image_path, out, method="topk-cls", layers=None, kee
     check_output_path(out)
     if Path(out).suffix.lower() != ".png":
         raise TpcError(f"tpc visualize writes a PNG: give -o with a .png name, not {str(out)!r}")
+    if Path(out).exists() and Path(image_path).exists() and os.path.samefile(out, image_path):
+        raise TpcError(f"-o {str(out)!r} is the input image: give another file name, so the image is not overwritten")
     loaded = models.load(str(model_id), **(load_kwargs or {}))
     size = loaded.input_size
     if len(size) != 3:

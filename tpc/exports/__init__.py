@@ -4,6 +4,7 @@ torch module it came from before it is written, and written atomically."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import onnx as onnx_lib  # plain `onnx` here would be shadowed by the tpc.exports.onnx submodule
@@ -13,7 +14,7 @@ from torch import nn
 from tpc.capture import capture, export_program
 from tpc.compiled import TpcModule
 from tpc.errors import TpcError
-from tpc.exports.atomic import atomic_output, check_output_path
+from tpc.exports.atomic import atomic_output, check_output_path, write_bytes
 from tpc.exports.checks import CheckResult, check_artifact, run_graph
 from tpc.exports.onnx import check_onnx, to_onnx
 from tpc.exports.onnxruntime import OrtModule
@@ -49,10 +50,10 @@ def to_onnxruntime(module: nn.Module, example_inputs=None, threads: int | None =
 
 def check_target(path: Path, batch=None, precision: str = "fp32") -> str:
     """Fail before any work when ``path`` cannot receive an artifact; returns its suffix."""
+    check_output_path(path)
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise TpcError(f"unknown artifact type {path.suffix or '(none)'!r} for {str(path)!r}: use .onnx, .pt2 or .plan")
-    check_output_path(path)
     if suffix == ".plan":
         from tpc.exports.tensorrt import PRECISIONS, parse_batch, require_tensorrt
 
@@ -75,21 +76,24 @@ def write_artifact(module: nn.Module, path: Path, example_inputs=None, check: bo
     if isinstance(module, OrtModule):
         if suffix != ".onnx":
             raise TpcError("an ONNX Runtime module can only be written as .onnx")
-        with atomic_output(path) as tmp:
-            tmp.write_bytes(module.onnx_bytes)
+        write_bytes(path, module.onnx_bytes)
         return None
     gm, inputs = _graph_and_inputs(module, example_inputs)
     result = None
     if suffix == ".onnx":
-        model = to_onnx(gm, inputs)
-        with atomic_output(path) as tmp:
-            onnx_lib.save(model, str(tmp))
+        data = to_onnx(gm, inputs).SerializeToString()
+        with atomic_output(path, len(data)) as tmp:
+            tmp.write_bytes(data)
             if check:
-                result = check_onnx(onnx_lib.load(str(tmp)), gm, check_batches(inputs), f"ONNX file {path.name}")
+                result = check_onnx(onnx_lib.load_from_string(data), gm, check_batches(inputs), f"ONNX file {path.name}")
     else:
-        ep = export_program(gm, inputs)
-        with atomic_output(path) as tmp:
-            torch.export.save(ep, str(tmp))
+        # Serialized in memory, written by Python: the archive's root folder is "archive" whatever the
+        # file is called (same inputs, same bytes), and a full disk is an OSError, not a C++ abort.
+        buffer = io.BytesIO()
+        torch.export.save(export_program(gm, inputs), buffer)
+        data = buffer.getvalue()
+        with atomic_output(path, len(data)) as tmp:
+            tmp.write_bytes(data)
             if check:
                 loaded = load_program(tmp).module()
 

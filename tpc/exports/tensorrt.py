@@ -168,7 +168,7 @@ def write_engine(gm: fx.GraphModule, inputs: tuple, path: Path, batch=None, prec
                  check_batches: list[tuple] | None = None) -> CheckResult | None:
     plan, typed_gm = graph_engine(gm, inputs, parse_batch(batch, int(inputs[0].shape[0])), precision)
     result = None
-    with atomic_output(path) as tmp:
+    with atomic_output(path, len(plan)) as tmp:
         tmp.write_bytes(plan)
         if check_batches:
             typed_batches = [cast_inputs(b, precision) for b in check_batches]
