@@ -66,6 +66,14 @@ def random_scores_slow(batch, tokens, seed):
     return out
 
 
+def ratio_kept(keep: float, available: int) -> int:
+    """ceil(keep × available), at least 1, with the ratio read as the nearest fraction of denominator
+    <= 10^6 (0.55 × 100 is 55, not float's 56): the rule tpc.schedule documents."""
+    from fractions import Fraction
+
+    return max(1, math.ceil(Fraction(keep).limit_denominator(10**6) * available))
+
+
 class R(int):
     """ToMe's r at one layer (tokens removed, clamped there as ToMe clamps it), in a schedule of keeps."""
 
@@ -113,7 +121,7 @@ def tome_merge_slow(keys, x, sizes, r, prefix):
 
 
 def _keep(tokens, prefix, keep):
-    return min(tokens - prefix, max(1, math.ceil(keep * (tokens - prefix)))) if isinstance(keep, float) else keep
+    return ratio_kept(keep, tokens - prefix) if isinstance(keep, float) else keep
 
 
 def _take(x, idx, state=None):

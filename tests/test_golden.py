@@ -12,16 +12,16 @@ import torch
 
 import tpc
 from models import TEST_MODELS
+from specs import SPECS, parse_spec
 from tpc.graph.printing import format_rewrites
 
 GOLDEN = Path(__file__).parent / "golden"
-METHODS = ("topk-cls", "random", "zero-tprune", "kcenter", "divprune", "tome", "topk-cls+fuse", "topk-mass")
-CASES = {f"{name}_{method}": (name, method) for name in TEST_MODELS for method in METHODS}
+CASES = {f"{name}_{spec}": (name, spec) for name in TEST_MODELS for spec in SPECS}
 
 
 def _compile(name, spec):
     factory, inputs, depth, _ = TEST_MODELS[name]
-    method, options = ("topk-cls", {"fuse": True}) if spec == "topk-cls+fuse" else (spec, None)
+    method, options = parse_spec(spec)
     pm = tpc.compile(factory(), inputs(2), method=method, layers=[1, depth - 1], keep=[0.5, 0.7], options=options)
     return pm, inputs
 
@@ -34,14 +34,9 @@ def _check_text(path: Path, text: str, update: bool):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_golden_graph(case, update_golden):
-    pm, _ = _compile(*CASES[case])
+def test_golden_graph_and_outputs(case, update_golden):
+    pm, inputs = _compile(*CASES[case])  # one compile per case for both the text and the numbers
     _check_text(GOLDEN / f"{case}.txt", format_rewrites(pm.graph_module), update_golden)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_golden_outputs(case, update_golden):
-    pm, inputs = _compile(*CASES[case])
     with torch.no_grad():
         out = pm(*inputs(3, seed=11)).numpy()
     path = GOLDEN / f"{case}.npz"

@@ -10,7 +10,13 @@ import torch
 
 from tpc.methods import divprune, kcenter, tome, zero_tprune
 
-G = torch.Generator().manual_seed(0)
+G = torch.Generator()
+
+
+@pytest.fixture(autouse=True)
+def _same_inputs_whatever_ran_before():
+    """Each test draws its inputs from a generator seeded afresh: results do not depend on test order."""
+    G.manual_seed(0)
 
 
 def cos_dist_slow(x):
@@ -152,12 +158,16 @@ def test_weighted_pagerank(iterations, v_min, v_max, with_keep):
     torch.testing.assert_close(got.double(), wpr_slow(attn, iterations, v_min, v_max, keep), atol=1e-5, rtol=1e-4)
 
 
-def test_weighted_pagerank_keeps_total_importance():
-    attn = torch.randn(1, 2, 9, 9, generator=G).softmax(-1)
-    s = torch.ones(1, 2, 9)
-    for _ in range(10):
-        s = torch.matmul(s.unsqueeze(-2), attn).squeeze(-2)
-    torch.testing.assert_close(s.sum(-1), torch.full((1, 2), 9.0))
+@pytest.mark.parametrize("with_keep", [False, True])
+def test_weighted_pagerank_keeps_total_importance(with_keep):
+    """A row-stochastic graph conserves Σ_j s_j (paper Eq. 2): with one head, EIR returns that head's
+    scores, so the kept tokens' importance sums to their count, after any number of iterations."""
+    attn = torch.randn(2, 1, 9, 9, generator=G).softmax(-1)
+    keep = torch.rand(2, 9, generator=G) > 0.4 if with_keep else torch.ones(2, 9, dtype=torch.bool)
+    keep[:, 0] = True
+    got = zero_tprune.weighted_pagerank(attn, 10, 0.0, math.inf, keep if with_keep else None)
+    torch.testing.assert_close(got.masked_fill(~keep, 0.0).sum(-1), keep.sum(-1).float())
+    assert bool((got[~keep] == -math.inf).all())
 
 
 @pytest.mark.parametrize("partition", ["sequential", "alternate"])

@@ -11,20 +11,18 @@ from torch import nn
 
 import tpc
 from models import TEST_MODELS, tiny_timm_vit
+from specs import SPECS, parse_spec
 from tpc.exports.checks import run_graph
 from tpc.exports.onnx import decision_names, with_decision_outputs
 
 STANDARD_DOMAINS = {"", "ai.onnx"}
 
 
-METHODS = ["topk-cls", "random", "zero-tprune", "kcenter", "divprune", "tome", "topk-cls+fuse", "topk-mass"]
-
-
 @pytest.mark.parametrize("name", list(TEST_MODELS))
-@pytest.mark.parametrize("spec", METHODS)
+@pytest.mark.parametrize("spec", SPECS)
 def test_onnx_runtime_parity_at_batch_1_and_5(tmp_path, name, spec):
     factory, inputs, depth, _ = TEST_MODELS[name]
-    method, options = ("topk-cls", {"fuse": True}) if spec == "topk-cls+fuse" else (spec, None)
+    method, options = parse_spec(spec)
     pm = tpc.compile(factory(), inputs(2), method=method, layers=[0, depth - 1], keep=[0.6, 0.5], options=options)
     path = tmp_path / "m.onnx"
     result = tpc.export(pm, path)

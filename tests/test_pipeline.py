@@ -11,21 +11,17 @@ import torch
 import tpc
 from models import TEST_MODELS
 from reference import EAGER
+from specs import SPECS, parse_spec
 
 
-METHODS = ["topk-cls", "random", "zero-tprune", "kcenter", "divprune", "tome", "topk-cls+fuse", "topk-mass"]
-
-
-def _method(spec):
-    return ("topk-cls", {"fuse": True}) if spec == "topk-cls+fuse" else (spec, None)
 
 
 @pytest.mark.parametrize("name", list(TEST_MODELS))
-@pytest.mark.parametrize("spec", METHODS)
+@pytest.mark.parametrize("spec", SPECS)
 def test_keep_one_reproduces_the_original(name, spec):
     factory, inputs, depth, _prefix = TEST_MODELS[name]
     model = factory()
-    method, options = _method(spec)
+    method, options = parse_spec(spec)
     pm = tpc.compile(model, inputs(2), method=method, layers=list(range(depth)), keep=1.0, options=options)
     for batch in (1, 2, 5):
         x = inputs(batch, seed=batch)
@@ -35,12 +31,12 @@ def test_keep_one_reproduces_the_original(name, spec):
 
 
 @pytest.mark.parametrize("name", list(TEST_MODELS))
-@pytest.mark.parametrize("spec", METHODS)
+@pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("schedule", [{0: 0.5}, {1: 0.7, 2: 0.5}, {0: 9, 2: 5}])
 def test_pruned_matches_eager_reference(name, spec, schedule):
     factory, inputs, _depth, prefix = TEST_MODELS[name]
     model = factory()
-    method, options = _method(spec)
+    method, options = parse_spec(spec)
     layers = sorted(schedule)
     pm = tpc.compile(model, inputs(2), method=method, layers=layers, keep=[schedule[i] for i in layers], options=options)
     assert pm.report.prefix == prefix

@@ -21,7 +21,7 @@ from torch import nn
 
 import tpc
 from models import sharpen
-from reference import select_slow
+from reference import ratio_kept, select_slow
 from tpc.methods import baseline
 
 FEATURES = 6
@@ -94,7 +94,7 @@ def eager(net: Net, x, schedule: dict, method: str):
         if i in schedule:
             n = h.shape[1]
             keep = schedule[i]
-            kept = min(n - p, max(1, math.ceil(keep * (n - p)))) if isinstance(keep, float) else keep
+            kept = ratio_kept(keep, n - p) if isinstance(keep, float) else keep
             if method == "random":
                 scores = baseline.hash_scores(h.shape[0], n, i)
             else:

@@ -36,5 +36,6 @@ def test_kept_count_rounds_up_like_evit():
     assert kept_count(1.0, 197, 1, 3) == 196
     assert kept_count(0.001, 197, 1, 3) == 1
     assert kept_count(50, 197, 1, 3) == 50
+    assert kept_count(0.55, 101, 1, 3) == 55  # exact: float's 0.55 * 100 is 55.00000000000001
     with pytest.raises(TpcError, match="cannot keep 197"):
         kept_count(197, 197, 1, 3)

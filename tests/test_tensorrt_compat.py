@@ -5,19 +5,19 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import tpc
 from models import TEST_MODELS
+from specs import SPECS, parse_spec
 from tpc.exports.onnx import to_onnx
+from tpc.exports.tensorrt import engine_onnx
 from tpc.exports.tensorrt_compat import tensorrt_problems
 
-METHODS = [("topk-cls", None), ("topk-cls", {"fuse": True}), ("zero-tprune", None), ("zero-tprune", {"iterations": 20}),
-           ("kcenter", None), ("divprune", None), ("tome", None), ("random", None), ("topk-mass", None)]
-
-
-@pytest.mark.parametrize("method, options", METHODS)
-def test_every_method_lowers_to_what_tensorrt_parses(method, options):
+@pytest.mark.parametrize("spec", [*SPECS, "zero-tprune+iterations=20"])
+def test_every_method_lowers_to_what_tensorrt_parses(spec):
+    method, options = parse_spec(spec)
     factory, inputs, depth, _ = TEST_MODELS["timm_vit"]
     pm = tpc.compile(factory(), inputs(2), method=method, layers=[0, depth - 1], keep=[0.6, 0.5], options=options)
     assert tensorrt_problems(to_onnx(pm.graph_module, inputs(2))) == []
@@ -64,6 +64,10 @@ def test_loop_bodies_are_checked():
     assert any("Loop node" in p and "Unique" in p for p in problems)
 
 
-def test_compile_checks_tensorrt_compatibility_on_request(tmp_path):
-    model = onnx.load_from_string(_model([helper.make_node("Unique", ["x"], ["y"])], [X], [Y]).SerializeToString())
-    assert tensorrt_problems(model)
+def test_an_engine_compile_refuses_what_the_parser_would_refuse():
+    """A real compile whose top-k keeps more than TensorRT's TopK takes (K <= 3840) is refused before any build."""
+    factory, _, _, _ = TEST_MODELS["transformer_encoder"]
+    x = torch.randn(2, 3900, 8, generator=torch.Generator().manual_seed(0))
+    pm = tpc.compile(factory(), (x,), method="topk-cls", layers=[0], keep=3850)
+    with pytest.raises(tpc.TpcError, match=r"TensorRT's ONNX parser would refuse this model: .*3840"):
+        engine_onnx(pm.graph_module, (x,))

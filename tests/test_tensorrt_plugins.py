@@ -59,8 +59,10 @@ def test_kept_indices_become_named_engine_outputs():
     out, kept0, kept1 = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     from tpc.exports.checks import run_graph
 
-    ref, replay = run_graph(pm.graph_module, (x,), forced=[torch.from_numpy(kept0), torch.from_numpy(kept1)])
+    ref, replay = run_graph(pm.graph_module, (x,))  # the torch graph's own decisions, not the engine's
     assert kept0.shape == (3, 1 + 8) and kept1.shape[1] < kept0.shape[1]
+    assert torch.equal(torch.from_numpy(kept0), replay.decisions[0])
+    assert torch.equal(torch.from_numpy(kept1), replay.decisions[1])
     torch.testing.assert_close(torch.from_numpy(out), ref[0], atol=1e-4, rtol=1e-4)
 
 

@@ -269,3 +269,48 @@ def test_golden_graph(llava, method, layers, update_golden):
     if update_golden:
         path.write_text(text)
     assert text == path.read_text(), f"{path.name} changed: review, then run pytest --update-golden"
+
+
+def test_keep_as_text_as_the_cli_gives_it():
+    from tpc.vlm.compile import stages_of
+    from tpc.vlm.family import spec_of
+
+    spec = spec_of(tiny_llava())
+    assert stages_of(spec, VISUAL, "fastv", "1", "0.25") == stages_of(spec, VISUAL, "fastv", 1, 0.25)
+    assert [s.visual_out for s in stages_of(spec, VISUAL, "fastv", "0,1", "0.5,0")] == [8, 0]
+    assert [s.visual_out for s in stages_of(spec, VISUAL, "random", None, "5")] == [5]
+    with pytest.raises(TpcError, match="--keep takes ratios"):
+        stages_of(spec, VISUAL, "random", None, "half")
+
+
+def test_a_saved_vlm_is_a_vlm_whatever_method_and_layers_it_is_given(tmp_path):
+    import tpc
+
+    tiny_llava().save_pretrained(tmp_path / "llava")
+    for method in ("divprune", "random"):  # methods encoders have too, with layers: still the VLM path
+        with pytest.raises(TpcError, match="beyond the language model's depth"):
+            tpc.compile(str(tmp_path / "llava"), method=method, layers=7)
+
+
+def test_tpc_imports_without_the_optional_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['transformers'] = None; import tpc, tpc.cli, tpc.benchmark, tpc.sweep, tpc.visualize"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr.strip().splitlines()[-1:]
+
+
+def test_commands_without_vlm_support_refuse_a_vlm_in_one_line(tmp_path):
+    from tpc.benchmark import run_bench
+    from tpc.sweep import run_eval
+    from tpc.visualize import run_visualize
+
+    tiny_llava().save_pretrained(tmp_path / "llava")
+    path = str(tmp_path / "llava")
+    for command, call in (("bench", lambda: run_bench(path, method="fastv", layers="1", backend="torch")),
+                          ("eval", lambda: run_eval(path, tmp_path, method="fastv", layers="1")),
+                          ("visualize", lambda: run_visualize(path, tmp_path / "x.png", tmp_path / "v.png", method="fastv", layers="1"))):
+        with pytest.raises(TpcError, match=f"tpc {command} does not take vision-language models yet") as err:
+            call()
+        assert "\n" not in str(err.value)

@@ -11,12 +11,12 @@ import torch
 from torch import fx, nn
 
 from tpc import models, vlm
-from tpc.capture import capture, set_eval
+from tpc.capture import capture, is_token_input, length_range, set_eval
 from tpc.compiled import CompileReport, LayerInfo, TpcModule
 from tpc.errors import TpcError
-from tpc.flops import count_flops
+from tpc.flops import count_flops, example_size, example_sizes
 from tpc.graph import count_prefix_tokens, find_attention_sites, find_stream_point
-from tpc.graph.nodes import numeric_shape
+from tpc.graph.nodes import val
 from tpc.passes import FuseAttentionScores, InsertPrune, PassManager, ProportionalAttention, compactions, get_method
 from tpc.passes.compaction import pruned_outputs
 from tpc.recipe import Step, check_steps, load_recipe, steps_from_pass
@@ -113,12 +113,51 @@ def analyze(gm: fx.GraphModule, name: str = "model") -> list:
     return sites
 
 
-def _layer_infos(sites, kept: dict[int, int], removals: dict | None = None,
+def _layer_infos(sites, kept: dict[int, int], removals: dict | None = None, sizes: dict | None = None,
                  methods: dict[int, str] | None = None) -> list[LayerInfo]:
-    """One row per attention site found before pruning; tokens are read from its queries now."""
+    """One row per attention site found before pruning; tokens are read from its queries now (with a
+    symbolic length, at the example length: ``sizes``)."""
     removals, methods = removals or {}, methods or {}
-    return [LayerInfo(s.layer, s.module, s.kind, s.heads, numeric_shape(s.q)[-2], kept.get(s.layer),
+    return [LayerInfo(s.layer, s.module, s.kind, s.heads, example_size(val(s.q).shape[-2], sizes or {}), kept.get(s.layer),
                       *removals.get(s.layer, (None, None)), methods.get(s.layer)) for s in sites]
+
+
+def _fix_length(inputs: tuple, seq_len: int | None) -> tuple:
+    """The example inputs with every token input at ``seq_len`` tokens (cut, or padded with padding
+    tokens: id 0, mask 0); unchanged when ``seq_len`` is None."""
+    if seq_len is None:
+        return inputs
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise TpcError(f"seq_len must be a token count >= 2, not {seq_len!r}")
+    if not any(is_token_input(x) for x in inputs):
+        raise TpcError("seq_len (--seq-len) fixes the length of token inputs ([B, N] integer tensors), and this model "
+                       "takes none: images keep the fixed size they were given")
+
+    def fit(x):
+        if not is_token_input(x):
+            return x
+        if x.shape[1] >= seq_len:
+            return x[:, :seq_len]
+        return torch.cat([x, x.new_zeros(x.shape[0], seq_len - x.shape[1])], dim=1)
+
+    return tuple(fit(x) for x in inputs)
+
+
+def _length_notes(gm: fx.GraphModule, keeps: list, inputs: tuple) -> list[str]:
+    """What a symbolic sequence length means for this compile, said once in the report."""
+    lengths = length_range(gm)
+    if lengths is None:
+        return []
+    example = next(x.shape[1] for x in inputs if is_token_input(x))
+    span = f"{lengths[0]} or more" if lengths[1] is None else f"{lengths[0]}-{lengths[1]}"
+    notes = [f"the sequence length is dynamic ({span} tokens): one graph serves every length; a ratio keeps "
+             f"ceil(ratio x n) of the n non-prefix tokens a layer sees (at least 1); the token counts and FLOPs above are "
+             f"at the example length {example}; seq_len=N (--seq-len N) fixes the length instead"]
+    counts = sorted({int(k) for k in keeps if isinstance(k, int) and not isinstance(k, bool)})
+    if counts:
+        notes.append(f"keep given as a token count ({', '.join(map(str, counts))}) is clamped to the non-prefix tokens a "
+                     "layer sees: shorter sequences keep all of theirs")
+    return notes
 
 
 def parse_options(options) -> dict | None:
@@ -133,7 +172,8 @@ def parse_options(options) -> dict | None:
 
 def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=None, r=None,
             prefix: int | None = None, after: str = "attention", seed: int = 0, options: dict | str | None = None,
-            restore: bool = False, backend: str = "torch", recipe=None, **load_kwargs) -> nn.Module:
+            restore: bool = False, backend: str = "torch", seq_len: int | None = None, recipe=None,
+            **load_kwargs) -> nn.Module:
     """Prune ``model``'s tokens after ``layers`` with ``method``; returns an nn.Module.
 
     ``model`` is an ``nn.Module`` or a model id (see :func:`tpc.models.load`, which takes
@@ -150,7 +190,9 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     gives a method per layer instead of ``method``/``layers``/``keep``/``r``/``options``; its own
     ``after`` and ``seed`` then prune (``seed`` still draws ``random_weights``).
     ``backend="onnxruntime"`` returns the ONNX Runtime session of the exported model, checked
-    against the torch module.
+    against the torch module. Text models (token inputs [B, N]) are captured with a dynamic
+    sequence length, so the pruned module and its artifacts take any length;
+    ``seq_len=N`` fixes the length at N instead (the example inputs cut or padded to N).
     """
     _check_keywords("tpc.compile", load_kwargs, COMPILE_KEYWORDS)
     if backend not in BACKENDS:
@@ -163,14 +205,20 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     if prefix is not None and (isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0):
         raise TpcError(f"--prefix is the number of leading tokens always kept (0 or more), not {prefix!r}")
     options = parse_options(options)
+
+    def compile_vlm(module, inputs):
+        encoder_only = (r, prefix, seq_len, given_options or None, restore or None, None if backend == "torch" else backend)
+        if any(v is not None for v in encoder_only):
+            raise TpcError("a VLM takes method, layers, keep and seed only (r, prefix, restore, options, seq_len and "
+                           "backends other than torch are for encoders)")
+        return vlm.compile_vlm(module, inputs, method=method, layers=layers, keep=keep, seed=seed)
+
+    given_options = options
     resolved = None
     if recipe is None and _maybe_vlm(model, method, layers):
         resolved = _resolve(model, example_inputs, seed, **load_kwargs)
         if vlm.is_vlm(resolved[0]):
-            if r is not None or prefix is not None or restore or options or backend != "torch":
-                raise TpcError("a VLM takes method, layers, keep and seed only (r, prefix, restore, options and "
-                               "backends other than torch are for encoders)")
-            return vlm.compile_vlm(resolved[0], resolved[1], method=method, layers=layers, keep=keep, seed=seed)
+            return compile_vlm(*resolved[:2])
     if recipe is None and method in vlm.VLM_ONLY:
         raise TpcError(f"{method} prunes the visual tokens of a vision-language model ({', '.join(vlm.FAMILIES)}); "
                        f"{type(model).__name__ if isinstance(model, nn.Module) else model} is not one")
@@ -190,8 +238,13 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     if after not in INSERT_POINTS:
         raise TpcError(f"unknown insertion point {after!r}: choose one of {', '.join(INSERT_POINTS)}")
     module, inputs, name = resolved or _resolve(model, example_inputs, seed, **load_kwargs)
+    if vlm.is_vlm(module):  # a VLM named by path, with a method and layers an encoder could take too
+        if recipe is not None:
+            raise TpcError("a recipe is for encoders; a VLM takes method, layers, keep and seed")
+        return compile_vlm(module, inputs)
+    inputs = _fix_length(inputs, seq_len)
     notes = _usage_notes(module)
-    gm = capture(module, inputs)
+    gm = capture(module, inputs, dynamic_length=seq_len is None)
     if recipe is None and layer_list is None:  # every layer: ToMe's r (a list padded with 0, or a schedule)
         depth = len(analyze(gm, name))
         steps = check_steps(steps_from_pass(method, list(range(depth)), keep, r, options, pad=True))
@@ -222,14 +275,16 @@ def prune_graph(gm: fx.GraphModule, inputs: tuple, name: str, steps: list[Step],
     PassManager(passes)(gm)
     removals = {p.layer: p.removal for p in passes if isinstance(p, InsertPrune) and p.removal is not None}
 
-    kept = {c.layer: c.tokens_out for c in compactions(gm)}
+    notes = [*notes, *_length_notes(gm, [s.amount for s in steps], inputs)]
+    sizes = example_sizes(gm)
+    kept = {c.layer: example_size(val(c.index).shape[1], sizes) for c in compactions(gm)}
     methods = {s.layer: s.method for s in steps}
     flops = count_flops(gm)
     names = list(dict.fromkeys(s.method for s in steps))
     report = CompileReport(
         model=name, method="+".join(names), layers=[s.layer for s in steps], keep=[str(s.amount) for s in steps],
         options=steps[0].options if len(names) == 1 else {s.layer: s.options for s in steps if s.options},
-        prefix=prefix, prefix_source=prefix_source, insert_after=after, sites=_layer_infos(sites, kept, removals, methods),
+        prefix=prefix, prefix_source=prefix_source, insert_after=after, sites=_layer_infos(sites, kept, removals, sizes, methods),
         flops_before=flops_before, flops_after=flops.total,
         flops_scoring=flops.scoring, pruned_outputs=pruned_outputs(gm),
         passes=[p.name for p in passes], notes=list(notes),
@@ -267,7 +322,7 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
         prefix, source = _prefix_of(gm, sites)
         flops = count_flops(gm).total
         return CompileReport(model=name, method=None, layers=[], keep=[], prefix=prefix, prefix_source=source,
-                             insert_after=compile_kwargs.get("after", "attention"), sites=_layer_infos(sites, {}),
+                             insert_after=compile_kwargs.get("after", "attention"), sites=_layer_infos(sites, {}, sizes=example_sizes(gm)),
                              flops_before=flops, flops_after=flops)
     return compile(model, example_inputs, **compile_kwargs).report
 

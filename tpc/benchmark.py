@@ -9,6 +9,7 @@ import torch
 from tpc import models
 from tpc.bench import BenchResult, BenchRow, inserted_share, machine_name, time_pair, torch_inserted_share
 from tpc.errors import TpcError
+from tpc.vlm.family import refuse_vlm
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -43,6 +44,7 @@ def run_bench(model_id, method="topk-cls", layers=None, keep=None, backend="onnx
     sizes = parse_batches(batches)
     threads = threads or os.cpu_count() or 1
     loaded = models.load(str(model_id), **(load_kwargs or {}))
+    refuse_vlm(loaded.module, "bench")
     pruned = tpc.compile(loaded.module, loaded.example_inputs, method=method, layers=layers, keep=keep,
                          **(compile_kwargs or {}))
     report = pruned.report

@@ -1,7 +1,11 @@
 """Capture a model as an aten graph with ``torch.export``, batch dimension dynamic.
 
 Every artifact tpc writes accepts any batch size, so capture marks dim 0 of every tensor
-input dynamic. The graph is captured in inference mode (eval) without touching the
+input dynamic. Token inputs (integer or bool tensors of rank 2: ``input_ids``,
+``attention_mask``, ``token_type_ids``) also get a dynamic sequence length (dim 1) unless
+``dynamic_length=False``: ``Dim.AUTO`` lets torch.export keep the length symbolic where the
+model allows it (bounded by its position table) and fixed where the model fixes it. Images
+keep their fixed size. The graph is captured in inference mode (eval) without touching the
 caller's module: training flags are set on the way in and restored on the way out.
 """
 
@@ -13,6 +17,7 @@ import warnings
 import torch
 from torch import fx, nn
 from torch.export import Dim
+from torch.utils._sympy.numbers import int_oo
 
 from tpc.errors import TpcError
 
@@ -37,11 +42,19 @@ def eval_mode(model: nn.Module):
             m.training = flag
 
 
-def dynamic_batch_shapes(example_inputs: tuple, example_kwargs: dict | None = None, batch=None):
+def is_token_input(x) -> bool:
+    """Token ids or a padding mask: an integer or bool tensor [B, N] whose dim 1 is the sequence."""
+    return isinstance(x, torch.Tensor) and x.dim() == 2 and not x.dtype.is_floating_point and not x.dtype.is_complex
+
+
+def dynamic_batch_shapes(example_inputs: tuple, example_kwargs: dict | None = None, batch=None,
+                         dynamic_length: bool = False):
     batch = batch or Dim("batch", min=1, max=MAX_BATCH)
 
     def spec(x):
-        return {0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return None
+        return {0: batch, 1: Dim.AUTO} if dynamic_length and is_token_input(x) else {0: batch}
 
     args = tuple(spec(x) for x in example_inputs)
     if example_kwargs:
@@ -49,15 +62,17 @@ def dynamic_batch_shapes(example_inputs: tuple, example_kwargs: dict | None = No
     return args, None
 
 
-def export_program(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> torch.export.ExportedProgram:
-    """torch.export with a dynamic batch; one clear error when the model cannot be captured.
+def export_program(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None,
+                   dynamic_length: bool = True) -> torch.export.ExportedProgram:
+    """torch.export with a dynamic batch (and sequence length of token inputs, see the module
+    docstring); one clear error when the model cannot be captured.
 
     The batch range is 1..MAX_BATCH unless the model itself bounds it (a loaded .pt2 keeps
     the range it was exported with): then the range torch.export infers is taken.
     """
     last = None
     for batch in (None, Dim.DYNAMIC):
-        args_spec, kwargs_spec = dynamic_batch_shapes(example_inputs, example_kwargs, batch)
+        args_spec, kwargs_spec = dynamic_batch_shapes(example_inputs, example_kwargs, batch, dynamic_length)
         if _variadic(model):
             args_spec = (args_spec,)  # forward(self, *xs): one spec for the whole tuple
         dynamic_shapes = args_spec if kwargs_spec is None else {**_by_position(model, args_spec), **kwargs_spec}
@@ -88,8 +103,23 @@ def _by_position(model: nn.Module, args_spec: tuple) -> dict:
     return dict(zip(names, args_spec))
 
 
-def capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> fx.GraphModule:
+def capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None,
+            dynamic_length: bool = True) -> fx.GraphModule:
     """The model as a GraphModule of aten ops with ``meta['val']`` on every node."""
     if example_inputs and isinstance(example_inputs[0], torch.Tensor) and example_inputs[0].shape[0] < 2:
         raise TpcError("example inputs need a batch of at least 2 so the batch dimension is captured as dynamic")
-    return export_program(model, example_inputs, example_kwargs).module()
+    return export_program(model, example_inputs, example_kwargs, dynamic_length).module()
+
+
+def length_range(gm: fx.GraphModule) -> tuple[int, int] | None:
+    """(min, max) of the graph's symbolic sequence length (dim 1 of a token input), None when fixed."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("val")
+        if is_token_input(value) and not isinstance(value.shape[1], int):
+            size = value.shape[1]
+            ranges = size.node.shape_env.var_to_range.get(size.node.expr)
+            low = int(ranges.lower) if ranges is not None else 2
+            bounded = ranges is not None and ranges.upper.is_finite and ranges.upper != int_oo  # int_oo says finite
+            high = int(ranges.upper) if bounded else None
+            return low, high
+    return None

@@ -38,6 +38,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fuse", action="store_true", help="topk-cls: append EViT's fused token (same as --option fuse=True)")
     p.add_argument("--restore", action="store_true",
                    help="bring the full sequence back after the last block (dropped tokens unchanged), for dense outputs")
+    p.add_argument("--seq-len", type=int, metavar="N",
+                   help="text models: fix the sequence length at N (default: dynamic, one artifact for every length)")
 
 
 PRUNE_DEFAULTS = {"method": "topk-cls"}  # keep: None means 0.7 (tpc.compile)
@@ -73,14 +75,14 @@ def _load_kwargs(args) -> dict:
 def _prune_kwargs(args) -> dict:
     """The compile settings besides method, layers and keep."""
     return dict(r=args.r, prefix=args.prefix, after=args.after, seed=args.seed, options=_options(args),
-                restore=args.restore)
+                restore=args.restore, seq_len=args.seq_len)
 
 
 def _compile_kwargs(args) -> dict:
     if getattr(args, "recipe", None):
         if args.schedule_given:
             raise TpcError(f"--recipe replaces {', '.join(args.schedule_given)}: give the recipe or the flags, not both")
-        return dict(recipe=args.recipe, prefix=args.prefix, restore=args.restore, **_load_kwargs(args))
+        return dict(recipe=args.recipe, prefix=args.prefix, restore=args.restore, seq_len=args.seq_len, **_load_kwargs(args))
     return {"method": args.method, "layers": args.layers, "keep": args.keep, **_prune_kwargs(args), **_load_kwargs(args)}
 
 

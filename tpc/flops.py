@@ -1,4 +1,5 @@
-"""FLOPs counted from a graph's shapes, at batch 1.
+"""FLOPs counted from a graph's shapes, at batch 1 (and, for a graph with a symbolic sequence
+length, at the length of the example inputs it was captured with).
 
 Counts multiply-accumulates (the convention of the ViT/DeiT papers, where DeiT-S is
 4.6 GFLOPs) for the ops that dominate a transformer: linear, matmul, convolution and
@@ -23,28 +24,58 @@ from tpc.graph.nodes import aten, target_packet, val
 from tpc.passes.compaction import Role, role_of
 
 
-def _shape(x) -> tuple[int, ...]:
-    """Concrete shape with every symbolic size (the batch) set to 1."""
+def _concrete(x, sizes: dict | None = None) -> tuple[int, ...]:
+    """Concrete shape: symbolic sizes evaluated with ``sizes`` (symbol -> value), others set to 1."""
     out = []
     for s in x.shape:
         if isinstance(s, int):
             out.append(s)
         else:
             expr = s.node.expr
-            out.append(int(expr.subs({sym: 1 for sym in expr.free_symbols})))
+            out.append(example_size(s, sizes or {}))
     return tuple(out)
 
 
-def _numel(x) -> int:
-    return math.prod(_shape(x))
+def example_size(size, sizes: dict) -> int:
+    """One size (an int or SymInt) at the example values ``sizes`` (see ``example_sizes``)."""
+    if isinstance(size, int):
+        return size
+    expr = size.node.expr
+    return int(expr.subs({sym: sizes.get(sym, 1) for sym in expr.free_symbols}))
 
 
-def node_macs(node: fx.Node) -> int:
+def example_sizes(gm: fx.GraphModule) -> dict:
+    """Symbol -> value for the FLOP count: the batch 1, every other symbol (a sequence length) its
+    value in the example inputs the graph was captured with."""
+    sizes = {}
+    batch = set()
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = val(node)
+        if not isinstance(value, torch.Tensor):
+            continue
+        for d, s in enumerate(value.shape):
+            if isinstance(s, int) or not s.node.expr.is_symbol:
+                continue
+            if d == 0:
+                batch.add(s.node.expr)
+            else:
+                sizes[s.node.expr] = int(s.node.shape_env.backed_var_to_val.get(s.node.expr, 1))
+    return {sym: v for sym, v in sizes.items() if sym not in batch}
+
+
+def node_macs(node: fx.Node, sizes: dict | None = None) -> int:
     if node.op != "call_function":
         return 0
     packet = target_packet(node)
     out = val(node)
     args = [val(a) if isinstance(a, fx.Node) else a for a in node.args]
+
+    def _shape(x):
+        return _concrete(x, sizes)
+
+    def _numel(x):
+        return math.prod(_concrete(x, sizes))
+
     if packet is aten.linear:
         return _numel(out) * _shape(args[0])[-1]
     if packet in (aten.matmul, aten.bmm, aten.mm):
@@ -58,7 +89,7 @@ def node_macs(node: fx.Node) -> int:
         q, k, v = (_shape(a) for a in args[:3])
         return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
     cost = TPC_OP_MACS.get(packet)
-    return cost(node) if cost is not None else 0
+    return cost(node, sizes) if cost is not None else 0
 
 
 @dataclass
@@ -78,19 +109,20 @@ class FlopCount:
 
 def count_flops(gm: fx.GraphModule) -> FlopCount:
     by_role = dict.fromkeys(Role, 0)
+    sizes = example_sizes(gm)
     for node in gm.graph.nodes:
-        by_role[role_of(node) or Role.MODEL] += node_macs(node)
+        by_role[role_of(node) or Role.MODEL] += node_macs(node, sizes)
     return FlopCount(sum(by_role.values()), by_role)
 
 
-def cls_attention_macs(node: fx.Node) -> int:
-    q, k = (_shape(val(a)) for a in node.args[:2])
+def cls_attention_macs(node: fx.Node, sizes: dict | None = None) -> int:
+    q, k = (_concrete(val(a), sizes) for a in node.args[:2])
     return q[0] * q[1] * k[-2] * q[-1]
 
 
-def sparse_attention_macs(node: fx.Node) -> int:
-    q, k = (_shape(val(a)) for a in node.args[:2])
-    keys = k[-2] if node.args[3] is None else _shape(val(node.args[3]))[-1]
+def sparse_attention_macs(node: fx.Node, sizes: dict | None = None) -> int:
+    q, k = (_concrete(val(a), sizes) for a in node.args[:2])
+    keys = k[-2] if node.args[3] is None else _concrete(val(node.args[3]), sizes)[-1]
     return math.prod(q[:-1]) * keys * 2 * q[-1]
 
 

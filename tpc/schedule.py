@@ -1,16 +1,17 @@
 """Pruning schedules: which layers prune, and how many tokens each keeps or removes.
 
 ``keep`` is one value for every pruning layer or a list with one value per layer. A float in
-(0, 1] is the fraction of the layer's non-prefix tokens kept (EViT's keep rate, rounded up);
-an int is the number of non-prefix tokens kept. ``r`` is ToMe's: tokens removed per layer,
+(0, 1] is the fraction of the layer's non-prefix tokens kept (EViT's keep rate, rounded up:
+``ceil(ratio × n)``, at least 1, in exact integer arithmetic so a graph with a symbolic length
+computes the same count); an int is the number of non-prefix tokens kept. ``r`` is ToMe's: tokens removed per layer,
 taken in every form ToMe's ``parse_r`` takes (an int, a per-layer list, an (r, inflection)
 schedule); a method may bound it per layer (tome clamps it as ToMe does).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from fractions import Fraction
 
 from tpc.errors import TpcError
 
@@ -158,6 +159,23 @@ def parse_removals(r, count: int, pad: bool = False) -> list[Removal]:
     return [Removal(v) for v in values]
 
 
+RATIO_DENOMINATOR = 10**6  # ratios are read to six digits, so ratio × length stays far from int64 overflow
+
+
+def ratio_fraction(keep: float) -> Fraction:
+    """The keep ratio as an exact fraction (0.7 -> 7/10), the form the graph computes with."""
+    return Fraction(keep).limit_denominator(RATIO_DENOMINATOR)
+
+
+def ratio_count(keep: float, available):
+    """ceil(keep × available) in integer arithmetic; ``available`` may be a symbolic size.
+
+    At least 1 for available >= 1 (keep > 0), at most ``available`` (keep <= 1).
+    """
+    f = ratio_fraction(keep)
+    return (available * f.numerator + (f.denominator - 1)) // f.denominator
+
+
 def kept_count(keep: KeepValue, tokens: int, prefix: int, layer: int) -> int:
     """Non-prefix tokens kept by a layer that sees ``tokens`` tokens, ``prefix`` of them prefix."""
     available = tokens - prefix
@@ -166,7 +184,7 @@ def kept_count(keep: KeepValue, tokens: int, prefix: int, layer: int) -> int:
             raise TpcError(f"layer {layer} sees {available} non-prefix tokens and cannot remove {int(keep)}")
         return available - keep
     if isinstance(keep, float):
-        return min(available, max(1, math.ceil(keep * available)))
+        return max(1, ratio_count(keep, available))
     if keep > available:
         raise TpcError(f"layer {layer} sees {available} non-prefix tokens and cannot keep {keep}")
     return keep

@@ -13,6 +13,7 @@ from tpc.api import prunes
 from tpc.errors import TpcError
 from tpc.evaluate import accuracy, check_data_path, load_dataset, parse_floats, predict
 from tpc.exports.atomic import check_output_path
+from tpc.vlm.family import refuse_vlm
 
 
 @dataclass
@@ -74,6 +75,7 @@ def run_eval(model_id, data, method="topk-cls", layers=None, keep=None, sweep=No
         check_output_path(plot, "--plot")
     user_mean, user_std = parse_floats(mean, "mean"), parse_floats(std, "std")
     loaded = models.load(str(model_id), **(load_kwargs or {}))
+    refuse_vlm(loaded.module, "eval")
     mean, std = user_mean or loaded.mean, user_std or loaded.std
     if mean is None or std is None:
         raise TpcError(f"{loaded.name} has no normalisation in its config: pass --mean and --std")

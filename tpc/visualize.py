@@ -17,6 +17,7 @@ from torch import fx
 
 from tpc import models
 from tpc.errors import TpcError
+from tpc.vlm.family import refuse_vlm
 
 GREY = (128, 128, 128)
 MIN_PANEL = 224
@@ -126,6 +127,7 @@ def run_visualize(model_id, image_path, out, method="topk-cls", layers=None, kee
     if Path(out).exists() and Path(image_path).exists() and os.path.samefile(out, image_path):
         raise TpcError(f"-o {str(out)!r} is the input image: give another file name, so the image is not overwritten")
     loaded = models.load(str(model_id), **(load_kwargs or {}))
+    refuse_vlm(loaded.module, "visualize")
     size = loaded.input_size
     if len(size) != 3:
         raise TpcError(f"{loaded.name} does not take images (its input is {list(size)}); visualize needs an image model")

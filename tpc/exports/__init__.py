@@ -11,7 +11,7 @@ import onnx as onnx_lib  # plain `onnx` here would be shadowed by the tpc.export
 import torch
 from torch import nn
 
-from tpc.capture import capture, export_program
+from tpc.capture import capture, export_program, is_token_input, length_range
 from tpc.compiled import TpcModule
 from tpc.errors import TpcError
 from tpc.exports.atomic import atomic_output, check_output_path, write_bytes
@@ -23,10 +23,19 @@ from tpc.pt2 import load_program
 SUFFIXES = (".onnx", ".pt2", ".plan")
 
 
-def check_batches(inputs: tuple) -> list[tuple]:
-    """The example batch and its first example alone: every artifact must accept both."""
+def check_batches(inputs: tuple, gm=None) -> list[tuple]:
+    """The example batch and its first example alone: every artifact must accept both. When
+    ``gm`` has a symbolic sequence length, also the example batch cut to about half its length
+    (every token input truncated): one artifact must serve every length."""
     first = tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in inputs)
-    return [first, inputs]
+    batches = [first, inputs]
+    lengths = length_range(gm) if gm is not None else None
+    if lengths is not None:
+        length = next(x.shape[1] for x in inputs if is_token_input(x))
+        short = max(lengths[0], (length + 1) // 2)
+        if short < length:
+            batches.append(tuple(x[:, :short] if is_token_input(x) else x for x in inputs))
+    return batches
 
 
 def _graph_and_inputs(module: nn.Module, example_inputs):
@@ -42,7 +51,7 @@ def to_onnxruntime(module: nn.Module, example_inputs=None, threads: int | None =
     """Export to ONNX, check in ONNX Runtime, and return the session as a module."""
     gm, inputs = _graph_and_inputs(module, example_inputs)
     model = to_onnx(gm, inputs)
-    check_onnx(model, gm, check_batches(inputs), "ONNX Runtime session")
+    check_onnx(model, gm, check_batches(inputs, gm), "ONNX Runtime session")
     ort_module = OrtModule(model.SerializeToString(), threads=threads, report=getattr(module, "report", None))
     ort_module.example_inputs = inputs
     return ort_module
@@ -72,7 +81,7 @@ def write_artifact(module: nn.Module, path: Path, example_inputs=None, check: bo
         from tpc.exports.tensorrt import write_engine
 
         gm, inputs = _graph_and_inputs(module, example_inputs)
-        return write_engine(gm, inputs, path, batch, precision, check_batches(inputs) if check else None)
+        return write_engine(gm, inputs, path, batch, precision, check_batches(inputs, gm) if check else None)
     if isinstance(module, OrtModule):
         if suffix != ".onnx":
             raise TpcError("an ONNX Runtime module can only be written as .onnx")
@@ -85,7 +94,7 @@ def write_artifact(module: nn.Module, path: Path, example_inputs=None, check: bo
         with atomic_output(path, len(data)) as tmp:
             tmp.write_bytes(data)
             if check:
-                result = check_onnx(onnx_lib.load_from_string(data), gm, check_batches(inputs), f"ONNX file {path.name}")
+                result = check_onnx(onnx_lib.load_from_string(data), gm, check_batches(inputs, gm), f"ONNX file {path.name}")
     else:
         # Serialized in memory, written by Python: the archive's root folder is "archive" whatever the
         # file is called (same inputs, same bytes), and a full disk is an OSError, not a C++ abort.
@@ -101,7 +110,7 @@ def write_artifact(module: nn.Module, path: Path, example_inputs=None, check: bo
                     outs, replay = run_graph(loaded, batch)
                     return outs, replay.decisions
 
-                result = check_artifact(gm, run, check_batches(inputs), f"program {path.name}")
+                result = check_artifact(gm, run, check_batches(inputs, gm), f"program {path.name}")
     return result
 
 

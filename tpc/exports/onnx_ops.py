@@ -61,19 +61,38 @@ def _is_bool(mask) -> bool:
     return mask is not None and mask.dtype == ir.DataType.BOOL
 
 
-def _sort_ascending(index, k: int):
+def _count(k):
+    """A count as TopK's K input ([1] int64): a constant, or the graph's own scalar when the
+    sequence length is symbolic (then K is computed at run time)."""
+    return _ints(k) if isinstance(k, int) else op.Reshape(op.Cast(k, to=INT64), _ints(1))
+
+
+def _any(k) -> bool:
+    """False only for a constant 0; a computed count is at least 1 (see ``tpc.schedule``)."""
+    return not isinstance(k, int) or k > 0
+
+
+def _length(x, dim: int):
+    """Size of ``dim``: an int when static, else a scalar int64 tensor read from the shape."""
+    size = x.shape[dim]
+    if isinstance(size, int) or str(size).isdigit():
+        return int(str(size))
+    return op.Squeeze(op.Shape(x, start=dim, end=dim + 1), _ints(0))
+
+
+def _sort_ascending(index, k):
     """Sort int64 positions ascending (TopK on float: exact below 2^24, and TensorRT-friendly)."""
-    ordered, _ = op.TopK(op.Cast(index, to=FLOAT), _ints(k), axis=1, largest=0, sorted=1)
+    ordered, _ = op.TopK(op.Cast(index, to=FLOAT), _count(k), axis=1, largest=0, sorted=1)
     return op.Cast(ordered, to=INT64)
 
 
-def _prefix_then(scores_like, prefix: int, rest, k: int):
+def _prefix_then(scores_like, prefix: int, rest, k):
     """Concat the prefix positions 0..P-1 (per example) and ``rest`` sorted ascending."""
     parts = []
     if prefix:
         pre = op.Unsqueeze(op.Range(op.Constant(value_int=0), op.Constant(value_int=prefix), op.Constant(value_int=1)), _ints(0))
         parts.append(op.Expand(pre, op.Concat(op.Shape(scores_like, start=0, end=1), _ints(prefix), axis=0)))
-    if k:
+    if _any(k):
         parts.append(_sort_ascending(rest, k))
     return parts[0] if len(parts) == 1 else op.Concat(*parts, axis=1)
 
@@ -127,11 +146,11 @@ def random_scores(x, seed: int):
     return op.Div(op.Cast(h, to=FLOAT), op.Constant(value_float=float(p)))
 
 
-def select_topk(scores, k: int, num_prefix: int):
+def select_topk(scores, k, num_prefix: int):
     best = None
-    if k:
+    if _any(k):
         rest = op.Slice(scores, _ints(num_prefix), _ints(INT64_MAX), _ints(1))
-        _, best = op.TopK(rest, _ints(k), axis=1, largest=1, sorted=1)
+        _, best = op.TopK(rest, _count(k), axis=1, largest=1, sorted=1)
         best = op.Add(best, op.Constant(value_int=num_prefix))
     return _prefix_then(scores, num_prefix, best, k)
 
@@ -246,27 +265,56 @@ def _cosine_distance(features):
     return op.Sub(op.Constant(value_float=1.0), op.MatMul(unit, op.Transpose(unit, perm=[0, 2, 1])))
 
 
-def _picked_distance(features, n: int):
+def _arange(n):
+    """[1, n] int64 positions 0..n-1 (n an int or a scalar tensor)."""
+    if isinstance(n, int):
+        return _const(np.arange(n, dtype=np.int64)[None])
+    return op.Unsqueeze(op.Range(op.Constant(value_int=0), n, op.Constant(value_int=1)), _ints(0))
+
+
+def _as_float(n):
+    return op.Constant(value_float=float(n)) if isinstance(n, int) else op.Cast(n, to=FLOAT)
+
+
+def _picked_distance(features, n):
     """1 - cos with -inf on the diagonal, so min(nearest, row of a pick) removes the pick itself."""
-    diag = _const(np.where(np.eye(n, dtype=bool), np.float32(-np.inf), np.float32(0.0))[None])
+    if isinstance(n, int):
+        diag = _const(np.where(np.eye(n, dtype=bool), np.float32(-np.inf), np.float32(0.0))[None])
+    else:
+        pos = _arange(n)
+        eye = op.Equal(op.Transpose(pos, perm=[1, 0]), pos)
+        diag = op.Unsqueeze(op.Where(eye, op.Constant(value_float=float("-inf")), op.Constant(value_float=0.0)), _ints(0))
     return op.Add(_cosine_distance(features), diag)
 
 
-def _greedy_taken(dist, nearest, count: int):
+def _minus_one(k):
+    return k - 1 if isinstance(k, int) else op.Sub(op.Cast(k, to=INT64), op.Constant(value_int=1))
+
+
+def _greedy_taken(dist, nearest, count):
     """Run ``count`` max-min picks; return the final distances (-inf marks every taken token).
 
     Only the set of picks matters (the kept positions are sorted afterwards), so the loop carries
     one [B, N] tensor and runs three ops per pick.
     """
-    return _farthest_loop(dist, nearest, op.Constant(value_int=count)) if count else nearest
+    if isinstance(count, int):
+        return _farthest_loop(dist, nearest, op.Constant(value_int=count)) if count else nearest
+    return _farthest_loop(dist, nearest, count)
 
 
-def _taken_positions(mind, n: int, count: int, offset: int = 0):
+def _plus(k, offset: int):
+    if isinstance(k, int):
+        return k + offset
+    return op.Add(op.Cast(k, to=INT64), op.Constant(value_int=offset)) if offset else k
+
+
+def _taken_positions(mind, n, count, offset: int = 0):
     """The ``count`` positions marked -inf in ``mind`` ([B, n]), ascending, plus ``offset``."""
     taken = op.Equal(mind, op.Constant(value_float=float("-inf")))
-    positions = op.Cast(_const(np.arange(n, dtype=np.int64)[None]), to=FLOAT)
-    keyed = op.Where(taken, positions, op.Constant(value_float=float(2 * n)))
-    ordered, _ = op.TopK(keyed, _ints(count), axis=1, largest=0, sorted=1)
+    positions = op.Cast(_arange(n), to=FLOAT)
+    beyond = op.Constant(value_float=float(2 * n)) if isinstance(n, int) else op.Mul(_as_float(n), op.Constant(value_float=2.0))
+    keyed = op.Where(taken, positions, beyond)
+    ordered, _ = op.TopK(keyed, _count(count), axis=1, largest=0, sorted=1)
     positions = op.Cast(ordered, to=INT64)
     return op.Add(positions, op.Constant(value_int=offset)) if offset else positions
 
@@ -279,19 +327,22 @@ def _row(dist, i):
     return op.GatherND(dist, i, batch_dims=1)  # dist [B, N, N], i [B, 1] -> [B, N]
 
 
-def _demote_padding(scores, valid, n: int):
+def _demote_padding(scores, valid, n):
     """As ``tpc.methods.kcenter.demote_padding``: padding at -4 - j/n, below every real token;
     -inf (already taken: the prefix) stays."""
     if valid is None:
         return scores
-    order = _const((-4.0 - np.arange(n, dtype=np.float32) / n)[None])
+    if isinstance(n, int):
+        order = _const((-4.0 - np.arange(n, dtype=np.float32) / n)[None])
+    else:
+        order = op.Sub(op.Constant(value_float=-4.0), op.Div(op.Cast(_arange(n), to=FLOAT), _as_float(n)))
     return op.Where(op.Or(valid, op.IsInf(scores, detect_positive=0)), scores, order)
 
 
-def kcenter(features, k: int, num_prefix: int, valid=None):
-    if k == 0:
+def kcenter(features, k, num_prefix: int, valid=None):
+    if not _any(k):
         return _prefix_then(features, num_prefix, None, 0)
-    n = _static(features, 1)
+    n = _length(features, 1)
     dist = _picked_distance(features, n)
     if num_prefix:  # the prefix tokens are the first centers (their own entries are -inf already)
         nearest = op.ReduceMin(op.Slice(dist, _ints(0), _ints(num_prefix), _ints(1)), _ints(1), keepdims=0)
@@ -301,14 +352,15 @@ def kcenter(features, k: int, num_prefix: int, valid=None):
         mean = op.ReduceMean(feats, _ints(1), keepdims=1)
         far = op.Slice(_cosine_distance(op.Concat(mean, feats, axis=1)), _ints(0, 1), _ints(1, INT64_MAX), _ints(1, 2))
         first = op.ArgMax(_demote_padding(op.Squeeze(far, _ints(1)), valid, n), axis=1, keepdims=1)
-        mind = _greedy_taken(dist, _demote_padding(_row(dist, first), valid, n), k - 1)
-    return _taken_positions(mind, n, num_prefix + k)
+        mind = _greedy_taken(dist, _demote_padding(_row(dist, first), valid, n), _minus_one(k))
+    return _taken_positions(mind, n, _plus(k, num_prefix))
 
 
-def divprune(features, k: int, num_prefix: int, valid=None):
-    if k == 0:
+def divprune(features, k, num_prefix: int, valid=None):
+    if not _any(k):
         return _prefix_then(features, num_prefix, None, 0)
-    n = _static(features, 1) - num_prefix
+    n = _length(features, 1)
+    n = n - num_prefix if isinstance(n, int) else op.Sub(n, op.Constant(value_int=num_prefix))
     dist = _picked_distance(op.Slice(features, _ints(num_prefix), _ints(INT64_MAX), _ints(1)), n)
     if valid is not None:
         valid = op.Slice(valid, _ints(num_prefix), _ints(INT64_MAX), _ints(-1))
@@ -316,7 +368,7 @@ def divprune(features, k: int, num_prefix: int, valid=None):
     nn = op.ReduceMin(op.Where(op.IsInf(dist, detect_positive=0), op.Constant(value_float=float("inf")), dist),
                       _ints(2), keepdims=0)
     first = op.ArgMax(_demote_padding(nn, valid, n), axis=1, keepdims=1)
-    mind = _greedy_taken(dist, _demote_padding(_row(dist, first), valid, n), k - 1)
+    mind = _greedy_taken(dist, _demote_padding(_row(dist, first), valid, n), _minus_one(k))
     return _prefix_then(features, num_prefix, _taken_positions(mind, n, k, num_prefix), k)
 
 

@@ -23,6 +23,7 @@ from tpc.errors import TpcError
 from tpc.exports.atomic import atomic_output
 from tpc.exports.checks import CheckResult, check_artifact
 from tpc.exports.onnx import KEPT, to_onnx, with_decision_outputs
+from tpc.capture import length_range
 from tpc.exports.tensorrt_compat import tensorrt_problems
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -166,6 +167,10 @@ def graph_engine(gm: fx.GraphModule, inputs: tuple, batch: tuple[int, int, int],
 
 def write_engine(gm: fx.GraphModule, inputs: tuple, path: Path, batch=None, precision: str = "fp32",
                  check_batches: list[tuple] | None = None) -> CheckResult | None:
+    if length_range(gm) is not None:
+        raise TpcError("a TensorRT engine needs a fixed sequence length (TopK takes a constant K, and this graph computes "
+                       "K from the length): compile with --seq-len N (seq_len=N) for a .plan, or write .onnx/.pt2, "
+                       "which take any length")
     plan, typed_gm = graph_engine(gm, inputs, parse_batch(batch, int(inputs[0].shape[0])), precision)
     result = None
     with atomic_output(path, len(plan)) as tmp:

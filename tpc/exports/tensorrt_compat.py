@@ -70,7 +70,7 @@ def _check_graph(graph: onnx.GraphProto, outer: dict, where: str) -> Iterable[st
         if node.op_type == "TopK":
             k = consts.get(node.input[1])
             if k is None:
-                yield f"{name}: K is computed at run time; TensorRT needs a constant K"
+                yield f"{name}: {RUNTIME_K}"
             elif int(getattr(k, "reshape", lambda *_: k)(-1)[0]) > TOPK_MAX_K:
                 yield f"{name}: K = {int(k.reshape(-1)[0])} exceeds TensorRT's TopK limit of {TOPK_MAX_K}"
         if node.op_type in ("ScatterElements", "ScatterND"):
@@ -85,11 +85,31 @@ def _check_graph(graph: onnx.GraphProto, outer: dict, where: str) -> Iterable[st
                 yield from _check_graph(attr.g, consts, f"{name} > ")
 
 
+def _dynamic_length(model: onnx.ModelProto) -> bool:
+    """A graph input of rank 2 or more whose dim 1 is symbolic (a token input of dynamic length)."""
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) >= 2 and not dims[1].HasField("dim_value"):
+            return True
+    return False
+
+
+RUNTIME_K = "K is computed at run time; TensorRT needs a constant K"
+DYNAMIC_LENGTH = ("the sequence length is dynamic, so every TopK K is computed from it at run time; TensorRT needs a "
+                  "constant K: compile with --seq-len N for a TensorRT engine")
+
+
 def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
-    """Every reason TensorRT's ONNX parser would refuse ``model`` (empty when it takes it)."""
+    """Every reason TensorRT's ONNX parser would refuse ``model`` (empty when it takes it).
+
+    A dynamic-length export is said once (``DYNAMIC_LENGTH``) instead of once per TopK.
+    """
     problems = []
     for opset in model.opset_import:
         if opset.domain in ("", "ai.onnx") and opset.version > MAX_OPSET:
             problems.append(f"opset {opset.version} is above the {MAX_OPSET} TensorRT 10 takes")
-    problems.extend(_check_graph(model.graph, {}, ""))
+    found = list(_check_graph(model.graph, {}, ""))
+    if _dynamic_length(model) and any(p.endswith(RUNTIME_K) for p in found):
+        found = [DYNAMIC_LENGTH] + [p for p in found if not p.endswith(RUNTIME_K)]
+    problems.extend(found)
     return problems

@@ -3,7 +3,7 @@
 Only the interesting part is printed: nodes tpc inserted (``+``), nodes whose shape
 arguments it rewrote (``~``), and their direct neighbours (`` ``), in graph order with
 ``...`` between chunks. Node names are normalized (``%add_3`` -> ``%add.0`` by order of
-appearance) and a symbolic batch prints as ``B``, so the text changes only when the rewrite
+appearance), a symbolic batch prints as ``B`` and a symbolic sequence length as ``N``, so the text changes only when the rewrite
 does.
 """
 
@@ -14,7 +14,7 @@ import re
 import torch
 from torch import fx
 
-from tpc.graph.nodes import shape_text, target_packet, val
+from tpc.graph.nodes import shape_text, symbol_names, target_packet, val
 from tpc.passes.compaction import is_rewritten, role_of
 
 
@@ -37,8 +37,10 @@ def _shape(value, symbols=None) -> str:
 
 
 def format_rewrites(gm: fx.GraphModule, symbols: dict[str, str] | None = None) -> str:
-    """The text; ``symbols`` names symbolic sizes (default: every symbol prints as B)."""
+    """The text; ``symbols`` names symbolic sizes (default: the graph's input symbols as
+    ``symbol_names`` reads them, B for a batch and N for a sequence length; any other as B)."""
     nodes = list(gm.graph.nodes)
+    symbols = {**symbol_names(gm), **(symbols or {})}
     marked = {n for n in nodes if role_of(n) is not None or is_rewritten(n)}
     show = set(marked)
     for n in marked:

@@ -19,7 +19,11 @@ Rewrite (for the stream tensor ``x`` of layer L, [B, N, C]):
 4. an ``r`` (tokens removed) is clamped to the method's bound at this layer (tome: ToMe's
    ``(tokens - prefix) // 2``), kept in ``self.removal`` for the report; r = 0 inserts nothing
    (``modified=False``), as ToMe's r = 0 leaves the layer alone;
-5. the compaction's record (:class:`tpc.passes.compaction.Compaction`) is attached to ``x'``,
+5. when the sequence length is symbolic (a text model captured with a dynamic length), the
+   count kept is computed in the graph from the incoming length ``n`` (``sym_size``): a ratio
+   keeps ``ceil(ratio × (n - P))``, a count ``min(count, n - P)`` (clamped), so one graph
+   serves every length;
+6. the compaction's record (:class:`tpc.passes.compaction.Compaction`) is attached to ``x'``,
    and the smaller token count is carried through every later node
    (:func:`tpc.passes.propagate_token_axis.propagate`) before the pass ends with ``finish()``:
    the graph this pass leaves is executable, as after every pass.
@@ -28,6 +32,7 @@ Rewrite (for the stream tensor ``x`` of layer L, [B, N, C]):
 from __future__ import annotations
 
 import logging
+import operator
 
 import torch
 from torch import fx
@@ -41,7 +46,7 @@ from tpc.passes.compaction import Builder, Compaction, Role, attach, compactions
 from tpc.passes.infra import Pass, PassResult
 from tpc.passes.propagate_token_axis import propagate
 from tpc.passes.prune_methods import PruneContext, get_method, stream_sizes
-from tpc.schedule import KeepValue, Removal, kept_count
+from tpc.schedule import KeepValue, Removal, kept_count, ratio_fraction
 
 logger = logging.getLogger("tpc.passes")
 
@@ -78,13 +83,17 @@ class InsertPrune(Pass):
                            f"{site.key_tokens} keys): tpc prunes self-attention layers; {_self_attention_layers(sites)}")
         point = find_stream_point(gm, site, self.after)
         tokens = point.tokens
+        symbolic = not isinstance(val(point.node).shape[point.token_dim], int)
         if tokens <= self.prefix:
             raise TpcError(f"layer {self.layer} sees {tokens} tokens, all of them prefix tokens: nothing to prune")
+        if symbolic and isinstance(self.keep, Removal):
+            raise TpcError(f"--r removes a fixed number of tokens, but layer {self.layer} sees a dynamic sequence length: "
+                           "give --keep as a ratio, or fix the length with --seq-len N")
         keep = self._bounded(self.keep, tokens)
         if keep == 0 and isinstance(keep, Removal):
             logger.debug("%s: r = 0, nothing to remove", self.name)
             return PassResult(gm, False)  # ToMe's r = 0: the layer is left as it is
-        kept = kept_count(keep, tokens, self.prefix, self.layer)
+        kept = None if symbolic else kept_count(keep, tokens, self.prefix, self.layer)
 
         b = Builder(gm, point.node)
         rank = len(val(point.node).shape)
@@ -95,6 +104,8 @@ class InsertPrune(Pass):
                 raise TpcError(f"layer {self.layer}: the stream at {point.node.name} has no visible batch dimension")
             to_canonical = [point.batch_dim, point.token_dim] + [d for d in range(rank) if d not in (point.batch_dim, point.token_dim)]
             stream = b.op(aten.permute.default, point.node, to_canonical, role=Role.GATHER)
+        if symbolic:
+            kept = self._kept_in_graph(b, stream)
 
         earlier = compactions(gm)
         sized = earlier[-1] if earlier and (earlier[-1].merge is not None or earlier[-1].carries is not None) else None
@@ -122,6 +133,16 @@ class InsertPrune(Pass):
         propagate(gm, record)
         finish(gm)
         return PassResult(gm, True)
+
+    def _kept_in_graph(self, b: Builder, stream: fx.Node) -> fx.Node:
+        """The non-prefix count kept, computed from the stream's symbolic length (see rule 5)."""
+        n = b.op(aten.sym_size.int, stream, 1, role=Role.SELECTION)
+        available = b.op(operator.sub, n, self.prefix, role=Role.SELECTION) if self.prefix else n
+        if isinstance(self.keep, int):
+            return b.op(torch.sym_min, available, self.keep, role=Role.SELECTION)
+        f = ratio_fraction(self.keep)
+        scaled = b.op(operator.add, b.op(operator.mul, available, f.numerator, role=Role.SELECTION), f.denominator - 1, role=Role.SELECTION)
+        return b.op(operator.floordiv, scaled, f.denominator, role=Role.SELECTION)
 
     def _bounded(self, keep: KeepValue, tokens: int) -> KeepValue:
         """An r clamped to the method's bound at this layer (tome: ToMe's (tokens - prefix) // 2)."""

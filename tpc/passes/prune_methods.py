@@ -33,7 +33,7 @@ class PruneContext:
     point: StreamPoint
     stream: fx.Node  # the stream in [B, N, C] layout
     tokens: int
-    kept: int  # non-prefix tokens to keep
+    kept: int | fx.Node  # non-prefix tokens to keep; a SymInt node when the length is symbolic
     prefix: int
     layer: int
     depth: int
@@ -96,9 +96,20 @@ def mean_keys(b: Builder, site: AttentionSite) -> fx.Node:
     return b.op(aten.mean.dim, k, [1], role=Role.SCORING)
 
 
+def dynamic_length(ctx: PruneContext) -> bool:
+    return isinstance(ctx.kept, fx.Node)
+
+
+def _fixed_length_only(ctx: PruneContext, what: str) -> None:
+    if dynamic_length(ctx):
+        raise TpcError(f"{what} needs a fixed sequence length, but layer {ctx.layer} sees a dynamic one: "
+                       "fix the length with --seq-len N (seq_len=N)")
+
+
 def gather(b: Builder, ctx: PruneContext, index: fx.Node) -> MethodOutput:
     out = b.op(tpc_ops.gather_tokens.default, ctx.stream, index, role=Role.GATHER, value=val(ctx.stream))
-    return MethodOutput(out, index, ctx.prefix + ctx.kept)
+    tokens = numeric_shape(index)[1] if dynamic_length(ctx) else ctx.prefix + ctx.kept
+    return MethodOutput(out, index, tokens)
 
 
 def select(b: Builder, ctx: PruneContext, scores: fx.Node) -> fx.Node:
@@ -117,6 +128,8 @@ def _needs_cls(ctx: PruneContext, method: str) -> None:
 
 def build_topk_cls(b: Builder, ctx: PruneContext) -> MethodOutput:
     _needs_cls(ctx, "topk-cls")
+    if ctx.options["fuse"]:
+        _fixed_length_only(ctx, "topk-cls with fuse=True")
     if ctx.site.heads_mixed:  # talking heads: the softmax in the graph is the attention, q·kᵀ alone is not
         scores = b.op(aten.mean.dim, b.op(aten.select.int, ctx.site.probs, -2, 0, role=Role.SCORING), [1],
                       role=Role.SCORING)
@@ -184,6 +197,8 @@ def build_topk_mass(b: Builder, ctx: PruneContext) -> MethodOutput:
 def build_zero_tprune(b: Builder, ctx: PruneContext) -> MethodOutput:
     o = ctx.options
     site = ctx.site
+    if float(o["similarity"]) > 0:
+        _fixed_length_only(ctx, "zero-tprune's similarity stage (option similarity > 0; similarity=0 works at any length)")
     if site.probs is not None and len(val(site.probs).shape) == 4:
         probs = site.probs
     else:
@@ -191,7 +206,7 @@ def build_zero_tprune(b: Builder, ctx: PruneContext) -> MethodOutput:
         probs = b.op(tpc_ops.attention_probs.default, q, k, site.scale, keep_mask(b, site), role=Role.SCORING)
     iterations = auto_iterations(ctx.layer, ctx.depth) if o["iterations"] == "auto" else int(o["iterations"])
     importance = b.op(tpc_ops.weighted_pagerank.default, probs, iterations, float(o["v_min"]), float(o["v_max"]), None, role=Role.SCORING)
-    drop = s_stage_drop_count(ctx.tokens, ctx.prefix, ctx.kept, float(o["similarity"]))
+    drop = 0 if dynamic_length(ctx) else s_stage_drop_count(ctx.tokens, ctx.prefix, ctx.kept, float(o["similarity"]))
     if drop > 0:
         keep = b.op(tpc_ops.similarity_keep.default, importance, mean_keys(b, site), drop, ctx.prefix, str(o["partition"]), role=Role.SCORING)
         importance = b.op(tpc_ops.weighted_pagerank.default, probs, iterations, float(o["v_min"]), float(o["v_max"]), keep, role=Role.SCORING)
@@ -213,6 +228,7 @@ def build_divprune(b: Builder, ctx: PruneContext) -> MethodOutput:
 
 
 def build_tome(b: Builder, ctx: PruneContext) -> MethodOutput:
+    _fixed_length_only(ctx, "tome (its merge count)")
     r = ctx.tokens - ctx.prefix - ctx.kept
     limit = tome.max_merges(ctx.tokens, ctx.prefix)
     if r > limit:

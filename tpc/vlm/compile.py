@@ -91,16 +91,26 @@ def stages_of(spec, visual: int, method: str, layers, keep) -> list[Stage]:
 
 
 def _values(keep, count: int) -> list:
+    """One keep value per stage; text as the CLI gives it ("0.25", "0.5,0") is parsed, 0 kept as 0."""
     if isinstance(keep, str):
-        keep = [v.strip() for v in keep.split(",") if v.strip()]
+        keep = [_text_value(v) for v in keep.split(",") if v.strip()]
         keep = keep[0] if len(keep) == 1 else keep
     return list(keep) if isinstance(keep, (list, tuple)) else [keep] * count
+
+
+def _text_value(text: str):
+    try:
+        if float(text) == 0:
+            return 0  # every visual token dropped (parse_keep refuses 0 for encoders)
+    except ValueError:
+        pass
+    return parse_keep(text, 1)[0]
 
 
 def _drop_all(keep, count: int) -> list[bool]:
     """Which stages keep 0 visual tokens (ToDRE's second stage drops every one left)."""
     values = _values(keep, count)
-    return [v in (0, "0") and not isinstance(v, bool) for v in values] if len(values) == count else [False] * count
+    return [v == 0 and not isinstance(v, bool) for v in values] if len(values) == count else [False] * count
 
 
 def compile_vlm(model: nn.Module, inputs, *, method: str = "fastv", layers=None, keep=0.5, seed: int = 0) -> VlmModule:

@@ -36,6 +36,13 @@ def is_vlm(model) -> bool:
     return type(model).__name__ in FAMILIES
 
 
+def refuse_vlm(model, command: str) -> None:
+    """One line for a command that does not take VLMs yet (they compile and export only)."""
+    if is_vlm(model):
+        raise TpcError(f"tpc {command} does not take vision-language models yet ({type(model).__name__}): use tpc "
+                       "compile / inspect, or benchmarks/vlm_speed.py for speed (docs/vlm.md)")
+
+
 def spec_of(model: nn.Module) -> VlmSpec:
     name = type(model).__name__
     if name not in FAMILIES:

@@ -11,15 +11,17 @@ holds, so every rotary distance is the unpruned model's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
-from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from tpc.errors import TpcError
 from tpc.vlm.family import VlmSpec, language_model
 from tpc.vlm.inputs import prompt_positions, visual_per_example
+
+if TYPE_CHECKING:  # transformers is an optional dependency: `import tpc` must work without it
+    from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
 
 
 @dataclass
@@ -61,6 +63,8 @@ class VlmModule(nn.Module):
         positions = prompt_positions(attention_mask)
         with torch.no_grad():
             out = self.gm(input_ids, pixel_values, attention_mask, positions)
+        from transformers import DynamicCache  # noqa: F811  (an optional dependency: imported when a VLM runs)
+
         n = self.spec.num_layers
         logits, kv, kept = out[0], out[1:1 + 2 * n], list(out[1 + 2 * n:])
         cache = DynamicCache()
@@ -89,6 +93,8 @@ class VlmModule(nn.Module):
     def generate(self, input_ids, pixel_values, attention_mask=None, max_new_tokens: int | None = None,
                  do_sample: bool | None = None, **generation_kwargs) -> torch.Tensor:
         """Prompt and new tokens, [B, S + new], as ``model.generate(**processor_outputs)`` returns them."""
+        from transformers import GenerationConfig
+
         config = GenerationConfig(**{**self.generation_config.to_dict(), **generation_kwargs,
                                      **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),
                                      **({"do_sample": do_sample} if do_sample is not None else {})})
@@ -134,6 +140,9 @@ def _decode_step(lm, head, token, position, valid, cache) -> torch.Tensor:
 
 def _warpers(config: GenerationConfig) -> LogitsProcessorList:
     """Sampling warpers in the order ``generate()`` applies them."""
+    from transformers import LogitsProcessorList
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
     out = LogitsProcessorList()
     if config.temperature is not None and config.temperature != 1.0:
         out.append(TemperatureLogitsWarper(config.temperature))
