@@ -237,6 +237,8 @@ def test_api_compiles_and_writes_a_checked_program(llava, tmp_path):
     report = tpc.inspect(model, inputs)
     assert report.visual_span == (3, 18) and report.visual == VISUAL
     assert report.layer_tokens == [24, 24, 24] and report.tower == "CLIPVisionModel"
+    pruned_report = tpc.inspect(model, inputs, method="divprune", keep=4)  # as tpc.compile: before the LM
+    assert pruned_report.layer_tokens == [12, 12, 12] and "divprune: visual 16 -> 4" in pruned_report.table()
 
 
 def _cli(*args):
@@ -314,3 +316,14 @@ def test_commands_without_vlm_support_refuse_a_vlm_in_one_line(tmp_path):
         with pytest.raises(TpcError, match=f"tpc {command} does not take vision-language models yet") as err:
             call()
         assert "\n" not in str(err.value)
+
+
+def test_generate_refuses_settings_it_would_ignore(llava):
+    model, inputs, program = llava
+    pruned = prune(model, program, inputs, method="random", keep=0.5)
+    for kwargs, message in (({"num_beams": 2}, "num_beams=2"), ({"repetition_penalty": 1.3}, "repetition_penalty"),
+                            ({"max_new_token": 3}, "no option 'max_new_token'")):
+        with pytest.raises(TpcError, match=message) as err:
+            pruned.generate(**inputs, max_new_tokens=2, **kwargs)
+        assert "\n" not in str(err.value)
+    pruned.generate(**inputs, max_new_tokens=2, num_beams=1, repetition_penalty=1.0)  # neutral values are fine

@@ -21,6 +21,7 @@ from tpc.passes import FuseAttentionScores, InsertPrune, PassManager, Proportion
 from tpc.passes.compaction import pruned_outputs
 from tpc.recipe import Step, check_steps, load_recipe, steps_from_pass
 from tpc.schedule import parse_keep, parse_layers, parse_removals, read_r
+from tpc.vlm.prune_visual import METHODS as VISUAL_METHODS
 
 logger = logging.getLogger("tpc")
 
@@ -316,6 +317,9 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
         load_kwargs = {k: compile_kwargs[k] for k in LOAD_KEYWORDS if k in compile_kwargs}
         module, inputs, name = _resolve(model, example_inputs, compile_kwargs.get("seed", 0), **load_kwargs)
         if vlm.is_vlm(module):
+            if compile_kwargs.get("method") in VISUAL_METHODS:  # no layers: pruned before the language model
+                settings = {k: v for k, v in compile_kwargs.items() if k not in LOAD_KEYWORDS}
+                return compile(module, inputs, **settings).report
             return vlm.describe(module, inputs)
         gm = capture(module, inputs)
         sites = analyze(gm, name)

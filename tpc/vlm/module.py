@@ -98,6 +98,7 @@ class VlmModule(nn.Module):
         config = GenerationConfig(**{**self.generation_config.to_dict(), **generation_kwargs,
                                      **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),
                                      **({"do_sample": do_sample} if do_sample is not None else {})})
+        _refuse_unsupported(config, generation_kwargs)
         eos = config.eos_token_id
         eos = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), dtype=torch.long)
         pad = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
@@ -126,6 +127,35 @@ class VlmModule(nn.Module):
                 valid = [torch.cat([v, torch.ones_like(v[:, :1])], 1) for v in valid]
                 logits = _decode_step(lm, head, token[:, None], position, valid, cache)
         return torch.cat(tokens, 1)
+
+
+# Generation settings this decoder does not implement, with the values that leave generate() unchanged:
+# any other value would make tokens differ from model.generate's without a word.
+_NEUTRAL = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
+            "encoder_repetition_penalty": 1.0, "typical_p": 1.0, "no_repeat_ngram_size": 0,
+            "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0, "epsilon_cutoff": 0.0,
+            "eta_cutoff": 0.0, "diversity_penalty": 0.0, "penalty_alpha": None, "bad_words_ids": None, "min_p": None,
+            "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None,
+            "begin_suppress_tokens": None, "sequence_bias": None, "guidance_scale": None,
+            "exponential_decay_length_penalty": None, "watermarking_config": None, "prompt_lookup_num_tokens": None,
+            "top_h": None, "stop_strings": None, "max_time": None, "return_dict_in_generate": False,
+            "output_scores": False, "output_logits": False, "output_attentions": False, "output_hidden_states": False}
+_SUPPORTED = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
+              "pad_token_id", "bos_token_id"}
+
+
+def _refuse_unsupported(config: GenerationConfig, given: dict) -> None:
+    """One line for a generation setting ``generate`` would otherwise ignore (from the call or the model's config)."""
+    unknown = sorted(k for k in given if k not in _SUPPORTED and k not in _NEUTRAL)
+    if unknown:
+        raise TpcError(f"generate() of a pruned VLM has no option {unknown[0]!r}: it takes "
+                       f"{', '.join(sorted(_SUPPORTED))}")
+    for name, neutral in _NEUTRAL.items():
+        value = getattr(config, name, None)
+        if value is not None and value != neutral:
+            where = "given" if name in given else "set in the model's generation_config"
+            raise TpcError(f"generate() of a pruned VLM does greedy or sampled decoding with temperature/top-k/top-p "
+                           f"only; {name}={value!r} ({where}) is not implemented: pass {name}={neutral!r}")
 
 
 def _decode_step(lm, head, token, position, valid, cache) -> torch.Tensor:
