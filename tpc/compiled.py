@@ -18,6 +18,7 @@ class LayerInfo:
     kept: int | None = None  # tokens after the layer's pruning step, when it prunes
     r_asked: int | None = None  # the r the schedule gave this layer, when pruning by r
     r: int | None = None  # the r applied: r_asked clamped to the method's bound (tome: ToMe's)
+    method: str | None = None  # the method of that step
 
 
 @dataclass
@@ -46,9 +47,10 @@ class CompileReport:
         """The per-layer table `tpc inspect` prints."""
         rows = [f"{'layer':>5}  {'module':<28} {'attention':<9} {'heads':>5} {'tokens':>6}  pruning"]
         for s in self.sites:
-            prune = f"{self.method}: {s.tokens} -> {s.kept}" if s.kept is not None else ""
+            method = s.method or self.method
+            prune = f"{method}: {s.tokens} -> {s.kept}" if s.kept is not None else ""
             if s.r is not None and s.r != s.r_asked:
-                prune = f"{prune or self.method + ': nothing merged'} (r {s.r_asked} clamped to {s.r})"
+                prune = f"{prune or method + ': nothing merged'} (r {s.r_asked} clamped to {s.r})"
             rows.append(f"{s.layer:>5}  {s.module[:28]:<28} {s.kind:<9} {s.heads:>5} {s.tokens:>6}  {prune}")
         return "\n".join(rows)
 
@@ -75,7 +77,12 @@ class CompileReport:
 
 def recipe(report) -> str:
     """One line for any report with method, layers and keep (a VLM's too): the method, its
-    budget (equal values shown once) and its layers."""
+    budget (equal values shown once) and its layers; a mixed recipe step by step."""
+    methods = [next((s.method for s in getattr(report, "sites", []) if s.layer == layer and getattr(s, "method", None)),
+                    report.method) for layer in report.layers]
+    if len(set(methods)) > 1:  # a mixed recipe: one method per step
+        return ", ".join(f"{m}@{layer} {k if str(k).startswith('r=') else f'keep {k}'}"
+                         for m, layer, k in zip(methods, report.layers, report.keep))
     removals = bool(report.keep) and all(str(k).startswith("r=") for k in report.keep)
     values = [str(k)[2:] for k in report.keep] if removals else [str(k) for k in report.keep]
     budget = values[0] if len(set(values)) == 1 else ",".join(values)

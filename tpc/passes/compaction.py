@@ -50,6 +50,7 @@ class Compaction:
     tokens_out: int
     prefix: int
     merge: fx.Node | None = None
+    carries: Compaction | None = None  # a gather after a merge: the record whose token sizes it carries on
 
 
 def attach(record: Compaction) -> None:

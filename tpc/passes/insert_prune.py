@@ -45,7 +45,7 @@ from tpc.passes.cleanup import finish
 from tpc.passes.compaction import Builder, Compaction, Role, attach, compactions
 from tpc.passes.infra import Pass, PassResult
 from tpc.passes.propagate_token_axis import propagate
-from tpc.passes.prune_methods import PruneContext, get_method
+from tpc.passes.prune_methods import PruneContext, get_method, stream_sizes
 from tpc.schedule import KeepValue, Removal, kept_count, ratio_fraction
 
 logger = logging.getLogger("tpc.passes")
@@ -107,10 +107,14 @@ class InsertPrune(Pass):
         if symbolic:
             kept = self._kept_in_graph(b, stream)
 
-        merges = [c.merge for c in compactions(gm) if c.merge is not None]
+        earlier = compactions(gm)
+        sized = earlier[-1] if earlier and (earlier[-1].merge is not None or earlier[-1].carries is not None) else None
+        if sized is not None and self.options.get("fuse"):
+            raise TpcError(f"layer {self.layer}: topk-cls with fuse=True cannot follow a tome merge (the fused token's "
+                           "size is not tracked); drop fuse, or merge after this layer instead")
         ctx = PruneContext(site=site, point=point, stream=stream, tokens=tokens, kept=kept, prefix=self.prefix,
                            layer=self.layer, depth=len(sites), seed=self.seed, options=self.options,
-                           merge=merges[-1] if merges else None)
+                           sizes=stream_sizes(gm, sized) if sized is not None else None)
         result = self.method.build(b, ctx)
         out = result.out
         if to_canonical is not None:
@@ -123,7 +127,7 @@ class InsertPrune(Pass):
         point.node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in new_nodes)
         record = Compaction(layer=self.layer, method=self.method.name, module=site.module, out=result.out,
                             index=result.index, tokens_in=tokens, tokens_out=result.tokens, prefix=self.prefix,
-                            merge=result.merge)
+                            merge=result.merge, carries=sized if result.merge is None else None)
         attach(record)
         gm.graph.lint()
         propagate(gm, record)

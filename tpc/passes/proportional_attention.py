@@ -23,28 +23,29 @@ from tpc.graph import find_attention_sites
 from tpc.graph.nodes import ancestors, aten, val
 from tpc.passes.cleanup import finish
 from tpc.passes.infra import Pass, PassResult
-from tpc.passes.compaction import Builder, Role, compactions, merge_sizes
+from tpc.passes.compaction import Builder, Role, compactions
+from tpc.passes.prune_methods import stream_sizes
 
 
 class ProportionalAttention(Pass):
     name = "proportional_attention"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        merges = [c for c in compactions(gm) if c.merge is not None]
-        if not merges:
+        records = compactions(gm)
+        if not any(c.merge is not None for c in records):
             return PassResult(gm, False)
         changed = False
         biases: dict[fx.Node, fx.Node] = {}
         for site in find_attention_sites(gm):
             upstream = ancestors(site.q)
-            feeding = [c for c in merges if c.out in upstream]
-            if not feeding:
+            feeding = [c for c in records if c.out in upstream]
+            sizes = stream_sizes(gm, feeding[-1]) if feeding else None  # a merge's, or carried on by a later gather
+            if sizes is None:
                 continue
             if len(val(site.q).shape) != 4:
                 raise TpcError(f"tome: proportional attention needs [B, H, N, d] queries at layer {site.layer} ({site.module})")
-            merge = feeding[-1].merge
+            merge = sizes
             if merge not in biases:
-                sizes = merge_sizes(merge)
                 b = Builder(gm, sizes)
                 log = b.op(aten.log.default, sizes, role=Role.MODEL)
                 biases[merge] = b.op(aten.view.default, log, [-1, 1, 1, val(sizes).shape[-1]], role=Role.MODEL)

@@ -39,7 +39,7 @@ class PruneContext:
     depth: int
     seed: int
     options: dict
-    merge: fx.Node | None = None  # the latest earlier merge (ToMe), whose sizes carry forward
+    sizes: fx.Node | None = None  # [B, N]: how many original tokens each stream token stands for, after a merge
 
 
 @dataclass
@@ -48,6 +48,24 @@ class MethodOutput:
     index: fx.Node  # [B, tokens]: the original position each output token stands for
     tokens: int
     merge: fx.Node | None = None  # a tpc.merge_tokens node: its output 1 holds the token sizes
+
+
+def stream_sizes(gm: fx.GraphModule, record) -> fx.Node | None:
+    """[B, tokens_out]: the token sizes after compaction ``record`` (None when no merge is upstream).
+
+    A merge makes them; a later gather-based compaction carries them by gathering the sizes of
+    its input with its kept indices, so proportional attention and later merges stay exact when
+    pruning follows merging. Made on demand and reused when already there.
+    """
+    if record.merge is not None:
+        return merge_sizes(record.merge)
+    if record.carries is None:
+        return None
+    source = stream_sizes(gm, record.carries)
+    for user in record.index.users:
+        if user.target is tpc_ops.gather_tokens.default and user.args[0] is source:
+            return user
+    return Builder(gm, record.index).op(tpc_ops.gather_tokens.default, source, record.index, role=Role.GATHER)
 
 
 def query_key(b: Builder, site: AttentionSite) -> tuple[fx.Node, fx.Node]:
@@ -225,9 +243,8 @@ def build_tome(b: Builder, ctx: PruneContext) -> MethodOutput:
     match = b.op(tpc_ops.bipartite_match.default, mean_keys(b, ctx.site), r, ctx.prefix, role=Role.SELECTION)
     index = b.op(operator.getitem, match, 0, role=Role.SELECTION)
     assign = b.op(operator.getitem, match, 1, role=Role.SELECTION)
-    if ctx.merge is not None:
-        sizes = merge_sizes(ctx.merge)
-    else:
+    sizes = ctx.sizes
+    if sizes is None:
         sizes = b.op(aten.ones_like.default, b.op(aten.select.int, ctx.stream, -1, 0, role=Role.GATHER), role=Role.GATHER)
     count = ctx.tokens - r
     merge = b.op(tpc_ops.merge_tokens.default, ctx.stream, sizes, assign, count, True, role=Role.GATHER)

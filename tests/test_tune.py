@@ -1,0 +1,168 @@
+"""`tpc tune`: a recipe found on tiny models, written, read back, and the compiled model
+reproduces the metric the recipe records, on the tuning and on the check examples."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import tpc
+from families import MeanPooledEncoder, hf_bert, text_inputs
+from models import tiny_timm_vit
+from tpc.recipe import check_steps, load_recipe
+from tpc.tune import run_tune
+from tpc.tune.metrics import Metric, first_tensor
+from tpc.tune.search import Candidate, Search
+
+MEAN, STD = "0.5,0.5,0.5", "0.25,0.25,0.25"
+
+
+def tiny_sentence_encoder():
+    """For `tpc tune test_tune:tiny_sentence_encoder`: BERT + mask-aware mean pooling, with padding."""
+    return MeanPooledEncoder(hf_bert()), text_inputs(2)
+
+
+def _images(path, n=40, labels=False):
+    rng = np.random.default_rng(0)
+    arrays = {"images": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)}
+    if labels:
+        arrays["labels"] = rng.integers(0, 5, n)
+    np.savez(path, **arrays)
+    return path
+
+
+def _score(module, inputs, reference, labels, metric):
+    with torch.no_grad():
+        out, ref = first_tensor(module(*inputs)), first_tensor(reference(*inputs))
+    return float(metric.per_example(out, ref, labels).mean())
+
+
+def test_recipe_found_written_read_back_and_reproduced(tmp_path):
+    """Cosine on the logits: any error in the shared-prefix evaluation would show in the 1e-6 comparison."""
+    data = _images(tmp_path / "d.npz")
+    out = tmp_path / "recipe.json"
+    result = run_tune("models:cli_tiny_vit", data, max_drop=1.0, metric="cosine", time_budget=1, methods="tome,topk-cls",
+                      mean=MEAN, std=STD, check_split=0.25, output=out)
+    assert result.best is not None and out.is_file()
+    saved = json.loads(out.read_text())
+    assert saved["model"] == "models:cli_tiny_vit" and saved["tpc_version"] == tpc.__version__
+    assert saved["metric"]["name"] == "cosine" and saved["data"]["tuning"] == [0, 30] and saved["data"]["check"] == [30, 40]
+    assert saved["search"]["tried"] >= 1 and saved["search"]["wall_s"] > 0 and saved["search"]["prefix_runs"] >= 1
+
+    model = tiny_timm_vit()
+    pm = tpc.compile("models:cli_tiny_vit", recipe=out)
+    images = np.load(data)["images"].transpose(0, 3, 1, 2)
+    x = (torch.from_numpy(images).float() / 255 - 0.5) / 0.25
+    metric = Metric("cosine", "cosine")
+    for part, (start, end) in (("tuning", (0, 30)), ("check", (30, 40))):
+        got = _score(pm, (x[start:end],), model, None, metric)
+        assert abs(got - saved["measured"][part]["pruned"]) < 1e-6
+    assert [s.as_dict() for s in load_recipe(out).steps] == saved["steps"]
+
+
+def test_labels_make_top1_the_default_and_the_cli_writes_table_and_plot(tmp_path, capsys):
+    from tpc.cli import main
+
+    data = _images(tmp_path / "d.npz", labels=True)
+    out, png = tmp_path / "r.json", tmp_path / "front.png"
+    code = main(["tune", "models:cli_tiny_vit", "--data", str(data), "--max-drop", "100", "--time", "1s",
+                 "--methods", "topk-cls", "--mean", MEAN, "--std", STD, "--plot", str(png), "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "Pareto front" in printed and "check" in printed and "recipes tried" in printed
+    saved = json.loads(out.read_text())
+    assert saved["metric"]["name"] == "top1" and png.read_bytes()[:4] == b"\x89PNG"
+    pm = tpc.compile("models:cli_tiny_vit", recipe=out)
+    arrays = np.load(data)
+    x = (torch.from_numpy(arrays["images"].transpose(0, 3, 1, 2)).float() / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        top1 = 100 * float((pm(x[:32]).argmax(-1) == torch.from_numpy(arrays["labels"][:32])).double().mean())
+    assert abs(top1 - saved["measured"]["tuning"]["pruned"]) < 1e-9
+
+
+def test_text_encoder_tunes_on_token_arrays_with_cosine_by_default(tmp_path):
+    ids, mask = text_inputs(24, seed=3)
+    data = tmp_path / "text.npz"
+    np.savez(data, mask=mask.numpy(), ids=ids.numpy())  # named after forward(ids, mask), any order in the file
+    out = tmp_path / "r.json"
+    result = run_tune("test_tune:tiny_sentence_encoder", data, max_drop=1.0, time_budget=1, methods="topk-mass",
+                      check_split=0.25, output=out)
+    saved = json.loads(out.read_text())
+    assert result.metric.name == "cosine" and saved["metric"]["name"] == "cosine"
+    assert saved["search"]["prefix_runs"] >= 1  # the layers before the first pruned one ran once, shared (BERT's unused pooler is no obstacle)
+    model, _ = tiny_sentence_encoder()
+    pm = tpc.compile(model, text_inputs(2), recipe=out)
+    got = _score(pm, (ids[:18], mask[:18]), model, None, Metric("cosine", "cosine"))
+    # 1e-5, not 1e-6 as for the ViT above: on this masked BERT the recorded and the recompiled score differ
+    # by 1.1e-6 (not from batching or fx interpretation, both exact here; cause open); the drop is ~1.3e-4
+    assert abs(got - saved["measured"]["tuning"]["pruned"]) < 1e-5
+
+
+def test_ctrl_c_writes_the_best_so_far(tmp_path, monkeypatch):
+    from tpc.tune import engine
+
+    compile_once = engine.Engine.compile
+    calls = []
+
+    def interrupt_on_second(self, steps):  # the user presses Ctrl-C while the second recipe compiles
+        calls.append(steps)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return compile_once(self, steps)
+
+    monkeypatch.setattr(engine.Engine, "compile", interrupt_on_second)
+    out = tmp_path / "r.json"
+    result = run_tune("models:cli_tiny_vit", _images(tmp_path / "d.npz"), max_drop=100, time_budget=600,
+                      methods="topk-cls", mean=MEAN, std=STD, output=out)
+    saved = json.loads(out.read_text())
+    assert result.search["interrupted"] and saved["search"]["interrupted"]
+    assert [s.as_dict() for s in load_recipe(out).steps] == [s.as_dict() for s in check_steps(calls[0])]
+
+
+def test_halving_keeps_what_may_meet_the_budget_and_spans_the_front():
+    def cand(flops, drop, se=0.1):
+        c = Candidate([], "x", flops_ratio=flops)
+        c.drop, c.se = drop, se
+        return c
+
+    search = Search(None, Metric("top1", "points"), [], torch.zeros(0), max_drop=0.5, max_flops=None, time_budget=1,
+                    progress=False)
+    hopeless = cand(0.3, 3.0)
+    front = [cand(0.5, 0.6), cand(0.7, 0.2), cand(0.9, 0.0)]
+    dominated = [cand(0.8, 0.4), cand(0.95, 0.3), cand(0.99, 0.35), cand(0.97, 0.1)]
+    kept = search.select([hopeless, *front, *dominated], last=False)
+    assert hopeless not in kept and all(c in kept for c in front) and len(kept) == 4
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({}, "give --max-drop"),
+    ({"max_drop": 0.5, "time_budget": "soon"}, "--time takes a duration"),
+    ({"max_drop": 0.5, "check_split": 1.0}, "--check-split"),
+    ({"max_drop": 0.5, "methods": "tome,nope"}, "unknown pruning method"),
+    ({"max_flops": 0.6, "target": "latency"}, "does not combine"),
+    ({"max_drop": 0.5, "metric": "top1"}, "needs labels"),
+])
+def test_bad_tune_arguments_are_refused_in_one_line(tmp_path, kwargs, message):
+    out = tmp_path / "r.json"
+    with pytest.raises(tpc.TpcError, match=message) as err:
+        run_tune("models:cli_tiny_vit", _images(tmp_path / "d.npz", n=8), mean=MEAN, std=STD, output=out, **kwargs)
+    assert "\n" not in str(err.value) and not out.exists()
+
+
+def test_latency_target_times_finalists_in_onnx_runtime(tmp_path):
+    out = tmp_path / "r.json"
+    result = run_tune("models:cli_tiny_vit", _images(tmp_path / "d.npz", n=24), max_drop=100, target="latency", batch=4,
+                      time_budget=1, methods="topk-cls", mean=MEAN, std=STD, check_split=0, output=out)
+    latency = json.loads(out.read_text())["measured"]["latency"]
+    assert result.best.latency is latency or result.best.latency == latency
+    assert latency["backend"] == "onnxruntime" and latency["batch"] == 4 and latency["pruned_ms"] > 0 and latency["unpruned_ms"] > 0
+
+
+def test_max_flops_picks_the_best_metric_under_the_flops_budget(tmp_path):
+    result = run_tune("models:cli_tiny_vit", _images(tmp_path / "d.npz", n=24), max_flops=0.9, time_budget=1,
+                      methods="tome", mean=MEAN, std=STD, check_split=0, output=tmp_path / "r.json")
+    tried = [c for c in result.candidates if c.n]
+    assert tried and all(c.flops_ratio <= 0.9 for c in tried)
+    assert result.best.drop == min(c.drop for c in tried if c.n == result.best.n)

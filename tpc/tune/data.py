@@ -1,0 +1,104 @@
+"""The user's data for ``tpc tune``: model inputs, optional labels, and the tuning/check split.
+
+- images: an ``.npz`` with ``images`` (uint8, NHWC or NCHW) and optional ``labels``, or an
+  ImageFolder directory (as ``tpc eval`` reads them), normalised with the model's mean/std;
+- anything else (token ids and masks of a text encoder): an ``.npz`` with one array per model
+  input, named after the forward arguments (``input_ids``, ``attention_mask``) or given in
+  the forward's order, plus optional ``labels``.
+
+The split is deterministic and contiguous: the first ``1 - check_split`` of the examples tune,
+the rest check (shuffle a file that is sorted by class beforehand).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tpc.errors import TpcError
+from tpc.evaluate import check_data_path, load_dataset, parse_floats
+
+
+@dataclass
+class TuneData:
+    inputs: tuple[torch.Tensor, ...]  # each [N, ...], in the model's input order
+    labels: torch.Tensor | None
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.inputs[0])
+
+    def part(self, start: int, end: int) -> TuneData:
+        labels = None if self.labels is None else self.labels[start:end]
+        return TuneData(tuple(x[start:end] for x in self.inputs), labels, self.source)
+
+    def batch(self, start: int, end: int) -> tuple[torch.Tensor, ...]:
+        return tuple(x[start:end] for x in self.inputs)
+
+
+def _normalised_images(data, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (torch.from_numpy(data.images).float().div_(255.0) - m) / s
+
+
+def _arrays_in_input_order(npz, module, examples: tuple, path: str) -> tuple[torch.Tensor, ...]:
+    names = [k for k in npz.files if k != "labels"]
+    if len(names) != len(examples):
+        raise TpcError(f"{path} has {len(names)} input arrays ({', '.join(names)}) but the model takes {len(examples)} "
+                       "inputs: give one array per input, named after the forward arguments")
+    params = [p for p in inspect.signature(module.forward).parameters if p not in ("self", "args", "kwargs")]
+    if set(names) <= set(params):
+        names = sorted(names, key=params.index)
+    out = []
+    for name, example in zip(names, examples):
+        array = torch.from_numpy(np.asarray(npz[name])).to(example.dtype)
+        if tuple(array.shape[1:]) != tuple(example.shape[1:]):
+            raise TpcError(f"{path}: {name!r} has shape {list(array.shape[1:])} per example but the model's input "
+                           f"takes {list(example.shape[1:])}")
+        out.append(array)
+    if len({len(a) for a in out}) != 1:
+        raise TpcError(f"{path}: the input arrays have different lengths")
+    return tuple(out)
+
+
+def load_tune_data(path, loaded, mean=None, std=None) -> TuneData:
+    """Inputs and labels for ``loaded`` (a :class:`tpc.models.LoadedModel`)."""
+    path = check_data_path(path)
+    npz = None
+    if path.suffix == ".npz":
+        try:
+            npz = np.load(path, allow_pickle=False)
+        except Exception as err:
+            raise TpcError(f"cannot read {str(path)!r} as .npz: {err}".splitlines()[0]) from err
+    if path.is_dir() or "images" in npz.files:
+        mean = parse_floats(mean, "mean") or loaded.mean
+        std = parse_floats(std, "std") or loaded.std
+        if mean is None or std is None:
+            raise TpcError(f"{loaded.name} has no normalisation in its config: pass --mean and --std")
+        data = load_dataset(path, loaded.input_size)
+        labels = None if data.labels is None else torch.from_numpy(data.labels)
+        return TuneData((_normalised_images(data, mean, std),), labels, str(path))
+    if npz is None:
+        raise TpcError(f"data {str(path)!r} is neither an .npz nor an ImageFolder directory")
+    inputs = _arrays_in_input_order(npz, loaded.module, loaded.example_inputs, str(path))
+    labels = torch.from_numpy(np.asarray(npz["labels"]).astype(np.int64)) if "labels" in npz.files else None
+    if labels is not None and len(labels) != len(inputs[0]):
+        raise TpcError(f"{path}: {len(inputs[0])} examples but {len(labels)} labels")
+    return TuneData(inputs, labels, str(path))
+
+
+def split(data: TuneData, check_split: float) -> tuple[TuneData, TuneData | None, int]:
+    """(tuning part, check part or None, index where the check part starts)."""
+    if not 0.0 <= check_split < 1.0:
+        raise TpcError(f"--check-split {check_split} is outside [0, 1): it is the fraction of the data held out")
+    n = len(data)
+    cut = n - int(round(check_split * n))
+    if cut < 2:
+        raise TpcError(f"{data.source} has {n} examples: too few to tune on after holding out {check_split:.0%}")
+    check = data.part(cut, n) if cut < n else None
+    return data.part(0, cut), check, cut
+

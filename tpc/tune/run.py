@@ -1,0 +1,287 @@
+"""``tpc tune`` end to end: load, capture once, search, check on held-out data, write the recipe."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tpc import models
+from tpc.errors import TpcError
+from tpc.recipe import Recipe, check_steps, describe
+from tpc.tune.data import load_tune_data, split
+from tpc.tune.engine import Engine
+from tpc.tune.metrics import choose_metric, first_tensor
+from tpc.tune.search import Candidate, Search, measure_latency
+from tpc.tune.space import GATHER_METHODS, candidates
+
+TARGETS = ("flops", "latency")
+DEFAULT_METHODS = (*GATHER_METHODS, "tome")
+
+
+def parse_time(text) -> float:
+    """``15m``, ``90s``, ``1h`` or plain seconds -> seconds."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    if not m:
+        raise TpcError(f"--time takes a duration such as 15m, 90s or 1h, not {text!r}")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def parse_methods(text) -> list[str]:
+    from tpc.passes import get_method
+
+    if text is None:
+        return list(DEFAULT_METHODS)
+    names = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
+    for name in names:
+        get_method(name)
+    if not names:
+        raise TpcError("--methods is empty: name at least one method, e.g. --methods tome,topk-cls")
+    return names
+
+
+@dataclass
+class Measured:
+    examples: int
+    unpruned: float
+    pruned: float
+    drop: float
+
+
+@dataclass
+class TuneResult:
+    model: str
+    metric: object
+    data: str
+    tuning_range: tuple[int, int]
+    check_range: tuple[int, int] | None
+    flops_before: float
+    best: Candidate | None
+    tuning: Measured | None
+    check: Measured | None
+    front: list[Candidate]
+    baseline: Candidate | None  # the best single-method recipe
+    baseline_check: Measured | None
+    search: dict
+    candidates: list[Candidate] = field(default_factory=list)
+    budget: dict = field(default_factory=dict)
+    recipe: Recipe | None = None
+    output: str | None = None
+    plot: str | None = None
+
+    def table(self) -> str:
+        m = self.metric
+        lines = [f"{self.model}: {m.name} on examples {self.tuning_range[0]}-{self.tuning_range[1] - 1} of {self.data} "
+                 f"(unpruned {m.format(self.tuning.unpruned if self.tuning else float('nan'))})" if self.tuning else
+                 f"{self.model}: {m.name} on examples {self.tuning_range[0]}-{self.tuning_range[1] - 1} of {self.data}",
+                 "Pareto front (tuning examples):",
+                 f"  {'recipe':<64} {'GFLOPs':>8} {'saved':>6} {m.name:>9} {'drop':>9} {'on':>5}  latency"]
+        for c in self.front:
+            lat = f"{100 * (1 - c.latency['ratio']):5.1f}% faster" if c.latency else ""
+            mark = "*" if c is self.best else " "
+            lines.append(f"{mark} {c.label[:64]:<64} {c.gflops:8.4f} {100 * (1 - c.flops_ratio):5.1f}% "
+                         f"{m.format(self.base_value - c.drop):>9} {m.format_drop(c.drop):>9} {c.n:>5}  {lat}")
+        s = self.search
+        for method, why in s.get("methods_left_out", {}).items():
+            lines.append(f"left out {method}: {why}")
+        rounds = " -> ".join(f"{r['scored']} on {r['examples']}" for r in s["rounds"])
+        lines.append(f"search: {s['tried']} recipes tried ({s['refused']} refused by the compiler, {s['skipped']} over "
+                     f"the FLOPs budget), recipes scored per round (examples): {rounds}; "
+                     f"{s['wall_s']:.0f} s" + (" (interrupted: best so far)" if s["interrupted"] else "")
+                     + (" (time budget reached)" if s["out_of_time"] else "")
+                     + (f" (time budget: {s['space'] - s['tried']} recipes of the space not tried)" if s["space_cut"] else ""))
+        if self.best is None:
+            lines.append("no recipe met the budget")
+            return "\n".join(lines)
+        lines.append(f"chosen: {self.best.label}: {100 * (1 - self.best.flops_ratio):.1f}% fewer FLOPs")
+        if self.best.latency:
+            lat = self.best.latency
+            lines.append(f"  latency ({lat['backend']}, batch {lat['batch']}): {lat['pruned_ms']:.2f} ms vs "
+                         f"{lat['unpruned_ms']:.2f} ms unpruned ({100 * (1 - lat['ratio']):.1f}% less)")
+        for what, meas in (("tuning", self.tuning), ("check", self.check)):
+            if meas is not None:
+                lines.append(f"  {what:<6} ({meas.examples} examples): {m.name} {m.format(meas.pruned)} vs "
+                             f"{m.format(meas.unpruned)} unpruned, drop {m.format_drop(meas.drop)}")
+        if self.baseline is not None:
+            lines.append(f"best single method: {self.baseline.label}: {100 * (1 - self.baseline.flops_ratio):.1f}% fewer "
+                         f"FLOPs, tuning drop {m.format_drop(self.baseline.drop)}"
+                         + (f", check drop {m.format_drop(self.baseline_check.drop)}" if self.baseline_check else ""))
+        if self.output:
+            lines.append(f"wrote {self.output}" + (f" and {self.plot}" if self.plot else ""))
+        return "\n".join(lines)
+
+    @property
+    def base_value(self) -> float:
+        return self.metric.best(self.tuning.unpruned if self.tuning else 0.0)
+
+
+@torch.no_grad()
+def _measure(module, data, metric, batch: int, reference: list | None = None):
+    """Per-example scores of ``module`` on ``data`` (and the unpruned outputs, when computing them)."""
+    scores, outs = [], []
+    for i, start in enumerate(range(0, len(data), batch)):
+        end = min(len(data), start + batch)
+        out = first_tensor(module(*data.batch(start, end)))
+        ref = out if reference is None else reference[i]
+        outs.append(out)
+        scores.append(metric.per_example(out, ref, None if data.labels is None else data.labels[start:end]))
+    return torch.cat(scores), outs
+
+
+def _measured(metric, scores, base_scores) -> Measured:
+    drop, _ = metric.drop(scores, base_scores)
+    return Measured(len(scores), float(metric.best(float(base_scores.mean()))), float(scores.mean()), drop)
+
+
+def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", batch=8, time_budget="15m",
+             metric=None, max_flops=None, check_split=0.2, plot=None, output=None, methods=None, mean=None, std=None,
+             eval_batch=None, after="attention", seed=0, load_kwargs=None, progress=None,
+             example_inputs=None) -> TuneResult:
+    """Search recipes for ``model`` (a model id, or an nn.Module with ``example_inputs``) on ``data``.
+
+    See docs/tune.md; the arguments are the ``tpc tune`` flags.
+    """
+    import sys
+
+    from tpc.capture import capture, set_eval
+    from tpc.flops import count_flops
+
+    start = time.perf_counter()
+    if target not in TARGETS:
+        raise TpcError(f"unknown --target {target!r}: choose flops or latency")
+    if max_flops is None and max_drop is None:
+        raise TpcError("give --max-drop (the largest metric drop allowed) or --max-flops (a FLOPs budget)")
+    if max_flops is not None and not 0.0 < max_flops <= 1.0:
+        raise TpcError(f"--max-flops {max_flops} is outside (0, 1]: it is the FLOPs ratio to the unpruned model")
+    if max_flops is not None and target == "latency":
+        raise TpcError("--max-flops picks the best metric under a FLOPs budget; it does not combine with --target latency")
+    if max_drop is not None and max_drop < 0:
+        raise TpcError(f"--max-drop {max_drop} is negative")
+    if batch < 1:
+        raise TpcError("--batch must be at least 1")
+    seconds = parse_time(time_budget)
+    method_list = parse_methods(methods)
+    if output is not None:
+        from tpc.exports.atomic import check_output_path
+
+        check_output_path(output)
+    if isinstance(model, torch.nn.Module):
+        if example_inputs is None:
+            raise TpcError("tuning an nn.Module needs example_inputs (a batch of at least 2)")
+        loaded = models.LoadedModel(type(model).__name__, model, tuple(example_inputs))
+    else:
+        loaded = models.load(str(model), **(load_kwargs or {}))
+        set_eval(loaded.module)  # tpc built this module: it is an inference model
+        loaded.module.requires_grad_(False)
+    dataset = load_tune_data(data, loaded, mean, std)
+    tuning, check, cut = split(dataset, check_split)
+
+    gm = capture(loaded.module, loaded.example_inputs)
+    from tpc.api import _prefix_of, analyze
+
+    sites = analyze(gm, loaded.name)
+    prefix, _ = _prefix_of(gm, sites)
+    eval_batch = eval_batch or max(8, min(256, len(tuning) // 8))
+    engine = Engine(gm, loaded.example_inputs, loaded.name, tuning, eval_batch, after, seed)
+    flops_before = count_flops(engine.gm).total
+    references = [engine.reference(b) for b in range(len(engine.batches))]
+    metric_obj = choose_metric(metric, tuning.labels, loaded.module, references[0])
+    base_scores = torch.cat([metric_obj.per_example(r, r, None if tuning.labels is None else tuning.labels[s:e])
+                             for r, (s, e) in zip(references, engine.batches)])
+
+    search = Search(engine, metric_obj, references, base_scores, max_drop, max_flops, seconds,
+                    sys.stderr.isatty() if progress is None else progress)
+    skipped = {m: why for m, why in (("tome", "the attention takes a mask (tome refuses masks)" if any(
+        site.mask is not None for site in sites) else None), ("topk-cls", "no [CLS] token found" if prefix < 1 else None))
+        if why and m in method_list}
+    space = candidates(len(sites), sites[0].tokens, prefix, [m for m in method_list if m not in skipped])
+    if not space:
+        raise TpcError(f"no method to search on {loaded.name}: " + "; ".join(f"{m}: {why}" for m, why in skipped.items()))
+    search.run(space)
+    if target == "latency" and not search.interrupted:
+        try:
+            measure_latency(search, backend, batch, None)
+        except KeyboardInterrupt:
+            search.interrupted = True
+    best, front = search.best(), search.front()
+    baselines = search.single_method_best()
+    baseline = None
+    if baselines:
+        key = (lambda c: (c.drop, c.flops_ratio)) if max_flops is not None else (lambda c: (c.flops_ratio, c.drop))
+        baseline = min(baselines.values(), key=key)
+
+    if not search.interrupted:  # the numbers reported are on the whole tuning part, even when time ran out earlier
+        for c in {id(c): c for c in (best, baseline) if c is not None}.values():
+            if c.n < len(tuning):
+                _module(engine, c)
+                search.extend(c, len(engine.batches))
+    tuning_m = check_m = baseline_check = None
+    if best is not None:
+        tuning_m = _measured(metric_obj, best.scores, base_scores)
+        if check is not None and not search.interrupted:
+            ref_scores, ref_outs = _measure(gm, check, metric_obj, eval_batch)
+            check_m = _measured(metric_obj, _measure(_module(engine, best), check, metric_obj, eval_batch, ref_outs)[0],
+                                ref_scores)
+            if baseline is not None and baseline is not best:
+                baseline_check = _measured(metric_obj, _measure(_module(engine, baseline), check, metric_obj, eval_batch,
+                                                                ref_outs)[0], ref_scores)
+            elif baseline is best:
+                baseline_check = check_m
+    s = search
+    info = {
+        "tried": len(s.candidates), "space": len(space), "refused": sum(c.refused is not None for c in s.candidates),
+        "skipped": sum(c.refused is None and not c.n for c in s.candidates), "rounds": s.rounds,
+        "prefix_runs": engine.prefix_runs, "wall_s": time.perf_counter() - start, "interrupted": s.interrupted,
+        "out_of_time": s.out_of_time, "space_cut": s.space_cut, "methods_left_out": skipped,
+    }
+    result = TuneResult(loaded.name, metric_obj, str(data), (0, cut), (cut, len(dataset)) if check is not None else None,
+                        flops_before, best, tuning_m, check_m, front, baseline, baseline_check, info, s.candidates,
+                        {"max_drop": max_drop, "max_flops": max_flops, "target": target})
+    if best is None:
+        return result
+    result.recipe = Recipe(check_steps(best.steps), after, seed, _recipe_info(result, loaded.name))  # options spelled out
+    if output is not None:
+        result.recipe.save(output)
+        result.output = str(output)
+    if plot:
+        from tpc.tune.report import plot_front
+
+        plot_front(result, plot)
+        result.plot = str(plot)
+    return result
+
+
+def _module(engine: Engine, c: Candidate):
+    """The candidate's compiled module (compiled again if the search freed it)."""
+    if c.module is None:
+        c.module = engine.compile(c.steps)
+    return c.module
+
+
+def _recipe_info(r: TuneResult, model: str) -> dict:
+    from dataclasses import asdict
+
+    from tpc import __version__
+
+    best = r.best
+    measured = {"flops_before": r.flops_before, "flops_after": r.flops_before * best.flops_ratio,
+                "flops_ratio": best.flops_ratio, "tuning": asdict(r.tuning) if r.tuning else None,
+                "check": asdict(r.check) if r.check else None, "latency": best.latency}
+    return {
+        "model": model, "tpc_version": __version__,
+        "metric": {"name": r.metric.name, "unit": r.metric.unit, "max_drop": r.budget["max_drop"],
+                   "max_flops": r.budget["max_flops"], "target": r.budget["target"]},
+        "data": {"path": r.data, "tuning": list(r.tuning_range), "check": list(r.check_range) if r.check_range else None},
+        "measured": measured,
+        "baseline": None if r.baseline is None else {
+            "recipe": describe(r.baseline.steps), "flops_ratio": r.baseline.flops_ratio, "tuning_drop": r.baseline.drop,
+            "check_drop": r.baseline_check.drop if r.baseline_check else None},
+        "front": [{"recipe": c.label, "flops_ratio": c.flops_ratio, "drop": c.drop, "examples": c.n,
+                   "latency_ratio": c.latency["ratio"] if c.latency else None} for c in r.front],
+        "search": r.search,
+    }

@@ -1,0 +1,255 @@
+"""``tpc tune``: the fastest recipe within an accuracy budget, found on the user's own data.
+
+Successive halving (Jamieson & Talwalkar, AISTATS 2016; Li et al., Hyperband, JMLR 2018):
+every candidate is scored on the first n0 tuning examples; only the promising ones go on to
+2·n0, 4·n0 … and the full tuning set. *Promising*, for "lowest FLOPs with a drop ≤ budget",
+means the drop could still be within the budget (drop − 2·standard error ≤ budget); of those
+at most half go on, taken Pareto layer by Pareto layer in (FLOPs, drop) so the front keeps its
+spread. With ``max_flops`` (best metric under a FLOPs budget), candidates over the budget are
+never run and the better half by drop goes on. With ``target="latency"``, the lowest-FLOPs
+recipes within the budget (a few, of different families) are exported to ONNX and timed side
+by side with the unpruned model; the fastest wins. The held-out check part is scored only at
+the end, for the chosen recipe and the best single-method recipe.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tpc.errors import TpcError
+from tpc.recipe import Step, describe
+from tpc.tune.engine import Engine
+from tpc.tune.metrics import Metric
+from tpc.tune.space import family_of
+
+LATENCY_FINALISTS = 4
+
+
+@dataclass
+class Candidate:
+    steps: list[Step]
+    family: str
+    module: object = None
+    gflops: float = 0.0
+    flops_ratio: float = 1.0
+    scores: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    drop: float = float("nan")
+    se: float = float("inf")
+    refused: str | None = None
+    latency: dict | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.scores)
+
+    @property
+    def label(self) -> str:
+        return describe(self.steps)
+
+
+@dataclass
+class Search:
+    """The state of one search: what was tried and how far each candidate got."""
+
+    engine: Engine
+    metric: Metric
+    references: list[torch.Tensor]  # the unpruned outputs, per batch
+    base_scores: torch.Tensor  # the unpruned model's per-example scores
+    max_drop: float | None
+    max_flops: float | None
+    time_budget: float
+    progress: bool
+    candidates: list[Candidate] = field(default_factory=list)
+    rounds: list[dict] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
+    interrupted: bool = False
+    out_of_time: bool = False  # a later round stopped for the time budget
+    space_cut: bool = False  # the first round stopped before the end of the space for the time budget
+
+    # -- scoring -------------------------------------------------------------------------------
+
+    def extend(self, c: Candidate, batches: int) -> None:
+        """Score ``c`` on the first ``batches`` batches (only the ones it has not seen)."""
+        done = sum(1 for s, e in self.engine.batches[:batches] if e <= c.n)
+        parts = [c.scores]
+        for b in range(done, batches):
+            out = self.engine.outputs(c.module, b)
+            s, e = self.engine.batches[b]
+            parts.append(self.metric.per_example(out, self.references[b], self.engine.data.labels[s:e]
+                                                 if self.engine.data.labels is not None else None))
+        c.scores = torch.cat(parts)
+        c.drop, c.se = self.metric.drop(c.scores, self.base_scores)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def feasible(self, c: Candidate) -> bool:
+        if self.max_flops is not None:
+            return c.flops_ratio <= self.max_flops
+        return c.drop <= self.max_drop
+
+    def best(self) -> Candidate | None:
+        """The best recipe at the largest number of examples any feasible candidate reached."""
+        scored = [c for c in self.candidates if c.n and c.refused is None and self.feasible(c)]
+        if not scored:
+            return None
+        n = max(c.n for c in scored)
+        at_n = [c for c in scored if c.n == n]
+        if self.max_flops is not None:
+            return min(at_n, key=lambda c: (c.drop, c.flops_ratio))
+        if any(c.latency for c in at_n):
+            return min((c for c in at_n if c.latency), key=lambda c: c.latency["ratio"])
+        return min(at_n, key=lambda c: (c.flops_ratio, c.drop))
+
+    # -- progress ------------------------------------------------------------------------------
+
+    def show(self, what: str) -> None:
+        if not self.progress:
+            return
+        best = self.best()
+        line = f"\rtune {int(self.elapsed) // 60}m{int(self.elapsed) % 60:02d}s | {what}"
+        if best is not None:
+            line += (f" | best: {best.label} ({100 * (1 - best.flops_ratio):.1f}% fewer FLOPs, "
+                     f"drop {self.metric.format_drop(best.drop)} on {best.n})")
+        sys.stderr.write(line[:240].ljust(120))
+        sys.stderr.flush()
+
+    # -- the rounds ----------------------------------------------------------------------------
+
+    def select(self, entrants: list[Candidate], last: bool) -> list[Candidate]:
+        if last:
+            return entrants
+        cap = max(4, math.ceil(len(entrants) / 2))
+        if self.max_flops is not None:
+            return sorted(entrants, key=lambda c: c.drop)[:cap]
+        hopeful = [c for c in entrants if c.drop - 2 * c.se <= self.max_drop]
+        kept: list[Candidate] = []
+        while hopeful and len(kept) < cap:  # Pareto layers of (FLOPs, drop)
+            layer = [c for c in hopeful if not any(o.flops_ratio <= c.flops_ratio and o.drop < c.drop or
+                                                   o.flops_ratio < c.flops_ratio and o.drop <= c.drop for o in hopeful)]
+            kept += sorted(layer, key=lambda c: c.flops_ratio)[:cap - len(kept)]
+            hopeful = [c for c in hopeful if c not in layer]
+        return kept
+
+    def run(self, space: list[list[Step]]) -> None:
+        batches = len(self.engine.batches)
+        sizes = sorted({min(batches, 2 ** k) for k in range(batches.bit_length() + 1)})
+        sizes = sizes[-4:] if len(sizes) > 4 else sizes  # at most four rounds
+        try:
+            entrants = self._first_round(space, sizes[0], last=len(sizes) == 1)
+            for i, size in enumerate(sizes[1:], 1):
+                survivors = self.select(entrants, last=False)
+                self.rounds[-1]["kept"] = len(survivors)
+                for c in entrants:
+                    if c not in survivors:
+                        c.module = None  # free the graph
+                entrants = []
+                for c in survivors:
+                    if self.elapsed > self.time_budget:
+                        self.out_of_time = True
+                        break
+                    self.show(f"round {i + 1}/{len(sizes)} ({self._examples(size)} examples) {len(entrants) + 1}/{len(survivors)}")
+                    self.extend(c, size)
+                    entrants.append(c)
+                self.rounds.append({"examples": self._examples(size), "scored": len(entrants)})
+                if self.out_of_time:
+                    break
+        except KeyboardInterrupt:
+            self.interrupted = True
+        if self.progress:
+            sys.stderr.write("\n")
+
+    def _examples(self, batches: int) -> int:
+        return self.engine.batches[batches - 1][1]
+
+    def _first_round(self, space: list[list[Step]], size: int, last: bool) -> list[Candidate]:
+        from tpc.flops import count_flops
+
+        base = count_flops(self.engine.gm).total
+        entrants = []
+        self.rounds.append({"examples": self._examples(size), "scored": 0})
+        for i, steps in enumerate(space):
+            if self.elapsed > self.time_budget * (1.0 if last else 0.5):  # the later rounds get the other half
+                self.space_cut = True
+                break
+            self.show(f"round 1 ({self._examples(size)} examples) {i + 1}/{len(space)}")
+            c = Candidate(steps, family_of(steps))
+            self.candidates.append(c)
+            try:
+                c.module = self.engine.compile(steps)
+            except TpcError as err:
+                c.refused = str(err)
+                continue
+            c.gflops = c.module.report.flops_after / 1e9
+            c.flops_ratio = c.module.report.flops_after / base
+            if self.max_flops is not None and c.flops_ratio > self.max_flops:
+                c.module = None
+                continue
+            self.extend(c, size)
+            entrants.append(c)
+            self.rounds[-1]["scored"] += 1
+        return entrants
+
+    def front(self) -> list[Candidate]:
+        """Non-dominated (FLOPs, drop) recipes among those scored on the most examples."""
+        scored = [c for c in self.candidates if c.n and c.refused is None]
+        if not scored:
+            return []
+        n = max(c.n for c in scored)
+        full = [c for c in scored if c.n == n]
+        out = [c for c in full if not any(o.flops_ratio <= c.flops_ratio and o.drop < c.drop or
+                                          o.flops_ratio < c.flops_ratio and o.drop <= c.drop for o in full)]
+        return sorted(out, key=lambda c: c.flops_ratio)
+
+    def single_method_best(self) -> dict[str, Candidate]:
+        """Per single-method family, its best recipe (same rule as the overall best)."""
+        n = max((c.n for c in self.candidates if c.n), default=0)
+        out = {}
+        for c in self.candidates:
+            if c.n == n and c.refused is None and "+" not in c.family and self.feasible(c):
+                cur = out.get(c.family)
+                key = (c.drop, c.flops_ratio) if self.max_flops is not None else (c.flops_ratio, c.drop)
+                if cur is None or key < ((cur.drop, cur.flops_ratio) if self.max_flops is not None else (cur.flops_ratio, cur.drop)):
+                    out[c.family] = c
+        return out
+
+
+def measure_latency(search: Search, backend: str, batch: int, threads: int | None) -> list[Candidate]:
+    """Export the lowest-FLOPs feasible finalists (one per family first) and time them against the unpruned model."""
+    from tpc.bench import time_pair
+    from tpc.exports import to_onnx
+    from tpc.exports.onnxruntime import make_session
+
+    if backend != "onnxruntime":
+        raise TpcError(f"--target latency measures with --backend onnxruntime, not {backend!r}")
+    n = max((c.n for c in search.candidates if c.n), default=0)
+    feasible = sorted((c for c in search.candidates if c.n == n and c.module is not None and search.feasible(c)),
+                      key=lambda c: c.flops_ratio)
+    finalists, families = [], set()
+    for c in feasible:
+        if c.family not in families:
+            finalists.append(c)
+            families.add(c.family)
+    finalists = (finalists + [c for c in feasible if c not in finalists])[:LATENCY_FINALISTS]
+    inputs = search.engine.example_inputs
+    x = tuple(t[:1].expand(batch, *t.shape[1:]).contiguous() if t.shape[0] < batch else t[:batch]
+              for t in search.engine.data.batch(0, batch))
+    base = make_session(to_onnx(search.engine.gm, inputs).SerializeToString(), threads)
+    names = [i.name for i in base.get_inputs()]
+    feeds = {name: t.numpy() for name, t in zip(names, x)}
+    for c in finalists:
+        search.show(f"latency of {c.label}")
+        session = make_session(to_onnx(c.module.graph_module, inputs).SerializeToString(), threads)
+        timing = time_pair(lambda: base.run(None, feeds), lambda s=session: s.run(None, feeds), batch,
+                           warmup=2, iters=5, repeats=3)
+        c.latency = {"backend": backend, "batch": batch, "unpruned_ms": timing.base.median_ms,
+                     "pruned_ms": timing.pruned.median_ms, "ratio": timing.pruned.median_ms / timing.base.median_ms,
+                     "speedup_spread": list(timing.speedup_spread)}
+    return finalists
+

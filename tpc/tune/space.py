@@ -1,0 +1,108 @@
+"""The recipes ``tpc tune`` tries: a small grid per family, interleaved so that any prefix of
+the list covers every family (a time budget cuts the list short, never a whole family), and
+each family's grid is taken midpoint-first in order of estimated FLOPs, so a short prefix
+already spans the range from light to heavy pruning.
+
+Families, for a model of D attention layers with N tokens (P of them prefix):
+
+- *single method, fixed schedule* (EViT's form): a gather method at every layer from s to
+  D - 1, keeping the same ratio at each (0.9 ... 0.5);
+- *ToMe*: r tokens merged at every layer from s (ToMe's form), r a sixteenth to a quarter of
+  the non-prefix tokens, capped where bipartite matching runs out of tokens;
+- *mixed*: ToMe's r in layers before t, then an importance method keeping a ratio from t on
+  (merge the redundant background early, drop the unimportant tokens late).
+"""
+
+from __future__ import annotations
+
+from tpc.methods.tome import max_merges as tome_max_merges
+from tpc.recipe import Step
+from tpc.schedule import kept_count
+
+GATHER_METHODS = ("topk-cls", "topk-mass", "zero-tprune", "kcenter", "divprune")
+IMPORTANCE_METHODS = ("topk-cls", "topk-mass")
+KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5)
+TOME_FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4)
+MIXED_KEEPS = (0.8, 0.6)
+
+
+def starts(depth: int) -> list[int]:
+    """First pruning layers tried: every layer of a shallow model, a few of a deep one."""
+    if depth <= 6:
+        return list(range(depth))
+    return sorted({1, depth // 4, depth // 3, depth // 2, (2 * depth) // 3})
+
+
+def _tome_steps(layers, r: int, tokens: int, prefix: int) -> list[Step] | None:
+    steps = []
+    for layer in layers:
+        if r > tome_max_merges(tokens, prefix) or tokens - prefix - r < 1:
+            return None
+        steps.append(Step(layer, "tome", r=r))
+        tokens -= r
+    return steps
+
+
+def _gather_steps(method: str, layers, keep: float) -> list[Step]:
+    return [Step(layer, method, keep=keep) for layer in layers]
+
+
+def candidates(depth: int, tokens: int, prefix: int, methods: list[str]) -> list[list[Step]]:
+    """Every recipe of the grid for these methods, families interleaved."""
+    families: list[list[list[Step]]] = []
+    for method in [m for m in methods if m not in ("tome",)]:
+        families.append([_gather_steps(method, range(s, depth), keep) for keep in KEEPS for s in starts(depth)])
+    if "tome" in methods:
+        rs = sorted({max(1, round(f * (tokens - prefix))) for f in TOME_FRACTIONS})
+        family = [_tome_steps(range(s, depth), r, tokens, prefix) for r in rs for s in starts(depth)[:2]]
+        families.append([f for f in family if f])
+        mixed = []
+        for method in [m for m in IMPORTANCE_METHODS if m in methods]:
+            for t in starts(depth)[1:]:
+                for r in rs[1:3]:
+                    head = _tome_steps(range(t), r, tokens, prefix)
+                    if head is None:
+                        continue
+                    for keep in MIXED_KEEPS:
+                        mixed.append(head + _gather_steps(method, range(t, depth), keep))
+        families.append(mixed)
+    for i, family in enumerate(families):  # midpoints first: a list cut short still spans the FLOPs range
+        families[i] = spread(sorted(family, key=lambda steps: flops_estimate(steps, depth, tokens, prefix)))
+    out, seen = [], set()
+    for i in range(max((len(f) for f in families), default=0)):
+        for family in families:
+            if i < len(family):
+                key = tuple(map(str, family[i]))
+                if key not in seen:
+                    seen.add(key)
+                    out.append(family[i])
+    return out
+
+
+def flops_estimate(steps: list[Step], depth: int, tokens: int, prefix: int) -> float:
+    """Rough share of the unpruned compute: a layer's attention at the tokens it sees, its MLP after the step."""
+    at = {s.layer: s for s in steps}
+    full, cost = tokens, 0.0
+    for layer in range(depth):
+        seen = tokens
+        if layer in at:
+            tokens = prefix + kept_count(at[layer].amount, tokens, prefix, layer)
+        cost += 0.4 * seen + 0.6 * tokens
+    return cost / (depth * full)
+
+
+def spread(items: list) -> list:
+    """Sorted items in midpoint-first order (middle, then the middles of each half, …)."""
+    out, spans = [], [(0, len(items) - 1)]
+    while spans:
+        lo, hi = spans.pop(0)
+        if lo <= hi:
+            mid = (lo + hi) // 2
+            out.append(items[mid])
+            spans += [(lo, mid - 1), (mid + 1, hi)]
+    return out
+
+
+def family_of(steps: list[Step]) -> str:
+    """``tome``, ``topk-cls``, or ``tome+topk-cls`` for a mixed recipe."""
+    return "+".join(dict.fromkeys(s.method for s in steps))
