@@ -108,4 +108,4 @@ def test_hf_id_from_the_local_cache(tmp_path):
 
 def test_tome_refuses_masked_attention_and_names_the_alternatives():
     with pytest.raises(tpc.TpcError, match="tome does not take attention masks yet.*kcenter, divprune or random"):
-        tpc.compile(hf_bert(), text_inputs(2), method="tome", layers=[0], keep=10)
+        tpc.compile(hf_bert(), text_inputs(2), method="tome", layers=[0], keep=10, seq_len=16)  # at a fixed length
