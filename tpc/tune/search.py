@@ -222,12 +222,12 @@ class Search:
 
 def measure_latency(search: Search, backend: str, batch: int, threads: int | None) -> list[Candidate]:
     """Export the lowest-FLOPs feasible finalists (one per family first) and time them against the unpruned model."""
+    from tpc.backends import check_backend
     from tpc.timing import time_pair
     from tpc.exports import to_onnx
     from tpc.exports.onnxruntime import make_session
 
-    if backend != "onnxruntime":
-        raise TpcError(f"--target latency measures with --backend onnxruntime, not {backend!r}")
+    check_backend(backend, ("onnxruntime",), "tpc tune --target latency")
     n = max((c.n for c in search.candidates if c.n), default=0)
     feasible = sorted((c for c in search.candidates if c.n == n and c.module is not None and search.feasible(c)),
                       key=lambda c: c.flops_ratio)

@@ -14,7 +14,7 @@ from torch import fx, nn
 from torch.export import Dim
 
 from tpc.capture import eval_mode
-from tpc.errors import TpcError
+from tpc.errors import TpcError, refusal_or_bug
 from tpc.passes import PassManager
 from tpc.schedule import kept_count, parse_keep, parse_layers
 from tpc.vlm.family import prefill_module, spec_of
@@ -59,9 +59,9 @@ def capture_prefill(model: nn.Module, inputs) -> torch.export.ExportedProgram:
         warnings.simplefilter("ignore")
         try:
             program = torch.export.export(wrapper, (ids, pixels, mask, prompt_positions(mask)), dynamic_shapes=dynamic)
-        except Exception as err:  # torch.export raises many types; the user needs one line
+        except Exception as err:  # torch.export raises many types; the user needs one line, tpc's bugs a report
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise TpcError(f"torch.export could not capture the prefill of {type(model).__name__}: {first}") from err
+            raise refusal_or_bug(err, f"torch.export could not capture the prefill of {type(model).__name__}: {first}") from err
     return program
 
 
