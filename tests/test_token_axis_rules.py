@@ -20,7 +20,7 @@ from tpc.graph.nodes import PASS_THROUGH, val
 from tpc.passes.compaction import Compaction, is_rewritten
 from tpc.passes.propagate_token_axis import Propagation, propagate
 from tpc.passes.token_axis_rules import (
-    INT_MAX, RULES, Axis, Gather, Refusal, arguments, pass_through, rule_for,
+    INT_MAX, RULES, Axis, Gather, Refusal, arguments, rule_for, same_axes,
 )
 
 aten = torch.ops.aten
@@ -158,7 +158,7 @@ def test_elementwise_ops_torch_does_not_tag_pointwise_and_binary_max():
 
 def test_pass_through_ops_share_one_list_with_the_attention_finder():
     g = Graph()
-    assert all(RULES[op].infer is pass_through for op in PASS_THROUGH)
+    assert all(RULES[op].infer is same_axes for op in PASS_THROUGH)
     for node in (g.op(aten.clone.default, g.x), g.op(aten._to_copy.default, g.x, dtype=torch.float16),
                  g.op(aten.dropout.default, g.x, 0.1, False), g.op(aten.zeros_like.default, g.x)):
         assert infer(g, node).axes == {1: T}

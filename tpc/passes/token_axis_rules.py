@@ -181,8 +181,10 @@ def pointwise(ctx, node: fx.Node, args: dict) -> Inferred:
     return align(ctx, node, operands(args), _rank(node))
 
 
-def pass_through(ctx, node: fx.Node, args: dict) -> Inferred:
-    """The output is ``input`` (cast, copied, dropped out) or shaped like it (``zeros_like``)."""
+def same_axes(ctx, node: fx.Node, args: dict) -> Inferred:
+    """The output has the shape and token axes of ``input``: the pass-through ops (a cast, a copy,
+    dropout), ``zeros_like`` and friends, softmax (along the token axis it normalises over the kept
+    tokens, as attention over the kept keys should)."""
     return Inferred(dict(ctx.axes(args["input"])))
 
 
@@ -215,11 +217,6 @@ def batch_norm(ctx, node: fx.Node, args: dict) -> Inferred:
     if 1 in axes:
         raise Refusal("batch norm whose channels are the token axis")
     return Inferred([dict(axes), None, None] if isinstance(val(node), (list, tuple)) else dict(axes))
-
-
-def softmax(ctx, node: fx.Node, args: dict) -> Inferred:
-    """Along the token axis it normalises over the kept tokens, as attention over kept keys should."""
-    return Inferred(dict(ctx.axes(args["input"])))
 
 
 # --------------------------------------------------------------------------- matmul & attention
@@ -634,30 +631,29 @@ def restore(ctx, node: fx.Node, args: dict) -> Inferred:
 # --------------------------------------------------------------------------- the table
 
 POINTWISE = Rule(pointwise)
-PASS = Rule(pass_through)
+SAME = Rule(same_axes)
 UNTRACKED = Rule(untracked)
 RESHAPE = Rule(reshape)
 PERMUTE = Rule(permute)
 REDUCTION = Rule(reduction)
 ARG_REDUCTION = Rule(arg_reduction)
 SPLIT = Rule(split)
-SOFTMAX = Rule(softmax)
 MATMUL = Rule(matmul)
 NORMALIZED = Rule(last_dims(lambda args: len(args["normalized_shape"])))
 BATCH_NORM = Rule(batch_norm)
 
 RULES: dict[object, Rule] = {
-    **{op: PASS for op in PASS_THROUGH},
-    aten.zeros_like.default: PASS, aten.ones_like.default: PASS, aten.empty_like.default: PASS,
-    aten.full_like.default: PASS,
+    **{op: SAME for op in PASS_THROUGH},
+    aten.zeros_like.default: SAME, aten.ones_like.default: SAME, aten.empty_like.default: SAME,
+    aten.full_like.default: SAME,
     aten.new_zeros.default: UNTRACKED, aten.new_ones.default: UNTRACKED, aten.new_empty.default: UNTRACKED,
     aten.new_full.default: UNTRACKED,
     # elementwise ops torch does not tag pointwise
     aten.hardswish.default: POINTWISE, aten.masked_fill.Tensor: POINTWISE,
     aten.where.ScalarSelf: POINTWISE, aten.where.ScalarOther: POINTWISE, aten.where.Scalar: POINTWISE,
     # ops along the last dims, or per channel
-    aten.softmax.int: SOFTMAX, aten._softmax.default: SOFTMAX,
-    aten.log_softmax.int: SOFTMAX, aten._log_softmax.default: SOFTMAX,
+    aten.softmax.int: SAME, aten._softmax.default: SAME,
+    aten.log_softmax.int: SAME, aten._log_softmax.default: SAME,
     aten.layer_norm.default: NORMALIZED, aten.rms_norm.default: NORMALIZED,
     aten.linear.default: Rule(last_dims(lambda args: 1)),
     aten.batch_norm.default: BATCH_NORM, aten._native_batch_norm_legit_no_training.default: BATCH_NORM,
