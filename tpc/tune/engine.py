@@ -48,7 +48,7 @@ class Engine:
         self.nodes = list(gm.graph.nodes)
         self.by_name = {n.name: n for n in self.nodes}
         self.signatures = [_signature(n) for n in self.nodes]
-        self.saved: dict[str, list] = {}  # node name -> its value on each batch of the unpruned run
+        self.saved: dict[str, dict[int, torch.Tensor]] = {}  # node name -> batch index -> its unpruned value
         self.prefix_runs = 0
 
     @property
@@ -68,19 +68,20 @@ class Engine:
         return len(self.signatures)
 
     @torch.no_grad()
-    def _run_prefix(self, stop: int, names: set[str]) -> None:
-        """Run the unpruned graph's first ``stop`` nodes on every batch; keep the values of ``names``."""
+    def _run_prefix(self, stop: int, names: set[str], batch_index: int) -> None:
+        """Run the unpruned graph's first ``stop`` nodes on one batch; keep the values of ``names``.
+
+        One batch at a time: a candidate that halving drops after the first round never costs
+        the prefix on the batches it would not have reached."""
         self.prefix_runs += 1
-        kept: dict[str, list] = {name: [] for name in names}
-        for start, end in self.batches:
-            interp = fx.Interpreter(self.gm)
-            interp.env = {}
-            interp.args_iter = iter(self.data.batch(start, end))
-            for node in self.nodes[:stop]:
-                interp.env[node] = interp.run_node(node)
-            for name in names:
-                kept[name].append(interp.env[self.by_name[name]])
-        self.saved.update(kept)
+        start, end = self.batches[batch_index]
+        interp = fx.Interpreter(self.gm)
+        interp.env = {}
+        interp.args_iter = iter(self.data.batch(start, end))
+        for node in self.nodes[:stop]:
+            interp.env[node] = interp.run_node(node)
+        for name in names:
+            self.saved.setdefault(name, {})[batch_index] = interp.env[self.by_name[name]]
 
     @torch.no_grad()
     def outputs(self, pm: TpcModule, batch_index: int) -> torch.Tensor:
@@ -93,9 +94,9 @@ class Engine:
             pm._tune_plan = before, {n.name for n in before if n.op != "get_attr" and any(order[u] >= cut for u in n.users)}
         before, crossing = pm._tune_plan
         cut = len(before)
-        missing = crossing - set(self.saved)
+        missing = {name for name in crossing if batch_index not in self.saved.get(name, {})}
         if missing:
-            self._run_prefix(cut, missing)
+            self._run_prefix(cut, missing, batch_index)
         interp = fx.Interpreter(gm)
         env = {}
         for node in before:
