@@ -41,6 +41,10 @@ class Engine:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: tuple, name: str, data: TuneData, batch: int,
                  after: str = "attention", seed: int = 0):
+        from tpc.api import _prefix_of, analyze
+
+        # the prefix as `tpc compile` finds it, before dead code goes: BERT's [CLS] shows in its unused pooler
+        self.prefix, _ = _prefix_of(gm, analyze(gm, name))
         gm.graph.eliminate_dead_code()  # as every pruned graph is: unused outputs (a pooler) must not shift the node order
         gm.recompile()
         self.gm, self.example_inputs, self.name = gm, example_inputs, name
@@ -57,8 +61,8 @@ class Engine:
         return [(s, min(n, s + self.batch)) for s in range(0, n, self.batch)]
 
     def compile(self, steps: list[Step]) -> TpcModule:
-        return prune_graph(copy_graph_module(self.gm), self.example_inputs, self.name, steps, after=self.after,
-                           seed=self.seed)
+        return prune_graph(copy_graph_module(self.gm), self.example_inputs, self.name, steps, prefix=self.prefix,
+                           after=self.after, seed=self.seed)
 
     def cut(self, gm: fx.GraphModule) -> int:
         """Index of the first node of ``gm`` that differs from the unpruned graph."""

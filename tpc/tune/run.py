@@ -76,12 +76,12 @@ class TuneResult:
     recipe: Recipe | None = None
     output: str | None = None
     plot: str | None = None
+    unpruned: float = 0.0  # mean of the unpruned model's per-example scores on the tuning part
 
     def table(self) -> str:
         m = self.metric
         lines = [f"{self.model}: {m.name} on examples {self.tuning_range[0]}-{self.tuning_range[1] - 1} of {self.data} "
-                 f"(unpruned {m.format(self.tuning.unpruned if self.tuning else float('nan'))})" if self.tuning else
-                 f"{self.model}: {m.name} on examples {self.tuning_range[0]}-{self.tuning_range[1] - 1} of {self.data}",
+                 f"(unpruned {m.format(self.base_value)})",
                  "Pareto front (tuning examples):",
                  f"  {'recipe':<64} {'GFLOPs':>8} {'saved':>6} {m.name:>9} {'drop':>9} {'bound':>9} {'on':>5}  latency"]
         for c in self.front:
@@ -103,7 +103,11 @@ class TuneResult:
                          f"jointly over the {s['compared']} recipes compared on {s['compared_examples']} examples) "
                          f"is within {m.format_drop(self.budget['max_drop'])}")
         if self.best is None:
-            lines.append("no recipe met the budget")
+            tightest = min(self.front, key=lambda c: c.bound, default=None)
+            lines.append("no recipe met the budget" + (
+                f": the tightest bound was {m.format_drop(tightest.bound)} ({tightest.label}); more tuning examples "
+                "narrow the bounds, a lower --confidence takes more risk" if tightest is not None and
+                self.budget.get("max_drop") is not None else ""))
             return "\n".join(lines)
         lines.append(f"chosen: {self.best.label}: {100 * (1 - self.best.flops_ratio):.1f}% fewer FLOPs")
         if self.best.latency:
@@ -125,7 +129,8 @@ class TuneResult:
 
     @property
     def base_value(self) -> float:
-        return self.metric.best(self.tuning.unpruned if self.tuning else 0.0)
+        """The unpruned model's metric on the tuning part."""
+        return self.metric.best(self.unpruned)
 
 
 @torch.no_grad()
@@ -206,12 +211,11 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
     tuning, check, cut = split(dataset, check_split)
 
     gm = capture(loaded.module, loaded.example_inputs)
-    from tpc.api import _prefix_of, analyze
+    from tpc.api import analyze
 
-    sites = analyze(gm, loaded.name)
-    prefix, _ = _prefix_of(gm, sites)
     eval_batch = eval_batch or max(8, min(256, len(tuning) // 8))
     engine = Engine(gm, loaded.example_inputs, loaded.name, tuning, eval_batch, after, seed)
+    sites, prefix = analyze(engine.gm, loaded.name), engine.prefix
     flops_before = count_flops(engine.gm).total
     references = [engine.reference(b) for b in range(len(engine.batches))]
     metric_obj = choose_metric(metric, tuning.labels, loaded.module, references[0])
@@ -273,7 +277,8 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
     }
     result = TuneResult(loaded.name, metric_obj, str(data), (0, cut), (cut, len(dataset)) if check is not None else None,
                         flops_before, best, tuning_m, check_m, front, baseline, baseline_check, info, s.candidates,
-                        {"max_drop": max_drop, "max_flops": max_flops, "target": target})
+                        {"max_drop": max_drop, "max_flops": max_flops, "target": target},
+                        unpruned=float(base_scores.mean()))
     if best is None:
         return result
     result.recipe = Recipe(check_steps(best.steps), after, seed, _recipe_info(result, loaded.name))  # options spelled out
