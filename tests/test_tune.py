@@ -239,3 +239,20 @@ def test_space_has_fine_tome_r_decreasing_schedules_and_gentle_mixes():
     assert len(space) == len(set(space))
     assert "tome@1 r=16, tome@2 r=16, tome@3 r=16" in space
     assert "tome@0 r=16, tome@1 r=16, tome@2 r=16, tome@3 r=16" not in space  # 16 tokens left at layer 3: 8 merges at most
+
+
+def test_tune_reads_images_and_files_as_tpc_eval_does(tmp_path):
+    """One loader: float images already in [0, 1] are not divided by 255 again, and a file that is
+    not an .npz is refused in one line."""
+    from tpc.models import load
+    from tpc.tune.data import load_tune_data
+
+    loaded = load("models:cli_tiny_vit")
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "u8.npz", images=images)
+    np.savez(tmp_path / "f32.npz", images=(images / 255.0).astype(np.float32))
+    as_uint8 = load_tune_data(tmp_path / "u8.npz", loaded, MEAN, STD).inputs[0]
+    torch.testing.assert_close(load_tune_data(tmp_path / "f32.npz", loaded, MEAN, STD).inputs[0], as_uint8)
+    (tmp_path / "d.txt").write_text("not arrays")
+    with pytest.raises(tpc.TpcError, match="is not an .npz file"):
+        load_tune_data(tmp_path / "d.txt", loaded, MEAN, STD)
