@@ -166,3 +166,20 @@ def test_max_flops_picks_the_best_metric_under_the_flops_budget(tmp_path):
     tried = [c for c in result.candidates if c.n]
     assert tried and all(c.flops_ratio <= 0.9 for c in tried)
     assert result.best.drop == min(c.drop for c in tried if c.n == result.best.n)
+
+
+def test_tune_reads_images_and_files_as_tpc_eval_does(tmp_path):
+    """One loader: float images already in [0, 1] are not divided by 255 again, and a file that is
+    not an .npz is refused in one line."""
+    from tpc.models import load
+    from tpc.tune.data import load_tune_data
+
+    loaded = load("models:cli_tiny_vit")
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "u8.npz", images=images)
+    np.savez(tmp_path / "f32.npz", images=(images / 255.0).astype(np.float32))
+    as_uint8 = load_tune_data(tmp_path / "u8.npz", loaded, MEAN, STD).inputs[0]
+    torch.testing.assert_close(load_tune_data(tmp_path / "f32.npz", loaded, MEAN, STD).inputs[0], as_uint8)
+    (tmp_path / "d.txt").write_text("not arrays")
+    with pytest.raises(tpc.TpcError, match="is not an .npz file"):
+        load_tune_data(tmp_path / "d.txt", loaded, MEAN, STD)

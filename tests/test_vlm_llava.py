@@ -298,14 +298,14 @@ def test_tpc_imports_without_the_optional_transformers():
     import subprocess
     import sys
 
-    code = "import sys; sys.modules['transformers'] = None; import tpc, tpc.cli, tpc.benchmark, tpc.sweep, tpc.visualize"
+    code = "import sys; sys.modules['transformers'] = None; import tpc, tpc.cli, tpc.commands.bench, tpc.commands.eval, tpc.visualize"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr.strip().splitlines()[-1:]
 
 
 def test_commands_without_vlm_support_refuse_a_vlm_in_one_line(tmp_path):
-    from tpc.benchmark import run_bench
-    from tpc.sweep import run_eval
+    from tpc.commands.bench import run_bench
+    from tpc.commands.eval import run_eval
     from tpc.visualize import run_visualize
 
     tiny_llava().save_pretrained(tmp_path / "llava")

@@ -155,7 +155,7 @@ def _parse_sweep(text: str | None) -> list[str] | None:
 def cmd_eval(args) -> int:
     import json
 
-    from tpc.sweep import run_eval
+    from tpc.commands.eval import run_eval
 
     result = run_eval(args.model, data=args.data, method=args.method, layers=args.layers, keep=args.keep,
                       sweep=_parse_sweep(args.sweep), mean=args.mean, std=args.std, backend=args.backend,
@@ -173,7 +173,7 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     import json
 
-    from tpc.benchmark import run_bench
+    from tpc.commands.bench import run_bench
 
     result = run_bench(args.model, method=args.method, layers=args.layers, keep=args.keep, backend=args.backend,
                        batches=args.batch, threads=args.threads, warmup=args.warmup, iters=args.iters,

@@ -222,7 +222,7 @@ class Search:
 
 def measure_latency(search: Search, backend: str, batch: int, threads: int | None) -> list[Candidate]:
     """Export the lowest-FLOPs feasible finalists (one per family first) and time them against the unpruned model."""
-    from tpc.bench import time_pair
+    from tpc.timing import time_pair
     from tpc.exports import to_onnx
     from tpc.exports.onnxruntime import make_session
 
