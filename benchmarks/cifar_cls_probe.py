@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.cifar_vit import DATA, MEAN, STD, model  # noqa: E402
 
 import tpc  # noqa: E402
-from tpc.evaluate import Dataset, accuracy, load_dataset, predict  # noqa: E402
+from tpc.dataset import Dataset, accuracy, load_dataset, predict  # noqa: E402
 
 
 class Inverted(fx.Interpreter):

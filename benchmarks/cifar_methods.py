@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.cifar_vit import DATA, MEAN, STD, model  # noqa: E402
 
 import tpc  # noqa: E402
-from tpc.evaluate import Dataset, accuracy, load_dataset, predict  # noqa: E402
+from tpc.dataset import Dataset, accuracy, load_dataset, predict  # noqa: E402
 
 BUDGETS = (0.15, 0.30, 0.45)
 SCHEDULES = ((1, 2), (1, 2, 3), (0, 1, 2, 3))

@@ -13,8 +13,8 @@ import argparse
 import sys
 import time
 
-from tpc.bench import machine_name
-from tpc.benchmark import run_bench
+from tpc.timing import machine_name
+from tpc.commands.bench import run_bench
 
 MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224")
 METHODS = (("topk-cls", None), ("topk-cls", {"fuse": True}), ("zero-tprune", None), ("kcenter", None),

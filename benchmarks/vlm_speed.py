@@ -21,7 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from tpc.bench import time_pair
+from tpc.timing import time_pair
 from tpc.vlm import capture_prefill, prune
 from tpc.vlm.module import _decode_step
 from tpc.vlm.family import language_model

@@ -333,7 +333,7 @@ def test_random_weights_are_seeded_the_same_way_for_timm():
 
 def test_float_images_in_unit_range_are_taken_as_they_are(bad_files):
     """Float images in [0, 1] reach the model as their uint8 copy does (once divided by 255 again)."""
-    from tpc.evaluate import batches, load_npz
+    from tpc.dataset import batches, load_npz
 
     u8, f01 = (list(batches(load_npz(bad_files / name), (0.5,), (0.5,), 4)) for name in ("u8.npz", "f01.npz"))
     assert len(u8) == len(f01) == 2

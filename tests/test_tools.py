@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from tpc import TpcError
-from tpc.benchmark import run_bench
-from tpc.sweep import run_eval
+from tpc.commands.bench import run_bench
+from tpc.commands.eval import run_eval
 from tpc.visualize import GREY, LABEL_HEIGHT, run_visualize
 
 TESTS = Path(__file__).parent

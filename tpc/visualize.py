@@ -49,7 +49,7 @@ def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     h, w = size
     if img.height < h or img.width < w:
         raise TpcError(f"image {str(path)!r} is {img.width}x{img.height} but the model takes {w}x{h}: give an image at least that large")
-    from tpc.evaluate import resize_crop
+    from tpc.dataset import resize_crop
 
     return resize_crop(img, size)
 
@@ -118,7 +118,7 @@ def render(image: np.ndarray, positions: list[torch.Tensor], layers: list[int], 
 def run_visualize(model_id, image_path, out, method="topk-cls", layers=None, keep=None, mean=None, std=None,
                   load_kwargs=None, compile_kwargs=None) -> Visualization:
     import tpc
-    from tpc.evaluate import parse_floats
+    from tpc.dataset import parse_floats
     from tpc.exports.atomic import check_output_path
 
     check_output_path(out)

@@ -15,11 +15,10 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from tpc.errors import TpcError
-from tpc.evaluate import check_data_path, load_dataset, parse_floats
+from tpc.dataset import check_data_path, load_dataset, normalise, open_npz, parse_floats, read_array, read_labels
 
 
 @dataclass
@@ -39,12 +38,6 @@ class TuneData:
         return tuple(x[start:end] for x in self.inputs)
 
 
-def _normalised_images(data, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (torch.from_numpy(data.images).float().div_(255.0) - m) / s
-
-
 def _arrays_in_input_order(npz, module, examples: tuple, path: str) -> tuple[torch.Tensor, ...]:
     names = [k for k in npz.files if k != "labels"]
     if len(names) != len(examples):
@@ -55,7 +48,7 @@ def _arrays_in_input_order(npz, module, examples: tuple, path: str) -> tuple[tor
         names = sorted(names, key=params.index)
     out = []
     for name, example in zip(names, examples):
-        array = torch.from_numpy(np.asarray(npz[name])).to(example.dtype)
+        array = torch.from_numpy(read_array(npz, name, path)).to(example.dtype)
         if tuple(array.shape[1:]) != tuple(example.shape[1:]):
             raise TpcError(f"{path}: {name!r} has shape {list(array.shape[1:])} per example but the model's input "
                            f"takes {list(example.shape[1:])}")
@@ -68,27 +61,18 @@ def _arrays_in_input_order(npz, module, examples: tuple, path: str) -> tuple[tor
 def load_tune_data(path, loaded, mean=None, std=None) -> TuneData:
     """Inputs and labels for ``loaded`` (a :class:`tpc.models.LoadedModel`)."""
     path = check_data_path(path)
-    npz = None
-    if path.suffix == ".npz":
-        try:
-            npz = np.load(path, allow_pickle=False)
-        except Exception as err:
-            raise TpcError(f"cannot read {str(path)!r} as .npz: {err}".splitlines()[0]) from err
-    if path.is_dir() or "images" in npz.files:
+    npz = None if path.is_dir() else open_npz(path)
+    if npz is None or "images" in npz.files:
         mean = parse_floats(mean, "mean") or loaded.mean
         std = parse_floats(std, "std") or loaded.std
         if mean is None or std is None:
             raise TpcError(f"{loaded.name} has no normalisation in its config: pass --mean and --std")
         data = load_dataset(path, loaded.input_size)
         labels = None if data.labels is None else torch.from_numpy(data.labels)
-        return TuneData((_normalised_images(data, mean, std),), labels, str(path))
-    if npz is None:
-        raise TpcError(f"data {str(path)!r} is neither an .npz nor an ImageFolder directory")
+        return TuneData((normalise(data.images, mean, std),), labels, str(path))
     inputs = _arrays_in_input_order(npz, loaded.module, loaded.example_inputs, str(path))
-    labels = torch.from_numpy(np.asarray(npz["labels"]).astype(np.int64)) if "labels" in npz.files else None
-    if labels is not None and len(labels) != len(inputs[0]):
-        raise TpcError(f"{path}: {len(inputs[0])} examples but {len(labels)} labels")
-    return TuneData(inputs, labels, str(path))
+    labels = read_labels(npz, path, len(inputs[0]))
+    return TuneData(inputs, None if labels is None else torch.from_numpy(labels), str(path))
 
 
 def split(data: TuneData, check_split: float) -> tuple[TuneData, TuneData | None, int]:

@@ -7,7 +7,7 @@ import os
 import torch
 
 from tpc import models
-from tpc.bench import BenchResult, BenchRow, inserted_share, machine_name, time_pair, torch_inserted_share
+from tpc.timing import BenchResult, BenchRow, inserted_share, machine_name, time_pair, torch_inserted_share
 from tpc.errors import TpcError
 from tpc.vlm.family import refuse_vlm
 

@@ -11,7 +11,7 @@ import torch
 from tpc import models
 from tpc.api import prunes
 from tpc.errors import TpcError
-from tpc.evaluate import accuracy, check_data_path, load_dataset, parse_floats, predict
+from tpc.dataset import accuracy, check_data_path, load_dataset, parse_floats, predict
 from tpc.exports.atomic import check_output_path
 from tpc.vlm.family import refuse_vlm
 

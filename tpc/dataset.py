@@ -1,4 +1,5 @@
-"""Accuracy of pruned models on labelled images, next to the unpruned model.
+"""Labelled images for ``tpc eval`` and ``tpc tune``: loading, normalised batches, predictions,
+and accuracy of a pruned model next to the unpruned one.
 
 Data: an ``.npz`` with ``images`` (uint8 0-255, or float already in [0, 1]; NHWC or NCHW) and
 optional integer ``labels`` (the format of the CIFAR-10 test file), or an ImageFolder directory
@@ -39,7 +40,7 @@ def _to_nchw(images: np.ndarray, path) -> np.ndarray:
     return np.ascontiguousarray(images)
 
 
-def _array(data, key: str, path: Path) -> np.ndarray:
+def read_array(data, key: str, path: Path) -> np.ndarray:
     try:
         return np.asarray(data[key])
     except ValueError:  # numpy refuses object arrays without allow_pickle, which tpc never sets
@@ -59,26 +60,36 @@ def _pixels(images: np.ndarray, path: Path) -> np.ndarray:
     raise TpcError(f"{str(path)!r}: images must be uint8 (0-255) or float in [0, 1], not {found}")
 
 
-def load_npz(path: Path) -> Dataset:
+def open_npz(path: Path):
+    """The arrays of an ``.npz`` (numpy.savez), never unpickling; a clear refusal for anything else."""
     import zipfile
 
     if not zipfile.is_zipfile(path):
         raise TpcError(f"{str(path)!r} is not an .npz file (a zip of arrays written by numpy.savez)")
     try:
-        data = np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False)
     except Exception as err:
         raise TpcError(f"cannot read {str(path)!r} as .npz: {err}".splitlines()[0]) from err
+
+
+def read_labels(data, path: Path, count: int) -> np.ndarray | None:
+    """The optional ``labels`` array of an opened ``.npz``: ``count`` integer class indices."""
+    if "labels" not in data.files:
+        return None
+    labels = read_array(data, "labels", path)
+    if labels.dtype.kind not in "iu":
+        raise TpcError(f"{str(path)!r}: labels must be integer class indices, not {labels.dtype}")
+    if len(labels) != count:
+        raise TpcError(f"{str(path)!r}: {count} examples but {len(labels)} labels")
+    return labels.astype(np.int64)
+
+
+def load_npz(path: Path) -> Dataset:
+    data = open_npz(path)
     if "images" not in data.files:
         raise TpcError(f"{str(path)!r} has no 'images' array (it has: {', '.join(data.files) or 'nothing'})")
-    images = _to_nchw(_pixels(_array(data, "images", path), path), path)
-    labels = _array(data, "labels", path) if "labels" in data.files else None
-    if labels is not None:
-        if labels.dtype.kind not in "iu":
-            raise TpcError(f"{str(path)!r}: labels must be integer class indices, not {labels.dtype}")
-        labels = labels.astype(np.int64)
-    if labels is not None and len(labels) != len(images):
-        raise TpcError(f"{str(path)!r}: {len(images)} images but {len(labels)} labels")
-    return Dataset(images, labels, str(path))
+    images = _to_nchw(_pixels(read_array(data, "images", path), path), path)
+    return Dataset(images, read_labels(data, path, len(images)), str(path))
 
 
 def load_image_folder(path: Path, size: tuple[int, int]) -> Dataset:
@@ -130,14 +141,17 @@ def parse_floats(text, name: str) -> tuple[float, ...] | None:
     return parse_numbers(text, float, name, "0.5,0.5,0.5")
 
 
+def normalise(images: np.ndarray, mean, std) -> torch.Tensor:
+    """NCHW float32 ``(x - mean) / std``, with uint8 images scaled to [0, 1] first."""
+    x = torch.from_numpy(images).float()
+    if images.dtype == np.uint8:
+        x = x.div_(255.0)
+    return (x - torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)) / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+
 def batches(data: Dataset, mean, std, batch: int):
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     for start in range(0, len(data.images), batch):
-        x = torch.from_numpy(data.images[start:start + batch]).float()
-        if data.images.dtype == np.uint8:
-            x = x.div_(255.0)
-        yield start, (x - mean_t) / std_t
+        yield start, normalise(data.images[start:start + batch], mean, std)
 
 
 class Progress:
