@@ -499,3 +499,23 @@ def test_asserted_metadata_keeps_its_form_in_the_graph():
     assert positional.args == (g.x, [B, K, C], None, torch.float32)
     assert keyword.kwargs == {"size": [B, K, C], "dtype": torch.float32}
     assert is_rewritten(positional) and is_rewritten(keyword)
+
+
+def test_addmm_and_mm_on_a_flattened_stream():
+    g = Graph()
+    rows = g.input("rows", B * N, C)  # [B·N, C]: batch and tokens flattened into rows
+    w, bias = g.input("w", C, 4), g.input("bias", 4)
+    tracked = dict(r=(rows, {0: T}))
+    assert infer(g, g.op(aten.addmm.default, bias, rows, w), **tracked).axes == {0: T}
+    assert infer(g, g.op(aten.addmm.default, bias, mat1=rows, mat2=w, beta=1), **tracked).axes == {0: T}
+    assert infer(g, g.op(aten.mm.default, rows, w), **tracked).axes == {0: T}
+
+
+def test_restore_tokens_untracks_the_full_sequence():
+    g = Graph()
+    base = g.input("base", B, N, C)
+    small = g.input("small", B, K, C)
+    restored = g.op(torch.ops.tpc.restore_tokens.default, base, g.index, small)
+    assert infer(g, restored, s=(small, {1: T})).axes is None
+    assert refusal(g, restored, s=(small, {1: T}), b=(base, {1: T})) == \
+        "restores tokens of another layout than the compaction's"
