@@ -327,3 +327,73 @@ def test_generate_refuses_settings_it_would_ignore(llava):
             pruned.generate(**inputs, max_new_tokens=2, **kwargs)
         assert "\n" not in str(err.value)
     pruned.generate(**inputs, max_new_tokens=2, num_beams=1, repetition_penalty=1.0)  # neutral values are fine
+
+
+def test_text_only_prompt_generates_as_the_stock_model(llava):
+    model, inputs, program = llava
+    pruned = prune(model, program, inputs, method="fastv", layers=1, keep=0.5)
+    text = {"input_ids": torch.tensor([[PAD, PAD, 1, 7, 9, 11], [1, 5, 8, 13, 21, 34]]),
+            "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])}
+    with torch.no_grad():
+        expected = model.generate(**text, max_new_tokens=4, do_sample=False)
+    assert torch.equal(pruned.generate(**text, max_new_tokens=4), expected)
+    no_pixels = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    for call, message in ((lambda: pruned.generate(**no_pixels, max_new_tokens=2), "no pixel_values were given"),
+                          (lambda: pruned(**no_pixels), "needs the processor's pixel_values")):
+        with pytest.raises(TpcError, match=message) as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
+def test_a_keep_beyond_the_visual_tokens_names_the_stage(llava):
+    model, inputs, program = llava
+    for kwargs, where in (({}, "before the language model"), ({"layers": 1}, "after decoder layer 1")):
+        with pytest.raises(TpcError, match=f"16 visual tokens per example reach the pruning point {where}") as err:
+            prune(model, program, inputs, method="random", keep=20, **kwargs)
+        assert "layer -1" not in str(err.value) and "\n" not in str(err.value)
+
+
+def right_padded(inputs):
+    """The same prompts padded on the right: each real token keeps its position (cumsum of the mask)."""
+    ids, mask = [], []
+    for row, m in zip(inputs["input_ids"], inputs["attention_mask"]):
+        real_tokens = row[m.bool()]
+        pad = len(row) - len(real_tokens)
+        ids.append(torch.cat([real_tokens, torch.full((pad,), PAD)]))
+        mask.append(torch.cat([torch.ones(len(real_tokens), dtype=torch.long), torch.zeros(pad, dtype=torch.long)]))
+    return {"input_ids": torch.stack(ids), "attention_mask": torch.stack(mask), "pixel_values": inputs["pixel_values"]}
+
+
+def test_fastv_scores_with_the_last_real_token_under_right_padding(llava):
+    model, inputs, program = llava
+    pruned = prune(model, program, inputs, method="fastv", layers=1, keep=4)
+    left, right = inputs, right_padded(inputs)
+    kept = {}
+    for name, batch in (("left", left), ("right", right)):
+        out = pruned.prefill(**batch)
+        # the chosen visual tokens, as offsets within each example's visual span
+        kept[name] = [sorted((p - pos[0]).item() for p in out.kept[0][b] if p in pos)
+                      for b, pos in enumerate(visual_positions(batch))]
+    assert kept["right"] == kept["left"]
+    with pytest.raises(TpcError, match="right-padded") as err:
+        pruned.generate(**right, max_new_tokens=2)
+    assert "\n" not in str(err.value)
+
+
+
+def test_last_token_attention_against_a_loop():
+    """tpc::last_token_attention: each example's last real token, softmax over the keys up to it, head mean."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 6, 8, generator=gen), torch.randn(2, 2, 6, 8, generator=gen)
+    valid = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
+    mask = torch.tril(torch.ones(6, 6, dtype=torch.bool))[None, None] & valid.bool()[:, None, None, :]
+    got = torch.ops.tpc.last_token_attention(q, k, 0.5, mask, valid)
+    for b in range(2):
+        last = int(torch.nonzero(valid[b])[-1])
+        want = torch.zeros(6)
+        for h in range(4):
+            logits = torch.tensor([(q[b, h, last] @ k[b, h // 2, j]).item() * 0.5 if valid[b, j] and j <= last
+                                   else float("-inf") for j in range(6)])
+            want += torch.softmax(logits, 0) / 4
+        assert torch.allclose(got[b], want, atol=1e-6)
+    assert torch.allclose(torch.ops.tpc.last_token_attention(q, k, 0.5, mask, None)[1], got[1])  # last row is real

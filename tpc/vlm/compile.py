@@ -18,7 +18,7 @@ from tpc.errors import TpcError, refusal_or_bug
 from tpc.passes import PassManager
 from tpc.schedule import kept_count, parse_keep, parse_layers
 from tpc.vlm.family import prefill_module, spec_of
-from tpc.vlm.graph import visual_mask
+from tpc.vlm.graph import prompt_mask, visual_mask
 from tpc.vlm.inputs import prompt_positions, visual_per_example
 from tpc.vlm.module import Stage, VlmModule
 from tpc.vlm.prune_visual import METHODS, STATE, PruneVisual
@@ -84,6 +84,10 @@ def stages_of(spec, visual: int, method: str, layers, keep) -> list[Stage]:
         if drop and cut == 0:
             raise TpcError("keep 0 drops every visual token; before the language model that is a text-only prompt: "
                            "give the layer after which the text no longer needs them (ToDRE's second stage)")
+        if isinstance(k, int) and k > visual:
+            where = "before the language model" if cut == 0 else f"after decoder layer {cut - 1}"
+            raise TpcError(f"{visual} visual tokens per example reach the pruning point {where}: cannot keep {k}; "
+                           f"give a count up to {visual} or a ratio")
         out = 0 if drop else kept_count(k, visual, 0, cut - 1)
         stages.append(Stage(cut, method, visual, out))
         visual = out
@@ -128,8 +132,8 @@ def prune(model: nn.Module, program: torch.export.ExportedProgram, inputs, *, me
     ids, pixels, _ = example_args(inputs)
     stages = stages_of(spec, visual_per_example(spec, ids, pixels), method, layers, keep)
     gm = program.module()
-    gm.meta[STATE] = {"visual": visual_mask(gm, spec.image_token_id), "positions": None, "stages": [],
-                      "inserted": set()}
+    gm.meta[STATE] = {"visual": visual_mask(gm, spec.image_token_id), "attention_mask": prompt_mask(gm),
+                      "positions": None, "stages": [], "inserted": set()}
     hidden = model.config.text_config.hidden_size
     PassManager([PruneVisual(s.before_layer, s.method, s.visual_in, s.visual_out, hidden, seed) for s in stages])(gm)
     gm.graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs: the kept positions are extra outputs

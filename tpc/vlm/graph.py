@@ -87,3 +87,11 @@ def visual_mask(gm: fx.GraphModule, image_token_id: int) -> fx.Node:
             return mask
     raise TpcError(f"no image-placeholder mask (input_ids == {image_token_id} feeding masked_scatter) in the captured "
                    "graph: tpc finds the visual tokens from it")
+
+
+def prompt_mask(gm: fx.GraphModule) -> fx.Node:
+    """The prefill's ``attention_mask`` input ([B, S]: 1 at real prompt tokens, 0 at padding)."""
+    found = gm.graph.find_nodes(op="placeholder", target="attention_mask")
+    if not found:
+        raise TpcError("the captured prefill has no attention_mask input: tpc reads the padding from it")
+    return found[0]

@@ -52,7 +52,10 @@ class VlmModule(nn.Module):
         self._model = [model]  # not a submodule: its parameters are shared, never registered twice
         self.generation_config = model.generation_config
 
-    def prefill(self, input_ids, pixel_values, attention_mask=None) -> Prefill:
+    def prefill(self, input_ids, pixel_values=None, attention_mask=None) -> Prefill:
+        if pixel_values is None:
+            raise TpcError("prefill() runs the pruned image prompt and needs the processor's pixel_values; a "
+                           "text-only prompt has no visual tokens to prune: run it with generate() or the model itself")
         visual = visual_per_example(self.spec, input_ids, pixel_values)
         if visual != self.stages[0].visual_in:
             raise TpcError(f"each prompt holds {visual} image tokens; this module was compiled for "
@@ -86,19 +89,26 @@ class VlmModule(nn.Module):
 
         return save_prefill(self, path, check)
 
-    def forward(self, input_ids, pixel_values, attention_mask=None) -> torch.Tensor:
+    def forward(self, input_ids, pixel_values=None, attention_mask=None) -> torch.Tensor:
         """Logits of the tokens the last decoder layer kept, [B, S', vocab]."""
         return self.prefill(input_ids, pixel_values, attention_mask).logits
 
-    def generate(self, input_ids, pixel_values, attention_mask=None, max_new_tokens: int | None = None,
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int | None = None,
                  do_sample: bool | None = None, **generation_kwargs) -> torch.Tensor:
-        """Prompt and new tokens, [B, S + new], as ``model.generate(**processor_outputs)`` returns them."""
+        """Prompt and new tokens, [B, S + new], as ``model.generate(**processor_outputs)`` returns them.
+
+        A text-only prompt (no image tokens, no ``pixel_values``) has nothing to prune: it runs
+        through the stock model's ``generate``, as the Hugging Face model runs it.
+        """
         from transformers import GenerationConfig
 
         config = GenerationConfig(**{**self.generation_config.to_dict(), **generation_kwargs,
                                      **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),
                                      **({"do_sample": do_sample} if do_sample is not None else {})})
         _refuse_unsupported(config, generation_kwargs)
+        if pixel_values is None:
+            return self._text_only(input_ids, attention_mask, config)
+        _refuse_right_padding(attention_mask)
         eos = config.eos_token_id
         eos = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), dtype=torch.long)
         pad = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
@@ -127,6 +137,23 @@ class VlmModule(nn.Module):
                 valid = [torch.cat([v, torch.ones_like(v[:, :1])], 1) for v in valid]
                 logits = _decode_step(lm, head, token[:, None], position, valid, cache)
         return torch.cat(tokens, 1)
+
+    def _text_only(self, input_ids, attention_mask, config) -> torch.Tensor:
+        images = int((input_ids == self.spec.image_token_id).sum())
+        if images:
+            raise TpcError(f"the prompts hold {images} image tokens (id {self.spec.image_token_id}) but no pixel_values "
+                           "were given: pass the processor's pixel_values with its input_ids")
+        model = self._model[0]
+        with torch.no_grad():
+            return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+
+
+def _refuse_right_padding(attention_mask) -> None:
+    """generate() continues every prompt from its last position: a padded last position would be continued."""
+    if attention_mask is not None and not bool(attention_mask[:, -1].bool().all()):
+        rows = torch.nonzero(~attention_mask[:, -1].bool())[:, 0].tolist()
+        raise TpcError(f"example {rows[0]} of the batch is right-padded: generate() continues each prompt from its "
+                       "last token; pad on the left (the processor's padding_side='left'), as for model.generate()")
 
 
 # Generation settings this decoder does not implement, with the values that leave generate() unchanged:

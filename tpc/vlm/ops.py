@@ -36,23 +36,35 @@ def _(visual, count):
 
 
 @torch.library.custom_op(f"{_LIB}::last_token_attention", mutates_args=())
-def last_token_attention(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, S] head-mean attention of the last query over every key (FastV's score).
+def last_token_attention(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
+                         valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, S] head-mean attention of each example's last prompt token over every key (FastV's score).
 
     q: [B, H, S, d], k: [B, H or H_kv, S, d] (grouped keys are repeated), mask: SDPA-style,
-    [B or 1, 1 or H, S, S] (bool: may attend; float: added). Only the last row is computed.
+    [B or 1, 1 or H, S, S] (bool: may attend; float: added). ``valid`` ([B, S], the prompt's
+    attention mask at these tokens) makes the query each example's last real token, so a
+    right-padded example is scored by its prompt, not by padding; without it the query is
+    the last row. Keys after the query are masked (causal). Only the query's row is computed.
     """
+    b, _, s, _ = q.shape
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    logits = torch.matmul(q[:, :, -1:].float(), k.float().transpose(-1, -2)) * scale  # [B, H, 1, S]
+    if valid is None:
+        last = torch.full((b,), s - 1, dtype=torch.long, device=q.device)
+    else:
+        last = s - 1 - valid.bool().flip(1).to(torch.int8).argmax(1)
+    query = q.float().gather(2, last.view(b, 1, 1, 1).expand(b, q.shape[1], 1, q.shape[-1]))
+    logits = torch.matmul(query, k.float().transpose(-1, -2)) * scale  # [B, H, 1, S]
+    future = torch.arange(s, device=q.device)[None, :] > last[:, None]  # [B, S]
     if mask is not None:
-        mask = mask[..., -1:, :]
-    probs = torch.softmax(masked_logits(logits, mask), dim=-1)
+        mask = mask.expand(b, mask.shape[1], s, s).gather(2, last.view(b, 1, 1, 1).expand(b, mask.shape[1], 1, s))
+        logits = masked_logits(logits, mask)
+    probs = torch.softmax(logits.masked_fill(future[:, None, None, :], float("-inf")), dim=-1)
     return probs.mean(1)[:, 0]
 
 
 @last_token_attention.register_fake
-def _(q, k, scale, mask=None):
+def _(q, k, scale, mask=None, valid=None):
     return q.new_empty((q.shape[0], k.shape[2]), dtype=torch.float32)
 
 

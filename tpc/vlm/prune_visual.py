@@ -5,8 +5,10 @@ model, stage 1; j = L + 1 prunes after decoder layer L, stage 2):
 
 1. ``pos = tpc::visual_index(visual_mask, V)``: each example's visual positions [B, V].
 2. The method picks ``chosen`` [B, K] among them:
-   fastv    ``tpc::last_token_attention(q_L, k_L, mask_L)`` (layer L's own q and k, as SDPA
-            returns no weights) gathered at ``pos``, then ``tpc::select_topk``;
+   fastv    ``tpc::last_token_attention(q_L, k_L, mask_L, attention_mask)`` (layer L's own q
+            and k, as SDPA returns no weights; the query is each example's last real prompt
+            token, so right padding is never the query) gathered at ``pos``, then
+            ``tpc::select_topk``;
    divprune / kcenter  ``tpc::divprune`` / ``tpc::kcenter`` on the residual stream at ``pos``;
    random   ``tpc::random_scores`` over the V visual offsets (the same draw for every
             example, so a batch gives each example what it gets alone), ``tpc::select_topk``.
@@ -54,7 +56,8 @@ _ROLES = {tpc.last_token_attention.default: Role.SCORING, tpc.random_scores.defa
           tpc.select_topk.default: Role.SELECTION, tpc.divprune.default: Role.SELECTION,
           tpc.kcenter.default: Role.SELECTION, tpc.keep_visual.default: Role.SELECTION,
           aten.expand.default: Role.SELECTION}
-STATE = "tpc_vlm"  # gm.meta key: {"visual": the placeholder mask, "positions": last kept positions, "stages", "inserted"}
+STATE = "tpc_vlm"  # gm.meta key: {"visual": the placeholder mask, "attention_mask": the prompt's [B, S] mask input,
+#                   "positions": last kept positions, "stages", "inserted"}
 
 
 class PruneVisual(Pass):
@@ -84,7 +87,7 @@ class PruneVisual(Pass):
             visual = state["visual"] if state["positions"] is None else graph.call_function(
                 tpc.gather_axis.default, (state["visual"], state["positions"], 1))
             pos = graph.call_function(tpc.visual_index.default, (visual, self.visual))
-            chosen = self._choose(graph, layers, stream, pos)
+            chosen = self._choose(graph, layers, stream, pos, state)
             kept = graph.call_function(tpc.keep_visual.default, (pos, chosen, length))
             gathered = {}
             for node in crossing:
@@ -141,14 +144,16 @@ class PruneVisual(Pass):
                            f"{[n.name for n in found]}")
         return found[0]
 
-    def _choose(self, graph: fx.Graph, layers, stream: fx.Node, pos: fx.Node) -> fx.Node:
+    def _choose(self, graph: fx.Graph, layers, stream: fx.Node, pos: fx.Node, state: dict) -> fx.Node:
         call = graph.call_function
         if self.method == "fastv":
             if self.before == 0:
                 raise TpcError("fastv scores tokens with a decoder layer's attention: give the layer(s) to prune "
                                "after (--layers), or prune before the language model with divprune, kcenter or random")
             layer = layers[self.before - 1]
-            scores = call(tpc.last_token_attention.default, (layer.q, layer.k, layer.scale, layer.mask))
+            valid = state["attention_mask"] if state["positions"] is None else call(
+                tpc.gather_axis.default, (state["attention_mask"], state["positions"], 1))
+            scores = call(tpc.last_token_attention.default, (layer.q, layer.k, layer.scale, layer.mask, valid))
             visual_scores = call(tpc.gather_axis.default, (scores, pos, 1))
             return call(tpc.select_topk.default, (visual_scores, self.keep, 0))
         if self.method in ("divprune", "kcenter"):
