@@ -1,6 +1,6 @@
 """Qwen2-VL (stock ``Qwen2VLForConditionalGeneration``, SDPA): the language model captured with
 the eager vision encoder's features and 3-D M-RoPE positions; visual-token pruning through
-prefill and generate(), against eager references written here from the papers."""
+prefill and generate(), against the eager references of tests/vlm_reference.py."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from tpc.errors import TpcError
 from tpc.vlm import capture_prefill, compile_vlm, prune
+from vlm_reference import check_golden, divprune_loop, diverse_kept, eager_from, fastv_kept, real
 
 IMAGE, PAD, START, END, VISUAL, SIDE = 63, 0, 61, 60, 16, 8  # an 8x8-patch image, 2x2 merged: 16 visual tokens
 
@@ -69,37 +70,9 @@ def mrope(model, inputs):
                                       attention_mask=inputs["attention_mask"])[0]
 
 
-def eager_from(model, inputs, hidden, kept, first_layer):
-    """The stock decoder layers from ``first_layer`` on, run on the kept tokens only: their
-    original 3-D positions, causal order of the kept tokens, padding masked."""
-    lm = model.model.language_model
-    am = inputs["attention_mask"].bool().gather(1, kept)
-    positions = mrope(model, inputs).gather(2, kept[None].expand(3, -1, -1))
-    h = hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1]))
-    n = kept.shape[1]
-    mask = torch.tril(torch.ones(n, n, dtype=torch.bool))[None, None] & am[:, None, None, :]
-    with torch.no_grad():
-        rotary = lm.rotary_emb(h, positions)
-        for layer in lm.layers[first_layer:]:
-            h = layer(h, attention_mask=mask, position_embeddings=rotary)
-        return model.lm_head(lm.norm(h))
-
-
-def visual_positions(inputs):
-    return [torch.nonzero(row == IMAGE)[:, 0] for row in inputs["input_ids"]]
-
-
-def with_text(inputs, chosen_visual):
-    rows = []
-    for ids, chosen in zip(inputs["input_ids"], chosen_visual):
-        keep = ids != IMAGE
-        keep[chosen] = True
-        rows.append(torch.nonzero(keep)[:, 0])
-    return torch.stack(rows)
-
-
-def real(inputs, kept):
-    return inputs["attention_mask"].bool().gather(1, kept)
+def reference(model, inputs, hidden, kept, first_layer):
+    return eager_from(model.model.language_model, model.lm_head, hidden, kept, first_layer, inputs["attention_mask"],
+                      mrope(model, inputs))
 
 
 def test_keep_all_is_the_stock_model(qwen):
@@ -125,30 +98,17 @@ def test_fastv_matches_eager_reference_and_shrinks_the_cache(qwen):
     model, inputs, program = qwen
     layer, keep = 1, 4
     out = prune(model, program, inputs, method="fastv", layers=layer, keep=keep).prefill(**inputs)
-    # FastV (Chen et al., 2024): the last prompt token's attention at layer K, head mean, top-k visual tokens.
     eager = tiny_qwen2vl("eager")
     eager.load_state_dict(model.state_dict())
-    attn = hf_forward(eager, inputs, output_attentions=True).attentions[layer][:, :, -1].mean(1)
-    chosen = [pos[attn[b, pos].topk(keep).indices] for b, pos in enumerate(visual_positions(inputs))]
-    kept = with_text(inputs, chosen)
+    attention = hf_forward(eager, inputs, output_attentions=True).attentions[layer]
+    kept = fastv_kept(attention, inputs["input_ids"], IMAGE, keep)
     assert torch.equal(out.kept[0], kept)
     hidden = hf_forward(model, inputs, output_hidden_states=True).hidden_states[layer + 1]
-    ref = eager_from(model, inputs, hidden, kept, layer + 1)
-    assert torch.allclose(out.logits[real(inputs, kept)], ref[real(inputs, kept)], atol=1e-5)
+    ref = reference(model, inputs, hidden, kept, layer + 1)
+    rows = real(inputs["attention_mask"], kept)
+    assert torch.allclose(out.logits[rows], ref[rows], atol=1e-5)
     s = inputs["input_ids"].shape[1]
     assert [out.cache.layers[i].keys.shape[2] for i in range(3)] == [s, s, s - VISUAL + keep]
-
-
-def _divprune(x, k):
-    """DivPrune (Alvar et al., 2025): greedy max-min diversity, d = 1 - cos."""
-    x = torch.nn.functional.normalize(x, dim=-1)
-    d = 1 - x @ x.T
-    n = len(x)
-    first = max(range(n), key=lambda i: min(d[i, j] for j in range(n) if j != i))
-    picked = [first]
-    while len(picked) < k:
-        picked.append(max((i for i in range(n) if i not in picked), key=lambda i: min(d[i, j] for j in picked)))
-    return torch.tensor(sorted(picked))
 
 
 def test_divprune_before_the_language_model_keeps_the_original_positions(qwen):
@@ -156,11 +116,11 @@ def test_divprune_before_the_language_model_keeps_the_original_positions(qwen):
     keep = 5
     out = prune(model, program, inputs, method="divprune", keep=keep).prefill(**inputs)
     embeds = hf_forward(model, inputs, output_hidden_states=True).hidden_states[0]  # image features scattered in
-    chosen = [pos[_divprune(embeds[b, pos], keep)] for b, pos in enumerate(visual_positions(inputs))]
-    kept = with_text(inputs, chosen)
+    kept = diverse_kept(divprune_loop, embeds, inputs["input_ids"], IMAGE, keep)
     assert torch.equal(out.kept[0], kept)
-    ref = eager_from(model, inputs, embeds, kept, 0)
-    assert torch.allclose(out.logits[real(inputs, kept)], ref[real(inputs, kept)], atol=1e-5)
+    ref = reference(model, inputs, embeds, kept, 0)  # original 3-D positions of the kept tokens
+    rows = real(inputs["attention_mask"], kept)
+    assert torch.allclose(out.logits[rows], ref[rows], atol=1e-5)
     assert all(out.cache.layers[i].keys.shape[2] == kept.shape[1] for i in range(3))
 
 
@@ -174,7 +134,7 @@ def test_batch_equals_each_example_alone_and_decoding_continues_from_the_unprune
     for b in range(2):
         alone = one(inputs, b)
         single = pruned.prefill(**alone)
-        assert torch.allclose(out.logits[b, real(inputs, out.kept[-1])[b]], single.logits[0], atol=1e-5)
+        assert torch.allclose(out.logits[b, real(inputs["attention_mask"], out.kept[-1])[b]], single.logits[0], atol=1e-5)
         new = pruned.generate(**alone, max_new_tokens=4, eos_token_id=None)[0, alone["input_ids"].shape[1]:]
         assert torch.equal(generated[b, s:], new)
     # the first generated token's position is Qwen2-VL's: the text position plus rope_deltas (max position + 1)
@@ -222,15 +182,5 @@ def test_api_writes_a_checked_program_with_the_eager_encoders_features_as_input(
 
 
 def test_golden_graph(qwen, update_golden):
-    from pathlib import Path
-
-    from tpc.graph.printing import format_rewrites
-
     model, inputs, program = qwen
-    gm = prune(model, program, inputs, method="fastv", layers=1, keep=4).gm
-    batch_size, seq = next(iter(gm.graph.find_nodes(op="placeholder", target="input_ids"))).meta["val"].shape
-    text = format_rewrites(gm, {str(batch_size): "B", str(seq): "S"})
-    path = Path(__file__).parent / "golden" / "vlm_qwen2vl_fastv.txt"
-    if update_golden:
-        path.write_text(text)
-    assert text == path.read_text(), f"{path.name} changed: review, then run pytest --update-golden"
+    check_golden(prune(model, program, inputs, method="fastv", layers=1, keep=4).gm, "vlm_qwen2vl_fastv", update_golden)

@@ -78,7 +78,8 @@ def example_inputs(model: nn.Module, batch: int = 2, text: int = 8, seed: int = 
 
 def language_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(the decoder stack with ``embed_tokens``/``layers``/``norm``/``rotary_emb``, the LM head)."""
-    return model.model.language_model, model.lm_head
+    core = model.model
+    return (core.text_model if hasattr(core, "text_model") else core.language_model), model.lm_head
 
 
 class Family:
@@ -188,12 +189,11 @@ class LlavaPrefill(nn.Module):
 
 def run_language_model(model, input_ids, features, attention_mask, position_ids, image_token_id) -> tuple:
     """Embed, scatter ``features`` at the image tokens, run the language model: (logits, k_0, v_0, …)."""
-    core = model.model
-    embeds = core.get_input_embeddings()(input_ids)
+    lm, _ = language_model(model)
+    embeds = lm.get_input_embeddings()(input_ids)
     placeholder = (input_ids == image_token_id).unsqueeze(-1)
     embeds = embeds.masked_scatter(placeholder, features.reshape(-1, features.shape[-1]).to(embeds.dtype))
-    out = core.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=True)
+    out = lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
     logits = model.lm_head(out.last_hidden_state)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     kv = [t for layer in cache.layers for t in (layer.keys, layer.values)]
@@ -255,4 +255,69 @@ class Qwen2VLPrefill(nn.Module):
                                   self.image_token_id)
 
 
-FAMILIES = {"LlavaForConditionalGeneration": Llava, "Qwen2VLForConditionalGeneration": Qwen2VL}
+class SmolVLM(Family):
+    """SmolVLM (Idefics3 family): a SigLIP-like tower without [CLS], pixel-shuffle connector, Llama decoder."""
+
+    INPUTS = ("pixel_attention_mask",)
+
+    def spec(self) -> VlmSpec:
+        cfg = self.model.config
+        return VlmSpec("smolvlm", int(cfg.image_token_id), int(self.model.model.image_seq_len),
+                       int(cfg.text_config.num_hidden_layers), int(cfg.vision_config.num_hidden_layers), False,
+                       type(self.model.model.vision_model).__name__)
+
+    def prefill(self) -> nn.Module:
+        return SmolVLMPrefill(self.model)
+
+    def graph_args(self, inputs: dict) -> tuple[tuple, int]:
+        ids, pixels, mask = inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]
+        if pixels.dim() != 5:
+            raise TpcError(f"SmolVLM takes pixel_values [batch, images, channels, height, width] from its processor, "
+                           f"got shape {tuple(pixels.shape)}")
+        size = self.model.config.vision_config.image_size
+        if tuple(pixels.shape[-2:]) != (size, size):
+            raise TpcError(f"SmolVLM's processor cuts images into {size}x{size} crops; got {pixels.shape[-2]}x"
+                           f"{pixels.shape[-1]}: pass the processor's pixel_values")
+        pixel_mask = inputs.get("pixel_attention_mask")
+        if pixel_mask is not None and not bool(pixel_mask.bool().all()):
+            raise TpcError("SmolVLM images with padded pixels (pixel_attention_mask not all 1) are not supported: give "
+                           "every image of the batch the same size")
+        if bool((pixels.flatten(2) == 0).all(-1).any()):
+            raise TpcError("a SmolVLM example holds a padding image (all zeros): give every prompt the same number "
+                           "of images")
+        spec = self.spec()
+        images = pixels.shape[0] * pixels.shape[1]
+        visual = visual_per_example(spec, ids, images, images * spec.tokens_per_image)
+        return (ids, pixels, mask, prompt_positions(mask)), visual
+
+    def example_inputs(self, batch: int, text: int, seed: int) -> dict:
+        vision = self.model.config.vision_config
+        gen = torch.Generator().manual_seed(seed)
+        ids = self._text(batch, text, self.spec().tokens_per_image, gen)
+        pixels = torch.randn(batch, 1, vision.num_channels, vision.image_size, vision.image_size, generator=gen)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+
+class SmolVLMPrefill(nn.Module):
+    """SmolVLM's prefill from its stock submodules: vision model (every patch real), connector,
+    scatter, text model, head. ``SmolVLMModel.get_image_features`` drops padding images by a
+    data-dependent index, which no capture keeps symbolic; tpc refuses padding images instead."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.image_token_id = model.config.image_token_id
+        self.patch = model.config.vision_config.patch_size
+
+    def forward(self, input_ids, pixel_values, attention_mask, position_ids):
+        core = self.model.model
+        pixels = pixel_values.flatten(0, 1).to(core.vision_model.embeddings.patch_embedding.weight.dtype)
+        patches = torch.ones(pixels.shape[0], pixels.shape[2] // self.patch, pixels.shape[3] // self.patch,
+                             dtype=torch.bool, device=pixels.device)
+        hidden = core.vision_model(pixel_values=pixels, patch_attention_mask=patches).last_hidden_state
+        return run_language_model(self.model, input_ids, core.connector(hidden), attention_mask, position_ids,
+                                  self.image_token_id)
+
+
+FAMILIES = {"LlavaForConditionalGeneration": Llava, "Qwen2VLForConditionalGeneration": Qwen2VL,
+            "SmolVLMForConditionalGeneration": SmolVLM}

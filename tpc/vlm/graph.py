@@ -4,7 +4,7 @@ The visual tokens are found from the graph itself: the boolean mask ``input_ids 
 image_token_id`` that feeds ``masked_scatter`` of the image features into the prompt's
 embeddings. It is a [B, S] tensor, so every example has its own visual span (prompts of
 different lengths, left padding). Decoder layers are the nodes whose ``nn_module_stack``
-holds ``language_model.layers.<i>``.
+holds ``language_model.layers.<i>`` (``text_model.layers.<i>`` in SmolVLM).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tpc.errors import TpcError
 from tpc.graph.nodes import is_op, val
 
 aten = torch.ops.aten
-_LAYER = re.compile(r"(?:^|\.)language_model\.layers\.(\d+)$")
+_LAYER = re.compile(r"(?:^|\.)(?:language_model|text_model)\.layers\.(\d+)$")
 
 
 @dataclass(frozen=True)
