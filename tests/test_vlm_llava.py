@@ -11,7 +11,7 @@ from tpc.errors import TpcError
 from tpc.vlm import capture_prefill, compile_vlm, prune
 from tpc.vlm.inputs import prompt_positions
 from vlm_reference import (check_golden, divprune_loop, diverse_kept, eager_from, fastv_kept, kcenter_loop, real,
-                           visual_positions)
+                           visual_positions, with_text)
 
 IMAGE, PAD, VISUAL = 63, 0, 16
 
@@ -126,6 +126,28 @@ def test_pyramid_schedule_composes_stages_and_batch_equals_alone(llava):
         assert torch.equal(generated[b, 24:], pruned.generate(**alone, max_new_tokens=5)[0, alone["input_ids"].shape[1]:])
 
 
+
+@pytest.mark.parametrize("vision_layer", [None, 0])
+def test_vtc_cls_scores_with_the_vision_towers_cls_attention(llava, vision_layer):
+    """VTC-CLS (Zhang et al., 2024): the [CLS] query's head-mean attention over the patches at a
+    vision layer (default: the feature layer, here the last), top-k visual tokens, before the LM."""
+    model, inputs, program = llava
+    keep = 6
+    out = prune(model, program, inputs, method="topk-cls", keep=keep, vision_layer=vision_layer).prefill(**inputs)
+    eager = tiny_llava("eager")
+    eager.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        attention = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
+    scores = attention[1 if vision_layer is None else vision_layer][:, :, 0, 1:].mean(1)  # [CLS] row, patches only
+    chosen = [pos[scores[b].topk(keep).indices] for b, pos in enumerate(visual_positions(inputs["input_ids"], IMAGE))]
+    kept = with_text(inputs["input_ids"], IMAGE, chosen)
+    assert torch.equal(out.kept[0], kept)
+    embeds = hf_forward(model, inputs, output_hidden_states=True).hidden_states[0]
+    ref = reference(model, inputs, embeds, kept, 0)
+    rows = real(inputs["attention_mask"], kept)
+    assert torch.allclose(out.logits[rows], ref[rows], atol=1e-5)
+    assert all(out.cache.layers[i].keys.shape[2] == kept.shape[1] for i in range(3))
+
 def test_keep_zero_drops_every_visual_token_after_a_layer(llava):
     model, inputs, program = llava
     out = prune(model, program, inputs, method="fastv", layers=[0, 1], keep=[0.5, 0]).prefill(**inputs)
@@ -158,7 +180,9 @@ def test_bad_inputs_are_refused_in_one_line(llava, change, message):
     ({"method": "fastv", "layers": 3}, "beyond the language model's depth"),
     ({"method": "fastv", "layers": 2}, "saves nothing"),
     ({"method": "fastv"}, "give the layer"),
-    ({"method": "topk-cls"}, "not implemented yet"),
+    ({"method": "topk-cls", "layers": 1}, "before the language model: drop layers"),
+    ({"method": "topk-cls", "vision_layer": 2}, "choose a vision layer from 0 to 1"),
+    ({"method": "fastv", "layers": 1, "vision_layer": 0}, "fastv does not read the vision tower"),
 ])
 def test_bad_schedules_are_refused(llava, kwargs, message):
     model, inputs, program = llava

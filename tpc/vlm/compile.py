@@ -53,8 +53,15 @@ def capture_prefill(model: nn.Module, inputs) -> torch.export.ExportedProgram:
 
 def stages_of(spec, visual: int, method: str, layers, keep) -> list[Stage]:
     if method not in METHODS:
-        hint = (" (VTC-CLS's [CLS] scoring of visual tokens is not implemented yet)" if method == "topk-cls" else "")
-        raise TpcError(f"method {method!r} does not prune visual tokens{hint}: choose one of {', '.join(METHODS)}")
+        raise TpcError(f"method {method!r} does not prune visual tokens: choose one of {', '.join(METHODS)}")
+    if method == "topk-cls":
+        others = ", ".join(m for m in METHODS if m != method)
+        if not spec.vision_cls:
+            raise TpcError(f"{spec.vision_tower} has no [CLS] token, so topk-cls (VTC-CLS) cannot score its visual "
+                           f"tokens: use {others}")
+        if layers is not None:
+            raise TpcError("topk-cls (VTC-CLS) scores visual tokens with the vision tower's [CLS] attention, before "
+                           "the language model: drop layers (or use fastv to prune after a decoder layer)")
     cuts = [0] if layers is None else [layer + 1 for layer in parse_layers(layers)]
     for cut in cuts:
         if cut - 1 >= spec.num_layers:
@@ -103,26 +110,39 @@ def _drop_all(keep, count: int) -> list[bool]:
     return [v == 0 and not isinstance(v, bool) for v in values] if len(values) == count else [False] * count
 
 
-def compile_vlm(model: nn.Module, inputs, *, method: str = "fastv", layers=None, keep=0.5, seed: int = 0) -> VlmModule:
-    """Prune ``model``'s visual tokens with ``method``; see the module docstring for stages."""
-    spec = spec_of(model)
-    _, visual = family_of(model).graph_args(processor_inputs(inputs))
-    stages_of(spec, visual, method, layers, keep)  # refuse before capturing
-    return prune(model, capture_prefill(model, inputs), inputs, method=method, layers=layers, keep=keep, seed=seed)
+def compile_vlm(model: nn.Module, inputs, *, method: str = "fastv", layers=None, keep=0.5, seed: int = 0,
+                vision_layer: int | None = None) -> VlmModule:
+    """Prune ``model``'s visual tokens with ``method``; see the module docstring for stages.
+
+    ``vision_layer``: topk-cls (VTC-CLS) only, the vision layer whose [CLS] attention scores
+    the visual tokens (default: the layer LLaVA takes its image features from).
+    """
+    family = family_of(model)
+    _, visual = family.graph_args(processor_inputs(inputs))
+    stages_of(family.spec(), visual, method, layers, keep)  # refuse before capturing
+    if method == "topk-cls":
+        family.cls_scoring(vision_layer)
+    return prune(model, capture_prefill(model, inputs), inputs, method=method, layers=layers, keep=keep, seed=seed,
+                 vision_layer=vision_layer)
 
 
 def prune(model: nn.Module, program: torch.export.ExportedProgram, inputs, *, method: str, layers=None, keep=0.5,
-          seed: int = 0) -> VlmModule:
+          seed: int = 0, vision_layer: int | None = None) -> VlmModule:
     """Rewrite a fresh copy of a captured prefill (``capture_prefill``); the program is not changed."""
     family = family_of(model)
     spec = family.spec()
     example, visual = family.graph_args(processor_inputs(inputs))
     stages = stages_of(spec, visual, method, layers, keep)
+    if vision_layer is not None and method != "topk-cls":
+        raise TpcError(f"vision_layer chooses the [CLS] attention topk-cls (VTC-CLS) scores with; {method} does not "
+                       "read the vision tower")
+    cls = family.cls_scoring(vision_layer) if method == "topk-cls" else None
     gm = program.module()
     gm.meta[STATE] = {"visual": visual_mask(gm, spec.image_token_id), "attention_mask": prompt_mask(gm),
                       "positions": None, "stages": [], "inserted": set()}
     hidden = model.config.text_config.hidden_size
-    PassManager([PruneVisual(s.before_layer, s.method, s.visual_in, s.visual_out, hidden, seed) for s in stages])(gm)
+    PassManager([PruneVisual(s.before_layer, s.method, s.visual_in, s.visual_out, hidden, seed, cls)
+                 for s in stages])(gm)
     gm.graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs: the kept positions are extra outputs
     gm.recompile()
     report = describe(model, inputs, stages, method)

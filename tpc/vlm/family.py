@@ -105,6 +105,11 @@ class Family:
     def example_inputs(self, batch: int, text: int, seed: int) -> dict:
         raise NotImplementedError
 
+    def cls_scoring(self, vision_layer: int | None) -> tuple[int, int]:
+        """(vision layer whose [CLS] attention scores, leading tokens the features drop) for topk-cls."""
+        raise TpcError(f"{self.spec().vision_tower} has no [CLS] token, so topk-cls (VTC-CLS) cannot score its "
+                       "visual tokens: use fastv, divprune, kcenter or random")
+
     def _text(self, batch: int, text: int, visual: int, gen: torch.Generator) -> torch.Tensor:
         vocab = self.model.config.text_config.vocab_size
         image = self.spec().image_token_id
@@ -141,14 +146,29 @@ class Llava(Family):
         cfg = model.config
         vc = cfg.vision_config
         patches = (vc.image_size // vc.patch_size) ** 2
-        has_cls = hasattr(model.model.vision_tower, "vision_model") and hasattr(
-            model.model.vision_tower.vision_model.embeddings, "class_embedding")
+        tower = model.model.vision_tower
+        has_cls = hasattr(getattr(tower, "vision_model", tower).embeddings, "class_embedding")  # CLIP: yes, SigLIP: no
         tokens = patches + (1 if has_cls and cfg.vision_feature_select_strategy != "default" else 0)
         return VlmSpec("llava", int(cfg.image_token_id), tokens, int(cfg.text_config.num_hidden_layers),
                        int(vc.num_hidden_layers), has_cls, type(model.model.vision_tower).__name__)
 
     def prefill(self) -> nn.Module:
         return LlavaPrefill(self.model)
+
+    def cls_scoring(self, vision_layer: int | None) -> tuple[int, int]:
+        """VTC-CLS reads the [CLS] row of a vision layer up to the feature layer (``vision_feature_layer``,
+        whose output LLaVA projects; -2 in LLaVA-1.5): by default that layer itself."""
+        spec, cfg = self.spec(), self.model.config
+        if not spec.vision_cls:
+            super().cls_scoring(vision_layer)
+        if not isinstance(cfg.vision_feature_layer, int):
+            raise TpcError("LLaVA with several vision feature layers is not supported yet: use one vision_feature_layer")
+        feature = cfg.vision_feature_layer % (spec.vision_layers + 1) - 1  # hidden_states[i] is layer i-1's output
+        layer = feature if vision_layer is None else vision_layer
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= feature:
+            raise TpcError(f"vision_layer {vision_layer!r}: choose a vision layer from 0 to {feature} (the layer "
+                           "LLaVA takes its image features from)")
+        return layer, 1 if cfg.vision_feature_select_strategy == "default" else 0
 
     def graph_args(self, inputs: dict) -> tuple[tuple, int]:
         ids, pixels, mask = inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]
