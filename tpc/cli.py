@@ -189,7 +189,7 @@ def cmd_tune(args) -> int:
                       batch=args.batch, time_budget=args.time, metric=args.metric, max_flops=args.max_flops,
                       check_split=args.check_split, plot=args.plot, output=args.output, methods=args.methods,
                       mean=args.mean, std=args.std, after=args.after, seed=args.seed, load_kwargs=_load_kwargs(args),
-                      progress=args.progress)
+                      progress=args.progress, confidence=args.confidence)
     print(result.table())
     return 0 if result.best is not None else 1
 
@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "or an ImageFolder directory")
     p.add_argument("--max-drop", type=float, help="largest metric drop allowed: points of top-1/agreement, or 1 - cosine")
     p.add_argument("--max-flops", type=float, help="instead: the best metric with at most this FLOPs ratio (e.g. 0.6)")
+    p.add_argument("--confidence", type=float, default=0.9,
+                   help="the pick's drop is within --max-drop with this confidence, jointly over the recipes compared "
+                   "(default 0.9; lower picks more aggressive recipes on small data)")
     p.add_argument("--metric", help="top1 (labels), agreement or cosine (default: from the data and the model's output)")
     p.add_argument("--target", default="flops", help="flops (default) or latency (measured on --backend at --batch)")
     p.add_argument("--backend", default="onnxruntime", help="latency backend: onnxruntime")

@@ -41,6 +41,10 @@ class Engine:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: tuple, name: str, data: TuneData, batch: int,
                  after: str = "attention", seed: int = 0):
+        from tpc.api import _prefix_of, analyze
+
+        # the prefix as `tpc compile` finds it, before dead code goes: BERT's [CLS] shows in its unused pooler
+        self.prefix, _ = _prefix_of(gm, analyze(gm, name))
         gm.graph.eliminate_dead_code()  # as every pruned graph is: unused outputs (a pooler) must not shift the node order
         gm.recompile()
         self.gm, self.example_inputs, self.name = gm, example_inputs, name
@@ -48,7 +52,7 @@ class Engine:
         self.nodes = list(gm.graph.nodes)
         self.by_name = {n.name: n for n in self.nodes}
         self.signatures = [_signature(n) for n in self.nodes]
-        self.saved: dict[str, list] = {}  # node name -> its value on each batch of the unpruned run
+        self.saved: dict[str, dict[int, torch.Tensor]] = {}  # node name -> batch index -> its unpruned value
         self.prefix_runs = 0
 
     @property
@@ -57,8 +61,8 @@ class Engine:
         return [(s, min(n, s + self.batch)) for s in range(0, n, self.batch)]
 
     def compile(self, steps: list[Step]) -> TpcModule:
-        return prune_graph(copy_graph_module(self.gm), self.example_inputs, self.name, steps, after=self.after,
-                           seed=self.seed)
+        return prune_graph(copy_graph_module(self.gm), self.example_inputs, self.name, steps, prefix=self.prefix,
+                           after=self.after, seed=self.seed)
 
     def cut(self, gm: fx.GraphModule) -> int:
         """Index of the first node of ``gm`` that differs from the unpruned graph."""
@@ -68,19 +72,20 @@ class Engine:
         return len(self.signatures)
 
     @torch.no_grad()
-    def _run_prefix(self, stop: int, names: set[str]) -> None:
-        """Run the unpruned graph's first ``stop`` nodes on every batch; keep the values of ``names``."""
+    def _run_prefix(self, stop: int, names: set[str], batch_index: int) -> None:
+        """Run the unpruned graph's first ``stop`` nodes on one batch; keep the values of ``names``.
+
+        One batch at a time: a candidate that halving drops after the first round never costs
+        the prefix on the batches it would not have reached."""
         self.prefix_runs += 1
-        kept: dict[str, list] = {name: [] for name in names}
-        for start, end in self.batches:
-            interp = fx.Interpreter(self.gm)
-            interp.env = {}
-            interp.args_iter = iter(self.data.batch(start, end))
-            for node in self.nodes[:stop]:
-                interp.env[node] = interp.run_node(node)
-            for name in names:
-                kept[name].append(interp.env[self.by_name[name]])
-        self.saved.update(kept)
+        start, end = self.batches[batch_index]
+        interp = fx.Interpreter(self.gm)
+        interp.env = {}
+        interp.args_iter = iter(self.data.batch(start, end))
+        for node in self.nodes[:stop]:
+            interp.env[node] = interp.run_node(node)
+        for name in names:
+            self.saved.setdefault(name, {})[batch_index] = interp.env[self.by_name[name]]
 
     @torch.no_grad()
     def outputs(self, pm: TpcModule, batch_index: int) -> torch.Tensor:
@@ -93,9 +98,9 @@ class Engine:
             pm._tune_plan = before, {n.name for n in before if n.op != "get_attr" and any(order[u] >= cut for u in n.users)}
         before, crossing = pm._tune_plan
         cut = len(before)
-        missing = crossing - set(self.saved)
+        missing = {name for name in crossing if batch_index not in self.saved.get(name, {})}
         if missing:
-            self._run_prefix(cut, missing)
+            self._run_prefix(cut, missing, batch_index)
         interp = fx.Interpreter(gm)
         env = {}
         for node in before:

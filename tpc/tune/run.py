@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from tpc.tune.metrics import choose_metric, first_tensor
 from tpc.tune.search import Candidate, Search, measure_latency
 from tpc.tune.space import GATHER_METHODS, candidates
 
+logger = logging.getLogger("tpc.tune")
 TARGETS = ("flops", "latency")
 DEFAULT_METHODS = (*GATHER_METHODS, "tome")
 
@@ -51,6 +53,7 @@ class Measured:
     unpruned: float
     pruned: float
     drop: float
+    bound: float | None = None  # the selection rule's upper confidence bound on the drop (tuning part)
 
 
 @dataclass
@@ -73,19 +76,19 @@ class TuneResult:
     recipe: Recipe | None = None
     output: str | None = None
     plot: str | None = None
+    unpruned: float = 0.0  # mean of the unpruned model's per-example scores on the tuning part
 
     def table(self) -> str:
         m = self.metric
         lines = [f"{self.model}: {m.name} on examples {self.tuning_range[0]}-{self.tuning_range[1] - 1} of {self.data} "
-                 f"(unpruned {m.format(self.tuning.unpruned if self.tuning else float('nan'))})" if self.tuning else
-                 f"{self.model}: {m.name} on examples {self.tuning_range[0]}-{self.tuning_range[1] - 1} of {self.data}",
+                 f"(unpruned {m.format(self.base_value)})",
                  "Pareto front (tuning examples):",
-                 f"  {'recipe':<64} {'GFLOPs':>8} {'saved':>6} {m.name:>9} {'drop':>9} {'on':>5}  latency"]
+                 f"  {'recipe':<64} {'GFLOPs':>8} {'saved':>6} {m.name:>9} {'drop':>9} {'bound':>9} {'on':>5}  latency"]
         for c in self.front:
             lat = f"{100 * (1 - c.latency['ratio']):5.1f}% faster" if c.latency else ""
             mark = "*" if c is self.best else " "
             lines.append(f"{mark} {c.label[:64]:<64} {c.gflops:8.4f} {100 * (1 - c.flops_ratio):5.1f}% "
-                         f"{m.format(self.base_value - c.drop):>9} {m.format_drop(c.drop):>9} {c.n:>5}  {lat}")
+                         f"{m.format(self.base_value - c.drop):>9} {m.format_drop(c.drop):>9} {m.format_drop(c.bound):>9} {c.n:>5}  {lat}")
         s = self.search
         for method, why in s.get("methods_left_out", {}).items():
             lines.append(f"left out {method}: {why}")
@@ -95,8 +98,16 @@ class TuneResult:
                      f"{s['wall_s']:.0f} s" + (" (interrupted: best so far)" if s["interrupted"] else "")
                      + (" (time budget reached)" if s["out_of_time"] else "")
                      + (f" (time budget: {s['space'] - s['tried']} recipes of the space not tried)" if s["space_cut"] else ""))
+        if self.budget.get("max_drop") is not None:
+            lines.append(f"selection: the lowest-FLOPs recipe whose drop's upper bound (one-sided {s['confidence']:.0%}, "
+                         f"jointly over the {s['compared']} recipes compared on {s['compared_examples']} examples) "
+                         f"is within {m.format_drop(self.budget['max_drop'])}")
         if self.best is None:
-            lines.append("no recipe met the budget")
+            tightest = min(self.front, key=lambda c: c.bound, default=None)
+            lines.append("no recipe met the budget" + (
+                f": the tightest bound was {m.format_drop(tightest.bound)} ({tightest.label}); more tuning examples "
+                "narrow the bounds, a lower --confidence takes more risk" if tightest is not None and
+                self.budget.get("max_drop") is not None else ""))
             return "\n".join(lines)
         lines.append(f"chosen: {self.best.label}: {100 * (1 - self.best.flops_ratio):.1f}% fewer FLOPs")
         if self.best.latency:
@@ -106,7 +117,8 @@ class TuneResult:
         for what, meas in (("tuning", self.tuning), ("check", self.check)):
             if meas is not None:
                 lines.append(f"  {what:<6} ({meas.examples} examples): {m.name} {m.format(meas.pruned)} vs "
-                             f"{m.format(meas.unpruned)} unpruned, drop {m.format_drop(meas.drop)}")
+                             f"{m.format(meas.unpruned)} unpruned, drop {m.format_drop(meas.drop)}"
+                             + (f" (bound {m.format_drop(meas.bound)})" if meas.bound is not None else ""))
         if self.baseline is not None:
             lines.append(f"best single method: {self.baseline.label}: {100 * (1 - self.baseline.flops_ratio):.1f}% fewer "
                          f"FLOPs, tuning drop {m.format_drop(self.baseline.drop)}"
@@ -117,7 +129,8 @@ class TuneResult:
 
     @property
     def base_value(self) -> float:
-        return self.metric.best(self.tuning.unpruned if self.tuning else 0.0)
+        """The unpruned model's metric on the tuning part."""
+        return self.metric.best(self.unpruned)
 
 
 @torch.no_grad()
@@ -133,15 +146,28 @@ def _measure(module, data, metric, batch: int, reference: list | None = None):
     return torch.cat(scores), outs
 
 
-def _measured(metric, scores, base_scores) -> Measured:
+def _measured(metric, scores, base_scores, bound=None) -> Measured:
     drop, _ = metric.drop(scores, base_scores)
-    return Measured(len(scores), float(metric.best(float(base_scores.mean()))), float(scores.mean()), drop)
+    return Measured(len(scores), float(metric.best(float(base_scores.mean()))), float(scores.mean()), drop, bound)
+
+
+def _warn_if_labels_look_meaningless(labels, reference: torch.Tensor) -> None:
+    """One line when top-1 against these labels cannot mean much (a constant, or classes the model lacks)."""
+    if labels is None or not len(labels):
+        return
+    classes = reference.reshape(len(reference), -1).shape[-1]
+    if int(labels.max()) >= classes or int(labels.min()) < 0:
+        logger.warning(f"the labels run from {int(labels.min())} to {int(labels.max())} but the model has {classes} "
+                       "outputs: top-1 against them is meaningless; check the labels or use --metric agreement")
+    elif len(labels) > 1 and bool((labels == labels[0]).all()):
+        logger.warning(f"every label is {int(labels[0])}: top-1 on this data measures one class only; "
+                       "check the labels or use --metric agreement")
 
 
 def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", batch=8, time_budget="15m",
              metric=None, max_flops=None, check_split=0.2, plot=None, output=None, methods=None, mean=None, std=None,
              eval_batch=None, after="attention", seed=0, load_kwargs=None, progress=None,
-             example_inputs=None) -> TuneResult:
+             example_inputs=None, confidence=0.9) -> TuneResult:
     """Search recipes for ``model`` (a model id, or an nn.Module with ``example_inputs``) on ``data``.
 
     See docs/tune.md; the arguments are the ``tpc tune`` flags.
@@ -162,6 +188,9 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
         raise TpcError("--max-flops picks the best metric under a FLOPs budget; it does not combine with --target latency")
     if max_drop is not None and max_drop < 0:
         raise TpcError(f"--max-drop {max_drop} is negative")
+    if not 0.0 < confidence < 1.0:
+        raise TpcError(f"--confidence {confidence} is outside (0, 1): it is the probability that the pick's drop "
+                       "is within the budget, e.g. 0.9")
     if batch < 1:
         raise TpcError("--batch must be at least 1")
     seconds = parse_time(time_budget)
@@ -182,20 +211,21 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
     tuning, check, cut = split(dataset, check_split)
 
     gm = capture(loaded.module, loaded.example_inputs)
-    from tpc.api import _prefix_of, analyze
+    from tpc.api import analyze
 
-    sites = analyze(gm, loaded.name)
-    prefix, _ = _prefix_of(gm, sites)
     eval_batch = eval_batch or max(8, min(256, len(tuning) // 8))
     engine = Engine(gm, loaded.example_inputs, loaded.name, tuning, eval_batch, after, seed)
+    sites, prefix = analyze(engine.gm, loaded.name), engine.prefix
     flops_before = count_flops(engine.gm).total
     references = [engine.reference(b) for b in range(len(engine.batches))]
     metric_obj = choose_metric(metric, tuning.labels, loaded.module, references[0])
+    if metric_obj.name == "top1":
+        _warn_if_labels_look_meaningless(dataset.labels, references[0])
     base_scores = torch.cat([metric_obj.per_example(r, r, None if tuning.labels is None else tuning.labels[s:e])
                              for r, (s, e) in zip(references, engine.batches)])
 
     search = Search(engine, metric_obj, references, base_scores, max_drop, max_flops, seconds,
-                    sys.stderr.isatty() if progress is None else progress)
+                    sys.stderr.isatty() if progress is None else progress, confidence)
     skipped = {m: why for m, why in (("tome", "the attention takes a mask (tome refuses masks)" if any(
         site.mask is not None for site in sites) else None), ("topk-cls", "no [CLS] token found" if prefix < 1 else None))
         if why and m in method_list}
@@ -209,6 +239,10 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
         except KeyboardInterrupt:
             search.interrupted = True
     best, front = search.best(), search.front()
+    compared = search.compared()
+    k = len(compared)
+    for c in front:
+        c.bound = search.upper(c, k)
     baselines = search.single_method_best()
     baseline = None
     if baselines:
@@ -222,7 +256,8 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
                 search.extend(c, len(engine.batches))
     tuning_m = check_m = baseline_check = None
     if best is not None:
-        tuning_m = _measured(metric_obj, best.scores, base_scores)
+        best.bound = search.upper(best, k)
+        tuning_m = _measured(metric_obj, best.scores, base_scores, best.bound)
         if check is not None and not search.interrupted:
             ref_scores, ref_outs = _measure(gm, check, metric_obj, eval_batch)
             check_m = _measured(metric_obj, _measure(_module(engine, best), check, metric_obj, eval_batch, ref_outs)[0],
@@ -238,10 +273,12 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
         "skipped": sum(c.refused is None and not c.n for c in s.candidates), "rounds": s.rounds,
         "prefix_runs": engine.prefix_runs, "wall_s": time.perf_counter() - start, "interrupted": s.interrupted,
         "out_of_time": s.out_of_time, "space_cut": s.space_cut, "methods_left_out": skipped,
+        "confidence": confidence, "compared": k, "compared_examples": compared[0].n if compared else 0,
     }
     result = TuneResult(loaded.name, metric_obj, str(data), (0, cut), (cut, len(dataset)) if check is not None else None,
                         flops_before, best, tuning_m, check_m, front, baseline, baseline_check, info, s.candidates,
-                        {"max_drop": max_drop, "max_flops": max_flops, "target": target})
+                        {"max_drop": max_drop, "max_flops": max_flops, "target": target},
+                        unpruned=float(base_scores.mean()))
     if best is None:
         return result
     result.recipe = Recipe(check_steps(best.steps), after, seed, _recipe_info(result, loaded.name))  # options spelled out
@@ -281,7 +318,7 @@ def _recipe_info(r: TuneResult, model: str) -> dict:
         "baseline": None if r.baseline is None else {
             "recipe": describe(r.baseline.steps), "flops_ratio": r.baseline.flops_ratio, "tuning_drop": r.baseline.drop,
             "check_drop": r.baseline_check.drop if r.baseline_check else None},
-        "front": [{"recipe": c.label, "flops_ratio": c.flops_ratio, "drop": c.drop, "examples": c.n,
+        "front": [{"recipe": c.label, "flops_ratio": c.flops_ratio, "drop": c.drop, "bound": c.bound, "examples": c.n,
                    "latency_ratio": c.latency["ratio"] if c.latency else None} for c in r.front],
         "search": r.search,
     }

@@ -1,5 +1,13 @@
 """``tpc tune``: the fastest recipe within an accuracy budget, found on the user's own data.
 
+*Within the budget* is a claim about the user's data, not about the tuning examples: the pick
+must have its drop's one-sided upper confidence bound within the budget, at ``confidence``
+jointly over the k recipes compared on the full tuning set (Bonferroni: z = Φ⁻¹(1 − (1 −
+confidence)/k), bound = drop + z·standard error of the paired per-example drop). Taking the
+lowest-FLOPs recipe whose *observed* drop is within the budget picks the luckiest of many noisy
+estimates (the winner's curse); with the bound, every compared recipe's true drop is under its
+bound with probability ≥ ``confidence``, so the pick's is too.
+
 Successive halving (Jamieson & Talwalkar, AISTATS 2016; Li et al., Hyperband, JMLR 2018):
 every candidate is scored on the first n0 tuning examples; only the promising ones go on to
 2·n0, 4·n0 … and the full tuning set. *Promising*, for "lowest FLOPs with a drop ≤ budget",
@@ -18,6 +26,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 import torch
 
@@ -28,6 +37,7 @@ from tpc.tune.metrics import Metric
 from tpc.tune.space import family_of
 
 LATENCY_FINALISTS = 4
+FINALISTS = 8  # at most this many recipes reach the full tuning set (each one widens the selection's bound)
 
 
 @dataclass
@@ -40,6 +50,7 @@ class Candidate:
     scores: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     drop: float = float("nan")
     se: float = float("inf")
+    bound: float = float("nan")  # drop + z·se at the end of the search (the selection rule's number)
     refused: str | None = None
     latency: dict | None = None
 
@@ -64,6 +75,7 @@ class Search:
     max_flops: float | None
     time_budget: float
     progress: bool
+    confidence: float = 0.9
     candidates: list[Candidate] = field(default_factory=list)
     rounds: list[dict] = field(default_factory=list)
     start: float = field(default_factory=time.perf_counter)
@@ -89,18 +101,32 @@ class Search:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def feasible(self, c: Candidate) -> bool:
+    def compared(self) -> list[Candidate]:
+        """The recipes the pick is chosen among: every one scored on the most examples any reached."""
+        scored = [c for c in self.candidates if c.n and c.refused is None]
+        n = max((c.n for c in scored), default=0)
+        return [c for c in scored if c.n == n]
+
+    def z(self, k: int) -> float:
+        """One-sided normal quantile at ``confidence``, Bonferroni-corrected over ``k`` comparisons."""
+        return NormalDist().inv_cdf(1.0 - (1.0 - self.confidence) / max(1, k))
+
+    def upper(self, c: Candidate, k: int | None = None) -> float:
+        """The drop's upper confidence bound, ``k`` comparisons (default: the compared recipes)."""
+        return c.drop + self.z(len(self.compared()) if k is None else k) * c.se
+
+    def feasible(self, c: Candidate, k: int | None = None) -> bool:
         if self.max_flops is not None:
             return c.flops_ratio <= self.max_flops
-        return c.drop <= self.max_drop
+        return self.upper(c, k) <= self.max_drop
 
     def best(self) -> Candidate | None:
-        """The best recipe at the largest number of examples any feasible candidate reached."""
-        scored = [c for c in self.candidates if c.n and c.refused is None and self.feasible(c)]
-        if not scored:
+        """The best recipe among the compared ones whose bound is within the budget (``max_flops``: the
+        smallest drop within the FLOPs budget; after latency finalists were timed: the fastest)."""
+        compared = self.compared()
+        at_n = [c for c in compared if self.feasible(c, len(compared))]
+        if not at_n:
             return None
-        n = max(c.n for c in scored)
-        at_n = [c for c in scored if c.n == n]
         if self.max_flops is not None:
             return min(at_n, key=lambda c: (c.drop, c.flops_ratio))
         if any(c.latency for c in at_n):
@@ -123,16 +149,19 @@ class Search:
     # -- the rounds ----------------------------------------------------------------------------
 
     def select(self, entrants: list[Candidate], last: bool) -> list[Candidate]:
-        if last:
-            return entrants
+        """The entrants that go on to more examples; ``last``: the next round is the full tuning set."""
         cap = max(4, math.ceil(len(entrants) / 2))
+        if last:
+            cap = min(cap, FINALISTS)
         if self.max_flops is not None:
             return sorted(entrants, key=lambda c: c.drop)[:cap]
         hopeful = [c for c in entrants if c.drop - 2 * c.se <= self.max_drop]
+        bound = {id(c): self.upper(c, cap) for c in hopeful}  # ranked by the bound the final pick will need
         kept: list[Candidate] = []
-        while hopeful and len(kept) < cap:  # Pareto layers of (FLOPs, drop)
-            layer = [c for c in hopeful if not any(o.flops_ratio <= c.flops_ratio and o.drop < c.drop or
-                                                   o.flops_ratio < c.flops_ratio and o.drop <= c.drop for o in hopeful)]
+        while hopeful and len(kept) < cap:  # Pareto layers of (FLOPs, bound)
+            layer = [c for c in hopeful if not any(
+                o.flops_ratio <= c.flops_ratio and bound[id(o)] < bound[id(c)] or
+                o.flops_ratio < c.flops_ratio and bound[id(o)] <= bound[id(c)] for o in hopeful)]
             kept += sorted(layer, key=lambda c: c.flops_ratio)[:cap - len(kept)]
             hopeful = [c for c in hopeful if c not in layer]
         return kept
@@ -144,7 +173,7 @@ class Search:
         try:
             entrants = self._first_round(space, sizes[0], last=len(sizes) == 1)
             for i, size in enumerate(sizes[1:], 1):
-                survivors = self.select(entrants, last=False)
+                survivors = self.select(entrants, last=i == len(sizes) - 1)
                 self.rounds[-1]["kept"] = len(survivors)
                 for c in entrants:
                     if c not in survivors:
@@ -209,10 +238,10 @@ class Search:
 
     def single_method_best(self) -> dict[str, Candidate]:
         """Per single-method family, its best recipe (same rule as the overall best)."""
-        n = max((c.n for c in self.candidates if c.n), default=0)
+        compared = self.compared()
         out = {}
-        for c in self.candidates:
-            if c.n == n and c.refused is None and "+" not in c.family and self.feasible(c):
+        for c in compared:
+            if "+" not in c.family and self.feasible(c, len(compared)):
                 cur = out.get(c.family)
                 key = (c.drop, c.flops_ratio) if self.max_flops is not None else (c.flops_ratio, c.drop)
                 if cur is None or key < ((cur.drop, cur.flops_ratio) if self.max_flops is not None else (cur.flops_ratio, cur.drop)):
@@ -228,8 +257,8 @@ def measure_latency(search: Search, backend: str, batch: int, threads: int | Non
 
     if backend != "onnxruntime":
         raise TpcError(f"--target latency measures with --backend onnxruntime, not {backend!r}")
-    n = max((c.n for c in search.candidates if c.n), default=0)
-    feasible = sorted((c for c in search.candidates if c.n == n and c.module is not None and search.feasible(c)),
+    compared = search.compared()
+    feasible = sorted((c for c in compared if c.module is not None and search.feasible(c, len(compared))),
                       key=lambda c: c.flops_ratio)
     finalists, families = [], set()
     for c in feasible:

@@ -8,22 +8,27 @@ Families, for a model of D attention layers with N tokens (P of them prefix):
 - *single method, fixed schedule* (EViT's form): a gather method at every layer from s to
   D - 1, keeping the same ratio at each (0.9 ... 0.5);
 - *ToMe*: r tokens merged at every layer from s (ToMe's form), r a sixteenth to a quarter of
-  the non-prefix tokens, capped where bipartite matching runs out of tokens;
+  the non-prefix tokens in steps of a thirty-second, either constant or on ToMe's decreasing
+  schedule (``(r, -0.5)``: 1.5·r at the first layer down to 0.5·r at the last, merging most
+  where the most tokens are redundant), capped where bipartite matching runs out of tokens;
 - *mixed*: ToMe's r in layers before t, then an importance method keeping a ratio from t on
-  (merge the redundant background early, drop the unimportant tokens late).
+  (merge the redundant background early, drop the unimportant tokens late), with gentle keeps
+  (0.9 … 0.6) since the merges already removed the redundant tokens.
 """
 
 from __future__ import annotations
 
 from tpc.methods.tome import max_merges as tome_max_merges
 from tpc.recipe import Step
-from tpc.schedule import kept_count
+from tpc.schedule import kept_count, tome_schedule
 
 GATHER_METHODS = ("topk-cls", "topk-mass", "zero-tprune", "kcenter", "divprune")
 IMPORTANCE_METHODS = ("topk-cls", "topk-mass")
 KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5)
-TOME_FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4)
-MIXED_KEEPS = (0.8, 0.6)
+TOME_FRACTIONS = tuple(k / 32 for k in range(2, 9))  # a sixteenth to a quarter of the tokens, per layer
+TOME_INFLECTIONS = (0.0, -0.5)  # ToMe's constant and decreasing schedules
+MIXED_TOME_FRACTIONS = (1 / 8, 3 / 16)
+MIXED_KEEPS = (0.9, 0.8, 0.7, 0.6)
 
 
 def starts(depth: int) -> list[int]:
@@ -33,14 +38,16 @@ def starts(depth: int) -> list[int]:
     return sorted({1, depth // 4, depth // 3, depth // 2, (2 * depth) // 3})
 
 
-def _tome_steps(layers, r: int, tokens: int, prefix: int) -> list[Step] | None:
+def _tome_steps(layers, r: int, tokens: int, prefix: int, inflection: float = 0.0) -> list[Step] | None:
+    layers = list(layers)
     steps = []
-    for layer in layers:
-        if r > tome_max_merges(tokens, prefix) or tokens - prefix - r < 1:
+    for layer, r_layer in zip(layers, tome_schedule(r, inflection, len(layers))):
+        if r_layer > tome_max_merges(tokens, prefix) or tokens - prefix - r_layer < 1:
             return None
-        steps.append(Step(layer, "tome", r=r))
-        tokens -= r
-    return steps
+        if r_layer:
+            steps.append(Step(layer, "tome", r=r_layer))
+        tokens -= r_layer
+    return steps or None
 
 
 def _gather_steps(method: str, layers, keep: float) -> list[Step]:
@@ -54,12 +61,13 @@ def candidates(depth: int, tokens: int, prefix: int, methods: list[str]) -> list
         families.append([_gather_steps(method, range(s, depth), keep) for keep in KEEPS for s in starts(depth)])
     if "tome" in methods:
         rs = sorted({max(1, round(f * (tokens - prefix))) for f in TOME_FRACTIONS})
-        family = [_tome_steps(range(s, depth), r, tokens, prefix) for r in rs for s in starts(depth)[:2]]
+        family = [_tome_steps(range(s, depth), r, tokens, prefix, inflection)
+                  for r in rs for s in starts(depth)[:2] for inflection in TOME_INFLECTIONS]
         families.append([f for f in family if f])
         mixed = []
         for method in [m for m in IMPORTANCE_METHODS if m in methods]:
             for t in starts(depth)[1:]:
-                for r in rs[1:3]:
+                for r in sorted({max(1, round(f * (tokens - prefix))) for f in MIXED_TOME_FRACTIONS}):
                     head = _tome_steps(range(t), r, tokens, prefix)
                     if head is None:
                         continue
