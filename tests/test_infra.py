@@ -63,9 +63,9 @@ def _break_the_linear_rule(monkeypatch):
         if "linear" not in str(node.target):
             return rule
 
-        def crash(ctx, n):
+        def crash(ctx, n, args):
             raise IndexError("list index out of range")
-        return crash
+        return token_axis_rules.Rule(crash)
 
     monkeypatch.setattr("tpc.passes.propagate_token_axis.rule_for", broken)
 

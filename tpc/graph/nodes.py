@@ -24,6 +24,21 @@ def is_op(node: object, *packets) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and target_packet(node) in packets
 
 
+# Ops whose output is their first operand up to dtype, device, layout, a copy or dropout: same
+# shape, each element where it was. The attention finder walks through them (a cast between the
+# logits and the softmax, dropout on the probabilities); the token-axis rules carry the operand's
+# token axes through them. One list for both.
+PASS_THROUGH = frozenset({
+    aten.alias.default, aten.clone.default, aten.contiguous.default, aten.detach.default,
+    aten.lift_fresh_copy.default, aten.dropout.default, aten._to_copy.default, aten.type_as.default,
+    aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other,
+})
+
+
+def is_pass_through(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in PASS_THROUGH
+
+
 def val(node: object):
     """The fake value torch.export recorded for a node (a FakeTensor, SymInt, tuple or None)."""
     return node.meta.get("val") if isinstance(node, fx.Node) else None
