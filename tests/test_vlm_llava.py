@@ -362,3 +362,22 @@ def test_last_token_attention_against_a_loop():
             want += torch.softmax(logits, 0) / 4
         assert torch.allclose(got[b], want, atol=1e-6)
     assert torch.allclose(torch.ops.tpc.last_token_attention(q, k, 0.5, mask, None)[1], got[1])  # last row is real
+
+
+def test_vtc_cls_on_a_siglip_tower_names_the_methods_that_work():
+    from transformers import SiglipVisionConfig
+
+    torch.manual_seed(0)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                image_size=32, patch_size=8)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=64, pad_token_id=PAD)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
+                                                      vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                                      attn_implementation="sdpa")).eval()
+    inputs = {"input_ids": torch.tensor([[1] + [IMAGE] * VISUAL + [5, 6]] * 2),
+              "pixel_values": torch.randn(2, 3, 32, 32)}
+    with pytest.raises(TpcError) as err:
+        compile_vlm(model, inputs, method="topk-cls", keep=0.5)
+    assert str(err.value) == ("SiglipVisionModel has no [CLS] token, so topk-cls (VTC-CLS) cannot score its visual "
+                              "tokens: use fastv, divprune, kcenter, random")

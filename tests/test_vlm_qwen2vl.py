@@ -134,7 +134,8 @@ def test_batch_equals_each_example_alone_and_decoding_continues_from_the_unprune
     for b in range(2):
         alone = one(inputs, b)
         single = pruned.prefill(**alone)
-        assert torch.allclose(out.logits[b, real(inputs["attention_mask"], out.kept[-1])[b]], single.logits[0], atol=1e-5)
+        rows = real(inputs["attention_mask"], out.kept[-1])[b]
+        assert torch.allclose(out.logits[b, rows], single.logits[0], atol=1e-5)
         new = pruned.generate(**alone, max_new_tokens=4, eos_token_id=None)[0, alone["input_ids"].shape[1]:]
         assert torch.equal(generated[b, s:], new)
     # the first generated token's position is Qwen2-VL's: the text position plus rope_deltas (max position + 1)

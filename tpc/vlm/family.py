@@ -161,9 +161,7 @@ class Llava(Family):
         spec, cfg = self.spec(), self.model.config
         if not spec.vision_cls:
             super().cls_scoring(vision_layer)
-        if not isinstance(cfg.vision_feature_layer, int):
-            raise TpcError("LLaVA with several vision feature layers is not supported yet: use one vision_feature_layer")
-        feature = cfg.vision_feature_layer % (spec.vision_layers + 1) - 1  # hidden_states[i] is layer i-1's output
+        feature = feature_layer(cfg) % (spec.vision_layers + 1) - 1  # hidden_states[i] is layer i-1's output
         layer = feature if vision_layer is None else vision_layer
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= feature:
             raise TpcError(f"vision_layer {vision_layer!r}: choose a vision layer from 0 to {feature} (the layer "
@@ -184,6 +182,14 @@ class Llava(Family):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
 
 
+def feature_layer(cfg) -> int:
+    """LLaVA's ``vision_feature_layer`` (an index into the tower's hidden states)."""
+    if not isinstance(cfg.vision_feature_layer, int):
+        raise TpcError("LLaVA with several vision feature layers is not supported yet: use one "
+                       "vision_feature_layer")
+    return cfg.vision_feature_layer
+
+
 class LlavaPrefill(nn.Module):
     """LLaVA's prefill: (logits, k_0, v_0, …, k_{L-1}, v_{L-1}) from the stock submodules."""
 
@@ -191,9 +197,7 @@ class LlavaPrefill(nn.Module):
         super().__init__()
         self.model = model
         cfg = model.config
-        if not isinstance(cfg.vision_feature_layer, int):
-            raise TpcError("LLaVA with several vision feature layers is not supported yet: use one vision_feature_layer")
-        self.feature_layer = cfg.vision_feature_layer
+        self.feature_layer = feature_layer(cfg)
         self.drop_cls = cfg.vision_feature_select_strategy == "default"
         self.image_token_id = cfg.image_token_id
 

@@ -148,8 +148,8 @@ class VlmModule(nn.Module):
     def _text_only(self, input_ids, attention_mask, config) -> torch.Tensor:
         images = int((input_ids == self.spec.image_token_id).sum())
         if images:
-            raise TpcError(f"the prompts hold {images} image tokens (id {self.spec.image_token_id}) but no pixel_values "
-                           "were given: pass the processor's pixel_values with its input_ids")
+            raise TpcError(f"the prompts hold {images} image tokens (id {self.spec.image_token_id}) but no "
+                           "pixel_values were given: pass the processor's pixel_values with its input_ids")
         model = self._model[0]
         with torch.no_grad():
             return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
