@@ -14,15 +14,12 @@ from tpc.pt2 import load_program
 
 
 def save_prefill(module, path, check: bool = True) -> CheckResult | None:
-    from tpc.vlm.compile import dynamic_shapes
-
     path = Path(path)
     if path.suffix.lower() != ".pt2":
         raise TpcError(f"a pruned VLM is written as .pt2 (its prefill program); {path.suffix or 'no suffix'} is not "
                        "supported for VLMs yet")
     check_output_path(path)
-    ids, pixels = module.example_inputs[:2]
-    dynamic = dynamic_shapes(pixels.shape[0] // ids.shape[0], module.stages[0].visual_in)
+    dynamic = module.family.dynamic_shapes(module.example_inputs, module.stages[0].visual_in)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -40,6 +37,6 @@ def save_prefill(module, path, check: bool = True) -> CheckResult | None:
             with torch.no_grad():
                 return list(loaded(*inputs)), None
 
-        inputs = [tuple(x[:1] for x in module.example_inputs), module.example_inputs]  # its first example, the batch
+        inputs = [module.family.first_example(module.example_inputs), module.example_inputs]  # an example, the batch
         with torch.no_grad():  # tolerance from the outputs' dtype (wider for half precision), as for encoders
             return check_artifact(module.gm, run, inputs, "the written program")
