@@ -218,6 +218,10 @@ def test_latency_target_times_finalists_in_onnx_runtime(tmp_path):
     latency = json.loads(out.read_text())["measured"]["latency"]
     assert result.best.latency is latency or result.best.latency == latency
     assert latency["backend"] == "onnxruntime" and latency["batch"] == 4 and latency["pruned_ms"] > 0 and latency["unpruned_ms"] > 0
+    finalists = json.loads(out.read_text())["latency_finalists"]
+    assert finalists and all(f["flops_ratio"] < 1 and f["ratio"] > 0 for f in finalists)
+    assert latency["ratio"] == min(f["ratio"] for f in finalists)  # the fastest finalist, whatever its FLOPs
+    assert "latency finalists (onnxruntime, batch 4" in result.table()
 
 
 def test_max_flops_picks_the_best_metric_under_the_flops_budget(tmp_path):

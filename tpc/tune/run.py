@@ -102,6 +102,17 @@ class TuneResult:
             lines.append(f"selection: the lowest-FLOPs recipe whose drop's upper bound (one-sided {s['confidence']:.0%}, "
                          f"jointly over the {s['compared']} recipes compared on {s['compared_examples']} examples) "
                          f"is within {m.format_drop(self.budget['max_drop'])}")
+        timed = self.finalists
+        if timed:
+            lines.append(f"latency finalists ({timed[0].latency['backend']}, batch {timed[0].latency['batch']}, "
+                         "each timed side by side with the unpruned model):")
+            for c in timed:
+                lines.append(f"{'*' if c is self.best else ' '} {c.label[:64]:<64} FLOPs {c.flops_ratio:.3f}  "
+                             f"latency {c.latency['ratio']:.3f} of unpruned")
+            lowest = min(timed, key=lambda c: c.flops_ratio)
+            if self.best is not None and self.best is not lowest:
+                lines.append(f"  picked by latency, not by FLOPs: the lowest-FLOPs finalist ({lowest.label}) "
+                             f"ran at {lowest.latency['ratio']:.3f}")
         if self.best is None:
             tightest = min(self.front, key=lambda c: c.bound, default=None)
             lines.append("no recipe met the budget" + (
@@ -126,6 +137,11 @@ class TuneResult:
         if self.output:
             lines.append(f"wrote {self.output}" + (f" and {self.plot}" if self.plot else ""))
         return "\n".join(lines)
+
+    @property
+    def finalists(self) -> list:
+        """The recipes timed for ``--target latency``, lowest FLOPs first."""
+        return sorted((c for c in self.candidates if c.latency), key=lambda c: c.flops_ratio)
 
     @property
     def base_value(self) -> float:
@@ -320,5 +336,7 @@ def _recipe_info(r: TuneResult, model: str) -> dict:
             "check_drop": r.baseline_check.drop if r.baseline_check else None},
         "front": [{"recipe": c.label, "flops_ratio": c.flops_ratio, "drop": c.drop, "bound": c.bound, "examples": c.n,
                    "latency_ratio": c.latency["ratio"] if c.latency else None} for c in r.front],
+        "latency_finalists": [{"recipe": c.label, "flops_ratio": c.flops_ratio, "drop": c.drop, **c.latency}
+                              for c in r.finalists],
         "search": r.search,
     }
