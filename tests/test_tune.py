@@ -50,7 +50,8 @@ def test_recipe_found_written_read_back_and_reproduced(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["model"] == "models:cli_tiny_vit" and saved["tpc_version"] == tpc.__version__
     assert saved["metric"]["name"] == "cosine" and saved["data"]["tuning"] == [0, 30] and saved["data"]["check"] == [30, 40]
-    assert saved["search"]["tried"] >= 1 and saved["search"]["wall_s"] > 0 and saved["search"]["prefix_runs"] >= 1
+    assert saved["search"]["tried"] >= 1 and 0 < saved["search"]["search_s"] <= saved["search"]["wall_s"]
+    assert saved["search"]["prefix_runs"] >= 1
 
     model = tiny_timm_vit()
     pm = tpc.compile("models:cli_tiny_vit", recipe=out)
