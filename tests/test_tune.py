@@ -261,3 +261,21 @@ def test_tune_reads_images_and_files_as_tpc_eval_does(tmp_path):
     (tmp_path / "d.txt").write_text("not arrays")
     with pytest.raises(tpc.TpcError, match="is not an .npz file"):
         load_tune_data(tmp_path / "d.txt", loaded, MEAN, STD)
+
+
+def test_recipes_the_compiler_refuses_are_counted_with_the_reason():
+    """At a dynamic text length zero-tprune's similarity stage is refused: the table says why, once per method."""
+    from tpc.tune.run import TuneResult
+    from tpc.tune.search import refusals
+
+    why = "zero-tprune's similarity stage needs a fixed sequence length, but layer 1 sees a dynamic one"
+    tried = [Candidate([], "zero-tprune", refused=why), Candidate([], "zero-tprune", refused=why + " (2)"),
+             _scored(0.8, 0.0, 0.001)]
+    summary = refusals(tried)
+    assert summary == {"zero-tprune": {"count": 2, "reason": why}}
+    search = {"tried": 3, "space": 3, "refused": 2, "skipped": 0, "rounds": [], "search_s": 1.0, "wall_s": 1.0,
+              "interrupted": False, "out_of_time": False, "space_cut": False, "refusals": summary,
+              "confidence": 0.9, "compared": 1, "compared_examples": 2000}
+    table = TuneResult("m", Metric("cosine", "cosine"), "d.npz", (0, 10), None, 1.0, None, None, None, [], None, None,
+                       search, tried, {"max_drop": 0.01}).table()
+    assert f"refused 2 zero-tprune recipe(s): {why}\n" in table

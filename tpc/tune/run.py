@@ -16,7 +16,7 @@ from tpc.recipe import Recipe, check_steps, describe
 from tpc.tune.data import load_tune_data, split
 from tpc.tune.engine import Engine
 from tpc.tune.metrics import choose_metric, first_tensor
-from tpc.tune.search import Candidate, Search, measure_latency
+from tpc.tune.search import Candidate, Search, measure_latency, refusals
 from tpc.tune.space import GATHER_METHODS, candidates
 
 logger = logging.getLogger("tpc.tune")
@@ -92,6 +92,8 @@ class TuneResult:
         s = self.search
         for method, why in s.get("methods_left_out", {}).items():
             lines.append(f"left out {method}: {why}")
+        for family, refused in s.get("refusals", {}).items():
+            lines.append(f"refused {refused['count']} {family} recipe(s): {refused['reason']}")
         rounds = " -> ".join(f"{r['scored']} on {r['examples']}" for r in s["rounds"])
         lines.append(f"search: {s['tried']} recipes tried ({s['refused']} refused by the compiler, {s['skipped']} over "
                      f"the FLOPs budget), recipes scored per round (examples): {rounds}; "
@@ -290,6 +292,7 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
         "skipped": sum(c.refused is None and not c.n for c in s.candidates), "rounds": s.rounds,
         "prefix_runs": engine.prefix_runs, "search_s": search_s, "wall_s": time.perf_counter() - start, "interrupted": s.interrupted,
         "out_of_time": s.out_of_time, "space_cut": s.space_cut, "methods_left_out": skipped,
+        "refusals": refusals(s.candidates),
         "confidence": confidence, "compared": k, "compared_examples": compared[0].n if compared else 0,
     }
     result = TuneResult(loaded.name, metric_obj, str(data), (0, cut), (cut, len(dataset)) if check is not None else None,
