@@ -279,3 +279,20 @@ def test_recipes_the_compiler_refuses_are_counted_with_the_reason():
     table = TuneResult("m", Metric("cosine", "cosine"), "d.npz", (0, 10), None, 1.0, None, None, None, [], None, None,
                        search, tried, {"max_drop": 0.01}).table()
     assert f"refused 2 zero-tprune recipe(s): {why}\n" in table
+
+
+def test_candidates_reuse_the_shapes_before_their_first_pruned_layer():
+    """The captured graph's fake values are computed once; a candidate's passes recompute only what they changed."""
+    from tpc.capture import capture
+    from tpc.recipe import Step
+    from tpc.tune.data import TuneData
+    from tpc.tune.engine import Engine
+
+    model = tiny_timm_vit()
+    x = torch.randn(2, 3, 32, 32)
+    engine = Engine(capture(model, (x,)), (x,), "tiny", TuneData((x,), None, "x"), 2)
+    pm = engine.compile(check_steps([Step(1, "topk-cls", keep=0.5)]))
+    cut = engine.cut(pm.graph_module)
+    before = [n for n in list(pm.graph_module.graph.nodes)[:cut] if n.op == "call_function"]
+    base = {n.name: n for n in engine.gm.graph.nodes}
+    assert len(before) > 10 and all(n.meta["val"] is base[n.name].meta["val"] for n in before)
