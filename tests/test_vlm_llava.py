@@ -1,5 +1,5 @@
 """LLaVA (stock ``LlavaForConditionalGeneration``, SDPA): visual-token pruning through prefill
-and generate(), against eager references written here from the papers."""
+and generate(), against the eager references of tests/vlm_reference.py (written from the papers)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from tpc.errors import TpcError
 from tpc.vlm import capture_prefill, compile_vlm, prune
 from tpc.vlm.inputs import prompt_positions
+from vlm_reference import (check_golden, divprune_loop, diverse_kept, eager_from, fastv_kept, kcenter_loop, real,
+                           visual_positions, with_text)
 
 IMAGE, PAD, VISUAL = 63, 0, 16
 
@@ -48,38 +50,10 @@ def hf_forward(model, inputs, **kw):
         return model(**inputs, position_ids=prompt_positions(inputs["attention_mask"]), **kw)
 
 
-def eager_from(model, inputs, hidden, kept, first_layer):
-    """The stock decoder layers from ``first_layer`` on, run eagerly on the kept tokens only:
-    original rotary positions, causal order of the kept tokens, padding masked."""
+def reference(model, inputs, hidden, kept, first_layer):
     lm = model.model.language_model
-    am = inputs["attention_mask"].bool().gather(1, kept)
-    positions = prompt_positions(inputs["attention_mask"]).gather(1, kept)
-    h = hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1]))
-    n = kept.shape[1]
-    mask = torch.tril(torch.ones(n, n, dtype=torch.bool))[None, None] & am[:, None, None, :]
-    with torch.no_grad():
-        rotary = lm.rotary_emb(h, positions)
-        for layer in lm.layers[first_layer:]:
-            h = layer(h, attention_mask=mask, position_embeddings=rotary)
-        return model.lm_head(lm.norm(h))
-
-
-def real(inputs, kept):
-    return inputs["attention_mask"].bool().gather(1, kept)
-
-
-def visual_positions(inputs):
-    return [torch.nonzero(row == IMAGE)[:, 0] for row in inputs["input_ids"]]
-
-
-def with_text(inputs, chosen_visual):
-    """Sorted kept positions: every non-visual token plus the chosen visual positions."""
-    rows = []
-    for ids, chosen in zip(inputs["input_ids"], chosen_visual):
-        keep = ids != IMAGE
-        keep[chosen] = True
-        rows.append(torch.nonzero(keep)[:, 0])
-    return torch.stack(rows)
+    mask = inputs["attention_mask"]
+    return eager_from(lm, model.lm_head, hidden, kept, first_layer, mask, prompt_positions(mask))
 
 
 def test_keep_all_is_the_stock_model(llava):
@@ -105,54 +79,30 @@ def test_fastv_matches_eager_reference_and_shrinks_the_cache(llava):
     layer, keep = 1, 4
     pruned = prune(model, program, inputs, method="fastv", layers=layer, keep=keep)
     out = pruned.prefill(**inputs)
-    # FastV (Chen et al., 2024): the last prompt token's attention at layer K, head mean, top-k visual tokens.
     eager = tiny_llava("eager")
     eager.load_state_dict(model.state_dict())
-    attn = hf_forward(eager, inputs, output_attentions=True).attentions[layer][:, :, -1].mean(1)
-    chosen = [pos[attn[b, pos].topk(keep).indices] for b, pos in enumerate(visual_positions(inputs))]
-    kept = with_text(inputs, chosen)
+    attention = hf_forward(eager, inputs, output_attentions=True).attentions[layer]
+    kept = fastv_kept(attention, inputs["input_ids"], IMAGE, keep)
     assert torch.equal(out.kept[0], kept)
     hidden = hf_forward(model, inputs, output_hidden_states=True).hidden_states[layer + 1]
-    ref = eager_from(model, inputs, hidden, kept, layer + 1)
-    assert torch.allclose(out.logits[real(inputs, kept)], ref[real(inputs, kept)], atol=1e-5)
+    ref = reference(model, inputs, hidden, kept, layer + 1)
+    rows = real(inputs["attention_mask"], kept)
+    assert torch.allclose(out.logits[rows], ref[rows], atol=1e-5)
     s = inputs["input_ids"].shape[1]
     assert [out.cache.layers[i].keys.shape[2] for i in range(3)] == [s, s, s - VISUAL + keep]
 
 
-def _divprune(x, k):
-    """DivPrune (Alvar et al., 2025): greedy max-min diversity, d = 1 - cos."""
-    x = torch.nn.functional.normalize(x, dim=-1)
-    d = 1 - x @ x.T
-    n = len(x)
-    first = max(range(n), key=lambda i: min(d[i, j] for j in range(n) if j != i))
-    picked = [first]
-    while len(picked) < k:
-        picked.append(max((i for i in range(n) if i not in picked), key=lambda i: min(d[i, j] for j in picked)))
-    return torch.tensor(sorted(picked))
-
-
-def _kcenter(x, k):
-    """Greedy k-center (Gonzalez): first the token farthest from the mean, then farthest-point."""
-    unit = torch.nn.functional.normalize(x, dim=-1)
-    d = 1 - unit @ unit.T
-    mean = torch.nn.functional.normalize(x.mean(0), dim=0)
-    picked = [int((1 - unit @ mean).argmax())]
-    while len(picked) < k:
-        picked.append(int(d[:, picked].min(1).values.masked_fill(torch.isin(torch.arange(len(x)), torch.tensor(picked)), -1).argmax()))
-    return torch.tensor(sorted(picked))
-
-
-@pytest.mark.parametrize("method,select", [("divprune", _divprune), ("kcenter", _kcenter)])
+@pytest.mark.parametrize("method,select", [("divprune", divprune_loop), ("kcenter", kcenter_loop)])
 def test_diversity_before_the_language_model(llava, method, select):
     model, inputs, program = llava
     keep = 5
     out = prune(model, program, inputs, method=method, keep=keep).prefill(**inputs)
     embeds = hf_forward(model, inputs, output_hidden_states=True).hidden_states[0]  # image features scattered in
-    chosen = [pos[select(embeds[b, pos], keep)] for b, pos in enumerate(visual_positions(inputs))]
-    kept = with_text(inputs, chosen)
+    kept = diverse_kept(select, embeds, inputs["input_ids"], IMAGE, keep)
     assert torch.equal(out.kept[0], kept)
-    ref = eager_from(model, inputs, embeds, kept, 0)
-    assert torch.allclose(out.logits[real(inputs, kept)], ref[real(inputs, kept)], atol=1e-5)
+    ref = reference(model, inputs, embeds, kept, 0)
+    rows = real(inputs["attention_mask"], kept)
+    assert torch.allclose(out.logits[rows], ref[rows], atol=1e-5)
     assert all(out.cache.layers[i].keys.shape[2] == kept.shape[1] for i in range(3))
 
 
@@ -171,10 +121,32 @@ def test_pyramid_schedule_composes_stages_and_batch_equals_alone(llava):
                  "attention_mask": inputs["attention_mask"][b:b + 1, real_tokens],
                  "pixel_values": inputs["pixel_values"][b:b + 1]}
         single = pruned.prefill(**alone)
-        rows = real(inputs, out.kept[-1])[b]
+        rows = real(inputs["attention_mask"], out.kept[-1])[b]
         assert torch.allclose(out.logits[b, rows], single.logits[0], atol=1e-5)
         assert torch.equal(generated[b, 24:], pruned.generate(**alone, max_new_tokens=5)[0, alone["input_ids"].shape[1]:])
 
+
+
+@pytest.mark.parametrize("vision_layer", [None, 0])
+def test_vtc_cls_scores_with_the_vision_towers_cls_attention(llava, vision_layer):
+    """VTC-CLS (Zhang et al., 2024): the [CLS] query's head-mean attention over the patches at a
+    vision layer (default: the feature layer, here the last), top-k visual tokens, before the LM."""
+    model, inputs, program = llava
+    keep = 6
+    out = prune(model, program, inputs, method="topk-cls", keep=keep, vision_layer=vision_layer).prefill(**inputs)
+    eager = tiny_llava("eager")
+    eager.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        attention = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
+    scores = attention[1 if vision_layer is None else vision_layer][:, :, 0, 1:].mean(1)  # [CLS] row, patches only
+    chosen = [pos[scores[b].topk(keep).indices] for b, pos in enumerate(visual_positions(inputs["input_ids"], IMAGE))]
+    kept = with_text(inputs["input_ids"], IMAGE, chosen)
+    assert torch.equal(out.kept[0], kept)
+    embeds = hf_forward(model, inputs, output_hidden_states=True).hidden_states[0]
+    ref = reference(model, inputs, embeds, kept, 0)
+    rows = real(inputs["attention_mask"], kept)
+    assert torch.allclose(out.logits[rows], ref[rows], atol=1e-5)
+    assert all(out.cache.layers[i].keys.shape[2] == kept.shape[1] for i in range(3))
 
 def test_keep_zero_drops_every_visual_token_after_a_layer(llava):
     model, inputs, program = llava
@@ -208,7 +180,9 @@ def test_bad_inputs_are_refused_in_one_line(llava, change, message):
     ({"method": "fastv", "layers": 3}, "beyond the language model's depth"),
     ({"method": "fastv", "layers": 2}, "saves nothing"),
     ({"method": "fastv"}, "give the layer"),
-    ({"method": "topk-cls"}, "not implemented yet"),
+    ({"method": "topk-cls", "layers": 1}, "before the language model: drop layers"),
+    ({"method": "topk-cls", "vision_layer": 2}, "choose a vision layer from 0 to 1"),
+    ({"method": "fastv", "layers": 1, "vision_layer": 0}, "fastv does not read the vision tower"),
 ])
 def test_bad_schedules_are_refused(llava, kwargs, message):
     model, inputs, program = llava
@@ -259,18 +233,9 @@ def test_cli_refuses_a_layer_beyond_the_language_model(tmp_path):
 
 @pytest.mark.parametrize("method,layers", [("fastv", 1), ("divprune", None)])
 def test_golden_graph(llava, method, layers, update_golden):
-    from pathlib import Path
-
-    from tpc.graph.printing import format_rewrites
-
     model, inputs, program = llava
-    gm = prune(model, program, inputs, method=method, layers=layers, keep=4).gm
-    batch, seq = next(iter(gm.graph.find_nodes(op="placeholder", target="input_ids"))).meta["val"].shape
-    text = format_rewrites(gm, {str(batch): "B", str(seq): "S"})
-    path = Path(__file__).parent / "golden" / f"vlm_llava_{method}.txt"
-    if update_golden:
-        path.write_text(text)
-    assert text == path.read_text(), f"{path.name} changed: review, then run pytest --update-golden"
+    check_golden(prune(model, program, inputs, method=method, layers=layers, keep=4).gm, f"vlm_llava_{method}",
+                 update_golden)
 
 
 def test_keep_as_text_as_the_cli_gives_it():
@@ -373,7 +338,7 @@ def test_fastv_scores_with_the_last_real_token_under_right_padding(llava):
         out = pruned.prefill(**batch)
         # the chosen visual tokens, as offsets within each example's visual span
         kept[name] = [sorted((p - pos[0]).item() for p in out.kept[0][b] if p in pos)
-                      for b, pos in enumerate(visual_positions(batch))]
+                      for b, pos in enumerate(visual_positions(batch["input_ids"], IMAGE))]
     assert kept["right"] == kept["left"]
     with pytest.raises(TpcError, match="right-padded") as err:
         pruned.generate(**right, max_new_tokens=2)
@@ -397,3 +362,22 @@ def test_last_token_attention_against_a_loop():
             want += torch.softmax(logits, 0) / 4
         assert torch.allclose(got[b], want, atol=1e-6)
     assert torch.allclose(torch.ops.tpc.last_token_attention(q, k, 0.5, mask, None)[1], got[1])  # last row is real
+
+
+def test_vtc_cls_on_a_siglip_tower_names_the_methods_that_work():
+    from transformers import SiglipVisionConfig
+
+    torch.manual_seed(0)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                image_size=32, patch_size=8)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=64, pad_token_id=PAD)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
+                                                      vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                                      attn_implementation="sdpa")).eval()
+    inputs = {"input_ids": torch.tensor([[1] + [IMAGE] * VISUAL + [5, 6]] * 2),
+              "pixel_values": torch.randn(2, 3, 32, 32)}
+    with pytest.raises(TpcError) as err:
+        compile_vlm(model, inputs, method="topk-cls", keep=0.5)
+    assert str(err.value) == ("SiglipVisionModel has no [CLS] token, so topk-cls (VTC-CLS) cannot score its visual "
+                              "tokens: use fastv, divprune, kcenter, random")

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from tpc.graph.nodes import aten, batch_size_numeric, is_op, module_path, numeric_shape, scalar_value, val
-
-_PASS_THROUGH = (aten.dropout, aten._to_copy, aten.to, aten.type_as, aten.clone, aten.contiguous, aten.alias)
+from tpc.graph.nodes import (
+    aten, batch_size_numeric, is_op, is_pass_through, module_path, numeric_shape, scalar_value, val,
+)
 
 
 @dataclass
@@ -99,7 +99,7 @@ def _sdpa_site(node: fx.Node, batch: int | None) -> AttentionSite:
 def _strip_scale(node, scale: float):
     """Walk back through scalar mul/div and dtype casts; return (node, accumulated scale)."""
     while True:
-        if is_op(node, *_PASS_THROUGH):
+        if is_pass_through(node):
             node = node.args[0]
         elif is_op(node, aten.mul) and scalar_value(node.args[1]) is not None:
             scale *= scalar_value(node.args[1])
@@ -177,7 +177,7 @@ def _explicit_site(softmax: fx.Node, batch: int | None) -> AttentionSite | None:
 
     probs_use = softmax
     while True:
-        users = [u for u in _model_users(probs_use) if is_op(u, *_PASS_THROUGH)]
+        users = [u for u in _model_users(probs_use) if is_pass_through(u)]
         if len(users) == 1 and len(_model_users(probs_use)) == 1:
             probs_use = users[0]
             continue

@@ -27,17 +27,20 @@ from torch._guards import detect_fake_mode
 from tpc.errors import TpcError
 from tpc.graph import find_attention_sites, find_stream_point
 from tpc.graph.attention import layer_runs
-from tpc.graph.nodes import aten, describe, numeric_shape, val
+from tpc.graph.nodes import aten, describe, numeric_shape, to_front, val
 from tpc.passes.compaction import Compaction, Role, mark_pruned_outputs, mark_rewritten, set_role
 from tpc.passes.infra import at_node
-from tpc.passes.token_axis_rules import Axis, Refusal, rule_for
+from tpc.passes.token_axis_rules import Axis, Gather, Refusal, arguments, rule_for, set_argument
 
 logger = logging.getLogger("tpc.passes")
 
 GATHER = torch.ops.tpc.gather_tokens.default
 
 
-class _Context:
+class Propagation:
+    """One compaction's propagation: the token axes of every tracked tensor, the old and new
+    token counts, and the gathers of side tensors inserted so far."""
+
     def __init__(self, gm: fx.GraphModule, compaction: Compaction):
         source = compaction.out
         self.gm = gm
@@ -101,8 +104,30 @@ class _Context:
             self.index_cache[offset] = shifted
         return self.index_cache[offset]
 
+    def check_side(self, x: fx.Node, dim: int, ax: Axis, consumer: fx.Node) -> None:
+        """Refuse unless ``gather_side`` can gather side tensor ``x`` along ``dim`` for ``consumer``."""
+        if ax.inner != 1:
+            raise Refusal("a side tensor meets tokens that are merged with another axis")
+        if ax.offset < 0:
+            raise Refusal("a side tensor meets tokens that were put in front of the stream after pruning")
+        if (x, dim) not in self.side_cache:
+            self._side_layout(x, dim, consumer)
+
+    def _side_layout(self, x: fx.Node, dim: int, consumer: fx.Node) -> tuple[int, int]:
+        """How x meets the consumer's batch dim: (leading dims to add, dims from the right)."""
+        out_shape = numeric_shape(consumer)
+        if self.batch not in out_shape:
+            raise Refusal("a side tensor meets the tokens where no batch dimension is visible")
+        from_right = len(out_shape) - out_shape.index(self.batch)
+        added = max(0, from_right - len(val(x).shape))
+        bdim = len(val(x).shape) + added - from_right
+        if bdim >= added and numeric_shape(x)[bdim - added] not in (self.batch, 1):
+            raise Refusal("a side tensor meets the tokens with a batch dimension of another size")
+        return added, from_right
+
     def gather_side(self, x: fx.Node, dim: int, ax: Axis, consumer: fx.Node) -> fx.Node:
-        """Gather side tensor ``x`` along ``dim`` with this compaction's index (cached per tensor).
+        """Gather side tensor ``x`` along ``dim`` with this compaction's index (cached per tensor),
+        once ``check_side`` allowed it.
 
         Side tensors are what meets the stream at a token dim with the old token count without
         descending from the stream: attention masks, position biases, stale copies of the
@@ -116,18 +141,10 @@ class _Context:
         or 1) is where each example's index applies. Missing leading dims are added first.
         A token axis sliced past ``offset`` prefix tokens uses ``index_at(offset)``.
         """
-        if ax.inner != 1:
-            raise Refusal("a side tensor meets tokens that are merged with another axis")
-        if ax.offset < 0:
-            raise Refusal("a side tensor meets tokens that were put in front of the stream after pruning")
         key = (x, dim)
         if key in self.side_cache:
             return self.side_cache[key]
-        out_shape = numeric_shape(consumer)
-        if self.batch not in out_shape:
-            raise Refusal("a side tensor meets the tokens where no batch dimension is visible")
-        from_right = len(out_shape) - out_shape.index(self.batch)
-        added = max(0, from_right - len(val(x).shape))
+        added, from_right = self._side_layout(x, dim, consumer)
         index = self.index_at(ax.offset)
         with self.graph.inserting_before(consumer), self.fake_mode:
             y, tdim = x, dim + added
@@ -135,13 +152,10 @@ class _Context:
                 y = self._insert(aten.unsqueeze.default, (y, 0), consumer, val(y).unsqueeze(0))
             rank = len(val(y).shape)
             bdim = rank - from_right
-            if numeric_shape(y)[bdim] not in (self.batch, 1):
-                raise Refusal("a side tensor meets the tokens with a batch dimension of another size")
-            perm = [bdim, tdim] + [d for d in range(rank) if d not in (bdim, tdim)]
+            perm, inverse = to_front(rank, bdim, tdim)
             if perm != list(range(rank)):
                 y = self._insert(aten.permute.default, (y, perm), consumer, val(y).permute(perm))
             g = self._insert(GATHER, (y, index), consumer, GATHER(val(y), self.old_index_val(ax.offset)))
-            inverse = [perm.index(d) for d in range(rank)]
             if inverse != list(range(rank)):
                 g = self._insert(aten.permute.default, (g, inverse), consumer, val(g).permute(inverse))
         self.tracked[g] = {**{d + added: a for d, a in self.axes(x).items()}, tdim: ax}
@@ -151,7 +165,7 @@ class _Context:
 
 def propagate(gm: fx.GraphModule, compaction: Compaction) -> int:
     """Propagate one compaction through every node after it; returns the number of rewritten nodes."""
-    ctx = _Context(gm, compaction)
+    ctx = Propagation(gm, compaction)
     nodes = list(gm.graph.nodes)
     for node in nodes[nodes.index(compaction.out) + 1:]:
         if node in ctx.inserted:
@@ -166,14 +180,46 @@ def propagate(gm: fx.GraphModule, compaction: Compaction) -> int:
             raise TpcError(_refusal(node, "reads the tokens and tpc has no token-axis rule for this op", compaction, gm))
         try:
             with at_node(node):
-                out = rule(ctx, node)
+                args = arguments(node)
+                inferred = rule.infer(ctx, node, args)
+                _gather_sides(ctx, node, args, inferred.gathers)
+                if rule.resize is not None:
+                    _resize(ctx, node, args, rule.resize(ctx, node, args, inferred.axes))
         except Refusal as r:
             raise TpcError(_refusal(node, str(r), compaction, gm)) from None
-        if out:
-            ctx.tracked[node] = out
+        if inferred.axes:
+            ctx.tracked[node] = inferred.axes
     logger.debug("propagate_token_axis: layer %s, %d nodes rewritten or inserted",
                  compaction.layer, ctx.rewritten + len(ctx.inserted))
     return ctx.rewritten + len(ctx.inserted)
+
+
+def _gather_sides(ctx: Propagation, node: fx.Node, args: dict, gathers: tuple[Gather, ...]) -> None:
+    """Replace each side-tensor operand by its gather; an operand gathered along two dims (a
+    mask along queries and keys) is gathered twice, the second time in the first's dims."""
+    current: dict = {}
+    for g in gathers:
+        name, item = g.arg if isinstance(g.arg, tuple) else (g.arg, None)
+        first = args[name] if item is None else args[name][item]
+        x = current.get(g.arg, first)
+        dim = g.dim + len(val(x).shape) - len(val(first).shape)
+        current[g.arg] = ctx.gather_side(x, dim, g.axis, node)
+    for key, new in current.items():
+        set_argument(node, key, new)
+
+
+def _resize(ctx: Propagation, node: fx.Node, args: dict, new: dict) -> None:
+    """Write the size arguments a rule's ``resize`` changed; the node counts as rewritten."""
+    changed = {name: value for name, value in new.items() if _as_list(value) != _as_list(args[name])}
+    for name, value in changed.items():
+        set_argument(node, name, value)
+    if changed:
+        ctx.mark_rewritten(node)
+
+
+def _as_list(value):
+    """Lists and tuples compare as lists (a size argument may be either)."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _check_outputs(gm, ctx, node):
@@ -194,6 +240,8 @@ def _way_out(gm: fx.GraphModule, blocker: fx.Node) -> str:
     or --restore when the blocker only reads the final sequence."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     sites = find_attention_sites(gm)
+    if not sites:
+        return "No layer of this model can be pruned before it"
     after = []
     for site in sites:
         try:

@@ -11,64 +11,57 @@ import warnings
 
 import torch
 from torch import fx, nn
-from torch.export import Dim
 
 from tpc.capture import eval_mode
-from tpc.errors import TpcError
+from tpc.errors import TpcError, refusal_or_bug
 from tpc.passes import PassManager
 from tpc.schedule import kept_count, parse_keep, parse_layers
-from tpc.vlm.family import prefill_module, spec_of
+from tpc.vlm.family import family_of, spec_of
 from tpc.vlm.graph import prompt_mask, visual_mask
-from tpc.vlm.inputs import prompt_positions, visual_per_example
 from tpc.vlm.module import Stage, VlmModule
 from tpc.vlm.prune_visual import METHODS, STATE, PruneVisual
 from tpc.vlm.report import describe
 
-INPUT_NAMES = ("input_ids", "pixel_values", "attention_mask")
 
-
-def example_args(inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, pixel_values, attention_mask) from processor outputs (a dict or a BatchFeature)."""
+def processor_inputs(inputs) -> dict:
+    """Processor outputs (a dict or a BatchFeature) as a dict with an attention mask."""
     if not hasattr(inputs, "keys") or "input_ids" not in inputs or "pixel_values" not in inputs:
         raise TpcError("a VLM takes its processor's outputs as example inputs: a dict with input_ids and pixel_values")
-    ids = inputs["input_ids"]
-    mask = inputs.get("attention_mask")
-    return ids, inputs["pixel_values"], torch.ones_like(ids) if mask is None else mask
-
-
-def dynamic_shapes(images: int, visual: int) -> tuple:
-    """Symbolic batch and prompt length for (input_ids, pixel_values, attention_mask, position_ids).
-
-    A prompt holds its visual tokens and at least two more, whatever a pruning stage keeps.
-    """
-    batch, seq = Dim("batch", min=1, max=4096), Dim("prompt", min=visual + 2, max=131072)
-    return {0: batch, 1: seq}, {0: batch * images if images > 1 else batch}, {0: batch, 1: seq}, {0: batch, 1: seq}
+    out = dict(inputs.items())
+    if out.get("attention_mask") is None:
+        out["attention_mask"] = torch.ones_like(out["input_ids"])
+    return out
 
 
 def capture_prefill(model: nn.Module, inputs) -> torch.export.ExportedProgram:
     """The prefill as an aten program with symbolic batch and prompt length (reusable: see ``prune``)."""
-    spec = spec_of(model)
-    ids, pixels, mask = example_args(inputs)
-    visual_per_example(spec, ids, pixels)
-    if ids.shape[0] < 2:  # a batch of one would be captured as a constant
-        ids, pixels, mask = (torch.cat([t, t]) for t in (ids, pixels, mask))
-    images = pixels.shape[0] // ids.shape[0]
-    dynamic = dynamic_shapes(images, visual_per_example(spec, ids, pixels))
-    wrapper = prefill_module(model)
+    family = family_of(model)
+    args, visual = family.graph_args(processor_inputs(inputs))
+    if args[0].shape[0] < 2:  # a batch of one would be captured as a constant
+        args = family.twice(args)
+    dynamic = family.dynamic_shapes(args, visual)
+    wrapper = family.prefill()
     with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            program = torch.export.export(wrapper, (ids, pixels, mask, prompt_positions(mask)), dynamic_shapes=dynamic)
-        except Exception as err:  # torch.export raises many types; the user needs one line
+            program = torch.export.export(wrapper, args, dynamic_shapes=dynamic)
+        except Exception as err:  # torch.export raises many types; the user needs one line, tpc's bugs a report
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise TpcError(f"torch.export could not capture the prefill of {type(model).__name__}: {first}") from err
+            raise refusal_or_bug(err, f"torch.export could not capture the prefill of {type(model).__name__}: {first}") from err
     return program
 
 
 def stages_of(spec, visual: int, method: str, layers, keep) -> list[Stage]:
     if method not in METHODS:
-        hint = (" (VTC-CLS's [CLS] scoring of visual tokens is not implemented yet)" if method == "topk-cls" else "")
-        raise TpcError(f"method {method!r} does not prune visual tokens{hint}: choose one of {', '.join(METHODS)}")
+        raise TpcError(f"method {method!r} does not prune visual tokens: choose one of {', '.join(METHODS)}")
+    if method == "topk-cls":
+        others = ", ".join(m for m in METHODS if m != method)
+        if not spec.vision_cls:
+            raise TpcError(f"{spec.vision_tower} has no [CLS] token, so topk-cls (VTC-CLS) cannot score its visual "
+                           f"tokens: use {others}")
+        if layers is not None:
+            raise TpcError("topk-cls (VTC-CLS) scores visual tokens with the vision tower's [CLS] attention, before "
+                           "the language model: drop layers (or use fastv to prune after a decoder layer)")
     cuts = [0] if layers is None else [layer + 1 for layer in parse_layers(layers)]
     for cut in cuts:
         if cut - 1 >= spec.num_layers:
@@ -117,28 +110,40 @@ def _drop_all(keep, count: int) -> list[bool]:
     return [v == 0 and not isinstance(v, bool) for v in values] if len(values) == count else [False] * count
 
 
-def compile_vlm(model: nn.Module, inputs, *, method: str = "fastv", layers=None, keep=0.5, seed: int = 0) -> VlmModule:
-    """Prune ``model``'s visual tokens with ``method``; see the module docstring for stages."""
-    spec = spec_of(model)
-    ids, pixels, _ = example_args(inputs)
-    stages_of(spec, visual_per_example(spec, ids, pixels), method, layers, keep)  # refuse before capturing
-    return prune(model, capture_prefill(model, inputs), inputs, method=method, layers=layers, keep=keep, seed=seed)
+def compile_vlm(model: nn.Module, inputs, *, method: str = "fastv", layers=None, keep=0.5, seed: int = 0,
+                vision_layer: int | None = None) -> VlmModule:
+    """Prune ``model``'s visual tokens with ``method``; see the module docstring for stages.
+
+    ``vision_layer``: topk-cls (VTC-CLS) only, the vision layer whose [CLS] attention scores
+    the visual tokens (default: the layer LLaVA takes its image features from).
+    """
+    family = family_of(model)
+    _, visual = family.graph_args(processor_inputs(inputs))
+    stages_of(family.spec(), visual, method, layers, keep)  # refuse before capturing
+    if method == "topk-cls":
+        family.cls_scoring(vision_layer)
+    return prune(model, capture_prefill(model, inputs), inputs, method=method, layers=layers, keep=keep, seed=seed,
+                 vision_layer=vision_layer)
 
 
 def prune(model: nn.Module, program: torch.export.ExportedProgram, inputs, *, method: str, layers=None, keep=0.5,
-          seed: int = 0) -> VlmModule:
+          seed: int = 0, vision_layer: int | None = None) -> VlmModule:
     """Rewrite a fresh copy of a captured prefill (``capture_prefill``); the program is not changed."""
-    spec = spec_of(model)
-    ids, pixels, _ = example_args(inputs)
-    stages = stages_of(spec, visual_per_example(spec, ids, pixels), method, layers, keep)
+    family = family_of(model)
+    spec = family.spec()
+    example, visual = family.graph_args(processor_inputs(inputs))
+    stages = stages_of(spec, visual, method, layers, keep)
+    if vision_layer is not None and method != "topk-cls":
+        raise TpcError(f"vision_layer chooses the [CLS] attention topk-cls (VTC-CLS) scores with; {method} does not "
+                       "read the vision tower")
+    cls = family.cls_scoring(vision_layer) if method == "topk-cls" else None
     gm = program.module()
     gm.meta[STATE] = {"visual": visual_mask(gm, spec.image_token_id), "attention_mask": prompt_mask(gm),
                       "positions": None, "stages": [], "inserted": set()}
     hidden = model.config.text_config.hidden_size
-    PassManager([PruneVisual(s.before_layer, s.method, s.visual_in, s.visual_out, hidden, seed) for s in stages])(gm)
+    PassManager([PruneVisual(s.before_layer, s.method, s.visual_in, s.visual_out, hidden, seed, cls)
+                 for s in stages])(gm)
     gm.graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs: the kept positions are extra outputs
     gm.recompile()
-    mask = example_args(inputs)[2]
     report = describe(model, inputs, stages, method)
-    example = (ids, pixels, mask, prompt_positions(mask))
-    return VlmModule(gm, model, spec, stages, report, example)
+    return VlmModule(gm, model, family, stages, report, example)

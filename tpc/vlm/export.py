@@ -7,39 +7,36 @@ from pathlib import Path
 
 import torch
 
-from tpc.errors import TpcError
+from tpc.errors import TpcError, refusal_or_bug
 from tpc.exports.atomic import atomic_output, check_output_path
 from tpc.exports.checks import CheckResult, check_artifact
 from tpc.pt2 import load_program
 
 
 def save_prefill(module, path, check: bool = True) -> CheckResult | None:
-    from tpc.vlm.compile import dynamic_shapes
-
     path = Path(path)
     if path.suffix.lower() != ".pt2":
         raise TpcError(f"a pruned VLM is written as .pt2 (its prefill program); {path.suffix or 'no suffix'} is not "
                        "supported for VLMs yet")
     check_output_path(path)
-    ids, pixels = module.example_inputs[:2]
-    dynamic = dynamic_shapes(pixels.shape[0] // ids.shape[0], module.stages[0].visual_in)
+    dynamic = module.family.dynamic_shapes(module.example_inputs, module.stages[0].visual_in)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             program = torch.export.export(module.gm, module.example_inputs, dynamic_shapes=dynamic)
-        except Exception as err:  # one line for the user
+        except Exception as err:  # one line for the user; tpc's own bugs are reported as such
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise TpcError(f"torch.export could not capture the pruned prefill: {first}") from err
+            raise refusal_or_bug(err, f"torch.export could not capture the pruned prefill: {first}") from err
     with atomic_output(path) as tmp:
         torch.export.save(program, str(tmp))
         if not check:
             return None
-        loaded = load_program(tmp).module()
+        loaded = load_program(tmp, written_by_tpc=True).module()
 
         def run(inputs):
             with torch.no_grad():
                 return list(loaded(*inputs)), None
 
-        inputs = [tuple(x[:1] for x in module.example_inputs), module.example_inputs]  # its first example, the batch
+        inputs = [module.family.first_example(module.example_inputs), module.example_inputs]  # an example, the batch
         with torch.no_grad():  # tolerance from the outputs' dtype (wider for half precision), as for encoders
             return check_artifact(module.gm, run, inputs, "the written program")

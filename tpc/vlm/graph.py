@@ -4,7 +4,7 @@ The visual tokens are found from the graph itself: the boolean mask ``input_ids 
 image_token_id`` that feeds ``masked_scatter`` of the image features into the prompt's
 embeddings. It is a [B, S] tensor, so every example has its own visual span (prompts of
 different lengths, left padding). Decoder layers are the nodes whose ``nn_module_stack``
-holds ``language_model.layers.<i>``.
+holds ``language_model.layers.<i>`` (``text_model.layers.<i>`` in SmolVLM).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from tpc.errors import TpcError
 from tpc.graph.nodes import is_op, val
 
 aten = torch.ops.aten
-_LAYER = re.compile(r"(?:^|\.)language_model\.layers\.(\d+)$")
+_LAYER = re.compile(r"(?:^|\.)(?:language_model|text_model)\.layers\.(\d+)$")
+_VISION_LAYER = re.compile(r"(?:^|\.)vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,9 @@ class DecoderLayer:
         return float(scale) if scale is not None else float(val(self.q).shape[-1]) ** -0.5
 
 
-def layer_of(node: fx.Node) -> int | None:
+def layer_of(node: fx.Node, pattern: re.Pattern = _LAYER) -> int | None:
     for path, _cls in (node.meta.get("nn_module_stack") or {}).values():
-        match = _LAYER.search(path) if isinstance(path, str) else None
+        match = pattern.search(path) if isinstance(path, str) else None
         if match:
             return int(match.group(1))
     return None
@@ -95,3 +96,13 @@ def prompt_mask(gm: fx.GraphModule) -> fx.Node:
     if not found:
         raise TpcError("the captured prefill has no attention_mask input: tpc reads the padding from it")
     return found[0]
+
+
+def vision_attention(gm: fx.GraphModule, index: int) -> DecoderLayer:
+    """Vision-tower layer ``index``'s self-attention (LLaVA's CLIP tower: VTC-CLS reads its [CLS] row)."""
+    nodes = [n for n in gm.graph.nodes if layer_of(n, _VISION_LAYER) == index]
+    attention = [n for n in nodes if is_op(n, aten.scaled_dot_product_attention)]
+    if len(attention) != 1:
+        raise TpcError(f"vision layer {index} has {len(attention)} scaled_dot_product_attention calls in the captured "
+                       "graph; VTC-CLS needs its one self-attention (load the model with attn_implementation='sdpa')")
+    return DecoderLayer(index, nodes[0], attention[0])

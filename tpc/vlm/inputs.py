@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from tpc.errors import TpcError
-from tpc.vlm.family import VlmSpec
+
+if TYPE_CHECKING:
+    from tpc.vlm.family import VlmSpec
 
 
-def visual_per_example(spec: VlmSpec, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> int:
-    """The number of visual tokens in every example's prompt; one line refusing anything else."""
+def visual_per_example(spec: VlmSpec, input_ids: torch.Tensor, images: int, features: int) -> int:
+    """The number of visual tokens in every example's prompt; one line refusing anything else.
+
+    ``images`` images make ``features`` visual tokens (what the vision encoder returns).
+    """
     if input_ids.dim() != 2:
         raise TpcError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
     counts = (input_ids == spec.image_token_id).sum(1).tolist()
@@ -19,11 +26,10 @@ def visual_per_example(spec: VlmSpec, input_ids: torch.Tensor, pixel_values: tor
     if len(set(counts)) != 1:
         raise TpcError(f"the examples hold different numbers of image tokens {counts}: give every prompt the same "
                        "number of images")
-    images = pixel_values.shape[0]
-    expected = images * spec.tokens_per_image
-    if sum(counts) != expected:
-        raise TpcError(f"the prompts hold {sum(counts)} image tokens but {images} images make {expected} visual "
-                       f"tokens ({spec.tokens_per_image} per image): give one image per placeholder group")
+    if sum(counts) != features:
+        each = f" ({spec.tokens_per_image} per image)" if spec.tokens_per_image else ""
+        raise TpcError(f"the prompts hold {sum(counts)} image tokens but {images} images make {features} visual "
+                       f"tokens{each}: give one image per placeholder group")
     if images % input_ids.shape[0]:
         raise TpcError(f"{images} images do not split evenly over {input_ids.shape[0]} prompts")
     return counts[0]

@@ -17,8 +17,7 @@ import torch
 from torch import fx, nn
 
 from tpc.errors import TpcError
-from tpc.vlm.family import VlmSpec, language_model
-from tpc.vlm.inputs import prompt_positions, visual_per_example
+from tpc.vlm.family import Family, language_model
 
 if TYPE_CHECKING:  # transformers is an optional dependency: `import tpc` must work without it
     from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
@@ -30,7 +29,7 @@ class Prefill:
     cache: DynamicCache  # per layer, the keys/values of the tokens that layer saw
     valid: list[torch.Tensor]  # per layer, [B, len] bool: which cached keys are real (not padding)
     kept: list[torch.Tensor]  # per pruning stage, [B, S'] original positions of the tokens kept
-    positions: torch.Tensor  # [B, S] prompt positions
+    positions: torch.Tensor  # prompt positions: [B, S], or [3, B, S] (Qwen2-VL's M-RoPE)
 
 
 @dataclass(frozen=True)
@@ -44,28 +43,35 @@ class Stage:
 class VlmModule(nn.Module):
     """A VLM whose prefill prunes visual tokens; ``generate`` as the Hugging Face model's."""
 
-    def __init__(self, gm: fx.GraphModule, model: nn.Module, spec: VlmSpec, stages: list[Stage], report,
+    def __init__(self, gm: fx.GraphModule, model: nn.Module, family: Family, stages: list[Stage], report,
                  example_inputs: tuple):
         super().__init__()
         self.gm = gm
-        self.spec, self.stages, self.report, self.example_inputs = spec, stages, report, example_inputs
+        self.family, self.spec = family, family.spec()
+        self.stages, self.report, self.example_inputs = stages, report, example_inputs
         self._model = [model]  # not a submodule: its parameters are shared, never registered twice
         self.generation_config = model.generation_config
 
-    def prefill(self, input_ids, pixel_values=None, attention_mask=None) -> Prefill:
+    def prefill(self, input_ids, pixel_values=None, attention_mask=None, **image_inputs) -> Prefill:
+        """Run the pruned prefill on processor outputs (``image_inputs``: the family's others,
+        such as Qwen2-VL's ``image_grid_thw``)."""
         if pixel_values is None:
             raise TpcError("prefill() runs the pruned image prompt and needs the processor's pixel_values; a "
                            "text-only prompt has no visual tokens to prune: run it with generate() or the model itself")
-        visual = visual_per_example(self.spec, input_ids, pixel_values)
+        unknown = sorted(set(image_inputs) - set(self.family.INPUTS))
+        if unknown:
+            raise TpcError(f"{type(self._model[0]).__name__} takes no input {unknown[0]!r}: it reads input_ids, "
+                           f"pixel_values, attention_mask{''.join(', ' + n for n in self.family.INPUTS)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        args, visual = self.family.graph_args({"input_ids": input_ids, "pixel_values": pixel_values,
+                                               "attention_mask": attention_mask, **image_inputs})
         if visual != self.stages[0].visual_in:
             raise TpcError(f"each prompt holds {visual} image tokens; this module was compiled for "
                            f"{self.stages[0].visual_in} (its example inputs' number of images): compile it again "
                            "with that many images per prompt")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        positions = prompt_positions(attention_mask)
         with torch.no_grad():
-            out = self.gm(input_ids, pixel_values, attention_mask, positions)
+            out = self.gm(*args)
         from transformers import DynamicCache  # noqa: F811  (an optional dependency: imported when a VLM runs)
 
         n = self.spec.num_layers
@@ -79,7 +85,7 @@ class VlmModule(nn.Module):
                 mask = attention_mask.bool().gather(1, kept[stage])
                 stage += 1
             valid.append(mask)
-        return Prefill(logits, cache, valid, kept, positions)
+        return Prefill(logits, cache, valid, kept, args[3])
 
     def save(self, path, check: bool = True):
         """Write the pruned prefill as a ``.pt2`` program (symbolic batch and prompt length), checked
@@ -89,9 +95,9 @@ class VlmModule(nn.Module):
 
         return save_prefill(self, path, check)
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None) -> torch.Tensor:
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, **image_inputs) -> torch.Tensor:
         """Logits of the tokens the last decoder layer kept, [B, S', vocab]."""
-        return self.prefill(input_ids, pixel_values, attention_mask).logits
+        return self.prefill(input_ids, pixel_values, attention_mask, **image_inputs).logits
 
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int | None = None,
                  do_sample: bool | None = None, **generation_kwargs) -> torch.Tensor:
@@ -102,6 +108,7 @@ class VlmModule(nn.Module):
         """
         from transformers import GenerationConfig
 
+        image_inputs = {k: generation_kwargs.pop(k) for k in self.family.INPUTS if k in generation_kwargs}
         config = GenerationConfig(**{**self.generation_config.to_dict(), **generation_kwargs,
                                      **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),
                                      **({"do_sample": do_sample} if do_sample is not None else {})})
@@ -113,9 +120,9 @@ class VlmModule(nn.Module):
         eos = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), dtype=torch.long)
         pad = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
         warpers = _warpers(config)
-        state = self.prefill(input_ids, pixel_values, attention_mask)
+        state = self.prefill(input_ids, pixel_values, attention_mask, **image_inputs)
         lm, head = language_model(self._model[0])
-        position = state.positions[:, -1:]
+        position = last_position(state.positions)
         logits = state.logits[:, -1].float()
         valid, cache = state.valid, state.cache
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool)
@@ -141,11 +148,20 @@ class VlmModule(nn.Module):
     def _text_only(self, input_ids, attention_mask, config) -> torch.Tensor:
         images = int((input_ids == self.spec.image_token_id).sum())
         if images:
-            raise TpcError(f"the prompts hold {images} image tokens (id {self.spec.image_token_id}) but no pixel_values "
-                           "were given: pass the processor's pixel_values with its input_ids")
+            raise TpcError(f"the prompts hold {images} image tokens (id {self.spec.image_token_id}) but no "
+                           "pixel_values were given: pass the processor's pixel_values with its input_ids")
         model = self._model[0]
         with torch.no_grad():
             return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+
+
+def last_position(positions: torch.Tensor) -> torch.Tensor:
+    """[B, 1]: each prompt's largest position; generated tokens continue from it, one by one.
+
+    As ``generate()``: ``cumsum(attention_mask) - 1`` for [B, S] positions; for M-RoPE
+    [3, B, S], the text position plus Qwen2-VL's ``rope_deltas``, which is the same number.
+    """
+    return (positions if positions.dim() == 2 else positions.amax(0)).amax(-1, keepdim=True)
 
 
 def _refuse_right_padding(attention_mask) -> None:

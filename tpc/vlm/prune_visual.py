@@ -10,6 +10,10 @@ model, stage 1; j = L + 1 prunes after decoder layer L, stage 2):
             token, so right padding is never the query) gathered at ``pos``, then
             ``tpc::select_topk``;
    divprune / kcenter  ``tpc::divprune`` / ``tpc::kcenter`` on the residual stream at ``pos``;
+   topk-cls VTC-CLS: ``tpc::cls_attention`` (head-mean attention of the vision tower's
+            [CLS] query at a vision layer, from that layer's own q and k) over the patches,
+            [B·images, P] reshaped to [B, V] (the features' order is the placeholders'
+            order), then ``tpc::select_topk``; before the language model only;
    random   ``tpc::random_scores`` over the V visual offsets (the same draw for every
             example, so a batch gives each example what it gets alone), ``tpc::select_topk``.
 3. ``kept = tpc::keep_visual(pos, chosen, S)`` [B, S - V + K]: every text token and the
@@ -43,15 +47,16 @@ from tpc.passes.cleanup import finish
 from tpc.passes.compaction import Role, mark_rewritten, set_role
 from tpc.passes.infra import Pass, PassResult
 from tpc.vlm import ops  # noqa: F401  (registers the tpc:: VLM ops)
-from tpc.vlm.graph import decoder_layers
+from tpc.vlm.graph import decoder_layers, vision_attention
 
 logger = logging.getLogger("tpc.passes")
 tpc = torch.ops.tpc
 aten = torch.ops.aten
 
-METHODS = ("fastv", "divprune", "kcenter", "random")
+METHODS = ("fastv", "divprune", "kcenter", "random", "topk-cls")
 # What each inserted op is for (FLOPs and reports count by role); the rest (gathers, sizes) move tokens.
 _ROLES = {tpc.last_token_attention.default: Role.SCORING, tpc.random_scores.default: Role.SCORING,
+          tpc.cls_attention.default: Role.SCORING, aten.reshape.default: Role.SCORING,
           aten.slice.Tensor: Role.SCORING, tpc.visual_index.default: Role.SELECTION,
           tpc.select_topk.default: Role.SELECTION, tpc.divprune.default: Role.SELECTION,
           tpc.kcenter.default: Role.SELECTION, tpc.keep_visual.default: Role.SELECTION,
@@ -63,12 +68,16 @@ STATE = "tpc_vlm"  # gm.meta key: {"visual": the placeholder mask, "attention_ma
 class PruneVisual(Pass):
     name = "prune_visual"
 
-    def __init__(self, before_layer: int, method: str, visual: int, keep: int, hidden: int, seed: int = 0):
+    def __init__(self, before_layer: int, method: str, visual: int, keep: int, hidden: int, seed: int = 0,
+                 cls: tuple[int, int] | None = None):
+        """``cls``: for topk-cls, (the vision layer whose [CLS] attention scores, leading tokens
+        the features drop: 1 when the [CLS] itself is not a visual token)."""
         if method not in METHODS:
             raise TpcError(f"unknown visual-token method {method!r}: choose one of {', '.join(METHODS)}")
         if not 0 <= keep <= visual:
             raise TpcError(f"cannot keep {keep} of {visual} visual tokens")
         self.before, self.method, self.visual, self.keep, self.hidden, self.seed = before_layer, method, visual, keep, hidden, seed
+        self.cls = cls
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         state = gm.meta[STATE]
@@ -87,7 +96,8 @@ class PruneVisual(Pass):
             visual = state["visual"] if state["positions"] is None else graph.call_function(
                 tpc.gather_axis.default, (state["visual"], state["positions"], 1))
             pos = graph.call_function(tpc.visual_index.default, (visual, self.visual))
-            chosen = self._choose(graph, layers, stream, pos, state)
+            vision = vision_attention(gm, self.cls[0]) if self.method == "topk-cls" else None
+            chosen = self._choose(graph, layers, stream, pos, state, vision)
             kept = graph.call_function(tpc.keep_visual.default, (pos, chosen, length))
             gathered = {}
             for node in crossing:
@@ -144,8 +154,14 @@ class PruneVisual(Pass):
                            f"{[n.name for n in found]}")
         return found[0]
 
-    def _choose(self, graph: fx.Graph, layers, stream: fx.Node, pos: fx.Node, state: dict) -> fx.Node:
+    def _choose(self, graph: fx.Graph, layers, stream: fx.Node, pos: fx.Node, state: dict, vision) -> fx.Node:
         call = graph.call_function
+        if self.method == "topk-cls":  # VTC-CLS: the vision encoder's [CLS] attention over its patches
+            scores = call(tpc.cls_attention.default, (vision.q, vision.k, vision.scale, vision.mask))
+            if self.cls[1]:
+                scores = call(aten.slice.Tensor, (scores, 1, self.cls[1]))
+            per_example = call(aten.reshape.default, (scores, [call(aten.sym_size.int, (pos, 0)), self.visual]))
+            return call(tpc.select_topk.default, (per_example, self.keep, 0))
         if self.method == "fastv":
             if self.before == 0:
                 raise TpcError("fastv scores tokens with a decoder layer's attention: give the layer(s) to prune "

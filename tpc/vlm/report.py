@@ -11,6 +11,7 @@ class VlmReport:
     model: str
     tower: str
     vision_layers: int
+    tower_in_graph: bool
     image_token_id: int
     prompt_tokens: int  # the example prompt's length (any length runs)
     visual_span: tuple[int, int]  # first and last visual position in the first example
@@ -27,7 +28,8 @@ class VlmReport:
         return list(range(len(self.layer_tokens)))
 
     def table(self) -> str:
-        rows = [f"vision tower: {self.tower} ({self.vision_layers} layers); image token id {self.image_token_id}",
+        eager = "" if self.tower_in_graph else ", run eagerly: not in the captured graph"
+        rows = [f"vision tower: {self.tower} ({self.vision_layers} layers{eager}); image token id {self.image_token_id}",
                 f"visual tokens: {self.visual} per example, positions {self.visual_span[0]}-{self.visual_span[1]} "
                 f"of the {self.prompt_tokens}-token example prompt",
                 f"{'layer':>5}  {'tokens':>6}  pruning"]
@@ -68,6 +70,7 @@ def describe(model, inputs, stages=(), method: str | None = None) -> VlmReport:
     ids = inputs["input_ids"]
     first = torch.nonzero(ids[0] == spec.image_token_id)[:, 0]
     span = (int(first[0]), int(first[-1])) if len(first) else (-1, -1)
-    return VlmReport(type(model).__name__, spec.vision_tower, spec.vision_layers, spec.image_token_id, ids.shape[1],
+    return VlmReport(type(model).__name__, spec.vision_tower, spec.vision_layers, spec.tower_in_graph,
+                     spec.image_token_id, ids.shape[1],
                      span, len(first), layer_tokens(ids.shape[1], spec.num_layers, stages), method,
                      [s.before_layer - 1 for s in stages], [str(s.visual_out) for s in stages], list(stages))
