@@ -1,5 +1,14 @@
 """Slow, obviously-correct references: loops over tokens, and eager forwards of the test
-models that prune exactly as a schedule says, written without tpc."""
+models that prune exactly as a schedule says, written without tpc.
+
+Every method's reference is written here from its paper, one token (pair) at a time, and
+never calls ``tpc.methods``: [CLS] attention and EViT's fused token (topk-cls), received
+attention mass (topk-mass), Weighted PageRank with its head filter and the similarity stage
+(zero-tprune), greedy k-center and max-min diversity (kcenter, divprune), bipartite soft
+matching with size-weighted merges (tome). The random method's scores are its production
+hash (``tpc.methods.baseline.hash_scores``): what makes them right is a contract (seeded,
+uniform, blind to the tokens' content), checked in tests/test_kernels.py, not a formula to
+transcribe; the references here take the top-k of those scores on their own."""
 
 from __future__ import annotations
 
@@ -8,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tpc.methods import baseline, divprune, evit, kcenter, zero_tprune
+from tpc.methods import baseline
 
 
 def cls_attention_slow(q, k, scale, mask=None):
@@ -53,17 +62,157 @@ def gather_slow(x, index):
     return out
 
 
-def random_scores_slow(batch, tokens, seed):
-    p = baseline.PRIME
-    out = torch.empty(batch, tokens, dtype=torch.float32)
-    for b in range(batch):
-        for j in range(tokens):
-            h = (j * baseline._A % p + b * baseline._B % p + ((seed % p) * baseline._C + baseline._D) % p) % p
-            h = h * h % p
-            h = (h * baseline._A + baseline._D) % p
-            h = h * h % p
-            out[b, j] = torch.tensor(h, dtype=torch.float32) / p
+def cos_dist_slow(x):
+    """[N][N] cosine distances 1 - a·b / (|a| |b|) between the rows of x, in float64."""
+    n = x.shape[0]
+    d = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(n):
+            a, b = x[i].double(), x[j].double()
+            d[i][j] = 1.0 - float(a @ b) / max(1e-12, float(a.norm()) * float(b.norm()))
+    return d
+
+
+def greedy_slow(d, chosen, candidates, count):
+    """Greedy farthest-point picks: each time the candidate whose nearest chosen token is farthest
+    (ties: the first candidate)."""
+    chosen = list(chosen)
+    picks = []
+    for _ in range(count):
+        best, best_j = -math.inf, None
+        for j in candidates:
+            if j in chosen or j in picks:
+                continue
+            near = min(d[j][c] for c in chosen + picks) if chosen + picks else math.inf
+            if near > best + 1e-9:
+                best, best_j = near, j
+        picks.append(best_j)
+    return picks
+
+
+def kcenter_slow(x, k, prefix):
+    """Greedy k-center (Gonzalez 1985) on cosine distance, per example: seeded with the prefix
+    tokens, or without any with the token farthest from the mean; the prefix, then the k
+    picks in sequence order. [B, prefix + k]."""
+    rows = []
+    for b in range(x.shape[0]):
+        n = x.shape[1]
+        d = cos_dist_slow(x[b])
+        if prefix:
+            picks = greedy_slow(d, list(range(prefix)), range(prefix, n), k)
+        else:
+            mean = x[b].double().mean(0)
+            far = [1 - float(mean @ x[b, j].double()) / (float(mean.norm()) * float(x[b, j].double().norm())) for j in range(n)]
+            first = max(range(n), key=lambda j: (far[j], -j))
+            picks = ([first] + greedy_slow(d, [first], range(n), k - 1))[:k] if k else []
+        rows.append(list(range(prefix)) + sorted(picks))
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def divprune_slow(x, k, prefix):
+    """DivPrune's max-min diversity (Alvar et al., CVPR 2025) on cosine distance among the
+    non-prefix tokens: first the token whose nearest neighbour is farthest, then greedy
+    farthest-point picks; the prefix, then the picks in sequence order. [B, prefix + k]."""
+    rows = []
+    for b in range(x.shape[0]):
+        d = cos_dist_slow(x[b, prefix:])
+        m = x.shape[1] - prefix
+        picks = []
+        if k:
+            nn = [min(d[i][j] for j in range(m) if j != i) for i in range(m)]
+            first = max(range(m), key=lambda i: (nn[i], -i))
+            picks = [first] + greedy_slow(d, [first], range(m), k - 1)
+        rows.append(list(range(prefix)) + sorted(p + prefix for p in picks))
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def attention_probs_slow(q, k, scale):
+    """[B][H][N][N] softmax(q·kᵀ·s) row by row, in float64."""
+    b, h, n, d = q.shape
+    out = torch.empty(b, h, n, k.shape[2], dtype=torch.float64)
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(n):
+                logits = [float(q[bi, hi, i].double() @ k[bi, hi, j].double()) * scale for j in range(k.shape[2])]
+                top = max(logits)
+                exps = [math.exp(v - top) for v in logits]
+                for j, e in enumerate(exps):
+                    out[bi, hi, i, j] = e / sum(exps)
     return out
+
+
+def wpr_slow(attn, iterations, v_min, v_max, keep=None):
+    """Zero-TPrune's I-stage (arXiv 2305.17328, Sec. 3.1): per head, s⁽⁰⁾ = 1 and
+    s_j ← Σ_i A_ij s_i (Eq. 2) on the graph restricted to the kept tokens (rows renormalized);
+    heads whose score variance lies outside [v_min, v_max] are left out (VHF; all heads if
+    none passes) and the rest combined by root-mean-square (EIR). Dropped tokens score -inf."""
+    b, h, n, _ = attn.shape
+    out = torch.empty(b, n, dtype=torch.float64)
+    for bi in range(b):
+        kp = [True] * n if keep is None else keep[bi].tolist()
+        per_head = []
+        for hi in range(h):
+            a = [[float(attn[bi, hi, i, j]) if kp[i] and kp[j] else 0.0 for j in range(n)] for i in range(n)]
+            a = [[v / max(1e-12, sum(row)) for v in row] for row in a]
+            s = [1.0 if kp[j] else 0.0 for j in range(n)]
+            for _ in range(iterations):
+                s = [sum(s[i] * a[i][j] for i in range(n)) for j in range(n)]
+            per_head.append(s)
+        count = sum(kp)
+        var = []
+        for s in per_head:
+            mean = sum(s[j] for j in range(n) if kp[j]) / count
+            var.append(sum((s[j] - mean) ** 2 for j in range(n) if kp[j]) / count)
+        use = [v_min <= v <= v_max for v in var]
+        if not any(use):
+            use = [True] * h
+        for j in range(n):
+            out[bi, j] = math.sqrt(sum(per_head[hi][j] ** 2 for hi in range(h) if use[hi]) / sum(use)) if kp[j] else -math.inf
+    return out
+
+
+def similarity_keep_slow(imp, keys, drop, prefix, partition):
+    """Zero-TPrune's S-stage: the non-prefix tokens split in two (sequential: the less important
+    half, by importance with ties to the lower position, is group A; alternate: A is every
+    second token), each A token scored by its best cosine similarity to a B token, and the
+    ``drop`` best-matched A tokens (ties: earlier in A) dropped. [B, N] bool, False = dropped."""
+    b, n = imp.shape
+    out = torch.ones(b, n, dtype=torch.bool)
+    for bi in range(b):
+        rest = list(range(prefix, n))
+        half = len(rest) // 2
+        if partition == "sequential":
+            order = sorted(rest, key=lambda j: (float(imp[bi, j]), j))
+            group_a, group_b = order[:half], order[half:]
+        else:
+            group_a, group_b = rest[1::2][:half], rest[0::2] + rest[1::2][half:]
+        d = cos_dist_slow(keys[bi])
+        best = [max(1 - d[a][j] for j in group_b) for a in group_a]
+        for i in sorted(range(len(group_a)), key=lambda i: (-best[i], i))[:max(0, min(drop, half))]:
+            out[bi, group_a[i]] = False
+    return out
+
+
+def zero_tprune_iterations_slow(layer, depth):
+    """The paper's WPR schedule as tpc reads it: 30 iterations in the first quarter of the
+    layers, 1 in the last quarter, 5 between."""
+    quarter = (depth - 1) / 4 if depth > 1 else 0.25
+    if layer < quarter:
+        return 30
+    if layer > 3 * quarter:
+        return 1
+    return 5
+
+
+def fuse_slow(x, scores, idx):
+    """EViT's inattentive-token fusion (Liang et al., ICLR 2022, Sec. 3.3): the kept tokens,
+    then one token Σ_{j dropped} a_j x_j with a_j the [CLS] attention of token j."""
+    rows = []
+    for b in range(x.shape[0]):
+        kept = idx[b].tolist()
+        fused = sum(float(scores[b, j]) * x[b, j].double() for j in range(x.shape[1]) if j not in kept)
+        rows.append(torch.cat([x[b, kept], fused.to(x.dtype)[None]]))
+    return torch.stack(rows)
 
 
 def ratio_kept(keep: float, available: int) -> int:
@@ -141,29 +290,30 @@ def _prune(x, q, k, scale, keep, prefix, method, layer, depth, state, options=No
     kk = _keep(n, prefix, keep)
     if method in ("topk-cls", "random"):
         if method == "topk-cls":
-            scores = torch.softmax((q[:, :, :1] @ k.transpose(-2, -1)) * scale, dim=-1).mean(1)[:, 0]
+            scores = cls_attention_slow(q, k, scale)
         else:
             scores = baseline.hash_scores(x.shape[0], n, state.get("seed", 0) + layer)
         idx = select_slow(scores, kk, prefix)
         if options.get("fuse") and prefix + kk < n:
-            return evit.fuse_tokens(x, scores, idx)
+            return fuse_slow(x, scores, idx)
         return _take(x, idx, state)
     if method == "topk-mass":
-        probs = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
-        return _take(x, select_slow(probs.sum(-2).mean(1), kk, prefix), state)
+        probs = attention_probs_slow(q, k, scale)
+        mass = probs.sum(-2).mean(1)  # the attention each token receives, summed over queries, head mean
+        return _take(x, select_slow(mass, kk, prefix), state)
     if method == "zero-tprune":
-        probs = zero_tprune.attention_probs(q, k, scale)
-        iters = zero_tprune.auto_iterations(layer, depth)
-        imp = zero_tprune.weighted_pagerank(probs, iters, 0.01, 0.7)
-        drop = zero_tprune.s_stage_drop_count(n, prefix, kk, 0.5)
+        probs = attention_probs_slow(q, k, scale)
+        iters = zero_tprune_iterations_slow(layer, depth)
+        imp = wpr_slow(probs, iters, 0.01, 0.7)
+        drop = min(round(0.5 * (n - prefix - kk)), (n - prefix) // 2)  # half the dropped tokens go to the S-stage
         if drop > 0:
-            keep_s = zero_tprune.similarity_keep(imp, k.mean(1), drop, prefix, "sequential")
-            imp = zero_tprune.weighted_pagerank(probs, iters, 0.01, 0.7, keep_s)
+            keep_s = similarity_keep_slow(imp, k.mean(1), drop, prefix, "sequential")
+            imp = wpr_slow(probs, iters, 0.01, 0.7, keep_s)
         return _take(x, select_slow(imp, kk, prefix), state)
     if method == "kcenter":
-        return _take(x, kcenter.kcenter(x, kk, prefix), state)
+        return _take(x, kcenter_slow(x, kk, prefix), state)
     if method == "divprune":
-        return _take(x, divprune.divprune(x, kk, prefix), state)
+        return _take(x, divprune_slow(x, kk, prefix), state)
     if method == "tome":
         r = keep if isinstance(keep, R) else n - prefix - kk
         if r == 0 and isinstance(keep, R):

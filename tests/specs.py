@@ -10,6 +10,13 @@ from tpc.passes import METHODS
 VARIANTS = ("topk-cls+fuse",)
 SPECS = [*METHODS, *VARIANTS]
 
+# Methods that merge tokens rather than keep a subset of them: they take no attention mask and
+# need a fixed sequence length. Every other method (a new one included) is tested on padded text.
+MERGING = ("tome",)
+SELECTING = [m for m in METHODS if m not in MERGING]
+# What a selecting method needs at a dynamic sequence length (zero-tprune's similarity stage needs a fixed one).
+DYNAMIC_LENGTH_OPTIONS = {"zero-tprune": {"similarity": 0.0}}
+
 
 def parse_spec(spec: str) -> tuple[str, dict | None]:
     """'topk-cls+fuse' -> ('topk-cls', {'fuse': True}); 'zero-tprune+iterations=20' -> (..., {'iterations': 20})."""

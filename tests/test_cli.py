@@ -41,8 +41,7 @@ def test_deit_small_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "197 -> 139" in r.stdout and "98 -> 69" in r.stdout
     assert re.search(r"wrote \S+ in [\d.]+ s:", r.stdout)  # the time is reported; its budget is a benchmark, not a test
-    r = tpc("inspect", "deit_small_patch16_224", "--random-weights", "--pass", "topk-cls", "--layers", "3,6,9", "--keep", "0.7")
-    assert r.returncode == 0 and "34.8% fewer" in r.stdout
+    assert "34.8% fewer" in r.stdout  # the report compile prints is inspect's (tests/test_cli.py's tiny models run inspect)
 
 
 def test_inspect_tome_merges_every_layer_with_tome_s_schedule():

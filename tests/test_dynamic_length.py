@@ -18,14 +18,14 @@ import tpc
 from families import MeanPooledEncoder
 from models import sharpen
 from reference import ratio_kept
+from specs import DYNAMIC_LENGTH_OPTIONS, SELECTING
 from tpc.capture import length_range
 from tpc.exports.checks import run_graph
 from tpc.exports.onnx import check_onnx, to_onnx
 from tpc.exports.tensorrt_compat import DYNAMIC_LENGTH, tensorrt_problems
 
 MAX_LENGTH = 128
-MASK_METHODS = {"topk-cls": None, "topk-mass": None, "zero-tprune": {"similarity": 0.0}, "kcenter": None,
-                "divprune": None, "random": None}
+MASK_METHODS = {m: DYNAMIC_LENGTH_OPTIONS.get(m) for m in SELECTING}
 
 
 @functools.cache

@@ -11,6 +11,7 @@ from torch.utils import _pytree as pytree
 
 import tpc
 from families import FAMILIES, MeanPooledEncoder, hf_bert, text_inputs
+from specs import DYNAMIC_LENGTH_OPTIONS, SELECTING
 from tpc.exports.checks import run_graph
 from tpc.graph.printing import format_rewrites
 from tpc.passes import compactions
@@ -43,11 +44,11 @@ def test_family_keep_one_prune_and_onnx(name, tmp_path, update_golden):
     assert path.exists() and text == path.read_text(), f"{path.name} changed: review, then pytest --update-golden"
 
 
-@pytest.mark.parametrize("method", ["topk-cls", "topk-mass", "kcenter", "divprune"])
+@pytest.mark.parametrize("method", SELECTING)
 def test_bert_padding_never_outranks_real_tokens_and_mask_is_gathered(method):
     model = hf_bert()
     ids, mask = text_inputs(4, seed=3)
-    pm = tpc.compile(model, text_inputs(2), method=method, layers=[0, 1], keep=[6, 4])
+    pm = tpc.compile(model, text_inputs(2), method=method, layers=[0, 1], keep=[6, 4], options=DYNAMIC_LENGTH_OPTIONS.get(method))
     _, replay = run_graph(pm.graph_module, (ids, mask))
     for b in range(4):
         real = set(range(int(mask[b].sum())))
@@ -59,7 +60,7 @@ def test_bert_padding_never_outranks_real_tokens_and_mask_is_gathered(method):
     assert pm.report.pruned_outputs == [0]  # last_hidden_state holds the kept tokens; the pooler stays right
 
 
-@pytest.mark.parametrize("method", ["topk-cls", "zero-tprune", "random", "topk-mass", "kcenter", "divprune"])
+@pytest.mark.parametrize("method", SELECTING)
 def test_mask_aware_mean_pooling_stays_a_mean_over_kept_real_tokens(method):
     model = MeanPooledEncoder(hf_bert()).eval()
     ids, mask = text_inputs(3, seed=6)

@@ -262,21 +262,40 @@ def test_artifacts_follow_umask_keep_modes_write_through_links_and_are_byte_iden
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt2", "link.pt2", "served.pt2"]
 
 
+# Runs `tpc compile` with one change: once the temporary file holds the artifact, the process says so
+# (a file "ready") and waits, so the test's SIGTERM lands mid-write however loaded the machine is.
+_PAUSED_WRITE = """
+import pathlib, sys, time
+real = pathlib.Path.write_bytes
+def write_then_wait(self, data):
+    n = real(self, data)
+    if self.name.startswith(".m.partial-"):
+        (self.parent.parent / "ready").touch()
+        time.sleep(300)
+    return n
+pathlib.Path.write_bytes = write_then_wait
+from tpc.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_sigterm_while_writing_leaves_nothing(tmp_path):
     import signal
     import time
 
-    out = tmp_path / "m.onnx"
-    proc = subprocess.Popen([sys.executable, "-m", "tpc", "compile", TINY, "--layers", "1", "-o", str(out)],
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "m.onnx"
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED_WRITE, "compile", TINY, "--layers", "1", "--no-check", "-o", str(out)],
                             cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not any(p.name.startswith(".m.partial-") for p in tmp_path.iterdir()):  # the temp file exists: mid-write
+    while not (tmp_path / "ready").exists():  # the child waits mid-write: no race with a fast write
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.005)
+        time.sleep(0.1)
+    assert any(p.name.startswith(".m.partial-") for p in out.parent.iterdir())
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM and "nothing was written" in err
-    assert list(tmp_path.iterdir()) == []
+    assert proc.returncode == 128 + signal.SIGTERM and "nothing was written" in err, err
+    assert list(out.parent.iterdir()) == []
 
 
 def test_visualize_refuses_to_overwrite_its_input(capsys, tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 
 import tpc
 from models import TEST_MODELS
@@ -84,3 +85,38 @@ def test_the_cli_says_internal_error_and_exits_3(monkeypatch, capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 3 and err.startswith("tpc: internal error in pass insert_prune(layer 1)"), err
     assert "bug in tpc" in err and err.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+def _break_the_onnx_translations(monkeypatch):
+    """Make a helper every tpc:: ONNX translation uses fail as a bug would (a KeyError inside tpc)."""
+    import functools
+
+    monkeypatch.setattr("tpc.exports.onnx_ops._ints", functools.partial(dict.__getitem__, {}))
+
+
+def test_a_bug_in_tpcs_onnx_translation_is_an_internal_error_not_the_models_fault(monkeypatch, capsys, tmp_path):
+    _break_the_onnx_translations(monkeypatch)
+    code = main(["compile", "models:cli_tiny_vit", "--layers", "1", "--keep", "8", "-o", str(tmp_path / "x.onnx")])
+    err = capsys.readouterr().err
+    assert code == 3 and err.startswith("tpc: internal error: ONNX export failed"), err
+    assert "KeyError" in err and "bug in tpc" in err and err.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+def test_a_model_that_torch_export_cannot_capture_is_still_refused_as_the_models():
+    class DataDependent(torch.nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x  # branches on a value: torch.export refuses
+
+    with pytest.raises(TpcError, match="torch.export could not capture DataDependent") as err:
+        tpc.compile(DataDependent(), (torch.randn(2, 4, 8),), method="random", layers=[0], keep=2)
+    assert not isinstance(err.value, TpcInternalError)
+
+
+def test_a_program_tpc_cannot_read_back_is_its_own_bug(monkeypatch, tmp_path):
+    """The .pt2 check loads the file tpc just wrote: failing to is not the user's model's fault."""
+    factory, inputs, _, _ = TEST_MODELS["timm_vit"]
+    pm = tpc.compile(factory(), inputs(2), method="random", layers=[1], keep=8)
+    monkeypatch.setattr("tpc.pt2._refusal", lambda names, read: "it holds something unexpected")
+    with pytest.raises(TpcInternalError, match="tpc cannot load the program it wrote"):
+        tpc.export(pm, tmp_path / "m.pt2")
+    assert not list(tmp_path.iterdir())

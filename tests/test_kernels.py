@@ -7,7 +7,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import tpc  # noqa: F401
-from reference import cls_attention_slow, gather_slow, random_scores_slow, select_slow
+from reference import cls_attention_slow, gather_slow, select_slow
 
 ops = torch.ops.tpc
 
@@ -55,13 +55,28 @@ def test_gather_tokens_matches_loops(shape, index_batch):
     assert torch.equal(got, gather_slow(x, index))
 
 
-def test_random_scores_match_integer_loops_and_are_seeded():
-    x = torch.zeros(3, 9, 2)
+def test_random_scores_keep_the_random_contract():
+    """What the random method promises, not its formula: a pure function of (example, token,
+    seed) that ignores the tokens' content, differs by seed and example, and is uniform on [0, 1)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 500, 3, generator=g)
     got = ops.random_scores(x, 7)
-    assert torch.equal(got, random_scores_slow(3, 9, 7))
-    assert not torch.equal(got, ops.random_scores(x, 8))
-    assert not torch.equal(got[0], got[1])
+    assert got.shape == (4, 500) and got.dtype == torch.float32
+    assert torch.equal(got, ops.random_scores(torch.zeros(4, 500, 3), 7))  # content-blind, deterministic
+    assert torch.equal(got[:2, :9], ops.random_scores(x[:2, :9], 7))  # the same token draws the same score
     assert torch.all((got >= 0) & (got < 1))
+    other_seed = ops.random_scores(x, 8)
+    assert (got != other_seed).float().mean() > 0.95 and (got[0] != got[1]).float().mean() > 0.95
+    # uniform: each tenth of [0, 1) holds about a tenth of 2000 scores (chi-square, 9 degrees of freedom, p > 0.001)
+    counts = torch.histc(got.flatten().double(), bins=10, min=0, max=1)
+    assert float(((counts - 200) ** 2 / 200).sum()) < 27.9
+    # independent of position: neighbouring tokens' scores are uncorrelated
+    a, b = got[:, :-1].flatten().double(), got[:, 1:].flatten().double()
+    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.1
+    # the keep count: a random selection keeps the prefix and exactly k others, different per seed
+    kept = [ops.select_topk(ops.random_scores(x[:, :20], seed), 6, 1) for seed in range(5)]
+    assert all(k.shape == (4, 7) and bool((k[:, 0] == 0).all()) for k in kept)
+    assert len({tuple(k[0].tolist()) for k in kept}) > 1
 
 
 def sparse_attention_slow(q, k, v, index, scale):

@@ -118,6 +118,8 @@ class DenseFeatures(torch.nn.Module):
         return self.vit.forward_features(x)
 
 
+# One scorer, one graph method, one merge: the eager side tags tokens with their position, which a
+# selection that reads the features (kcenter, divprune) would see.
 @pytest.mark.parametrize("method", ["topk-cls", "zero-tprune", "tome"])
 def test_restore_brings_back_every_position(method):
     from reference import _prune

@@ -13,7 +13,7 @@ def test_the_same_inputs_give_byte_identical_onnx(tmp_path):
     factory, inputs, _, _ = TEST_MODELS["timm_vit"]
     for i in range(2):
         pm = tpc.compile(factory(), inputs(2), method="zero-tprune", layers=[1, 2], keep=0.5)
-        tpc.export(pm, tmp_path / f"{i}.onnx")
+        tpc.export(pm, tmp_path / f"{i}.onnx", check=False)  # the check runs the file; it cannot change its bytes
     assert (tmp_path / "0.onnx").read_bytes() == (tmp_path / "1.onnx").read_bytes()
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import fx, nn
 
 from tpc import models, vlm
+from tpc.backends import check_backend
 from tpc.capture import capture, is_token_input, length_range, set_eval
 from tpc.compiled import CompileReport, LayerInfo, TpcModule
 from tpc.errors import TpcError
@@ -25,7 +26,6 @@ from tpc.vlm.prune_visual import METHODS as VISUAL_METHODS
 
 logger = logging.getLogger("tpc")
 
-BACKENDS = ("torch", "onnxruntime")
 INSERT_POINTS = ("attention", "block")
 
 
@@ -208,8 +208,7 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     ``seq_len=N`` fixes the length at N instead (the example inputs cut or padded to N).
     """
     _check_keywords("tpc.compile", load_kwargs, COMPILE_KEYWORDS)
-    if backend not in BACKENDS:
-        raise TpcError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    check_backend(backend, ("torch", "onnxruntime"), "tpc.compile")
     if recipe is not None and (layers is not None or keep is not None or r is not None or options):
         raise TpcError("give either a recipe or method/layers/keep/r/options, not both")
     if r is not None and keep is not None:

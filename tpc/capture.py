@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.export import Dim
 from torch.utils._sympy.numbers import int_oo
 
-from tpc.errors import TpcError
+from tpc.errors import TpcError, refusal_or_bug
 
 MAX_BATCH = 65536
 
@@ -86,7 +86,7 @@ def export_program(model: nn.Module, example_inputs: tuple, example_kwargs: dict
                 if "Constraints violated" not in str(err):
                     break
     first = str(last).strip().splitlines()[0] if str(last).strip() else type(last).__name__
-    raise TpcError(f"torch.export could not capture {type(model).__name__} with a dynamic batch: {first}") from last
+    raise refusal_or_bug(last, f"torch.export could not capture {type(model).__name__} with a dynamic batch: {first}") from last
 
 
 def _variadic(model: nn.Module) -> bool:

@@ -16,3 +16,51 @@ class TpcError(Exception):
 
 class TpcInternalError(RuntimeError):
     """A bug inside tpc: the pass (and node) where it happened; the original exception is its cause."""
+
+
+# Code that runs under tpc's calls to torch.export and torch.onnx but is neither tpc's nor the model's.
+_TOOLING = frozenset({"torch", "onnx", "onnxscript", "onnx_ir", "onnxruntime", "sympy", "numpy", "typing_extensions"})
+
+
+def _innermost_author(tb) -> str | None:
+    """The top-level package of the innermost frame in ``tb`` written for this model: tpc's code,
+    or the model's (its own file, timm, transformers), skipping Python and torch/ONNX tooling."""
+    import sys
+
+    author = None
+    while tb is not None:
+        package = (tb.tb_frame.f_globals.get("__name__") or "").split(".")[0]
+        if package not in sys.stdlib_module_names and package not in _TOOLING:
+            author = package
+        tb = tb.tb_next
+    return author
+
+
+def raised_in_tpc(err: BaseException) -> BaseException | None:
+    """``err``, or the exception it was raised from, when that started in tpc's own code (below
+    the frame that caught it): then it is a tpc bug, not a failure of the user's model."""
+    seen = set()
+    first = True
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        tb = err.__traceback__
+        if first and tb is not None:
+            tb = tb.tb_next  # the frame that caught it: tpc's call site
+        first = False
+        if _innermost_author(tb) == "tpc":
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def refusal_or_bug(err: Exception, message: str) -> Exception:
+    """What to raise for ``err``, caught around torch or ONNX tooling running the user's model:
+    the ``TpcError`` ``message`` when the model or the tooling failed; a ``TpcInternalError``
+    (with the same words) when tpc's own code did. A ``TpcError`` raised inside stays itself."""
+    if isinstance(err, TpcError):
+        return err
+    bug = raised_in_tpc(err)
+    if bug is not None:
+        first = (str(bug).strip().splitlines() or [""])[0]
+        return TpcInternalError(f"internal error: {message.split(':')[0]}: {type(bug).__name__}: {first}; {REPORT}")
+    return TpcError(message)

@@ -20,28 +20,18 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from tpc.graph.nodes import aten, target_packet, val
+from tpc.graph.nodes import aten, size_at, target_packet, val
 from tpc.passes.compaction import Role, role_of
 
 
 def _concrete(x, sizes: dict | None = None) -> tuple[int, ...]:
     """Concrete shape: symbolic sizes evaluated with ``sizes`` (symbol -> value), others set to 1."""
-    out = []
-    for s in x.shape:
-        if isinstance(s, int):
-            out.append(s)
-        else:
-            expr = s.node.expr
-            out.append(example_size(s, sizes or {}))
-    return tuple(out)
+    return tuple(example_size(s, sizes or {}) for s in x.shape)
 
 
 def example_size(size, sizes: dict) -> int:
     """One size (an int or SymInt) at the example values ``sizes`` (see ``example_sizes``)."""
-    if isinstance(size, int):
-        return size
-    expr = size.node.expr
-    return int(expr.subs({sym: sizes.get(sym, 1) for sym in expr.free_symbols}))
+    return size_at(size, lambda sym: sizes.get(sym, 1))
 
 
 def example_sizes(gm: fx.GraphModule) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from tpc.errors import TpcError
+from tpc.errors import REPORT, TpcError, TpcInternalError
 
 CODE_MEMBERS = {
     "data/aotinductor/": "an AOTInductor shared library",
@@ -72,26 +72,37 @@ def _weights_only_loads():
                 os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
 
 
-def load_program(path: str | os.PathLike) -> torch.export.ExportedProgram:
-    """The ``ExportedProgram`` in ``path``; a ``TpcError`` (one line) for a file tpc will not load."""
+def load_program(path: str | os.PathLike, written_by_tpc: bool = False) -> torch.export.ExportedProgram:
+    """The ``ExportedProgram`` in ``path``; a ``TpcError`` (one line) for a file tpc will not load.
+
+    ``written_by_tpc``: the file is the artifact tpc just wrote (checked before it is kept), so
+    failing to load it is tpc's bug, raised as ``TpcInternalError``.
+    """
     path = Path(path)
+
+    def refuse(message: str, cause: BaseException | None = None) -> Exception:
+        if not written_by_tpc:
+            return TpcError(message)
+        return TpcInternalError(f"internal error: tpc cannot load the program it wrote: {message}"
+                                + (f" ({type(cause).__name__})" if cause is not None else "") + f"; {REPORT}")
+
     if not path.is_file():
-        raise TpcError(f"model file {str(path)!r} does not exist")
+        raise refuse(f"model file {str(path)!r} does not exist")
     try:
         with zipfile.ZipFile(path) as archive:
             why = _refusal(archive.namelist(), archive.read)
     except (zipfile.BadZipFile, OSError) as err:
-        raise TpcError(f"cannot load {str(path)!r}: not a torch.export archive ({err})") from None
+        raise refuse(f"cannot load {str(path)!r}: not a torch.export archive ({err})", err) from err
     if why:
-        raise TpcError(f"refusing to load {str(path)!r}: {why}")
+        raise refuse(f"refusing to load {str(path)!r}: {why}")
     import tpc.kernels  # noqa: F401  (a .pt2 written by tpc holds tpc:: ops)
 
     try:
         with _weights_only_loads():
             return torch.export.load(str(path))
-    except pickle.UnpicklingError:
-        raise TpcError(f"refusing to load {str(path)!r}: it holds pickled objects other than tensors, "
-                       "which loading would execute") from None
+    except pickle.UnpicklingError as err:
+        raise refuse(f"refusing to load {str(path)!r}: it holds pickled objects other than tensors, "
+                     "which loading would execute", err) from (err if written_by_tpc else None)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise TpcError(f"cannot load {str(path)!r} as a torch.export program: {first}") from None
+        raise refuse(f"cannot load {str(path)!r} as a torch.export program: {first}", err) from (err if written_by_tpc else None)

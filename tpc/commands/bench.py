@@ -7,11 +7,10 @@ import os
 import torch
 
 from tpc import models
-from tpc.timing import BenchResult, BenchRow, inserted_share, machine_name, time_pair, torch_inserted_share
+from tpc.backends import BACKENDS, check_backend
 from tpc.errors import TpcError
+from tpc.timing import BenchResult, BenchRow, inserted_share, machine_name, time_pair, torch_inserted_share
 from tpc.vlm.family import refuse_vlm
-
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 def parse_batches(text) -> list[int]:
@@ -33,8 +32,7 @@ def run_bench(model_id, method="topk-cls", layers=None, keep=None, backend="onnx
     from tpc.exports.onnxruntime import make_session
     from tpc.flops import count_flops
 
-    if backend not in BACKENDS:
-        raise TpcError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    check_backend(backend, BACKENDS, "tpc bench")
     if backend == "tensorrt":
         from tpc.exports.tensorrt import require_tensorrt
 

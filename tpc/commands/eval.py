@@ -10,8 +10,9 @@ import torch
 
 from tpc import models
 from tpc.api import prunes
-from tpc.errors import TpcError
+from tpc.backends import check_backend
 from tpc.dataset import accuracy, check_data_path, load_dataset, parse_floats, predict
+from tpc.errors import TpcError
 from tpc.exports.atomic import check_output_path
 from tpc.vlm.family import refuse_vlm
 
@@ -62,8 +63,7 @@ def run_eval(model_id, data, method="topk-cls", layers=None, keep=None, sweep=No
     from tpc.capture import capture
     from tpc.flops import count_flops
 
-    if backend not in ("torch", "onnxruntime"):
-        raise TpcError(f"unknown backend {backend!r}: tpc eval runs torch or onnxruntime")
+    check_backend(backend, ("torch", "onnxruntime"), "tpc eval")
     if batch < 1:
         raise TpcError("--batch must be at least 1")
     if offset < 0 or (limit is not None and limit < 1):

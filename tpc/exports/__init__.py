@@ -104,7 +104,7 @@ def write_artifact(module: nn.Module, path: Path, example_inputs=None, check: bo
         with atomic_output(path, len(data)) as tmp:
             tmp.write_bytes(data)
             if check:
-                loaded = load_program(tmp).module()
+                loaded = load_program(tmp, written_by_tpc=True).module()
 
                 def run(batch):
                     outs, replay = run_graph(loaded, batch)

@@ -13,14 +13,17 @@ import torch
 from torch import fx, nn
 
 from tpc.capture import export_program
-from tpc.errors import TpcError
-from tpc.exports.checks import CheckResult, check_artifact
+from tpc.errors import TpcError, refusal_or_bug
+from tpc.exports.checks import DECISIONS, CheckResult, check_artifact
 from tpc.exports.onnx_ops import TRANSLATIONS
 from tpc.exports.onnx_plugins import PLUGIN_TRANSLATIONS, plugin_reference_functions
 from tpc.exports.onnxruntime import make_session
 
 OPSET = 18
-_FX_DECISION = re.compile(r"^%((?:select_topk|kcenter|divprune)(?:_\d+)?) : .*target=torch\.ops\.tpc\.")
+# An ONNX node's FX origin, "%name : [...] = call_function[target=torch.ops.tpc.kcenter.default](...)", when
+# that FX node is a pruning decision (checks.DECISIONS).
+_FX_DECISION = re.compile(r"^%(\S+) : .*\[target=torch\.ops\.(?:"
+                          + "|".join(re.escape(str(op)) for op in DECISIONS) + r")\]")
 
 
 def to_onnx(module: nn.Module, example_inputs: tuple, plugins: bool = False) -> onnx.ModelProto:
@@ -39,9 +42,9 @@ def to_onnx(module: nn.Module, example_inputs: tuple, plugins: bool = False) -> 
             program = torch.onnx.export(ep, tuple(example_inputs), dynamo=True, opset_version=OPSET,
                                         custom_translation_table=table, verbose=False, optimize=True,
                                         report=False, verify=False)
-        except Exception as err:
+        except Exception as err:  # an op without a translation refuses; a failing tpc translation is a bug
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise TpcError(f"ONNX export failed: {first}") from err
+            raise refusal_or_bug(err, f"ONNX export failed: {first}") from err
     model = program.model_proto
     model.producer_name = "tpc"
     return model

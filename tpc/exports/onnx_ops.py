@@ -138,10 +138,9 @@ def random_scores(x, seed: int):
     def mod(v):
         return op.Mod(v, c(p))
 
-    h = mod(op.Add(op.Add(mod(op.Mul(pos, c(baseline._A))), mod(op.Mul(row, c(baseline._B)))),
-                   c(((seed % p) * baseline._C + baseline._D) % p)))
+    h = mod(op.Add(op.Add(mod(op.Mul(pos, c(baseline.A))), mod(op.Mul(row, c(baseline.B)))), c(baseline.seed_term(seed))))
     h = mod(op.Mul(h, h))
-    h = mod(op.Add(op.Mul(h, c(baseline._A)), c(baseline._D)))
+    h = mod(op.Add(op.Mul(h, c(baseline.A)), c(baseline.D)))
     h = mod(op.Mul(h, h))
     return op.Div(op.Cast(h, to=FLOAT), op.Constant(value_float=float(p)))
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import re
+import zlib
 from collections.abc import Iterable
 
 import torch
@@ -9,9 +12,6 @@ from torch import fx
 
 aten = torch.ops.aten
 
-# Stand-ins for symbolic sizes when shapes are compared numerically: large primes, so a
-# product of a symbolic size with static sizes never equals an unrelated static size.
-_SYMBOL_PRIMES = (1000003, 1000033, 1000037, 1000039, 1000081, 1000099)
 
 
 def target_packet(node: fx.Node):
@@ -63,28 +63,34 @@ def describe(node: fx.Node) -> str:
     return f"node '{node.name}' ({name})" + (f" in {where or 'the top-level module'}")
 
 
-_SYMBOL_TABLE: dict[str, int] = {}
-
-
-def numeric_size(size) -> int:
-    """An int for a static size; a symbolic size evaluated with its symbols set to large primes."""
+def size_at(size, value_of) -> int:
+    """An int for a static size; a symbolic size evaluated with each symbol set to ``value_of(symbol)``."""
     if isinstance(size, int):
         return size
     expr = size.node.expr
-    subs = {}
-    for sym in expr.free_symbols:
-        key = str(sym)
-        if key not in _SYMBOL_TABLE:
-            _SYMBOL_TABLE[key] = _SYMBOL_PRIMES[len(_SYMBOL_TABLE) % len(_SYMBOL_PRIMES)]
-        subs[sym] = _SYMBOL_TABLE[key]
-    return int(expr.subs(subs))
+    return int(expr.subs({sym: value_of(sym) for sym in expr.free_symbols}))
+
+
+@functools.cache
+def stand_in(symbol) -> int:
+    """A symbol's stand-in when shapes are compared numerically: a distinct prime above 10⁶ per
+    symbol (the k-th for ``s<k>``), so a product of symbolic and static sizes never equals an
+    unrelated static size, and the same symbol always gets the same number."""
+    import sympy
+
+    match = re.fullmatch(r"[a-z]+(\d+)", str(symbol))
+    k = int(match.group(1)) if match else zlib.crc32(str(symbol).encode()) % 1000
+    return int(sympy.nextprime(10**6, k + 1))
+
+
+def numeric_size(size) -> int:
+    """An int for a static size; a symbolic size evaluated at its symbols' stand-ins (``stand_in``)."""
+    return size_at(size, stand_in)
 
 
 def shape_text(node_or_val, symbols: dict[str, str] | None = None) -> str:
     """``[B, 197, 384]``: a shape for messages, the symbolic batch written as B (or each
     symbol by its name in ``symbols``, e.g. ``{"s0": "B", "s1": "S"}``)."""
-    import re
-
     value = val(node_or_val) if isinstance(node_or_val, fx.Node) else node_or_val
 
     def name(match) -> str:
@@ -110,6 +116,13 @@ def symbol_names(gm: fx.GraphModule) -> dict[str, str]:
             elif d == 1 and value.dim() == 2 and not value.dtype.is_floating_point:
                 names.setdefault(str(size.node.expr), "N")
     return names
+
+
+def to_front(rank: int, *dims: int) -> tuple[list[int], list[int]]:
+    """The permutation that moves ``dims`` to the front in that order (the others keep theirs),
+    and its inverse: ``x.permute(perm).permute(inverse)`` is ``x``."""
+    perm = [*dims, *(d for d in range(rank) if d not in dims)]
+    return perm, [perm.index(d) for d in range(rank)]
 
 
 def numeric_shape(node_or_val) -> tuple[int, ...]:

@@ -9,12 +9,11 @@ from __future__ import annotations
 import torch
 
 
-def register() -> bool:
+def register() -> None:
     if not torch.cuda.is_available():
-        return False
+        return
     from tpc.kernels import triton_kernels as tk
 
     torch.library.register_kernel("tpc::gather_tokens", "cuda", tk.gather_tokens)
     torch.library.register_kernel("tpc::merge_tokens", "cuda", tk.merge_tokens)
     torch.library.register_kernel("tpc::sparse_attention", "cuda", tk.sparse_attention)
-    return True

@@ -200,20 +200,3 @@ def _(q, k, v, index, scale):
     keys = k.shape[2] if index is None else index.shape[1]
     return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[1], keys), dtype=torch.float32)
 
-
-OPS = {
-    "cls_attention": torch.ops.tpc.cls_attention.default,
-    "random_scores": torch.ops.tpc.random_scores.default,
-    "select_topk": torch.ops.tpc.select_topk.default,
-    "gather_tokens": torch.ops.tpc.gather_tokens.default,
-    "fuse_tokens": torch.ops.tpc.fuse_tokens.default,
-    "restore_tokens": torch.ops.tpc.restore_tokens.default,
-    "attention_probs": torch.ops.tpc.attention_probs.default,
-    "weighted_pagerank": torch.ops.tpc.weighted_pagerank.default,
-    "similarity_keep": torch.ops.tpc.similarity_keep.default,
-    "kcenter": torch.ops.tpc.kcenter.default,
-    "divprune": torch.ops.tpc.divprune.default,
-    "bipartite_match": torch.ops.tpc.bipartite_match.default,
-    "merge_tokens": torch.ops.tpc.merge_tokens.default,
-    "sparse_attention": torch.ops.tpc.sparse_attention.default,
-}

@@ -11,16 +11,24 @@ from __future__ import annotations
 
 import torch
 
+# The hash, written once here and once in ONNX ops (tpc.exports.onnx_ops.random_scores):
+#   h = (A·token mod P + B·example mod P + seed_term(seed)) mod P, then h ← h² mod P,
+#   h ← (A·h + D) mod P, h ← h² mod P; the score is h / P.
 PRIME = 32749
-_A, _B, _C, _D = 30011, 17389, 24571, 12347
+A, B, C, D = 30011, 17389, 24571, 12347
+
+
+def seed_term(seed: int) -> int:
+    """The seed's part of the first hash step, (C·(seed mod P) + D) mod P: a Python int."""
+    return ((seed % PRIME) * C + D) % PRIME
 
 
 def hash_scores(batch: int, tokens: int, seed: int, device: torch.device | None = None) -> torch.Tensor:
     """[batch, tokens] float32 scores in [0, 1), a pure function of (example, token, seed)."""
     pos = torch.arange(tokens, dtype=torch.int64, device=device).unsqueeze(0)
     row = torch.arange(batch, dtype=torch.int64, device=device).unsqueeze(1)
-    h = ((pos * _A) % PRIME + (row * _B) % PRIME + ((seed % PRIME) * _C + _D) % PRIME) % PRIME
+    h = ((pos * A) % PRIME + (row * B) % PRIME + seed_term(seed)) % PRIME
     h = (h * h) % PRIME
-    h = (h * _A + _D) % PRIME
+    h = (h * A + D) % PRIME
     h = (h * h) % PRIME
     return h.to(torch.float32) / PRIME

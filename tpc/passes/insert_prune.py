@@ -40,7 +40,7 @@ from torch import fx
 from tpc.errors import TpcError
 from tpc.graph import find_attention_sites, find_stream_point
 from tpc.graph.attention import layer_runs
-from tpc.graph.nodes import aten, val
+from tpc.graph.nodes import aten, to_front, val
 from tpc.passes.cleanup import finish
 from tpc.passes.compaction import Builder, Compaction, Role, attach, compactions
 from tpc.passes.infra import Pass, PassResult
@@ -102,7 +102,7 @@ class InsertPrune(Pass):
         if (point.batch_dim, point.token_dim) != (0, 1):
             if point.batch_dim is None:
                 raise TpcError(f"layer {self.layer}: the stream at {point.node.name} has no visible batch dimension")
-            to_canonical = [point.batch_dim, point.token_dim] + [d for d in range(rank) if d not in (point.batch_dim, point.token_dim)]
+            to_canonical, from_canonical = to_front(rank, point.batch_dim, point.token_dim)
             stream = b.op(aten.permute.default, point.node, to_canonical, role=Role.GATHER)
         if symbolic:
             kept = self._kept_in_graph(b, stream)
@@ -118,8 +118,7 @@ class InsertPrune(Pass):
         result = self.method.build(b, ctx)
         out = result.out
         if to_canonical is not None:
-            inverse = [to_canonical.index(d) for d in range(rank)]
-            out = b.op(aten.permute.default, result.out, inverse, role=Role.GATHER)
+            out = b.op(aten.permute.default, result.out, from_canonical, role=Role.GATHER)
 
         new_nodes = set(b.inserted)
         if self.restore:

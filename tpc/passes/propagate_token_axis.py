@@ -27,7 +27,7 @@ from torch._guards import detect_fake_mode
 from tpc.errors import TpcError
 from tpc.graph import find_attention_sites, find_stream_point
 from tpc.graph.attention import layer_runs
-from tpc.graph.nodes import aten, describe, numeric_shape, val
+from tpc.graph.nodes import aten, describe, numeric_shape, to_front, val
 from tpc.passes.compaction import Compaction, Role, mark_pruned_outputs, mark_rewritten, set_role
 from tpc.passes.infra import at_node
 from tpc.passes.token_axis_rules import Axis, Gather, Refusal, arguments, rule_for, set_argument
@@ -152,11 +152,10 @@ class Propagation:
                 y = self._insert(aten.unsqueeze.default, (y, 0), consumer, val(y).unsqueeze(0))
             rank = len(val(y).shape)
             bdim = rank - from_right
-            perm = [bdim, tdim] + [d for d in range(rank) if d not in (bdim, tdim)]
+            perm, inverse = to_front(rank, bdim, tdim)
             if perm != list(range(rank)):
                 y = self._insert(aten.permute.default, (y, perm), consumer, val(y).permute(perm))
             g = self._insert(GATHER, (y, index), consumer, GATHER(val(y), self.old_index_val(ax.offset)))
-            inverse = [perm.index(d) for d in range(rank)]
             if inverse != list(range(rank)):
                 g = self._insert(aten.permute.default, (g, inverse), consumer, val(g).permute(inverse))
         self.tracked[g] = {**{d + added: a for d, a in self.axes(x).items()}, tdim: ax}

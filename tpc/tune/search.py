@@ -251,12 +251,12 @@ class Search:
 
 def measure_latency(search: Search, backend: str, batch: int, threads: int | None) -> list[Candidate]:
     """Export the lowest-FLOPs feasible finalists (one per family first) and time them against the unpruned model."""
+    from tpc.backends import check_backend
     from tpc.timing import time_pair
     from tpc.exports import to_onnx
     from tpc.exports.onnxruntime import make_session
 
-    if backend != "onnxruntime":
-        raise TpcError(f"--target latency measures with --backend onnxruntime, not {backend!r}")
+    check_backend(backend, ("onnxruntime",), "tpc tune --target latency")
     compared = search.compared()
     feasible = sorted((c for c in compared if c.module is not None and search.feasible(c, len(compared))),
                       key=lambda c: c.flops_ratio)

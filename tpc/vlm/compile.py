@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 
 from tpc.capture import eval_mode
-from tpc.errors import TpcError
+from tpc.errors import TpcError, refusal_or_bug
 from tpc.passes import PassManager
 from tpc.schedule import kept_count, parse_keep, parse_layers
 from tpc.vlm.family import family_of
@@ -47,10 +47,10 @@ def _export(family, args: tuple, visual: int) -> torch.export.ExportedProgram:
         warnings.simplefilter("ignore")
         try:
             return torch.export.export(family.prefill(), args, dynamic_shapes=dynamic)
-        except Exception as err:  # torch.export raises many types; the user needs one line
+        except Exception as err:  # torch.export raises many types; the user needs one line, tpc's bugs a report
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise TpcError(f"torch.export could not capture the prefill of {type(family.model).__name__}: "
-                           f"{first}") from err
+            raise refusal_or_bug(err, f"torch.export could not capture the prefill of {type(family.model).__name__}: "
+                                      f"{first}") from err
 
 
 def stages_of(spec, visual: int, method: str, layers, keep) -> list[Stage]:

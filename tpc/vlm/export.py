@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tpc.errors import TpcError
+from tpc.errors import TpcError, refusal_or_bug
 from tpc.exports.atomic import atomic_output, check_output_path
 from tpc.exports.checks import CheckResult, check_artifact
 from tpc.pt2 import load_program
@@ -24,14 +24,14 @@ def save_prefill(module, path, check: bool = True) -> CheckResult | None:
         warnings.simplefilter("ignore")
         try:
             program = torch.export.export(module.gm, module.example_inputs, dynamic_shapes=dynamic)
-        except Exception as err:  # one line for the user
+        except Exception as err:  # one line for the user; tpc's own bugs are reported as such
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise TpcError(f"torch.export could not capture the pruned prefill: {first}") from err
+            raise refusal_or_bug(err, f"torch.export could not capture the pruned prefill: {first}") from err
     with atomic_output(path) as tmp:
         torch.export.save(program, str(tmp))
         if not check:
             return None
-        loaded = load_program(tmp).module()
+        loaded = load_program(tmp, written_by_tpc=True).module()
 
         def run(inputs):
             with torch.no_grad():
