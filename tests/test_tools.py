@@ -122,6 +122,18 @@ def test_run_eval_rejects_unknown_backend(npz):
         run_eval(MODEL, data=npz, layers="1", backend="tpu")
 
 
+def test_each_command_names_the_backends_it_runs(npz):
+    """One list of backends: a known backend a command does not run is named as such, with what it runs."""
+    import tpc
+
+    with pytest.raises(TpcError, match=r"^backend 'tensorrt': tpc eval runs torch, onnxruntime \(a TensorRT engine: "):
+        run_eval(MODEL, data=npz, layers="1", backend="tensorrt")
+    with pytest.raises(TpcError, match=r"^backend 'tensorrt': tpc.compile runs torch, onnxruntime"):
+        tpc.compile(MODEL, layers=[1], backend="tensorrt")
+    with pytest.raises(TpcError, match=r"^unknown backend 'tpu': tpc bench runs torch, onnxruntime, tensorrt$"):
+        run_bench(MODEL, layers="1", backend="tpu")
+
+
 def test_eval_reads_an_image_folder(tmp_path):
     rng = np.random.default_rng(2)
     for label in ("cat", "dog"):
