@@ -102,6 +102,19 @@ def test_a_bug_in_tpcs_onnx_translation_is_an_internal_error_not_the_models_faul
     assert "KeyError" in err and "bug in tpc" in err and err.count("\n") == 1 and not list(tmp_path.iterdir())
 
 
+def test_a_refusal_inside_tpcs_onnx_translation_stays_a_refusal(monkeypatch, capsys, tmp_path):
+    """torch.onnx wraps what a translation raises in its own error: a TpcError in there is still tpc's
+    deliberate refusal (exit 1, its own words), not reported as a bug in tpc."""
+    def refuse(*args):
+        raise TpcError("this pruning op has no ONNX form here: export .pt2 instead")
+
+    monkeypatch.setattr("tpc.exports.onnx_ops._ints", refuse)
+    code = main(["compile", "models:cli_tiny_vit", "--layers", "1", "--keep", "8", "-o", str(tmp_path / "x.onnx")])
+    err = capsys.readouterr().err
+    assert code == 1 and err == "tpc: error: this pruning op has no ONNX form here: export .pt2 instead\n", err
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_model_that_torch_export_cannot_capture_is_still_refused_as_the_models():
     class DataDependent(torch.nn.Module):
         def forward(self, x):
