@@ -133,3 +133,36 @@ def test_a_program_tpc_cannot_read_back_is_its_own_bug(monkeypatch, tmp_path):
     with pytest.raises(TpcInternalError, match="tpc cannot load the program it wrote"):
         tpc.export(pm, tmp_path / "m.pt2")
     assert not list(tmp_path.iterdir())
+
+
+def _chain(*packages: str):
+    """A function that calls through one frame per package (outermost first); the last one raises."""
+    call = None
+    for package in reversed(packages):
+        scope = {"__name__": f"{package}.module", "inner": call}
+        exec("def f():\n    if inner is None:\n        raise ValueError('raised')\n    return inner()", scope)
+        call = scope["f"]
+    return call
+
+
+def _raised(*packages: str) -> Exception:
+    try:
+        _chain(*packages)()
+    except ValueError as err:
+        return err
+
+
+@pytest.mark.parametrize("packages, bug", [
+    (("torch", "tpc"), True),  # tpc's own code raised (a fake impl, an ONNX translation)
+    (("torch", "tpc", "torch"), True),  # torch refused what tpc's code handed it
+    (("tpc", "transformers", "torch"), False),  # the model's code (called from tpc's VLM wrapper) failed in torch
+    (("torch", "mymodel"), False),  # the user's own model file
+    (("torch", "onnxscript", "onnx"), False),  # the tooling alone
+    (("torch", "mymodel", "torch"), False),  # torch refused what the model handed it
+])
+def test_who_raised_it(packages, bug):
+    from tpc.errors import raised_in_tpc, refusal_or_bug
+
+    err = _raised(*packages)
+    assert (raised_in_tpc(err) is err) is bug
+    assert isinstance(refusal_or_bug(err, "capture failed: raised"), TpcInternalError if bug else TpcError)
