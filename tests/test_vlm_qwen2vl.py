@@ -172,8 +172,14 @@ def test_bad_inputs_are_refused_in_one_line(qwen, tmp_path):
 def test_api_writes_a_checked_program_with_the_eager_encoders_features_as_input(qwen, tmp_path):
     import tpc
 
-    model, inputs, program = qwen
-    pruned = prune(model, program, inputs, method="fastv", layers=1, keep=0.5)
+    model, inputs, _ = qwen
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        pruned = tpc.compile(model, inputs, method="fastv", layers=1, keep=0.5)
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # the eager vision encoder runs once per compile, whatever capture and rewrite need
     assert "run eagerly" in pruned.report.table() and pruned.report.layer_tokens == [26, 26, 18]
     result = tpc.export(pruned, tmp_path / "vlm.pt2")
     assert result.batches == (1, 2) and result.max_abs_error == 0.0

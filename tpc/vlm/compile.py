@@ -16,7 +16,7 @@ from tpc.capture import eval_mode
 from tpc.errors import TpcError, refusal_or_bug
 from tpc.passes import PassManager
 from tpc.schedule import kept_count, parse_keep, parse_layers
-from tpc.vlm.family import family_of, spec_of
+from tpc.vlm.family import family_of
 from tpc.vlm.graph import prompt_mask, visual_mask
 from tpc.vlm.module import Stage, VlmModule
 from tpc.vlm.prune_visual import METHODS, STATE, PruneVisual
@@ -36,19 +36,21 @@ def processor_inputs(inputs) -> dict:
 def capture_prefill(model: nn.Module, inputs) -> torch.export.ExportedProgram:
     """The prefill as an aten program with symbolic batch and prompt length (reusable: see ``prune``)."""
     family = family_of(model)
-    args, visual = family.graph_args(processor_inputs(inputs))
+    return _export(family, *family.graph_args(processor_inputs(inputs)))
+
+
+def _export(family, args: tuple, visual: int) -> torch.export.ExportedProgram:
     if args[0].shape[0] < 2:  # a batch of one would be captured as a constant
         args = family.twice(args)
     dynamic = family.dynamic_shapes(args, visual)
-    wrapper = family.prefill()
-    with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+    with eval_mode(family.model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            program = torch.export.export(wrapper, args, dynamic_shapes=dynamic)
+            return torch.export.export(family.prefill(), args, dynamic_shapes=dynamic)
         except Exception as err:  # torch.export raises many types; the user needs one line, tpc's bugs a report
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise refusal_or_bug(err, f"torch.export could not capture the prefill of {type(model).__name__}: {first}") from err
-    return program
+            raise refusal_or_bug(err, f"torch.export could not capture the prefill of {type(family.model).__name__}: "
+                                      f"{first}") from err
 
 
 def stages_of(spec, visual: int, method: str, layers, keep) -> list[Stage]:
@@ -118,25 +120,31 @@ def compile_vlm(model: nn.Module, inputs, *, method: str = "fastv", layers=None,
     the visual tokens (default: the layer LLaVA takes its image features from).
     """
     family = family_of(model)
-    _, visual = family.graph_args(processor_inputs(inputs))
-    stages_of(family.spec(), visual, method, layers, keep)  # refuse before capturing
-    if method == "topk-cls":
-        family.cls_scoring(vision_layer)
-    return prune(model, capture_prefill(model, inputs), inputs, method=method, layers=layers, keep=keep, seed=seed,
-                 vision_layer=vision_layer)
+    example, visual = family.graph_args(processor_inputs(inputs))  # Qwen2-VL's encoder runs here, once
+    plan = _plan(family, visual, method, layers, keep, vision_layer)  # refuse before capturing
+    return _rewrite(family, _export(family, example, visual), inputs, example, plan, method, seed)
 
 
 def prune(model: nn.Module, program: torch.export.ExportedProgram, inputs, *, method: str, layers=None, keep=0.5,
           seed: int = 0, vision_layer: int | None = None) -> VlmModule:
     """Rewrite a fresh copy of a captured prefill (``capture_prefill``); the program is not changed."""
     family = family_of(model)
-    spec = family.spec()
     example, visual = family.graph_args(processor_inputs(inputs))
-    stages = stages_of(spec, visual, method, layers, keep)
+    return _rewrite(family, program, inputs, example, _plan(family, visual, method, layers, keep, vision_layer),
+                    method, seed)
+
+
+def _plan(family, visual: int, method: str, layers, keep, vision_layer) -> tuple[list[Stage], tuple | None]:
+    """The stages, and for topk-cls the vision layer it reads; every refusal before any capture."""
+    stages = stages_of(family.spec(), visual, method, layers, keep)
     if vision_layer is not None and method != "topk-cls":
         raise TpcError(f"vision_layer chooses the [CLS] attention topk-cls (VTC-CLS) scores with; {method} does not "
                        "read the vision tower")
-    cls = family.cls_scoring(vision_layer) if method == "topk-cls" else None
+    return stages, family.cls_scoring(vision_layer) if method == "topk-cls" else None
+
+
+def _rewrite(family, program, inputs, example: tuple, plan, method: str, seed: int) -> VlmModule:
+    (stages, cls), spec, model = plan, family.spec(), family.model
     gm = program.module()
     gm.meta[STATE] = {"visual": visual_mask(gm, spec.image_token_id), "attention_mask": prompt_mask(gm),
                       "positions": None, "stages": [], "inserted": set()}
