@@ -199,6 +199,29 @@ def test_average_pool_over_patch_tokens():
     torch.testing.assert_close(pm(x), eager_timm_vit(model, x, {1: 5}, method="random"), atol=1e-5, rtol=1e-5)
 
 
+class MaxPool(Stack):
+    def forward(self, x):
+        x = self.tokens(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(x.max(dim=1).values)
+
+
+def test_max_pooling_over_tokens_sees_the_kept_tokens():
+    """``x.max(dim=1).values`` was refused as reading positions; it pools the kept tokens."""
+    model = sharpen(MaxPool())
+    x = _inputs(2, seed=6)[0]
+    pm = _compile(model, _inputs(), [0], 3)
+    with torch.no_grad():
+        t = model.tokens(x)
+        t = t + model.blocks[0].attend(t)
+        t = _take(t, _random_index(t, 0, 3), 1)
+        t = t + model.blocks[0].mlp(t)
+        for blk in model.blocks[1:]:
+            t = blk(t)
+        torch.testing.assert_close(pm(x), model.head(t.amax(1)), atol=1e-5, rtol=1e-5)
+
+
 class GridHead(Stack):
     def __init__(self):
         super().__init__()

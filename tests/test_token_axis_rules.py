@@ -469,6 +469,22 @@ def test_max_along_channels_with_a_keyword_dim_in_a_graph():
     assert v.args == (values, [B, K, 1])
 
 
+def test_max_pooling_over_tokens_reads_only_the_values():
+    """``x.max(dim=1).values`` (max pooling, as sentence-transformers pools) was refused as if its
+    positions were read; its values reduce the token axis like ``amax``. Read indices still refuse."""
+    g = Graph()
+    top = g.op(aten.max.dim, g.x, dim=1)
+    values = g.op(operator.getitem, top, 0)
+    g.op(operator.getitem, top, 1)  # unread, as export leaves it
+    assert infer(g, top).axes == [{}, {}]
+    g.output(values)
+    g.propagate()
+    g = Graph()
+    top = g.op(aten.max.dim, g.x, 1, True)
+    g.output(g.op(operator.getitem, top, 1))
+    assert refusal(g, top) == "returns positions along the token axis, which pruning renumbers"
+
+
 def test_binary_max_in_a_graph():
     """Regression: ``torch.max(a, b)`` (aten.max.other) was sent to the rule of ``max(x, dim)``,
     which crashed reading ``b`` as a dim."""

@@ -518,13 +518,22 @@ def reduction(ctx, node: fx.Node, args: dict) -> Inferred:
     return Inferred(out)
 
 
+def _values_only(node: fx.Node) -> bool:
+    """max/min along a dim whose indices nobody reads (``x.max(dim=1).values``: max pooling)."""
+    return isinstance(val(node), (list, tuple)) and bool(node.users) and all(
+        u.target is operator.getitem and (u.args[1] == 0 or not u.users) for u in node.users)
+
+
 def arg_reduction(ctx, node: fx.Node, args: dict) -> Inferred:
-    """argmax, argmin, and max/min along a dim: positions along the token axis are refused."""
+    """argmax, argmin, and max/min along a dim: positions along the token axis are refused;
+    max/min pooling over tokens (only the values read) reduces like ``amax``."""
     x = args["input"]
     dims = _dims(args["dim"])
     rank = _rank(x)
     axes = ctx.axes(x)
     if dims is None or any(_norm_dim(d, rank) in axes for d in dims):
+        if dims is not None and _values_only(node):
+            return Inferred([reduction(ctx, node, args).axes, {}])
         raise Refusal("returns positions along the token axis, which pruning renumbers")
     dim = _norm_dim(dims[0], rank)
     keepdim = bool(args["keepdim"])
