@@ -12,6 +12,7 @@ import torch
 import tpc
 from families import MeanPooledEncoder, hf_bert, text_inputs
 from models import tiny_timm_vit
+from tpc.errors import TpcError
 from tpc.recipe import check_steps, load_recipe
 from tpc.tune import run_tune
 from tpc.tune.metrics import Metric, first_tensor
@@ -102,6 +103,20 @@ def test_text_encoder_tunes_on_token_arrays_with_cosine_by_default(tmp_path):
     assert result.best.module.report.prefix == pm.report.prefix == 1
     with torch.no_grad():
         assert torch.equal(result.best.module(ids, mask), pm(ids, mask))
+
+
+@pytest.mark.parametrize(("ids", "words"), [
+    (lambda ids: ids + 0.5, "not whole numbers"),  # once cut to ints without a word
+    (lambda ids: np.where(ids == ids[0, 0], np.nan, ids), "not whole numbers"),  # once an internal error
+    (lambda ids: ids.astype(str), "holds <U"),  # once an internal error (torch.from_numpy)
+    (lambda ids: ids + 1000, "fails on the data"),  # beyond the vocabulary: once an internal error
+])
+def test_token_arrays_the_model_cannot_take_are_refused_in_one_line(tmp_path, ids, words):
+    good, mask = text_inputs(6, seed=3)
+    data = tmp_path / "text.npz"
+    np.savez(data, ids=ids(good.numpy()), mask=mask.numpy())
+    with pytest.raises(TpcError, match=words):
+        run_tune("test_tune:tiny_sentence_encoder", data, max_drop=1.0, time_budget=1, methods="topk-mass", backend="torch")
 
 
 def test_no_recipe_within_the_bound_says_so_with_the_tightest_bound(tmp_path):

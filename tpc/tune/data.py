@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tpc.errors import TpcError
@@ -38,6 +39,19 @@ class TuneData:
         return tuple(x[start:end] for x in self.inputs)
 
 
+def _numbers(array: np.ndarray, dtype: torch.dtype, name: str, path: str) -> np.ndarray:
+    """``array`` when it holds what the model's input of ``dtype`` takes: real numbers, and whole
+    ones for an integer input (token ids), never silently cut (1.5 to 1) or a NaN made an id."""
+    if array.dtype.kind not in "biuf":
+        raise TpcError(f"{path}: {name!r} holds {array.dtype} values; the model's input takes {str(dtype).split('.')[-1]} "
+                       "numbers")
+    if not dtype.is_floating_point and array.dtype.kind == "f" and not (
+            np.isfinite(array).all() and (array == np.round(array)).all()):
+        raise TpcError(f"{path}: {name!r} holds values that are not whole numbers (NaN, inf or fractions) but the "
+                       f"model's input takes {str(dtype).split('.')[-1]} (token ids): save the integers the tokenizer gave")
+    return array
+
+
 def _arrays_in_input_order(npz, module, examples: tuple, path: str) -> tuple[torch.Tensor, ...]:
     names = [k for k in npz.files if k != "labels"]
     if len(names) != len(examples):
@@ -48,7 +62,7 @@ def _arrays_in_input_order(npz, module, examples: tuple, path: str) -> tuple[tor
         names = sorted(names, key=params.index)
     out = []
     for name, example in zip(names, examples):
-        array = torch.from_numpy(read_array(npz, name, path)).to(example.dtype)
+        array = torch.from_numpy(_numbers(read_array(npz, name, path), example.dtype, name, path)).to(example.dtype)
         if tuple(array.shape[1:]) != tuple(example.shape[1:]):
             raise TpcError(f"{path}: {name!r} has shape {list(array.shape[1:])} per example but the model's input "
                            f"takes {list(example.shape[1:])}")

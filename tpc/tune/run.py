@@ -12,7 +12,7 @@ import torch
 
 from tpc import models
 from tpc.dataset import warn_if_labels_look_meaningless
-from tpc.errors import TpcError
+from tpc.errors import TpcError, refusal_or_bug
 from tpc.recipe import Recipe, check_steps, describe
 from tpc.tune.data import load_tune_data, split
 from tpc.tune.engine import Engine
@@ -223,7 +223,12 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
     engine = Engine(gm, loaded.example_inputs, loaded.name, tuning, eval_batch, after, seed)
     sites, prefix = analyze(engine.gm, loaded.name), engine.prefix
     flops_before = count_flops(engine.gm).total
-    references = [engine.reference(b) for b in range(len(engine.batches))]
+    try:
+        references = [engine.reference(b) for b in range(len(engine.batches))]
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise refusal_or_bug(err, f"the unpruned {loaded.name} fails on the data in {data}: {type(err).__name__}: "
+                                  f"{first} (token ids beyond the vocabulary? inputs in the wrong order?)") from err
     metric_obj = choose_metric(metric, tuning.labels, loaded.module, references[0])
     if metric_obj.name == "top1":
         warn_if_labels_look_meaningless(dataset.labels, references[0].reshape(len(references[0]), -1).shape[-1])
