@@ -57,11 +57,15 @@ def sentence_encoder():
 
 
 def write_tune_data(path: str | Path) -> None:
-    """The sentences, tokenized as `tpc tune --data` reads them (one array per forward argument)."""
+    """The sentences, tokenized as `tpc tune --data` reads them (one array per forward argument), in
+    a seeded random order: the language reference goes topic by topic, and `tpc tune` holds out the
+    last part of the file, which would otherwise be other topics than the tuning part."""
     import numpy as np
 
     _model, tokenizer = load_encoder()
-    batch = tokenizer(sentences(), padding="max_length", truncation=True, max_length=LENGTH, return_tensors="np")
+    texts = sentences()
+    texts = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))]
+    batch = tokenizer(texts, padding="max_length", truncation=True, max_length=LENGTH, return_tensors="np")
     np.savez(path, ids=batch["input_ids"], mask=batch["attention_mask"])
 
 

@@ -50,7 +50,8 @@ def test_recipe_found_written_read_back_and_reproduced(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["model"] == "models:cli_tiny_vit" and saved["tpc_version"] == tpc.__version__
     assert saved["metric"]["name"] == "cosine" and saved["data"]["tuning"] == [0, 30] and saved["data"]["check"] == [30, 40]
-    assert saved["search"]["tried"] >= 1 and saved["search"]["wall_s"] > 0 and saved["search"]["prefix_runs"] >= 1
+    assert saved["search"]["tried"] >= 1 and 0 < saved["search"]["search_s"] <= saved["search"]["wall_s"]
+    assert saved["search"]["prefix_runs"] >= 1
 
     model = tiny_timm_vit()
     pm = tpc.compile("models:cli_tiny_vit", recipe=out)
@@ -218,6 +219,10 @@ def test_latency_target_times_finalists_in_onnx_runtime(tmp_path):
     latency = json.loads(out.read_text())["measured"]["latency"]
     assert result.best.latency is latency or result.best.latency == latency
     assert latency["backend"] == "onnxruntime" and latency["batch"] == 4 and latency["pruned_ms"] > 0 and latency["unpruned_ms"] > 0
+    finalists = json.loads(out.read_text())["latency_finalists"]
+    assert finalists and all(f["flops_ratio"] < 1 and f["ratio"] > 0 for f in finalists)
+    assert latency["ratio"] == min(f["ratio"] for f in finalists)  # the fastest finalist, whatever its FLOPs
+    assert "latency finalists (onnxruntime, batch 4" in result.table()
 
 
 def test_max_flops_picks_the_best_metric_under_the_flops_budget(tmp_path):
@@ -256,3 +261,38 @@ def test_tune_reads_images_and_files_as_tpc_eval_does(tmp_path):
     (tmp_path / "d.txt").write_text("not arrays")
     with pytest.raises(tpc.TpcError, match="is not an .npz file"):
         load_tune_data(tmp_path / "d.txt", loaded, MEAN, STD)
+
+
+def test_recipes_the_compiler_refuses_are_counted_with_the_reason():
+    """At a dynamic text length zero-tprune's similarity stage is refused: the table says why, once per method."""
+    from tpc.tune.run import TuneResult
+    from tpc.tune.search import refusals
+
+    why = "zero-tprune's similarity stage needs a fixed sequence length, but layer 1 sees a dynamic one"
+    tried = [Candidate([], "zero-tprune", refused=why), Candidate([], "zero-tprune", refused=why + " (2)"),
+             _scored(0.8, 0.0, 0.001)]
+    summary = refusals(tried)
+    assert summary == {"zero-tprune": {"count": 2, "reason": why}}
+    search = {"tried": 3, "space": 3, "refused": 2, "skipped": 0, "rounds": [], "search_s": 1.0, "wall_s": 1.0,
+              "interrupted": False, "out_of_time": False, "space_cut": False, "refusals": summary,
+              "confidence": 0.9, "compared": 1, "compared_examples": 2000}
+    table = TuneResult("m", Metric("cosine", "cosine"), "d.npz", (0, 10), None, 1.0, None, None, None, [], None, None,
+                       search, tried, {"max_drop": 0.01}).table()
+    assert f"refused 2 zero-tprune recipe(s): {why}\n" in table
+
+
+def test_candidates_reuse_the_shapes_before_their_first_pruned_layer():
+    """The captured graph's fake values are computed once; a candidate's passes recompute only what they changed."""
+    from tpc.capture import capture
+    from tpc.recipe import Step
+    from tpc.tune.data import TuneData
+    from tpc.tune.engine import Engine
+
+    model = tiny_timm_vit()
+    x = torch.randn(2, 3, 32, 32)
+    engine = Engine(capture(model, (x,)), (x,), "tiny", TuneData((x,), None, "x"), 2)
+    pm = engine.compile(check_steps([Step(1, "topk-cls", keep=0.5)]))
+    cut = engine.cut(pm.graph_module)
+    before = [n for n in list(pm.graph_module.graph.nodes)[:cut] if n.op == "call_function"]
+    base = {n.name: n for n in engine.gm.graph.nodes}
+    assert len(before) > 10 and all(n.meta["val"] is base[n.name].meta["val"] for n in before)

@@ -16,7 +16,7 @@ from tpc.recipe import Recipe, check_steps, describe
 from tpc.tune.data import load_tune_data, split
 from tpc.tune.engine import Engine
 from tpc.tune.metrics import choose_metric, first_tensor
-from tpc.tune.search import Candidate, Search, measure_latency
+from tpc.tune.search import Candidate, Search, measure_latency, refusals
 from tpc.tune.space import GATHER_METHODS, candidates
 
 logger = logging.getLogger("tpc.tune")
@@ -92,16 +92,29 @@ class TuneResult:
         s = self.search
         for method, why in s.get("methods_left_out", {}).items():
             lines.append(f"left out {method}: {why}")
+        for family, refused in s.get("refusals", {}).items():
+            lines.append(f"refused {refused['count']} {family} recipe(s): {refused['reason']}")
         rounds = " -> ".join(f"{r['scored']} on {r['examples']}" for r in s["rounds"])
         lines.append(f"search: {s['tried']} recipes tried ({s['refused']} refused by the compiler, {s['skipped']} over "
                      f"the FLOPs budget), recipes scored per round (examples): {rounds}; "
-                     f"{s['wall_s']:.0f} s" + (" (interrupted: best so far)" if s["interrupted"] else "")
+                     f"{s['search_s']:.0f} s to the front, {s['wall_s']:.0f} s in all" + (" (interrupted: best so far)" if s["interrupted"] else "")
                      + (" (time budget reached)" if s["out_of_time"] else "")
                      + (f" (time budget: {s['space'] - s['tried']} recipes of the space not tried)" if s["space_cut"] else ""))
         if self.budget.get("max_drop") is not None:
             lines.append(f"selection: the lowest-FLOPs recipe whose drop's upper bound (one-sided {s['confidence']:.0%}, "
                          f"jointly over the {s['compared']} recipes compared on {s['compared_examples']} examples) "
                          f"is within {m.format_drop(self.budget['max_drop'])}")
+        timed = self.finalists
+        if timed:
+            lines.append(f"latency finalists ({timed[0].latency['backend']}, batch {timed[0].latency['batch']}, "
+                         "each timed side by side with the unpruned model):")
+            for c in timed:
+                lines.append(f"{'*' if c is self.best else ' '} {c.label[:64]:<64} FLOPs {c.flops_ratio:.3f}  "
+                             f"latency {c.latency['ratio']:.3f} of unpruned")
+            lowest = min(timed, key=lambda c: c.flops_ratio)
+            if self.best is not None and self.best is not lowest:
+                lines.append(f"  picked by latency, not by FLOPs: the lowest-FLOPs finalist ({lowest.label}) "
+                             f"ran at {lowest.latency['ratio']:.3f}")
         if self.best is None:
             tightest = min(self.front, key=lambda c: c.bound, default=None)
             lines.append("no recipe met the budget" + (
@@ -126,6 +139,11 @@ class TuneResult:
         if self.output:
             lines.append(f"wrote {self.output}" + (f" and {self.plot}" if self.plot else ""))
         return "\n".join(lines)
+
+    @property
+    def finalists(self) -> list:
+        """The recipes timed for ``--target latency``, lowest FLOPs first."""
+        return sorted((c for c in self.candidates if c.latency), key=lambda c: c.flops_ratio)
 
     @property
     def base_value(self) -> float:
@@ -233,6 +251,7 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
     if not space:
         raise TpcError(f"no method to search on {loaded.name}: " + "; ".join(f"{m}: {why}" for m, why in skipped.items()))
     search.run(space)
+    search_s = time.perf_counter() - start  # loading, capture, the unpruned reference and the rounds
     if target == "latency" and not search.interrupted:
         try:
             measure_latency(search, backend, batch, None)
@@ -271,8 +290,9 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
     info = {
         "tried": len(s.candidates), "space": len(space), "refused": sum(c.refused is not None for c in s.candidates),
         "skipped": sum(c.refused is None and not c.n for c in s.candidates), "rounds": s.rounds,
-        "prefix_runs": engine.prefix_runs, "wall_s": time.perf_counter() - start, "interrupted": s.interrupted,
+        "prefix_runs": engine.prefix_runs, "search_s": search_s, "wall_s": time.perf_counter() - start, "interrupted": s.interrupted,
         "out_of_time": s.out_of_time, "space_cut": s.space_cut, "methods_left_out": skipped,
+        "refusals": refusals(s.candidates),
         "confidence": confidence, "compared": k, "compared_examples": compared[0].n if compared else 0,
     }
     result = TuneResult(loaded.name, metric_obj, str(data), (0, cut), (cut, len(dataset)) if check is not None else None,
@@ -320,5 +340,7 @@ def _recipe_info(r: TuneResult, model: str) -> dict:
             "check_drop": r.baseline_check.drop if r.baseline_check else None},
         "front": [{"recipe": c.label, "flops_ratio": c.flops_ratio, "drop": c.drop, "bound": c.bound, "examples": c.n,
                    "latency_ratio": c.latency["ratio"] if c.latency else None} for c in r.front],
+        "latency_finalists": [{"recipe": c.label, "flops_ratio": c.flops_ratio, "drop": c.drop, **c.latency}
+                              for c in r.finalists],
         "search": r.search,
     }

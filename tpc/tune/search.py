@@ -249,6 +249,16 @@ class Search:
         return out
 
 
+def refusals(candidates: list[Candidate]) -> dict[str, dict]:
+    """Per method (or mix), how many of its recipes the compiler refused and the first reason."""
+    out: dict[str, dict] = {}
+    for c in candidates:
+        if c.refused is not None:
+            entry = out.setdefault(c.family, {"count": 0, "reason": c.refused})
+            entry["count"] += 1
+    return out
+
+
 def measure_latency(search: Search, backend: str, batch: int, threads: int | None) -> list[Candidate]:
     """Export the lowest-FLOPs feasible finalists (one per family first) and time them against the unpruned model."""
     from tpc.backends import check_backend
