@@ -186,6 +186,10 @@ def bad_files(tmp_path_factory):
     np.savez(d / "f255.npz", images=images.astype(np.float32), labels=np.arange(6) % 5)
     np.savez(d / "str_labels.npz", images=images, labels=np.array(["cat"] * 6))
     np.savez(d / "objects.npz", images=np.array([None, 1], dtype=object))
+    np.savez(d / "column_labels.npz", images=images, labels=(np.arange(6) % 5)[:, None])
+    np.savez(d / "scalar_label.npz", images=images, labels=np.int64(3))
+    (d / "folder" / "cat").mkdir(parents=True)
+    (d / "folder" / "cat" / "broken.png").write_bytes(b"not a png")
     np.savez(d / "empty.npz", images=images[:0])
     (d / "empty_dir").mkdir()
     (d / "user_models.py").write_text("def broken():\n    return 1 / 0\n")
@@ -209,6 +213,9 @@ def test_bad_inputs_get_one_line_naming_the_mistake(capsys, bad_files, tmp_path,
         (["eval", TINY, "--data", d / "u8.npz", "--mean", "0.5,0.5", "--std", "0.5"], "--mean has 2 values", "3 channels"),
         (["eval", TINY, "--data", d / "str_labels.npz", "--mean", "0.5", "--std", "0.5"], "labels must be integer"),
         (["eval", TINY, "--data", d / "objects.npz", "--mean", "0.5", "--std", "0.5"], "array of Python objects"),
+        (["eval", TINY, "--data", d / "column_labels.npz", "--mean", "0.5", "--std", "0.5"], "shape (6,), not (6, 1)"),
+        (["eval", TINY, "--data", d / "scalar_label.npz", "--mean", "0.5", "--std", "0.5"], "shape (6,), not ()"),
+        (["eval", TINY, "--data", d / "folder", "--mean", "0.5", "--std", "0.5"], "broken.png", "not a readable image"),
         # item 11: messages that say what happened
         (["compile", TINY, "--layers", "1", "--prefix=-1", "-o", out], "--prefix", "0 or more"),
         (["compile", d / "model.onnx", "--layers", "1", "-o", out], "ONNX file", "PyTorch models"),

@@ -102,6 +102,19 @@ def test_a_bug_in_tpcs_onnx_translation_is_an_internal_error_not_the_models_faul
     assert "KeyError" in err and "bug in tpc" in err and err.count("\n") == 1 and not list(tmp_path.iterdir())
 
 
+def test_a_refusal_inside_tpcs_onnx_translation_stays_a_refusal(monkeypatch, capsys, tmp_path):
+    """torch.onnx wraps what a translation raises in its own error: a TpcError in there is still tpc's
+    deliberate refusal (exit 1, its own words), not reported as a bug in tpc."""
+    def refuse(*args):
+        raise TpcError("this pruning op has no ONNX form here: export .pt2 instead")
+
+    monkeypatch.setattr("tpc.exports.onnx_ops._ints", refuse)
+    code = main(["compile", "models:cli_tiny_vit", "--layers", "1", "--keep", "8", "-o", str(tmp_path / "x.onnx")])
+    err = capsys.readouterr().err
+    assert code == 1 and err == "tpc: error: this pruning op has no ONNX form here: export .pt2 instead\n", err
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_model_that_torch_export_cannot_capture_is_still_refused_as_the_models():
     class DataDependent(torch.nn.Module):
         def forward(self, x):
@@ -120,3 +133,48 @@ def test_a_program_tpc_cannot_read_back_is_its_own_bug(monkeypatch, tmp_path):
     with pytest.raises(TpcInternalError, match="tpc cannot load the program it wrote"):
         tpc.export(pm, tmp_path / "m.pt2")
     assert not list(tmp_path.iterdir())
+
+
+def _chain(*packages: str):
+    """A function that calls through one frame per package (outermost first); the last one raises."""
+    call = None
+    for package in reversed(packages):
+        scope = {"__name__": f"{package}.module", "inner": call}
+        exec("def f():\n    if inner is None:\n        raise ValueError('raised')\n    return inner()", scope)
+        call = scope["f"]
+    return call
+
+
+def _raised(*packages: str) -> Exception:
+    try:
+        _chain(*packages)()
+    except ValueError as err:
+        return err
+
+
+@pytest.mark.parametrize("packages, bug", [
+    (("torch", "tpc"), True),  # tpc's own code raised (a fake impl, an ONNX translation)
+    (("torch", "tpc", "torch"), True),  # torch refused what tpc's code handed it
+    (("tpc", "transformers", "torch"), False),  # the model's code (called from tpc's VLM wrapper) failed in torch
+    (("torch", "mymodel"), False),  # the user's own model file
+    (("torch", "onnxscript", "onnx"), False),  # the tooling alone
+    (("torch", "mymodel", "torch"), False),  # torch refused what the model handed it
+])
+def test_who_raised_it(packages, bug):
+    from tpc.errors import raised_in_tpc, refusal_or_bug
+
+    err = _raised(*packages)
+    assert (raised_in_tpc(err) is err) is bug
+    assert isinstance(refusal_or_bug(err, "capture failed: raised"), TpcInternalError if bug else TpcError)
+
+
+def test_a_bug_while_handling_a_refusal_is_still_a_bug():
+    from tpc.errors import refusal_or_bug
+
+    try:
+        try:
+            raise TpcError("a refusal tpc handles itself")
+        except TpcError:
+            _chain("torch", "tpc")()
+    except ValueError as err:
+        assert isinstance(refusal_or_bug(err, "export failed: raised"), TpcInternalError)

@@ -142,3 +142,13 @@ def test_eval_reads_an_image_folder(tmp_path):
             Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "data" / label / f"{i}.png")
     result = run_eval(MODEL, data=tmp_path / "data", layers="1", keep="0.5", mean="0.5,0.5,0.5", std="0.5,0.5,0.5")
     assert result.images == 6 and all(r.top1 is not None for r in result.rows)
+
+
+def test_eval_warns_when_the_labels_are_classes_the_model_lacks(tmp_path, caplog):
+    """ImageNet-numbered labels on a 5-class head used to print 0.00% top-1 without a word."""
+    path = tmp_path / "imagenet_labels.npz"
+    np.savez(path, images=np.zeros((2, 32, 32, 3), dtype=np.uint8), labels=np.array([990, 991]))
+    with caplog.at_level("WARNING", logger="tpc.dataset"):
+        result = run_eval(MODEL, data=path, mean="0.5", std="0.5")
+    assert result.rows[0].top1 == 0.0
+    assert [r.getMessage() for r in caplog.records if "run from 990 to 991" in r.getMessage()], caplog.text

@@ -188,10 +188,10 @@ def test_at_most_a_few_finalists_reach_the_full_tuning_set():
 @pytest.mark.parametrize(("labels", "outputs", "warned"), [
     ([3, 3, 3, 3], 10, "every label is 3"), ([0, 1, 12, 2], 10, "run from 0 to 12"), ([0, 1, 9, 2], 10, None)])
 def test_labels_that_look_meaningless_are_warned_about_in_one_line(caplog, labels, outputs, warned):
-    from tpc.tune.run import _warn_if_labels_look_meaningless
+    from tpc.dataset import warn_if_labels_look_meaningless
 
-    with caplog.at_level("WARNING", logger="tpc.tune"):
-        _warn_if_labels_look_meaningless(torch.tensor(labels), torch.zeros(4, outputs))
+    with caplog.at_level("WARNING", logger="tpc.dataset"):
+        warn_if_labels_look_meaningless(torch.tensor(labels), outputs)
     lines = [r.getMessage() for r in caplog.records]
     assert (lines == []) if warned is None else (len(lines) == 1 and warned in lines[0] and "\n" not in lines[0])
 

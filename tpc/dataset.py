@@ -11,6 +11,7 @@ predicts what the unpruned one predicts.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 
 from tpc.errors import TpcError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
@@ -77,6 +80,9 @@ def read_labels(data, path: Path, count: int) -> np.ndarray | None:
     if "labels" not in data.files:
         return None
     labels = read_array(data, "labels", path)
+    if labels.ndim != 1:
+        raise TpcError(f"{str(path)!r}: labels must be one class index per example, shape ({count},), not "
+                       f"{tuple(labels.shape)}; save labels.reshape(-1)")
     if labels.dtype.kind not in "iu":
         raise TpcError(f"{str(path)!r}: labels must be integer class indices, not {labels.dtype}")
     if len(labels) != count:
@@ -103,11 +109,22 @@ def load_image_folder(path: Path, size: tuple[int, int]) -> Dataset:
     for label, name in enumerate(classes):
         for file in sorted((path / name).iterdir()):
             if file.suffix.lower() in IMAGE_SUFFIXES:
-                images.append(resize_crop(Image.open(file).convert("RGB"), size))
+                images.append(resize_crop(open_image(file), size))
                 labels.append(label)
     if not images:
         raise TpcError(f"{str(path)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return Dataset(np.stack(images), np.array(labels, dtype=np.int64), str(path))
+
+
+def open_image(file: Path):
+    """``file`` as an RGB image; a refusal naming the file when it is not a readable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise TpcError(f"{str(file)!r} is not a readable image ({type(err).__name__}): fix or remove it") from None
 
 
 def resize_crop(img, size: tuple[int, int]) -> np.ndarray:
@@ -186,6 +203,19 @@ def predict(model: Callable, data: Dataset, mean, std, batch: int = 500, label: 
         bar.update(start + len(x))
     bar.close()
     return preds
+
+
+def warn_if_labels_look_meaningless(labels, classes: int) -> None:
+    """One line when top-1 against these labels cannot mean much (a constant, or classes the
+    model's ``classes`` outputs lack)."""
+    if labels is None or not len(labels):
+        return
+    if int(labels.max()) >= classes or int(labels.min()) < 0:
+        logger.warning(f"the labels run from {int(labels.min())} to {int(labels.max())} but the model has {classes} "
+                       "outputs: top-1 against them is meaningless; check the labels or use --metric agreement")
+    elif len(labels) > 1 and bool((labels == labels[0]).all()):
+        logger.warning(f"every label is {int(labels[0])}: top-1 on this data measures one class only; "
+                       "check the labels or use --metric agreement")
 
 
 @dataclass

@@ -53,12 +53,27 @@ def raised_in_tpc(err: BaseException) -> BaseException | None:
     return None
 
 
+def _refusal_inside(err: BaseException) -> TpcError | None:
+    """The ``TpcError`` that ``err`` is, or was explicitly raised from (torch.onnx wraps what a
+    translation raises with ``raise ... from``). Only causes count: a bug raised while handling a
+    refusal has that refusal as its context, and it is still a bug."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, TpcError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__
+    return None
+
+
 def refusal_or_bug(err: Exception, message: str) -> Exception:
     """What to raise for ``err``, caught around torch or ONNX tooling running the user's model:
     the ``TpcError`` ``message`` when the model or the tooling failed; a ``TpcInternalError``
-    (with the same words) when tpc's own code did. A ``TpcError`` raised inside stays itself."""
-    if isinstance(err, TpcError):
-        return err
+    (with the same words) when tpc's own code did. A ``TpcError`` raised inside, even one the
+    tooling wrapped in its own exception, is a deliberate refusal and stays itself."""
+    refusal = _refusal_inside(err)
+    if refusal is not None:
+        return refusal
     bug = raised_in_tpc(err)
     if bug is not None:
         first = (str(bug).strip().splitlines() or [""])[0]

@@ -11,7 +11,7 @@ import torch
 from tpc import models
 from tpc.api import prunes
 from tpc.backends import check_backend
-from tpc.dataset import accuracy, check_data_path, load_dataset, parse_floats, predict
+from tpc.dataset import accuracy, check_data_path, load_dataset, parse_floats, predict, warn_if_labels_look_meaningless
 from tpc.errors import TpcError
 from tpc.exports.atomic import check_output_path
 from tpc.vlm.family import refuse_vlm
@@ -95,6 +95,10 @@ def run_eval(model_id, data, method="topk-cls", layers=None, keep=None, sweep=No
     dataset.labels = None if dataset.labels is None else dataset.labels[offset:end]
 
     base_flops = count_flops(capture(loaded.module, loaded.example_inputs)).total
+    with torch.no_grad():
+        out = loaded.module(*loaded.example_inputs)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    warn_if_labels_look_meaningless(dataset.labels, torch.as_tensor(out).shape[-1])
     ref = predict(_runner(loaded.module, backend, loaded.example_inputs), dataset, mean, std, batch, "unpruned", progress)
     result = EvalResult(loaded.name, str(data), len(dataset.images))
     result.rows.append(EvalRow("unpruned", None, None, base_flops / 1e9, 1.0, *asdict(accuracy(ref, ref, dataset.labels)).values()))

@@ -36,9 +36,9 @@ class Compaction:
     """One N -> K change of the token count after a layer.
 
     ``out`` is the new stream ([B, tokens_out, C], before any permute back to a [N, B, C] stream's
-    layout), ``index`` the
-    [B, tokens_out] original position each output token stands for (side tensors are gathered
-    with it), ``merge`` the ``tpc.merge_tokens`` node whose output 1 holds token sizes (ToMe).
+    layout), ``index`` the [B, tokens_out] original position each output token stands for (side
+    tensors are gathered with it), ``merge`` the ``tpc.merge_tokens`` node whose output 1 holds
+    token sizes (ToMe), ``carries`` the earlier record whose token sizes a later gather carries on.
     """
 
     layer: int

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 
 from tpc import models
+from tpc.dataset import warn_if_labels_look_meaningless
 from tpc.errors import TpcError
 from tpc.recipe import Recipe, check_steps, describe
 from tpc.tune.data import load_tune_data, split
@@ -19,7 +19,6 @@ from tpc.tune.metrics import choose_metric, first_tensor
 from tpc.tune.search import Candidate, Search, measure_latency, refusals
 from tpc.tune.space import GATHER_METHODS, candidates
 
-logger = logging.getLogger("tpc.tune")
 TARGETS = ("flops", "latency")
 DEFAULT_METHODS = (*GATHER_METHODS, "tome")
 
@@ -169,19 +168,6 @@ def _measured(metric, scores, base_scores, bound=None) -> Measured:
     return Measured(len(scores), float(metric.best(float(base_scores.mean()))), float(scores.mean()), drop, bound)
 
 
-def _warn_if_labels_look_meaningless(labels, reference: torch.Tensor) -> None:
-    """One line when top-1 against these labels cannot mean much (a constant, or classes the model lacks)."""
-    if labels is None or not len(labels):
-        return
-    classes = reference.reshape(len(reference), -1).shape[-1]
-    if int(labels.max()) >= classes or int(labels.min()) < 0:
-        logger.warning(f"the labels run from {int(labels.min())} to {int(labels.max())} but the model has {classes} "
-                       "outputs: top-1 against them is meaningless; check the labels or use --metric agreement")
-    elif len(labels) > 1 and bool((labels == labels[0]).all()):
-        logger.warning(f"every label is {int(labels[0])}: top-1 on this data measures one class only; "
-                       "check the labels or use --metric agreement")
-
-
 def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", batch=8, time_budget="15m",
              metric=None, max_flops=None, check_split=0.2, plot=None, output=None, methods=None, mean=None, std=None,
              eval_batch=None, after="attention", seed=0, load_kwargs=None, progress=None,
@@ -238,7 +224,7 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
     references = [engine.reference(b) for b in range(len(engine.batches))]
     metric_obj = choose_metric(metric, tuning.labels, loaded.module, references[0])
     if metric_obj.name == "top1":
-        _warn_if_labels_look_meaningless(dataset.labels, references[0])
+        warn_if_labels_look_meaningless(dataset.labels, references[0].reshape(len(references[0]), -1).shape[-1])
     base_scores = torch.cat([metric_obj.per_example(r, r, None if tuning.labels is None else tuning.labels[s:e])
                              for r, (s, e) in zip(references, engine.batches)])
 
