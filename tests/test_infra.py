@@ -166,3 +166,15 @@ def test_who_raised_it(packages, bug):
     err = _raised(*packages)
     assert (raised_in_tpc(err) is err) is bug
     assert isinstance(refusal_or_bug(err, "capture failed: raised"), TpcInternalError if bug else TpcError)
+
+
+def test_a_bug_while_handling_a_refusal_is_still_a_bug():
+    from tpc.errors import refusal_or_bug
+
+    try:
+        try:
+            raise TpcError("a refusal tpc handles itself")
+        except TpcError:
+            _chain("torch", "tpc")()
+    except ValueError as err:
+        assert isinstance(refusal_or_bug(err, "export failed: raised"), TpcInternalError)

@@ -535,3 +535,15 @@ def test_restore_tokens_untracks_the_full_sequence():
     assert infer(g, restored, s=(small, {1: T})).axes is None
     assert refusal(g, restored, s=(small, {1: T}), b=(base, {1: T})) == \
         "restores tokens of another layout than the compaction's"
+
+
+def test_symbol_stand_ins_are_distinct_primes_per_symbol():
+    """Shapes are compared at these numbers: a batch s0 and an unbacked u0 must not look alike."""
+    import sympy
+
+    from tpc.graph.nodes import stand_in
+
+    names = ["s0", "u0", "s1", "u1", "s12", "u12", "ps0", "zuf3"]
+    values = [stand_in(sympy.Symbol(n, positive=True, integer=True)) for n in names]
+    assert len(set(values)) == len(values) and all(sympy.isprime(v) and v > 10**6 for v in values)
+    assert stand_in(sympy.Symbol("s0", positive=True, integer=True)) == values[0]

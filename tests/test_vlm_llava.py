@@ -381,3 +381,19 @@ def test_vtc_cls_on_a_siglip_tower_names_the_methods_that_work():
         compile_vlm(model, inputs, method="topk-cls", keep=0.5)
     assert str(err.value) == ("SiglipVisionModel has no [CLS] token, so topk-cls (VTC-CLS) cannot score its visual "
                               "tokens: use fastv, divprune, kcenter, random")
+
+
+def test_cli_lines_for_a_vlm(llava, tmp_path, capsys):
+    """The one-line recipe `tpc compile` prints, and `tpc inspect` without --pass (the unpruned model)."""
+    from tpc.cli import main
+    from tpc.compiled import recipe
+
+    model, inputs, program = llava
+    assert recipe(prune(model, program, inputs, method="fastv", layers=[0, 1], keep=0.5).report) == \
+        "fastv keep 8,4 after layers 0,1"
+    assert recipe(prune(model, program, inputs, method="random", keep=4).report) == \
+        "random keep 4 before the language model"
+    model.save_pretrained(tmp_path / "llava")
+    assert main(["inspect", str(tmp_path / "llava")]) == 0
+    out = capsys.readouterr().out
+    assert "3 attention layers" in out and "pruning" in out and "topk-cls" not in out

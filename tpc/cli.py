@@ -135,6 +135,9 @@ def cmd_inspect(args) -> int:
     from tpc.compiled import recipe
 
     kwargs = _compile_kwargs(args)
+    if not getattr(args, "schedule_given", True):  # no schedule flag: the unpruned model, not --pass's default
+        # (a VLM would otherwise be pruned with the default topk-cls, or refused for a tower without [CLS])
+        kwargs.pop("method", None)
     report = tpc.inspect(args.model, **kwargs)
     print(f"{_describe_model(args)}: {len(report.sites)} attention layers"
           + (f"; {recipe(report)}" if report.layers else ""))

@@ -78,7 +78,8 @@ class CompileReport:
 def recipe(report) -> str:
     """One line for any report with method, layers and keep (a VLM's too): the method, its
     budget (equal values shown once) and its layers; a mixed recipe step by step."""
-    methods = [next((s.method for s in getattr(report, "sites", []) if s.layer == layer and getattr(s, "method", None)),
+    methods = [next((s.method for s in getattr(report, "sites", [])
+                     if getattr(s, "layer", None) == layer and getattr(s, "method", None)),  # a VLM's sites are ints
                     report.method) for layer in report.layers]
     if len(set(methods)) > 1:  # a mixed recipe: one method per step
         return ", ".join(f"{m}@{layer} {k if str(k).startswith('r=') else f'keep {k}'}"
@@ -86,7 +87,11 @@ def recipe(report) -> str:
     removals = bool(report.keep) and all(str(k).startswith("r=") for k in report.keep)
     values = [str(k)[2:] for k in report.keep] if removals else [str(k) for k in report.keep]
     budget = values[0] if len(set(values)) == 1 else ",".join(values)
-    return f"{report.method} {'r=' if removals else 'keep '}{budget} after layers {_ranges(list(report.layers))}"
+    layers = list(report.layers)
+    where = f"after layers {_ranges(layers)}"
+    if layers and layers[0] == -1:  # a VLM's stage 1 prunes before the language model's first layer
+        where = "before the language model" + (f", after layers {_ranges(layers[1:])}" if layers[1:] else "")
+    return f"{report.method} {'r=' if removals else 'keep '}{budget} {where}"
 
 
 def _ranges(values: list[int]) -> str:

@@ -54,13 +54,15 @@ def raised_in_tpc(err: BaseException) -> BaseException | None:
 
 
 def _refusal_inside(err: BaseException) -> TpcError | None:
-    """The ``TpcError`` that ``err`` is, or was raised from (torch.onnx wraps what a translation raises)."""
+    """The ``TpcError`` that ``err`` is, or was explicitly raised from (torch.onnx wraps what a
+    translation raises with ``raise ... from``). Only causes count: a bug raised while handling a
+    refusal has that refusal as its context, and it is still a bug."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, TpcError):
             return err
         seen.add(id(err))
-        err = err.__cause__ or err.__context__
+        err = err.__cause__
     return None
 
 

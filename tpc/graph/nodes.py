@@ -74,13 +74,17 @@ def size_at(size, value_of) -> int:
 @functools.cache
 def stand_in(symbol) -> int:
     """A symbol's stand-in when shapes are compared numerically: a distinct prime above 10⁶ per
-    symbol (the k-th for ``s<k>``), so a product of symbolic and static sizes never equals an
-    unrelated static size, and the same symbol always gets the same number."""
+    symbol (the 2k-th for a size ``s<k>``, the (2k+1)-th for an unbacked ``u<k>``), so a product of
+    symbolic and static sizes never equals an unrelated static size, and the same symbol always
+    gets the same number."""
     import sympy
 
-    match = re.fullmatch(r"[a-z]+(\d+)", str(symbol))
-    k = int(match.group(1)) if match else zlib.crc32(str(symbol).encode()) % 1000
-    return int(sympy.nextprime(10**6, k + 1))
+    match = re.fullmatch(r"([su])(\d+)", str(symbol))
+    if match:
+        index = 2 * int(match.group(2)) + (match.group(1) == "u")
+    else:
+        index = 4096 + zlib.crc32(str(symbol).encode()) % 1024
+    return int(sympy.nextprime(10**6, index + 1))
 
 
 def numeric_size(size) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,6 @@ from tpc.tune.metrics import choose_metric, first_tensor
 from tpc.tune.search import Candidate, Search, measure_latency, refusals
 from tpc.tune.space import GATHER_METHODS, candidates
 
-logger = logging.getLogger("tpc.tune")
 TARGETS = ("flops", "latency")
 DEFAULT_METHODS = (*GATHER_METHODS, "tome")
 
