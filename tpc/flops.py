@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from tpc.graph.nodes import aten, size_at, target_packet, val
+from tpc.graph.nodes import aten, input_symbols, size_at, target_packet, val
 from tpc.passes.compaction import Role, role_of
 
 
@@ -39,17 +39,11 @@ def example_sizes(gm: fx.GraphModule) -> dict:
     value in the example inputs the graph was captured with."""
     sizes = {}
     batch = set()
-    for node in gm.graph.find_nodes(op="placeholder"):
-        value = val(node)
-        if not isinstance(value, torch.Tensor):
-            continue
-        for d, s in enumerate(value.shape):
-            if isinstance(s, int) or not s.node.expr.is_symbol:
-                continue
-            if d == 0:
-                batch.add(s.node.expr)
-            else:
-                sizes[s.node.expr] = int(s.node.shape_env.backed_var_to_val.get(s.node.expr, 1))
+    for _, d, s in input_symbols(gm):
+        if d == 0:
+            batch.add(s.node.expr)
+        else:
+            sizes[s.node.expr] = int(s.node.shape_env.backed_var_to_val.get(s.node.expr, 1))
     return {sym: v for sym, v in sizes.items() if sym not in batch}
 
 

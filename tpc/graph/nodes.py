@@ -104,21 +104,25 @@ def shape_text(node_or_val, symbols: dict[str, str] | None = None) -> str:
     return f"[{', '.join(dims)}]"
 
 
+def input_symbols(gm: fx.GraphModule):
+    """(input value, dim, size) for every dim of a graph input that is a plain symbol."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = val(node)
+        if isinstance(value, torch.Tensor):
+            for d, size in enumerate(value.shape):
+                if not isinstance(size, int) and size.node.expr.is_symbol:
+                    yield value, d, size
+
+
 def symbol_names(gm: fx.GraphModule) -> dict[str, str]:
     """Readable names of the graph's input symbols: B for a batch (dim 0), N for a sequence
     length (dim 1 of an integer [B, N] input)."""
     names = {}
-    for node in gm.graph.find_nodes(op="placeholder"):
-        value = val(node)
-        if not isinstance(value, torch.Tensor):
-            continue
-        for d, size in enumerate(value.shape):
-            if isinstance(size, int) or not size.node.expr.is_symbol:
-                continue
-            if d == 0:
-                names.setdefault(str(size.node.expr), "B")
-            elif d == 1 and value.dim() == 2 and not value.dtype.is_floating_point:
-                names.setdefault(str(size.node.expr), "N")
+    for value, d, size in input_symbols(gm):
+        if d == 0:
+            names.setdefault(str(size.node.expr), "B")
+        elif d == 1 and value.dim() == 2 and not value.dtype.is_floating_point:
+            names.setdefault(str(size.node.expr), "N")
     return names
 
 

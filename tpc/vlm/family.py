@@ -21,6 +21,7 @@ and its head. What differs is ``visual`` and the positions:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,7 @@ def language_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return (core.text_model if hasattr(core, "text_model") else core.language_model), model.lm_head
 
 
-class Family:
+class Family(ABC):
     """A VLM family: its spec, the module tpc captures, and the eager steps that feed it."""
 
     # (batch axis, token axis or None) of each graph input: input_ids, visual, attention_mask, position_ids
@@ -92,18 +93,21 @@ class Family:
     def __init__(self, model: nn.Module):
         self.model = model
 
+    @abstractmethod
     def spec(self) -> VlmSpec:
-        raise NotImplementedError
+        """The spec tpc's passes read (towers, token ids, layers)."""
 
+    @abstractmethod
     def prefill(self) -> nn.Module:
-        raise NotImplementedError
+        """The module tpc captures for the prefill."""
 
+    @abstractmethod
     def graph_args(self, inputs: dict) -> tuple[tuple, int]:
         """(the captured prefill's inputs, visual tokens per example) from processor outputs."""
-        raise NotImplementedError
 
+    @abstractmethod
     def example_inputs(self, batch: int, text: int, seed: int) -> dict:
-        raise NotImplementedError
+        """Seeded processor-like inputs for capture: ``batch`` prompts of ``text`` text tokens."""
 
     def cls_scoring(self, vision_layer: int | None) -> tuple[int, int]:
         """(vision layer whose [CLS] attention scores, leading tokens the features drop) for topk-cls."""
