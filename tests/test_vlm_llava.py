@@ -397,3 +397,45 @@ def test_cli_lines_for_a_vlm(llava, tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "llava")]) == 0
     out = capsys.readouterr().out
     assert "3 attention layers" in out and "pruning" in out and "topk-cls" not in out
+
+
+def lm_macs(tokens: list[int]) -> int:
+    """Multiply-adds of the tiny LLaVA's prefill at batch 1, from the tokens each decoder layer
+    sees, counted by hand from its config (not by tpc): vision tower, projector, decoder, head."""
+    patches, vision_tokens, v_hidden, v_mlp, v_heads = 16, 17, 32, 64, 4  # CLIP: 16 patches + [CLS]
+    vision = patches * v_hidden * 3 * 8 * 8  # patch-embedding convolution
+    vision += 2 * (4 * vision_tokens * v_hidden ** 2 + 2 * vision_tokens * v_hidden * v_mlp
+                   + v_heads * vision_tokens ** 2 * 2 * (v_hidden // v_heads))  # 2 layers: q,k,v,o, MLP, attention
+    projector = 2 * VISUAL * 32 * 32  # two linears on the 16 visual tokens ([CLS] dropped)
+    hidden, mlp, heads, kv_heads, vocab = 32, 64, 4, 2, 64
+    d = hidden // heads
+
+    def layer(t):  # q and o [h, h], k and v [h, kv·d] (grouped), gate/up/down MLP, attention over t keys
+        return t * (2 * hidden * hidden + 2 * hidden * kv_heads * d) + 3 * t * hidden * mlp + heads * t * t * 2 * d
+
+    return vision + projector + sum(layer(t) for t in tokens) + tokens[-1] * hidden * vocab
+
+
+@pytest.mark.parametrize("kwargs,tokens,scoring", [
+    ({"method": "fastv", "layers": 1, "keep": 4}, [24, 24, 12], 4 * 24 * 8),  # FastV's query row: H·S·d
+    ({"method": "divprune", "keep": 4}, [12, 12, 12], 0),  # greedy selections are not counted (tpc/flops.py)
+    ({"method": "random", "layers": [0, 1], "keep": 0.5}, [24, 16, 12], 0),
+    ({"method": "random", "keep": 1.0}, [24, 24, 24], 0),
+    ({"method": "fastv", "layers": 0, "keep": 1.0}, [24, 24, 24], 4 * 24 * 8),
+])
+def test_prefill_flops_are_counted_on_the_graphs(llava, kwargs, tokens, scoring):
+    """The report's FLOPs (tpc's counter on the captured and the rewritten graph) against a
+    count by hand from the tokens each layer sees; keep 1.0 costs only the scoring."""
+    import tpc.vlm
+
+    model, inputs, program = llava
+    pruned = prune(model, program, inputs, **kwargs)
+    report = pruned.report
+    assert report.flops_before == lm_macs([24, 24, 24])
+    assert report.flops_after == lm_macs(tokens) + scoring
+    assert report.flops_ratio == pytest.approx((lm_macs(tokens) + scoring) / lm_macs([24, 24, 24]))
+    if tokens == [24, 24, 24] and not scoring:
+        assert report.flops_ratio == 1.0
+    assert tpc.vlm.prefill_gflops(pruned) == (report.flops_before / 1e9, report.flops_after / 1e9)
+    assert tpc.vlm.prefill_flops(pruned.gm, 40).total == lm_macs([40 - 24 + t for t in tokens]) + scoring * 40 // 24
+    assert f"({report.flops_ratio:.3f}x" in report.summary() and "prefill FLOPs at batch 1" in report.summary()
