@@ -4,6 +4,7 @@ reproduces the metric the recipe records, on the tuning and on the check example
 from __future__ import annotations
 
 import json
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -181,21 +182,47 @@ def test_the_pick_needs_its_drop_bound_within_the_budget_not_a_lucky_mean():
     """A noisy recipe whose observed drop is 0 is not proof of a drop <= 0.5 (the winner's curse)."""
     lucky, sure = _scored(0.6, 0.0, 0.4), _scored(0.8, 0.1, 0.1)
     search = _search([lucky, sure])
-    assert search.best() is sure  # z = 1.645 for 90% over 2 recipes: 0 + 0.66 > 0.5, 0.1 + 0.16 <= 0.5
+    assert search.best() is sure  # z = 1.28 at 90%: 0.1 + 0.13 <= 0.5 certified, then 0 + 0.51 > 0.5 stops the test
     assert search.single_method_best()["x"] is sure
     assert _search([lucky, sure], confidence=0.5).best() is lucky  # at 50% the bound is the mean
 
 
-def test_the_bound_widens_with_the_number_of_recipes_compared():
-    borderline = _scored(0.6, 0.2, 0.15)  # 0.2 + 1.28 * 0.15 = 0.39 alone; 0.2 + 2.24 * 0.15 = 0.54 among 8
-    assert _search([borderline]).best() is borderline
-    assert _search([borderline, *(_scored(0.99, 0.0, 0.01) for _ in range(7))]).best() is not borderline
-    assert _search([borderline, _scored(0.3, 0.0, 0.1, n=1000)]).best() is borderline  # fewer examples: not compared
+def test_the_pick_walks_a_ladder_by_flops_and_stops_at_the_first_failure():
+    """Fixed-sequence test: most FLOPs first, each at the full confidence (z = 1.28 at 90%, not divided among
+    the rungs), the pick the last certified before the first failure -- not a later rung that would pass."""
+    safe = _scored(0.9, 0.0, 0.1)  # 0.13: certified
+    mid = _scored(0.8, 0.1, 0.25)  # 0.42: certified (0.59 with Bonferroni over 4 rungs: z = 1.96)
+    fails = _scored(0.7, 0.4, 0.2)  # 0.66: fails, the test stops here
+    below = _scored(0.6, 0.0, 0.3)  # 0.38 would pass, but is never tested
+    search = _search([below, fails, safe, mid])
+    assert search.best() is mid
+    assert search.ladder() == [safe, mid, fails, below]
+    assert [c.certified for c in search.ladder()] == [True, True, False, None]
+    assert search.certify() == [safe, mid]
+    assert abs(mid.bound - (0.1 + NormalDist().inv_cdf(0.9) * 0.25)) < 1e-12
+    assert _search([below, _scored(0.99, 0.7, 0.01)]).best() is None  # the safest fails: nothing is certified
+    assert _search([mid, _scored(0.3, 0.0, 0.1, n=1000)]).best() is mid  # fewer examples: not on the ladder
+
+
+def test_the_finalists_are_a_ladder_from_the_safest_recipe_spread_over_flops():
+    """The last cut keeps the Pareto front of (FLOPs, bound), spread over FLOPs from its safest recipe down,
+    never a dominated recipe (it could only stop the test before a better rung) and never only the most
+    aggressive end of a long front (the finalists of a CIFAR run were once all aggressive, and none held)."""
+    search = _search([])
+    front = [_scored(1 - i / 100, i / 80, 0.2, n=1000) for i in range(1, 41)]  # fewer FLOPs, larger bound
+    dominated = [_scored(0.955, 0.5, 0.2, n=1000), _scored(0.705, 1.0, 0.3, n=1000)]
+    kept = search.select([*dominated, *front], last=True)
+    assert len(kept) == FINALISTS and not any(c is d for c in kept for d in dominated)
+    assert kept[0] is front[0] and kept[-1] is front[-1]  # from the safest to the most aggressive, in ladder order
+    assert [c.flops_ratio for c in kept] == sorted((c.flops_ratio for c in kept), reverse=True)
+    gaps = [a.flops_ratio - b.flops_ratio for a, b in zip(kept, kept[1:])]
+    assert max(gaps) <= 2 * min(gaps) + 1e-9  # spread evenly, not bunched at one end
+    assert len(search.select([*dominated, *front], last=False)) == 21  # earlier rounds: half, Pareto layer by layer
 
 
 def test_at_most_a_few_finalists_reach_the_full_tuning_set():
     search = _search([])
-    entrants = [_scored(1 - i / 100, 0.0, 0.01, n=500) for i in range(40)]
+    entrants = [_scored(1 - i / 100, i / 100, 0.01, n=500) for i in range(40)]
     assert len(search.select(entrants, last=False)) == 20
     assert len(search.select(entrants, last=True)) == FINALISTS
 
@@ -290,7 +317,7 @@ def test_recipes_the_compiler_refuses_are_counted_with_the_reason():
     assert summary == {"zero-tprune": {"count": 2, "reason": why}}
     search = {"tried": 3, "space": 3, "refused": 2, "skipped": 0, "rounds": [], "search_s": 1.0, "wall_s": 1.0,
               "interrupted": False, "out_of_time": False, "space_cut": False, "refusals": summary,
-              "confidence": 0.9, "compared": 1, "compared_examples": 2000}
+              "rule": "fixed-sequence", "confidence": 0.9, "z": 1.2816, "compared": 1, "compared_examples": 2000}
     table = TuneResult("m", Metric("cosine", "cosine"), "d.npz", (0, 10), None, 1.0, None, None, None, [], None, None,
                        search, tried, {"max_drop": 0.01}).table()
     assert f"refused 2 zero-tprune recipe(s): {why}\n" in table

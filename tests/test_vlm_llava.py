@@ -127,13 +127,21 @@ def test_pyramid_schedule_composes_stages_and_batch_equals_alone(llava):
 
 
 
-@pytest.mark.parametrize("vision_layer", [None, 0])
-def test_vtc_cls_scores_with_the_vision_towers_cls_attention(llava, vision_layer):
+@pytest.mark.parametrize("vision_layer,via", [(None, "prune"), (0, "prune"), (0, "tpc.compile")])
+def test_vtc_cls_scores_with_the_vision_towers_cls_attention(llava, vision_layer, via):
     """VTC-CLS (Zhang et al., 2024): the [CLS] query's head-mean attention over the patches at a
-    vision layer (default: the feature layer, here the last), top-k visual tokens, before the LM."""
+    vision layer (default: the feature layer, here the last), top-k visual tokens, before the LM;
+    ``vision_layer`` chosen through tpc.vlm's prune or through tpc.compile."""
+    import tpc
+
     model, inputs, program = llava
     keep = 6
-    out = prune(model, program, inputs, method="topk-cls", keep=keep, vision_layer=vision_layer).prefill(**inputs)
+    if via == "prune":
+        pruned = prune(model, program, inputs, method="topk-cls", keep=keep, vision_layer=vision_layer)
+    else:
+        pruned = tpc.compile(model, inputs, method="topk-cls", keep=keep, vision_layer=vision_layer)
+    assert f"([CLS] attention of vision layer {1 if vision_layer is None else vision_layer})" in pruned.report.table()
+    out = pruned.prefill(**inputs)
     eager = tiny_llava("eager")
     eager.load_state_dict(model.state_dict())
     with torch.no_grad():
@@ -397,6 +405,80 @@ def test_cli_lines_for_a_vlm(llava, tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "llava")]) == 0
     out = capsys.readouterr().out
     assert "3 attention layers" in out and "pruning" in out and "topk-cls" not in out
+
+
+def lm_macs(tokens: list[int]) -> int:
+    """Multiply-adds of the tiny LLaVA's prefill at batch 1, from the tokens each decoder layer
+    sees, counted by hand from its config (not by tpc): vision tower, projector, decoder, head."""
+    patches, vision_tokens, v_hidden, v_mlp, v_heads = 16, 17, 32, 64, 4  # CLIP: 16 patches + [CLS]
+    vision = patches * v_hidden * 3 * 8 * 8  # patch-embedding convolution
+    vision += 2 * (4 * vision_tokens * v_hidden ** 2 + 2 * vision_tokens * v_hidden * v_mlp
+                   + v_heads * vision_tokens ** 2 * 2 * (v_hidden // v_heads))  # 2 layers: q,k,v,o, MLP, attention
+    projector = 2 * VISUAL * 32 * 32  # two linears on the 16 visual tokens ([CLS] dropped)
+    hidden, mlp, heads, kv_heads, vocab = 32, 64, 4, 2, 64
+    d = hidden // heads
+
+    def layer(t):  # q and o [h, h], k and v [h, kv·d] (grouped), gate/up/down MLP, attention over t keys
+        return t * (2 * hidden * hidden + 2 * hidden * kv_heads * d) + 3 * t * hidden * mlp + heads * t * t * 2 * d
+
+    return vision + projector + sum(layer(t) for t in tokens) + tokens[-1] * hidden * vocab
+
+
+@pytest.mark.parametrize("kwargs,tokens,scoring", [
+    ({"method": "fastv", "layers": 1, "keep": 4}, [24, 24, 12], 4 * 24 * 8),  # FastV's query row: H·S·d
+    ({"method": "divprune", "keep": 4}, [12, 12, 12], 0),  # greedy selections are not counted (tpc/flops.py)
+    ({"method": "random", "layers": [0, 1], "keep": 0.5}, [24, 16, 12], 0),
+    ({"method": "random", "keep": 1.0}, [24, 24, 24], 0),
+    ({"method": "fastv", "layers": 0, "keep": 1.0}, [24, 24, 24], 4 * 24 * 8),
+])
+def test_prefill_flops_are_counted_on_the_graphs(llava, kwargs, tokens, scoring):
+    """The report's FLOPs (tpc's counter on the captured and the rewritten graph) against a
+    count by hand from the tokens each layer sees; keep 1.0 costs only the scoring."""
+    import tpc.vlm
+
+    model, inputs, program = llava
+    pruned = prune(model, program, inputs, **kwargs)
+    report = pruned.report
+    assert report.flops_before == lm_macs([24, 24, 24])
+    assert report.flops_after == lm_macs(tokens) + scoring
+    assert report.flops_ratio == pytest.approx((lm_macs(tokens) + scoring) / lm_macs([24, 24, 24]))
+    if tokens == [24, 24, 24] and not scoring:
+        assert report.flops_ratio == 1.0
+    assert tpc.vlm.prefill_gflops(pruned) == (report.flops_before / 1e9, report.flops_after / 1e9)
+    assert tpc.vlm.prefill_flops(pruned.gm, 40).total == lm_macs([40 - 24 + t for t in tokens]) + scoring * 40 // 24
+    assert f"({report.flops_ratio:.3f}x" in report.summary() and "prefill FLOPs at batch 1" in report.summary()
+
+
+def test_vision_layer_is_refused_where_it_means_nothing(llava, tmp_path, capsys):
+    """tpc.compile / tpc compile --vision-layer: one line for a non-VLM, a method that does not read
+    the vision tower, a layer out of range; no file written."""
+    import tpc
+    from tpc.cli import main
+
+    model, inputs, program = llava
+    encoder = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    for call, message in (
+            (lambda: tpc.compile(encoder, (torch.randn(2, 3, 4),), method="topk-cls", layers=0, vision_layer=0),
+             "Sequential is not one: drop vision_layer"),
+            (lambda: tpc.inspect(encoder, (torch.randn(2, 3, 4),), vision_layer=0), "is not one: drop vision_layer"),
+            (lambda: tpc.compile(model, inputs, method="fastv", layers=1, vision_layer=0),
+             "fastv does not read the vision tower"),
+            (lambda: tpc.compile(model, inputs, method="topk-cls", vision_layer=2), "choose a vision layer from 0"),
+            (lambda: tpc.compile(model, inputs, method="topk-cls", vision_layer=-1), "choose a vision layer from 0")):
+        with pytest.raises(TpcError, match=message) as err:
+            call()
+        assert "\n" not in str(err.value)
+    model.save_pretrained(tmp_path / "llava")
+    out = tmp_path / "vlm.pt2"
+    assert main(["compile", str(tmp_path / "llava"), "--pass", "topk-cls", "--vision-layer", "2", "-o", str(out)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("tpc: error: vision_layer 2: choose a vision layer from 0 to 1")
+    assert main(["compile", str(tmp_path / "llava"), "--pass", "random", "--vision-layer", "0", "-o", str(out)]) == 1
+    assert "random does not read the vision tower" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llava"]
+    assert main(["inspect", str(tmp_path / "llava"), "--vision-layer", "0", "--keep", "4"]) == 0
+    assert "topk-cls: visual 16 -> 4 before the language model ([CLS] attention of vision layer 0)" in \
+        capsys.readouterr().out
 
 
 def test_vtc_cls_on_a_vit_tower_reads_its_cls_attention():

@@ -7,7 +7,8 @@ attention (SDPA, or ``tpc::sparse_attention`` where topk-mass fused it). Each no
 to the role a pass gave it (:class:`tpc.passes.compaction.Role`): the model's own nodes and
 rewritten model computation (ToMe's proportional attention, the fused SDPA) are model
 compute; scoring, selection and gathers are the pruning overhead. Of the ``tpc::`` scorers
-only ``cls_attention`` has a MAC count; ``attention_probs`` (zero-tprune's q·kᵀ beside an
+only ``cls_attention`` and the VLM's ``last_token_attention`` (FastV's one query row, counted
+in tpc/vlm/ops.py) have a MAC count; ``attention_probs`` (zero-tprune's q·kᵀ beside an
 SDPA) and the graph methods' scorers (PageRank, greedy selections, matching) are not counted
 here — their cost is measured as run time instead (``tpc bench``'s "inserted" share).
 """
@@ -91,9 +92,11 @@ class FlopCount:
         return self.total / 1e9
 
 
-def count_flops(gm: fx.GraphModule) -> FlopCount:
+def count_flops(gm: fx.GraphModule, sizes: dict | None = None) -> FlopCount:
+    """MACs of ``gm`` at ``sizes`` (symbol -> value; default ``example_sizes``: batch 1, the
+    example's sequence length), per role."""
     by_role = dict.fromkeys(Role, 0)
-    sizes = example_sizes(gm)
+    sizes = example_sizes(gm) if sizes is None else sizes
     for node in gm.graph.nodes:
         by_role[role_of(node) or Role.MODEL] += node_macs(node, sizes)
     return FlopCount(sum(by_role.values()), by_role)

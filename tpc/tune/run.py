@@ -76,18 +76,24 @@ class TuneResult:
     output: str | None = None
     plot: str | None = None
     unpruned: float = 0.0  # mean of the unpruned model's per-example scores on the tuning part
+    rungs: list[Candidate] = field(default_factory=list)  # the ladder, in the fixed-sequence test's order
+    ladder: list[dict] = field(default_factory=list)  # the same, as recipe.json records it (Search.rung)
 
     def table(self) -> str:
         m = self.metric
         lines = [f"{self.model}: {m.name} on examples {self.tuning_range[0]}-{self.tuning_range[1] - 1} of {self.data} "
                  f"(unpruned {m.format(self.base_value)})",
-                 "Pareto front (tuning examples):",
-                 f"  {'recipe':<64} {'GFLOPs':>8} {'saved':>6} {m.name:>9} {'drop':>9} {'bound':>9} {'on':>5}  latency"]
-        for c in self.front:
+                 f"Ladder: the recipes scored on the most tuning examples, most FLOPs first, tested in this order "
+                 f"(front: on the Pareto front of FLOPs and drop)",
+                 f"  {'recipe':<64} {'GFLOPs':>8} {'saved':>6} {m.name:>9} {'drop':>9} {'bound':>9} {'on':>5}  "
+                 f"{'test':<11} {'front':<5}  latency"]
+        rungs = self.rungs
+        for c in rungs:
             lat = f"{100 * (1 - c.latency['ratio']):5.1f}% faster" if c.latency else ""
             mark = "*" if c is self.best else " "
             lines.append(f"{mark} {c.label[:64]:<64} {c.gflops:8.4f} {100 * (1 - c.flops_ratio):5.1f}% "
-                         f"{m.format(self.base_value - c.drop):>9} {m.format_drop(c.drop):>9} {m.format_drop(c.bound):>9} {c.n:>5}  {lat}")
+                         f"{m.format(self.base_value - c.drop):>9} {m.format_drop(c.drop):>9} {m.format_drop(c.bound):>9} "
+                         f"{c.n:>5}  {self._verdict(c):<11} {'yes' if any(c is f for f in self.front) else '':<5}  {lat}".rstrip())
         s = self.search
         for method, why in s.get("methods_left_out", {}).items():
             lines.append(f"left out {method}: {why}")
@@ -99,10 +105,14 @@ class TuneResult:
                      f"{s['search_s']:.0f} s to the front, {s['wall_s']:.0f} s in all" + (" (interrupted: best so far)" if s["interrupted"] else "")
                      + (" (time budget reached)" if s["out_of_time"] else "")
                      + (f" (time budget: {s['space'] - s['tried']} recipes of the space not tried)" if s["space_cut"] else ""))
-        if self.budget.get("max_drop") is not None:
-            lines.append(f"selection: the lowest-FLOPs recipe whose drop's upper bound (one-sided {s['confidence']:.0%}, "
-                         f"jointly over the {s['compared']} recipes compared on {s['compared_examples']} examples) "
-                         f"is within {m.format_drop(self.budget['max_drop'])}")
+        if self.budget.get("max_flops") is None:
+            tested = [c for c in rungs if c.certified is not None]
+            stop = next((c for c in tested if not c.certified), None)
+            lines.append(f"selection (fixed-sequence test): down the ladder, a recipe is certified when its drop's upper "
+                         f"bound (one-sided {s['confidence']:.0%}, z = {s['z']:.2f} whatever the number of rungs) is within "
+                         f"{m.format_drop(self.budget['max_drop'])}; the first that is not stops the test; the pick is the "
+                         f"last certified: {len(tested) - (stop is not None)} of {len(rungs)} certified"
+                         + (f", stopped at {stop.label} (bound {m.format_drop(stop.bound)})" if stop is not None else ""))
         timed = self.finalists
         if timed:
             lines.append(f"latency finalists ({timed[0].latency['backend']}, batch {timed[0].latency['batch']}, "
@@ -115,10 +125,12 @@ class TuneResult:
                 lines.append(f"  picked by latency, not by FLOPs: the lowest-FLOPs finalist ({lowest.label}) "
                              f"ran at {lowest.latency['ratio']:.3f}")
         if self.best is None:
-            tightest = min(self.front, key=lambda c: c.bound, default=None)
+            tightest = min(rungs, key=lambda c: c.bound, default=None)
             lines.append("no recipe met the budget" + (
-                f": the tightest bound was {m.format_drop(tightest.bound)} ({tightest.label}); more tuning examples "
-                "narrow the bounds, a lower --confidence takes more risk" if tightest is not None and
+                f": the tightest bound was {m.format_drop(tightest.bound)} ({tightest.label})"
+                + ("" if tightest is rungs[0] else f", but the test stops at the first rung, the safest: {rungs[0].label}, "
+                   f"bound {m.format_drop(rungs[0].bound)}")
+                + "; more tuning examples narrow the bounds, a lower --confidence takes more risk" if tightest is not None and
                 self.budget.get("max_drop") is not None else ""))
             return "\n".join(lines)
         lines.append(f"chosen: {self.best.label}: {100 * (1 - self.best.flops_ratio):.1f}% fewer FLOPs")
@@ -138,6 +150,11 @@ class TuneResult:
         if self.output:
             lines.append(f"wrote {self.output}" + (f" and {self.plot}" if self.plot else ""))
         return "\n".join(lines)
+
+    def _verdict(self, c) -> str:
+        if self.budget.get("max_flops") is not None:
+            return "within" if c.flops_ratio <= self.budget["max_flops"] else "over FLOPs"
+        return {True: "certified", False: "FAILS: stop", None: "not tested"}[c.certified]
 
     @property
     def finalists(self) -> list:
@@ -248,11 +265,10 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
             measure_latency(search, backend, batch, None)
         except KeyboardInterrupt:
             search.interrupted = True
-    best, front = search.best(), search.front()
-    compared = search.compared()
-    k = len(compared)
-    for c in front:
-        c.bound = search.upper(c, k)
+    best, front = search.best(), search.front()  # best() walks the ladder: each rung's bound and verdict
+    ladder = search.ladder()
+    for c in ladder:
+        c.bound = search.upper(c)
     baselines = search.single_method_best()
     baseline = None
     if baselines:
@@ -266,7 +282,7 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
                 search.extend(c, len(engine.batches))
     tuning_m = check_m = baseline_check = None
     if best is not None:
-        best.bound = search.upper(best, k)
+        best.bound = search.upper(best)  # on the whole tuning part, if time had cut its scoring short
         tuning_m = _measured(metric_obj, best.scores, base_scores, best.bound)
         if check is not None and not search.interrupted:
             ref_scores, ref_outs = _measure(gm, check, metric_obj, eval_batch)
@@ -284,12 +300,14 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
         "prefix_runs": engine.prefix_runs, "search_s": search_s, "wall_s": time.perf_counter() - start, "interrupted": s.interrupted,
         "out_of_time": s.out_of_time, "space_cut": s.space_cut, "methods_left_out": skipped,
         "refusals": refusals(s.candidates),
-        "confidence": confidence, "compared": k, "compared_examples": compared[0].n if compared else 0,
+        "rule": "fixed-sequence", "confidence": confidence, "z": search.z, "compared": len(ladder),
+        "compared_examples": ladder[0].n if ladder else 0, "screened_examples": search.screened(),
     }
     result = TuneResult(loaded.name, metric_obj, str(data), (0, cut), (cut, len(dataset)) if check is not None else None,
                         flops_before, best, tuning_m, check_m, front, baseline, baseline_check, info, s.candidates,
                         {"max_drop": max_drop, "max_flops": max_flops, "target": target},
-                        unpruned=float(base_scores.mean()))
+                        unpruned=float(base_scores.mean()), rungs=ladder,
+                        ladder=[search.rung(c) for c in ladder])
     if best is None:
         return result
     result.recipe = Recipe(check_steps(best.steps), after, seed, _recipe_info(result, loaded.name))  # options spelled out
@@ -329,6 +347,7 @@ def _recipe_info(r: TuneResult, model: str) -> dict:
         "baseline": None if r.baseline is None else {
             "recipe": describe(r.baseline.steps), "flops_ratio": r.baseline.flops_ratio, "tuning_drop": r.baseline.drop,
             "check_drop": r.baseline_check.drop if r.baseline_check else None},
+        "ladder": r.ladder,
         "front": [{"recipe": c.label, "flops_ratio": c.flops_ratio, "drop": c.drop, "bound": c.bound, "examples": c.n,
                    "latency_ratio": c.latency["ratio"] if c.latency else None} for c in r.front],
         "latency_finalists": [{"recipe": c.label, "flops_ratio": c.flops_ratio, "drop": c.drop, **c.latency}

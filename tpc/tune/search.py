@@ -1,23 +1,30 @@
 """``tpc tune``: the fastest recipe within an accuracy budget, found on the user's own data.
 
-*Within the budget* is a claim about the user's data, not about the tuning examples: the pick
-must have its drop's one-sided upper confidence bound within the budget, at ``confidence``
-jointly over the k recipes compared on the full tuning set (Bonferroni: z = Φ⁻¹(1 − (1 −
-confidence)/k), bound = drop + z·standard error of the paired per-example drop). Taking the
-lowest-FLOPs recipe whose *observed* drop is within the budget picks the luckiest of many noisy
-estimates (the winner's curse); with the bound, every compared recipe's true drop is under its
-bound with probability ≥ ``confidence``, so the pick's is too.
+*Within the budget* is a claim about the user's data, not about the tuning examples. The
+recipes that reach the full tuning set form a *ladder* ordered by FLOPs, most FLOPs (the
+safest) first, and the pick is made by a fixed-sequence test (Maurer, Hothorn & Lehmacher
+1995; Westfall & Krishen, J. Stat. Plan. Inference 2001): going down the ladder, each rung's
+hypothesis "its true drop exceeds the budget" is rejected (the rung is *certified*) when
+drop + z·SE ≤ budget, with z = Φ⁻¹(confidence) and SE the standard error of the paired
+per-example drop; the test stops at the first rung that fails, and the pick is the last rung
+certified. An order fixed before the test controls the family-wise error at 1 − confidence
+with no multiplicity correction, so every certified rung's true drop is within the budget
+with probability ≥ ``confidence`` jointly, however long the ladder. Taking the lowest-FLOPs
+recipe whose *observed* drop is within the budget would pick the luckiest of many noisy
+estimates (the winner's curse).
 
 Successive halving (Jamieson & Talwalkar, AISTATS 2016; Li et al., Hyperband, JMLR 2018):
 every candidate is scored on the first n0 tuning examples; only the promising ones go on to
 2·n0, 4·n0 … and the full tuning set. *Promising*, for "lowest FLOPs with a drop ≤ budget",
 means the drop could still be within the budget (drop − 2·standard error ≤ budget); of those
-at most half go on, taken Pareto layer by Pareto layer in (FLOPs, drop) so the front keeps its
-spread. With ``max_flops`` (best metric under a FLOPs budget), candidates over the budget are
-never run and the better half by drop goes on. With ``target="latency"``, the lowest-FLOPs
-recipes within the budget (a few, of different families) are exported to ONNX and timed side
-by side with the unpruned model; the fastest wins. The held-out check part is scored only at
-the end, for the chosen recipe and the best single-method recipe.
+at most half go on, taken Pareto layer by Pareto layer in (FLOPs, bound) and spread over FLOPs,
+so the front keeps its span. The last cut keeps only the Pareto front of (FLOPs, bound), spread
+over FLOPs from its safest recipe down: a dominated rung could only stop the test before a
+better one. With ``max_flops`` (best metric under a FLOPs budget), candidates over the budget
+are never run and the better half by drop goes on. With ``target="latency"``, the lowest-FLOPs
+certified recipes (a few, of different families) are exported to ONNX and timed side by side
+with the unpruned model; the fastest wins. The held-out check part is scored only at the end,
+for the chosen recipe and the best single-method recipe.
 """
 
 from __future__ import annotations
@@ -37,10 +44,10 @@ from tpc.tune.metrics import Metric
 from tpc.tune.space import family_of
 
 LATENCY_FINALISTS = 4
-FINALISTS = 8  # at most this many recipes reach the full tuning set (each one widens the selection's bound)
+FINALISTS = 12  # at most this many recipes reach the full tuning set: the rungs of the ladder
 
 
-@dataclass
+@dataclass(eq=False)  # a candidate is itself: compared by identity
 class Candidate:
     steps: list[Step]
     family: str
@@ -51,6 +58,7 @@ class Candidate:
     drop: float = float("nan")
     se: float = float("inf")
     bound: float = float("nan")  # drop + z·se at the end of the search (the selection rule's number)
+    certified: bool | None = None  # the ladder's verdict: True certified, False failed (the test stopped), None not tested
     refused: str | None = None
     latency: dict | None = None
 
@@ -107,31 +115,67 @@ class Search:
         n = max((c.n for c in scored), default=0)
         return [c for c in scored if c.n == n]
 
-    def z(self, k: int) -> float:
-        """One-sided normal quantile at ``confidence``, Bonferroni-corrected over ``k`` comparisons."""
-        return NormalDist().inv_cdf(1.0 - (1.0 - self.confidence) / max(1, k))
+    @property
+    def z(self) -> float:
+        """One-sided normal quantile at ``confidence``: every rung is tested at the full confidence."""
+        return NormalDist().inv_cdf(self.confidence)
 
-    def upper(self, c: Candidate, k: int | None = None) -> float:
-        """The drop's upper confidence bound, ``k`` comparisons (default: the compared recipes)."""
-        return c.drop + self.z(len(self.compared()) if k is None else k) * c.se
+    def upper(self, c: Candidate) -> float:
+        """The drop's one-sided upper confidence bound."""
+        return c.drop + self.z * c.se
 
-    def feasible(self, c: Candidate, k: int | None = None) -> bool:
+    def ladder(self) -> list[Candidate]:
+        """The compared recipes in the fixed-sequence test's order: most FLOPs (the safest) first."""
+        return sorted(self.compared(), key=lambda c: (-c.flops_ratio, c.label))
+
+    def certify(self) -> list[Candidate]:
+        """Walk the ladder: each rung is certified while its bound is within the budget; the first
+        that is not stops the test and the rungs below it are not tested. Returns the certified rungs."""
+        certified: list[Candidate] = []
+        stopped = False
+        for c in self.ladder():
+            c.bound = self.upper(c)
+            c.certified = None if stopped else c.bound <= self.max_drop
+            stopped = stopped or not c.certified
+            if c.certified:
+                certified.append(c)
+        return certified
+
+    def screened(self) -> int:
+        """How many tuning examples chose the ladder: those of the round before the one the ladder reached
+        (0 when a single round scored every recipe). The rungs' bounds use these examples too."""
+        n = max((c.n for c in self.compared()), default=0)
+        return max((r["examples"] for r in self.rounds if r["examples"] < n), default=0)
+
+    def rung(self, c: Candidate) -> dict:
+        """One rung as recipe.json records it, with its drop on the examples that chose the ladder and its
+        drop and bound on the ones that did not (what a bound free of the selection would have said)."""
+        seen = self.screened()
+        out = {"recipe": c.label, "flops_ratio": c.flops_ratio, "drop": c.drop, "se": c.se, "bound": self.upper(c),
+               "examples": c.n, "certified": c.certified}
+        if 0 < seen < c.n:
+            drop, se = self.metric.drop(c.scores[seen:], self.base_scores[seen:c.n])
+            out["screened"] = {"examples": seen, "drop": self.metric.drop(c.scores[:seen], self.base_scores[:seen])[0]}
+            out["unseen"] = {"examples": c.n - seen, "drop": drop, "bound": drop + self.z * se}
+        return out
+
+    def within(self) -> list[Candidate]:
+        """The recipes within the budget: the certified rungs (``max_flops``: the compared ones under it)."""
         if self.max_flops is not None:
-            return c.flops_ratio <= self.max_flops
-        return self.upper(c, k) <= self.max_drop
+            return [c for c in self.compared() if c.flops_ratio <= self.max_flops]
+        return self.certify()
 
     def best(self) -> Candidate | None:
-        """The best recipe among the compared ones whose bound is within the budget (``max_flops``: the
-        smallest drop within the FLOPs budget; after latency finalists were timed: the fastest)."""
-        compared = self.compared()
-        at_n = [c for c in compared if self.feasible(c, len(compared))]
-        if not at_n:
+        """The last certified rung, i.e. the lowest FLOPs certified (``max_flops``: the smallest drop within
+        the FLOPs budget; after latency finalists were timed: the fastest)."""
+        within = self.within()
+        if not within:
             return None
         if self.max_flops is not None:
-            return min(at_n, key=lambda c: (c.drop, c.flops_ratio))
-        if any(c.latency for c in at_n):
-            return min((c for c in at_n if c.latency), key=lambda c: c.latency["ratio"])
-        return min(at_n, key=lambda c: (c.flops_ratio, c.drop))
+            return min(within, key=lambda c: (c.drop, c.flops_ratio))
+        if any(c.latency for c in within):
+            return min((c for c in within if c.latency), key=lambda c: c.latency["ratio"])
+        return min(within, key=lambda c: c.flops_ratio)
 
     # -- progress ------------------------------------------------------------------------------
 
@@ -149,20 +193,23 @@ class Search:
     # -- the rounds ----------------------------------------------------------------------------
 
     def select(self, entrants: list[Candidate], last: bool) -> list[Candidate]:
-        """The entrants that go on to more examples; ``last``: the next round is the full tuning set."""
+        """The entrants that go on to more examples; ``last``: the next round is the full tuning set, and
+        what goes on is the ladder (the Pareto front of FLOPs and bound, spread over FLOPs, safest first)."""
         cap = max(4, math.ceil(len(entrants) / 2))
         if last:
             cap = min(cap, FINALISTS)
         if self.max_flops is not None:
             return sorted(entrants, key=lambda c: c.drop)[:cap]
         hopeful = [c for c in entrants if c.drop - 2 * c.se <= self.max_drop]
-        bound = {id(c): self.upper(c, cap) for c in hopeful}  # ranked by the bound the final pick will need
+        bound = {id(c): self.upper(c) for c in hopeful}  # ranked by the bound the final test will need
         kept: list[Candidate] = []
         while hopeful and len(kept) < cap:  # Pareto layers of (FLOPs, bound)
             layer = [c for c in hopeful if not any(
                 o.flops_ratio <= c.flops_ratio and bound[id(o)] < bound[id(c)] or
                 o.flops_ratio < c.flops_ratio and bound[id(o)] <= bound[id(c)] for o in hopeful)]
-            kept += sorted(layer, key=lambda c: c.flops_ratio)[:cap - len(kept)]
+            kept += spread(layer, cap - len(kept))
+            if last:
+                break
             hopeful = [c for c in hopeful if c not in layer]
         return kept
 
@@ -237,16 +284,30 @@ class Search:
         return sorted(out, key=lambda c: c.flops_ratio)
 
     def single_method_best(self) -> dict[str, Candidate]:
-        """Per single-method family, its best recipe (same rule as the overall best)."""
-        compared = self.compared()
-        out = {}
-        for c in compared:
-            if "+" not in c.family and self.feasible(c, len(compared)):
-                cur = out.get(c.family)
-                key = (c.drop, c.flops_ratio) if self.max_flops is not None else (c.flops_ratio, c.drop)
-                if cur is None or key < ((cur.drop, cur.flops_ratio) if self.max_flops is not None else (cur.flops_ratio, cur.drop)):
-                    out[c.family] = c
+        """Per single-method family, its best recipe within the budget (same rule as the overall best)."""
+        key = (lambda c: (c.drop, c.flops_ratio)) if self.max_flops is not None else (lambda c: (c.flops_ratio, c.drop))
+        out: dict[str, Candidate] = {}
+        for c in self.within():
+            if "+" not in c.family and (c.family not in out or key(c) < key(out[c.family])):
+                out[c.family] = c
         return out
+
+
+def spread(recipes: list[Candidate], n: int) -> list[Candidate]:
+    """At most ``n`` of ``recipes`` spread over FLOPs, most FLOPs first: the most and the fewest FLOPs, and
+    in between the recipe nearest each of n evenly spaced FLOPs levels."""
+    ordered = sorted(recipes, key=lambda c: (-c.flops_ratio, c.label))
+    if len(ordered) <= n:
+        return ordered
+    if n < 2:
+        return ordered[:n]
+    top, bottom = ordered[0].flops_ratio, ordered[-1].flops_ratio
+    chosen: list[Candidate] = []
+    for j in range(n):
+        level = top - j * (top - bottom) / (n - 1)
+        chosen.append(min((c for c in ordered if not any(c is o for o in chosen)),
+                          key=lambda c: abs(c.flops_ratio - level)))
+    return sorted(chosen, key=lambda c: (-c.flops_ratio, c.label))
 
 
 def refusals(candidates: list[Candidate]) -> dict[str, dict]:
@@ -260,16 +321,14 @@ def refusals(candidates: list[Candidate]) -> dict[str, dict]:
 
 
 def measure_latency(search: Search, backend: str, batch: int, threads: int | None) -> list[Candidate]:
-    """Export the lowest-FLOPs feasible finalists (one per family first) and time them against the unpruned model."""
+    """Export the lowest-FLOPs certified finalists (one per family first) and time them against the unpruned model."""
     from tpc.backends import check_backend
     from tpc.timing import time_pair
     from tpc.exports import to_onnx
     from tpc.exports.onnxruntime import make_session
 
     check_backend(backend, ("onnxruntime",), "tpc tune --target latency")
-    compared = search.compared()
-    feasible = sorted((c for c in compared if c.module is not None and search.feasible(c, len(compared))),
-                      key=lambda c: c.flops_ratio)
+    feasible = sorted((c for c in search.within() if c.module is not None), key=lambda c: c.flops_ratio)
     finalists, families = [], set()
     for c in feasible:
         if c.family not in families:

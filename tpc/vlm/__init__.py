@@ -7,9 +7,11 @@ from its smaller KV cache. See docs/vlm.md.
 
 from tpc.vlm.compile import capture_prefill, compile_vlm, prune
 from tpc.vlm.family import FAMILIES, is_vlm, spec_of
+from tpc.vlm.flops import prefill_flops, prefill_gflops
 from tpc.vlm.module import VlmModule
 from tpc.vlm.report import describe
 
 VLM_ONLY = ("fastv",)  # methods that only exist for VLMs
 
-__all__ = ["FAMILIES", "VLM_ONLY", "VlmModule", "capture_prefill", "compile_vlm", "describe", "is_vlm", "prune", "spec_of"]
+__all__ = ["FAMILIES", "VLM_ONLY", "VlmModule", "capture_prefill", "compile_vlm", "describe", "is_vlm", "prefill_flops",
+           "prefill_gflops", "prune", "spec_of"]

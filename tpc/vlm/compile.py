@@ -17,6 +17,7 @@ from tpc.errors import TpcError, refusal_or_bug
 from tpc.passes import PassManager
 from tpc.schedule import kept_count, parse_keep, parse_layers
 from tpc.vlm.family import family_of
+from tpc.vlm.flops import prefill_flops
 from tpc.vlm.graph import prompt_mask, visual_mask
 from tpc.vlm.module import Stage, VlmModule
 from tpc.vlm.prune_visual import METHODS, STATE, PruneVisual
@@ -148,10 +149,14 @@ def _rewrite(family, program, inputs, example: tuple, plan, method: str, seed: i
     gm = program.module()
     gm.meta[STATE] = {"visual": visual_mask(gm, spec.image_token_id), "attention_mask": prompt_mask(gm),
                       "positions": None, "stages": [], "inserted": set()}
+    prompt = inputs["input_ids"].shape[1]
+    unpruned = prefill_flops(gm, prompt).total  # counted before the rewrite, on the same graph
     hidden = model.config.text_config.hidden_size
     PassManager([PruneVisual(s.before_layer, s.method, s.visual_in, s.visual_out, hidden, seed, cls)
                  for s in stages])(gm)
     gm.graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs: the kept positions are extra outputs
     gm.recompile()
-    report = describe(model, inputs, stages, method)
+    pruned = prefill_flops(gm, prompt)
+    report = describe(model, inputs, stages, method, (unpruned, pruned.total, pruned.scoring))
+    report.vision_layer = cls[0] if cls else None
     return VlmModule(gm, model, family, stages, report, example)

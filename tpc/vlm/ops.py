@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from tpc.errors import TpcError
+from tpc.flops import TPC_OP_MACS, example_size
+from tpc.graph.nodes import val
 from tpc.methods.evit import masked_logits
 
 _LIB = "tpc"
@@ -66,6 +68,15 @@ def last_token_attention(q: torch.Tensor, k: torch.Tensor, scale: float, mask: t
 @last_token_attention.register_fake
 def _(q, k, scale, mask=None, valid=None):
     return q.new_empty((q.shape[0], k.shape[2]), dtype=torch.float32)
+
+
+def last_token_attention_macs(node, sizes: dict | None = None) -> int:
+    """One query row per example and head against every key: B·H·S·d multiply-adds."""
+    b, h, _, d = (example_size(s, sizes or {}) for s in val(node.args[0]).shape)
+    return b * h * example_size(val(node.args[1]).shape[2], sizes or {}) * d
+
+
+TPC_OP_MACS[torch.ops.tpc.last_token_attention] = last_token_attention_macs
 
 
 @torch.library.custom_op(f"{_LIB}::keep_visual", mutates_args=())

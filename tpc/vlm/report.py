@@ -21,6 +21,14 @@ class VlmReport:
     layers: list[int] = field(default_factory=list)
     keep: list[str] = field(default_factory=list)
     stages: list = field(default_factory=list)
+    flops_before: int = 0  # prefill MACs at batch 1 for the example prompt, unpruned (0: not counted)
+    flops_after: int = 0  # the same on the rewritten prefill (scoring included)
+    flops_scoring: int = 0  # of flops_after, the pruning's own (scoring, selection, gathers)
+    vision_layer: int | None = None  # topk-cls: the vision layer whose [CLS] attention scores
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.flops_after / self.flops_before if self.flops_before else 1.0
 
     @property
     def sites(self) -> list[int]:
@@ -35,8 +43,9 @@ class VlmReport:
                 f"{'layer':>5}  {'tokens':>6}  pruning"]
         for stage in self.stages:
             if stage.before_layer == 0:
+                cls = f" ([CLS] attention of vision layer {self.vision_layer})" if self.vision_layer is not None else ""
                 rows.append(f"{'LM in':>5}  {self.prompt_tokens:>6}  {stage.method}: visual {stage.visual_in} -> "
-                            f"{stage.visual_out} before the language model")
+                            f"{stage.visual_out} before the language model{cls}")
         for i, tokens in enumerate(self.layer_tokens):
             prune = next((f"{s.method}: visual {s.visual_in} -> {s.visual_out}" for s in self.stages
                           if s.before_layer == i + 1 and s.before_layer > 0), "")
@@ -46,8 +55,15 @@ class VlmReport:
     def summary(self) -> str:
         full = self.prompt_tokens * len(self.layer_tokens)
         ratio = sum(self.layer_tokens) / full if full else 1.0
-        return (f"decoder-layer tokens: {sum(self.layer_tokens)} of {full} ({ratio:.3f}x) for the example prompt; "
-                "KV cache after prefill: " + ", ".join(map(str, self.layer_tokens)) + " tokens per layer")
+        lines = [f"decoder-layer tokens: {sum(self.layer_tokens)} of {full} ({ratio:.3f}x) for the example prompt; "
+                 "KV cache after prefill: " + ", ".join(map(str, self.layer_tokens)) + " tokens per layer"]
+        if self.flops_before:
+            g = 1e9
+            eager = "" if self.tower_in_graph else ", the eager vision encoder not counted"
+            lines.append(f"prefill FLOPs at batch 1 (multiply-adds, {self.prompt_tokens}-token prompt{eager}): "
+                         f"{self.flops_before / g:.4g} G -> {self.flops_after / g:.4g} G ({self.flops_ratio:.3f}x, "
+                         f"{100 * (1 - self.flops_ratio):.1f}% fewer; scoring {self.flops_scoring / g:.2g} G)")
+        return "\n".join(lines)
 
 
 def layer_tokens(prompt: int, layers: int, stages) -> list[int]:
@@ -60,8 +76,9 @@ def layer_tokens(prompt: int, layers: int, stages) -> list[int]:
     return out
 
 
-def describe(model, inputs, stages=(), method: str | None = None) -> VlmReport:
-    """The report for ``model`` on ``inputs`` (processor outputs) under ``stages`` (none: unpruned)."""
+def describe(model, inputs, stages=(), method: str | None = None, flops: tuple[int, int, int] = (0, 0, 0)) -> VlmReport:
+    """The report for ``model`` on ``inputs`` (processor outputs) under ``stages`` (none: unpruned);
+    ``flops``: (unpruned, pruned, scoring) prefill MACs, when counted."""
     import torch
 
     from tpc.vlm.family import spec_of
@@ -73,4 +90,4 @@ def describe(model, inputs, stages=(), method: str | None = None) -> VlmReport:
     return VlmReport(type(model).__name__, spec.vision_tower, spec.vision_layers, spec.tower_in_graph,
                      spec.image_token_id, ids.shape[1],
                      span, len(first), layer_tokens(ids.shape[1], spec.num_layers, stages), method,
-                     [s.before_layer - 1 for s in stages], [str(s.visual_out) for s in stages], list(stages))
+                     [s.before_layer - 1 for s in stages], [str(s.visual_out) for s in stages], list(stages), *flops)
