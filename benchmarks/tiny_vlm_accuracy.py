@@ -15,10 +15,10 @@ its feature layer); stage 2 (after decoder layer 0 of 3) fastv, divprune, kcente
 ``random`` keeps the same seeded draw of patch positions for every image; it is run with
 seeds 0, 1, 2 and reported as their mean (and range).
 
-FLOPs ratio: multiply-accumulates of the pruned prefill graph over the unpruned one, counted
-on the graphs by ``tpc.flops.count_flops`` (at the example prompt, 71 tokens; the inserted
-scoring ops included where tpc.flops counts them, divprune's and kcenter's greedy selections
-not). Latency ratio: pruned prefill over the captured unpruned prefill, timed side by side,
+FLOPs ratio: multiply-adds of the pruned prefill graph over the unpruned one, counted on the
+graphs by ``tpc.vlm.prefill_flops`` at batch 1 and the 71-token "what" prompt (vision tower
+and projector included; the scorers FastV's query row and VTC-CLS's [CLS] row included,
+divprune's and kcenter's greedy selections not). Latency ratio: pruned prefill over the captured unpruned prefill, timed side by side,
 interleaved (``tpc.timing.time_pair``), at batch 16, torch on the CPU.
 
     python benchmarks/tiny_vlm_accuracy.py accuracy                                  # ~15 min, 1 thread
@@ -111,14 +111,14 @@ def score(answer_fn, batches) -> dict:
 
 
 def accuracy(path: Path) -> None:
-    from tpc.flops import count_flops
-    from tpc.vlm import capture_prefill
+    from tpc.vlm import capture_prefill, prefill_flops
 
     model, tok = model_and_tokenizer(path)
     batches = eval_set(tok)
     inputs = example(tok)
     program = capture_prefill(model, inputs)
-    base_flops = count_flops(program.module()).total
+    tokens = inputs["input_ids"].shape[1]
+    base_flops = prefill_flops(program.module(), tokens).total
 
     def stock(x):
         with torch.no_grad():
@@ -133,7 +133,7 @@ def accuracy(path: Path) -> None:
         first = pruned.generate(**check[0], max_new_tokens=2)[:, check[0]["input_ids"].shape[1]]
         assert torch.equal(first, pruned.prefill(**check[0]).logits[:, -1].argmax(-1)), name(c)
         results[name(c)] = {**c, **score(lambda x: pruned.prefill(**x).logits[:, -1].argmax(-1), batches),
-                            "flops": count_flops(pruned.gm).total}
+                            "flops": prefill_flops(pruned.gm, tokens).total}
         print(f"{name(c)}: {results[name(c)]} ({time.perf_counter() - start:.0f} s)", flush=True)
     (path / "accuracy.json").write_text(json.dumps(results, indent=1) + "\n")
 
