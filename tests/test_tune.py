@@ -246,12 +246,26 @@ def test_labels_that_look_meaningless_are_warned_about_in_one_line(caplog, label
     ({"max_drop": 0.5, "methods": "tome,nope"}, "unknown pruning method"),
     ({"max_flops": 0.6, "target": "latency"}, "does not combine"),
     ({"max_drop": 0.5, "metric": "top1"}, "needs labels"),
+    ({"max_drop": float("nan")}, "--max-drop nan"),
+    ({"max_drop": 0.5, "time_budget": "0s"}, "leaves no time"),
+    ({"max_drop": 0.5, "plot": "/nonexistent-dir/front.png"}, "of --plot does not exist"),
 ])
 def test_bad_tune_arguments_are_refused_in_one_line(tmp_path, kwargs, message):
     out = tmp_path / "r.json"
     with pytest.raises(tpc.TpcError, match=message) as err:
         run_tune("models:cli_tiny_vit", _images(tmp_path / "d.npz", n=8), mean=MEAN, std=STD, output=out, **kwargs)
     assert "\n" not in str(err.value) and not out.exists()
+
+
+def test_outputs_onto_the_data_or_each_other_are_refused_before_any_work(tmp_path):
+    data = _images(tmp_path / "d.npz", n=8)
+    before = data.read_bytes()
+    for kwargs, message in (({"output": data}, "-o .* is the --data file"), ({"output": tmp_path / "r.json", "plot": data},
+                            "--plot .* is the --data file"), ({"output": tmp_path / "r.json", "plot": tmp_path / "r.json"},
+                            "different paths")):
+        with pytest.raises(tpc.TpcError, match=message):
+            run_tune("models:cli_tiny_vit", data, max_drop=100, time_budget=1, mean=MEAN, std=STD, **kwargs)
+    assert data.read_bytes() == before and not (tmp_path / "r.json").exists()
 
 
 def test_latency_target_times_finalists_in_onnx_runtime(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -207,19 +208,18 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
         raise TpcError(f"--max-flops {max_flops} is outside (0, 1]: it is the FLOPs ratio to the unpruned model")
     if max_flops is not None and target == "latency":
         raise TpcError("--max-flops picks the best metric under a FLOPs budget; it does not combine with --target latency")
-    if max_drop is not None and max_drop < 0:
-        raise TpcError(f"--max-drop {max_drop} is negative")
+    if max_drop is not None and not max_drop >= 0:  # NaN too
+        raise TpcError(f"--max-drop {max_drop} is not a drop of 0 or more: it is the largest metric drop allowed")
     if not 0.0 < confidence < 1.0:
         raise TpcError(f"--confidence {confidence} is outside (0, 1): it is the probability that the pick's drop "
                        "is within the budget, e.g. 0.9")
     if batch < 1:
         raise TpcError("--batch must be at least 1")
     seconds = parse_time(time_budget)
+    if not seconds > 0:
+        raise TpcError(f"--time {time_budget} leaves no time to search: give a duration such as 15m, 90s or 1h")
     method_list = parse_methods(methods)
-    if output is not None:
-        from tpc.exports.atomic import check_output_path
-
-        check_output_path(output)
+    _check_outputs(data, output, plot)
     if isinstance(model, torch.nn.Module):
         if example_inputs is None:
             raise TpcError("tuning an nn.Module needs example_inputs (a batch of at least 2)")
@@ -320,6 +320,24 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
         plot_front(result, plot)
         result.plot = str(plot)
     return result
+
+
+def _check_outputs(data, output, plot) -> None:
+    """Before any work: -o and --plot writable, and neither one the data file nor each other."""
+    from tpc.exports.atomic import check_output_path
+
+    written = {}
+    for flag, path in (("-o", output), ("--plot", plot)):
+        if path is None or path == "":
+            continue
+        check_output_path(path, flag)
+        real = os.path.realpath(path)
+        if real == os.path.realpath(data):
+            raise TpcError(f"{flag} {str(path)!r} is the --data file: writing there would overwrite your data; "
+                           "choose another path")
+        if real in written:
+            raise TpcError(f"{flag} {str(path)!r} is also {written[real]}: give the recipe and the plot different paths")
+        written[real] = flag
 
 
 def _module(engine: Engine, c: Candidate):
