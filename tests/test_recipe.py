@@ -109,11 +109,20 @@ def test_recipe_file_round_trip(tmp_path):
     ([{"layer": 1, "method": "tome", "ratio": 2}], "unknown key 'ratio'"),
     ([{"layer": 1, "method": "nope", "keep": 0.5}], "unknown pruning method"),
     ([], "no steps"),
+    ({"steps": [{"layer": 1, "method": "random", "keep": 0.5}], "seed": "x"}, "'seed' is an integer"),
 ])
 def test_illegal_recipes_are_refused_in_one_line(steps, message):
     with pytest.raises(tpc.TpcError, match=message) as err:
         load_recipe(steps)
     assert "\n" not in str(err.value)
+
+
+def test_a_recipe_tuned_on_another_model_is_compiled_with_a_warning(caplog):
+    factory, inputs, _, _ = TEST_MODELS["timm_vit"]
+    recipe = {"steps": [{"layer": 1, "method": "random", "keep": 0.5}], "model": "some-other-model"}
+    with caplog.at_level("WARNING", logger="tpc"):
+        tpc.compile(factory(), inputs(2), recipe=recipe)
+    assert "the recipe was tuned on some-other-model, not VisionTransformer" in caplog.text
 
 
 def test_fuse_before_a_merge_is_legal():

@@ -261,6 +261,10 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
         return compile_vlm(module, inputs)
     if vision_layer is not None:
         refuse_vision_layer(name)
+    tuned_on = loaded.info.get("model") if recipe is not None else None
+    if tuned_on and tuned_on != name:
+        logger.warning("the recipe was tuned on %s, not %s: the drop and FLOPs it records were measured on that "
+                       "model (tune this one with `tpc tune` to know them here)", tuned_on, name)
     models.refuse_pruned(module, name)
     inputs = _fix_length(inputs, seq_len)
     notes = _usage_notes(module)

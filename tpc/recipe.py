@@ -162,4 +162,7 @@ def load_recipe(source) -> Recipe:
         raise TpcError(f"{where}: 'steps' is a list of steps, not {type(raw).__name__}")
     steps = [s if isinstance(s, Step) else step_from_dict(s, f"{where} step {i}") for i, s in enumerate(raw)]
     info = {k: v for k, v in source.items() if k not in ("format", "steps", "after", "seed")}
-    return Recipe(check_steps(steps), source.get("after", "attention"), int(source.get("seed", 0)), info)
+    seed = source.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TpcError(f"{where}: 'seed' is an integer (the pruning methods' seed), not {seed!r}")
+    return Recipe(check_steps(steps), source.get("after", "attention"), seed, info)
