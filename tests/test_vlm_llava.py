@@ -267,6 +267,17 @@ def test_a_saved_vlm_is_a_vlm_whatever_method_and_layers_it_is_given(tmp_path):
             tpc.compile(str(tmp_path / "llava"), method=method, layers=7)
 
 
+@pytest.mark.parametrize("flag", [{"after": "block"}, {"r": 2}, {"prefix": 1}, {"restore": True}, {"seq_len": 40},
+                                  {"options": "fuse=True"}, {"backend": "onnxruntime"}])
+def test_encoder_only_settings_are_refused_on_a_vlm_not_ignored(llava, flag):
+    import tpc
+
+    model, inputs, _ = llava
+    with pytest.raises(TpcError, match="a VLM takes method, layers, keep, seed and vision_layer only") as err:
+        tpc.compile(model, inputs, method="fastv", layers=1, **({"keep": 0.5} if "r" not in flag else {}), **flag)
+    assert "\n" not in str(err.value)
+
+
 def test_tpc_imports_without_the_optional_transformers():
     import subprocess
     import sys

@@ -221,10 +221,11 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     options = parse_options(options)
 
     def compile_vlm(module, inputs):
-        encoder_only = (r, prefix, seq_len, given_options or None, restore or None, None if backend == "torch" else backend)
+        encoder_only = (r, prefix, seq_len, given_options or None, restore or None, None if backend == "torch" else backend,
+                        None if after == "attention" else after)
         if any(v is not None for v in encoder_only):
             raise TpcError("a VLM takes method, layers, keep, seed and vision_layer only (r, prefix, restore, options, "
-                           "seq_len and backends other than torch are for encoders)")
+                           "seq_len, after and backends other than torch are for encoders)")
         return vlm.compile_vlm(module, inputs, method=method, layers=layers, keep=keep, seed=seed,
                                vision_layer=vision_layer)
 
