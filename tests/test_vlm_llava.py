@@ -172,6 +172,7 @@ def test_keep_zero_drops_every_visual_token_after_a_layer(llava):
     (lambda i: {"input_ids": torch.cat([i["input_ids"], torch.full((2, VISUAL), IMAGE)], 1),
                 "attention_mask": torch.cat([i["attention_mask"], torch.ones(2, VISUAL, dtype=torch.long)], 1),
                 "pixel_values": torch.cat([i["pixel_values"], i["pixel_values"]])}, "compiled for 16"),
+    (lambda i: {**i, "pixel_values": torch.randn(2, 3, 64, 64)}, r"takes pixel_values \[images, 3, 32, 32\]"),
 ])
 def test_bad_inputs_are_refused_in_one_line(llava, change, message):
     model, inputs, program = llava
@@ -184,6 +185,15 @@ def test_bad_inputs_are_refused_in_one_line(llava, change, message):
             compile_vlm(model, change(inputs), method="fastv", layers=1)
 
 
+def test_half_precision_pixels_run_as_the_stock_model_casts_them(llava):
+    model, inputs, program = llava
+    pruned = prune(model, program, inputs, method="fastv", layers=1, keep=0.5)
+    half = {**inputs, "pixel_values": inputs["pixel_values"].half()}
+    expected = pruned.prefill(**{**inputs, "pixel_values": half["pixel_values"].float()}).logits
+    torch.testing.assert_close(pruned.prefill(**half).logits, expected, rtol=0, atol=0)
+    assert half["pixel_values"].dtype == torch.float16  # the caller's tensor is untouched
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"method": "fastv", "layers": 3}, "beyond the language model's depth"),
     ({"method": "fastv", "layers": 2}, "saves nothing"),
@@ -191,6 +201,9 @@ def test_bad_inputs_are_refused_in_one_line(llava, change, message):
     ({"method": "topk-cls", "layers": 1}, "before the language model: drop layers"),
     ({"method": "topk-cls", "vision_layer": 2}, "choose a vision layer from 0 to 1"),
     ({"method": "fastv", "layers": 1, "vision_layer": 0}, "fastv does not read the vision tower"),
+    ({"method": "fastv", "layers": 1.5}, "layers are an index or a list"),
+    ({"method": "random", "keep": [0.5, 0.25]}, "--keep has 2 values for 1 pruning stages"),
+    ({"method": "fastv", "layers": [0, 1], "keep": [0.5, 0.5, 0.5]}, "--keep has 3 values for 2 pruning stages"),
 ])
 def test_bad_schedules_are_refused(llava, kwargs, message):
     model, inputs, program = llava

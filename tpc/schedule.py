@@ -40,6 +40,8 @@ def parse_layers(layers) -> list[int]:
             raise TpcError(f"--layers takes comma-separated layer indices such as 3,6,9, not {layers!r}") from None
     elif isinstance(layers, int):
         layers = [layers]
+    elif not isinstance(layers, (list, tuple, range)):
+        raise TpcError(f"layers are an index or a list of indices such as [3, 6, 9], not {layers!r}")
     out = []
     for layer in layers:
         if isinstance(layer, bool) or not isinstance(layer, int):

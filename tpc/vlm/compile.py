@@ -73,6 +73,9 @@ def stages_of(spec, visual: int, method: str, layers, keep) -> list[Stage]:
         if cut == spec.num_layers:
             raise TpcError(f"pruning after the last decoder layer ({cut - 1}) saves nothing: choose a layer below "
                            f"{spec.num_layers - 1}")
+    if len(_values(keep, len(cuts))) != len(cuts):
+        raise TpcError(f"--keep has {len(_values(keep, len(cuts)))} values for {len(cuts)} pruning stages: give one "
+                       "value, or one per layer")
     drop_all = _drop_all(keep, len(cuts))
     keeps = parse_keep([1 if d else k for d, k in zip(drop_all, _values(keep, len(cuts)))], len(cuts))
     stages = []

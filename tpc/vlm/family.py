@@ -175,6 +175,10 @@ class Llava(Family):
 
     def graph_args(self, inputs: dict) -> tuple[tuple, int]:
         ids, pixels, mask = inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]
+        vc = self.model.config.vision_config
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (vc.num_channels, vc.image_size, vc.image_size):
+            raise TpcError(f"LLaVA's vision tower takes pixel_values [images, {vc.num_channels}, {vc.image_size}, "
+                           f"{vc.image_size}], got shape {tuple(pixels.shape)}: pass the processor's pixel_values")
         spec = self.spec()
         visual = visual_per_example(spec, ids, pixels.shape[0], pixels.shape[0] * spec.tokens_per_image)
         return (ids, pixels, mask, prompt_positions(mask)), visual

@@ -70,6 +70,7 @@ class VlmModule(nn.Module):
             raise TpcError(f"each prompt holds {visual} image tokens; this module was compiled for "
                            f"{self.stages[0].visual_in} (its example inputs' number of images): compile it again "
                            "with that many images per prompt")
+        args = _as_captured(self.gm, args)
         with torch.no_grad():
             out = self.gm(*args)
         from transformers import DynamicCache  # noqa: F811  (an optional dependency: imported when a VLM runs)
@@ -153,6 +154,14 @@ class VlmModule(nn.Module):
         model = self._model[0]
         with torch.no_grad():
             return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+
+
+def _as_captured(gm: fx.GraphModule, args: tuple) -> tuple:
+    """Floating inputs in the dtype the prefill was captured with (float16 pixels for a float32
+    capture): the stock model casts its pixels to the tower's dtype the same way."""
+    dtypes = [getattr(n.meta.get("val"), "dtype", None) for n in gm.graph.nodes if n.op == "placeholder"]
+    return tuple(a.to(d) if d is not None and a.is_floating_point() and d.is_floating_point and a.dtype != d else a
+                 for a, d in zip(args, dtypes))
 
 
 def last_position(positions: torch.Tensor) -> torch.Tensor:
