@@ -91,6 +91,20 @@ def test_existing_output_is_not_clobbered_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
+def test_output_onto_the_model_file_is_refused_before_any_work(tmp_path, capsys):
+    from tpc.cli import main
+
+    model = tmp_path / "model.pt2"
+    model.write_bytes(b"the user's exported model")
+    link = tmp_path / "same.pt2"
+    link.symlink_to(model)
+    for out in (model, link):
+        assert main(["compile", str(model), "--pass", "random", "--layers", "0", "-o", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert "is the model you compile" in err and len(err.strip().splitlines()) == 1
+    assert model.read_bytes() == b"the user's exported model"
+
+
 def test_plan_without_tensorrt_or_gpu_names_what_is_missing(tmp_path):
     import importlib.util
 

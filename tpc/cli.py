@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -106,6 +107,10 @@ def cmd_compile(args) -> int:
 
     out = Path(args.output)
     check_target(out, args.batch, args.precision)
+    for flag, given in (("the model", args.model), ("--weights", args.weights)):
+        if given and os.path.exists(given) and os.path.realpath(out) == os.path.realpath(given):
+            raise TpcError(f"-o {str(out)!r} is {flag} you compile: writing there would overwrite it; choose another "
+                           "-o path")
     start = time.perf_counter()
     pruned = tpc.compile(args.model, **_compile_kwargs(args))
     report = pruned.report
