@@ -316,11 +316,13 @@ def test_tpc_imports_without_the_optional_transformers():
 def test_commands_without_vlm_support_refuse_a_vlm_in_one_line(tmp_path):
     from tpc.commands.bench import run_bench
     from tpc.commands.eval import run_eval
+    from tpc.tune import run_tune
     from tpc.visualize import run_visualize
 
     tiny_llava().save_pretrained(tmp_path / "llava")
     path = str(tmp_path / "llava")
-    for command, call in (("bench", lambda: run_bench(path, method="fastv", layers="1", backend="torch")),
+    for command, call in (("tune", lambda: run_tune(path, tmp_path / "d.npz", max_drop=1, mean="0.5", std="0.2")),
+                          ("bench", lambda: run_bench(path, method="fastv", layers="1", backend="torch")),
                           ("eval", lambda: run_eval(path, tmp_path, method="fastv", layers="1")),
                           ("visualize", lambda: run_visualize(path, tmp_path / "x.png", tmp_path / "v.png", method="fastv", layers="1"))):
         with pytest.raises(TpcError, match=f"tpc {command} does not take vision-language models yet") as err:

@@ -228,6 +228,9 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
         loaded = models.load(str(model), **(load_kwargs or {}))
         set_eval(loaded.module)  # tpc built this module: it is an inference model
         loaded.module.requires_grad_(False)
+    from tpc.vlm.family import refuse_vlm
+
+    refuse_vlm(loaded.module, "tune")
     dataset = load_tune_data(data, loaded, mean, std)
     tuning, check, cut = split(dataset, check_split)
 
