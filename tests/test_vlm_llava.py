@@ -127,13 +127,21 @@ def test_pyramid_schedule_composes_stages_and_batch_equals_alone(llava):
 
 
 
-@pytest.mark.parametrize("vision_layer", [None, 0])
-def test_vtc_cls_scores_with_the_vision_towers_cls_attention(llava, vision_layer):
+@pytest.mark.parametrize("vision_layer,via", [(None, "prune"), (0, "prune"), (0, "tpc.compile")])
+def test_vtc_cls_scores_with_the_vision_towers_cls_attention(llava, vision_layer, via):
     """VTC-CLS (Zhang et al., 2024): the [CLS] query's head-mean attention over the patches at a
-    vision layer (default: the feature layer, here the last), top-k visual tokens, before the LM."""
+    vision layer (default: the feature layer, here the last), top-k visual tokens, before the LM;
+    ``vision_layer`` chosen through tpc.vlm's prune or through tpc.compile."""
+    import tpc
+
     model, inputs, program = llava
     keep = 6
-    out = prune(model, program, inputs, method="topk-cls", keep=keep, vision_layer=vision_layer).prefill(**inputs)
+    if via == "prune":
+        pruned = prune(model, program, inputs, method="topk-cls", keep=keep, vision_layer=vision_layer)
+    else:
+        pruned = tpc.compile(model, inputs, method="topk-cls", keep=keep, vision_layer=vision_layer)
+    assert f"([CLS] attention of vision layer {1 if vision_layer is None else vision_layer})" in pruned.report.table()
+    out = pruned.prefill(**inputs)
     eager = tiny_llava("eager")
     eager.load_state_dict(model.state_dict())
     with torch.no_grad():
@@ -439,3 +447,60 @@ def test_prefill_flops_are_counted_on_the_graphs(llava, kwargs, tokens, scoring)
     assert tpc.vlm.prefill_gflops(pruned) == (report.flops_before / 1e9, report.flops_after / 1e9)
     assert tpc.vlm.prefill_flops(pruned.gm, 40).total == lm_macs([40 - 24 + t for t in tokens]) + scoring * 40 // 24
     assert f"({report.flops_ratio:.3f}x" in report.summary() and "prefill FLOPs at batch 1" in report.summary()
+
+
+def test_vision_layer_is_refused_where_it_means_nothing(llava, tmp_path, capsys):
+    """tpc.compile / tpc compile --vision-layer: one line for a non-VLM, a method that does not read
+    the vision tower, a layer out of range; no file written."""
+    import tpc
+    from tpc.cli import main
+
+    model, inputs, program = llava
+    encoder = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    for call, message in (
+            (lambda: tpc.compile(encoder, (torch.randn(2, 3, 4),), method="topk-cls", layers=0, vision_layer=0),
+             "Sequential is not one: drop vision_layer"),
+            (lambda: tpc.inspect(encoder, (torch.randn(2, 3, 4),), vision_layer=0), "is not one: drop vision_layer"),
+            (lambda: tpc.compile(model, inputs, method="fastv", layers=1, vision_layer=0),
+             "fastv does not read the vision tower"),
+            (lambda: tpc.compile(model, inputs, method="topk-cls", vision_layer=2), "choose a vision layer from 0"),
+            (lambda: tpc.compile(model, inputs, method="topk-cls", vision_layer=-1), "choose a vision layer from 0")):
+        with pytest.raises(TpcError, match=message) as err:
+            call()
+        assert "\n" not in str(err.value)
+    model.save_pretrained(tmp_path / "llava")
+    out = tmp_path / "vlm.pt2"
+    assert main(["compile", str(tmp_path / "llava"), "--pass", "topk-cls", "--vision-layer", "2", "-o", str(out)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("tpc: error: vision_layer 2: choose a vision layer from 0 to 1")
+    assert main(["compile", str(tmp_path / "llava"), "--pass", "random", "--vision-layer", "0", "-o", str(out)]) == 1
+    assert "random does not read the vision tower" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llava"]
+    assert main(["inspect", str(tmp_path / "llava"), "--vision-layer", "0", "--keep", "4"]) == 0
+    assert "topk-cls: visual 16 -> 4 before the language model ([CLS] attention of vision layer 0)" in \
+        capsys.readouterr().out
+
+
+def test_vtc_cls_on_a_vit_tower_reads_its_cls_attention():
+    """A transformers ViTModel tower (its [CLS] is ``embeddings.cls_token``, its layers
+    ``vision_tower.layers.<i>``): topk-cls keeps the top-k patches of the eager [CLS] attention row."""
+    from transformers import ViTConfig
+
+    def tiny(attn):
+        torch.manual_seed(0)
+        vision = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8)
+        text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=64, pad_token_id=PAD)
+        return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
+                                                         vision_feature_layer=-2, attn_implementation=attn)).eval()
+
+    model, keep = tiny("sdpa"), 5
+    inputs = {"input_ids": torch.tensor([[1] + [IMAGE] * VISUAL + [5, 6]] * 2),
+              "pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+    out = compile_vlm(model, inputs, method="topk-cls", keep=keep).prefill(**inputs)
+    with torch.no_grad():
+        attention = tiny("eager").model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
+    scores = attention[0][:, :, 0, 1:].mean(1)  # the feature layer (hidden_states[-2]: layer 0's output)
+    chosen = [pos[scores[b].topk(keep).indices] for b, pos in enumerate(visual_positions(inputs["input_ids"], IMAGE))]
+    assert torch.equal(out.kept[0], with_text(inputs["input_ids"], IMAGE, chosen))

@@ -186,7 +186,7 @@ def parse_options(options) -> dict | None:
 def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=None, r=None,
             prefix: int | None = None, after: str = "attention", seed: int = 0, options: dict | str | None = None,
             restore: bool = False, backend: str = "torch", seq_len: int | None = None, recipe=None,
-            **load_kwargs) -> nn.Module:
+            vision_layer: int | None = None, **load_kwargs) -> nn.Module:
     """Prune ``model``'s tokens after ``layers`` with ``method``; returns an nn.Module.
 
     ``model`` is an ``nn.Module`` or a model id (see :func:`tpc.models.load`, which takes
@@ -206,6 +206,8 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     against the torch module. Text models (token inputs [B, N]) are captured with a dynamic
     sequence length, so the pruned module and its artifacts take any length;
     ``seq_len=N`` fixes the length at N instead (the example inputs cut or padded to N).
+    ``vision_layer`` (VLMs, topk-cls only): the vision layer whose [CLS] attention VTC-CLS scores
+    the visual tokens with (default: the layer LLaVA takes its image features from).
     """
     _check_keywords("tpc.compile", load_kwargs, COMPILE_KEYWORDS)
     check_backend(backend, ("torch", "onnxruntime"), "tpc.compile")
@@ -221,9 +223,10 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     def compile_vlm(module, inputs):
         encoder_only = (r, prefix, seq_len, given_options or None, restore or None, None if backend == "torch" else backend)
         if any(v is not None for v in encoder_only):
-            raise TpcError("a VLM takes method, layers, keep and seed only (r, prefix, restore, options, seq_len and "
-                           "backends other than torch are for encoders)")
-        return vlm.compile_vlm(module, inputs, method=method, layers=layers, keep=keep, seed=seed)
+            raise TpcError("a VLM takes method, layers, keep, seed and vision_layer only (r, prefix, restore, options, "
+                           "seq_len and backends other than torch are for encoders)")
+        return vlm.compile_vlm(module, inputs, method=method, layers=layers, keep=keep, seed=seed,
+                               vision_layer=vision_layer)
 
     given_options = options
     resolved = None
@@ -231,6 +234,8 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
         resolved = _resolve(model, example_inputs, seed, **load_kwargs)
         if vlm.is_vlm(resolved[0]):
             return compile_vlm(*resolved[:2])
+    if vision_layer is not None and isinstance(model, nn.Module) and not vlm.is_vlm(model):
+        refuse_vision_layer(type(model).__name__)
     if recipe is None and method in vlm.VLM_ONLY:
         raise TpcError(f"{method} prunes the visual tokens of a vision-language model ({', '.join(vlm.FAMILIES)}); "
                        f"{type(model).__name__ if isinstance(model, nn.Module) else model} is not one")
@@ -252,8 +257,10 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     module, inputs, name = resolved or _resolve(model, example_inputs, seed, **load_kwargs)
     if vlm.is_vlm(module):  # a VLM named by path, with a method and layers an encoder could take too
         if recipe is not None:
-            raise TpcError("a recipe is for encoders; a VLM takes method, layers, keep and seed")
+            raise TpcError("a recipe is for encoders; a VLM takes method, layers, keep, seed and vision_layer")
         return compile_vlm(module, inputs)
+    if vision_layer is not None:
+        refuse_vision_layer(name)
     models.refuse_pruned(module, name)
     inputs = _fix_length(inputs, seq_len)
     notes = _usage_notes(module)
@@ -309,6 +316,11 @@ COMPILE_KEYWORDS = (*(name for name, p in inspect_module.signature(compile).para
                       if p.kind is p.KEYWORD_ONLY), *LOAD_KEYWORDS)
 
 
+def refuse_vision_layer(name: str) -> None:
+    raise TpcError(f"vision_layer chooses the vision layer whose [CLS] attention topk-cls (VTC-CLS) scores a "
+                   f"vision-language model's visual tokens with; {name} is not one: drop vision_layer (--vision-layer)")
+
+
 def prunes(method: str, layers) -> bool:
     """Whether a compile with these settings prunes: layers are named, or the method (tome)
     prunes every layer by default."""
@@ -333,6 +345,8 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
                 settings = {k: v for k, v in compile_kwargs.items() if k not in LOAD_KEYWORDS}
                 return compile(module, inputs, **settings).report
             return vlm.describe(module, inputs)
+        if compile_kwargs.get("vision_layer") is not None:
+            refuse_vision_layer(name)
         gm = capture(module, inputs)
         sites = analyze(gm, name)
         prefix, source = _prefix_of(gm, sites)

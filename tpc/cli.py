@@ -40,15 +40,20 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="bring the full sequence back after the last block (dropped tokens unchanged), for dense outputs")
     p.add_argument("--seq-len", type=int, metavar="N",
                    help="text models: fix the sequence length at N (default: dynamic, one artifact for every length)")
+    p.add_argument("--vision-layer", type=int, metavar="I",
+                   help="VLMs, --pass topk-cls (VTC-CLS): the vision layer whose [CLS] attention scores the visual "
+                        "tokens (default: the layer LLaVA takes its image features from)")
 
 
 PRUNE_DEFAULTS = {"method": "topk-cls"}  # keep: None means 0.7 (tpc.compile)
-SCHEDULE_FLAGS = {"method": "--pass", "layers": "--layers", "keep": "--keep", "r": "--r", "option": "--option", "fuse": "--fuse"}
+SCHEDULE_FLAGS = {"method": "--pass", "layers": "--layers", "keep": "--keep", "r": "--r", "option": "--option",
+                  "fuse": "--fuse", "vision_layer": "--vision-layer"}
 
 
 def _fill_prune_defaults(args) -> None:
     """Note which schedule flags were given (a recipe replaces them), then fill the defaults."""
-    args.schedule_given = [flag for key, flag in SCHEDULE_FLAGS.items() if getattr(args, key, None)]
+    args.schedule_given = [flag for key, flag in SCHEDULE_FLAGS.items()
+                           if getattr(args, key, None) not in (None, [], "") and getattr(args, key) is not False]
     for key, value in PRUNE_DEFAULTS.items():
         if hasattr(args, key) and getattr(args, key) is None:
             setattr(args, key, value)
@@ -75,7 +80,7 @@ def _load_kwargs(args) -> dict:
 def _prune_kwargs(args) -> dict:
     """The compile settings besides method, layers and keep."""
     return dict(r=args.r, prefix=args.prefix, after=args.after, seed=args.seed, options=_options(args),
-                restore=args.restore, seq_len=args.seq_len)
+                restore=args.restore, seq_len=args.seq_len, vision_layer=args.vision_layer)
 
 
 def _compile_kwargs(args) -> dict:

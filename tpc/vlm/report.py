@@ -24,6 +24,7 @@ class VlmReport:
     flops_before: int = 0  # prefill MACs at batch 1 for the example prompt, unpruned (0: not counted)
     flops_after: int = 0  # the same on the rewritten prefill (scoring included)
     flops_scoring: int = 0  # of flops_after, the pruning's own (scoring, selection, gathers)
+    vision_layer: int | None = None  # topk-cls: the vision layer whose [CLS] attention scores
 
     @property
     def flops_ratio(self) -> float:
@@ -42,8 +43,9 @@ class VlmReport:
                 f"{'layer':>5}  {'tokens':>6}  pruning"]
         for stage in self.stages:
             if stage.before_layer == 0:
+                cls = f" ([CLS] attention of vision layer {self.vision_layer})" if self.vision_layer is not None else ""
                 rows.append(f"{'LM in':>5}  {self.prompt_tokens:>6}  {stage.method}: visual {stage.visual_in} -> "
-                            f"{stage.visual_out} before the language model")
+                            f"{stage.visual_out} before the language model{cls}")
         for i, tokens in enumerate(self.layer_tokens):
             prune = next((f"{s.method}: visual {s.visual_in} -> {s.visual_out}" for s in self.stages
                           if s.before_layer == i + 1 and s.before_layer > 0), "")
