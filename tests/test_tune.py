@@ -338,3 +338,17 @@ def test_candidates_reuse_the_shapes_before_their_first_pruned_layer():
     before = [n for n in list(pm.graph_module.graph.nodes)[:cut] if n.op == "call_function"]
     base = {n.name: n for n in engine.gm.graph.nodes}
     assert len(before) > 10 and all(n.meta["val"] is base[n.name].meta["val"] for n in before)
+
+
+@pytest.mark.parametrize("name,off", [("top1", 100.0), ("agreement", 100.0), ("cosine", 0.01)])
+def test_no_flip_seen_gets_the_standard_error_of_one_flipped_example(name, off):
+    """A recipe that changed no prediction on n examples is not certified as if its drop were known
+    exactly: its SE is the one it would have with one flipped example (spread off/sqrt(n), SE off/n),
+    so a zero-flip rung's bound is drop + z·off/n, not a sqrt(n) times smaller number."""
+    metric = Metric(name, "points")
+    for n in (4, 400, 2000):
+        base = torch.full((n,), 100.0 if name == "top1" else metric.best(0.0), dtype=torch.float64)
+        one_flip = base.clone()
+        one_flip[0] -= off
+        drop, se = metric.drop(base.clone(), base)
+        assert drop == 0.0 and se == pytest.approx(metric.drop(one_flip, base)[1]) and se == pytest.approx(off / n)

@@ -538,3 +538,28 @@ def test_loading_a_vlm_with_its_prompts_or_a_text_length(tmp_path, monkeypatch):
     with pytest.raises(TpcError, match="text tokens per prompt") as err:
         models.load(str(tmp_path / "llava"), input_size="3,32,32")
     assert "\n" not in str(err.value)
+
+
+def test_vtc_cls_on_a_vit_tower_reads_its_cls_attention():
+    """A transformers ViTModel tower (its [CLS] is ``embeddings.cls_token``, its layers
+    ``vision_tower.layers.<i>``): topk-cls keeps the top-k patches of the eager [CLS] attention row."""
+    from transformers import ViTConfig
+
+    def tiny(attn):
+        torch.manual_seed(0)
+        vision = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8)
+        text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=64, pad_token_id=PAD)
+        return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
+                                                         vision_feature_layer=-2, attn_implementation=attn)).eval()
+
+    model, keep = tiny("sdpa"), 5
+    inputs = {"input_ids": torch.tensor([[1] + [IMAGE] * VISUAL + [5, 6]] * 2),
+              "pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+    out = compile_vlm(model, inputs, method="topk-cls", keep=keep).prefill(**inputs)
+    with torch.no_grad():
+        attention = tiny("eager").model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
+    scores = attention[0][:, :, 0, 1:].mean(1)  # the feature layer (hidden_states[-2]: layer 0's output)
+    chosen = [pos[scores[b].topk(keep).indices] for b, pos in enumerate(visual_positions(inputs["input_ids"], IMAGE))]
+    assert torch.equal(out.kept[0], with_text(inputs["input_ids"], IMAGE, chosen))

@@ -66,7 +66,9 @@ class Metric:
         diff = base_scores[:n] - scores if self.name == "top1" else self.best(0.0) - scores
         mean = float(diff.mean())
         spread = float(diff.std()) if n > 1 else float("inf")
-        floor = (100.0 if self.name != "cosine" else 0.01) / n  # one flipped example, so a perfect start is not overtrusted
+        # no flip seen is no proof of none: the spread is at least that of one flipped example (one
+        # example off by 100 points, or by 0.01 of cosine) among n, which is that size / sqrt(n)
+        floor = (100.0 if self.name != "cosine" else 0.01) / math.sqrt(n)
         return mean, max(spread, floor) / math.sqrt(n)
 
     def format(self, value: float) -> str:

@@ -151,7 +151,8 @@ class Llava(Family):
         vc = cfg.vision_config
         patches = (vc.image_size // vc.patch_size) ** 2
         tower = model.model.vision_tower
-        has_cls = hasattr(getattr(tower, "vision_model", tower).embeddings, "class_embedding")  # CLIP: yes, SigLIP: no
+        embeddings = getattr(tower, "vision_model", tower).embeddings
+        has_cls = any(hasattr(embeddings, name) for name in ("class_embedding", "cls_token"))  # CLIP, ViT; not SigLIP
         tokens = patches + (1 if has_cls and cfg.vision_feature_select_strategy != "default" else 0)
         return VlmSpec("llava", int(cfg.image_token_id), tokens, int(cfg.text_config.num_hidden_layers),
                        int(vc.num_hidden_layers), has_cls, type(model.model.vision_tower).__name__)

@@ -20,7 +20,7 @@ from tpc.graph.nodes import is_op, val
 
 aten = torch.ops.aten
 _LAYER = re.compile(r"(?:^|\.)(?:language_model|text_model)\.layers\.(\d+)$")
-_VISION_LAYER = re.compile(r"(?:^|\.)vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)$")
+_VISION_LAYER = re.compile(r"(?:^|\.)vision_tower\.(?:vision_model\.)?(?:encoder\.)?layers\.(\d+)$")  # CLIP, ViT
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def prompt_mask(gm: fx.GraphModule) -> fx.Node:
 
 
 def vision_attention(gm: fx.GraphModule, index: int) -> DecoderLayer:
-    """Vision-tower layer ``index``'s self-attention (LLaVA's CLIP tower: VTC-CLS reads its [CLS] row)."""
+    """Vision-tower layer ``index``'s self-attention (LLaVA's CLIP or ViT tower: VTC-CLS reads its [CLS] row)."""
     nodes = [n for n in gm.graph.nodes if layer_of(n, _VISION_LAYER) == index]
     attention = [n for n in nodes if is_op(n, aten.scaled_dot_product_attention)]
     if len(attention) != 1:
