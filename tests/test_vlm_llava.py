@@ -156,6 +156,19 @@ def test_vtc_cls_scores_with_the_vision_towers_cls_attention(llava, vision_layer
     assert torch.allclose(out.logits[rows], ref[rows], atol=1e-5)
     assert all(out.cache.layers[i].keys.shape[2] == kept.shape[1] for i in range(3))
 
+
+def test_inspect_with_a_vision_layer_reports_vtc_cls_at_that_layer(llava):
+    """tpc.inspect(vlm, vision_layer=i) with no method does what ``tpc inspect --vision-layer i`` does
+    (topk-cls, the default method, at that layer), instead of silently describing the unpruned model."""
+    import tpc
+
+    model, inputs, _ = llava
+    table = tpc.inspect(model, inputs, vision_layer=0, keep=4).table()
+    assert "topk-cls: visual 16 -> 4 before the language model ([CLS] attention of vision layer 0)" in table
+    with pytest.raises(TpcError, match="choose a vision layer from 0"):
+        tpc.inspect(model, inputs, vision_layer=5)
+
+
 def test_keep_zero_drops_every_visual_token_after_a_layer(llava):
     model, inputs, program = llava
     out = prune(model, program, inputs, method="fastv", layers=[0, 1], keep=[0.5, 0]).prefill(**inputs)

@@ -341,7 +341,8 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
         load_kwargs = {k: compile_kwargs[k] for k in LOAD_KEYWORDS if k in compile_kwargs}
         module, inputs, name = _resolve(model, example_inputs, compile_kwargs.get("seed", 0), **load_kwargs)
         if vlm.is_vlm(module):
-            if compile_kwargs.get("method") in VISUAL_METHODS:  # no layers: pruned before the language model
+            if compile_kwargs.get("method") in VISUAL_METHODS or compile_kwargs.get("vision_layer") is not None:
+                # no layers: pruned before the language model (a vision_layer alone: topk-cls, the default)
                 settings = {k: v for k, v in compile_kwargs.items() if k not in LOAD_KEYWORDS}
                 return compile(module, inputs, **settings).report
             return vlm.describe(module, inputs)

@@ -11,7 +11,11 @@ certified. An order fixed before the test controls the family-wise error at 1 âˆ
 with no multiplicity correction, so every certified rung's true drop is within the budget
 with probability â‰¥ ``confidence`` jointly, however long the ladder. Taking the lowest-FLOPs
 recipe whose *observed* drop is within the budget would pick the luckiest of many noisy
-estimates (the winner's curse).
+estimates (the winner's curse). Two approximations remain: the rungs were chosen by
+screening rounds on the first part of the same examples their bounds use (a milder winner's
+curse, docs/tune.md "What the rule does not cover"; ``rung`` records each rung's bound on the
+unseen part), and the bound is the normal (Wald) one, with one flipped example as the least
+SE (``Metric.drop``), which is optimistic on a few dozen examples.
 
 Successive halving (Jamieson & Talwalkar, AISTATS 2016; Li et al., Hyperband, JMLR 2018):
 every candidate is scored on the first n0 tuning examples; only the promising ones go on to
