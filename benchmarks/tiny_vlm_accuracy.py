@@ -13,7 +13,8 @@ Methods, at 50 / 25 / 10 % of the 64 visual tokens kept (32 / 16 / 7): stage 1 (
 language model) divprune, kcenter, random, topk-cls (VTC-CLS, the tower's [CLS] attention at
 its feature layer); stage 2 (after decoder layer 0 of 3) fastv, divprune, kcenter, random.
 ``random`` keeps the same seeded draw of patch positions for every image; it is run with
-seeds 0, 1, 2 and reported as their mean (and range).
+seeds 0, 1, 2 and reported as their mean (and range). One more row drops every visual token
+after layer 0 (``keep=0``, ToDRE's second stage): what the later layers still read from them.
 
 FLOPs ratio: multiply-adds of the pruned prefill graph over the unpruned one, counted on the
 graphs by ``tpc.vlm.prefill_flops`` at batch 1 and the 71-token "what" prompt (vision tower
@@ -52,6 +53,8 @@ STAGE1 = ("divprune", "kcenter", "random", "topk-cls")
 STAGE2 = ("fastv", "divprune", "kcenter", "random")
 PNG = Path(__file__).resolve().parents[1] / "docs" / "tiny_vlm_accuracy.png"
 BATCH = 250
+# every visual token dropped after layer 0 (ToDRE's second stage): how much the later layers still read the image
+DROP_ALL = dict(stage=2, method="random", layers=STAGE2_LAYER, keep=0, seed=0)
 
 
 def configs() -> list[dict]:
@@ -60,7 +63,7 @@ def configs() -> list[dict]:
         for method in methods:
             for seed in (RANDOM_SEEDS if method == "random" else (0,)):
                 out += [dict(stage=stage, method=method, layers=layers, keep=keep, seed=seed) for keep in KEEPS]
-    return out
+    return out + [DROP_ALL]
 
 
 def name(c: dict) -> str:
@@ -125,17 +128,22 @@ def accuracy(path: Path) -> None:
             return model(**x).logits[:, -1].argmax(-1)
 
     start = time.perf_counter()
-    results = {"unpruned": {**score(stock, batches), "flops": base_flops}}
+    saved = path / "accuracy.json"
+    results = json.loads(saved.read_text()) if saved.exists() else {}  # a run resumes: configs done are kept
+    if "unpruned" not in results:
+        results["unpruned"] = {**score(stock, batches), "flops": base_flops}
     print(f"unpruned: {results['unpruned']} ({time.perf_counter() - start:.0f} s)", flush=True)
     check = batches[len(batches) // 2]  # an is-there batch: generate()'s first token is the prefill's argmax
     for c in configs():
+        if name(c) in results:
+            continue
         pruned = prune(model, program, inputs, c)
         first = pruned.generate(**check[0], max_new_tokens=2)[:, check[0]["input_ids"].shape[1]]
         assert torch.equal(first, pruned.prefill(**check[0]).logits[:, -1].argmax(-1)), name(c)
         results[name(c)] = {**c, **score(lambda x: pruned.prefill(**x).logits[:, -1].argmax(-1), batches),
                             "flops": prefill_flops(pruned.gm, tokens).total}
         print(f"{name(c)}: {results[name(c)]} ({time.perf_counter() - start:.0f} s)", flush=True)
-    (path / "accuracy.json").write_text(json.dumps(results, indent=1) + "\n")
+        saved.write_text(json.dumps(results, indent=1) + "\n")
 
 
 def latency(path: Path, batch: int, iters: int, repeats: int) -> None:
@@ -182,9 +190,10 @@ def rows(acc: dict, lat: dict) -> list[dict]:
     out = []
     base = acc["unpruned"]
     for c in configs():
-        if c["seed"] != 0:
+        if c["seed"] != 0 or name(c) not in acc:
             continue
-        runs = [acc[name({**c, "seed": s})] for s in (RANDOM_SEEDS if c["method"] == "random" else (0,))]
+        seeds = RANDOM_SEEDS if c["method"] == "random" and c["keep"] > 0 else (0,)
+        runs = [acc[name({**c, "seed": s})] for s in seeds]
         row = {**c, "kept": int(np.ceil(c["keep"] * tiny.VISUAL)), "flops_ratio": runs[0]["flops"] / base["flops"]}
         for kind in ("what", "is_there", "both"):
             row[kind] = statistics.mean(r[kind] for r in runs)
@@ -205,6 +214,11 @@ def report(path: Path) -> None:
     print("|---|---|---|---|---|---|---|---|")
     print(f"| — | unpruned | 64 | {base['what']:.1%} | {base['is_there']:.1%} | {base['both']:.1%} | 1.000 | 1.000 |")
     for r in table:
+        if r["keep"] == 0:
+            print(f"| 2 (after layer {STAGE2_LAYER}) | every visual token dropped | 0 | {r['what']:.1%} | "
+                  f"{r['is_there']:.1%} | {r['both']:.1%} | {r['flops_ratio']:.3f} | "
+                  f"{'—' if r['latency_ratio'] is None else format(r['latency_ratio'], '.3f')} |")
+            continue
         where = "1 (before the LM)" if r["stage"] == 1 else f"2 (after layer {STAGE2_LAYER})"
         spread = "" if r["method"] != "random" else f" ({r['both_range'][0]:.1%}–{r['both_range'][1]:.1%})"
         latency_text = "—" if r["latency_ratio"] is None else f"{r['latency_ratio']:.3f}"
@@ -219,11 +233,13 @@ def plot(table: list[dict], base: dict) -> None:
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.6), dpi=120)
+    table = [r for r in table if r["keep"] > 0]
     lines = dict.fromkeys((r["stage"], r["method"]) for r in table)
+    colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(m for _, m in lines))}
     for stage, method in lines:
         pts = sorted((r["kept"], r["both"]) for r in table if (r["stage"], r["method"]) == (stage, method))
         ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o" if stage == 1 else "s",
-                linestyle="-" if stage == 1 else "--",
+                linestyle="-" if stage == 1 else "--", color=colors[method],
                 label=f"{method} ({'before the LM' if stage == 1 else f'after layer {STAGE2_LAYER}'})")
     ax.axhline(100 * base["both"], color="black", linewidth=1, label="unpruned (64 tokens)")
     ax.set_xlabel("visual tokens kept (of 64)")
