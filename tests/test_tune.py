@@ -80,6 +80,7 @@ def test_labels_make_top1_the_default_and_the_cli_writes_table_and_plot(tmp_path
                  "--methods", "topk-cls", "--mean", MEAN, "--std", STD, "--plot", str(png), "-o", str(out)])
     printed = capsys.readouterr().out
     assert code == 0 and "Pareto front" in printed and "check" in printed and "recipes tried" in printed
+    assert "selection (fixed-sequence test)" in printed and " certified " in printed  # the rule, rung by rung
     saved = json.loads(out.read_text())
     assert saved["metric"]["name"] == "top1" and png.read_bytes()[:4] == b"\x89PNG"
     pm = tpc.compile("models:cli_tiny_vit", recipe=out)
