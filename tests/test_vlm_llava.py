@@ -574,9 +574,10 @@ def test_loading_a_vlm_with_its_prompts_or_a_text_length(tmp_path, monkeypatch):
     assert isinstance(loaded.example_inputs, dict) and loaded.example_inputs["input_ids"].shape == (1, 20)
     tiny_llava().save_pretrained(tmp_path / "llava")
     assert models.load(str(tmp_path / "llava"), input_size="12").example_inputs["input_ids"].shape == (2, 29)
-    with pytest.raises(TpcError, match="text tokens per prompt") as err:
-        models.load(str(tmp_path / "llava"), input_size="3,32,32")
-    assert "\n" not in str(err.value)
+    for size in ("3,32,32", "0"):  # a prompt needs a text token besides [bos]
+        with pytest.raises(TpcError, match="text tokens per prompt") as err:
+            models.load(str(tmp_path / "llava"), input_size=size)
+        assert "\n" not in str(err.value)
 
 
 def test_vtc_cls_on_a_vit_tower_reads_its_cls_attention():

@@ -215,9 +215,9 @@ def hf_example_inputs(config, module, input_size) -> tuple | dict:
     if is_vlm(module):
         from tpc.vlm.family import example_inputs
 
-        if input_size is not None and len(input_size) != 1:
-            raise TpcError(f"--input-size of a vision-language model is its text tokens per prompt (one number, e.g. "
-                           f"64), not {','.join(map(str, input_size))}")
+        if input_size is not None and (len(input_size) != 1 or input_size[0] < 1):
+            raise TpcError(f"--input-size of a vision-language model is its text tokens per prompt (one number, 1 "
+                           f"or more, e.g. 64), not {','.join(map(str, input_size))}")
         return example_inputs(module, text=int(input_size[0])) if input_size else example_inputs(module)
     if getattr(config, "image_size", None) and getattr(config, "num_channels", None):
         size = input_size or (config.num_channels, config.image_size, config.image_size)
