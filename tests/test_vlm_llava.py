@@ -462,6 +462,19 @@ def test_prefill_flops_are_counted_on_the_graphs(llava, kwargs, tokens, scoring)
     assert f"({report.flops_ratio:.3f}x" in report.summary() and "prefill FLOPs at batch 1" in report.summary()
 
 
+def test_vtc_cls_scoring_is_counted_once_per_image_whatever_the_prompt_length(llava):
+    """VTC-CLS's [CLS] row (``tpc::cls_attention`` at the feature layer: H·(P+1)·d multiply-adds per
+    image) is in the report's scoring FLOPs, as docs/vlm.md says; it runs in the vision tower, so a
+    longer prompt does not change it."""
+    import tpc.vlm
+
+    model, inputs, program = llava
+    pruned = prune(model, program, inputs, method="topk-cls", keep=4)
+    cls_row = 4 * 17 * 8  # 4 heads, 16 patches + [CLS], head width 8
+    assert pruned.report.flops_scoring == cls_row
+    assert pruned.report.flops_after == lm_macs([12, 12, 12]) + cls_row
+    assert tpc.vlm.prefill_flops(pruned.gm, 40).total == lm_macs([28, 28, 28]) + cls_row
+
 def test_vision_layer_is_refused_where_it_means_nothing(llava, tmp_path, capsys):
     """tpc.compile / tpc compile --vision-layer: one line for a non-VLM, a method that does not read
     the vision tower, a layer out of range; no file written."""
