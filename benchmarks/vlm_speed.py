@@ -10,12 +10,15 @@ follows the FLOPs), and one decode step's latency (median, side by side) and KV-
 unpruned one.
 
     python benchmarks/vlm_speed.py [--threads 1] [--iters 3] [--repeats 3]
+
+The same model through the CLI (tpc's counted FLOPs, both prefills through ``VlmModule.prefill``):
+
+    tpc bench benchmarks.vlm_speed:model --pass fastv --layers 1 --keep 0.25 --batch 1
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -23,8 +26,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from tpc.timing import time_pair
 from tpc.vlm import capture_prefill, prune
-from tpc.vlm.module import _decode_step
-from tpc.vlm.family import language_model
+from tpc.vlm.bench import decode_step, kv_bytes
 from tpc.vlm.inputs import prompt_positions
 
 IMAGE = 31999
@@ -50,31 +52,15 @@ def prompts(batch: int) -> dict:
             "pixel_values": torch.randn(batch, 3, 336, 336, generator=gen)}
 
 
+def model() -> tuple[LlavaForConditionalGeneration, dict]:
+    """The model and one prompt, for ``tpc bench benchmarks.vlm_speed:model`` (docs/benchmarks.md)."""
+    return llava_15_shaped(), prompts(1)
+
+
 def flops(run) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         run()
     return counter.get_total_flops()
-
-
-def decode_step(model, state):
-    """One greedy decode step over a copy of the prefill's cache, cropped back after each call."""
-    lm, head = language_model(model)
-    token = state.logits[:, -1].argmax(-1)[:, None]
-    position = state.positions[:, -1:] + 1
-    valid = [torch.cat([v, torch.ones_like(v[:, :1])], 1) for v in state.valid]
-    cache = copy.deepcopy(state.cache)
-    lengths = [layer.keys.shape[2] for layer in cache.layers]
-
-    def run():
-        with torch.no_grad():
-            _decode_step(lm, head, token, position, valid, cache)
-        for layer, n in zip(cache.layers, lengths):  # back to the prefill's cache (views, no copy)
-            layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
-    return run
-
-
-def kv_bytes(state) -> int:
-    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in state.cache.layers)
 
 
 def main() -> None:
@@ -84,10 +70,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = llava_15_shaped()
+    llava = llava_15_shaped()
     inputs = prompts(2)
     one = {k: v[:1] for k, v in inputs.items()}
-    program = capture_prefill(model, inputs)
+    program = capture_prefill(llava, inputs)
     unpruned = program.module()  # the captured prefill, not rewritten
     example = (one["input_ids"], one["pixel_values"], one["attention_mask"], prompt_positions(one["attention_mask"]))
 
@@ -96,18 +82,18 @@ def main() -> None:
             return unpruned(*example)
 
     base_flops = flops(run_base)
-    base_state = prune(model, program, inputs, method="random", keep=1.0).prefill(**one)  # the full cache
+    base_state = prune(llava, program, inputs, method="random", keep=1.0).prefill(**one)  # the full cache
     print(f"LLaVA-1.5-shaped LM (hidden 1024, 16 heads, 8 layers), {VISUAL} visual + {TEXT} text tokens, batch 1, "
           f"torch CPU, {args.threads} thread(s)")
     print(f"{'method':<10} {'where':<16} {'FLOPs ratio':>11} {'prefill speedup':>15} {'(min-max)':>13} "
           f"{'speedup*FLOPs':>13} {'decode ms':>15} {'KV cache MB':>15}")
     for method, layers in (("fastv", 1), ("divprune", None), ("kcenter", None), ("random", None), ("random", 1)):
-        pruned = prune(model, program, inputs, method=method, layers=layers, keep=0.25)
+        pruned = prune(llava, program, inputs, method=method, layers=layers, keep=0.25)
         state = pruned.prefill(**one)
         ratio = flops(lambda: pruned.prefill(**one)) / base_flops
         timing = time_pair(run_base, lambda: pruned.prefill(**one), 1, warmup=1,
                            iters=args.iters, repeats=args.repeats)
-        decode = time_pair(decode_step(model, base_state), decode_step(model, state), 1, warmup=1, iters=5,
+        decode = time_pair(decode_step(llava, base_state), decode_step(llava, state), 1, warmup=1, iters=5,
                            repeats=args.repeats)
         where = "before the LM" if layers is None else f"after layer {layers}"
         print(f"{method:<10} {where:<16} {ratio:>11.3f} {timing.speedup:>14.2f}x "

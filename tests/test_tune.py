@@ -54,6 +54,11 @@ def test_recipe_found_written_read_back_and_reproduced(tmp_path):
     assert saved["metric"]["name"] == "cosine" and saved["data"]["tuning"] == [0, 30] and saved["data"]["check"] == [30, 40]
     assert saved["search"]["tried"] >= 1 and 0 < saved["search"]["search_s"] <= saved["search"]["wall_s"]
     assert saved["search"]["prefix_runs"] >= 1
+    ladder = saved["ladder"]  # the fixed-sequence test, most FLOPs first; the pick is its last certified rung
+    assert saved["search"]["rule"] == "fixed-sequence" and len(ladder) == saved["search"]["compared"] >= 1
+    assert [r["flops_ratio"] for r in ladder] == sorted((r["flops_ratio"] for r in ladder), reverse=True)
+    certified = [r for r in ladder if r["certified"]]
+    assert certified and certified[-1]["steps"] == saved["steps"] and ladder[:len(certified)] == certified
 
     model = tiny_timm_vit()
     pm = tpc.compile("models:cli_tiny_vit", recipe=out)
@@ -75,6 +80,7 @@ def test_labels_make_top1_the_default_and_the_cli_writes_table_and_plot(tmp_path
                  "--methods", "topk-cls", "--mean", MEAN, "--std", STD, "--plot", str(png), "-o", str(out)])
     printed = capsys.readouterr().out
     assert code == 0 and "Pareto front" in printed and "check" in printed and "recipes tried" in printed
+    assert "selection (fixed-sequence test)" in printed and " certified " in printed  # the rule, rung by rung
     saved = json.loads(out.read_text())
     assert saved["metric"]["name"] == "top1" and png.read_bytes()[:4] == b"\x89PNG"
     pm = tpc.compile("models:cli_tiny_vit", recipe=out)

@@ -290,14 +290,12 @@ def test_tpc_imports_without_the_optional_transformers():
 
 
 def test_commands_without_vlm_support_refuse_a_vlm_in_one_line(tmp_path):
-    from tpc.commands.bench import run_bench
     from tpc.commands.eval import run_eval
     from tpc.visualize import run_visualize
 
     tiny_llava().save_pretrained(tmp_path / "llava")
     path = str(tmp_path / "llava")
-    for command, call in (("bench", lambda: run_bench(path, method="fastv", layers="1", backend="torch")),
-                          ("eval", lambda: run_eval(path, tmp_path, method="fastv", layers="1")),
+    for command, call in (("eval", lambda: run_eval(path, tmp_path, method="fastv", layers="1")),
                           ("visualize", lambda: run_visualize(path, tmp_path / "x.png", tmp_path / "v.png", method="fastv", layers="1"))):
         with pytest.raises(TpcError, match=f"tpc {command} does not take vision-language models yet") as err:
             call()
@@ -505,6 +503,67 @@ def test_vision_layer_is_refused_where_it_means_nothing(llava, tmp_path, capsys)
     assert main(["inspect", str(tmp_path / "llava"), "--vision-layer", "0", "--keep", "4"]) == 0
     assert "topk-cls: visual 16 -> 4 before the language model ([CLS] attention of vision layer 0)" in \
         capsys.readouterr().out
+
+
+def test_bench_measures_prefill_decode_and_kv_cache_side_by_side(llava, tmp_path, capsys):
+    """tpc bench on a VLM: prefill and decode-step latency, pruned against unpruned, KV-cache bytes
+    and the FLOPs ratio, per batch size; one line for a backend or a layer it cannot take."""
+    from tpc.cli import main
+
+    model, inputs, program = llava
+    model.save_pretrained(tmp_path / "llava")
+    path = str(tmp_path / "llava")
+    fast = ["--warmup", "0", "--iters", "1", "--repeats", "1"]
+    assert main(["bench", path, "--pass", "fastv", "--layers", "1", "--keep", "4", "--batch", "1,3", *fast]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "fastv keep 4 after layers 1" in lines[0] and "(0.875x) for the 25-token example prompt" in lines[0]
+    assert lines[1].startswith("torch, ")
+    for word in ("prefill ms unpruned -> pruned", "speedup (spread)", "FLOPs", "decode-step ms", "KV cache MB"):
+        assert word in lines[2]
+    # the unpruned cache holds 25 tokens in each of 3 layers, the pruned one 25, 25 and 25 - 16 + 4
+    rows = [line.split() for line in lines[3:]]
+    assert [r[0] for r in rows] == ["1", "3"] and all(r[6] == "0.875x" and r[-1] == "0.840x" for r in rows)
+    for args, message in ((["--backend", "onnxruntime"], "--backend onnxruntime is for encoders"),
+                          (["--layers", "5"], "layer 5 is beyond the language model's depth")):
+        assert main(["bench", path, "--pass", "fastv", "--keep", "4", "--layers", "1", *args, *fast]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and err[-1].startswith("tpc: error:")
+
+
+def test_bench_kv_bytes_decode_step_and_batches(llava):
+    from tpc.vlm.bench import decode_step, kv_bytes, repeat_examples
+
+    model, inputs, program = llava
+    pruned = prune(model, program, inputs, method="fastv", layers=1, keep=4)
+    state, full = pruned.prefill(**inputs), pruned.unpruned().prefill(**inputs)
+    per_token = 2 * 2 * 8 * 4  # keys and values, 2 key-value heads of width 8, float32
+    assert kv_bytes(full) == 2 * per_token * 3 * 24 and kv_bytes(state) == 2 * per_token * (24 + 24 + 12)
+    assert torch.allclose(full.logits, hf_forward(model, inputs).logits, atol=1e-5)  # the unpruned prefill
+    step = decode_step(model, state)
+    step()
+    step()  # the cache is cut back after each step
+    assert [layer.keys.shape[2] for layer in state.cache.layers] == [24, 24, 12]
+    three = repeat_examples(inputs, 3)
+    assert torch.equal(three["input_ids"], inputs["input_ids"][[0, 1, 0]])
+    assert torch.equal(three["pixel_values"], inputs["pixel_values"][[0, 1, 0]])
+
+
+def test_loading_a_vlm_with_its_prompts_or_a_text_length(tmp_path, monkeypatch):
+    """A module:function may return (VLM, processor outputs dict); --input-size N gives a VLM's
+    example prompts N text tokens (one number, else one line)."""
+    from tpc import models
+
+    (tmp_path / "vlm_fn.py").write_text("import torch\nfrom test_vlm_llava import tiny_llava\n\n"
+                                        "def make():\n    ids = torch.tensor([[1] + [63] * 16 + [5, 6, 7]])\n"
+                                        "    return tiny_llava(), {'input_ids': ids, 'pixel_values': torch.zeros(1, 3, 32, 32)}\n")
+    monkeypatch.chdir(tmp_path)
+    loaded = models.load("vlm_fn:make")
+    assert isinstance(loaded.example_inputs, dict) and loaded.example_inputs["input_ids"].shape == (1, 20)
+    tiny_llava().save_pretrained(tmp_path / "llava")
+    assert models.load(str(tmp_path / "llava"), input_size="12").example_inputs["input_ids"].shape == (2, 29)
+    with pytest.raises(TpcError, match="text tokens per prompt") as err:
+        models.load(str(tmp_path / "llava"), input_size="3,32,32")
+    assert "\n" not in str(err.value)
 
 
 def test_vtc_cls_on_a_vit_tower_reads_its_cls_attention():

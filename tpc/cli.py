@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency of the pruned and the unpruned model, side by side")
     _add_model_args(p)
     _add_prune_args(p)
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), torch, or tensorrt")
+    p.add_argument("--backend", help="onnxruntime (default), torch, or tensorrt; a VLM: torch (the default)")
     p.add_argument("--batch", default="1,8", help="batch sizes, e.g. 1,8,32")
     p.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs of each model first")

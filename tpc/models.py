@@ -215,7 +215,10 @@ def hf_example_inputs(config, module, input_size) -> tuple | dict:
     if is_vlm(module):
         from tpc.vlm.family import example_inputs
 
-        return example_inputs(module)
+        if input_size is not None and len(input_size) != 1:
+            raise TpcError(f"--input-size of a vision-language model is its text tokens per prompt (one number, e.g. "
+                           f"64), not {','.join(map(str, input_size))}")
+        return example_inputs(module, text=int(input_size[0])) if input_size else example_inputs(module)
     if getattr(config, "image_size", None) and getattr(config, "num_channels", None):
         size = input_size or (config.num_channels, config.image_size, config.image_size)
         return example_images(size)
@@ -300,7 +303,7 @@ def _load_function(spec: str, input_size) -> LoadedModel:
         raise TpcError(f"{spec!r} raised {_user_error(err)}") from err
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
         module, inputs = made
-        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+        inputs = inputs if isinstance(inputs, tuple) or hasattr(inputs, "keys") else (inputs,)  # a dict stays one
     elif isinstance(made, nn.Module):
         module = made
         size = input_size or image_size_of(module)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -10,7 +11,10 @@ from tpc import models
 from tpc.backends import BACKENDS, check_backend
 from tpc.errors import TpcError
 from tpc.timing import BenchResult, BenchRow, inserted_share, machine_name, time_pair, torch_inserted_share
-from tpc.vlm.family import refuse_vlm
+from tpc.vlm.family import is_vlm
+
+if TYPE_CHECKING:
+    from tpc.vlm.bench import VlmBenchResult
 
 
 def parse_batches(text) -> list[int]:
@@ -23,8 +27,13 @@ def parse_batches(text) -> list[int]:
     return values
 
 
-def run_bench(model_id, method="topk-cls", layers=None, keep=None, backend="onnxruntime", batches="1,8",
-              threads=None, warmup=3, iters=10, repeats=5, load_kwargs=None, compile_kwargs=None) -> BenchResult:
+def run_bench(model_id, method="topk-cls", layers=None, keep=None, backend=None, batches="1,8",
+              threads=None, warmup=3, iters=10, repeats=5, load_kwargs=None, compile_kwargs=None) -> BenchResult | VlmBenchResult:
+    """Latency of the pruned model against the unpruned one, side by side, per batch size.
+
+    ``backend``: onnxruntime (the default for encoders), torch or tensorrt. A vision-language
+    model is measured in torch (prefill and one decode step, KV-cache bytes: tpc.vlm.bench).
+    """
     import tpc
     from tpc.capture import capture
     from tpc.exports import to_onnx
@@ -32,7 +41,8 @@ def run_bench(model_id, method="topk-cls", layers=None, keep=None, backend="onnx
     from tpc.exports.onnxruntime import make_session
     from tpc.flops import count_flops
 
-    check_backend(backend, BACKENDS, "tpc bench")
+    if backend is not None:
+        check_backend(backend, BACKENDS, "tpc bench")
     if backend == "tensorrt":
         from tpc.exports.tensorrt import require_tensorrt
 
@@ -42,7 +52,10 @@ def run_bench(model_id, method="topk-cls", layers=None, keep=None, backend="onnx
     sizes = parse_batches(batches)
     threads = threads or os.cpu_count() or 1
     loaded = models.load(str(model_id), **(load_kwargs or {}))
-    refuse_vlm(loaded.module, "bench")
+    if is_vlm(loaded.module):
+        return _bench_vlm(loaded, method, layers, keep, backend, sizes, threads, warmup, iters, repeats,
+                          compile_kwargs)
+    backend = backend or "onnxruntime"
     pruned = tpc.compile(loaded.module, loaded.example_inputs, method=method, layers=layers, keep=keep,
                          **(compile_kwargs or {}))
     report = pruned.report
@@ -80,3 +93,16 @@ def run_bench(model_id, method="topk-cls", layers=None, keep=None, backend="onnx
         rows.append(BenchRow(batch, timing, flops_speedup, share))
     config = f"{report.recipe()}; FLOPs {report.flops_before / 1e9:.3f} G -> {report.flops_after / 1e9:.3f} G"
     return BenchResult(loaded.name, backend, threads, config, rows, machine_name())
+
+
+def _bench_vlm(loaded, method, layers, keep, backend, sizes, threads, warmup, iters, repeats, compile_kwargs):
+    """A VLM: prefill and one decode step in torch, pruned against unpruned (tpc.vlm.bench)."""
+    import tpc
+    from tpc.vlm.bench import bench_vlm
+
+    if backend not in (None, "torch"):
+        raise TpcError(f"tpc bench measures a vision-language model in torch (its decode step runs the stock decoder "
+                       f"layers in Python): --backend {backend} is for encoders; drop it or pass --backend torch")
+    pruned = tpc.compile(loaded.module, loaded.example_inputs, method=method, layers=layers, keep=keep,
+                         **(compile_kwargs or {}))
+    return bench_vlm(pruned, loaded.example_inputs, loaded.name, sizes, threads, warmup, iters, repeats)

@@ -42,7 +42,7 @@ from statistics import NormalDist
 import torch
 
 from tpc.errors import TpcError
-from tpc.recipe import Step, describe
+from tpc.recipe import Step, check_steps, describe
 from tpc.tune.engine import Engine
 from tpc.tune.metrics import Metric
 from tpc.tune.space import family_of
@@ -155,8 +155,8 @@ class Search:
         """One rung as recipe.json records it, with its drop on the examples that chose the ladder and its
         drop and bound on the ones that did not (what a bound free of the selection would have said)."""
         seen = self.screened()
-        out = {"recipe": c.label, "flops_ratio": c.flops_ratio, "drop": c.drop, "se": c.se, "bound": self.upper(c),
-               "examples": c.n, "certified": c.certified}
+        out = {"recipe": c.label, "steps": [s.as_dict() for s in check_steps(c.steps)], "flops_ratio": c.flops_ratio,
+               "drop": c.drop, "se": c.se, "bound": self.upper(c), "examples": c.n, "certified": c.certified}
         if 0 < seen < c.n:
             drop, se = self.metric.drop(c.scores[seen:], self.base_scores[seen:c.n])
             out["screened"] = {"examples": seen, "drop": self.metric.drop(c.scores[:seen], self.base_scores[:seen])[0]}

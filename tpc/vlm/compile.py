@@ -159,4 +159,4 @@ def _rewrite(family, program, inputs, example: tuple, plan, method: str, seed: i
     pruned = prefill_flops(gm, prompt)
     report = describe(model, inputs, stages, method, (unpruned, pruned.total, pruned.scoring))
     report.vision_layer = cls[0] if cls else None
-    return VlmModule(gm, model, family, stages, report, example)
+    return VlmModule(gm, model, family, stages, report, example, program)

@@ -19,7 +19,7 @@ def save_prefill(module, path, check: bool = True) -> CheckResult | None:
         raise TpcError(f"a pruned VLM is written as .pt2 (its prefill program); {path.suffix or 'no suffix'} is not "
                        "supported for VLMs yet")
     check_output_path(path)
-    dynamic = module.family.dynamic_shapes(module.example_inputs, module.stages[0].visual_in)
+    dynamic = module.family.dynamic_shapes(module.example_inputs, module.visual)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -54,7 +54,7 @@ def refuse_vlm(model, command: str) -> None:
     """One line for a command that does not take VLMs yet (they compile and export only)."""
     if is_vlm(model):
         raise TpcError(f"tpc {command} does not take vision-language models yet ({type(model).__name__}): use tpc "
-                       "compile / inspect, or benchmarks/vlm_speed.py for speed (docs/vlm.md)")
+                       "compile / inspect / bench (docs/vlm.md)")
 
 
 def family_of(model: nn.Module) -> Family:

@@ -44,12 +44,16 @@ class VlmModule(nn.Module):
     """A VLM whose prefill prunes visual tokens; ``generate`` as the Hugging Face model's."""
 
     def __init__(self, gm: fx.GraphModule, model: nn.Module, family: Family, stages: list[Stage], report,
-                 example_inputs: tuple):
+                 example_inputs: tuple, program: torch.export.ExportedProgram | None = None):
+        """``stages`` empty: the captured prefill unpruned (the baseline ``unpruned()`` returns);
+        ``program``: that capture, kept so the baseline needs no second export."""
         super().__init__()
         self.gm = gm
         self.family, self.spec = family, family.spec()
         self.stages, self.report, self.example_inputs = stages, report, example_inputs
+        self.visual = report.visual  # visual tokens per example the prefill was compiled for
         self._model = [model]  # not a submodule: its parameters are shared, never registered twice
+        self._program = program
         self.generation_config = model.generation_config
 
     def prefill(self, input_ids, pixel_values=None, attention_mask=None, **image_inputs) -> Prefill:
@@ -66,9 +70,9 @@ class VlmModule(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         args, visual = self.family.graph_args({"input_ids": input_ids, "pixel_values": pixel_values,
                                                "attention_mask": attention_mask, **image_inputs})
-        if visual != self.stages[0].visual_in:
+        if visual != self.visual:
             raise TpcError(f"each prompt holds {visual} image tokens; this module was compiled for "
-                           f"{self.stages[0].visual_in} (its example inputs' number of images): compile it again "
+                           f"{self.visual} (its example inputs' number of images): compile it again "
                            "with that many images per prompt")
         with torch.no_grad():
             out = self.gm(*args)
@@ -86,6 +90,20 @@ class VlmModule(nn.Module):
                 stage += 1
             valid.append(mask)
         return Prefill(logits, cache, valid, kept, args[3])
+
+    def unpruned(self) -> VlmModule:
+        """The same captured prefill without the rewrite (every token in every layer, the full KV
+        cache): what ``tpc bench`` times this module against."""
+        from dataclasses import replace
+
+        if self._program is None:
+            raise TpcError("this VlmModule keeps no captured program to take the unpruned prefill from")
+        flops = self.report.flops_before
+        report = replace(self.report, method=None, layers=[], keep=[], stages=[], flops_after=flops,
+                         flops_scoring=0, vision_layer=None,
+                         layer_tokens=[self.report.prompt_tokens] * len(self.report.layer_tokens))
+        gm = self._program.module()
+        return VlmModule(gm, self._model[0], self.family, [], report, self.example_inputs, self._program)
 
     def save(self, path, check: bool = True):
         """Write the pruned prefill as a ``.pt2`` program (symbolic batch and prompt length), checked
