@@ -19,12 +19,14 @@ after layer 0 (``keep=0``, ToDRE's second stage): what the later layers still re
 FLOPs ratio: multiply-adds of the pruned prefill graph over the unpruned one, counted on the
 graphs by ``tpc.vlm.prefill_flops`` at batch 1 and the 71-token "what" prompt (vision tower
 and projector included; the scorers FastV's query row and VTC-CLS's [CLS] row included,
-divprune's and kcenter's greedy selections not). Latency ratio: pruned prefill over the captured unpruned prefill, timed side by side,
-interleaved (``tpc.timing.time_pair``), at batch 16, torch on the CPU.
+divprune's and kcenter's greedy selections not). Latency ratio: pruned prefill over the
+captured unpruned prefill, timed side by side, interleaved (``tpc.timing.time_pair``), at
+batch 16, torch on the CPU.
 
-    python benchmarks/tiny_vlm_accuracy.py accuracy                                  # ~15 min, 1 thread
-    flock /work/bench.lock env OMP_NUM_THREADS=2 python benchmarks/tiny_vlm_accuracy.py latency
-    python benchmarks/tiny_vlm_accuracy.py report   # the table and docs/tiny_vlm_accuracy.png
+    python benchmarks/tiny_vlm_accuracy.py accuracy     # about 20 min at nice 19; resumes from accuracy.json
+    flock /work/bench.lock env OMP_NUM_THREADS=2 python benchmarks/tiny_vlm_accuracy.py latency \
+        --batch 16 --threads 1 --iters 10 --repeats 5
+    python benchmarks/tiny_vlm_accuracy.py report       # the table and docs/tiny_vlm_accuracy.png
 
 ``accuracy`` and ``latency`` write JSON beside the model (benchmarks/tiny_vlm/); ``report``
 reads both.
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -149,14 +152,13 @@ def accuracy(path: Path) -> None:
 def latency(path: Path, batch: int, iters: int, repeats: int) -> None:
     from tpc.timing import time_pair
     from tpc.vlm import capture_prefill
+    from tpc.vlm.family import family_of
 
     model, tok = model_and_tokenizer(path)
     images, labels = tiny.load_data(range(EVAL.start, EVAL.start + batch))
     inputs = tiny.processor(tok, images, [tiny.WHAT] * batch)
     program = capture_prefill(model, example(tok))
     unpruned = program.module()
-    from tpc.vlm.family import family_of
-
     args, _ = family_of(model).graph_args(inputs)
 
     def base():
@@ -180,8 +182,6 @@ def latency(path: Path, batch: int, iters: int, repeats: int) -> None:
 
 
 def uptime() -> str:
-    import os
-
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
