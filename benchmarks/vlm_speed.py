@@ -4,7 +4,8 @@ A LLaVA-1.5-shaped language model at reduced depth (Llama: hidden 1024, 16 heads
 layers, MLP 2752, vocabulary 32000; random weights) behind a one-layer CLIP tower at 336 px /
 patch 14, so each image is 576 visual tokens; prompts are 576 visual + 64 text tokens. For
 every method at 25 % of the visual tokens kept it prints the prefill FLOPs ratio (aten ops
-executed, counted by torch's FlopCounterMode; the tpc:: scoring ops are not in it), the
+executed, counted by torch's FlopCounterMode, which on the CPU sees neither the SDPA attention
+nor the tpc:: scoring ops; ``tpc bench`` counts both, docs/benchmarks.md), the
 measured prefill speedup (torch, CPU; speedup × FLOPs ratio ≥ 0.9 means the latency
 follows the FLOPs), and one decode step's latency (median, side by side) and KV-cache bytes with the pruned cache against the
 unpruned one.

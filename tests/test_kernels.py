@@ -138,3 +138,49 @@ def test_opcheck(name):
                              torch.randn(2, 2, 5, 4, generator=g), None, 0.5),
     }[name]
     torch.library.opcheck(getattr(ops, name).default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_vlm_ops_match_loops_and_their_fakes():
+    """tpc::visual_index, last_token_attention (grouped keys, a bool mask, left padding), keep_visual
+    and gather_axis (a batch-1 side tensor) against loops written from their docstrings; opcheck of
+    each one's schema and fake implementation."""
+    import math
+
+    import tpc.vlm.ops  # noqa: F401  registers the VLM ops
+
+    g = torch.Generator().manual_seed(3)
+    b, s, heads, kv_heads, d, count = 2, 9, 4, 2, 5, 4
+    visual = torch.zeros(b, s, dtype=torch.bool)
+    visual[0, 2:6], visual[1, [1, 3, 4, 7]] = True, True
+    pos = ops.visual_index(visual, count)
+    assert pos.tolist() == [[i for i in range(s) if visual[e, i]] for e in range(b)]
+
+    q, k = torch.randn(b, heads, s, d, generator=g), torch.randn(b, kv_heads, s, d, generator=g)
+    valid = torch.ones(b, s, dtype=torch.long)
+    valid[1, -2:] = 0  # the second prompt's last real token is at s - 3
+    mask = torch.rand(b, 1, s, s, generator=g) > 0.3
+    mask |= torch.eye(s, dtype=torch.bool)
+    got = ops.last_token_attention(q, k, 0.5, mask, valid)
+    want = torch.zeros(b, s)
+    for e in range(b):
+        last = max(i for i in range(s) if valid[e, i])
+        for h in range(heads):
+            keys = [j for j in range(s) if j <= last and mask[e, 0, last, j]]
+            logits = [0.5 * float(q[e, h, last] @ k[e, h // (heads // kv_heads), j]) for j in keys]
+            total = sum(math.exp(x) for x in logits)
+            for j, x in zip(keys, logits):
+                want[e, j] += math.exp(x) / total / heads
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+    chosen = torch.tensor([[3, 0], [1, 2]])
+    kept = ops.keep_visual(pos, chosen, s)
+    assert kept.tolist() == [sorted(set(range(s)) - set(pos[e].tolist()) | {int(pos[e, c]) for c in chosen[e]})
+                             for e in range(b)]
+    shared = torch.randn(1, s, 3, generator=g)  # one row for every example, as rotary cos/sin
+    gathered = ops.gather_axis(shared, kept, 1)
+    assert torch.equal(gathered, torch.stack([shared[0, kept[e]] for e in range(b)]))
+
+    for op, args in ((ops.visual_index, (visual, count)), (ops.last_token_attention, (q, k, 0.5, mask, valid)),
+                     (ops.last_token_attention, (q, k, 0.5, None, None)), (ops.keep_visual, (pos, chosen, s)),
+                     (ops.gather_axis, (shared, kept, 1))):
+        torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor"))

@@ -460,6 +460,19 @@ def test_prefill_flops_are_counted_on_the_graphs(llava, kwargs, tokens, scoring)
     assert f"({report.flops_ratio:.3f}x" in report.summary() and "prefill FLOPs at batch 1" in report.summary()
 
 
+def test_vtc_cls_scoring_is_counted_once_per_image_whatever_the_prompt_length(llava):
+    """VTC-CLS's [CLS] row (``tpc::cls_attention`` at the feature layer: H·(P+1)·d multiply-adds per
+    image) is in the report's scoring FLOPs, as docs/vlm.md says; it runs in the vision tower, so a
+    longer prompt does not change it."""
+    import tpc.vlm
+
+    model, inputs, program = llava
+    pruned = prune(model, program, inputs, method="topk-cls", keep=4)
+    cls_row = 4 * 17 * 8  # 4 heads, 16 patches + [CLS], head width 8
+    assert pruned.report.flops_scoring == cls_row
+    assert pruned.report.flops_after == lm_macs([12, 12, 12]) + cls_row
+    assert tpc.vlm.prefill_flops(pruned.gm, 40).total == lm_macs([28, 28, 28]) + cls_row
+
 def test_vision_layer_is_refused_where_it_means_nothing(llava, tmp_path, capsys):
     """tpc.compile / tpc compile --vision-layer: one line for a non-VLM, a method that does not read
     the vision tower, a layer out of range; no file written."""
@@ -494,7 +507,9 @@ def test_vision_layer_is_refused_where_it_means_nothing(llava, tmp_path, capsys)
 
 def test_bench_measures_prefill_decode_and_kv_cache_side_by_side(llava, tmp_path, capsys):
     """tpc bench on a VLM: prefill and decode-step latency, pruned against unpruned, KV-cache bytes
-    and the FLOPs ratio, per batch size; one line for a backend or a layer it cannot take."""
+    and the FLOPs ratio, per batch size (and as --json); one line for a backend or a layer it cannot take."""
+    import json
+
     from tpc.cli import main
 
     model, inputs, program = llava
@@ -510,6 +525,11 @@ def test_bench_measures_prefill_decode_and_kv_cache_side_by_side(llava, tmp_path
     # the unpruned cache holds 25 tokens in each of 3 layers, the pruned one 25, 25 and 25 - 16 + 4
     rows = [line.split() for line in lines[3:]]
     assert [r[0] for r in rows] == ["1", "3"] and all(r[6] == "0.875x" and r[-1] == "0.840x" for r in rows)
+    assert main(["bench", path, "--pass", "fastv", "--layers", "1", "--keep", "4", "--batch", "2", "--json", *fast]) == 0
+    row, = json.loads(capsys.readouterr().out)["rows"]
+    assert row["batch"] == 2 and row["kv_bytes"] == [2 * 2 * 2 * 8 * 4 * 3 * 25, 2 * 2 * 2 * 8 * 4 * (25 + 25 + 13)]
+    assert row["kv_ratio"] == pytest.approx(63 / 75) and row["flops_ratio"] == pytest.approx(0.875, abs=5e-4)
+    assert row["of_limit"] == pytest.approx(row["prefill"]["speedup"] * row["flops_ratio"])  # base / pruned median
     for args, message in ((["--backend", "onnxruntime"], "--backend onnxruntime is for encoders"),
                           (["--layers", "5"], "layer 5 is beyond the language model's depth")):
         assert main(["bench", path, "--pass", "fastv", "--keep", "4", "--layers", "1", *args, *fast]) == 1

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-from tpc.timing import PairTiming, time_pair
+from tpc.timing import BenchResult, PairTiming, time_pair
 from tpc.vlm.family import language_model
 from tpc.vlm.module import Prefill, VlmModule, _decode_step, last_position
 
@@ -77,18 +77,15 @@ class VlmBenchRow:
 
 
 @dataclass
-class VlmBenchResult:
-    model: str
-    backend: str
-    threads: int
-    config: str
+class VlmBenchResult(BenchResult):
+    """An encoder's ``BenchResult`` with VLM rows: the prefill, a decode step, the KV cache."""
+
     rows: list[VlmBenchRow]
-    machine: str
 
     def as_dict(self) -> dict:
-        out = asdict(self)
+        out = super().as_dict()  # each row with its of_limit
         for row, d in zip(self.rows, out["rows"]):
-            d.update(kv_ratio=row.kv_ratio, of_limit=row.of_limit)
+            d["kv_ratio"] = row.kv_ratio
         return out
 
     def table(self) -> str:

@@ -29,7 +29,7 @@ def visual_index(visual: torch.Tensor, count: int) -> torch.Tensor:
         raise TpcError(f"an example holds {found.tolist()} image tokens; this module was compiled for {count} per "
                        "example (one per visual token of its images): compile again for that many images")
     order = torch.sort((~visual).to(torch.int8), dim=1, stable=True).indices
-    return order[:, :count]
+    return order[:, :count].contiguous()  # contiguous, as the fake says
 
 
 @visual_index.register_fake
@@ -89,7 +89,7 @@ def keep_visual(visual_pos: torch.Tensor, chosen: torch.Tensor, tokens: int) -> 
     keep.scatter_(1, visual_pos, False)
     keep.scatter_(1, torch.gather(visual_pos, 1, chosen), True)
     kept = tokens - visual_pos.shape[1] + chosen.shape[1]
-    return torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :kept]
+    return torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :kept].contiguous()  # as the fake
 
 
 @keep_visual.register_fake
