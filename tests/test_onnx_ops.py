@@ -99,3 +99,52 @@ def test_translation_matches_reference(case):
                 torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, equal_nan=True)
             else:
                 assert torch.equal(g, w), (case, g, w)
+
+
+class VlmOps(nn.Module):
+    """Every tpc:: VLM op, chained as the rewrite chains them (tpc/vlm/prune_visual.py)."""
+
+    def forward(self, q, k, h, valid, visual):
+        mask = torch.tril(torch.ones(12, 12, dtype=torch.bool))[None, None] & valid.bool()[:, None, None, :]
+        scores = ops.last_token_attention(q, k, 0.5, mask, valid)
+        loose = ops.last_token_attention(q, k, 0.5, None, None)
+        pos = ops.visual_index(visual, 5)
+        chosen = ops.select_topk(ops.gather_axis(scores, pos, 1), 2, 0)
+        kept = ops.keep_visual(pos, chosen, 12)
+        return scores, loose, pos, kept, ops.gather_axis(h[:1], kept, 1), ops.gather_axis(mask.float(), kept, 3)
+
+
+def test_vlm_translations_match_reference():
+    """tpc::visual_index, last_token_attention (grouped keys, bool mask, padding), keep_visual and
+    gather_axis (a batch-1 side tensor broadcast; a last axis) in ONNX Runtime."""
+    from tpc.vlm.onnx_ops import ALL_TRANSLATIONS
+
+    module = VlmOps()
+
+    def inputs(batch, seed):
+        g = torch.Generator().manual_seed(seed)
+        valid = torch.ones(batch, 12, dtype=torch.long)
+        valid[0, :seed % 3] = 0  # left padding in the first example
+        visual = torch.zeros(batch, 12, dtype=torch.bool)
+        for b in range(batch):  # 5 visual tokens per example, at example-dependent offsets
+            visual[b, 3 + (b + seed) % 4:8 + (b + seed) % 4] = True
+        return (torch.randn(batch, 4, 12, 8, generator=g), torch.randn(batch, 2, 12, 8, generator=g),
+                torch.randn(batch, 12, 6, generator=g), valid, visual)
+
+    example = inputs(2, 1)
+    ep = torch.export.export(module, example, dynamic_shapes=({0: torch.export.Dim("b")},) * 5)
+    model = torch.onnx.export(ep, example, dynamo=True, opset_version=18, custom_translation_table=ALL_TRANSLATIONS,
+                              verbose=False, report=False).model_proto
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch, seed in ((1, 2), (3, 1)):
+        xs = inputs(batch, seed)
+        want = module(*xs)
+        got = session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), xs)})
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            g = torch.from_numpy(g)
+            assert g.shape == w.shape and g.dtype == w.dtype
+            if w.dtype.is_floating_point:
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+            else:
+                assert torch.equal(g, w)

@@ -239,8 +239,8 @@ def test_api_compiles_and_writes_a_checked_program(llava, tmp_path):
     args = (inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
             prompt_positions(inputs["attention_mask"]))
     assert program(*args)[-1].shape == (2, 16)
-    with pytest.raises(TpcError, match="supported for VLMs yet"):
-        tpc.export(pruned, tmp_path / "vlm.onnx")
+    with pytest.raises(TpcError, match="TensorRT engines are for encoders"):
+        tpc.export(pruned, tmp_path / "vlm.plan")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vlm.pt2"]
     report = tpc.inspect(model, inputs)
     assert report.visual_span == (3, 18) and report.visual == VISUAL
@@ -623,3 +623,56 @@ def test_vtc_cls_on_a_vit_tower_reads_its_cls_attention():
     scores = attention[0][:, :, 0, 1:].mean(1)  # the feature layer (hidden_states[-2]: layer 0's output)
     chosen = [pos[scores[b].topk(keep).indices] for b, pos in enumerate(visual_positions(inputs["input_ids"], IMAGE))]
     assert torch.equal(out.kept[0], with_text(inputs["input_ids"], IMAGE, chosen))
+
+
+def ort_outputs(path, args) -> list[torch.Tensor]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
+    return [torch.from_numpy(o) for o in session.run(None, feeds)]
+
+
+def left_padded(rows: list[tuple[int, int]], length: int, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    padded = [prompt(before, after, length, gen) for before, after in rows]
+    return {"input_ids": torch.tensor([r[0] for r in padded]), "attention_mask": torch.tensor([r[1] for r in padded]),
+            "pixel_values": torch.randn(len(rows), 3, 32, 32, generator=gen)}
+
+
+def assert_onnx_equals_torch(pruned, path, inputs, cut: int):
+    """ONNX Runtime's logits and KV cache of the pruned prefill equal torch's at every real token
+    (a padding token attends to nothing: its rows are unspecified), its kept positions exactly;
+    layers before ``cut`` cache every prompt position, the others the kept ones."""
+    mask = inputs["attention_mask"]
+    args = (inputs["input_ids"], inputs["pixel_values"], mask, prompt_positions(mask))
+    got = ort_outputs(path, args)
+    with torch.no_grad():
+        want = pruned.gm(*args)
+    assert len(got) == len(want) == 1 + 2 * 3 + len(pruned.stages)
+    kept = want[-1]
+    assert torch.equal(got[-1], kept)
+    every = torch.arange(mask.shape[1]).expand(mask.shape[0], -1)
+    for i in range(3):
+        real_tokens = mask.bool().gather(1, every if i < cut else kept)
+        for g, w in zip(got[1 + 2 * i:3 + 2 * i], want[1 + 2 * i:3 + 2 * i]):
+            assert g.shape == w.shape
+            assert torch.allclose(g.transpose(1, 2)[real_tokens], w.transpose(1, 2)[real_tokens], atol=1e-5)
+    rows = real(mask, kept)
+    assert got[0].shape == want[0].shape and torch.allclose(got[0][rows], want[0][rows], atol=1e-5)
+
+
+@pytest.mark.parametrize("method,layers,cut", [("fastv", 1, 2), ("divprune", None, 0)])
+def test_onnx_prefill_equals_torch_at_any_batch_and_length(llava, tmp_path, method, layers, cut):
+    """tpc.export(pruned, "vlm.onnx"): checked against the graph (batch 1 and the left-padded batch 2)
+    and renamed into place; then run at the example batch and at batch 3 of 30-token prompts."""
+    import tpc
+
+    model, inputs, program = llava
+    pruned = prune(model, program, inputs, method=method, layers=layers, keep=4)
+    result = tpc.export(pruned, tmp_path / "vlm.onnx")
+    assert result.batches == (1, 2) and result.max_abs_error < 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vlm.onnx"]
+    assert_onnx_equals_torch(pruned, tmp_path / "vlm.onnx", inputs, cut)
+    longer = left_padded([(4, 6), (1, 2), (7, 5)], 30, seed=5)
+    assert_onnx_equals_torch(pruned, tmp_path / "vlm.onnx", longer, cut)

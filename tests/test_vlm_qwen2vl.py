@@ -164,8 +164,8 @@ def test_bad_inputs_are_refused_in_one_line(qwen, tmp_path):
         compile_vlm(model, inputs, method="topk-cls", keep=0.5)
     import tpc
 
-    with pytest.raises(TpcError, match="supported for VLMs yet"):
-        tpc.export(pruned, tmp_path / "vlm.onnx")
+    with pytest.raises(TpcError, match="TensorRT engines are for encoders"):
+        tpc.export(pruned, tmp_path / "vlm.plan")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -187,6 +187,12 @@ def test_api_writes_a_checked_program_with_the_eager_encoders_features_as_input(
     ids, features, mask, positions = pruned.example_inputs  # the language model's inputs
     assert features.shape == (2, VISUAL, 32) and positions.shape == (3, 2, 26)
     assert written(ids, features, mask, positions)[-1].shape == (2, 26 - 8)
+    result = tpc.export(pruned, tmp_path / "vlm.onnx")  # the same inputs; ONNX Runtime checked against the graph
+    assert result.batches == (1, 2) and result.max_abs_error < 1e-5
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "vlm.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "image_features", "attention_mask", "position_ids"]
     assert tpc.inspect(model, inputs).visual_span == (4, 19)
 
 

@@ -104,6 +104,7 @@ def cmd_compile(args) -> int:
     import tpc
     from tpc.compiled import recipe
     from tpc.exports import check_target
+    from tpc.vlm import VlmModule
 
     out = Path(args.output)
     check_target(out, args.batch, args.precision)
@@ -121,7 +122,8 @@ def cmd_compile(args) -> int:
     took = time.perf_counter() - start
     kind = {".onnx": "ONNX opset 18, standard ops", ".pt2": "torch.export program",
             ".plan": f"TensorRT engine, {args.precision}"}[out.suffix.lower()]
-    print(f"wrote {out} in {took:.1f} s: {kind}, dynamic batch")
+    dynamic = "dynamic batch and prompt length" if isinstance(pruned, VlmModule) else "dynamic batch"
+    print(f"wrote {out} in {took:.1f} s: {kind}, {dynamic}")
     if result:
         flips = f", {result.tie_flips} near-tie decision(s) resolved differently" if result.tie_flips else ""
         print(f"checked against the torch module at batch {' and '.join(map(str, result.batches))}: "

@@ -97,11 +97,16 @@ class CheckResult:
 
 def check_artifact(gm: fx.GraphModule, run_artifact: Callable[[tuple], tuple[list, list | None]],
                    inputs_list: list[tuple], what: str, tol: float | None = None,
-                   tie_rtol: float | None = None) -> CheckResult:
+                   tie_rtol: float | None = None,
+                   compared: Callable[[tuple, list[torch.Tensor]], list[torch.Tensor | None]] | None = None,
+                   ) -> CheckResult:
     """``run_artifact(inputs) -> (outputs, decisions or None)``; raises TpcError on mismatch.
 
     ``tol`` (relative to the output scale) and ``tie_rtol`` (the near-tie band relative to the
     largest score) default to the torch module's output dtype: wider for half precision.
+    ``compared(inputs, torch_outputs)``: per output, a bool mask of the elements to compare
+    (None: all), for outputs the model leaves unspecified at some positions (a decoder's
+    left padding: a query row with every key masked, which backends fill differently).
     """
     worst, flips, batches = 0.0, 0, []
     for inputs in inputs_list:
@@ -121,9 +126,12 @@ def check_artifact(gm: fx.GraphModule, run_artifact: Callable[[tuple], tuple[lis
                 flips += 1
         if len(outs) != len(ref):
             raise TpcError(f"{what}: {len(outs)} outputs, the torch module has {len(ref)}")
-        for o, r in zip(outs, ref):
+        masks = compared(inputs, ref) if compared is not None else [None] * len(ref)
+        for o, r, m in zip(outs, ref, masks):
             if tuple(o.shape) != tuple(r.shape):
                 raise TpcError(f"{what}: output shape {tuple(o.shape)} differs from the torch module's {tuple(r.shape)}")
+            if m is not None:
+                o, r = o[m.to(o.device)], r[m]
             if o.dtype.is_floating_point:
                 err = float((o.float() - r.float().cpu()).abs().max()) if o.numel() else 0.0
                 scale = max(1.0, float(r.float().abs().max())) if r.numel() else 1.0

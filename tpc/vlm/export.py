@@ -1,4 +1,11 @@
-"""The pruned VLM prefill as a ``.pt2`` program; other artifact types are refused for now."""
+"""The pruned VLM prefill as a ``.pt2`` program or an ``.onnx`` model; TensorRT is refused.
+
+Both are re-exported from the rewritten graph with a symbolic batch and prompt length,
+written to a temporary file, checked against the graph (tpc's artifact check) on the example
+inputs' first example and on the whole batch, then renamed into place. ONNX: the ``tpc::``
+ops translated by :mod:`tpc.exports.onnx_ops` and :mod:`tpc.vlm.onnx_ops`; outputs at
+padding positions are not compared (see ``real_positions``).
+"""
 
 from __future__ import annotations
 
@@ -12,21 +19,20 @@ from tpc.exports.atomic import atomic_output, check_output_path
 from tpc.exports.checks import CheckResult, check_artifact
 from tpc.pt2 import load_program
 
+ONNX_LIMIT = 2**31  # a protobuf message above 2 GB cannot be serialized in one piece
+
 
 def save_prefill(module, path, check: bool = True) -> CheckResult | None:
     path = Path(path)
-    if path.suffix.lower() != ".pt2":
-        raise TpcError(f"a pruned VLM is written as .pt2 (its prefill program); {path.suffix or 'no suffix'} is not "
-                       "supported for VLMs yet")
+    suffix = path.suffix.lower()
+    if suffix not in (".pt2", ".onnx"):
+        raise TpcError(f"a pruned VLM is written as .pt2 or .onnx (its prefill); {path.suffix or 'no suffix'} is not "
+                       "supported for VLMs (TensorRT engines are for encoders)")
     check_output_path(path)
-    dynamic = module.family.dynamic_shapes(module.example_inputs, module.visual)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            program = torch.export.export(module.gm, module.example_inputs, dynamic_shapes=dynamic)
-        except Exception as err:  # one line for the user; tpc's own bugs are reported as such
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise refusal_or_bug(err, f"torch.export could not capture the pruned prefill: {first}") from err
+    program = _program(module)
+    inputs = [module.family.first_example(module.example_inputs), module.example_inputs]  # an example, the batch
+    if suffix == ".onnx":
+        return _save_onnx(module, program, path, inputs, check)
     with atomic_output(path) as tmp:
         torch.export.save(program, str(tmp))
         if not check:
@@ -37,6 +43,62 @@ def save_prefill(module, path, check: bool = True) -> CheckResult | None:
             with torch.no_grad():
                 return list(loaded(*inputs)), None
 
-        inputs = [module.family.first_example(module.example_inputs), module.example_inputs]  # an example, the batch
         with torch.no_grad():  # tolerance from the outputs' dtype (wider for half precision), as for encoders
             return check_artifact(module.gm, run, inputs, "the written program")
+
+
+def _program(module) -> torch.export.ExportedProgram:
+    dynamic = module.family.dynamic_shapes(module.example_inputs, module.visual)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.export.export(module.gm, module.example_inputs, dynamic_shapes=dynamic)
+        except Exception as err:  # one line for the user; tpc's own bugs are reported as such
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise refusal_or_bug(err, f"torch.export could not capture the pruned prefill: {first}") from err
+
+
+def to_onnx(module, program: torch.export.ExportedProgram | None = None):
+    """The pruned prefill as an ONNX model (opset 18; symbolic batch and prompt length)."""
+    from tpc.exports.onnx import program_to_onnx
+    from tpc.vlm.onnx_ops import ALL_TRANSLATIONS
+
+    program = program or _program(module)
+    return program_to_onnx(program, module.example_inputs, ALL_TRANSLATIONS)
+
+
+def _save_onnx(module, program, path: Path, inputs: list[tuple], check: bool) -> CheckResult | None:
+    import onnx
+
+    from tpc.exports.onnx import check_onnx
+
+    model = to_onnx(module, program)
+    if model.ByteSize() >= ONNX_LIMIT:
+        raise TpcError(f"the pruned prefill is {model.ByteSize() / 2**30:.1f} GB as ONNX, above the 2 GB a single "
+                       "ONNX file holds (external weights are not written yet): write .pt2 instead")
+    data = model.SerializeToString()
+    with atomic_output(path, len(data)) as tmp:
+        tmp.write_bytes(data)
+        if not check:
+            return None
+        with torch.no_grad():  # as for encoders: a near-tie the two backends decide differently is replayed
+            return check_onnx(onnx.load_from_string(data), module.gm, inputs, f"ONNX file {path.name}",
+                              compared=lambda args, ref: real_positions(module, args, ref))
+
+
+def real_positions(module, args: tuple, outputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Per prefill output, the elements at real prompt tokens (None: every element).
+
+    A left-padded prompt's padding tokens attend to no key (causal and padding masks), so
+    their hidden states — the logits and the keys and values cached at those positions after
+    the first layer — are unspecified: torch and ONNX Runtime fill such rows differently, and
+    no real token reads them. The kept positions (integers) are compared whole.
+    """
+    from tpc.vlm.module import layer_valid
+
+    n = module.spec.num_layers
+    kept = list(outputs[1 + 2 * n:])
+    valid = layer_valid(args[2], module.stages, kept, n)
+    logits = valid[-1][:, :, None].expand(outputs[0].shape)
+    cache = [valid[i // 2][:, None, :, None].expand(outputs[1 + i].shape) for i in range(2 * n)]
+    return [logits, *cache, *([None] * len(kept))]

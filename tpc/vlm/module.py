@@ -84,13 +84,7 @@ class VlmModule(nn.Module):
         cache = DynamicCache()
         for i in range(n):
             cache.update(kv[2 * i], kv[2 * i + 1], i)
-        valid, mask, stage = [], attention_mask.bool(), 0
-        for i in range(n):
-            while stage < len(self.stages) and self.stages[stage].before_layer <= i:
-                mask = attention_mask.bool().gather(1, kept[stage])
-                stage += 1
-            valid.append(mask)
-        return Prefill(logits, cache, valid, kept, args[3])
+        return Prefill(logits, cache, layer_valid(attention_mask, self.stages, kept, n), kept, args[3])
 
     def unpruned(self) -> VlmModule:
         """The same captured prefill without the rewrite (every token in every layer, the full KV
@@ -107,9 +101,9 @@ class VlmModule(nn.Module):
         return VlmModule(gm, self._model[0], self.family, [], report, self.example_inputs, self._program)
 
     def save(self, path, check: bool = True):
-        """Write the pruned prefill as a ``.pt2`` program (symbolic batch and prompt length), checked
-        against this module on the example inputs (the batch and its first example) before it is
-        renamed into place. Returns the check's result."""
+        """Write the pruned prefill as a ``.pt2`` program or an ``.onnx`` model (by ``path``'s suffix;
+        symbolic batch and prompt length), checked against this module on the example inputs (the
+        batch and its first example) before it is renamed into place. Returns the check's result."""
         from tpc.vlm.export import save_prefill
 
         return save_prefill(self, path, check)
@@ -180,6 +174,19 @@ def _as_captured(gm: fx.GraphModule, args: tuple) -> tuple:
     dtypes = [getattr(n.meta.get("val"), "dtype", None) for n in gm.graph.nodes if n.op == "placeholder"]
     return tuple(a.to(d) if d is not None and a.is_floating_point() and d.is_floating_point and a.dtype != d else a
                  for a, d in zip(args, dtypes))
+
+
+def layer_valid(attention_mask: torch.Tensor, stages: list[Stage], kept: list[torch.Tensor], layers: int
+                ) -> list[torch.Tensor]:
+    """Per decoder layer, [B, tokens it saw] bool: which of its tokens (its cached keys) are real
+    prompt tokens, not padding; ``kept``: each stage's kept positions in the prompt."""
+    valid, mask, stage = [], attention_mask.bool(), 0
+    for i in range(layers):
+        while stage < len(stages) and stages[stage].before_layer <= i:
+            mask = attention_mask.bool().gather(1, kept[stage])
+            stage += 1
+        valid.append(mask)
+    return valid
 
 
 def last_position(positions: torch.Tensor) -> torch.Tensor:
