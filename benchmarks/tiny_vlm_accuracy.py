@@ -23,8 +23,8 @@ divprune's and kcenter's greedy selections not). Latency ratio: pruned prefill o
 captured unpruned prefill, timed side by side, interleaved (``tpc.timing.time_pair``), at
 batch 16, torch on the CPU.
 
-    python benchmarks/tiny_vlm_accuracy.py accuracy     # about 20 min at nice 19; resumes from accuracy.json
-    flock /work/bench.lock env OMP_NUM_THREADS=2 python benchmarks/tiny_vlm_accuracy.py latency \
+    python benchmarks/tiny_vlm_accuracy.py accuracy     # about 20 min on a shared machine; resumes from accuracy.json
+    OMP_NUM_THREADS=2 python benchmarks/tiny_vlm_accuracy.py latency \
         --batch 16 --threads 1 --iters 10 --repeats 5
     python benchmarks/tiny_vlm_accuracy.py report       # the table and docs/tiny_vlm_accuracy.png
 

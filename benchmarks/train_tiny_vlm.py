@@ -17,7 +17,7 @@ from the cross-entropy of the answer token and the ``<eos>`` after it. Every epo
 yes/no questions: per image, yes or no with probability 1/2, a "no" asking about one of the
 other nine classes uniformly. Seeded and deterministic for a given thread count.
 
-    flock /work/bench.lock env OMP_NUM_THREADS=2 python benchmarks/train_tiny_vlm.py [--out DIR] [--threads 1]
+    OMP_NUM_THREADS=2 python benchmarks/train_tiny_vlm.py [--out DIR] [--threads 1]
 
 It writes the model's and the tokenizer's ``save_pretrained`` files and ``train.json`` (recipe,
 wall time, loss and training accuracy per epoch) to DIR, default ``benchmarks/tiny_vlm``: the
