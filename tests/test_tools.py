@@ -57,6 +57,11 @@ def test_bench_cli_json():
     assert data["rows"][0]["batch"] == 2 and "of_limit" in data["rows"][0]
 
 
+def test_bench_threads_0_is_refused_in_one_line():
+    r = cli("bench", MODEL, "--layers", "1", "--threads", "0")  # once taken silently as "all cores"
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "--threads 0" in r.stderr
+
+
 def test_eval_sweep_table_and_plot(npz, tmp_path):
     plot = tmp_path / "sweep.png"
     result = run_eval(MODEL, data=npz, method="topk-cls", layers="1,2", sweep=["0.9", "0.5"], mean="0.5,0.5,0.5",

@@ -117,6 +117,7 @@ def test_text_encoder_tunes_on_token_arrays_with_cosine_by_default(tmp_path):
     (lambda ids: np.where(ids == ids[0, 0], np.nan, ids), "not whole numbers"),  # once an internal error
     (lambda ids: ids.astype(str), "holds <U"),  # once an internal error (torch.from_numpy)
     (lambda ids: ids + 1000, "fails on the data"),  # beyond the vocabulary: once an internal error
+    (lambda ids: ids[:, :-4], "pad or cut token ids"),  # another length: once no word of what to do
 ])
 def test_token_arrays_the_model_cannot_take_are_refused_in_one_line(tmp_path, ids, words):
     good, mask = text_inputs(6, seed=3)
@@ -124,6 +125,12 @@ def test_token_arrays_the_model_cannot_take_are_refused_in_one_line(tmp_path, id
     np.savez(data, ids=ids(good.numpy()), mask=mask.numpy())
     with pytest.raises(TpcError, match=words):
         run_tune("test_tune:tiny_sentence_encoder", data, max_drop=1.0, time_budget=1, methods="topk-mass", backend="torch")
+
+
+def test_one_example_is_refused_in_one_singular_line(tmp_path):
+    with pytest.raises(TpcError, match=r"has 1 example: too few") as err:
+        run_tune("models:cli_tiny_vit", _images(tmp_path / "d.npz", n=1), max_drop=0.5, mean=MEAN, std=STD)
+    assert "\n" not in str(err.value)
 
 
 def test_no_recipe_within_the_bound_says_so_with_the_tightest_bound(tmp_path):
@@ -255,6 +262,7 @@ def test_labels_that_look_meaningless_are_warned_about_in_one_line(caplog, label
     ({"max_drop": float("nan")}, "--max-drop nan"),
     ({"max_drop": 0.5, "time_budget": "0s"}, "leaves no time"),
     ({"max_drop": 0.5, "plot": "/nonexistent-dir/front.png"}, "of --plot does not exist"),
+    ({"max_drop": 5.0, "metric": "cosine"}, "in cosine units"),  # points for a cosine budget: once accepted
 ])
 def test_bad_tune_arguments_are_refused_in_one_line(tmp_path, kwargs, message):
     out = tmp_path / "r.json"

@@ -50,6 +50,8 @@ def run_bench(model_id, method="topk-cls", layers=None, keep=None, backend=None,
     if min(warmup, iters, repeats) < 0 or iters < 1 or repeats < 1:
         raise TpcError("--iters and --repeats must be at least 1, --warmup at least 0")
     sizes = parse_batches(batches)
+    if threads is not None and threads < 1:
+        raise TpcError(f"--threads {threads}: give at least 1 (or leave it out for all cores)")
     threads = threads or os.cpu_count() or 1
     loaded = models.load(str(model_id), **(load_kwargs or {}))
     if is_vlm(loaded.module):

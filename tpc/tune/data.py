@@ -65,7 +65,8 @@ def _arrays_in_input_order(npz, module, examples: tuple, path: str) -> tuple[tor
         array = torch.from_numpy(_numbers(read_array(npz, name, path), example.dtype, name, path)).to(example.dtype)
         if tuple(array.shape[1:]) != tuple(example.shape[1:]):
             raise TpcError(f"{path}: {name!r} has shape {list(array.shape[1:])} per example but the model's input "
-                           f"takes {list(example.shape[1:])}")
+                           f"takes {list(example.shape[1:])}: give examples of that shape (pad or cut token ids to its length, "
+                           "resize images)")
         out.append(array)
     if len({len(a) for a in out}) != 1:
         raise TpcError(f"{path}: the input arrays have different lengths")
@@ -96,7 +97,7 @@ def split(data: TuneData, check_split: float) -> tuple[TuneData, TuneData | None
     n = len(data)
     cut = n - int(round(check_split * n))
     if cut < 2:
-        raise TpcError(f"{data.source} has {n} examples: too few to tune on after holding out {check_split:.0%}")
+        raise TpcError(f"{data.source} has {n} example{'' if n == 1 else 's'}: too few to tune on after holding out {check_split:.0%}")
     check = data.part(cut, n) if cut < n else None
     return data.part(0, cut), check, cut
 

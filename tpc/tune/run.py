@@ -248,6 +248,9 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
         raise refusal_or_bug(err, f"the unpruned {loaded.name} fails on the data in {data}: {type(err).__name__}: "
                                   f"{first} (token ids beyond the vocabulary? inputs in the wrong order?)") from err
     metric_obj = choose_metric(metric, tuning.labels, loaded.module, references[0])
+    if metric_obj.name == "cosine" and max_drop is not None and max_drop > 1:
+        raise TpcError(f"--max-drop {max_drop} is in cosine units with --metric cosine (1 − mean cosine): "
+                       "e.g. --max-drop 0.01 asks for a mean cosine of at least 0.99")
     if metric_obj.name == "top1":
         warn_if_labels_look_meaningless(dataset.labels, references[0].reshape(len(references[0]), -1).shape[-1])
     base_scores = torch.cat([metric_obj.per_example(r, r, None if tuning.labels is None else tuning.labels[s:e])
