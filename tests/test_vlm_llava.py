@@ -10,7 +10,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from tpc.errors import TpcError
 from tpc.vlm import capture_prefill, compile_vlm, prune
 from tpc.vlm.inputs import prompt_positions
-from vlm_reference import (check_golden, divprune_loop, diverse_kept, eager_from, fastv_kept, kcenter_loop, real,
+from vlm_reference import (check_golden, divprune_loop, eager_from, expected_kept, fastv_kept, kcenter_loop, real,
                            visual_positions, with_text)
 
 IMAGE, PAD, VISUAL = 63, 0, 16
@@ -92,13 +92,13 @@ def test_fastv_matches_eager_reference_and_shrinks_the_cache(llava):
     assert [out.cache.layers[i].keys.shape[2] for i in range(3)] == [s, s, s - VISUAL + keep]
 
 
-@pytest.mark.parametrize("method,select", [("divprune", divprune_loop), ("kcenter", kcenter_loop)])
+@pytest.mark.parametrize("method,select", [("divprune", divprune_loop), ("kcenter", kcenter_loop), ("random", None)])
 def test_diversity_before_the_language_model(llava, method, select):
     model, inputs, program = llava
     keep = 5
     out = prune(model, program, inputs, method=method, keep=keep).prefill(**inputs)
     embeds = hf_forward(model, inputs, output_hidden_states=True).hidden_states[0]  # image features scattered in
-    kept = diverse_kept(select, embeds, inputs["input_ids"], IMAGE, keep)
+    kept = expected_kept(select, embeds, inputs["input_ids"], IMAGE, keep, out.kept[0])
     assert torch.equal(out.kept[0], kept)
     ref = reference(model, inputs, embeds, kept, 0)
     rows = real(inputs["attention_mask"], kept)

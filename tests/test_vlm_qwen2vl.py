@@ -10,7 +10,7 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from tpc.errors import TpcError
 from tpc.vlm import capture_prefill, compile_vlm, prune
-from vlm_reference import check_golden, divprune_loop, diverse_kept, eager_from, fastv_kept, real
+from vlm_reference import check_golden, divprune_loop, eager_from, expected_kept, fastv_kept, kcenter_loop, real
 
 IMAGE, PAD, START, END, VISUAL, SIDE = 63, 0, 61, 60, 16, 8  # an 8x8-patch image, 2x2 merged: 16 visual tokens
 
@@ -111,12 +111,13 @@ def test_fastv_matches_eager_reference_and_shrinks_the_cache(qwen):
     assert [out.cache.layers[i].keys.shape[2] for i in range(3)] == [s, s, s - VISUAL + keep]
 
 
-def test_divprune_before_the_language_model_keeps_the_original_positions(qwen):
+@pytest.mark.parametrize("method,select", [("divprune", divprune_loop), ("kcenter", kcenter_loop), ("random", None)])
+def test_before_the_language_model_keeps_the_original_positions(qwen, method, select):
     model, inputs, program = qwen
     keep = 5
-    out = prune(model, program, inputs, method="divprune", keep=keep).prefill(**inputs)
+    out = prune(model, program, inputs, method=method, keep=keep).prefill(**inputs)
     embeds = hf_forward(model, inputs, output_hidden_states=True).hidden_states[0]  # image features scattered in
-    kept = diverse_kept(divprune_loop, embeds, inputs["input_ids"], IMAGE, keep)
+    kept = expected_kept(select, embeds, inputs["input_ids"], IMAGE, keep, out.kept[0])
     assert torch.equal(out.kept[0], kept)
     ref = reference(model, inputs, embeds, kept, 0)  # original 3-D positions of the kept tokens
     rows = real(inputs["attention_mask"], kept)

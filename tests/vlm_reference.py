@@ -59,6 +59,18 @@ def diverse_kept(select, embeds, input_ids, image, keep):
     return with_text(input_ids, image, chosen)
 
 
+def expected_kept(select, embeds, input_ids, image, keep, graph_kept):
+    """What a method before the LM must keep: the loop ``select``'s choice, or for ``random``
+    (``select`` None, no paper to follow) the graph's own draw once checked to be every
+    non-visual token and ``keep`` visual ones per example, in order."""
+    if select is not None:
+        return diverse_kept(select, embeds, input_ids, image, keep)
+    visual = input_ids.gather(1, graph_kept) == image
+    assert (visual.sum(1) == keep).all() and ((~visual).sum(1) == (input_ids != image).sum(1)).all()
+    assert (graph_kept.diff(dim=1) > 0).all()
+    return graph_kept
+
+
 def eager_from(lm, head, hidden, kept, first_layer, attention_mask, positions):
     """The stock decoder layers from ``first_layer`` on, run on the kept tokens only: their
     original positions ([B, S], or [3, B, S] M-RoPE, gathered), causal order, padding masked."""
