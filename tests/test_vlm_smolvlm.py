@@ -143,3 +143,15 @@ def test_bad_inputs_are_refused_in_one_line(smol):
 def test_golden_graph(smol, update_golden):
     model, inputs, program = smol
     check_golden(prune(model, program, inputs, method="divprune", keep=4).gm, "vlm_smolvlm_divprune", update_golden)
+
+
+def test_onnx_prefill_is_written_after_onnx_runtime_matches_the_graph(smol, tmp_path):
+    """tpc.export(pruned, "vlm.onnx") on SmolVLM (vision model, pixel-shuffle connector, text model
+    in the file): ONNX Runtime checked against the graph at batch 1 and the left-padded batch 2."""
+    import tpc
+
+    model, inputs, program = smol
+    pruned = prune(model, program, inputs, method="kcenter", keep=4)
+    result = tpc.export(pruned, tmp_path / "vlm.onnx")
+    assert result.batches == (1, 2) and result.max_abs_error < 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vlm.onnx"]
