@@ -141,8 +141,12 @@ class BenchResult:
             d["of_limit"] = row.of_limit
         return out
 
+    def heading(self) -> list[str]:
+        """The model and configuration, then the backend, threads and machine: the table's first lines."""
+        return [f"{self.model}: {self.config}", f"{self.backend}, {self.threads} threads, on {self.machine}"]
+
     def table(self) -> str:
-        lines = [f"{self.model}: {self.config}", f"{self.backend}, {self.threads} threads, on {self.machine}",
+        lines = [*self.heading(),
                  f"{'batch':>5}  {'unpruned ms (p90)':>18}  {'pruned ms (p90)':>16}  {'speedup (spread)':>19}  "
                  f"{'FLOPs':>6}  {'of limit':>8}  {'inserted':>8}"]
         for r in self.rows:

@@ -89,7 +89,7 @@ class VlmBenchResult(BenchResult):
         return out
 
     def table(self) -> str:
-        lines = [f"{self.model}: {self.config}", f"{self.backend}, {self.threads} threads, on {self.machine}",
+        lines = [*self.heading(),
                  f"{'batch':>5}  {'prefill ms unpruned -> pruned':>29}  {'speedup (spread)':>18}  {'FLOPs':>6}  "
                  f"{'of limit':>8}  {'decode-step ms':>17}  {'speedup':>7}  {'KV cache MB':>19}  {'ratio':>6}"]
         for r in self.rows:
