@@ -393,3 +393,22 @@ def test_a_tokenizer_dict_as_example_inputs_is_taken_in_forward_order():
     with pytest.raises(TpcError, match="not the leading arguments of BertModel.forward") as err:
         tpc.compile(model, {"input_ids": ids, "inputs_embeds": None}, method="topk-cls", layers=[1])
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("member", "what"), [("data/aotinductor/model/model.so", "AOTInductor shared library"),
+                                              ("data/constants/custom_obj_0", "pickled custom object")])
+def test_a_pt2_with_members_only_code_can_load_is_refused_unread(tmp_path, member, what):
+    """An archive holding a shared library or a pickled custom object is refused from its file list,
+    before torch.export.load could open (dlopen or unpickle) the member."""
+    marker, good, bad = tmp_path / "marker", tmp_path / "good.pt2", tmp_path / "evil.pt2"
+    torch.export.save(torch.export.export(torch.nn.Linear(4, 3), (torch.randn(2, 4),)), str(good))
+    payload = io.BytesIO()
+    torch.save(CreatesMarker(marker), payload)
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+        root = zin.namelist()[0].split("/", 1)[0]
+        for info in zin.infolist():
+            zout.writestr(info, zin.read(info.filename))
+        zout.writestr(f"{root}/{member}", payload.getvalue())
+    with pytest.raises(TpcError, match=f"refusing to load .*{what}.*which loading would execute"):
+        tpc.compile(str(bad), layers=[0])
+    assert not marker.exists()
