@@ -380,3 +380,20 @@ def test_no_flip_seen_gets_the_standard_error_of_one_flipped_example(name, off):
         one_flip[0] -= off
         drop, se = metric.drop(base.clone(), base)
         assert drop == 0.0 and se == pytest.approx(metric.drop(one_flip, base)[1]) and se == pytest.approx(off / n)
+
+
+def test_a_search_cut_by_time_reports_the_bound_its_test_used_and_the_drop_on_every_tuning_example(tmp_path, monkeypatch):
+    """Time stops the search after its first candidate, scored on the first batch only: the pick's bound is
+    the one the ladder tested, on those examples (recomputed on all of them, it could exceed the budget of a
+    recipe already reported as certified); its drop is then measured on the whole tuning part."""
+    clock = iter(range(1000))  # a second per look at the clock: the first round's half of 3 s lets one recipe in
+    monkeypatch.setattr(Search, "elapsed", property(lambda self: next(clock)))
+    out = tmp_path / "r.json"
+    result = run_tune("models:cli_tiny_vit", _images(tmp_path / "d.npz", n=64), max_drop=1.0, metric="cosine",
+                      time_budget=3, methods="topk-cls", mean=MEAN, std=STD, check_split=0, eval_batch=8, output=out)
+    saved = json.loads(out.read_text())
+    rung = next(r for r in saved["ladder"] if r["steps"] == saved["steps"])
+    tuning = saved["measured"]["tuning"]
+    assert saved["search"]["out_of_time"] and rung["examples"] == tuning["bound_examples"] == result.best.n < 64
+    assert tuning["examples"] == 64 and tuning["bound"] == rung["bound"]
+    assert f"on the first {result.best.n} examples, where time stopped the search" in result.table()

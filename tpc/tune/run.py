@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
@@ -54,6 +55,7 @@ class Measured:
     pruned: float
     drop: float
     bound: float | None = None  # the selection rule's upper confidence bound on the drop (tuning part)
+    bound_examples: int | None = None  # the tuning examples the bound was tested on (fewer when time cut the search)
 
 
 @dataclass
@@ -79,6 +81,7 @@ class TuneResult:
     unpruned: float = 0.0  # mean of the unpruned model's per-example scores on the tuning part
     rungs: list[Candidate] = field(default_factory=list)  # the ladder, in the fixed-sequence test's order
     ladder: list[dict] = field(default_factory=list)  # the same, as recipe.json records it (Search.rung)
+    baseline_tuning: Measured | None = None  # the best single-method recipe on the whole tuning part
 
     def table(self) -> str:
         m = self.metric
@@ -142,15 +145,21 @@ class TuneResult:
         for what, meas in (("tuning", self.tuning), ("check", self.check)):
             if meas is not None:
                 lines.append(f"  {what:<6} ({meas.examples} examples): {m.name} {m.format(meas.pruned)} vs "
-                             f"{m.format(meas.unpruned)} unpruned, drop {m.format_drop(meas.drop)}"
-                             + (f" (bound {m.format_drop(meas.bound)})" if meas.bound is not None else ""))
+                             f"{m.format(meas.unpruned)} unpruned, drop {m.format_drop(meas.drop)}{self._bound(meas)}")
         if self.baseline is not None:
             lines.append(f"best single method: {self.baseline.label}: {100 * (1 - self.baseline.flops_ratio):.1f}% fewer "
-                         f"FLOPs, tuning drop {m.format_drop(self.baseline.drop)}"
+                         f"FLOPs, tuning drop {m.format_drop(self.baseline_tuning.drop)}"
                          + (f", check drop {m.format_drop(self.baseline_check.drop)}" if self.baseline_check else ""))
         if self.output:
             lines.append(f"wrote {self.output}" + (f" and {self.plot}" if self.plot else ""))
         return "\n".join(lines)
+
+    def _bound(self, meas: Measured) -> str:
+        if meas.bound is None:
+            return ""
+        where = ("" if meas.bound_examples in (None, meas.examples) else
+                 f" on the first {meas.bound_examples} examples, where time stopped the search")
+        return f" (bound {self.metric.format_drop(meas.bound)}{where})"
 
     def _verdict(self, c) -> str:
         if self.budget.get("max_flops") is not None:
@@ -281,15 +290,12 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
         key = (lambda c: (c.drop, c.flops_ratio)) if max_flops is not None else (lambda c: (c.flops_ratio, c.drop))
         baseline = min(baselines.values(), key=key)
 
-    if not search.interrupted:  # the numbers reported are on the whole tuning part, even when time ran out earlier
-        for c in {id(c): c for c in (best, baseline) if c is not None}.values():
-            if c.n < len(tuning):
-                _module(engine, c)
-                search.extend(c, len(engine.batches))
+    ladder_records = [search.rung(c) for c in ladder]  # the test as it was made, before any rescoring below
+    whole = {id(c): _on_whole_tuning_part(search, c) for c in (best, baseline) if c is not None}
     tuning_m = check_m = baseline_check = None
     if best is not None:
-        best.bound = search.upper(best)  # on the whole tuning part, if time had cut its scoring short
-        tuning_m = _measured(metric_obj, best.scores, base_scores, best.bound)
+        tuning_m = _measured(metric_obj, whole[id(best)].scores, base_scores, best.bound)
+        tuning_m.bound_examples = best.n
         if check is not None and not search.interrupted:
             ref_scores, ref_outs = _measure(gm, check, metric_obj, eval_batch)
             check_m = _measured(metric_obj, _measure(_module(engine, best), check, metric_obj, eval_batch, ref_outs)[0],
@@ -313,7 +319,8 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
                         flops_before, best, tuning_m, check_m, front, baseline, baseline_check, info, s.candidates,
                         {"max_drop": max_drop, "max_flops": max_flops, "target": target},
                         unpruned=float(base_scores.mean()), rungs=ladder,
-                        ladder=[search.rung(c) for c in ladder])
+                        ladder=ladder_records, baseline_tuning=None if baseline is None else
+                        _measured(metric_obj, whole[id(baseline)].scores, base_scores))
     if best is None:
         return result
     result.recipe = Recipe(check_steps(best.steps), after, seed, _recipe_info(result, loaded.name))  # options spelled out
@@ -346,6 +353,17 @@ def _check_outputs(data, output, plot) -> None:
         written[real] = flag
 
 
+def _on_whole_tuning_part(search: Search, c: Candidate) -> Candidate:
+    """``c`` scored on every tuning example: when time cut the search before the last round, a copy is
+    scored on the rest (``c`` itself keeps the numbers its rung was tested with)."""
+    if search.interrupted or c.n == search.engine.batches[-1][1]:
+        return c
+    full = dataclasses.replace(c)
+    _module(search.engine, full)
+    search.extend(full, len(search.engine.batches))
+    return full
+
+
 def _module(engine: Engine, c: Candidate):
     """The candidate's compiled module (compiled again if the search freed it)."""
     if c.module is None:
@@ -369,7 +387,7 @@ def _recipe_info(r: TuneResult, model: str) -> dict:
         "data": {"path": r.data, "tuning": list(r.tuning_range), "check": list(r.check_range) if r.check_range else None},
         "measured": measured,
         "baseline": None if r.baseline is None else {
-            "recipe": describe(r.baseline.steps), "flops_ratio": r.baseline.flops_ratio, "tuning_drop": r.baseline.drop,
+            "recipe": describe(r.baseline.steps), "flops_ratio": r.baseline.flops_ratio, "tuning_drop": r.baseline_tuning.drop,
             "check_drop": r.baseline_check.drop if r.baseline_check else None},
         "ladder": r.ladder,
         "front": [{"recipe": c.label, "flops_ratio": c.flops_ratio, "drop": c.drop, "bound": c.bound, "examples": c.n,
