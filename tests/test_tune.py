@@ -282,17 +282,64 @@ def test_outputs_onto_the_data_or_each_other_are_refused_before_any_work(tmp_pat
     assert data.read_bytes() == before and not (tmp_path / "r.json").exists()
 
 
-def test_latency_target_times_finalists_in_onnx_runtime(tmp_path):
+def wide_tiny_vit():
+    """For `tpc tune test_tune:wide_tiny_vit`: 64x64 images in 4x4 patches (257 tokens), so that pruning pays in ONNX Runtime."""
+    return tiny_timm_vit(img_size=64, patch_size=4, embed_dim=64, depth=2), (torch.randn(2, 3, 64, 64),)
+
+
+def test_latency_target_orders_the_ladder_by_latency_timed_in_onnx_runtime(tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, images=rng.integers(0, 256, (24, 64, 64, 3), dtype=np.uint8))
     out = tmp_path / "r.json"
-    result = run_tune("models:cli_tiny_vit", _images(tmp_path / "d.npz", n=24), max_drop=100, target="latency", batch=4,
-                      time_budget=1, methods="topk-cls", mean=MEAN, std=STD, check_split=0, output=out)
-    latency = json.loads(out.read_text())["measured"]["latency"]
-    assert result.best.latency is latency or result.best.latency == latency
-    assert latency["backend"] == "onnxruntime" and latency["batch"] == 4 and latency["pruned_ms"] > 0 and latency["unpruned_ms"] > 0
-    finalists = json.loads(out.read_text())["latency_finalists"]
-    assert finalists and all(f["flops_ratio"] < 1 and f["ratio"] > 0 for f in finalists)
-    assert latency["ratio"] == min(f["ratio"] for f in finalists)  # the fastest finalist, whatever its FLOPs
-    assert "latency finalists (onnxruntime, batch 4" in result.table()
+    result = run_tune("test_tune:wide_tiny_vit", data, max_drop=1.0, metric="cosine", target="latency", batch=4,
+                      time_budget=60, methods="topk-cls", mean=MEAN, std=STD, check_split=0, output=out)
+    saved = json.loads(out.read_text())
+    latency = saved["measured"]["latency"]
+    assert latency == result.best.latency and latency["backend"] == "onnxruntime" and latency["batch"] == 4
+    assert latency["pruned_ms"] > 0 and latency["unpruned_ms"] > 0
+    ladder = saved["ladder"]  # most FLOPs first, every rung timed and faster than the unpruned model
+    assert [r["flops_ratio"] for r in ladder] == sorted((r["flops_ratio"] for r in ladder), reverse=True)
+    assert all(r["latency_ratio"] < 1 for r in ladder) and len(saved["timed"]) >= len(ladder)
+    certified = [r for r in ladder if r["certified"]]
+    pick = min(certified, key=lambda r: r["latency_ratio"])  # the fastest certified, whatever its FLOPs
+    assert pick["steps"] == saved["steps"] and latency["ratio"] == pick["latency_ratio"]
+    assert "timed on onnxruntime at batch 4: faster than the unpruned model" in result.table()
+
+
+def _timed(flops, latency, drop, se):
+    c = _scored(flops, drop, se)
+    c.latency = {"ratio": latency, "backend": "onnxruntime", "batch": 1}
+    return c
+
+
+def test_a_latency_ladder_goes_by_measured_latency_and_leaves_off_recipes_slower_than_unpruned():
+    """Fewer FLOPs is not faster when a method's own ops cost time its FLOPs do not show (ToMe's merging at
+    batch 1 on a small model ran slower than the unpruned model): the ladder is ordered by latency and the
+    pick is the fastest certified recipe, never one slower than not pruning."""
+    merge = _timed(0.6, 0.95, 0.0, 0.1)  # fewer FLOPs, but its merging makes it the slower rung
+    gather = _timed(0.8, 0.80, 0.1, 0.1)
+    slower = _timed(0.5, 1.10, 0.0, 0.05)  # slower than unpruned: never on the ladder
+    dominated = _timed(0.7, 0.85, 0.3, 0.1)  # slower than gather and a larger bound: not worth testing
+    search = _search([merge, gather, slower])
+    search.timer = object()  # every candidate is timed already: nothing is timed again
+    assert search.ladder() == [gather, merge] and search.best() is gather  # tested by FLOPs, picked by latency
+    assert search.select([merge, gather, slower, dominated], last=True) == [merge, gather]  # spread over latency
+    search.candidates = [slower]
+    assert search.ladder() == [] and search.best() is None
+
+
+def test_when_no_timed_recipe_beats_the_unpruned_model_the_table_says_keep_it():
+    from tpc.tune.run import TuneResult
+
+    slower = _timed(0.5, 1.128, 0.0, 0.05)
+    search = {"tried": 1, "space": 1, "refused": 0, "skipped": 0, "rounds": [], "search_s": 1.0, "wall_s": 1.0,
+              "interrupted": False, "out_of_time": False, "space_cut": False, "rule": "fixed-sequence",
+              "confidence": 0.9, "z": 1.2816}
+    table = TuneResult("m", Metric("top1", "points"), "d.npz", (0, 10), None, 1.0, None, None, None, [], None, None,
+                       search, [slower], {"max_drop": 0.5, "target": "latency"}).table()
+    assert "no recipe ran faster than the unpruned model" in table and "at 1.128 of its latency" in table
+    assert "keep the unpruned model" in table and "no recipe met the budget" not in table
 
 
 def test_max_flops_picks_the_best_metric_under_the_flops_budget(tmp_path):

@@ -18,7 +18,7 @@ from tpc.recipe import Recipe, check_steps, describe
 from tpc.tune.data import load_tune_data, split
 from tpc.tune.engine import Engine
 from tpc.tune.metrics import choose_metric, first_tensor
-from tpc.tune.search import Candidate, Search, measure_latency, refusals
+from tpc.tune.search import Candidate, LatencyTimer, Search, refusals
 from tpc.tune.space import GATHER_METHODS, candidates
 
 TARGETS = ("flops", "latency")
@@ -87,7 +87,7 @@ class TuneResult:
         m = self.metric
         lines = [f"{self.model}: {m.name} on examples {self.tuning_range[0]}-{self.tuning_range[1] - 1} of {self.data} "
                  f"(unpruned {m.format(self.base_value)})",
-                 f"Ladder: the recipes scored on the most tuning examples, most FLOPs first, tested in this order "
+                 f"Ladder: the recipes scored on the most tuning examples, {self._order()}, tested in this order "
                  f"(front: on the Pareto front of FLOPs and drop)",
                  f"  {'recipe':<64} {'GFLOPs':>8} {'saved':>6} {m.name:>9} {'drop':>9} {'bound':>9} {'on':>5}  "
                  f"{'test':<11} {'front':<5}  latency"]
@@ -117,17 +117,24 @@ class TuneResult:
                          f"{m.format_drop(self.budget['max_drop'])}; the first that is not stops the test; the pick is the "
                          f"last certified: {len(tested) - (stop is not None)} of {len(rungs)} certified"
                          + (f", stopped at {stop.label} (bound {m.format_drop(stop.bound)})" if stop is not None else ""))
-        timed = self.finalists
+        timed = self.timed
         if timed:
-            lines.append(f"latency finalists ({timed[0].latency['backend']}, batch {timed[0].latency['batch']}, "
-                         "each timed side by side with the unpruned model):")
-            for c in timed:
-                lines.append(f"{'*' if c is self.best else ' '} {c.label[:64]:<64} FLOPs {c.flops_ratio:.3f}  "
-                             f"latency {c.latency['ratio']:.3f} of unpruned")
-            lowest = min(timed, key=lambda c: c.flops_ratio)
+            slower = [c for c in timed if c.latency["ratio"] >= 1]
+            lines.append(f"latency: {len(timed)} recipes timed, each side by side with the unpruned model; "
+                         f"{len(slower)} no faster than it, left off the ladder")
+            certified = [c for c in rungs if c.certified]
+            lowest = min(certified, key=lambda c: c.flops_ratio, default=None)
             if self.best is not None and self.best is not lowest:
-                lines.append(f"  picked by latency, not by FLOPs: the lowest-FLOPs finalist ({lowest.label}) "
-                             f"ran at {lowest.latency['ratio']:.3f}")
+                lines.append(f"  picked by latency, not by FLOPs: {lowest.label} has fewer FLOPs ({lowest.flops_ratio:.3f} "
+                             f"against {self.best.flops_ratio:.3f}) but ran at {lowest.latency['ratio']:.3f} of the "
+                             f"unpruned latency, against {self.best.latency['ratio']:.3f}")
+        if self.best is None and timed and not rungs:
+            fastest = min(timed, key=lambda c: c.latency["ratio"])
+            lines.append(f"no recipe ran faster than the unpruned model (the fastest timed: {fastest.label}, at "
+                         f"{fastest.latency['ratio']:.3f} of its latency): at batch {fastest.latency['batch']} on "
+                         f"{fastest.latency['backend']} pruning costs more than it saves here; keep the unpruned model, "
+                         "or tune for a larger --batch")
+            return "\n".join(lines)
         if self.best is None:
             tightest = min(rungs, key=lambda c: c.bound, default=None)
             lines.append("no recipe met the budget" + (
@@ -166,10 +173,17 @@ class TuneResult:
             return "within" if c.flops_ratio <= self.budget["max_flops"] else "over FLOPs"
         return {True: "certified", False: "FAILS: stop", None: "not tested"}[c.certified]
 
+    def _order(self) -> str:
+        if self.budget.get("target") != "latency":
+            return "most FLOPs first"
+        timed = self.timed
+        where = f" on {timed[0].latency['backend']} at batch {timed[0].latency['batch']}" if timed else ""
+        return f"most FLOPs first (timed{where}: faster than the unpruned model; the pick is the fastest certified)"
+
     @property
-    def finalists(self) -> list:
-        """The recipes timed for ``--target latency``, lowest FLOPs first."""
-        return sorted((c for c in self.candidates if c.latency), key=lambda c: c.flops_ratio)
+    def timed(self) -> list:
+        """The recipes timed for ``--target latency``, fastest first."""
+        return sorted((c for c in self.candidates if c.latency), key=lambda c: c.latency["ratio"])
 
     @property
     def base_value(self) -> float:
@@ -265,8 +279,9 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
     base_scores = torch.cat([metric_obj.per_example(r, r, None if tuning.labels is None else tuning.labels[s:e])
                              for r, (s, e) in zip(references, engine.batches)])
 
+    timer = LatencyTimer(engine, backend, batch) if target == "latency" else None
     search = Search(engine, metric_obj, references, base_scores, max_drop, max_flops, seconds,
-                    sys.stderr.isatty() if progress is None else progress, confidence)
+                    sys.stderr.isatty() if progress is None else progress, confidence, timer)
     skipped = {m: why for m, why in (("tome", "the attention takes a mask (tome refuses masks)" if any(
         site.mask is not None for site in sites) else None), ("topk-cls", "no [CLS] token found" if prefix < 1 else None))
         if why and m in method_list}
@@ -274,12 +289,7 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
     if not space:
         raise TpcError(f"no method to search on {loaded.name}: " + "; ".join(f"{m}: {why}" for m, why in skipped.items()))
     search.run(space)
-    search_s = time.perf_counter() - start  # loading, capture, the unpruned reference and the rounds
-    if target == "latency" and not search.interrupted:
-        try:
-            measure_latency(search, backend, batch, None)
-        except KeyboardInterrupt:
-            search.interrupted = True
+    search_s = time.perf_counter() - start  # loading, capture, the unpruned reference, the rounds and the timing
     best, front = search.best(), search.front()  # best() walks the ladder: each rung's bound and verdict
     ladder = search.ladder()
     for c in ladder:
@@ -392,7 +402,7 @@ def _recipe_info(r: TuneResult, model: str) -> dict:
         "ladder": r.ladder,
         "front": [{"recipe": c.label, "flops_ratio": c.flops_ratio, "drop": c.drop, "bound": c.bound, "examples": c.n,
                    "latency_ratio": c.latency["ratio"] if c.latency else None} for c in r.front],
-        "latency_finalists": [{"recipe": c.label, "flops_ratio": c.flops_ratio, "drop": c.drop, **c.latency}
-                              for c in r.finalists],
+        "timed": [{"recipe": c.label, "flops_ratio": c.flops_ratio, "drop": c.drop, "examples": c.n, **c.latency}
+                  for c in r.timed],
         "search": r.search,
     }

@@ -25,10 +25,16 @@ at most half go on, taken Pareto layer by Pareto layer in (FLOPs, bound) and spr
 so the front keeps its span. The last cut keeps only the Pareto front of (FLOPs, bound), spread
 over FLOPs from its safest recipe down: a dominated rung could only stop the test before a
 better one. With ``max_flops`` (best metric under a FLOPs budget), candidates over the budget
-are never run and the better half by drop goes on. With ``target="latency"``, the lowest-FLOPs
-certified recipes (a few, of different families) are exported to ONNX and timed side by side
-with the unpruned model; the fastest wins. The held-out check part is scored only at the end,
-for the chosen recipe and the best single-method recipe.
+are never run and the better half by drop goes on.
+
+With ``target="latency"``, latency decides what is tested and what is picked: at the last cut
+the promising recipes are exported to ONNX and timed side by side with the unpruned model
+(``LatencyTimer``), those no faster than the unpruned model are dropped, and the Pareto front of
+(latency, bound) goes on; the pick is the fastest certified rung. A method's own ops cost time
+its FLOPs do not show (ToMe's matching and merging, a greedy selection loop), so fewer FLOPs is
+not always faster. The test still walks the rungs by FLOPs: deterministic where a latency on a
+busy machine is not, and the order the drops follow. The held-out check part is scored only at
+the end, for the chosen recipe and the best single-method recipe.
 """
 
 from __future__ import annotations
@@ -47,7 +53,6 @@ from tpc.tune.engine import Engine
 from tpc.tune.metrics import Metric
 from tpc.tune.space import family_of
 
-LATENCY_FINALISTS = 4
 FINALISTS = 12  # at most this many recipes reach the full tuning set: the rungs of the ladder
 
 
@@ -88,6 +93,7 @@ class Search:
     time_budget: float
     progress: bool
     confidence: float = 0.9
+    timer: LatencyTimer | None = None  # set for a latency target: the ladder goes by measured latency
     candidates: list[Candidate] = field(default_factory=list)
     rounds: list[dict] = field(default_factory=list)
     start: float = field(default_factory=time.perf_counter)
@@ -128,9 +134,18 @@ class Search:
         """The drop's one-sided upper confidence bound."""
         return c.drop + self.z * c.se
 
+    def cost(self, c: Candidate) -> float:
+        """What the search minimises: the latency ratio to the unpruned model for a latency target (once
+        timed), else the FLOPs ratio."""
+        return c.latency["ratio"] if self.timer is not None else c.flops_ratio
+
     def ladder(self) -> list[Candidate]:
-        """The compared recipes in the fixed-sequence test's order: most FLOPs (the safest) first."""
-        return sorted(self.compared(), key=lambda c: (-c.flops_ratio, c.label))
+        """The compared recipes in the fixed-sequence test's order: most FLOPs (the safest) first; for a
+        latency target only those timed faster than the unpruned model."""
+        rungs = self.compared()
+        if self.timer is not None:
+            rungs = [c for c in rungs if c.latency and c.latency["ratio"] < 1]
+        return sorted(rungs, key=lambda c: (-c.flops_ratio, c.label))
 
     def certify(self) -> list[Candidate]:
         """Walk the ladder: each rung is certified while its bound is within the budget; the first
@@ -156,7 +171,8 @@ class Search:
         drop and bound on the ones that did not (what a bound free of the selection would have said)."""
         seen = self.screened()
         out = {"recipe": c.label, "steps": [s.as_dict() for s in check_steps(c.steps)], "flops_ratio": c.flops_ratio,
-               "drop": c.drop, "se": c.se, "bound": self.upper(c), "examples": c.n, "certified": c.certified}
+               "drop": c.drop, "se": c.se, "bound": self.upper(c), "examples": c.n, "certified": c.certified,
+               "latency_ratio": c.latency["ratio"] if c.latency else None}
         if 0 < seen < c.n:
             drop, se = self.metric.drop(c.scores[seen:], self.base_scores[seen:c.n])
             out["screened"] = {"examples": seen, "drop": self.metric.drop(c.scores[:seen], self.base_scores[:seen])[0]}
@@ -170,16 +186,14 @@ class Search:
         return self.certify()
 
     def best(self) -> Candidate | None:
-        """The last certified rung, i.e. the lowest FLOPs certified (``max_flops``: the smallest drop within
-        the FLOPs budget; after latency finalists were timed: the fastest)."""
+        """The last certified rung, i.e. the lowest FLOPs (latency target: the fastest) certified
+        (``max_flops``: the smallest drop within the FLOPs budget)."""
         within = self.within()
         if not within:
             return None
         if self.max_flops is not None:
             return min(within, key=lambda c: (c.drop, c.flops_ratio))
-        if any(c.latency for c in within):
-            return min((c for c in within if c.latency), key=lambda c: c.latency["ratio"])
-        return min(within, key=lambda c: c.flops_ratio)
+        return min(within, key=self.cost)
 
     # -- progress ------------------------------------------------------------------------------
 
@@ -198,20 +212,25 @@ class Search:
 
     def select(self, entrants: list[Candidate], last: bool) -> list[Candidate]:
         """The entrants that go on to more examples; ``last``: the next round is the full tuning set, and
-        what goes on is the ladder (the Pareto front of FLOPs and bound, spread over FLOPs, safest first)."""
+        what goes on is the ladder (the Pareto front of FLOPs, or measured latency, and bound, spread over
+        FLOPs or latency)."""
         cap = max(4, math.ceil(len(entrants) / 2))
         if last:
             cap = min(cap, FINALISTS)
         if self.max_flops is not None:
             return sorted(entrants, key=lambda c: c.drop)[:cap]
         hopeful = [c for c in entrants if c.drop - 2 * c.se <= self.max_drop]
+        cost = (lambda c: c.flops_ratio)
+        if last and self.timer is not None:
+            hopeful = [c for c in self.time(spread(hopeful, FINALISTS), within_budget=True) if c.latency["ratio"] < 1]
+            cost = self.cost
         bound = {id(c): self.upper(c) for c in hopeful}  # ranked by the bound the final test will need
         kept: list[Candidate] = []
-        while hopeful and len(kept) < cap:  # Pareto layers of (FLOPs, bound)
+        while hopeful and len(kept) < cap:  # Pareto layers of (cost, bound)
             layer = [c for c in hopeful if not any(
-                o.flops_ratio <= c.flops_ratio and bound[id(o)] < bound[id(c)] or
-                o.flops_ratio < c.flops_ratio and bound[id(o)] <= bound[id(c)] for o in hopeful)]
-            kept += spread(layer, cap - len(kept))
+                cost(o) <= cost(c) and bound[id(o)] < bound[id(c)] or
+                cost(o) < cost(c) and bound[id(o)] <= bound[id(c)] for o in hopeful)]
+            kept += spread(layer, cap - len(kept), cost)
             if last:
                 break
             hopeful = [c for c in hopeful if c not in layer]
@@ -240,10 +259,23 @@ class Search:
                 self.rounds.append({"examples": self._examples(size), "scored": len(entrants)})
                 if self.out_of_time:
                     break
+            if self.timer is not None:  # a single round, or time ran out before the last cut: time the ladder now
+                self.time(spread([c for c in self.compared() if not c.latency], FINALISTS))
         except KeyboardInterrupt:
             self.interrupted = True
         if self.progress:
             sys.stderr.write("\n")
+
+    def time(self, recipes: list[Candidate], within_budget: bool = False) -> list[Candidate]:
+        """Time the recipes not yet timed (``within_budget``: while the time budget lasts); returns the timed ones."""
+        for c in recipes:
+            if not c.latency:
+                if within_budget and self.elapsed > self.time_budget:
+                    self.out_of_time = True
+                    break
+                self.show(f"latency of {c.label}")
+                self.timer(c)
+        return [c for c in recipes if c.latency]
 
     def _examples(self, batches: int) -> int:
         return self.engine.batches[batches - 1][1]
@@ -297,21 +329,20 @@ class Search:
         return out
 
 
-def spread(recipes: list[Candidate], n: int) -> list[Candidate]:
-    """At most ``n`` of ``recipes`` spread over FLOPs, most FLOPs first: the most and the fewest FLOPs, and
-    in between the recipe nearest each of n evenly spaced FLOPs levels."""
-    ordered = sorted(recipes, key=lambda c: (-c.flops_ratio, c.label))
+def spread(recipes: list[Candidate], n: int, cost=lambda c: c.flops_ratio) -> list[Candidate]:
+    """At most ``n`` of ``recipes`` spread over ``cost`` (FLOPs), most first: the most and the least, and
+    in between the recipe nearest each of n evenly spaced levels."""
+    ordered = sorted(recipes, key=lambda c: (-cost(c), c.label))
     if len(ordered) <= n:
         return ordered
     if n < 2:
         return ordered[:n]
-    top, bottom = ordered[0].flops_ratio, ordered[-1].flops_ratio
+    top, bottom = cost(ordered[0]), cost(ordered[-1])
     chosen: list[Candidate] = []
     for j in range(n):
         level = top - j * (top - bottom) / (n - 1)
-        chosen.append(min((c for c in ordered if not any(c is o for o in chosen)),
-                          key=lambda c: abs(c.flops_ratio - level)))
-    return sorted(chosen, key=lambda c: (-c.flops_ratio, c.label))
+        chosen.append(min((c for c in ordered if not any(c is o for o in chosen)), key=lambda c: abs(cost(c) - level)))
+    return sorted(chosen, key=lambda c: (-cost(c), c.label))
 
 
 def refusals(candidates: list[Candidate]) -> dict[str, dict]:
@@ -324,34 +355,32 @@ def refusals(candidates: list[Candidate]) -> dict[str, dict]:
     return out
 
 
-def measure_latency(search: Search, backend: str, batch: int, threads: int | None) -> list[Candidate]:
-    """Export the lowest-FLOPs certified finalists (one per family first) and time them against the unpruned model."""
-    from tpc.backends import check_backend
-    from tpc.timing import time_pair
-    from tpc.exports import to_onnx
-    from tpc.exports.onnxruntime import make_session
+class LatencyTimer:
+    """Times a candidate's ONNX export in ONNX Runtime at ``batch``, side by side with the unpruned model
+    (interleaved, ``tpc.timing.time_pair``), and records the ratio in ``candidate.latency``."""
 
-    check_backend(backend, ("onnxruntime",), "tpc tune --target latency")
-    feasible = sorted((c for c in search.within() if c.module is not None), key=lambda c: c.flops_ratio)
-    finalists, families = [], set()
-    for c in feasible:
-        if c.family not in families:
-            finalists.append(c)
-            families.add(c.family)
-    finalists = (finalists + [c for c in feasible if c not in finalists])[:LATENCY_FINALISTS]
-    inputs = search.engine.example_inputs
-    x = tuple(t[:1].expand(batch, *t.shape[1:]).contiguous() if t.shape[0] < batch else t[:batch]
-              for t in search.engine.data.batch(0, batch))
-    base = make_session(to_onnx(search.engine.gm, inputs).SerializeToString(), threads)
-    names = [i.name for i in base.get_inputs()]
-    feeds = {name: t.numpy() for name, t in zip(names, x)}
-    for c in finalists:
-        search.show(f"latency of {c.label}")
-        session = make_session(to_onnx(c.module.graph_module, inputs).SerializeToString(), threads)
-        timing = time_pair(lambda: base.run(None, feeds), lambda s=session: s.run(None, feeds), batch,
+    def __init__(self, engine: Engine, backend: str, batch: int, threads: int | None = None):
+        from tpc.backends import check_backend
+        from tpc.exports import to_onnx
+        from tpc.exports.onnxruntime import make_session
+
+        check_backend(backend, ("onnxruntime",), "tpc tune --target latency")
+        self.engine, self.backend, self.batch, self.threads = engine, backend, batch, threads
+        x = tuple(t[:1].expand(batch, *t.shape[1:]).contiguous() if t.shape[0] < batch else t[:batch]
+                  for t in engine.data.batch(0, batch))
+        self.base = make_session(to_onnx(engine.gm, engine.example_inputs).SerializeToString(), threads)
+        self.feeds = {i.name: t.numpy() for i, t in zip(self.base.get_inputs(), x)}
+
+    def __call__(self, c: Candidate) -> None:
+        from tpc.exports import to_onnx
+        from tpc.exports.onnxruntime import make_session
+        from tpc.timing import time_pair
+
+        if c.module is None:  # freed when it did not go on to the round that time cut short
+            c.module = self.engine.compile(c.steps)
+        session = make_session(to_onnx(c.module.graph_module, self.engine.example_inputs).SerializeToString(), self.threads)
+        timing = time_pair(lambda: self.base.run(None, self.feeds), lambda: session.run(None, self.feeds), self.batch,
                            warmup=2, iters=5, repeats=3)
-        c.latency = {"backend": backend, "batch": batch, "unpruned_ms": timing.base.median_ms,
+        c.latency = {"backend": self.backend, "batch": self.batch, "unpruned_ms": timing.base.median_ms,
                      "pruned_ms": timing.pruned.median_ms, "ratio": timing.pruned.median_ms / timing.base.median_ms,
                      "speedup_spread": list(timing.speedup_spread)}
-    return finalists
-
