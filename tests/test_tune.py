@@ -342,6 +342,45 @@ def test_when_no_timed_recipe_beats_the_unpruned_model_the_table_says_keep_it():
     assert "keep the unpruned model" in table and "no recipe met the budget" not in table
 
 
+def test_ctrl_c_while_the_recipes_are_timed_says_so_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """Ctrl-C before any recipe was timed: no latency pick exists yet. It once printed "no recipe met the
+    budget" (nothing was tested against it) and exited 1, as if the search had finished."""
+    from tpc.cli import main
+    from tpc.tune.search import LatencyTimer
+
+    timed = []
+
+    def ctrl_c(self, c):
+        timed.append(c)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LatencyTimer, "__call__", ctrl_c)
+    out = tmp_path / "r.json"
+    out.write_text("{}")  # an earlier recipe: kept as it was
+    code = main(["tune", "models:cli_tiny_vit", "--data", str(_images(tmp_path / "d.npz", n=24)), "--max-drop", "1",
+                 "--metric", "cosine", "--target", "latency", "--batch", "2", "--methods", "topk-cls", "--mean", MEAN,
+                 "--std", STD, "--check-split", "0", "--time", "10m", "-o", str(out)])
+    table = capsys.readouterr().out
+    assert code == 130 and len(timed) == 1 and out.read_text() == "{}"
+    assert "interrupted before a pick: 0 recipes timed" in table and "nothing written" in table
+    assert "no recipe met the budget" not in table
+
+
+def test_an_interrupted_latency_search_does_not_conclude_to_keep_the_unpruned_model():
+    """One recipe timed, slower than the unpruned model, then Ctrl-C: the others were never timed, so the table
+    must not say that pruning costs more than it saves here (it once did)."""
+    from tpc.tune.run import TuneResult
+
+    slower, untimed = _timed(0.5, 1.128, 0.0, 0.05), _scored(0.7, 0.0, 0.05)
+    search = {"tried": 2, "space": 2, "refused": 0, "skipped": 0, "rounds": [], "search_s": 1.0, "wall_s": 1.0,
+              "interrupted": True, "out_of_time": False, "space_cut": False, "rule": "fixed-sequence",
+              "confidence": 0.9, "z": 1.2816}
+    table = TuneResult("m", Metric("top1", "points"), "d.npz", (0, 10), None, 1.0, None, None, None, [], None, None,
+                       search, [slower, untimed], {"max_drop": 0.5, "target": "latency"}).table()
+    assert "keep the unpruned model" not in table and "no recipe ran faster" not in table
+    assert "interrupted before a pick: 1 recipe timed, none faster than the unpruned model so far" in table
+
+
 def test_max_flops_picks_the_best_metric_under_the_flops_budget(tmp_path):
     result = run_tune("models:cli_tiny_vit", _images(tmp_path / "d.npz", n=24), max_flops=0.9, time_budget=1,
                       methods="tome", mean=MEAN, std=STD, check_split=0, output=tmp_path / "r.json")

@@ -206,7 +206,9 @@ def cmd_tune(args) -> int:
                       mean=args.mean, std=args.std, after=args.after, seed=args.seed, load_kwargs=_load_kwargs(args),
                       progress=args.progress, confidence=args.confidence)
     print(result.table())
-    return 0 if result.best is not None else 1
+    if result.best is not None:
+        return 0
+    return 130 if result.search["interrupted"] else 1  # Ctrl-C before a pick: as an interrupted command exits
 
 
 def cmd_visualize(args) -> int:

@@ -128,6 +128,17 @@ class TuneResult:
                 lines.append(f"  picked by latency, not by FLOPs: {lowest.label} has fewer FLOPs ({lowest.flops_ratio:.3f} "
                              f"against {self.best.flops_ratio:.3f}) but ran at {lowest.latency['ratio']:.3f} of the "
                              f"unpruned latency, against {self.best.latency['ratio']:.3f}")
+        if self.best is None and s["interrupted"]:  # the search did not finish: no conclusion about the model
+            if self.budget.get("target") == "latency":
+                faster = sum(c.latency["ratio"] < 1 for c in timed)
+                done = (f"{len(timed)} recipe{'' if len(timed) == 1 else 's'} timed"
+                        + (", none faster than the unpruned model so far" if timed and not faster else "")
+                        + (f", {faster} faster than the unpruned model, none certified" if faster else ""))
+            else:
+                done = f"{len(rungs)} recipe{'' if len(rungs) == 1 else 's'} on the ladder, none certified"
+            lines.append(f"interrupted before a pick: {done}; nothing written (let the search finish, "
+                         "or bound it with --time)")
+            return "\n".join(lines)
         if self.best is None and timed and not rungs:
             fastest = min(timed, key=lambda c: c.latency["ratio"])
             lines.append(f"no recipe ran faster than the unpruned model (the fastest timed: {fastest.label}, at "
