@@ -124,7 +124,7 @@ def test_token_arrays_the_model_cannot_take_are_refused_in_one_line(tmp_path, id
     data = tmp_path / "text.npz"
     np.savez(data, ids=ids(good.numpy()), mask=mask.numpy())
     with pytest.raises(TpcError, match=words):
-        run_tune("test_tune:tiny_sentence_encoder", data, max_drop=1.0, time_budget=1, methods="topk-mass", backend="torch")
+        run_tune("test_tune:tiny_sentence_encoder", data, max_drop=1.0, time_budget=1, methods="topk-mass")
 
 
 def test_one_example_is_refused_in_one_singular_line(tmp_path):
@@ -263,12 +263,22 @@ def test_labels_that_look_meaningless_are_warned_about_in_one_line(caplog, label
     ({"max_drop": 0.5, "time_budget": "0s"}, "leaves no time"),
     ({"max_drop": 0.5, "plot": "/nonexistent-dir/front.png"}, "of --plot does not exist"),
     ({"max_drop": 5.0, "metric": "cosine"}, "in cosine units"),  # points for a cosine budget: once accepted
+    ({"max_drop": 0.5, "backend": "tensorrt", "batch": 8}, "add --target latency"),  # once a FLOPs recipe, flags ignored
+    ({"max_drop": 0.5, "batch": 32}, "add --target latency"),  # not the evaluation batch: once silently ignored
+    ({"max_drop": 0.5, "target": "latency", "batch": 0}, "--batch must be at least 1"),
 ])
 def test_bad_tune_arguments_are_refused_in_one_line(tmp_path, kwargs, message):
     out = tmp_path / "r.json"
     with pytest.raises(tpc.TpcError, match=message) as err:
         run_tune("models:cli_tiny_vit", _images(tmp_path / "d.npz", n=8), mean=MEAN, std=STD, output=out, **kwargs)
     assert "\n" not in str(err.value) and not out.exists()
+
+
+def test_a_latency_backend_tune_cannot_time_is_refused_before_the_model_loads():
+    """Once refused only after loading, capturing and running the unpruned model on the whole tuning part."""
+    for backend in ("garbage", "torch", "tensorrt"):
+        with pytest.raises(TpcError, match=f"backend '{backend}': tpc tune --target latency runs onnxruntime"):
+            run_tune("no_such_module:model", "no_such_data.npz", max_drop=0.5, target="latency", backend=backend)
 
 
 def test_outputs_onto_the_data_or_each_other_are_refused_before_any_work(tmp_path):

@@ -280,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "recipes by FLOPs; default 0.9; lower picks more aggressive recipes on small data)")
     p.add_argument("--metric", help="top1 (labels), agreement or cosine (default: from the data and the model's output)")
     p.add_argument("--target", default="flops", help="flops (default) or latency (measured on --backend at --batch)")
-    p.add_argument("--backend", default="onnxruntime", help="latency backend: onnxruntime")
-    p.add_argument("--batch", type=int, default=8, help="batch size of the latency measurement (default 8)")
+    p.add_argument("--backend", help="with --target latency: the backend timed, onnxruntime (the default)")
+    p.add_argument("--batch", type=int, help="with --target latency: the batch size timed (default 8)")
     p.add_argument("--time", default="15m", help="search time budget, e.g. 15m, 90s (default 15m)")
     p.add_argument("--check-split", type=float, default=0.2,
                    help="held-out fraction at the end of the data, reported next to the tuning part (default 0.2)")

@@ -360,11 +360,9 @@ class LatencyTimer:
     (interleaved, ``tpc.timing.time_pair``), and records the ratio in ``candidate.latency``."""
 
     def __init__(self, engine: Engine, backend: str, batch: int, threads: int | None = None):
-        from tpc.backends import check_backend
         from tpc.exports import to_onnx
         from tpc.exports.onnxruntime import make_session
 
-        check_backend(backend, ("onnxruntime",), "tpc tune --target latency")
         self.engine, self.backend, self.batch, self.threads = engine, backend, batch, threads
         x = tuple(t[:1].expand(batch, *t.shape[1:]).contiguous() if t.shape[0] < batch else t[:batch]
                   for t in engine.data.batch(0, batch))
