@@ -4,6 +4,7 @@ reproduces the metric the recipe records, on the tuning and on the check example
 from __future__ import annotations
 
 import json
+import math
 from statistics import NormalDist
 
 import numpy as np
@@ -444,3 +445,72 @@ def test_a_search_cut_by_time_reports_the_bound_its_test_used_and_the_drop_on_ev
     assert saved["search"]["out_of_time"] and rung["examples"] == tuning["bound_examples"] == result.best.n < 64
     assert tuning["examples"] == 64 and tuning["bound"] == rung["bound"]
     assert f"on the first {result.best.n} examples, where time stopped the search" in result.table()
+
+
+class _StandInTimer:
+    """Stands in for the ONNX Runtime timing where what is tested is which recipes the search times, not how
+    (the timing itself is tested against ONNX Runtime above): records each recipe, with the ratio given."""
+
+    def __init__(self, ratio):
+        self.ratio, self.calls = ratio, []
+
+    def __call__(self, c):
+        self.calls.append(c)
+        c.latency = {"backend": "onnxruntime", "batch": 4, "unpruned_ms": 1.0, "pruned_ms": self.ratio(c),
+                     "ratio": self.ratio(c), "speedup_spread": [1.0, 1.0]}
+
+
+def shallow_tiny_vit():
+    """For `tpc tune test_tune:shallow_tiny_vit`: two layers, so that topk-cls has 10 recipes (2 starts x 5 keeps)."""
+    return tiny_timm_vit(depth=2), (torch.randn(2, 3, 32, 32),)
+
+
+def _tune_latency_with(timer, monkeypatch, tmp_path, n):
+    from tpc.tune import run as run_module
+
+    monkeypatch.setattr(run_module, "LatencyTimer", lambda *args: timer)
+    out = tmp_path / "r.json"
+    result = run_tune("test_tune:shallow_tiny_vit", _images(tmp_path / "d.npz", n=n), max_drop=1.0, metric="cosine",
+                      target="latency", batch=4, time_budget=600, methods="topk-cls", mean=MEAN, std=STD,
+                      check_split=0, output=out)
+    return result, out
+
+
+def test_after_a_last_cut_whose_recipes_all_ran_slower_nothing_more_is_timed(tmp_path, monkeypatch):
+    """16 images, two rounds: the last cut times 4 of the 10 recipes (at most 4 here, for a small test); all
+    run slower than the unpruned model. The 6 it left untimed are not timed after the search (each is an
+    ONNX export and 30 runs, tens of seconds on a real model; they were once), and the table says why there
+    is no pick."""
+    from tpc.tune import search as search_module
+
+    monkeypatch.setattr(search_module, "FINALISTS", 4)
+    timer = _StandInTimer(lambda c: 1.5)
+    result, out = _tune_latency_with(timer, monkeypatch, tmp_path, n=16)
+    assert result.search["rounds"][0]["scored"] == 10 and len(timer.calls) == 4
+    assert result.best is None and not out.exists()
+    assert "no recipe ran faster than the unpruned model" in result.table()
+
+
+def test_a_latency_search_past_its_time_budget_times_only_a_few_recipes(tmp_path, monkeypatch):
+    """8 images, one round that spends the whole --time: of the 10 recipes it scored only LATE_TIMED are
+    timed past the budget, spread over FLOPs (once all 10, up to 12), and recipe.json's front has a bound
+    for every recipe on it, timed or not (once NaN for those off the ladder)."""
+    from tpc.tune.search import LATE_TIMED
+
+    first_round = Search._first_round
+
+    def spends_the_budget(self, *args, **kwargs):
+        entrants = first_round(self, *args, **kwargs)
+        self.time_budget = 0.0
+        return entrants
+
+    monkeypatch.setattr(Search, "_first_round", spends_the_budget)
+    timer = _StandInTimer(lambda c: c.flops_ratio)
+    result, out = _tune_latency_with(timer, monkeypatch, tmp_path, n=8)
+    assert result.search["rounds"] == [{"examples": 8, "scored": 10}] and result.search["out_of_time"]
+    assert len(timer.calls) == LATE_TIMED == len(set(map(id, timer.calls)))
+    flops = sorted(c.flops_ratio for c in result.candidates)
+    assert max(c.flops_ratio for c in timer.calls) == flops[-1] and min(c.flops_ratio for c in timer.calls) == flops[0]
+    saved = json.loads(out.read_text())
+    assert saved["front"] and all(math.isfinite(f["bound"]) for f in saved["front"])
+    assert any(f["latency_ratio"] is None for f in saved["front"])  # an untimed recipe on the front, with its bound

@@ -292,7 +292,7 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
     search_s = time.perf_counter() - start  # loading, capture, the unpruned reference, the rounds and the timing
     best, front = search.best(), search.front()  # best() walks the ladder: each rung's bound and verdict
     ladder = search.ladder()
-    for c in ladder:
+    for c in search.compared():  # the front's too: for a latency target it may hold recipes off the ladder
         c.bound = search.upper(c)
     baselines = search.single_method_best()
     baseline = None
