@@ -178,7 +178,7 @@ class TuneResult:
             return "most FLOPs first"
         timed = self.timed
         where = f" on {timed[0].latency['backend']} at batch {timed[0].latency['batch']}" if timed else ""
-        return f"most FLOPs first (timed{where}: faster than the unpruned model; the pick is the fastest certified)"
+        return f"slowest first (timed{where}, each faster than the unpruned model)"
 
     @property
     def timed(self) -> list:

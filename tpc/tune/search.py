@@ -30,11 +30,15 @@ are never run and the better half by drop goes on.
 With ``target="latency"``, latency decides what is tested and what is picked: at the last cut
 the promising recipes are exported to ONNX and timed side by side with the unpruned model
 (``LatencyTimer``), those no faster than the unpruned model are dropped, and the Pareto front of
-(latency, bound) goes on; the pick is the fastest certified rung. A method's own ops cost time
-its FLOPs do not show (ToMe's matching and merging, a greedy selection loop), so fewer FLOPs is
-not always faster. The test still walks the rungs by FLOPs: deterministic where a latency on a
-busy machine is not, and the order the drops follow. The held-out check part is scored only at
-the end, for the chosen recipe and the best single-method recipe.
+(latency, bound) goes on; the ladder is walked slowest first, so the pick, the last certified
+rung, is the fastest certified. A method's own ops cost time its FLOPs do not show (ToMe's
+matching and merging, a greedy selection loop), so fewer FLOPs is not always faster. Along a
+(latency, bound) front the bound grows as the latency falls, as it does with FLOPs on a FLOPs
+front; walked by FLOPs instead, a faster rung with more FLOPs and a larger bound would come
+first and could stop the test before a slower, tighter one. The latencies are measured apart
+from the per-example drops the test uses, so an order by them is fixed before the test as the
+rule needs. The held-out check part is scored only at the end, for the chosen recipe and the
+best single-method recipe.
 """
 
 from __future__ import annotations
@@ -143,11 +147,11 @@ class Search:
 
     def ladder(self) -> list[Candidate]:
         """The compared recipes in the fixed-sequence test's order: most FLOPs (the safest) first; for a
-        latency target only those timed faster than the unpruned model."""
+        latency target only those timed faster than the unpruned model, slowest first."""
         rungs = self.compared()
         if self.timer is not None:
             rungs = [c for c in rungs if c.latency and c.latency["ratio"] < 1]
-        return sorted(rungs, key=lambda c: (-c.flops_ratio, c.label))
+        return sorted(rungs, key=lambda c: (-self.cost(c), c.label))
 
     def certify(self) -> list[Candidate]:
         """Walk the ladder: each rung is certified while its bound is within the budget; the first
