@@ -4,6 +4,7 @@ reproduces the metric the recipe records, on the tuning and on the check example
 from __future__ import annotations
 
 import json
+import math
 from statistics import NormalDist
 
 import numpy as np
@@ -297,24 +298,38 @@ def wide_tiny_vit():
     return tiny_timm_vit(img_size=64, patch_size=4, embed_dim=64, depth=2), (torch.randn(2, 3, 64, 64),)
 
 
-def test_latency_target_orders_the_ladder_by_latency_timed_in_onnx_runtime(tmp_path):
+def test_latency_target_times_recipes_in_onnx_runtime_beside_the_unpruned_model(tmp_path, monkeypatch):
+    """The timing is real (ONNX Runtime at --batch, interleaved with the unpruned model); which recipe runs
+    faster on a busy machine is not fixed, so what is checked holds either way: every rung ran faster than
+    the unpruned model, slowest first, and the pick is the fastest certified rung with its latency in
+    recipe.json, or no recipe is written and the table says why. One recipe is timed (FINALISTS 1): each is an
+    ONNX export, the most of this test's time (the ladder's order and the pick among several are checked with
+    stand-in latencies below)."""
+    from tpc.tune import search as search_module
+
+    monkeypatch.setattr(search_module, "FINALISTS", 1)
     rng = np.random.default_rng(0)
     data = tmp_path / "d.npz"
     np.savez(data, images=rng.integers(0, 256, (24, 64, 64, 3), dtype=np.uint8))
     out = tmp_path / "r.json"
     result = run_tune("test_tune:wide_tiny_vit", data, max_drop=1.0, metric="cosine", target="latency", batch=4,
-                      time_budget=60, methods="topk-cls", mean=MEAN, std=STD, check_split=0, output=out)
-    saved = json.loads(out.read_text())
-    latency = saved["measured"]["latency"]
-    assert latency == result.best.latency and latency["backend"] == "onnxruntime" and latency["batch"] == 4
-    assert latency["pruned_ms"] > 0 and latency["unpruned_ms"] > 0
-    ladder = saved["ladder"]  # most FLOPs first, every rung timed and faster than the unpruned model
-    assert [r["flops_ratio"] for r in ladder] == sorted((r["flops_ratio"] for r in ladder), reverse=True)
-    assert all(r["latency_ratio"] < 1 for r in ladder) and len(saved["timed"]) >= len(ladder)
-    certified = [r for r in ladder if r["certified"]]
-    pick = min(certified, key=lambda r: r["latency_ratio"])  # the fastest certified, whatever its FLOPs
-    assert pick["steps"] == saved["steps"] and latency["ratio"] == pick["latency_ratio"]
-    assert "timed on onnxruntime at batch 4: faster than the unpruned model" in result.table()
+                      time_budget=600, methods="topk-cls", mean=MEAN, std=STD, check_split=0, output=out)
+    assert len(result.timed) == 1
+    for c in result.timed:
+        lat = c.latency
+        assert lat["backend"] == "onnxruntime" and lat["batch"] == 4 and lat["pruned_ms"] > 0 and lat["unpruned_ms"] > 0
+        assert lat["ratio"] == pytest.approx(lat["pruned_ms"] / lat["unpruned_ms"])
+    ratios = [c.latency["ratio"] for c in result.rungs]
+    assert all(r < 1 for r in ratios) and ratios == sorted(ratios, reverse=True)
+    table = result.table()
+    if result.best is not None:
+        saved = json.loads(out.read_text())
+        assert saved["measured"]["latency"] == result.best.latency
+        assert result.best is min((c for c in result.rungs if c.certified), key=lambda c: c.latency["ratio"])
+        assert "slowest first (timed on onnxruntime at batch 4" in table
+    else:
+        assert not out.exists()
+        assert "no recipe ran faster than the unpruned model" in table or "no recipe met the budget" in table
 
 
 def _timed(flops, latency, drop, se):
@@ -325,16 +340,21 @@ def _timed(flops, latency, drop, se):
 
 def test_a_latency_ladder_goes_by_measured_latency_and_leaves_off_recipes_slower_than_unpruned():
     """Fewer FLOPs is not faster when a method's own ops cost time its FLOPs do not show (ToMe's merging at
-    batch 1 on a small model ran slower than the unpruned model): the ladder is ordered by latency and the
-    pick is the fastest certified recipe, never one slower than not pruning."""
-    merge = _timed(0.6, 0.95, 0.0, 0.1)  # fewer FLOPs, but its merging makes it the slower rung
-    gather = _timed(0.8, 0.80, 0.1, 0.1)
+    batch 1 on a small model ran slower than the unpruned model): the ladder is walked by latency, slowest
+    first, and the pick is the fastest certified recipe, never one slower than not pruning."""
+    merge = _timed(0.6, 0.95, 0.0, 0.1)  # fewer FLOPs, but its merging makes it the slower rung (bound 0.13)
+    gather = _timed(0.8, 0.80, 0.1, 0.1)  # more FLOPs, faster, a larger bound (0.23)
     slower = _timed(0.5, 1.10, 0.0, 0.05)  # slower than unpruned: never on the ladder
     dominated = _timed(0.7, 0.85, 0.3, 0.1)  # slower than gather and a larger bound: not worth testing
     search = _search([merge, gather, slower])
     search.timer = object()  # every candidate is timed already: nothing is timed again
-    assert search.ladder() == [gather, merge] and search.best() is gather  # tested by FLOPs, picked by latency
+    assert search.ladder() == [merge, gather] and search.best() is gather  # both certified: the fastest
     assert search.select([merge, gather, slower, dominated], last=True) == [merge, gather]  # spread over latency
+    # at a budget of 0.2 the faster rung fails: walked by FLOPs it came first and stopped the test before the
+    # slower, tighter one (no pick at all); walked by latency that one is certified first and picked
+    tight = _search([merge, gather], max_drop=0.2)
+    tight.timer = object()
+    assert tight.best() is merge and [c.certified for c in tight.ladder()] == [True, False]
     search.candidates = [slower]
     assert search.ladder() == [] and search.best() is None
 
@@ -493,3 +513,76 @@ def test_a_search_cut_by_time_reports_the_bound_its_test_used_and_the_drop_on_ev
     assert saved["search"]["out_of_time"] and rung["examples"] == tuning["bound_examples"] == result.best.n < 64
     assert tuning["examples"] == 64 and tuning["bound"] == rung["bound"]
     assert f"on the first {result.best.n} examples, where time stopped the search" in result.table()
+
+
+class _StandInTimer:
+    """Stands in for the ONNX Runtime timing where what is tested is which recipes the search times, not how
+    (the timing itself is tested against ONNX Runtime above): records each recipe, with the ratio given."""
+
+    def __init__(self, ratio):
+        self.ratio, self.calls = ratio, []
+
+    def __call__(self, c):
+        self.calls.append(c)
+        c.latency = {"backend": "onnxruntime", "batch": 4, "unpruned_ms": 1.0, "pruned_ms": self.ratio(c),
+                     "ratio": self.ratio(c), "speedup_spread": [1.0, 1.0]}
+
+
+def shallow_tiny_vit():
+    """For `tpc tune test_tune:shallow_tiny_vit`: two layers, so that topk-cls has 10 recipes (2 starts x 5 keeps)."""
+    return tiny_timm_vit(depth=2), (torch.randn(2, 3, 32, 32),)
+
+
+def _tune_latency_with(timer, monkeypatch, tmp_path, n):
+    from tpc.tune import run as run_module
+
+    monkeypatch.setattr(run_module, "LatencyTimer", lambda *args: timer)
+    out = tmp_path / "r.json"
+    result = run_tune("test_tune:shallow_tiny_vit", _images(tmp_path / "d.npz", n=n), max_drop=1.0, metric="cosine",
+                      target="latency", batch=4, time_budget=600, methods="topk-cls", mean=MEAN, std=STD,
+                      check_split=0, output=out)
+    return result, out
+
+
+def test_after_a_last_cut_whose_recipes_all_ran_slower_nothing_more_is_timed(tmp_path, monkeypatch):
+    """16 images, two rounds: the last cut times 4 of the 10 recipes (at most 4 here, for a small test); all
+    run slower than the unpruned model. The 6 it left untimed are not timed after the search (each is an
+    ONNX export and 30 runs, tens of seconds on a real model; they were once), and the table says why there
+    is no pick."""
+    from tpc.tune import search as search_module
+
+    monkeypatch.setattr(search_module, "FINALISTS", 4)
+    timer = _StandInTimer(lambda c: 1.5)
+    result, out = _tune_latency_with(timer, monkeypatch, tmp_path, n=16)
+    assert result.search["rounds"][0]["scored"] == 10 and len(timer.calls) == 4
+    assert result.best is None and not out.exists()
+    assert "no recipe ran faster than the unpruned model" in result.table()
+
+
+def test_a_latency_search_past_its_time_budget_times_only_a_few_recipes(tmp_path, monkeypatch):
+    """8 images, one round that spends the whole --time: of the 10 recipes it scored only LATE_TIMED are
+    timed past the budget, spread over FLOPs (once all 10, up to 12), and recipe.json's front has a bound
+    for every recipe on it, timed or not (once NaN for those off the ladder)."""
+    from tpc.tune.search import LATE_TIMED
+
+    first_round = Search._first_round
+
+    def spends_the_budget(self, *args, **kwargs):
+        entrants = first_round(self, *args, **kwargs)
+        self.time_budget = 0.0
+        return entrants
+
+    monkeypatch.setattr(Search, "_first_round", spends_the_budget)
+    timer = _StandInTimer(lambda c: c.flops_ratio)
+    result, out = _tune_latency_with(timer, monkeypatch, tmp_path, n=8)
+    assert result.search["rounds"] == [{"examples": 8, "scored": 10}] and result.search["out_of_time"]
+    assert len(timer.calls) == LATE_TIMED == len(set(map(id, timer.calls)))
+    flops = sorted(c.flops_ratio for c in result.candidates)
+    assert max(c.flops_ratio for c in timer.calls) == flops[-1] and min(c.flops_ratio for c in timer.calls) == flops[0]
+    saved = json.loads(out.read_text())
+    assert saved["measured"]["latency"] == result.best.latency and len(saved["timed"]) == LATE_TIMED
+    ladder = saved["ladder"]  # the timed recipes faster than unpruned (all, here), slowest first; the last is picked
+    assert [r["latency_ratio"] for r in ladder] == sorted((c.flops_ratio for c in timer.calls), reverse=True)
+    assert ladder[-1]["steps"] == saved["steps"] and ladder[-1]["certified"]
+    assert saved["front"] and all(math.isfinite(f["bound"]) for f in saved["front"])
+    assert any(f["latency_ratio"] is None for f in saved["front"])  # an untimed recipe on the front, with its bound

@@ -189,7 +189,7 @@ class TuneResult:
             return "most FLOPs first"
         timed = self.timed
         where = f" on {timed[0].latency['backend']} at batch {timed[0].latency['batch']}" if timed else ""
-        return f"most FLOPs first (timed{where}: faster than the unpruned model; the pick is the fastest certified)"
+        return f"slowest first (timed{where}, each faster than the unpruned model)"
 
     @property
     def timed(self) -> list:
@@ -311,7 +311,7 @@ def run_tune(model, data, max_drop=None, target="flops", backend=None, batch=Non
     search_s = time.perf_counter() - start  # loading, capture, the unpruned reference, the rounds and the timing
     best, front = search.best(), search.front()  # best() walks the ladder: each rung's bound and verdict
     ladder = search.ladder()
-    for c in ladder:
+    for c in search.compared():  # the front's too: for a latency target it may hold recipes off the ladder
         c.bound = search.upper(c)
     baselines = search.single_method_best()
     baseline = None

@@ -30,11 +30,15 @@ are never run and the better half by drop goes on.
 With ``target="latency"``, latency decides what is tested and what is picked: at the last cut
 the promising recipes are exported to ONNX and timed side by side with the unpruned model
 (``LatencyTimer``), those no faster than the unpruned model are dropped, and the Pareto front of
-(latency, bound) goes on; the pick is the fastest certified rung. A method's own ops cost time
-its FLOPs do not show (ToMe's matching and merging, a greedy selection loop), so fewer FLOPs is
-not always faster. The test still walks the rungs by FLOPs: deterministic where a latency on a
-busy machine is not, and the order the drops follow. The held-out check part is scored only at
-the end, for the chosen recipe and the best single-method recipe.
+(latency, bound) goes on; the ladder is walked slowest first, so the pick, the last certified
+rung, is the fastest certified. A method's own ops cost time its FLOPs do not show (ToMe's
+matching and merging, a greedy selection loop), so fewer FLOPs is not always faster. Along a
+(latency, bound) front the bound grows as the latency falls, as it does with FLOPs on a FLOPs
+front; walked by FLOPs instead, a faster rung with more FLOPs and a larger bound would come
+first and could stop the test before a slower, tighter one. The latencies are measured apart
+from the per-example drops the test uses, so an order by them is fixed before the test as the
+rule needs. The held-out check part is scored only at the end, for the chosen recipe and the
+best single-method recipe.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from tpc.tune.metrics import Metric
 from tpc.tune.space import family_of
 
 FINALISTS = 12  # at most this many recipes reach the full tuning set: the rungs of the ladder
+LATE_TIMED = 4  # latency target, past the time budget: recipes are timed only until this many are (the pick needs one)
 
 
 @dataclass(eq=False)  # a candidate is itself: compared by identity
@@ -100,6 +105,7 @@ class Search:
     interrupted: bool = False
     out_of_time: bool = False  # a later round stopped for the time budget
     space_cut: bool = False  # the first round stopped before the end of the space for the time budget
+    cut_timed: bool = False  # latency target: the last cut timed its recipes within the time budget
 
     # -- scoring -------------------------------------------------------------------------------
 
@@ -141,11 +147,11 @@ class Search:
 
     def ladder(self) -> list[Candidate]:
         """The compared recipes in the fixed-sequence test's order: most FLOPs (the safest) first; for a
-        latency target only those timed faster than the unpruned model."""
+        latency target only those timed faster than the unpruned model, slowest first."""
         rungs = self.compared()
         if self.timer is not None:
             rungs = [c for c in rungs if c.latency and c.latency["ratio"] < 1]
-        return sorted(rungs, key=lambda c: (-c.flops_ratio, c.label))
+        return sorted(rungs, key=lambda c: (-self.cost(c), c.label))
 
     def certify(self) -> list[Candidate]:
         """Walk the ladder: each rung is certified while its bound is within the budget; the first
@@ -223,6 +229,7 @@ class Search:
         cost = (lambda c: c.flops_ratio)
         if last and self.timer is not None:
             hopeful = [c for c in self.time(spread(hopeful, FINALISTS), within_budget=True) if c.latency["ratio"] < 1]
+            self.cut_timed = not self.out_of_time
             cost = self.cost
         bound = {id(c): self.upper(c) for c in hopeful}  # ranked by the bound the final test will need
         kept: list[Candidate] = []
@@ -259,8 +266,8 @@ class Search:
                 self.rounds.append({"examples": self._examples(size), "scored": len(entrants)})
                 if self.out_of_time:
                     break
-            if self.timer is not None:  # a single round, or time ran out before the last cut: time the ladder now
-                self.time(spread([c for c in self.compared() if not c.latency], FINALISTS))
+            if self.timer is not None and not self.cut_timed:  # a single round, or time ran out before the last cut
+                self.time_late()
         except KeyboardInterrupt:
             self.interrupted = True
         if self.progress:
@@ -276,6 +283,16 @@ class Search:
                 self.show(f"latency of {c.label}")
                 self.timer(c)
         return [c for c in recipes if c.latency]
+
+    def time_late(self) -> None:
+        """No last cut timed the ladder (a single round, or time cut the search before it): time the compared
+        recipes now, spread over FLOPs, while the time budget lasts, and past it only until ``LATE_TIMED`` of
+        them are timed. After a last cut that timed its recipes nothing more is timed: the recipes it left
+        out were not promising or ran no faster than the unpruned model."""
+        compared = self.compared()
+        self.time(spread([c for c in compared if not c.latency], FINALISTS), within_budget=True)
+        short = LATE_TIMED - sum(1 for c in compared if c.latency)
+        self.time(spread([c for c in compared if not c.latency], max(0, short)))
 
     def _examples(self, batches: int) -> int:
         return self.engine.batches[batches - 1][1]
