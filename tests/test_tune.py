@@ -362,6 +362,17 @@ def test_when_no_timed_recipe_beats_the_unpruned_model_the_table_says_keep_it():
     assert "keep the unpruned model" in table and "no recipe met the budget" not in table
 
 
+def test_a_latency_search_interrupted_before_any_timing_says_so_not_that_no_recipe_met_the_budget():
+    from tpc.tune.run import TuneResult
+
+    search = {"tried": 5, "space": 9, "refused": 0, "skipped": 0, "rounds": [], "search_s": 1.0, "wall_s": 1.0,
+              "interrupted": True, "out_of_time": False, "space_cut": False, "rule": "fixed-sequence",
+              "confidence": 0.9, "z": 1.2816}
+    table = TuneResult("m", Metric("top1", "points"), "d.npz", (0, 10), None, 1.0, None, None, None, [], None, None,
+                       search, [_scored(0.5, 0.0, 0.05)], {"max_drop": 0.5, "target": "latency"}).table()
+    assert "interrupted before any recipe was timed" in table and "no recipe met the budget" not in table
+
+
 def test_max_flops_picks_the_best_metric_under_the_flops_budget(tmp_path):
     result = run_tune("models:cli_tiny_vit", _images(tmp_path / "d.npz", n=24), max_flops=0.9, time_budget=1,
                       methods="tome", mean=MEAN, std=STD, check_split=0, output=tmp_path / "r.json")

@@ -128,6 +128,10 @@ class TuneResult:
                 lines.append(f"  picked by latency, not by FLOPs: {lowest.label} has fewer FLOPs ({lowest.flops_ratio:.3f} "
                              f"against {self.best.flops_ratio:.3f}) but ran at {lowest.latency['ratio']:.3f} of the "
                              f"unpruned latency, against {self.best.latency['ratio']:.3f}")
+        if self.best is None and self.budget.get("target") == "latency" and not timed and s["interrupted"]:
+            lines.append("interrupted before any recipe was timed: none is known to run faster than the unpruned "
+                         "model, so none is picked; run again with more --time and let the search finish")
+            return "\n".join(lines)
         if self.best is None and timed and not rungs:
             fastest = min(timed, key=lambda c: c.latency["ratio"])
             lines.append(f"no recipe ran faster than the unpruned model (the fastest timed: {fastest.label}, at "
