@@ -339,6 +339,7 @@ def test_a_latency_ladder_goes_by_measured_latency_and_leaves_off_recipes_slower
     search = _search([merge, gather, slower])
     search.timer = object()  # every candidate is timed already: nothing is timed again
     assert search.ladder() == [merge, gather] and search.best() is gather  # both certified: the fastest
+    assert search.single_method_best()["x"] is gather  # the baseline by the same rule (it was by FLOPs: merge)
     assert search.select([merge, gather, slower, dominated], last=True) == [merge, gather]  # spread over latency
     # at a budget of 0.2 the faster rung fails: walked by FLOPs it came first and stopped the test before the
     # slower, tighter one (no pick at all); walked by latency that one is certified first and picked

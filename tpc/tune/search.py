@@ -194,12 +194,12 @@ class Search:
     def best(self) -> Candidate | None:
         """The last certified rung, i.e. the lowest FLOPs (latency target: the fastest) certified
         (``max_flops``: the smallest drop within the FLOPs budget)."""
-        within = self.within()
-        if not within:
-            return None
-        if self.max_flops is not None:
-            return min(within, key=lambda c: (c.drop, c.flops_ratio))
-        return min(within, key=self.cost)
+        return min(self.within(), key=self.preference, default=None)
+
+    def preference(self, c: Candidate) -> tuple:
+        """What ranks recipes within the budget, the best first: the FLOPs ratio, or the latency ratio for a
+        latency target, then the drop (``max_flops``: the drop, then the FLOPs)."""
+        return (c.drop, c.flops_ratio) if self.max_flops is not None else (self.cost(c), c.drop)
 
     # -- progress ------------------------------------------------------------------------------
 
@@ -338,10 +338,9 @@ class Search:
 
     def single_method_best(self) -> dict[str, Candidate]:
         """Per single-method family, its best recipe within the budget (same rule as the overall best)."""
-        key = (lambda c: (c.drop, c.flops_ratio)) if self.max_flops is not None else (lambda c: (c.flops_ratio, c.drop))
         out: dict[str, Candidate] = {}
         for c in self.within():
-            if "+" not in c.family and (c.family not in out or key(c) < key(out[c.family])):
+            if "+" not in c.family and (c.family not in out or self.preference(c) < self.preference(out[c.family])):
                 out[c.family] = c
         return out
 
@@ -360,6 +359,13 @@ def spread(recipes: list[Candidate], n: int, cost=lambda c: c.flops_ratio) -> li
         level = top - j * (top - bottom) / (n - 1)
         chosen.append(min((c for c in ordered if not any(c is o for o in chosen)), key=lambda c: abs(cost(c) - level)))
     return sorted(chosen, key=lambda c: (-cost(c), c.label))
+
+
+def compiled(engine: Engine, c: Candidate):
+    """The candidate's compiled module, compiled again if the search freed it (it did not go on to a round)."""
+    if c.module is None:
+        c.module = engine.compile(c.steps)
+    return c.module
 
 
 def refusals(candidates: list[Candidate]) -> dict[str, dict]:
@@ -393,9 +399,7 @@ class LatencyTimer:
         from tpc.exports.onnxruntime import make_session
         from tpc.timing import time_pair
 
-        if c.module is None:  # freed when it did not go on to the round that time cut short
-            c.module = self.engine.compile(c.steps)
-        session = make_session(to_onnx(c.module.graph_module, self.engine.example_inputs).SerializeToString(), self.threads)
+        session = make_session(to_onnx(compiled(self.engine, c).graph_module, self.engine.example_inputs).SerializeToString(), self.threads)
         timing = time_pair(lambda: self.base.run(None, self.feeds), lambda: session.run(None, self.feeds), self.batch,
                            warmup=2, iters=5, repeats=3)
         c.latency = {"backend": self.backend, "batch": self.batch, "unpruned_ms": timing.base.median_ms,
