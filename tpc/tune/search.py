@@ -399,7 +399,8 @@ class LatencyTimer:
         from tpc.exports.onnxruntime import make_session
         from tpc.timing import time_pair
 
-        session = make_session(to_onnx(compiled(self.engine, c).graph_module, self.engine.example_inputs).SerializeToString(), self.threads)
+        onnx_model = to_onnx(compiled(self.engine, c).graph_module, self.engine.example_inputs)
+        session = make_session(onnx_model.SerializeToString(), self.threads)
         timing = time_pair(lambda: self.base.run(None, self.feeds), lambda: session.run(None, self.feeds), self.batch,
                            warmup=2, iters=5, repeats=3)
         c.latency = {"backend": self.backend, "batch": self.batch, "unpruned_ms": timing.base.median_ms,
