@@ -120,7 +120,8 @@ class TuneResult:
         timed = self.timed
         if timed:
             slower = [c for c in timed if c.latency["ratio"] >= 1]
-            lines.append(f"latency: {len(timed)} recipes timed, each side by side with the unpruned model; "
+            lines.append(f"latency: {len(timed)} recipes timed in {s.get('timing_s', 0):.0f} s (apart from --time), each "
+                         "side by side with the unpruned model; "
                          f"{len(slower)} no faster than it, left off the ladder")
             certified = [c for c in rungs if c.certified]
             lowest = min(certified, key=lambda c: c.flops_ratio, default=None)
@@ -322,7 +323,7 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
     info = {
         "tried": len(s.candidates), "space": len(space), "refused": sum(c.refused is not None for c in s.candidates),
         "skipped": sum(c.refused is None and not c.n for c in s.candidates), "rounds": s.rounds,
-        "prefix_runs": engine.prefix_runs, "search_s": search_s, "wall_s": time.perf_counter() - start, "interrupted": s.interrupted,
+        "prefix_runs": engine.prefix_runs, "search_s": search_s, "wall_s": time.perf_counter() - start, "timing_s": s.timing_s, "interrupted": s.interrupted,
         "out_of_time": s.out_of_time, "space_cut": s.space_cut, "methods_left_out": skipped,
         "refusals": refusals(s.candidates),
         "rule": "fixed-sequence", "confidence": confidence, "z": search.z, "compared": len(ladder),
