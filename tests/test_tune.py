@@ -309,6 +309,7 @@ def test_latency_target_times_recipes_in_onnx_runtime_beside_the_unpruned_model(
         lat = c.latency
         assert lat["backend"] == "onnxruntime" and lat["batch"] == 4 and lat["pruned_ms"] > 0 and lat["unpruned_ms"] > 0
         assert lat["ratio"] == pytest.approx(lat["pruned_ms"] / lat["unpruned_ms"])
+        assert 5 <= lat["iters"] <= 200  # at least 5 runs per repeat, more while a repeat lasts under 50 ms
     ratios = [c.latency["ratio"] for c in result.rungs]
     assert all(r < 1 for r in ratios) and ratios == sorted(ratios, reverse=True)
     table = result.table()
