@@ -319,6 +319,7 @@ def test_latency_target_times_recipes_in_onnx_runtime_beside_the_unpruned_model(
         lat = c.latency
         assert lat["backend"] == "onnxruntime" and lat["batch"] == 4 and lat["pruned_ms"] > 0 and lat["unpruned_ms"] > 0
         assert lat["ratio"] == pytest.approx(lat["pruned_ms"] / lat["unpruned_ms"])
+        assert 5 <= lat["iters"] <= 200  # at least 5 runs per repeat, more while a repeat lasts under 50 ms
     ratios = [c.latency["ratio"] for c in result.rungs]
     assert all(r < 1 for r in ratios) and ratios == sorted(ratios, reverse=True)
     table = result.table()
@@ -349,6 +350,7 @@ def test_a_latency_ladder_goes_by_measured_latency_and_leaves_off_recipes_slower
     search = _search([merge, gather, slower])
     search.timer = object()  # every candidate is timed already: nothing is timed again
     assert search.ladder() == [merge, gather] and search.best() is gather  # both certified: the fastest
+    assert search.single_method_best()["x"] is gather  # the baseline by the same rule (it was by FLOPs: merge)
     assert search.select([merge, gather, slower, dominated], last=True) == [merge, gather]  # spread over latency
     # at a budget of 0.2 the faster rung fails: walked by FLOPs it came first and stopped the test before the
     # slower, tighter one (no pick at all); walked by latency that one is certified first and picked
@@ -392,7 +394,7 @@ def test_ctrl_c_while_the_recipes_are_timed_says_so_and_writes_nothing(tmp_path,
                  "--std", STD, "--check-split", "0", "--time", "10m", "-o", str(out)])
     table = capsys.readouterr().out
     assert code == 130 and len(timed) == 1 and out.read_text() == "{}"
-    assert "interrupted before a pick: 0 recipes timed" in table and "nothing written" in table
+    assert "interrupted before any recipe was timed" in table and "nothing written" in table
     assert "no recipe met the budget" not in table
 
 
@@ -409,6 +411,17 @@ def test_an_interrupted_latency_search_does_not_conclude_to_keep_the_unpruned_mo
                        search, [slower, untimed], {"max_drop": 0.5, "target": "latency"}).table()
     assert "keep the unpruned model" not in table and "no recipe ran faster" not in table
     assert "interrupted before a pick: 1 recipe timed, none faster than the unpruned model so far" in table
+
+
+def test_a_latency_search_interrupted_before_any_timing_says_so_not_that_no_recipe_met_the_budget():
+    from tpc.tune.run import TuneResult
+
+    search = {"tried": 5, "space": 9, "refused": 0, "skipped": 0, "rounds": [], "search_s": 1.0, "wall_s": 1.0,
+              "interrupted": True, "out_of_time": False, "space_cut": False, "rule": "fixed-sequence",
+              "confidence": 0.9, "z": 1.2816}
+    table = TuneResult("m", Metric("top1", "points"), "d.npz", (0, 10), None, 1.0, None, None, None, [], None, None,
+                       search, [_scored(0.5, 0.0, 0.05)], {"max_drop": 0.5, "target": "latency"}).table()
+    assert "interrupted before any recipe was timed" in table and "no recipe met the budget" not in table
 
 
 def test_max_flops_picks_the_best_metric_under_the_flops_budget(tmp_path):

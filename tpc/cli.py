@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-flops", type=float, help="instead: the best metric with at most this FLOPs ratio (e.g. 0.6)")
     p.add_argument("--confidence", type=float, default=0.9,
                    help="the pick's drop is within --max-drop with this confidence (a fixed-sequence test down the "
-                   "recipes by FLOPs, by latency for --target latency; default 0.9; lower picks more aggressive recipes on small data)")
+                   "recipes by FLOPs, or by latency with --target latency; default 0.9; lower picks more aggressive "
+                   "recipes on small data)")
     p.add_argument("--metric", help="top1 (labels), agreement or cosine (default: from the data and the model's output)")
     p.add_argument("--target", default="flops", help="flops (default) or latency (measured on --backend at --batch)")
     p.add_argument("--backend", help="with --target latency: the backend timed, onnxruntime (the default)")

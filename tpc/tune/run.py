@@ -18,7 +18,7 @@ from tpc.recipe import Recipe, check_steps, describe
 from tpc.tune.data import load_tune_data, split
 from tpc.tune.engine import Engine
 from tpc.tune.metrics import choose_metric, first_tensor
-from tpc.tune.search import Candidate, LatencyTimer, Search, refusals
+from tpc.tune.search import Candidate, LatencyTimer, Search, compiled, refusals
 from tpc.tune.space import GATHER_METHODS, candidates
 
 TARGETS = ("flops", "latency")
@@ -130,15 +130,17 @@ class TuneResult:
                              f"against {self.best.flops_ratio:.3f}) but ran at {lowest.latency['ratio']:.3f} of the "
                              f"unpruned latency, against {self.best.latency['ratio']:.3f}")
         if self.best is None and s["interrupted"]:  # the search did not finish: no conclusion about the model
-            if self.budget.get("target") == "latency":
+            if self.budget.get("target") == "latency" and not timed:
+                done = "interrupted before any recipe was timed: none is known to run faster than the unpruned model"
+            elif self.budget.get("target") == "latency":
                 faster = sum(c.latency["ratio"] < 1 for c in timed)
-                done = (f"{len(timed)} recipe{'' if len(timed) == 1 else 's'} timed"
-                        + (", none faster than the unpruned model so far" if timed and not faster else "")
-                        + (f", {faster} faster than the unpruned model, none certified" if faster else ""))
+                done = (f"interrupted before a pick: {len(timed)} recipe{'' if len(timed) == 1 else 's'} timed, "
+                        + (f"{faster} faster than the unpruned model, none certified" if faster else
+                           "none faster than the unpruned model so far"))
             else:
-                done = f"{len(rungs)} recipe{'' if len(rungs) == 1 else 's'} on the ladder, none certified"
-            lines.append(f"interrupted before a pick: {done}; nothing written (let the search finish, "
-                         "or bound it with --time)")
+                done = (f"interrupted before a pick: {len(rungs)} recipe{'' if len(rungs) == 1 else 's'} on the ladder, "
+                        "none certified")
+            lines.append(f"{done}; none is picked, nothing written (let the search finish, or bound it with --time)")
             return "\n".join(lines)
         if self.best is None and timed and not rungs:
             fastest = min(timed, key=lambda c: c.latency["ratio"])
@@ -151,7 +153,8 @@ class TuneResult:
             tightest = min(rungs, key=lambda c: c.bound, default=None)
             lines.append("no recipe met the budget" + (
                 f": the tightest bound was {m.format_drop(tightest.bound)} ({tightest.label})"
-                + ("" if tightest is rungs[0] else f", but the test stops at the first rung, the safest: {rungs[0].label}, "
+                + ("" if tightest is rungs[0] else f", but the test stops at the first rung, the "
+                   f"{'slowest' if self.budget.get('target') == 'latency' else 'safest'}: {rungs[0].label}, "
                    f"bound {m.format_drop(rungs[0].bound)}")
                 + "; more tuning examples narrow the bounds, a lower --confidence takes more risk" if tightest is not None and
                 self.budget.get("max_drop") is not None else ""))
@@ -167,7 +170,8 @@ class TuneResult:
                              f"{m.format(meas.unpruned)} unpruned, drop {m.format_drop(meas.drop)}{self._bound(meas)}")
         if self.baseline is not None:
             lines.append(f"best single method: {self.baseline.label}: {100 * (1 - self.baseline.flops_ratio):.1f}% fewer "
-                         f"FLOPs, tuning drop {m.format_drop(self.baseline_tuning.drop)}"
+                         f"FLOPs" + (f", {100 * (1 - self.baseline.latency['ratio']):.1f}% faster" if self.baseline.latency
+                                     else "") + f", tuning drop {m.format_drop(self.baseline_tuning.drop)}"
                          + (f", check drop {m.format_drop(self.baseline_check.drop)}" if self.baseline_check else ""))
         if self.output:
             lines.append(f"wrote {self.output}" + (f" and {self.plot}" if self.plot else ""))
@@ -315,10 +319,7 @@ def run_tune(model, data, max_drop=None, target="flops", backend=None, batch=Non
     for c in search.compared():  # the front's too: for a latency target it may hold recipes off the ladder
         c.bound = search.upper(c)
     baselines = search.single_method_best()
-    baseline = None
-    if baselines:
-        key = (lambda c: (c.drop, c.flops_ratio)) if max_flops is not None else (lambda c: (c.flops_ratio, c.drop))
-        baseline = min(baselines.values(), key=key)
+    baseline = min(baselines.values(), key=search.preference, default=None)
 
     ladder_records = [search.rung(c) for c in ladder]  # the test as it was made, before any rescoring below
     whole = {id(c): _on_whole_tuning_part(search, c) for c in (best, baseline) if c is not None}
@@ -328,10 +329,10 @@ def run_tune(model, data, max_drop=None, target="flops", backend=None, batch=Non
         tuning_m.bound_examples = best.n
         if check is not None and not search.interrupted:
             ref_scores, ref_outs = _measure(gm, check, metric_obj, eval_batch)
-            check_m = _measured(metric_obj, _measure(_module(engine, best), check, metric_obj, eval_batch, ref_outs)[0],
+            check_m = _measured(metric_obj, _measure(compiled(engine, best), check, metric_obj, eval_batch, ref_outs)[0],
                                 ref_scores)
             if baseline is not None and baseline is not best:
-                baseline_check = _measured(metric_obj, _measure(_module(engine, baseline), check, metric_obj, eval_batch,
+                baseline_check = _measured(metric_obj, _measure(compiled(engine, baseline), check, metric_obj, eval_batch,
                                                                 ref_outs)[0], ref_scores)
             elif baseline is best:
                 baseline_check = check_m
@@ -389,16 +390,9 @@ def _on_whole_tuning_part(search: Search, c: Candidate) -> Candidate:
     if search.interrupted or c.n == search.engine.batches[-1][1]:
         return c
     full = dataclasses.replace(c)
-    _module(search.engine, full)
+    compiled(search.engine, full)
     search.extend(full, len(search.engine.batches))
     return full
-
-
-def _module(engine: Engine, c: Candidate):
-    """The candidate's compiled module (compiled again if the search freed it)."""
-    if c.module is None:
-        c.module = engine.compile(c.steps)
-    return c.module
 
 
 def _recipe_info(r: TuneResult, model: str) -> dict:
