@@ -634,3 +634,21 @@ def test_the_latency_timing_is_off_the_time_budget_so_the_last_round_still_runs(
     assert len(rounds) == 2 and rounds[-1]["examples"] == 16 and rounds[-1]["scored"] >= 1
     assert not result.search["out_of_time"] and result.search["timing_s"] >= 1000
     assert json.loads(out.read_text())["ladder"][0]["examples"] == 16
+
+
+def test_a_recipe_onnx_cannot_time_is_counted_as_refused_and_the_search_goes_on(tmp_path, monkeypatch):
+    """The ONNX export can refuse a recipe the torch pipeline took: it once ended the whole search (minutes
+    of it) with that one line; now that recipe is refused with the reason, as the compiler's refusals are."""
+    from tpc.errors import TpcError
+
+    def refuse_the_first(c):
+        if len(timer.calls) == 1:
+            raise TpcError("ONNX export failed: some op")
+        return c.flops_ratio
+
+    timer = _StandInTimer(refuse_the_first)
+    result, out = _tune_latency_with(timer, monkeypatch, tmp_path, n=16)
+    refused = [c for c in result.candidates if c.refused]
+    assert len(refused) == 1 and refused[0].refused == "not timed: ONNX export failed: some op"
+    assert result.best is not None and refused[0] not in result.rungs and out.exists()
+    assert "refused 1 topk-cls recipe(s): not timed: ONNX export failed: some op" in result.table()

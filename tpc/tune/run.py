@@ -104,7 +104,7 @@ class TuneResult:
         for family, refused in s.get("refusals", {}).items():
             lines.append(f"refused {refused['count']} {family} recipe(s): {refused['reason']}")
         rounds = " -> ".join(f"{r['scored']} on {r['examples']}" for r in s["rounds"])
-        lines.append(f"search: {s['tried']} recipes tried ({s['refused']} refused by the compiler, {s['skipped']} over "
+        lines.append(f"search: {s['tried']} recipes tried ({s['refused']} refused by the compiler or the ONNX export, {s['skipped']} over "
                      f"the FLOPs budget), recipes scored per round (examples): {rounds}; "
                      f"{s['search_s']:.0f} s to the front, {s['wall_s']:.0f} s in all" + (" (interrupted: best so far)" if s["interrupted"] else "")
                      + (" (time budget reached)" if s["out_of_time"] else "")

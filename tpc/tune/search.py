@@ -278,13 +278,18 @@ class Search:
             sys.stderr.write("\n")
 
     def time(self, recipes: list[Candidate]) -> list[Candidate]:
-        """Time the recipes not yet timed, off the search's clock; returns the timed ones."""
+        """Time the recipes not yet timed, off the search's clock; returns the timed ones. A recipe the ONNX
+        export or ONNX Runtime refuses is counted as refused, with the reason, and the search goes on."""
         for c in recipes:
-            if not c.latency:
+            if not c.latency and c.refused is None:
                 self.show(f"latency of {c.label}")
                 start = time.perf_counter()
-                self.timer(c)
-                self.timing_s += time.perf_counter() - start
+                try:
+                    self.timer(c)
+                except TpcError as err:
+                    c.refused = f"not timed: {err}"
+                finally:
+                    self.timing_s += time.perf_counter() - start
         return [c for c in recipes if c.latency]
 
     def _examples(self, batches: int) -> int:
