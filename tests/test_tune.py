@@ -294,8 +294,9 @@ def test_outputs_onto_the_data_or_each_other_are_refused_before_any_work(tmp_pat
 
 
 def wide_tiny_vit():
-    """For `tpc tune test_tune:wide_tiny_vit`: 64x64 images in 4x4 patches (257 tokens), so that pruning pays in ONNX Runtime."""
-    return tiny_timm_vit(img_size=64, patch_size=4, embed_dim=64, depth=2), (torch.randn(2, 3, 64, 64),)
+    """For `tpc tune test_tune:wide_tiny_vit`: 64x64 images in 4x4 patches (257 tokens), so that pruning can pay in
+    ONNX Runtime; one layer, so that its ONNX exports (most of the latency test's time) are short."""
+    return tiny_timm_vit(img_size=64, patch_size=4, embed_dim=64, depth=1), (torch.randn(2, 3, 64, 64),)
 
 
 def test_latency_target_times_recipes_in_onnx_runtime_beside_the_unpruned_model(tmp_path, monkeypatch):
@@ -546,28 +547,33 @@ def shallow_tiny_vit():
     return tiny_timm_vit(depth=2), (torch.randn(2, 3, 32, 32),)
 
 
-def _tune_latency_with(timer, monkeypatch, tmp_path, n):
+def one_layer_tiny_vit():
+    """For `tpc tune test_tune:one_layer_tiny_vit`: one layer, 5 topk-cls recipes (the cheapest search)."""
+    return tiny_timm_vit(depth=1), (torch.randn(2, 3, 32, 32),)
+
+
+def _tune_latency_with(timer, monkeypatch, tmp_path, n, model="test_tune:shallow_tiny_vit"):
     from tpc.tune import run as run_module
 
     monkeypatch.setattr(run_module, "LatencyTimer", lambda *args: timer)
     out = tmp_path / "r.json"
-    result = run_tune("test_tune:shallow_tiny_vit", _images(tmp_path / "d.npz", n=n), max_drop=1.0, metric="cosine",
+    result = run_tune(model, _images(tmp_path / "d.npz", n=n), max_drop=1.0, metric="cosine",
                       target="latency", batch=4, time_budget=600, methods="topk-cls", mean=MEAN, std=STD,
                       check_split=0, output=out)
     return result, out
 
 
 def test_after_a_last_cut_whose_recipes_all_ran_slower_nothing_more_is_timed(tmp_path, monkeypatch):
-    """16 images, two rounds: the last cut times 4 of the 10 recipes (at most 4 here, for a small test); all
-    run slower than the unpruned model. The 6 it left untimed are not timed after the search (each is an
-    ONNX export and 30 runs, tens of seconds on a real model; they were once), and the table says why there
-    is no pick."""
+    """16 images, two rounds: the last cut times 2 of the 5 recipes (at most 2 here, for a small test); all
+    run slower than the unpruned model. The 3 it left untimed are not timed after the search (each is an
+    ONNX export and many runs, tens of seconds on a real model; they were once), and the table says why
+    there is no pick."""
     from tpc.tune import search as search_module
 
-    monkeypatch.setattr(search_module, "FINALISTS", 4)
+    monkeypatch.setattr(search_module, "FINALISTS", 2)
     timer = _StandInTimer(lambda c: 1.5)
-    result, out = _tune_latency_with(timer, monkeypatch, tmp_path, n=16)
-    assert result.search["rounds"][0]["scored"] == 10 and len(timer.calls) == 4
+    result, out = _tune_latency_with(timer, monkeypatch, tmp_path, n=16, model="test_tune:one_layer_tiny_vit")
+    assert result.search["rounds"][0]["scored"] == 5 and len(timer.calls) == 2
     assert result.best is None and not out.exists()
     assert "no recipe ran faster than the unpruned model" in result.table()
 
@@ -647,8 +653,22 @@ def test_a_recipe_onnx_cannot_time_is_counted_as_refused_and_the_search_goes_on(
         return c.flops_ratio
 
     timer = _StandInTimer(refuse_the_first)
-    result, out = _tune_latency_with(timer, monkeypatch, tmp_path, n=16)
+    result, out = _tune_latency_with(timer, monkeypatch, tmp_path, n=16, model="test_tune:one_layer_tiny_vit")
     refused = [c for c in result.candidates if c.refused]
     assert len(refused) == 1 and refused[0].refused == "not timed: ONNX export failed: some op"
     assert result.best is not None and refused[0] not in result.rungs and out.exists()
     assert "refused 1 topk-cls recipe(s): not timed: ONNX export failed: some op" in result.table()
+
+
+def test_ctrl_c_while_timing_picks_among_the_recipes_already_timed(tmp_path, monkeypatch):
+    def interrupt_on_third(c):
+        if len(timer.calls) == 3:  # the user presses Ctrl-C while the third recipe is timed
+            raise KeyboardInterrupt
+        return c.flops_ratio
+
+    timer = _StandInTimer(interrupt_on_third)
+    result, out = _tune_latency_with(timer, monkeypatch, tmp_path, n=16, model="test_tune:one_layer_tiny_vit")
+    saved = json.loads(out.read_text())
+    assert saved["search"]["interrupted"] and len(saved["timed"]) == 2 and timer.calls[2].latency is None
+    assert result.best is min(timer.calls[:2], key=lambda c: c.latency["ratio"])  # the fastest timed, certified
+    assert saved["measured"]["latency"] == result.best.latency and "(interrupted: best so far)" in result.table()
