@@ -232,7 +232,7 @@ class Search:
         hopeful = [c for c in entrants if c.drop - 2 * c.se <= self.max_drop]
         cost = (lambda c: c.flops_ratio)
         if last and self.timer is not None:
-            hopeful = [c for c in self.time(spread(hopeful, FINALISTS)) if c.latency["ratio"] < 1]
+            hopeful = [c for c in self.time_recipes(spread(hopeful, FINALISTS)) if c.latency["ratio"] < 1]
             self.cut_timed = True
             cost = self.cost
         bound = {id(c): self.upper(c) for c in hopeful}  # ranked by the bound the final test will need
@@ -271,13 +271,13 @@ class Search:
                 if self.out_of_time:
                     break
             if self.timer is not None and not self.cut_timed:  # a single round, or time ran out before the last cut
-                self.time(spread([c for c in self.compared() if not c.latency], FINALISTS))
+                self.time_recipes(spread([c for c in self.compared() if not c.latency], FINALISTS))
         except KeyboardInterrupt:
             self.interrupted = True
         if self.progress:
             sys.stderr.write("\n")
 
-    def time(self, recipes: list[Candidate]) -> list[Candidate]:
+    def time_recipes(self, recipes: list[Candidate]) -> list[Candidate]:
         """Time the recipes not yet timed, off the search's clock; returns the timed ones. A recipe the ONNX
         export or ONNX Runtime refuses is counted as refused, with the reason, and the search goes on."""
         for c in recipes:
