@@ -125,7 +125,7 @@ def test_token_arrays_the_model_cannot_take_are_refused_in_one_line(tmp_path, id
     data = tmp_path / "text.npz"
     np.savez(data, ids=ids(good.numpy()), mask=mask.numpy())
     with pytest.raises(TpcError, match=words):
-        run_tune("test_tune:tiny_sentence_encoder", data, max_drop=1.0, time_budget=1, methods="topk-mass", backend="torch")
+        run_tune("test_tune:tiny_sentence_encoder", data, max_drop=1.0, time_budget=1, methods="topk-mass")
 
 
 def test_one_example_is_refused_in_one_singular_line(tmp_path):
@@ -264,12 +264,22 @@ def test_labels_that_look_meaningless_are_warned_about_in_one_line(caplog, label
     ({"max_drop": 0.5, "time_budget": "0s"}, "leaves no time"),
     ({"max_drop": 0.5, "plot": "/nonexistent-dir/front.png"}, "of --plot does not exist"),
     ({"max_drop": 5.0, "metric": "cosine"}, "in cosine units"),  # points for a cosine budget: once accepted
+    ({"max_drop": 0.5, "backend": "tensorrt", "batch": 8}, "add --target latency"),  # once a FLOPs recipe, flags ignored
+    ({"max_drop": 0.5, "batch": 32}, "add --target latency"),  # not the evaluation batch: once silently ignored
+    ({"max_drop": 0.5, "target": "latency", "batch": 0}, "--batch must be at least 1"),
 ])
 def test_bad_tune_arguments_are_refused_in_one_line(tmp_path, kwargs, message):
     out = tmp_path / "r.json"
     with pytest.raises(tpc.TpcError, match=message) as err:
         run_tune("models:cli_tiny_vit", _images(tmp_path / "d.npz", n=8), mean=MEAN, std=STD, output=out, **kwargs)
     assert "\n" not in str(err.value) and not out.exists()
+
+
+def test_a_latency_backend_tune_cannot_time_is_refused_before_the_model_loads():
+    """Once refused only after loading, capturing and running the unpruned model on the whole tuning part."""
+    for backend in ("garbage", "torch", "tensorrt"):
+        with pytest.raises(TpcError, match=f"backend '{backend}': tpc tune --target latency runs onnxruntime"):
+            run_tune("no_such_module:model", "no_such_data.npz", max_drop=0.5, target="latency", backend=backend)
 
 
 def test_outputs_onto_the_data_or_each_other_are_refused_before_any_work(tmp_path):
@@ -363,6 +373,45 @@ def test_when_no_timed_recipe_beats_the_unpruned_model_the_table_says_keep_it():
                        search, [slower], {"max_drop": 0.5, "target": "latency"}).table()
     assert "no recipe ran faster than the unpruned model" in table and "at 1.128 of its latency" in table
     assert "keep the unpruned model" in table and "no recipe met the budget" not in table
+
+
+def test_ctrl_c_while_the_recipes_are_timed_says_so_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """Ctrl-C before any recipe was timed: no latency pick exists yet. It once printed "no recipe met the
+    budget" (nothing was tested against it) and exited 1, as if the search had finished."""
+    from tpc.cli import main
+    from tpc.tune.search import LatencyTimer
+
+    timed = []
+
+    def ctrl_c(self, c):
+        timed.append(c)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LatencyTimer, "__call__", ctrl_c)
+    out = tmp_path / "r.json"
+    out.write_text("{}")  # an earlier recipe: kept as it was
+    code = main(["tune", "models:cli_tiny_vit", "--data", str(_images(tmp_path / "d.npz", n=24)), "--max-drop", "1",
+                 "--metric", "cosine", "--target", "latency", "--batch", "2", "--methods", "topk-cls", "--mean", MEAN,
+                 "--std", STD, "--check-split", "0", "--time", "10m", "-o", str(out)])
+    table = capsys.readouterr().out
+    assert code == 130 and len(timed) == 1 and out.read_text() == "{}"
+    assert "interrupted before any recipe was timed" in table and "nothing written" in table
+    assert "no recipe met the budget" not in table
+
+
+def test_an_interrupted_latency_search_does_not_conclude_to_keep_the_unpruned_model():
+    """One recipe timed, slower than the unpruned model, then Ctrl-C: the others were never timed, so the table
+    must not say that pruning costs more than it saves here (it once did)."""
+    from tpc.tune.run import TuneResult
+
+    slower, untimed = _timed(0.5, 1.128, 0.0, 0.05), _scored(0.7, 0.0, 0.05)
+    search = {"tried": 2, "space": 2, "refused": 0, "skipped": 0, "rounds": [], "search_s": 1.0, "wall_s": 1.0,
+              "interrupted": True, "out_of_time": False, "space_cut": False, "rule": "fixed-sequence",
+              "confidence": 0.9, "z": 1.2816}
+    table = TuneResult("m", Metric("top1", "points"), "d.npz", (0, 10), None, 1.0, None, None, None, [], None, None,
+                       search, [slower, untimed], {"max_drop": 0.5, "target": "latency"}).table()
+    assert "keep the unpruned model" not in table and "no recipe ran faster" not in table
+    assert "interrupted before a pick: 1 recipe timed, none faster than the unpruned model so far" in table
 
 
 def test_a_latency_search_interrupted_before_any_timing_says_so_not_that_no_recipe_met_the_budget():

@@ -206,7 +206,9 @@ def cmd_tune(args) -> int:
                       mean=args.mean, std=args.std, after=args.after, seed=args.seed, load_kwargs=_load_kwargs(args),
                       progress=args.progress, confidence=args.confidence)
     print(result.table())
-    return 0 if result.best is not None else 1
+    if result.best is not None:
+        return 0
+    return 130 if result.search["interrupted"] else 1  # Ctrl-C before a pick: as an interrupted command exits
 
 
 def cmd_visualize(args) -> int:
@@ -279,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "recipes on small data)")
     p.add_argument("--metric", help="top1 (labels), agreement or cosine (default: from the data and the model's output)")
     p.add_argument("--target", default="flops", help="flops (default) or latency (measured on --backend at --batch)")
-    p.add_argument("--backend", default="onnxruntime", help="latency backend: onnxruntime")
-    p.add_argument("--batch", type=int, default=8, help="batch size of the latency measurement (default 8)")
+    p.add_argument("--backend", help="with --target latency: the backend timed, onnxruntime (the default)")
+    p.add_argument("--batch", type=int, help="with --target latency: the batch size timed (default 8)")
     p.add_argument("--time", default="15m", help="search time budget, e.g. 15m, 90s (default 15m)")
     p.add_argument("--check-split", type=float, default=0.2,
                    help="held-out fraction at the end of the data, reported next to the tuning part (default 0.2)")

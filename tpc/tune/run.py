@@ -129,9 +129,18 @@ class TuneResult:
                 lines.append(f"  picked by latency, not by FLOPs: {lowest.label} has fewer FLOPs ({lowest.flops_ratio:.3f} "
                              f"against {self.best.flops_ratio:.3f}) but ran at {lowest.latency['ratio']:.3f} of the "
                              f"unpruned latency, against {self.best.latency['ratio']:.3f}")
-        if self.best is None and self.budget.get("target") == "latency" and not timed and s["interrupted"]:
-            lines.append("interrupted before any recipe was timed: none is known to run faster than the unpruned "
-                         "model, so none is picked; run again with more --time and let the search finish")
+        if self.best is None and s["interrupted"]:  # the search did not finish: no conclusion about the model
+            if self.budget.get("target") == "latency" and not timed:
+                done = "interrupted before any recipe was timed: none is known to run faster than the unpruned model"
+            elif self.budget.get("target") == "latency":
+                faster = sum(c.latency["ratio"] < 1 for c in timed)
+                done = (f"interrupted before a pick: {len(timed)} recipe{'' if len(timed) == 1 else 's'} timed, "
+                        + (f"{faster} faster than the unpruned model, none certified" if faster else
+                           "none faster than the unpruned model so far"))
+            else:
+                done = (f"interrupted before a pick: {len(rungs)} recipe{'' if len(rungs) == 1 else 's'} on the ladder, "
+                        "none certified")
+            lines.append(f"{done}; none is picked, nothing written (let the search finish, or bound it with --time)")
             return "\n".join(lines)
         if self.best is None and timed and not rungs:
             fastest = min(timed, key=lambda c: c.latency["ratio"])
@@ -216,7 +225,7 @@ def _measured(metric, scores, base_scores, bound=None) -> Measured:
     return Measured(len(scores), float(metric.best(float(base_scores.mean()))), float(scores.mean()), drop, bound)
 
 
-def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", batch=8, time_budget="15m",
+def run_tune(model, data, max_drop=None, target="flops", backend=None, batch=None, time_budget="15m",
              metric=None, max_flops=None, check_split=0.2, plot=None, output=None, methods=None, mean=None, std=None,
              eval_batch=None, after="attention", seed=0, load_kwargs=None, progress=None,
              example_inputs=None, confidence=0.9) -> TuneResult:
@@ -243,8 +252,16 @@ def run_tune(model, data, max_drop=None, target="flops", backend="onnxruntime", 
     if not 0.0 < confidence < 1.0:
         raise TpcError(f"--confidence {confidence} is outside (0, 1): it is the probability that the pick's drop "
                        "is within the budget, e.g. 0.9")
-    if batch < 1:
-        raise TpcError("--batch must be at least 1")
+    if target == "latency":
+        from tpc.backends import check_backend
+
+        backend = check_backend(backend or "onnxruntime", ("onnxruntime",), "tpc tune --target latency")
+        batch = 8 if batch is None else batch
+        if batch < 1:
+            raise TpcError("--batch must be at least 1")
+    elif backend is not None or batch is not None:
+        raise TpcError(f"--backend and --batch set how --target latency measures; with --target {target} they do "
+                       "nothing: add --target latency, or drop them")
     seconds = parse_time(time_budget)
     if not seconds > 0:
         raise TpcError(f"--time {time_budget} leaves no time to search: give a duration such as 15m, 90s or 1h")
