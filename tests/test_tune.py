@@ -375,6 +375,26 @@ def test_when_no_timed_recipe_beats_the_unpruned_model_the_table_says_keep_it():
     assert "keep the unpruned model" in table and "no recipe met the budget" not in table
 
 
+@pytest.mark.parametrize(("check_drop", "warned"), [(1.09, True), (0.41, False)])
+def test_a_check_drop_beyond_the_budget_is_warned_about(check_drop, warned):
+    """The latency search on the CIFAR ViT at batch 1 certified a recipe at a tuning bound of 0.32 points
+    that loses 1.09 on the check images: the table says so, in one line, instead of leaving it to be read."""
+    from tpc.tune.run import Measured, TuneResult
+
+    pick = _scored(0.66, -0.3, 0.48)
+    pick.bound, pick.certified = 0.32, True
+    search = {"tried": 1, "space": 1, "refused": 0, "skipped": 0, "rounds": [], "search_s": 1.0, "wall_s": 1.0,
+              "interrupted": False, "out_of_time": False, "space_cut": False, "rule": "fixed-sequence",
+              "confidence": 0.9, "z": 1.2816}
+    table = TuneResult("m", Metric("top1", "points"), "d.npz", (0, 2000), (2000, 10000), 1.0, pick,
+                       Measured(2000, 67.8, 68.1, -0.3, 0.32, 2000), Measured(8000, 70.11, 70.11 - check_drop, check_drop),
+                       [], None, None, search, [pick], {"max_drop": 0.5, "target": "flops"}, rungs=[pick]).table()
+    lines = [line for line in table.splitlines() if "warning" in line]
+    assert len(lines) == int(warned)
+    if warned:
+        assert "on the check part the drop is 1.09 pt, beyond the budget of 0.50 pt" in lines[0]
+
+
 def test_ctrl_c_while_the_recipes_are_timed_says_so_and_writes_nothing(tmp_path, monkeypatch, capsys):
     """Ctrl-C before any recipe was timed: no latency pick exists yet. It once printed "no recipe met the
     budget" (nothing was tested against it) and exited 1, as if the search had finished."""

@@ -168,6 +168,11 @@ class TuneResult:
             if meas is not None:
                 lines.append(f"  {what:<6} ({meas.examples} examples): {m.name} {m.format(meas.pruned)} vs "
                              f"{m.format(meas.unpruned)} unpruned, drop {m.format_drop(meas.drop)}{self._bound(meas)}")
+        budget = self.budget.get("max_drop")
+        if self.check is not None and budget is not None and self.check.drop > budget:
+            lines.append(f"  warning: on the check part the drop is {m.format_drop(self.check.drop)}, beyond the budget "
+                         f"of {m.format_drop(budget)}: the tuning examples were kinder than the check ones; tune on more "
+                         "examples, or ask for a higher --confidence or a smaller --max-drop")
         if self.baseline is not None:
             lines.append(f"best single method: {self.baseline.label}: {100 * (1 - self.baseline.flops_ratio):.1f}% fewer "
                          f"FLOPs" + (f", {100 * (1 - self.baseline.latency['ratio']):.1f}% faster" if self.baseline.latency
