@@ -416,6 +416,7 @@ def test_ctrl_c_while_the_recipes_are_timed_says_so_and_writes_nothing(tmp_path,
     table = capsys.readouterr().out
     assert code == 130 and len(timed) == 1 and out.read_text() == "{}"
     assert "interrupted before any recipe was timed" in table and "nothing written" in table
+    assert "(interrupted)" in table and "best so far" not in table  # there is none
     assert "no recipe met the budget" not in table
 
 

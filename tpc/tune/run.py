@@ -106,7 +106,7 @@ class TuneResult:
         rounds = " -> ".join(f"{r['scored']} on {r['examples']}" for r in s["rounds"])
         lines.append(f"search: {s['tried']} recipes tried ({s['refused']} refused by the compiler or the ONNX export, {s['skipped']} over "
                      f"the FLOPs budget), recipes scored per round (examples): {rounds}; "
-                     f"{s['search_s']:.0f} s to the front, {s['wall_s']:.0f} s in all" + (" (interrupted: best so far)" if s["interrupted"] else "")
+                     f"{s['search_s']:.0f} s to the front, {s['wall_s']:.0f} s in all" + (f" (interrupted{': best so far' if self.best else ''})" if s["interrupted"] else "")
                      + (" (time budget reached)" if s["out_of_time"] else "")
                      + (f" (time budget: {s['space'] - s['tried']} recipes of the space not tried)" if s["space_cut"] else ""))
         if self.budget.get("max_flops") is None:
