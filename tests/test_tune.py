@@ -423,6 +423,39 @@ def test_ctrl_c_while_the_recipes_are_timed_says_so_and_writes_nothing(tmp_path,
     assert "no recipe met the budget" not in table
 
 
+@pytest.mark.parametrize(("signum", "code", "said"), [
+    ("SIGINT", 130, "interrupted before any recipe was timed"), ("SIGTERM", 143, "tpc: terminated; nothing was written")])
+def test_ctrl_c_or_sigterm_that_torch_export_turns_into_an_error_still_stops_the_search(
+        tmp_path, monkeypatch, capsys, signum, code, said):
+    """A signal whose handler runs inside torch's C++ argument parsing comes out as a TypeError ("set_(): argument
+    'size' failed to unpack the object at pos 1 with error Terminated"), reported as the export failing: the recipe
+    was counted as refused and the search went on timing the others, ignoring the Ctrl-C (or the SIGTERM)."""
+    import signal
+
+    from tpc.cli import main
+    from tpc.tune.search import LatencyTimer
+
+    timed = []
+
+    def signal_then_export_error(self, c):
+        timed.append(c)
+        try:
+            signal.raise_signal(getattr(signal, signum))  # tpc's handler runs here, as inside torch's C++ code
+        except BaseException:  # what torch does: the handler's exception becomes another error
+            pass
+        raise TpcError("torch.export could not capture GraphModule with a dynamic batch: set_(): argument 'size' "
+                       f"failed to unpack the object at pos 1 with error \"{signum}\"")
+
+    monkeypatch.setattr(LatencyTimer, "__call__", signal_then_export_error)
+    out = tmp_path / "r.json"
+    got = main(["tune", "models:cli_tiny_vit", "--data", str(_images(tmp_path / "d.npz", n=24)), "--max-drop", "1",
+                "--metric", "cosine", "--target", "latency", "--batch", "2", "--methods", "topk-cls", "--mean", MEAN,
+                "--std", STD, "--check-split", "0", "--time", "10m", "-o", str(out)])
+    printed = capsys.readouterr()
+    assert got == code and len(timed) == 1 and not out.exists()
+    assert said in printed.out + printed.err and "could not capture" not in printed.out + printed.err
+
+
 def test_an_interrupted_latency_search_does_not_conclude_to_keep_the_unpruned_model():
     """One recipe timed, slower than the unpruned model, then Ctrl-C: the others were never timed, so the table
     must not say that pruning costs more than it saves here (it once did)."""

@@ -11,7 +11,9 @@ import threading
 import time
 from pathlib import Path
 
+from tpc import signals
 from tpc.errors import REPORT, TpcError, TpcInternalError
+from tpc.signals import Terminated
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -314,23 +316,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised like KeyboardInterrupt so that partial files are removed on the way out."""
-
-
-def _terminate(signum, frame):
-    raise Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; SIGTERM, like Ctrl-C, unwinds so partial files are removed."""
+    """Run one command; SIGTERM, like Ctrl-C, unwinds so partial files are removed (both remembered:
+    ``tpc.signals``)."""
     if threading.current_thread() is not threading.main_thread():
         return _main(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    signals.clear()
+    previous = {s: signal.signal(s, signals.handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _main(argv)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        signals.clear()
 
 
 def _main(argv: list[str] | None) -> int:
@@ -341,7 +339,11 @@ def _main(argv: list[str] | None) -> int:
     if not args.verbose:
         logging.getLogger("torch").setLevel(logging.ERROR)
     try:
-        return args.func(args)
+        try:
+            return args.func(args)
+        except Exception:
+            signals.raise_if_signalled()  # Ctrl-C or SIGTERM that torch turned into another error
+            raise
     except TpcError as err:
         if args.debug:
             raise

@@ -46,6 +46,7 @@ the chosen recipe and the best single-method recipe.
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from statistics import NormalDist
 
 import torch
 
+from tpc import signals
 from tpc.errors import TpcError
 from tpc.recipe import Step, check_steps, describe
 from tpc.tune.engine import Engine
@@ -274,8 +276,16 @@ class Search:
                 self.time_recipes(spread([c for c in self.compared() if not c.latency], FINALISTS))
         except KeyboardInterrupt:
             self.interrupted = True
-        if self.progress:
-            sys.stderr.write("\n")
+        except Exception:
+            if signals.received() != signal.SIGINT:
+                signals.raise_if_signalled()  # SIGTERM that torch turned into another error: unwind
+                raise
+            self.interrupted = True  # Ctrl-C that torch turned into another error
+        finally:
+            if self.progress:
+                sys.stderr.write("\n")
+        if self.interrupted:
+            signals.clear()  # taken: the best so far is written
 
     def time_recipes(self, recipes: list[Candidate]) -> list[Candidate]:
         """Time the recipes not yet timed, off the search's clock; returns the timed ones. A recipe the ONNX
@@ -287,6 +297,7 @@ class Search:
                 try:
                     self.timer(c)
                 except TpcError as err:
+                    signals.raise_if_signalled()  # not a refusal: Ctrl-C that torch.export turned into an error
                     c.refused = f"not timed: {err}"
                 finally:
                     self.timing_s += time.perf_counter() - start
@@ -311,6 +322,7 @@ class Search:
             try:
                 c.module = self.engine.compile(steps)
             except TpcError as err:
+                signals.raise_if_signalled()  # not a refusal: Ctrl-C that torch turned into an error
                 c.refused = str(err)
                 continue
             c.gflops = c.module.report.flops_after / 1e9
