@@ -18,7 +18,7 @@ from tpc.recipe import Recipe, check_steps, describe
 from tpc.tune.data import load_tune_data, split
 from tpc.tune.engine import Engine
 from tpc.tune.metrics import choose_metric, first_tensor
-from tpc.tune.search import Candidate, LatencyTimer, Search, compiled, refusals
+from tpc.tune.search import Candidate, LatencyTimer, Search, compiled, refusals, runs_faster
 from tpc.tune.space import GATHER_METHODS, candidates
 
 TARGETS = ("flops", "latency")
@@ -119,7 +119,7 @@ class TuneResult:
                          + (f", stopped at {stop.label} (bound {m.format_drop(stop.bound)})" if stop is not None else ""))
         timed = self.timed
         if timed:
-            slower = [c for c in timed if c.latency["ratio"] >= 1]
+            slower = [c for c in timed if not runs_faster(c)]
             lines.append(f"latency: {len(timed)} recipes timed in {s.get('timing_s', 0):.0f} s (apart from --time), each "
                          "side by side with the unpruned model; "
                          f"{len(slower)} no faster than it, left off the ladder")
@@ -133,7 +133,7 @@ class TuneResult:
             if self.budget.get("target") == "latency" and not timed:
                 done = "interrupted before any recipe was timed: none is known to run faster than the unpruned model"
             elif self.budget.get("target") == "latency":
-                faster = sum(c.latency["ratio"] < 1 for c in timed)
+                faster = sum(runs_faster(c) for c in timed)
                 done = (f"interrupted before a pick: {len(timed)} recipe{'' if len(timed) == 1 else 's'} timed, "
                         + (f"{faster} faster than the unpruned model, none certified" if faster else
                            "none faster than the unpruned model so far"))
@@ -144,8 +144,9 @@ class TuneResult:
             return "\n".join(lines)
         if self.best is None and timed and not rungs:
             fastest = min(timed, key=lambda c: c.latency["ratio"])
-            lines.append(f"no recipe ran faster than the unpruned model (the fastest timed: {fastest.label}, at "
-                         f"{fastest.latency['ratio']:.3f} of its latency): at batch {fastest.latency['batch']} on "
+            low, high = fastest.latency["speedup_spread"]
+            lines.append(f"no recipe ran faster than the unpruned model in every repeat (the fastest timed: {fastest.label}, "
+                         f"at {fastest.latency['ratio']:.3f} of its latency, {low:.2f}-{high:.2f}x per repeat): at batch {fastest.latency['batch']} on "
                          f"{fastest.latency['backend']} pruning costs more than it saves here; keep the unpruned model, "
                          "or tune for a larger --batch")
             return "\n".join(lines)
