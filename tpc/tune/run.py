@@ -120,7 +120,7 @@ class TuneResult:
         timed = self.timed
         if timed:
             slower = [c for c in timed if not runs_faster(c)]
-            lines.append(f"latency: {len(timed)} recipes timed in {s.get('timing_s', 0):.0f} s (apart from --time), each "
+            lines.append(f"latency: {len(timed)} recipe{'' if len(timed) == 1 else 's'} timed in {s.get('timing_s', 0):.0f} s (apart from --time), each "
                          "side by side with the unpruned model; "
                          f"{len(slower)} no faster than it, left off the ladder")
             certified = [c for c in rungs if c.certified]
@@ -167,7 +167,7 @@ class TuneResult:
                          f"{lat['unpruned_ms']:.2f} ms unpruned ({100 * (1 - lat['ratio']):.1f}% less)")
         for what, meas in (("tuning", self.tuning), ("check", self.check)):
             if meas is not None:
-                lines.append(f"  {what:<6} ({meas.examples} examples): {m.name} {m.format(meas.pruned)} vs "
+                lines.append(f"  {what:<6} ({meas.examples} example{'' if meas.examples == 1 else 's'}): {m.name} {m.format(meas.pruned)} vs "
                              f"{m.format(meas.unpruned)} unpruned, drop {m.format_drop(meas.drop)}{self._bound(meas)}")
         budget = self.budget.get("max_drop")
         if self.check is not None and budget is not None and self.check.drop > budget:
