@@ -366,13 +366,18 @@ def test_a_latency_ladder_goes_by_measured_latency_and_leaves_off_recipes_slower
     assert search.ladder() == [] and search.best() is None
 
 
+def _search_info(**changes) -> dict:
+    """recipe.json's ``search`` record of a one-recipe search, with ``changes``: for tables built by hand."""
+    return {"tried": 1, "space": 1, "refused": 0, "skipped": 0, "rounds": [], "search_s": 1.0, "wall_s": 1.0,
+            "interrupted": False, "out_of_time": False, "space_cut": False, "rule": "fixed-sequence",
+            "confidence": 0.9, "z": 1.2816, **changes}
+
+
 def test_when_no_timed_recipe_beats_the_unpruned_model_the_table_says_keep_it():
     from tpc.tune.run import TuneResult
 
     slower = _timed(0.5, 1.128, 0.0, 0.05)
-    search = {"tried": 1, "space": 1, "refused": 0, "skipped": 0, "rounds": [], "search_s": 1.0, "wall_s": 1.0,
-              "interrupted": False, "out_of_time": False, "space_cut": False, "rule": "fixed-sequence",
-              "confidence": 0.9, "z": 1.2816}
+    search = _search_info()
     table = TuneResult("m", Metric("top1", "points"), "d.npz", (0, 10), None, 1.0, None, None, None, [], None, None,
                        search, [slower], {"max_drop": 0.5, "target": "latency"}).table()
     assert "no recipe ran faster than the unpruned model" in table and "at 1.128 of its latency" in table
@@ -387,9 +392,7 @@ def test_a_check_drop_beyond_the_budget_is_warned_about(check_drop, warned):
 
     pick = _scored(0.66, -0.3, 0.48)
     pick.bound, pick.certified = 0.32, True
-    search = {"tried": 1, "space": 1, "refused": 0, "skipped": 0, "rounds": [], "search_s": 1.0, "wall_s": 1.0,
-              "interrupted": False, "out_of_time": False, "space_cut": False, "rule": "fixed-sequence",
-              "confidence": 0.9, "z": 1.2816}
+    search = _search_info()
     table = TuneResult("m", Metric("top1", "points"), "d.npz", (0, 2000), (2000, 10000), 1.0, pick,
                        Measured(2000, 67.8, 68.1, -0.3, 0.32, 2000), Measured(8000, 70.11, 70.11 - check_drop, check_drop),
                        [], None, None, search, [pick], {"max_drop": 0.5, "target": "flops"}, rungs=[pick]).table()
@@ -463,9 +466,7 @@ def test_an_interrupted_latency_search_does_not_conclude_to_keep_the_unpruned_mo
     from tpc.tune.run import TuneResult
 
     slower, untimed = _timed(0.5, 1.128, 0.0, 0.05), _scored(0.7, 0.0, 0.05)
-    search = {"tried": 2, "space": 2, "refused": 0, "skipped": 0, "rounds": [], "search_s": 1.0, "wall_s": 1.0,
-              "interrupted": True, "out_of_time": False, "space_cut": False, "rule": "fixed-sequence",
-              "confidence": 0.9, "z": 1.2816}
+    search = _search_info(tried=2, space=2, interrupted=True)
     table = TuneResult("m", Metric("top1", "points"), "d.npz", (0, 10), None, 1.0, None, None, None, [], None, None,
                        search, [slower, untimed], {"max_drop": 0.5, "target": "latency"}).table()
     assert "keep the unpruned model" not in table and "no recipe ran faster" not in table
@@ -475,9 +476,7 @@ def test_an_interrupted_latency_search_does_not_conclude_to_keep_the_unpruned_mo
 def test_a_latency_search_interrupted_before_any_timing_says_so_not_that_no_recipe_met_the_budget():
     from tpc.tune.run import TuneResult
 
-    search = {"tried": 5, "space": 9, "refused": 0, "skipped": 0, "rounds": [], "search_s": 1.0, "wall_s": 1.0,
-              "interrupted": True, "out_of_time": False, "space_cut": False, "rule": "fixed-sequence",
-              "confidence": 0.9, "z": 1.2816}
+    search = _search_info(tried=5, space=9, interrupted=True)
     table = TuneResult("m", Metric("top1", "points"), "d.npz", (0, 10), None, 1.0, None, None, None, [], None, None,
                        search, [_scored(0.5, 0.0, 0.05)], {"max_drop": 0.5, "target": "latency"}).table()
     assert "interrupted before any recipe was timed" in table and "no recipe met the budget" not in table
@@ -531,9 +530,7 @@ def test_recipes_the_compiler_refuses_are_counted_with_the_reason():
              _scored(0.8, 0.0, 0.001)]
     summary = refusals(tried)
     assert summary == {"zero-tprune": {"count": 2, "reason": why}}
-    search = {"tried": 3, "space": 3, "refused": 2, "skipped": 0, "rounds": [], "search_s": 1.0, "wall_s": 1.0,
-              "interrupted": False, "out_of_time": False, "space_cut": False, "refusals": summary,
-              "rule": "fixed-sequence", "confidence": 0.9, "z": 1.2816, "compared": 1, "compared_examples": 2000}
+    search = _search_info(tried=3, space=3, refused=2, refusals=summary, compared=1, compared_examples=2000)
     table = TuneResult("m", Metric("cosine", "cosine"), "d.npz", (0, 10), None, 1.0, None, None, None, [], None, None,
                        search, tried, {"max_drop": 0.01}).table()
     assert f"refused 2 zero-tprune recipe(s): {why}\n" in table

@@ -120,7 +120,7 @@ class TuneResult:
         timed = self.timed
         if timed:
             slower = [c for c in timed if not runs_faster(c)]
-            lines.append(f"latency: {len(timed)} recipe{'' if len(timed) == 1 else 's'} timed in {s.get('timing_s', 0):.0f} s (apart from --time), each "
+            lines.append(f"latency: {_count(len(timed), 'recipe')} timed in {s.get('timing_s', 0):.0f} s (apart from --time), each "
                          "side by side with the unpruned model; "
                          f"{len(slower)} no faster than it, left off the ladder")
             certified = [c for c in rungs if c.certified]
@@ -134,11 +134,11 @@ class TuneResult:
                 done = "interrupted before any recipe was timed: none is known to run faster than the unpruned model"
             elif self.budget.get("target") == "latency":
                 faster = sum(runs_faster(c) for c in timed)
-                done = (f"interrupted before a pick: {len(timed)} recipe{'' if len(timed) == 1 else 's'} timed, "
+                done = (f"interrupted before a pick: {_count(len(timed), 'recipe')} timed, "
                         + (f"{faster} faster than the unpruned model, none certified" if faster else
                            "none faster than the unpruned model so far"))
             else:
-                done = (f"interrupted before a pick: {len(rungs)} recipe{'' if len(rungs) == 1 else 's'} on the ladder, "
+                done = (f"interrupted before a pick: {_count(len(rungs), 'recipe')} on the ladder, "
                         "none certified")
             lines.append(f"{done}; none is picked, nothing written (let the search finish, or bound it with --time)")
             return "\n".join(lines)
@@ -167,7 +167,7 @@ class TuneResult:
                          f"{lat['unpruned_ms']:.2f} ms unpruned ({100 * (1 - lat['ratio']):.1f}% less)")
         for what, meas in (("tuning", self.tuning), ("check", self.check)):
             if meas is not None:
-                lines.append(f"  {what:<6} ({meas.examples} example{'' if meas.examples == 1 else 's'}): {m.name} {m.format(meas.pruned)} vs "
+                lines.append(f"  {what:<6} ({_count(meas.examples, 'example')}): {m.name} {m.format(meas.pruned)} vs "
                              f"{m.format(meas.unpruned)} unpruned, drop {m.format_drop(meas.drop)}{self._bound(meas)}")
         budget = self.budget.get("max_drop")
         if self.check is not None and budget is not None and self.check.drop > budget:
@@ -226,9 +226,14 @@ def _measure(module, data, metric, batch: int, reference: list | None = None):
     return torch.cat(scores), outs
 
 
-def _measured(metric, scores, base_scores, bound=None) -> Measured:
+def _measured(metric, scores, base_scores, bound=None, bound_examples=None) -> Measured:
     drop, _ = metric.drop(scores, base_scores)
-    return Measured(len(scores), float(metric.best(float(base_scores.mean()))), float(scores.mean()), drop, bound)
+    return Measured(len(scores), float(metric.best(float(base_scores.mean()))), float(scores.mean()), drop, bound,
+                    bound_examples)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def run_tune(model, data, max_drop=None, target="flops", backend=None, batch=None, time_budget="15m",
@@ -331,8 +336,7 @@ def run_tune(model, data, max_drop=None, target="flops", backend=None, batch=Non
     whole = {id(c): _on_whole_tuning_part(search, c) for c in (best, baseline) if c is not None}
     tuning_m = check_m = baseline_check = None
     if best is not None:
-        tuning_m = _measured(metric_obj, whole[id(best)].scores, base_scores, best.bound)
-        tuning_m.bound_examples = best.n
+        tuning_m = _measured(metric_obj, whole[id(best)].scores, base_scores, best.bound, best.n)
         if check is not None and not search.interrupted:
             ref_scores, ref_outs = _measure(gm, check, metric_obj, eval_batch)
             check_m = _measured(metric_obj, _measure(compiled(engine, best), check, metric_obj, eval_batch, ref_outs)[0],
