@@ -150,3 +150,21 @@ def test_cli_compile_reads_a_recipe_and_refuses_recipe_with_layers(tmp_path, cap
 def test_recipe_with_schedule_keywords_is_refused_before_loading(flags):
     with pytest.raises(tpc.TpcError, match="give either a recipe or method/layers/keep/r/options, not both"):
         tpc.compile("no-such-model", recipe=[{"layer": 0, "method": "tome", "r": 2}], **flags)
+
+
+def test_per_layer_keep_and_r_travel_with_their_layers():
+    """Layers given out of depth order keep the value written beside them (`--layers 2,0 --keep 0.5,0.9`)."""
+    from tpc.recipe import check_steps, steps_from_pass
+
+    steps = check_steps(steps_from_pass("topk-cls", "2,0", "0.5,0.9"))
+    assert [(s.layer, s.keep) for s in steps] == [(0, 0.9), (2, 0.5)]
+    steps = check_steps(steps_from_pass("tome", [3, 1], r=[2, 5]))
+    assert [(s.layer, s.r) for s in steps] == [(1, 5), (3, 2)]
+    schedule = check_steps(steps_from_pass("tome", [3, 0, 1], r=(4, -1.0)))  # ToMe's schedule runs in depth order
+    assert [s.r for s in schedule] == [s.r for s in check_steps(steps_from_pass("tome", [0, 1, 3], r=(4, -1.0)))]
+
+    model, inputs = tiny_timm_vit(), (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)),)
+    swapped = tpc.compile(model, inputs, layers=[2, 0], keep=[0.5, 0.9])
+    ordered = tpc.compile(model, inputs, layers=[0, 2], keep=[0.9, 0.5])
+    assert [s.kept for s in swapped.report.sites] == [s.kept for s in ordered.report.sites]
+    assert torch.equal(swapped(*inputs), ordered(*inputs))

@@ -6,10 +6,11 @@ from tpc import TpcError
 from tpc.schedule import kept_count, parse_keep, parse_layers
 
 
-def test_layers_parse_and_sort():
-    assert parse_layers("9, 3,6") == [3, 6, 9]
+def test_layers_parse_in_the_order_given():
+    """The order is kept so a per-layer keep or r pairs with the layer it was written beside."""
+    assert parse_layers("9, 3,6") == [9, 3, 6]
     assert parse_layers(4) == [4]
-    assert parse_layers([2, 0]) == [0, 2]
+    assert parse_layers([2, 0]) == [2, 0]
 
 
 @pytest.mark.parametrize("bad", ["a,b", "", [1, 1], [-1], [1.5], None])

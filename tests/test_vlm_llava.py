@@ -127,6 +127,15 @@ def test_pyramid_schedule_composes_stages_and_batch_equals_alone(llava):
 
 
 
+def test_keeps_travel_with_their_layers_given_out_of_order(llava):
+    """`--layers 1,0 --keep 0.25,0.5`: layer 0 keeps half of the 16 visual tokens, layer 1 a quarter of those."""
+    model, inputs, program = llava
+    out = prune(model, program, inputs, method="random", layers=[1, 0], keep=[0.25, 0.5]).prefill(**inputs)
+    assert [k.shape[1] for k in out.kept] == [24 - 8, 24 - 14]
+    out = prune(model, program, inputs, method="random", layers="1,0", keep="0,0.5").prefill(**inputs)
+    assert [k.shape[1] for k in out.kept] == [24 - 8, 24 - 16]  # ToDRE's keep 0 stays with layer 1
+
+
 @pytest.mark.parametrize("vision_layer,via", [(None, "prune"), (0, "prune"), (0, "tpc.compile")])
 def test_vtc_cls_scores_with_the_vision_towers_cls_attention(llava, vision_layer, via):
     """VTC-CLS (Zhang et al., 2024): the [CLS] query's head-mean attention over the patches at a

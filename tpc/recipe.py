@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tpc.errors import TpcError
-from tpc.schedule import KeepValue, Removal, parse_keep, parse_layers, parse_removals
+from tpc.schedule import KeepValue, Removal, parse_keep, parse_layers, parse_removals, read_r
 
 FORMAT = "tpc-recipe/1"
 
@@ -65,6 +65,8 @@ def steps_from_pass(method: str, layers, keep=0.7, r=None, options: dict | None 
     """The single ``--pass`` form as a recipe: one method at every listed layer (``r`` in any of
     ToMe's forms; ``pad`` when the layers are every layer by default, as ToMe pads a short list)."""
     layer_list = parse_layers(layers)
+    if r is not None and isinstance(read_r(r), tuple):
+        layer_list.sort()  # ToMe's schedule runs over the layers in depth order
     amounts = parse_removals(r, len(layer_list), pad=pad) if r is not None else parse_keep(keep, len(layer_list))
     return [Step(layer, method, None if isinstance(a, Removal) else a, int(a) if isinstance(a, Removal) else None,
                  dict(options or {})) for layer, a in zip(layer_list, amounts)]

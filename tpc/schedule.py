@@ -29,7 +29,8 @@ KeepValue = float | int
 
 
 def parse_layers(layers) -> list[int]:
-    """``"3,6,9"``, ``3`` or ``[3, 6, 9]`` -> sorted list of distinct layer indices."""
+    """``"3,6,9"``, ``3`` or ``[3, 6, 9]`` -> list of distinct layer indices, in the order given (a
+    per-layer keep or r is paired with them in that order, so callers sort the pairs, not the layers)."""
     if layers is None:
         raise TpcError("no pruning layers given: pass --layers, e.g. --layers 3,6,9")
     if isinstance(layers, str):
@@ -53,7 +54,7 @@ def parse_layers(layers) -> list[int]:
         raise TpcError("no pruning layers given: pass --layers, e.g. --layers 3,6,9")
     if len(set(out)) != len(out):
         raise TpcError(f"layer listed twice in {layers}")
-    return sorted(out)
+    return out
 
 
 def _parse_one(text: str) -> KeepValue:

@@ -79,7 +79,7 @@ def stages_of(spec, visual: int, method: str, layers, keep) -> list[Stage]:
     drop_all = _drop_all(keep, len(cuts))
     keeps = parse_keep([1 if d else k for d, k in zip(drop_all, _values(keep, len(cuts)))], len(cuts))
     stages = []
-    for cut, k, drop in zip(cuts, keeps, drop_all):
+    for cut, k, drop in sorted(zip(cuts, keeps, drop_all), key=lambda stage: stage[0]):  # keeps travel with layers
         if drop and cut == 0:
             raise TpcError("keep 0 drops every visual token; before the language model that is a text-only prompt: "
                            "give the layer after which the text no longer needs them (ToDRE's second stage)")
