@@ -14,9 +14,12 @@ AOTInductor shared libraries; any of these runs whatever the file's author put t
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import os
 import pickle
+import struct
 import threading
 import zipfile
 from pathlib import Path
@@ -106,3 +109,56 @@ def load_program(path: str | os.PathLike, written_by_tpc: bool = False) -> torch
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise refuse(f"cannot load {str(path)!r} as a torch.export program: {first}", err) from (err if written_by_tpc else None)
+
+
+SERIALIZATION_ID = ".data/serialization_id"
+
+
+def program_bytes(program: torch.export.ExportedProgram) -> bytes:
+    """``program`` as ``.pt2`` bytes that depend only on the program: the same model and settings
+    give the same file in every process, as users diffing, caching or signing artifacts need.
+
+    ``torch.export.save`` writes two things that differ from run to run: each node's ``from_node``
+    provenance (which holds ``graph_id``, a memory address) and ``.data/serialization_id`` (random).
+    Provenance is dropped (it is for debugging the tracer, not for running the program); the id
+    becomes a digest of the archive's other bytes, which is what a serialization id identifies.
+    """
+    for module in program.graph_module.modules():
+        if isinstance(getattr(module, "graph", None), torch.fx.Graph):
+            for node in module.graph.nodes:
+                node.meta.pop("from_node", None)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return _fixed_serialization_id(buffer.getvalue())
+
+
+def _fixed_serialization_id(data: bytes) -> bytes:
+    """``data`` with its ``serialization_id`` member replaced in place by a digest of everything else
+    (same length, stored uncompressed; the CRC-32 rewritten in the data descriptor and the central
+    directory, the two places a streamed zip keeps it)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        infos = archive.infolist()
+        start_dir = archive.start_dir
+    info = next((i for i in infos if _inner(i.filename) == SERIALIZATION_ID), None)
+    if info is None:
+        return data
+    out = bytearray(data)
+    _, _, _, _, _, _, _, _, _, name_len, extra_len = struct.unpack_from("<IHHHHHIIIHH", out, info.header_offset)
+    begin = info.header_offset + 30 + name_len + extra_len
+    end = begin + info.file_size
+    digest = hashlib.sha256(bytes(out[:begin]) + bytes(out[end:start_dir])).digest()
+    new_id = str(int.from_bytes(digest, "big") % 10 ** info.file_size).zfill(info.file_size).encode()
+    out[begin:end] = new_id
+    crc = struct.pack("<I", zipfile.crc32(new_id))
+    if info.flag_bits & 0x08:  # the CRC follows the data, after an optional descriptor signature
+        at = end + 4 if out[end:end + 4] == b"PK\x07\x08" else end
+        out[at:at + 4] = crc
+    else:
+        out[info.header_offset + 14:info.header_offset + 18] = crc
+    at = start_dir
+    for entry in infos:  # central directory headers, in the order they were read
+        n, m, k = struct.unpack_from("<HHH", out, at + 28)
+        if entry is info:
+            out[at + 16:at + 20] = crc
+        at += 46 + n + m + k
+    return bytes(out)

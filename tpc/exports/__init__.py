@@ -4,7 +4,6 @@ torch module it came from before it is written, and written atomically."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import onnx as onnx_lib  # plain `onnx` here would be shadowed by the tpc.exports.onnx submodule
@@ -18,7 +17,7 @@ from tpc.exports.atomic import atomic_output, check_output_path, write_bytes
 from tpc.exports.checks import CheckResult, check_artifact, run_graph
 from tpc.exports.onnx import check_onnx, to_onnx
 from tpc.exports.onnxruntime import OrtModule
-from tpc.pt2 import load_program
+from tpc.pt2 import load_program, program_bytes
 
 SUFFIXES = (".onnx", ".pt2", ".plan")
 
@@ -98,9 +97,7 @@ def write_artifact(module: nn.Module, path: Path, example_inputs=None, check: bo
     else:
         # Serialized in memory, written by Python: the archive's root folder is "archive" whatever the
         # file is called (same inputs, same bytes), and a full disk is an OSError, not a C++ abort.
-        buffer = io.BytesIO()
-        torch.export.save(export_program(gm, inputs), buffer)
-        data = buffer.getvalue()
+        data = program_bytes(export_program(gm, inputs))
         with atomic_output(path, len(data)) as tmp:
             tmp.write_bytes(data)
             if check:

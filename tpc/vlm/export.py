@@ -17,7 +17,7 @@ import torch
 from tpc.errors import TpcError, refusal_or_bug
 from tpc.exports.atomic import atomic_output, check_output_path
 from tpc.exports.checks import CheckResult, check_artifact
-from tpc.pt2 import load_program
+from tpc.pt2 import load_program, program_bytes
 
 ONNX_LIMIT = 2**31  # a protobuf message above 2 GB cannot be serialized in one piece
 
@@ -33,8 +33,9 @@ def save_prefill(module, path, check: bool = True) -> CheckResult | None:
     inputs = [module.family.first_example(module.example_inputs), module.example_inputs]  # an example, the batch
     if suffix == ".onnx":
         return _save_onnx(module, program, path, inputs, check)
-    with atomic_output(path) as tmp:
-        torch.export.save(program, str(tmp))
+    data = program_bytes(program)
+    with atomic_output(path, len(data)) as tmp:
+        tmp.write_bytes(data)
         if not check:
             return None
         loaded = load_program(tmp, written_by_tpc=True).module()
