@@ -236,10 +236,18 @@ def _load_hf(model_id: str, weights, random_weights: bool, model_args: dict, inp
     except ImportError:
         raise TpcError("transformers is not installed: pip install 'tpc[transformers]'") from None
     local = Path(model_id).is_dir()
+    if model_args.pop("trust_remote_code", False):
+        raise TpcError("--model-args trust_remote_code=True: tpc never runs a model repository's own code; "
+                       "use a model whose architecture transformers ships")
+    model_args["trust_remote_code"] = False  # never prompt, never run the directory's or the hub repo's .py files
     with _offline_unless_reachable() as online:
         try:
             config = transformers.AutoConfig.from_pretrained(model_id, local_files_only=not online, **model_args)
-        except Exception:
+        except Exception as err:
+            if "trust_remote_code" in str(err):
+                raise TpcError(f"{model_id!r} needs its own Python code (auto_map in its config.json): custom code "
+                               "is never run by tpc, and was not; use a model whose architecture transformers "
+                               "ships") from None
             where = "this directory has no usable config.json" if local else (
                 "the hub is unreachable and the local cache has no copy" if not online else "no such model on the hub")
             raise TpcError(
@@ -262,7 +270,8 @@ def _load_hf(model_id: str, weights, random_weights: bool, model_args: dict, inp
     module.eval()
     loaded = LoadedModel(model_id, module, hf_example_inputs(config, module, input_size))
     try:
-        processor = transformers.AutoImageProcessor.from_pretrained(model_id, local_files_only=True)
+        processor = transformers.AutoImageProcessor.from_pretrained(model_id, local_files_only=True,
+                                                                    trust_remote_code=False)
         loaded.mean, loaded.std = tuple(processor.image_mean), tuple(processor.image_std)
     except Exception:
         pass
