@@ -1,0 +1,96 @@
+"""Slow references for decode-time sparse attention, written from the papers with loops over
+heads and positions (they do not call ``tpc``): TidalDecode's selected positions, and one
+decode step of a stock Llama-style model whose sparse layers attend only to those positions."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _softmax(values: list[float]) -> list[float]:
+    top = max(values)
+    exps = [math.exp(v - top) if v != -math.inf else 0.0 for v in values]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def tidal_positions(q, keys, valid, keep: int, scale: float) -> list[list[list[int]]]:
+    """TidalDecode's selection (arXiv 2410.05076 §3), grouped: per example b and KV head h, the
+    new query's softmax attention over the keys (q: [B, H, 1, d], keys: [B, Hkv, L + 1, d] with
+    the new token's last, valid: [B, L + 1] bool), summed over the query heads of h's group; the
+    ``keep`` best of the L cached positions (ties: lower position), ascending."""
+    batch, heads, kv_heads, length = q.shape[0], q.shape[1], keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    out = []
+    for b in range(batch):
+        rows = []
+        for h in range(kv_heads):
+            mass = [0.0] * length
+            for g in range(group):
+                query = q[b, h * group + g, 0].double()
+                logits = [float(query @ keys[b, h, j].double()) * scale if valid[b, j] else -math.inf
+                          for j in range(length)]
+                for j, p in enumerate(_softmax(logits)):
+                    mass[j] += p
+            order = sorted(range(length - 1), key=lambda j: (-mass[j], j))
+            rows.append(sorted(order[:min(keep, length - 1)]))
+        out.append(rows)
+    return out
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+def _attend(q, keys, values, positions, scale):
+    """One query head over the given positions of one KV head, by a loop."""
+    logits = [float(q.double() @ keys[j].double()) * scale for j in positions]
+    weights = _softmax(logits)
+    return sum(w * values[j].double() for w, j in zip(weights, positions))
+
+
+def tidal_step(model, token, position, valid, past, selection, keep):
+    """Logits [B, vocab] of one decode step and the positions each selection layer chose.
+
+    ``past``: per layer (k, v) [B, Hkv, L, d]; ``valid``: [B, L + 1] bool (padding false);
+    layers before the first selection layer and the selection layers attend to every valid
+    position, every other layer only to the positions its last selection layer chose (and the
+    new token)."""
+    lm = model.model
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    group = heads // kv_heads
+    width = getattr(config, "head_dim", None) or config.hidden_size // heads
+    scale = width ** -0.5
+    batch, length = token.shape[0], past[0][0].shape[2]
+    hidden = lm.embed_tokens(token)
+    cos, sin = lm.rotary_emb(hidden, position)
+    cos, sin = cos[:, None], sin[:, None]
+    chosen, source = {}, None
+    for i, layer in enumerate(lm.layers):
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        q = _rotate(attn.q_proj(x).view(batch, 1, heads, width).transpose(1, 2), cos, sin)
+        k = _rotate(attn.k_proj(x).view(batch, 1, kv_heads, width).transpose(1, 2), cos, sin)
+        v = attn.v_proj(x).view(batch, 1, kv_heads, width).transpose(1, 2)
+        keys, values = torch.cat([past[i][0], k], 2), torch.cat([past[i][1], v], 2)
+        if i in selection:
+            chosen[i] = tidal_positions(q, keys, valid, keep, scale)
+        out = torch.zeros(batch, heads, width, dtype=torch.float64)
+        for b in range(batch):
+            for h in range(heads):
+                kv = h // group
+                if source is None or i in selection:
+                    positions = [j for j in range(length + 1) if valid[b, j]]
+                else:
+                    positions = [j for j in chosen[source][b][kv] if valid[b, j]] + [length]
+                out[b, h] = _attend(q[b, h, 0], keys[b, kv], values[b, kv], positions, scale)
+        if i in selection:
+            source = i
+        hidden = hidden + attn.o_proj(out.to(hidden.dtype).reshape(batch, 1, heads * width))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return model.lm_head(lm.norm(hidden))[:, -1], chosen

@@ -1,0 +1,198 @@
+"""Decode-time sparse attention (TidalDecode) on stock Llama, Qwen2 and Mistral decode steps:
+keep-everything identity through generate(), batches against single examples, the selected
+positions and step logits against slow references, what the sparse layers read, golden text,
+and refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import fx
+
+from decode_reference import tidal_step
+from tpc.decode import capture_step, compile_decoder
+from tpc.decode.graph import step_symbols
+from tpc.errors import TpcError
+from tpc.graph.printing import format_rewrites
+
+transformers = pytest.importorskip("transformers")
+GOLDEN = Path(__file__).parent / "golden"
+FAMILIES = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}
+
+
+def tiny(family: str, layers: int = 4):
+    config_class, model_class = FAMILIES[family]
+    torch.manual_seed(0)
+    config = config_class(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          attn_implementation="sdpa", pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    return model_class(config).eval()
+
+
+@pytest.fixture(scope="module")
+def captured():
+    """One capture per family, reused by every rewrite (the capture is the slow part)."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            model = tiny(family)
+            cache[family] = model, capture_step(model)
+        return cache[family]
+
+    return get
+
+
+def prompts(batch=2, length=10, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 96, (batch, length), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1:, :4] = 0  # the second example is 4 tokens shorter: left padding
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_budget_over_the_cache_generates_the_dense_tokens(captured, family):
+    model, program = captured(family)
+    dense = compile_decoder(model, layers=[1, 2], keep=64, program=program)
+    ids, mask = prompts()
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(dense.generate(ids, mask, max_new_tokens=8, do_sample=False), expected)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20,
+                                  temperature=0.8)
+    torch.manual_seed(5)
+    assert torch.equal(dense.generate(ids, mask, max_new_tokens=8, do_sample=True, top_k=20, temperature=0.8),
+                       expected)
+
+
+def test_a_batch_generates_what_each_example_generates_alone(captured):
+    model, program = captured("llama")
+    sparse = compile_decoder(model, layers=[1], keep=3, program=program)
+    ids, mask = prompts()
+    together = sparse.generate(ids, mask, max_new_tokens=6)
+    for b in range(2):
+        real = ids[b:b + 1, mask[b].bool()]
+        alone = sparse.generate(real, torch.ones_like(real), max_new_tokens=6)
+        assert torch.equal(together[b, -6:], alone[0, -6:])
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph and keeps what the selection ops chose and what each attention read."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.chosen, self.keys_read = [], []
+
+    def run_node(self, node):
+        out = super().run_node(node)
+        if node.target is torch.ops.tpc.top_positions.default:
+            self.chosen.append(out)
+        if node.target is torch.ops.aten.scaled_dot_product_attention.default:
+            self.keys_read.append(out.new_empty(0).new_tensor(self.env[node.args[1]].shape[2]))
+        return out
+
+
+def _random_step(model, length=9):
+    config = model.config
+    gen = torch.Generator().manual_seed(7)
+    width = config.hidden_size // config.num_attention_heads
+    past = [(torch.randn(2, 2, length, width, generator=gen), torch.randn(2, 2, length, width, generator=gen))
+            for _ in range(config.num_hidden_layers)]
+    valid = torch.ones(2, length + 1, dtype=torch.bool)
+    valid[1, :3] = False
+    token = torch.tensor([[5], [9]])
+    position = valid.long().sum(1, keepdim=True) - 1
+    return token, position, valid, past
+
+
+def test_selected_positions_and_step_logits_match_the_paper(captured):
+    model, program = captured("llama")
+    sparse = compile_decoder(model, layers=[1], keep=3, program=program)
+    token, position, valid, past = _random_step(model)
+    flat = [t for kv in past for t in kv]
+    recorder = _Recorder(sparse.gm)
+    with torch.no_grad():
+        logits = recorder.run(token, position, valid.long(), flat)[0]
+        expected, chosen = tidal_step(model, token, position, valid, past, selection=[1], keep=3)
+    assert [c.tolist() for c in recorder.chosen] == [chosen[1]]
+    torch.testing.assert_close(logits, expected.float(), atol=1e-5, rtol=1e-5)
+    assert [int(k) for k in recorder.keys_read] == [10, 10, 4, 4]  # layers 2 and 3 read 3 positions + the new token
+
+
+def test_only_gathers_read_the_sparse_layers_cache(captured):
+    model, program = captured("llama")
+    sparse = compile_decoder(model, layers=[1], keep=3, program=program)
+    placeholders = [n for n in sparse.gm.graph.nodes if n.op == "placeholder"][3:]
+    for layer in sparse.plan.sparse:
+        for past in placeholders[2 * layer:2 * layer + 2]:
+            assert _readers(past) == [torch.ops.tpc.gather_positions.default]
+    assert _readers(placeholders[0]) == [torch.ops.aten.cat.default]  # layer 0 is dense
+
+
+def _readers(node):
+    """Ops that read the node's data (not export's shape guards, not sizes)."""
+    return [u.target for u in node.users if u.op == "call_function" and u.target is not torch.ops.aten.sym_size.int]
+
+
+def test_golden_decode_step(captured, update_golden):
+    model, program = captured("llama")
+    gm = compile_decoder(model, layers=[1], keep=3, program=program).gm
+    text = format_rewrites(gm, step_symbols(gm))
+    path = GOLDEN / "decode_tidal_llama.txt"
+    if update_golden:
+        path.write_text(text)
+    assert text == path.read_text(), f"{path.name} changed: review, then run pytest --update-golden"
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"keep": 0}, "give a budget of 1 or more"),
+    ({"layers": [1, 4]}, "selection layer 4 is out of range: the model has 4 decoder layers"),
+    ({"layers": [3]}, "leaves no layer to read"),
+    ({"method": "quest2"}, "not a decode-time method"),
+])
+def test_bad_settings_are_refused_before_capture(settings, message):
+    with pytest.raises(TpcError, match=message):
+        compile_decoder(tiny("llama"), **settings)
+
+
+def test_a_model_without_a_kv_cache_is_refused():
+    config = transformers.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32)
+    with pytest.raises(TpcError, match="BertForMaskedLM has no KV cache"):
+        compile_decoder(transformers.BertForMaskedLM(config))
+
+
+def test_right_padding_is_refused(captured):
+    model, program = captured("llama")
+    sparse = compile_decoder(model, layers=[1], keep=3, program=program)
+    ids, mask = prompts()
+    with pytest.raises(TpcError, match="right-padded"):
+        sparse.generate(ids, mask.flip(1), max_new_tokens=2)
+
+
+def test_the_decode_ops_match_loops_and_their_fakes():
+    gen = torch.Generator().manual_seed(1)
+    cache, index = torch.randn(2, 3, 7, 4, generator=gen), torch.randint(0, 7, (2, 3, 5), generator=gen)
+    gathered = torch.ops.tpc.gather_positions(cache, index)
+    for b, h, j in torch.cartesian_prod(torch.arange(2), torch.arange(3), torch.arange(5)).tolist():
+        assert torch.equal(gathered[b, h, j], cache[b, h, index[b, h, j]])
+    q, keys = torch.randn(2, 6, 1, 4, generator=gen), torch.randn(2, 3, 8, 4, generator=gen)
+    mask = torch.ones(2, 1, 1, 8, dtype=torch.bool)
+    mask[1, ..., :2] = False
+    scores = torch.ops.tpc.group_attention(q, keys, mask, 0.5)
+    for b, h, j in torch.cartesian_prod(torch.arange(2), torch.arange(3), torch.arange(8)).tolist():
+        mass = sum(torch.softmax((q[b, g, 0] @ keys[b, h].T * 0.5).masked_fill(~mask[b, 0, 0], float("-inf")), 0)[j]
+                   for g in (2 * h, 2 * h + 1))
+        torch.testing.assert_close(scores[b, h, j], mass)
+    assert torch.ops.tpc.top_positions(scores, 20).shape == (2, 3, 7)  # the budget is clamped to the cache
+    for op, args in [(torch.ops.tpc.gather_positions.default, (cache, index)),
+                     (torch.ops.tpc.group_attention.default, (q, keys, mask, 0.5)),
+                     (torch.ops.tpc.top_positions.default, (scores, 3))]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

@@ -1,0 +1,101 @@
+"""Capture a decoder language model's decode step with ``torch.export``.
+
+The decode step takes one new token per sequence and the KV cache as graph inputs:
+
+    step(input_ids [B, 1], position_ids [B, 1], attention_mask [B, L + 1], past) ->
+        (logits [B, vocab], new keys and values of every layer, each [B, Hkv, 1, d])
+
+``past`` is the flat list (k_0, v_0, k_1, v_1, …) of [B, Hkv, L, d] tensors. Batch and
+cache length L are symbolic, so one capture serves every batch and every prompt length.
+The stock model runs unchanged (no module patched): its cache is a transformers
+``DynamicCache`` whose layers hold the given tensors and remember the new token's keys and
+values, which are the step's outputs; appending them to the cache is the caller's job, so
+the step itself never copies a cache it does not read.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from tpc.capture import eval_mode
+from tpc.errors import TpcError, refusal_or_bug
+
+MAX_BATCH = 4096
+MAX_CACHE = 1 << 20
+
+
+def decoder_spec(model: nn.Module) -> tuple[int, int, int]:
+    """(layers, KV heads, head width) of a decoder language model; refuses anything else."""
+    config = getattr(model, "config", None)
+    name = type(model).__name__
+    if config is None or not name.endswith("ForCausalLM") or not getattr(config, "num_hidden_layers", None):
+        raise TpcError(f"{name} has no KV cache to decode from: decode-time sparse attention takes a decoder "
+                       "language model such as LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM")
+    heads = config.num_attention_heads
+    width = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, width
+
+
+def _step_cache(past: list[torch.Tensor]):
+    """A ``DynamicCache`` over the given tensors whose layers remember what ``update`` appends."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class StepLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.new = (key_states, value_states)
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            return self.keys, self.values
+
+    cache = DynamicCache()
+    cache.layers = []
+    for i in range(0, len(past), 2):
+        layer = StepLayer()
+        layer.is_initialized, layer.device, layer.keys, layer.values = True, past[i].device, past[i], past[i + 1]
+        cache.layers.append(layer)
+    return cache
+
+
+class DecodeStep(nn.Module):
+    """The model's forward on one new token over a given cache (the module torch.export captures)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, attention_mask, past: list[torch.Tensor]):
+        cache = _step_cache(past)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                         cache=cache, use_cache=True)
+        return out.logits[:, -1], *(t for layer in cache.layers for t in layer.new)
+
+
+def example_step(model: nn.Module, batch: int = 2, length: int = 8) -> tuple:
+    """Inputs of one decode step at ``batch`` × ``length`` cached positions (random cache)."""
+    layers, heads, width = decoder_spec(model)
+    dtype = next(model.parameters()).dtype
+    gen = torch.Generator().manual_seed(0)
+    past = [torch.randn(batch, heads, length, width, generator=gen).to(dtype) for _ in range(2 * layers)]
+    ids = torch.zeros(batch, 1, dtype=torch.long)
+    return ids, torch.full((batch, 1), length), torch.ones(batch, length + 1, dtype=torch.long), past
+
+
+def capture_step(model: nn.Module) -> torch.export.ExportedProgram:
+    """The decode step as an aten program, symbolic in batch and cache length."""
+    layers = decoder_spec(model)[0]
+    args = example_step(model)
+    batch, cache = Dim("batch", min=1, max=MAX_BATCH), Dim("cache", min=1, max=MAX_CACHE)
+    dynamic = ({0: batch}, {0: batch}, {0: batch, 1: cache + 1}, [{0: batch, 2: cache}] * (2 * layers))
+    with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.export.export(DecodeStep(model), args, dynamic_shapes=dynamic)
+        except Exception as err:  # torch.export raises many types; the user needs one line, tpc's bugs a report
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise refusal_or_bug(err, f"torch.export could not capture the decode step of {type(model).__name__}: "
+                                      f"{first}") from err

@@ -1,0 +1,23 @@
+"""``compile_decoder``: capture a decoder LM's decode step, rewrite it for a decode-time method."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tpc.decode.capture import capture_step, decoder_spec
+from tpc.decode.module import DecodeModule, describe
+from tpc.decode.plan import make_plan
+from tpc.decode.rewrite import SparseDecode
+from tpc.passes import PassManager
+
+
+def compile_decoder(model: nn.Module, *, method: str = "tidal", layers=None, keep=None,
+                    program=None) -> DecodeModule:
+    """``model``'s decode step with ``method``'s sparse attention (``layers``: the selection
+    layers, default layer 2 and the middle one; ``keep``: cached positions the sparse layers read).
+    ``program``: a decode step captured before (``capture_step``), reused as it is."""
+    plan = make_plan(method, decoder_spec(model)[0], layers, keep)  # refuse before capturing
+    program = program if program is not None else capture_step(model)
+    gm = program.module()
+    PassManager([SparseDecode(plan)])(gm)
+    return DecodeModule(gm, model, describe(model, plan), program, plan)

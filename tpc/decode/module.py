@@ -1,0 +1,167 @@
+"""``DecodeModule``: a decoder language model whose decode step is a captured, rewritten graph.
+
+``generate`` runs as ``model.generate`` does (greedy or sampled, left-padded batches): the
+prompt goes through the stock model once (the prefill), then every new token through the
+decode-step graph. The KV cache lives in one buffer per layer, [B, Hkv, prompt + new, d],
+whose first L positions are handed to the step as views and to which the step's new keys and
+values are written in place, so the cache is never copied whole between steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from tpc.decode.capture import decoder_spec
+from tpc.decode.plan import Plan
+from tpc.errors import TpcError
+
+
+@dataclass
+class DecodeReport:
+    model: str
+    method: str | None
+    layers: int
+    selection: list[int] = field(default_factory=list)
+    sparse: list[int] = field(default_factory=list)
+    keep: int | None = None
+    kv_heads: int = 0
+    head_dim: int = 0
+    itemsize: int = 4
+
+    def positions_read(self, layer: int, cached: int) -> int:
+        """Cache positions layer ``layer`` reads in one step at ``cached`` cached positions (+ the new token)."""
+        return (min(self.keep, cached) if layer in self.sparse else cached) + 1
+
+    def kv_bytes(self, cached: int, batch: int = 1) -> int:
+        """Bytes of keys and values the attention of all layers reads in one step."""
+        per_position = 2 * self.kv_heads * self.head_dim * self.itemsize * batch
+        return sum(self.positions_read(i, cached) for i in range(self.layers)) * per_position
+
+    def table(self, cached: int = 8192) -> str:
+        rows = ["layer  attention         positions read at L=%d" % cached]
+        for i in range(self.layers):
+            kind = "dense + select" if i in self.selection else "sparse" if i in self.sparse else "dense"
+            rows.append(f"{i:5d}  {kind:16s}  {self.positions_read(i, cached)}")
+        return "\n".join(rows)
+
+    def summary(self, cached: int = 8192) -> str:
+        what = "dense (every layer reads the whole cache)" if self.method is None else \
+            f"{self.method}: selection layers {self.selection}, {len(self.sparse)} sparse layers reading {self.keep} positions"
+        dense = DecodeReport(self.model, None, self.layers, kv_heads=self.kv_heads, head_dim=self.head_dim,
+                             itemsize=self.itemsize)
+        return (f"{self.model}, decode step, {what}; KV read per step per example at {cached} cached positions: "
+                f"{self.kv_bytes(cached) / 2**20:.1f} MiB (dense {dense.kv_bytes(cached) / 2**20:.1f} MiB)")
+
+
+def describe(model: nn.Module, plan: Plan | None) -> DecodeReport:
+    layers, heads, width = decoder_spec(model)
+    itemsize = next(model.parameters()).element_size()
+    if plan is None:
+        return DecodeReport(type(model).__name__, None, layers, kv_heads=heads, head_dim=width, itemsize=itemsize)
+    return DecodeReport(type(model).__name__, plan.method, layers, list(plan.selection), plan.sparse, plan.keep,
+                        heads, width, itemsize)
+
+
+class DecodeModule(nn.Module):
+    """A causal LM whose decode step reads the KV cache as its plan says; ``generate`` as HF's."""
+
+    def __init__(self, gm: fx.GraphModule, model: nn.Module, report: DecodeReport,
+                 program: torch.export.ExportedProgram, plan: Plan | None = None):
+        super().__init__()
+        self.gm, self.report, self.plan = gm, report, plan
+        self._model = [model]  # not a submodule: its parameters are shared, never registered twice
+        self._program = program  # the dense capture: unpruned() and the ideal reuse it
+        self.generation_config = model.generation_config
+
+    def step(self, input_ids, position_ids, attention_mask, past: list[torch.Tensor]) -> tuple:
+        """One decode step: (logits [B, vocab], the new token's keys and values per layer)."""
+        with torch.no_grad():
+            return self.gm(input_ids, position_ids, attention_mask, list(past))
+
+    def unpruned(self) -> DecodeModule:
+        """The same captured decode step, every layer dense (what ``tpc bench`` compares with)."""
+        model = self._model[0]
+        return DecodeModule(self._program.module(), model, describe(model, None), self._program)
+
+    def forward(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """Logits of the prompt's last token [B, vocab] (the stock model's prefill)."""
+        return self.prefill(input_ids, attention_mask)[0]
+
+    def prefill(self, input_ids, attention_mask=None):
+        """Run the prompt through the stock model: (last logits [B, vocab], its cache, positions)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        with torch.no_grad():
+            out = self._model[0](input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                 use_cache=True)
+        return out.logits[:, -1].float(), out.past_key_values, positions
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int | None = None,
+                 do_sample: bool | None = None, **generation_kwargs) -> torch.Tensor:
+        """Prompt and new tokens, [B, S + new], as ``model.generate(**tokenizer_outputs)`` returns them."""
+        from transformers import GenerationConfig
+
+        from tpc.vlm.module import _refuse_right_padding, _refuse_unsupported, _warpers
+
+        config = GenerationConfig(**{**self.generation_config.to_dict(), **generation_kwargs,
+                                     **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),
+                                     **({"do_sample": do_sample} if do_sample is not None else {})})
+        _refuse_unsupported(config, generation_kwargs)
+        _refuse_right_padding(attention_mask)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        eos = config.eos_token_id
+        eos = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), dtype=torch.long)
+        pad = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+        warpers = _warpers(config)
+        new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - input_ids.shape[1]
+        logits, cache, positions = self.prefill(input_ids, attention_mask)
+        kv = KVBuffer(cache, input_ids.shape[1] + max(new, 1))
+        position = positions[:, -1:]
+        mask = attention_mask.long()
+        unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool)
+        tokens = [input_ids]
+        for index in range(new):
+            scores = warpers(torch.cat(tokens, 1), logits) if config.do_sample else logits
+            if config.do_sample:
+                token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                token = scores.argmax(-1)
+            token = torch.where(unfinished, token, torch.full_like(token, pad))
+            tokens.append(token[:, None])
+            unfinished &= ~torch.isin(token, eos)
+            if not unfinished.any() or index == new - 1:
+                break
+            position = position + 1
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            out = self.step(token[:, None], position, mask, kv.views())
+            kv.append(out[1:])
+            logits = out[0].float()
+        return torch.cat(tokens, 1)
+
+
+class KVBuffer:
+    """Per layer, keys and values in one preallocated [B, Hkv, capacity, d] buffer each."""
+
+    def __init__(self, cache, capacity: int):
+        self.buffers, self.length = [], 0
+        for layer in cache.layers:
+            for t in (layer.keys, layer.values):
+                buf = t.new_empty(t.shape[0], t.shape[1], capacity, t.shape[3])
+                buf[:, :, :t.shape[2]] = t
+                self.buffers.append(buf)
+                self.length = t.shape[2]
+
+    def views(self) -> list[torch.Tensor]:
+        return [b[:, :, :self.length] for b in self.buffers]
+
+    def append(self, new: tuple) -> None:
+        if self.length >= self.buffers[0].shape[2]:
+            raise TpcError("the KV buffer is full: generate() sized it for max_new_tokens")
+        for buf, t in zip(self.buffers, new):
+            buf[:, :, self.length:self.length + 1] = t
+        self.length += 1

@@ -1,0 +1,70 @@
+"""The ``tpc::`` ops of decode-time sparse attention (reference and fake implementations).
+
+Shapes: B batch, H query heads, G = H / Hkv query heads per KV head (grouped-query
+attention), L cached positions (the new token not included), K positions kept, d head width.
+The attention mask is the model's own SDPA mask of the decode step, [B, 1, 1, L + 1] (bool:
+may attend; float: added to the logits), its last column the new token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_LIB = "tpc"
+
+
+def _logits(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """[B, Hkv, G, L + 1] float32 logits of each query head over the keys of its KV head."""
+    b, h, _, d = q.shape
+    groups = h // k.shape[1]
+    logits = torch.matmul(q.float().reshape(b, k.shape[1], groups, d), k.float().transpose(-1, -2)) * scale
+    if mask.dtype == torch.bool:
+        return logits.masked_fill(~mask, float("-inf"))
+    return logits + mask.float()
+
+
+@torch.library.custom_op(f"{_LIB}::group_attention", mutates_args=())
+def group_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """[B, Hkv, L + 1] float32: the attention the new token's query heads give each key, summed
+    over the query heads of each KV group (TidalDecode's selection score, grouped-query form).
+
+    q: [B, H, 1, d]; k: [B, Hkv, L + 1, d], the layer's keys with the new token's last.
+    With one query head per KV head this ranks keys as the paper's top-k of q·kᵀ does.
+    """
+    return torch.softmax(_logits(q, k, mask, scale), dim=-1).sum(2)
+
+
+@group_attention.register_fake
+def _(q, k, mask, scale):
+    return q.new_empty((q.shape[0], k.shape[1], k.shape[2]), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_LIB}::top_positions", mutates_args=())
+def top_positions(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """[B, Hkv, min(count, L)] int64: per example and KV head, the best-scored cached positions
+    (``scores``: [B, Hkv, L + 1], the last column the new token, which every layer attends
+    anyway and is not chosen among), in ascending order so attention reads them in cache order.
+    Ties go to the lower position (a stable sort)."""
+    past = scores[..., :-1]
+    keep = min(count, past.shape[-1])
+    best = torch.sort(past, dim=-1, descending=True, stable=True).indices[..., :keep]
+    return torch.sort(best, dim=-1).values
+
+
+@top_positions.register_fake
+def _(scores, count):
+    return scores.new_empty((*scores.shape[:2], torch.sym_min(count, scores.shape[-1] - 1)), dtype=torch.int64)
+
+
+@torch.library.custom_op(f"{_LIB}::gather_positions", mutates_args=())
+def gather_positions(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, K, d]: rows ``index`` ([B, Hkv, K]) of ``cache`` ([B, Hkv or 1, L', d]) along
+    the positions; a cache with one head (a mask) is read per KV head. Only K rows are read."""
+    b, heads, kept = index.shape
+    src = cache.expand(b, heads, *cache.shape[2:])
+    return torch.gather(src, 2, index[..., None].expand(b, heads, kept, cache.shape[-1]))
+
+
+@gather_positions.register_fake
+def _(cache, index):
+    return cache.new_empty((*index.shape, cache.shape[-1]))

@@ -1,0 +1,100 @@
+"""``SparseDecode``: rewrite a captured decode step so its sparse layers read only selected positions.
+
+Rewrite rules (TidalDecode, arXiv 2410.05076, §3; per KV head for grouped-query attention):
+
+1. At each selection layer s, after its (dense) attention:
+   ``scores = tpc::group_attention(q_s, cat(past_k_s, new_k_s), mask)`` [B, Hkv, L + 1] and
+   ``index = tpc::top_positions(scores, keep)`` [B, Hkv, K], K = min(keep, L).
+2. At each sparse layer l reading selection layer s, the SDPA over the whole cache is
+   replaced by one over K + 1 positions (the selected ones and the new token)::
+
+       past_k_l ─► gather_positions(index) ─► cat(·, new_k_l) ─┐
+       past_v_l ─► gather_positions(index) ─► cat(·, new_v_l) ─┤
+       mask ─► transpose ─► gather_positions(index) ─► cat(·, mask[new]) ─► transpose ─┤
+       q_l [B, H, 1, d] ─► reshape [B, Hkv, G, d] ───────────────────────────────► SDPA ─► reshape [B, H, 1, d]
+
+   The G query heads of a KV head become G queries of one head, so the keys are never
+   repeated over query heads; ``cat(past, new)`` of that layer dies with its old SDPA, so
+   nothing reads the full cache there.
+
+With ``ideal=True`` the sparse layers' SDPA reads its own cache as it is, unmasked (no
+scoring, no gather): the step of a cache that physically holds only the selected positions
+in those layers, the physical limit of the method (benchmarks only; no padding).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import fx
+
+from tpc.decode import ops  # noqa: F401  (registers the tpc:: decode ops)
+from tpc.decode.graph import CacheAttention, cache_attention
+from tpc.decode.plan import Plan
+from tpc.graph.nodes import val
+from tpc.passes.cleanup import finish
+from tpc.passes.compaction import Builder, Role, mark_rewritten
+from tpc.passes.infra import Pass, PassResult
+
+logger = logging.getLogger("tpc.passes")
+tpc = torch.ops.tpc
+aten = torch.ops.aten
+_END = 9223372036854775807
+
+
+class SparseDecode(Pass):
+    def __init__(self, plan: Plan, ideal: bool = False):
+        self.plan, self.ideal = plan, ideal
+        self.name = f"sparse_decode({plan.method}{', ideal' if ideal else ''})"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        sites = {a.layer: a for a in cache_attention(gm)}
+        index: dict[int, fx.Node] = {}
+        if not self.ideal:
+            for layer in self.plan.selection:
+                index[layer] = _select(gm, sites[layer], self.plan.keep)
+        masks: dict[int, fx.Node] = {}  # per selection layer: the mask at its positions, built once
+        for layer in self.plan.sparse:
+            source = self.plan.source(layer)
+            _sparse_attention(gm, sites[layer], None if self.ideal else index[source], masks, source)
+        finish(gm)
+        logger.debug("%s: selection layers %s, sparse layers %s", self.name, self.plan.selection, self.plan.sparse)
+        return PassResult(gm, True)
+
+
+def _select(gm: fx.GraphModule, site: CacheAttention, keep: int) -> fx.Node:
+    b = Builder(gm, site.sdpa)
+    scores = b.op(tpc.group_attention.default, site.q, site.keys, site.mask, site.scale, role=Role.SCORING)
+    return b.op(tpc.top_positions.default, scores, keep, role=Role.SELECTION)
+
+
+def _sparse_attention(gm: fx.GraphModule, site: CacheAttention, index: fx.Node | None, masks: dict,
+                      source: int) -> None:
+    q = val(site.q)
+    heads, width = q.shape[1], q.shape[3]
+    kv_heads = val(site.past_k).shape[1]
+    b = Builder(gm, site.sdpa.prev)
+    b.like = site.sdpa
+    if index is None:
+        keys, values, mask = site.keys, site.values, None
+    else:
+        keys = b.op(aten.cat.default, [b.op(tpc.gather_positions.default, site.past_k, index, role=Role.GATHER),
+                                       site.new_k], 2, role=Role.GATHER)
+        values = b.op(aten.cat.default, [b.op(tpc.gather_positions.default, site.past_v, index, role=Role.GATHER),
+                                         site.new_v], 2, role=Role.GATHER)
+        if source not in masks:
+            columns = b.op(aten.transpose.int, site.mask, 2, 3, role=Role.GATHER)  # [B, 1, L + 1, 1]
+            chosen = b.op(tpc.gather_positions.default, columns, index, role=Role.GATHER)
+            new = b.op(aten.expand.default, b.op(aten.slice.Tensor, columns, 2, -1, _END, role=Role.GATHER),
+                       [-1, kv_heads, -1, -1], role=Role.GATHER)
+            masks[source] = b.op(aten.transpose.int, b.op(aten.cat.default, [chosen, new], 2, role=Role.GATHER),
+                                 2, 3, role=Role.GATHER)
+        mask = masks[source]
+    grouped = b.op(aten.reshape.default, site.q, [-1, kv_heads, heads // kv_heads, width], role=Role.GATHER)
+    out = b.op(aten.scaled_dot_product_attention.default, grouped, keys, values, mask, role=Role.MODEL)
+    out.kwargs = {"scale": site.scale}
+    merged = b.op(aten.reshape.default, out, [-1, heads, 1, width], role=Role.GATHER)
+    site.sdpa.replace_all_uses_with(merged)
+    gm.graph.erase_node(site.sdpa)  # SDPA counts as impure (its dropout draws random numbers): DCE keeps it
+    mark_rewritten(out)
