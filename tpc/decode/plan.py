@@ -45,7 +45,7 @@ def default_layers(layers: int) -> list[int]:
 def make_plan(method: str, layers: int, selection=None, keep=None) -> Plan:
     if method not in METHODS:
         raise TpcError(f"method {method!r} is not a decode-time method: choose one of {', '.join(METHODS)}")
-    chosen = default_layers(layers) if selection is None else parse_layers(selection)
+    chosen = default_layers(layers) if selection is None else sorted(parse_layers(selection))
     for layer in chosen:
         if layer >= layers:
             raise TpcError(f"selection layer {layer} is out of range: the model has {layers} decoder layers "
