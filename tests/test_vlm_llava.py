@@ -127,6 +127,37 @@ def test_pyramid_schedule_composes_stages_and_batch_equals_alone(llava):
 
 
 
+def test_a_prompt_of_the_image_tokens_and_nothing_more_generates_as_the_stock_model(llava):
+    """Any prompt length the stock model takes: the BOS and the image tokens, or the image tokens alone."""
+    model, inputs, program = llava
+    pruned = prune(model, program, inputs, method="fastv", layers=0, keep=1.0)
+    for ids in ([1] + [IMAGE] * VISUAL, [IMAGE] * VISUAL):
+        short = {"input_ids": torch.tensor([ids]), "pixel_values": inputs["pixel_values"][:1]}
+        with torch.no_grad():
+            assert torch.equal(pruned.generate(**short, max_new_tokens=3), model.generate(**short, max_new_tokens=3))
+    dropped = prune(model, program, inputs, method="fastv", layers="0,1", keep="0.5,0")
+    assert dropped.generate(input_ids=torch.tensor([[1, 5] + [IMAGE] * VISUAL]), pixel_values=short["pixel_values"],
+                            max_new_tokens=2).shape == (1, VISUAL + 4)
+    with pytest.raises(TpcError, match="keep 0 drops every visual token after decoder layer 1, leaving the text "
+                                       "alone: a prompt needs 2 tokens besides its 16 image tokens .* got 1"):
+        dropped.generate(input_ids=torch.tensor([[1] + [IMAGE] * VISUAL]), pixel_values=short["pixel_values"])
+
+
+def test_a_vlm_artifact_suffix_is_refused_with_its_own_reason(llava, tmp_path, capsys):
+    import tpc
+    from tpc.cli import main
+
+    model, inputs, program = llava
+    pruned = prune(model, program, inputs, method="fastv", layers=0, keep=0.5)
+    with pytest.raises(TpcError, match=r"unknown artifact type '\.txt' .*written as \.pt2 or \.onnx"):
+        tpc.export(pruned, tmp_path / "x.txt")
+    model.save_pretrained(tmp_path / "llava")
+    assert main(["compile", str(tmp_path / "llava"), "--pass", "fastv", "--layers", "0", "-o",
+                 str(tmp_path / "l.plan")]) == 1
+    assert "is a vision-language model: TensorRT engines are written for encoders only" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llava"]
+
+
 def test_keeps_travel_with_their_layers_given_out_of_order(llava):
     """`--layers 1,0 --keep 0.25,0.5`: layer 0 keeps half of the 16 visual tokens, layer 1 a quarter of those."""
     model, inputs, program = llava
@@ -248,7 +279,7 @@ def test_api_compiles_and_writes_a_checked_program(llava, tmp_path):
     args = (inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
             prompt_positions(inputs["attention_mask"]))
     assert program(*args)[-1].shape == (2, 16)
-    with pytest.raises(TpcError, match="TensorRT engines are for encoders"):
+    with pytest.raises(TpcError, match="TensorRT engines are written for encoders only"):
         tpc.export(pruned, tmp_path / "vlm.plan")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vlm.pt2"]
     report = tpc.inspect(model, inputs)

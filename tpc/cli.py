@@ -107,8 +107,12 @@ def cmd_compile(args) -> int:
     from tpc.compiled import recipe
     from tpc.exports import check_target
     from tpc.vlm import VlmModule
+    from tpc.vlm.family import names_a_vlm
 
     out = Path(args.output)
+    if out.suffix.lower() == ".plan" and names_a_vlm(args.model):
+        raise TpcError(f"{args.model} is a vision-language model: TensorRT engines are written for encoders only; "
+                       "write its pruned prefill as .pt2 or .onnx")
     check_target(out, args.batch, args.precision)
     for flag, given in (("the model", args.model), ("--weights", args.weights)):
         if given and os.path.exists(given) and os.path.realpath(out) == os.path.realpath(given):

@@ -25,9 +25,12 @@ ONNX_LIMIT = 2**31  # a protobuf message above 2 GB cannot be serialized in one 
 def save_prefill(module, path, check: bool = True) -> CheckResult | None:
     path = Path(path)
     suffix = path.suffix.lower()
+    if suffix == ".plan":
+        raise TpcError(f"{str(path)!r}: TensorRT engines are written for encoders only; write a pruned VLM's prefill "
+                       "as .pt2 or .onnx")
     if suffix not in (".pt2", ".onnx"):
-        raise TpcError(f"a pruned VLM is written as .pt2 or .onnx (its prefill); {path.suffix or 'no suffix'} is not "
-                       "supported for VLMs (TensorRT engines are for encoders)")
+        raise TpcError(f"unknown artifact type {path.suffix or '(none)'!r} for {str(path)!r}: a pruned VLM is "
+                       "written as .pt2 or .onnx (its prefill)")
     check_output_path(path)
     program = _program(module)
     inputs = [module.family.first_example(module.example_inputs), module.example_inputs]  # an example, the batch
@@ -49,7 +52,7 @@ def save_prefill(module, path, check: bool = True) -> CheckResult | None:
 
 
 def _program(module) -> torch.export.ExportedProgram:
-    dynamic = module.family.dynamic_shapes(module.example_inputs, module.visual)
+    dynamic = module.family.dynamic_shapes(module.example_inputs, module.visual, module.fewest_text_tokens)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

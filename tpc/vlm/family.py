@@ -50,6 +50,19 @@ def is_vlm(model) -> bool:
     return type(model).__name__ in FAMILIES
 
 
+def names_a_vlm(model_id) -> bool:
+    """Whether a model directory's config.json names a VLM class tpc knows (read as JSON, nothing loaded)."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(model_id) / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    return isinstance(architectures, list) and any(a in FAMILIES for a in architectures if isinstance(a, str))
+
+
 def refuse_vlm(model, command: str) -> None:
     """One line for a command that does not take VLMs yet (they compile and export only)."""
     if is_vlm(model):
@@ -121,10 +134,10 @@ class Family(ABC):
         words = words.masked_fill(words == image, 3)
         return torch.cat([words[:, :1], torch.full((batch, visual), image), words[:, 1:]], 1)
 
-    def dynamic_shapes(self, args: tuple, visual: int) -> tuple:
+    def dynamic_shapes(self, args: tuple, visual: int, text: int = 0) -> tuple:
         """Symbolic batch and prompt length; an input holding several rows per example (LLaVA's
-        images) gets a multiple of the batch. A prompt holds its visual tokens and two more."""
-        batch, seq = Dim("batch", min=1, max=4096), Dim("prompt", min=visual + 2, max=131072)
+        images) gets a multiple of the batch. A prompt holds its visual tokens and ``text`` more."""
+        batch, seq = Dim("batch", min=1, max=4096), Dim("prompt", min=visual + text, max=131072)
         examples = args[0].shape[0]
         out = []
         for arg, (batch_axis, token_axis) in zip(args, self.AXES):

@@ -74,6 +74,7 @@ class VlmModule(nn.Module):
             raise TpcError(f"each prompt holds {visual} image tokens; this module was compiled for "
                            f"{self.visual} (its example inputs' number of images): compile it again "
                            "with that many images per prompt")
+        self._refuse_short_text(input_ids, attention_mask)
         args = _as_captured(self.gm, args)
         with torch.no_grad():
             out = self.gm(*args)
@@ -85,6 +86,26 @@ class VlmModule(nn.Module):
         for i in range(n):
             cache.update(kv[2 * i], kv[2 * i + 1], i)
         return Prefill(logits, cache, layer_valid(attention_mask, self.stages, kept, n), kept, args[3])
+
+    @property
+    def fewest_text_tokens(self) -> int:
+        """Text tokens a prompt needs besides its visual ones: a stage keeping no visual token leaves
+        the text alone, and torch.export takes a symbolic length of 2 or more (0 and 1 are specialized)."""
+        return 2 if any(s.visual_out == 0 for s in self.stages) else 0
+
+    def _refuse_short_text(self, input_ids, attention_mask) -> None:
+        need = self.fewest_text_tokens
+        if not need:
+            return
+        drop = next(s for s in self.stages if s.visual_out == 0).before_layer - 1
+        why = f"keep 0 drops every visual token after decoder layer {drop}, leaving the text alone"
+        if input_ids.shape[1] - self.visual < need:
+            raise TpcError(f"{why}: a prompt needs {need} tokens besides its {self.visual} image tokens (BOS and one "
+                           f"more), got {input_ids.shape[1] - self.visual}")
+        text = ((input_ids != self.spec.image_token_id) & attention_mask.bool()).sum(1)
+        if not bool(text.all()):
+            raise TpcError(f"{why}: example {int(torch.nonzero(text == 0)[0, 0])} of the batch holds no real text "
+                           "token (its others are padding); give it its prompt's text")
 
     def unpruned(self) -> VlmModule:
         """The same captured prefill without the rewrite (every token in every layer, the full KV
