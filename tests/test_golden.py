@@ -15,8 +15,11 @@ from models import TEST_MODELS
 from specs import SPECS, parse_spec
 from tpc.graph.printing import format_rewrites
 
+pytestmark = pytest.mark.usefixtures("reuse_captures")
+
 GOLDEN = Path(__file__).parent / "golden"
 CASES = {f"{name}_{spec}": (name, spec) for name in TEST_MODELS for spec in SPECS}
+FIRST = next(iter(TEST_MODELS))  # the fast lane (-m "not slow") checks every method on the first model
 
 
 def _compile(name, spec):
@@ -33,7 +36,7 @@ def _check_text(path: Path, text: str, update: bool):
     assert text == path.read_text(), f"{path.name} changed: review, then run pytest --update-golden"
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [c if CASES[c][0] == FIRST else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
 def test_golden_graph_and_outputs(case, update_golden):
     pm, inputs = _compile(*CASES[case])  # one compile per case for both the text and the numbers
     _check_text(GOLDEN / f"{case}.txt", format_rewrites(pm.graph_module), update_golden)

@@ -9,14 +9,15 @@ import pytest
 import torch
 
 import tpc
+from lanes import first_fast
 from models import TEST_MODELS
 from reference import EAGER
 from specs import SPECS, parse_spec
 
+pytestmark = pytest.mark.usefixtures("reuse_captures")
 
 
-
-@pytest.mark.parametrize("name", list(TEST_MODELS))
+@pytest.mark.parametrize("name", first_fast(TEST_MODELS))
 @pytest.mark.parametrize("spec", SPECS)
 def test_keep_one_reproduces_the_original(name, spec):
     factory, inputs, depth, _prefix = TEST_MODELS[name]
@@ -30,9 +31,9 @@ def test_keep_one_reproduces_the_original(name, spec):
         assert err <= 1e-5, (name, batch, err)
 
 
-@pytest.mark.parametrize("name", list(TEST_MODELS))
+@pytest.mark.parametrize("name", first_fast(TEST_MODELS))
 @pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("schedule", [{0: 0.5}, {1: 0.7, 2: 0.5}, {0: 9, 2: 5}])
+@pytest.mark.parametrize("schedule", first_fast([{0: 0.5}, {1: 0.7, 2: 0.5}, {0: 9, 2: 5}]))
 def test_pruned_matches_eager_reference(name, spec, schedule):
     factory, inputs, _depth, prefix = TEST_MODELS[name]
     model = factory()
