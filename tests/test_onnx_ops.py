@@ -48,6 +48,7 @@ CASES = {
     "select_topk": (lambda s: ops.select_topk(s, 4, 1), [(9,)]),
     "select_topk_no_prefix": (lambda s: ops.select_topk(s, 9, 0), [(9,)]),
     "select_topk_prefix_only": (lambda s: ops.select_topk(s, 0, 2), [(9,)]),
+    "select_topk_nothing": (lambda s: ops.select_topk(s, 0, 0), [(9,)]),  # ToDRE's keep 0 of a VLM's visual tokens
     "gather_tokens": (lambda x, s: ops.gather_tokens(x, ops.select_topk(s, 3, 1)), [(9, 5), (9,)]),
     "restore_tokens": (lambda x, y, s: ops.restore_tokens(x, ops.select_topk(s, 3, 1), y[:, :4]), [(9, 5), (9, 5), (9,)]),
     "fuse_tokens": (lambda x, s: ops.fuse_tokens(x, s.softmax(-1), ops.select_topk(s, 3, 1)), [(9, 5), (9,)]),

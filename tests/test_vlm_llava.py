@@ -716,3 +716,14 @@ def test_onnx_prefill_equals_torch_at_any_batch_and_length(llava, tmp_path, meth
     assert_onnx_equals_torch(pruned, tmp_path / "vlm.onnx", inputs, cut)
     longer = left_padded([(4, 6), (1, 2), (7, 5)], 30, seed=5)
     assert_onnx_equals_torch(pruned, tmp_path / "vlm.onnx", longer, cut)
+
+
+def test_onnx_prefill_of_todre_keep_zero(llava, tmp_path):
+    """ToDRE's second stage (keep 0 after a layer) lowers to ONNX: its selection is an empty [B, 0] index."""
+    import tpc
+
+    model, inputs, program = llava
+    pruned = prune(model, program, inputs, method="fastv", layers="0,1", keep="0.5,0")
+    result = tpc.export(pruned, tmp_path / "todre.onnx")
+    assert result.batches == (1, 2) and result.max_abs_error < 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["todre.onnx"]

@@ -87,7 +87,10 @@ def _sort_ascending(index, k):
 
 
 def _prefix_then(scores_like, prefix: int, rest, k):
-    """Concat the prefix positions 0..P-1 (per example) and ``rest`` sorted ascending."""
+    """Concat the prefix positions 0..P-1 (per example) and ``rest`` sorted ascending; [B, 0]
+    when both are empty (ToDRE's keep 0 in a VLM: no visual token kept)."""
+    if not prefix and not _any(k):
+        return _fill(op.Concat(_batch(scores_like), _ints(0), axis=0), 0, onnx.TensorProto.INT64)
     parts = []
     if prefix:
         pre = op.Unsqueeze(op.Range(op.Constant(value_int=0), op.Constant(value_int=prefix), op.Constant(value_int=1)), _ints(0))
