@@ -147,3 +147,9 @@ def test_a_tensorrt_engine_refuses_a_dynamic_length_before_building(tmp_path):
     with pytest.raises(tpc.TpcError, match="TensorRT engine needs a fixed sequence length.*--seq-len N"):
         write_engine(compiled("topk-cls").graph_module, EXAMPLE, tmp_path / "m.plan")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_check_names_its_half_length_run(tmp_path):
+    """`tpc compile` says "checked … at batch 1 and 2, and batch 2 at 8 tokens", not "at batch 1 and 2 and 2"."""
+    result = tpc.export(compiled("topk-cls"), tmp_path / "m.onnx")
+    assert result.batches == (1, 2, 2) and result.where() == "at batch 1 and 2, and batch 2 at 8 tokens"

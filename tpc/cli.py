@@ -132,7 +132,7 @@ def cmd_compile(args) -> int:
     print(f"wrote {out} in {took:.1f} s: {kind}, {dynamic}")
     if result:
         flips = f", {result.tie_flips} near-tie decision(s) resolved differently" if result.tie_flips else ""
-        print(f"checked against the torch module at batch {' and '.join(map(str, result.batches))}: "
+        print(f"checked against the torch module {result.where()}: "
               f"max abs error {result.max_abs_error:.2g}{flips}")
     return 0
 

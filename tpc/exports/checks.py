@@ -19,6 +19,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from tpc.capture import is_token_input
 from tpc.errors import TpcError
 
 SELECT = torch.ops.tpc.select_topk.default
@@ -93,6 +94,14 @@ class CheckResult:
     max_abs_error: float
     tie_flips: int
     batches: tuple[int, ...]
+    lengths: tuple[int | None, ...] = ()  # per check, its token inputs' length (None: no token input)
+
+    def where(self) -> str:
+        """``at batch 1 and 2``, and a shorter check named as such: ``, and batch 2 at 8 tokens``."""
+        full = max((n for n in self.lengths if n is not None), default=None)
+        same = [b for b, n in zip(self.batches, self.lengths or [None] * len(self.batches)) if n == full]
+        shorter = [f", and batch {b} at {n} tokens" for b, n in zip(self.batches, self.lengths) if n != full]
+        return f"at batch {' and '.join(map(str, same))}{''.join(shorter)}"
 
 
 def check_artifact(gm: fx.GraphModule, run_artifact: Callable[[tuple], tuple[list, list | None]],
@@ -108,7 +117,7 @@ def check_artifact(gm: fx.GraphModule, run_artifact: Callable[[tuple], tuple[lis
     (None: all), for outputs the model leaves unspecified at some positions (a decoder's
     left padding: a query row with every key masked, which backends fill differently).
     """
-    worst, flips, batches = 0.0, 0, []
+    worst, flips, batches, lengths = 0.0, 0, [], []
     for inputs in inputs_list:
         outs, decisions = run_artifact(inputs)
         outs = [torch.as_tensor(o) for o in outs]
@@ -141,4 +150,5 @@ def check_artifact(gm: fx.GraphModule, run_artifact: Callable[[tuple], tuple[lis
             elif not torch.equal(o.cpu(), r.cpu()):
                 raise TpcError(f"{what}: integer outputs differ from the torch module")
         batches.append(int(pytree.tree_leaves(inputs)[0].shape[0]))
-    return CheckResult(worst, flips, tuple(batches))
+        lengths.append(next((int(x.shape[1]) for x in pytree.tree_leaves(inputs) if is_token_input(x)), None))
+    return CheckResult(worst, flips, tuple(batches), tuple(lengths))
