@@ -50,6 +50,15 @@ def test_bench_measures_both_models_side_by_side(backend):
     assert "of limit" in result.table()
 
 
+def test_the_speedup_lies_within_its_spread():
+    """Samples where the pooled medians' ratio (2.0) is above every repeat's (1.67, 1.5, 1.33)."""
+    from tpc.timing import pair_timing
+
+    t = pair_timing([[5, 5, 5], [3, 4, 1], [5, 4, 3]], [[5, 2, 3], [2, 2, 2], [1, 5, 3]], batch=1)
+    assert t.speedup_spread == pytest.approx((4 / 3, 5 / 3)) and t.speedup == pytest.approx(1.5)
+    assert t.base.median_ms == 4000 and t.pruned.median_ms == 2000 and (t.repeats, t.iters) == (3, 3)
+
+
 def test_bench_cli_json():
     r = cli("bench", MODEL, "--layers", "1", "--keep", "0.5", "--batch", "2", "--iters", "2", "--repeats", "2", "--json")
     assert r.returncode == 0, r.stderr

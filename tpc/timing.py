@@ -32,7 +32,7 @@ class Timing:
 class PairTiming:
     base: Timing
     pruned: Timing
-    speedup: float  # base median / pruned median
+    speedup: float  # median of the per-repeat speedups (so it lies within their spread)
     speedup_spread: tuple[float, float]  # min and max of the per-repeat speedups
     batch: int
     repeats: int
@@ -54,7 +54,7 @@ def time_pair(run_base: Callable[[], object], run_pruned: Callable[[], object], 
     for _ in range(warmup):
         run_base()
         run_pruned()
-    base_all, pruned_all, ratios = [], [], []
+    base_runs, pruned_runs = [], []
     for r in range(repeats):
         per = {}
         order = (("base", run_base), ("pruned", run_pruned))
@@ -65,11 +65,18 @@ def time_pair(run_base: Callable[[], object], run_pruned: Callable[[], object], 
                 fn()
                 samples.append(time.perf_counter() - t)
             per[name] = samples
-        base_all += per["base"]
-        pruned_all += per["pruned"]
-        ratios.append(statistics.median(per["base"]) / statistics.median(per["pruned"]))
-    base, pruned = _stats(base_all, batch), _stats(pruned_all, batch)
-    return PairTiming(base, pruned, base.median_ms / pruned.median_ms, (min(ratios), max(ratios)), batch, repeats, iters)
+        base_runs.append(per["base"])
+        pruned_runs.append(per["pruned"])
+    return pair_timing(base_runs, pruned_runs, batch)
+
+
+def pair_timing(base_runs: list[list[float]], pruned_runs: list[list[float]], batch: int) -> PairTiming:
+    """Latencies from every sample; the speedup and its spread from each repeat's median ratio. (The
+    ratio of the pooled medians can fall outside the per-repeat spread, a figure its own range denies.)"""
+    ratios = [statistics.median(b) / statistics.median(p) for b, p in zip(base_runs, pruned_runs)]
+    base, pruned = _stats(sum(base_runs, []), batch), _stats(sum(pruned_runs, []), batch)
+    return PairTiming(base, pruned, statistics.median(ratios), (min(ratios), max(ratios)), batch, len(base_runs),
+                      len(base_runs[0]))
 
 
 def tpc_node_names(model: onnx.ModelProto) -> set[str]:
