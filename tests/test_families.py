@@ -110,3 +110,18 @@ def test_hf_id_from_the_local_cache(tmp_path):
 def test_tome_refuses_masked_attention_and_names_the_alternatives():
     with pytest.raises(tpc.TpcError, match="tome does not take attention masks yet.*kcenter, divprune or random"):
         tpc.compile(hf_bert(), text_inputs(2), method="tome", layers=[0], keep=10, seq_len=16)  # at a fixed length
+
+
+def test_a_model_compiled_from_a_tokenizer_dict_takes_keyword_calls():
+    """`p = tpc.compile(BertModel, {"input_ids": …, "attention_mask": …}); p(**batch)`, as the model is called."""
+    ids, mask = text_inputs()
+    model = hf_bert().eval()
+    pruned = tpc.compile(model, {"input_ids": ids, "attention_mask": mask}, method="topk-cls", layers=0, keep=1.0)
+    want = pruned(ids, mask)
+    for got in (pruned(input_ids=ids, attention_mask=mask), pruned(ids, attention_mask=mask)):
+        assert all(torch.equal(g, w) for g, w in zip(pytree.tree_leaves(got), pytree.tree_leaves(want)))
+    with pytest.raises(tpc.TpcError, match="'token_type_ids' is not an input it was compiled with: this pruned model "
+                                           "takes input_ids, attention_mask"):
+        pruned(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+    with pytest.raises(tpc.TpcError, match="missing input 'attention_mask'"):
+        pruned(input_ids=ids)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from tpc.errors import TpcError
+
 
 @dataclass
 class LayerInfo:
@@ -119,5 +121,20 @@ class TpcModule(nn.Module):
         self.example_inputs = example_inputs
 
     def forward(self, *args, **kwargs):
+        if kwargs:
+            args = self._by_position(args, kwargs)
         with torch.no_grad():
-            return self.graph_module(*args, **kwargs)
+            return self.graph_module(*args)
+
+    def _by_position(self, args: tuple, kwargs: dict) -> tuple:
+        """Keyword arguments (a tokenizer's output: ``pruned(**batch)``) in the captured inputs' order."""
+        names = [n.target for n in self.graph_module.graph.find_nodes(op="placeholder")]
+        unknown = [k for k in kwargs if k not in names[len(args):]]
+        if unknown:
+            given = "given twice" if unknown[0] in names else "not an input it was compiled with"
+            raise TpcError(f"{unknown[0]!r} is {given}: this pruned model takes {', '.join(names)} (compile with "
+                           "that input among the example inputs to pass it)")
+        missing = [n for n in names[len(args):] if n not in kwargs]
+        if missing:
+            raise TpcError(f"missing input {missing[0]!r}: this pruned model takes {', '.join(names)}")
+        return (*args, *(kwargs[n] for n in names[len(args):]))
