@@ -55,7 +55,7 @@ def prompts(batch=2, length=10, seed=3):
     return ids, mask
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [f if f == "llama" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
 def test_a_budget_over_the_cache_generates_the_dense_tokens(captured, family):
     model, program = captured(family)
     dense = compile_decoder(model, layers=[1, 2], keep=64, program=program)
@@ -196,3 +196,41 @@ def test_the_decode_ops_match_loops_and_their_fakes():
                      (torch.ops.tpc.group_attention.default, (q, keys, mask, 0.5)),
                      (torch.ops.tpc.top_positions.default, (scores, 3))]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.slow
+def test_cli_compiles_a_checked_decode_step_and_inspects_it(tmp_path, capsys):
+    from tpc.cli import main
+    from tpc.pt2 import load_program
+
+    directory, out = tmp_path / "llama", tmp_path / "dec.pt2"
+    model = tiny("llama")
+    model.save_pretrained(directory)
+    capsys.readouterr()
+    assert main(["compile", str(directory), "--pass", "tidal", "--layers", "1", "--keep", "3", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2 sparse layers reading 3 positions" in text and "max abs error" in text
+    token, position, valid, past = _random_step(model)
+    with torch.no_grad():
+        logits = load_program(out).module()(token, position, valid.long(), [t for kv in past for t in kv])[0]
+        expected, _ = tidal_step(model, token, position, valid, past, selection=[1], keep=3)
+    torch.testing.assert_close(logits, expected.float(), atol=1e-5, rtol=1e-5)
+    assert main(["inspect", str(directory), "--pass", "tidal", "--layers", "2", "--keep", "3"]) == 0
+    assert "    3  sparse            4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--keep", "0"], "give a budget of 1 or more"),
+    (["--keep", "0.5"], "a number of cached positions"),
+    (["--layers", "9"], "selection layer 9 is out of range"),
+])
+def test_cli_bad_settings_give_one_line_and_no_file(tmp_path, capsys, args, words):
+    from tpc.cli import main
+
+    directory, out = tmp_path / "llama", tmp_path / "dec.pt2"
+    tiny("llama").save_pretrained(directory)
+    capsys.readouterr()
+    assert main(["compile", str(directory), "--pass", "tidal", *args, "-o", str(out)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(err) == 1 and words in err[0]
+    assert not out.exists()

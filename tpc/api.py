@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from tpc import models, vlm
+from tpc import decode, models, vlm
 from tpc.backends import check_backend
 from tpc.capture import capture, is_token_input, length_range, set_eval
 from tpc.compiled import CompileReport, LayerInfo, TpcModule
@@ -208,9 +208,22 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     ``seq_len=N`` fixes the length at N instead (the example inputs cut or padded to N).
     ``vision_layer`` (VLMs, topk-cls only): the vision layer whose [CLS] attention VTC-CLS scores
     the visual tokens with (default: the layer LLaVA takes its image features from).
+    A decode-time method (``tidal``) on a causal LM returns a :class:`tpc.decode.DecodeModule`
+    whose decode step reads, in the sparse layers, ``keep`` cached positions chosen at the
+    selection ``layers`` (docs/decode.md); ``pruned.generate(**tokenizer_outputs)`` decodes.
     """
     _check_keywords("tpc.compile", load_kwargs, COMPILE_KEYWORDS)
     check_backend(backend, ("torch", "onnxruntime"), "tpc.compile")
+    if recipe is None and method in decode.METHODS:
+        decoder_only = (r, prefix, seq_len, options, restore or None, vision_layer,
+                        None if backend == "torch" else backend, None if after == "attention" else after)
+        if any(v is not None for v in decoder_only):
+            raise TpcError(f"{method} (decode-time sparse attention) takes method, layers and keep only (r, prefix, "
+                           "restore, options, seq_len, after, vision_layer and backends other than torch are for "
+                           "encoders and VLMs)")
+        decode.check_settings(method, layers, keep)  # malformed settings fail before the model loads
+        module = _resolve(model, example_inputs, seed, **load_kwargs)[0]
+        return decode.compile_decoder(module, method=method, layers=layers, keep=keep)
     if recipe is not None and (layers is not None or keep is not None or r is not None or options):
         raise TpcError("give either a recipe or method/layers/keep/r/options, not both")
     if r is not None and keep is not None:
@@ -338,6 +351,14 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
     Without ``layers`` it describes the unpruned model (for tome: merging at every layer).
     """
     _check_keywords("tpc.inspect", compile_kwargs, COMPILE_KEYWORDS)
+    if compile_kwargs.get("method") in decode.METHODS:  # the plan says what each layer reads: no capture needed
+        settings = {k: v for k, v in compile_kwargs.items() if k not in ("method", "layers", "keep")}
+        load_kwargs = {k: settings.pop(k) for k in LOAD_KEYWORDS if k in settings}
+        decode.check_settings(compile_kwargs["method"], compile_kwargs.get("layers"), compile_kwargs.get("keep"))
+        module = _resolve(model, example_inputs, settings.pop("seed", 0), **load_kwargs)[0]
+        layers = decode.decoder_spec(module)[0]
+        return decode.describe(module, decode.make_plan(compile_kwargs["method"], layers, compile_kwargs.get("layers"),
+                                                        compile_kwargs.get("keep")))
     if compile_kwargs.get("method") in vlm.VLM_ONLY:
         return compile(model, example_inputs, **compile_kwargs).report
     if not prunes(compile_kwargs.get("method") or "topk-cls", compile_kwargs.get("layers")) \
@@ -374,6 +395,6 @@ def export(module: nn.Module, path: str | os.PathLike, example_inputs=None, chec
     """
     from tpc.exports import write_artifact
 
-    if isinstance(module, vlm.VlmModule):
+    if isinstance(module, (vlm.VlmModule, decode.DecodeModule)):
         return module.save(path, check=check)
     return write_artifact(module, Path(path), example_inputs, check=check, batch=batch, precision=precision)

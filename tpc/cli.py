@@ -105,6 +105,7 @@ def _describe_model(args) -> str:
 def cmd_compile(args) -> int:
     import tpc
     from tpc.compiled import recipe
+    from tpc.decode import DecodeModule
     from tpc.exports import check_target
     from tpc.vlm import VlmModule
     from tpc.vlm.family import names_a_vlm
@@ -121,14 +122,17 @@ def cmd_compile(args) -> int:
     start = time.perf_counter()
     pruned = tpc.compile(args.model, **_compile_kwargs(args))
     report = pruned.report
-    print(f"{_describe_model(args)}: {recipe(report)}")
+    decoder = isinstance(pruned, DecodeModule)
+    print(f"{_describe_model(args)}: {report.summary() if decoder else recipe(report)}")
     print(report.table())
-    print(report.summary())
+    if not decoder:
+        print(report.summary())
     result = tpc.export(pruned, out, check=not args.no_check, batch=args.batch, precision=args.precision)
     took = time.perf_counter() - start
     kind = {".onnx": "ONNX opset 18, standard ops", ".pt2": "torch.export program",
             ".plan": f"TensorRT engine, {args.precision}"}[out.suffix.lower()]
-    dynamic = "dynamic batch and prompt length" if isinstance(pruned, VlmModule) else "dynamic batch"
+    dynamic = "dynamic batch and prompt length" if isinstance(pruned, VlmModule) else \
+        "the decode step, dynamic batch and cache length" if decoder else "dynamic batch"
     print(f"wrote {out} in {took:.1f} s: {kind}, {dynamic}")
     if result:
         flips = f", {result.tie_flips} near-tie decision(s) resolved differently" if result.tie_flips else ""
@@ -150,6 +154,7 @@ def cmd_passes(args) -> int:
 
 def cmd_inspect(args) -> int:
     import tpc
+    from tpc.decode import DecodeReport
     from tpc.compiled import recipe
 
     kwargs = _compile_kwargs(args)
@@ -157,6 +162,10 @@ def cmd_inspect(args) -> int:
         # (a VLM would otherwise be pruned with the default topk-cls, or refused for a tower without [CLS])
         kwargs.pop("method", None)
     report = tpc.inspect(args.model, **kwargs)
+    if isinstance(report, DecodeReport):
+        print(f"{_describe_model(args)}: {report.summary()}")
+        print(report.table())
+        return 0
     print(f"{_describe_model(args)}: {len(report.sites)} attention layers"
           + (f"; {recipe(report)}" if report.layers else ""))
     print(report.table())
@@ -198,7 +207,8 @@ def cmd_bench(args) -> int:
 
     result = run_bench(args.model, method=args.method, layers=args.layers, keep=args.keep, backend=args.backend,
                        batches=args.batch, threads=args.threads, warmup=args.warmup, iters=args.iters,
-                       repeats=args.repeats, load_kwargs=_load_kwargs(args), compile_kwargs=_prune_kwargs(args))
+                       repeats=args.repeats, load_kwargs=_load_kwargs(args), compile_kwargs=_prune_kwargs(args),
+                       contexts=args.context)
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.table())
     return 0
 
@@ -263,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed runs of each model first")
     p.add_argument("--iters", type=int, default=10, help="timed runs per model per repeat")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats (their spread shows the noise)")
+    p.add_argument("--context", default="2048", help="decode-time methods (tidal): cached positions, e.g. 2048,8192")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_bench)
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tpc import models
+from tpc import decode, models
 from tpc.backends import BACKENDS, check_backend
 from tpc.errors import TpcError
 from tpc.timing import BenchResult, BenchRow, inserted_share, machine_name, time_pair, torch_inserted_share
@@ -28,7 +28,8 @@ def parse_batches(text) -> list[int]:
 
 
 def run_bench(model_id, method="topk-cls", layers=None, keep=None, backend=None, batches="1,8",
-              threads=None, warmup=3, iters=10, repeats=5, load_kwargs=None, compile_kwargs=None) -> BenchResult | VlmBenchResult:
+              threads=None, warmup=3, iters=10, repeats=5, load_kwargs=None, compile_kwargs=None,
+              contexts="2048") -> BenchResult | VlmBenchResult:
     """Latency of the pruned model against the unpruned one, side by side, per batch size.
 
     ``backend``: onnxruntime (the default for encoders), torch or tensorrt. A vision-language
@@ -54,6 +55,8 @@ def run_bench(model_id, method="topk-cls", layers=None, keep=None, backend=None,
         raise TpcError(f"--threads {threads}: give at least 1 (or leave it out for all cores)")
     threads = threads or os.cpu_count() or 1
     loaded = models.load(str(model_id), **(load_kwargs or {}))
+    if method in decode.METHODS:
+        return _bench_decoder(loaded, method, layers, keep, backend, sizes, contexts, threads, warmup, iters, repeats)
     if is_vlm(loaded.module):
         return _bench_vlm(loaded, method, layers, keep, backend, sizes, threads, warmup, iters, repeats,
                           compile_kwargs)
@@ -108,3 +111,20 @@ def _bench_vlm(loaded, method, layers, keep, backend, sizes, threads, warmup, it
     pruned = tpc.compile(loaded.module, loaded.example_inputs, method=method, layers=layers, keep=keep,
                          **(compile_kwargs or {}))
     return bench_vlm(pruned, loaded.example_inputs, loaded.name, sizes, threads, warmup, iters, repeats)
+
+
+def _bench_decoder(loaded, method, layers, keep, backend, sizes, contexts, threads, warmup, iters, repeats):
+    """A decode-time method: one decode step, dense vs sparse vs the ideal (tpc.decode.bench)."""
+    from tpc.decode.bench import bench_decode
+
+    if backend not in (None, "torch"):
+        raise TpcError(f"tpc bench measures a decode step in torch: --backend {backend} is for encoders; drop it or "
+                       "pass --backend torch")
+    try:
+        lengths = [int(v) for v in str(contexts).split(",") if v.strip()]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 1:
+        raise TpcError(f"--context takes cached positions such as 2048,8192, not {contexts!r}")
+    module = decode.compile_decoder(loaded.module, method=method, layers=layers, keep=keep)
+    return bench_decode(module, sizes, lengths, warmup, iters, repeats, threads)

@@ -6,7 +6,7 @@ torch.export and rewritten so that sparse layers read only selected cache positi
 
 from tpc.decode.capture import capture_step, decoder_spec
 from tpc.decode.compile import compile_decoder
-from tpc.decode.module import DecodeModule, DecodeReport
-from tpc.decode.plan import METHODS
+from tpc.decode.module import DecodeModule, DecodeReport, describe
+from tpc.decode.plan import METHODS, check_settings, make_plan
 
-__all__ = ["METHODS", "DecodeModule", "DecodeReport", "capture_step", "compile_decoder", "decoder_spec"]
+__all__ = ["METHODS", "DecodeModule", "DecodeReport", "capture_step", "compile_decoder", "decoder_spec", "make_plan", "check_settings", "describe"]

@@ -86,6 +86,12 @@ class DecodeModule(nn.Module):
         model = self._model[0]
         return DecodeModule(self._program.module(), model, describe(model, None), self._program)
 
+    def save(self, path, check: bool = True):
+        """Write the rewritten decode step as a ``.pt2`` program, checked before it is renamed into place."""
+        from tpc.decode.export import save_step
+
+        return save_step(self, path, check)
+
     def forward(self, input_ids, attention_mask=None) -> torch.Tensor:
         """Logits of the prompt's last token [B, vocab] (the stock model's prefill)."""
         return self.prefill(input_ids, attention_mask)[0]

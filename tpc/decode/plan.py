@@ -42,9 +42,17 @@ def default_layers(layers: int) -> list[int]:
     return sorted({min(2, layers - 1), layers // 2}) if layers > 1 else [0]
 
 
-def make_plan(method: str, layers: int, selection=None, keep=None) -> Plan:
+def check_settings(method: str, selection=None, keep=None) -> None:
+    """Refuse a malformed method, layer list or budget (before any model is loaded)."""
     if method not in METHODS:
         raise TpcError(f"method {method!r} is not a decode-time method: choose one of {', '.join(METHODS)}")
+    if selection is not None:
+        parse_layers(selection)
+    _count(keep)
+
+
+def make_plan(method: str, layers: int, selection=None, keep=None) -> Plan:
+    check_settings(method, selection, keep)
     chosen = default_layers(layers) if selection is None else sorted(parse_layers(selection))
     for layer in chosen:
         if layer >= layers:

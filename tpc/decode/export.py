@@ -1,0 +1,51 @@
+"""The rewritten decode step as a ``.pt2`` program (symbolic batch and cache length).
+
+Re-exported from the rewritten graph, written to a temporary file, read back and checked
+against the graph on a batch of two and on one example, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from tpc.decode.capture import MAX_BATCH, MAX_CACHE, decoder_spec, example_step
+from tpc.errors import TpcError, refusal_or_bug
+from tpc.exports.atomic import atomic_output, check_output_path
+from tpc.exports.checks import CheckResult, check_artifact
+from tpc.pt2 import load_program, program_bytes
+
+
+def save_step(module, path, check: bool = True) -> CheckResult | None:
+    path = Path(path)
+    if path.suffix.lower() != ".pt2":
+        raise TpcError(f"the decode step of a decoder language model is written as .pt2; {path.suffix or 'no suffix'} "
+                       "is not supported for it (its ONNX export is not implemented)")
+    check_output_path(path)
+    model = module._model[0]
+    example = example_step(model, batch=2, length=12)
+    batch, cache = torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("cache", min=1, max=MAX_CACHE)
+    dynamic = ({0: batch}, {0: batch}, {0: batch, 1: cache + 1}, [{0: batch, 2: cache}] * (2 * decoder_spec(model)[0]))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.export.export(module.gm, example, dynamic_shapes=dynamic)
+        except Exception as err:  # one line for the user; tpc's own bugs are reported as such
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise refusal_or_bug(err, f"torch.export could not capture the rewritten decode step: {first}") from err
+    data = program_bytes(program)
+    with atomic_output(path, len(data)) as tmp:
+        tmp.write_bytes(data)
+        if not check:
+            return None
+        loaded = load_program(tmp, written_by_tpc=True).module()
+
+        def run(inputs):
+            with torch.no_grad():
+                return list(loaded(*inputs)), None
+
+        one = (example[0][:1], example[1][:1], example[2][:1], [p[:1] for p in example[3]])
+        with torch.no_grad():
+            return check_artifact(module.gm, run, [one, example], "the written program")
