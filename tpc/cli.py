@@ -1,4 +1,4 @@
-"""The ``tpc`` command line: compile, passes, inspect, tune (and the measuring commands)."""
+"""The ``tpc`` command line: compile, passes, inspect, tune, export, serve (and the measuring commands)."""
 
 from __future__ import annotations
 
@@ -238,6 +238,28 @@ def cmd_visualize(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from tpc.serving.repository import signature, write_repository
+
+    folder = write_repository(args.artifact, args.triton_repo, args.name, backend=args.backend, max_batch=args.max_batch)
+    sig = signature(folder / "1" / "model.onnx")
+    print(f"wrote {folder}: config.pbtxt and 1/{'model.onnx, 1/model.py' if args.backend == 'python' else 'model.onnx'}"
+          f" ({args.backend} backend, max batch {args.max_batch}, dynamic batching)")
+    print(f"inputs {_tensors(sig.inputs)} -> outputs {_tensors(sig.outputs)}")
+    return 0
+
+
+def _tensors(tensors) -> str:
+    return ", ".join(f"{t.name} {t.dtype.removeprefix('TYPE_')} [-1, {', '.join(map(str, t.dims))}]" for t in tensors)
+
+
+def cmd_serve(args) -> int:
+    from tpc.commands.serve import serve
+
+    return serve(args.artifact, name=args.name, http_port=args.port, grpc_port=args.grpc_port,
+                 metrics_port=args.metrics_port, max_batch=args.max_batch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpc", description="tpc: token pruning compiler for transformers")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what every pass changed")
@@ -328,6 +350,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", default=None, help="show a progress bar even when not on a terminal")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a Triton Inference Server model repository for an ONNX artifact")
+    p.add_argument("artifact", help="the .onnx artifact (as tpc compile writes it)")
+    p.add_argument("--triton-repo", required=True, metavar="DIR", help="the model repository folder (created if new)")
+    p.add_argument("--name", help="the model's name in the repository (default: the artifact's file name)")
+    p.add_argument("--max-batch", type=int, default=32, help="largest batch the dynamic batcher forms (default 32)")
+    p.add_argument("--backend", choices=("onnxruntime", "python"), default="onnxruntime",
+                   help="onnxruntime (default: a full Triton installation or container) or python (ONNX Runtime in "
+                   "Triton's Python backend, as tpc serve runs it)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="serve an ONNX artifact on the Triton server bundled by nvidia-pytriton")
+    p.add_argument("artifact", help="the .onnx artifact (as tpc compile writes it)")
+    p.add_argument("--name", help="the model's name in the URLs (default: the artifact's file name)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
+    p.add_argument("--max-batch", type=int, default=32, help="largest batch the dynamic batcher forms (default 32)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
