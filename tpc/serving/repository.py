@@ -114,10 +114,13 @@ def write_repository(artifact: str | Path, repo: str | Path, name: str | None = 
     sig = signature(artifact)
     if repo.exists() and not repo.is_dir():
         raise TpcError(f"--triton-repo {str(repo)!r} is a file: give a folder (new or a model repository)")
+    if not repo.parent.is_dir():
+        raise TpcError(f"the folder {str(repo.parent)!r} that --triton-repo names does not exist: create it first")
     target = repo / name
     if target.exists():
         raise TpcError(f"{str(target)!r} already exists: remove it, or give another --name or --triton-repo")
-    repo.mkdir(parents=True, exist_ok=True)
+    created = not repo.exists()
+    repo.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=repo))
     try:
         (tmp / "1").mkdir()
@@ -129,5 +132,7 @@ def write_repository(artifact: str | Path, repo: str | Path, name: str | None = 
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            shutil.rmtree(repo, ignore_errors=True)
         raise
     return target

@@ -14,6 +14,7 @@ and its stub processes (one process group).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -24,11 +25,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tpc.errors import TpcError
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
 INSTALL = 'tpc serve needs the Triton server bundled by nvidia-pytriton: pip install "tpc[serve]"'
 
 
@@ -70,6 +72,12 @@ def _backends(root: Path, into: Path) -> Path:
     return into / "backends"
 
 
+def _end_with_parent() -> None:
+    """In the server's process, before exec: SIGTERM it when the thread that started it dies, so a
+    killed ``tpc serve`` (SIGKILL, which it cannot catch) leaves no server behind."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @dataclass
 class Server:
     """A running ``tritonserver``: its ports, process, the log file, and the folder it owns."""
@@ -81,7 +89,6 @@ class Server:
     workdir: Path
     log: Path
     shm_prefix: str
-    models: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -140,7 +147,7 @@ def start(repo: Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port
                    "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0"]
         with open(log, "wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=server_env(), start_new_session=True)
+                                       env=server_env(), start_new_session=True, preexec_fn=_end_with_parent)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
