@@ -34,10 +34,9 @@ from tritonclient.grpc import model_config_pb2  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 import tpc  # noqa: E402
-from models import image_inputs, tiny_timm_vit  # noqa: E402
+from models import image_inputs  # noqa: E402
 from test_dynamic_length import batch as token_batch  # noqa: E402
 from test_dynamic_length import encoder  # noqa: E402
-from tpc.cli import main  # noqa: E402
 from tpc.serving import server as triton  # noqa: E402
 from tpc.serving.repository import TRITON_DTYPES, write_repository  # noqa: E402
 
@@ -51,13 +50,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory) -> dict[str, Path]:
-    """The pruned tiny ViT and the pruned tiny BERT (any length) as ONNX artifacts."""
-    folder = tmp_path_factory.mktemp("artifacts")
-    vit = tpc.compile(tiny_timm_vit(), image_inputs(2), method="topk-cls", layers=[1], keep=0.5)
+def artifacts(exported, tmp_path_factory) -> dict[str, Path]:
+    """The pruned tiny ViT (the suite's shared artifact) and a pruned tiny BERT (any length) as ONNX files."""
     bert = tpc.compile(encoder(), token_batch([16, 11], 16), method="topk-cls", layers=[0, 1], keep=0.5)
-    paths = {"vit": folder / "vit.onnx", "bert": folder / "bert.onnx"}
-    tpc.export(vit, paths["vit"])
+    paths = {"vit": exported("timm_vit", "topk-cls")[1], "bert": tmp_path_factory.mktemp("artifacts") / "bert.onnx"}
     tpc.export(bert, paths["bert"])
     return paths
 
@@ -229,26 +225,26 @@ def test_the_server_loads_the_config_as_written(served, artifacts):
         _check_against_artifact(config, path)
 
 
-def test_export_cli_writes_a_repository_and_refuses_to_overwrite(artifacts, tmp_path, capsys):
+def test_export_cli_writes_a_repository_and_refuses_to_overwrite(artifacts, tmp_path, cli):
     repo = tmp_path / "models"
-    assert main(["export", str(artifacts["vit"]), "--triton-repo", str(repo), "--name", "deit"]) == 0
-    assert "wrote" in capsys.readouterr().out
+    done = cli("export", artifacts["vit"], "--triton-repo", repo, "--name", "deit")
+    assert done.returncode == 0 and done.stdout.startswith(f"wrote {repo / 'deit'}")
     before = (repo / "deit" / "config.pbtxt").read_text()
-    assert main(["export", str(artifacts["bert"]), "--triton-repo", str(repo), "--name", "deit"]) == 1
-    assert "already exists" in capsys.readouterr().err
+    done = cli("export", artifacts["bert"], "--triton-repo", repo, "--name", "deit")
+    assert done.returncode == 1 and "already exists" in done.stderr
     assert (repo / "deit" / "config.pbtxt").read_text() == before
     not_onnx = tmp_path / "model.pt2"
     not_onnx.write_bytes(b"")
-    assert main(["export", str(not_onnx), "--triton-repo", str(repo)]) == 1
-    assert "not an ONNX artifact" in capsys.readouterr().err
-    assert sorted(p.name for p in repo.iterdir()) == ["deit"]
+    done = cli("export", not_onnx, "--triton-repo", tmp_path / "new")
+    assert done.returncode == 1 and "not an ONNX artifact" in done.stderr
+    assert sorted(p.name for p in repo.iterdir()) == ["deit"] and not (tmp_path / "new").exists()
 
 
-def test_serve_without_the_extra_says_what_to_install(artifacts, monkeypatch, capsys):
+def test_serve_without_the_extra_says_what_to_install(artifacts, monkeypatch, cli):
     monkeypatch.setitem(sys.modules, "pytriton", None)  # as if nvidia-pytriton were not installed
-    assert main(["serve", str(artifacts["vit"])]) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and 'pip install "tpc[serve]"' in err
+    done = cli("serve", artifacts["vit"])
+    assert done.returncode == 1
+    assert len(done.stderr.strip().splitlines()) == 1 and 'pip install "tpc[serve]"' in done.stderr
 
 
 def _descendants(pid: int) -> set[int]:
@@ -273,7 +269,7 @@ def test_tpc_serve_answers_plain_http_json_and_stops_leaving_nothing(stop, artif
     it exits 0, and its server, stub processes, temporary folder and shared memory are gone."""
     port = free_port()
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "tpc", "serve", str(artifacts["vit"]), "--port", str(port),
+    command = [sys.executable, "-m", "tpc", "serve", str(artifacts["vit"]), "--name", "vit", "--port", str(port),
                "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

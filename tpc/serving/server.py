@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tpc.errors import TpcError
 
+EXIT_TIMEOUT_S = 10  # on SIGTERM the server waits this long for requests in flight, then exits
 PR_SET_PDEATHSIG = 1  # prctl(2)
 INSTALL = 'tpc serve needs the Triton server bundled by nvidia-pytriton: pip install "tpc[serve]"'
 
@@ -106,9 +107,9 @@ class Server:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         return ""
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to the server (it unloads its models and ends their stubs), SIGKILL to its process
-        group after ``timeout``; then the temporary folder goes."""
+    def stop(self, timeout: float = EXIT_TIMEOUT_S + 20) -> None:
+        """SIGTERM to the server (it finishes the requests in flight, unloads its models and ends
+        their stubs), SIGKILL to its process group after ``timeout``; then the temporary folder goes."""
         try:
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)
@@ -144,7 +145,8 @@ def start(repo: Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port
                    f"--metrics-port={metrics_port}", "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
                    "--metrics-address=127.0.0.1",
                    f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
-                   "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0"]
+                   f"--exit-timeout-secs={EXIT_TIMEOUT_S}", "--exit-on-error=true", "--strict-readiness=true",
+                   "--log-verbose=0"]
         with open(log, "wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=server_env(), start_new_session=True, preexec_fn=_end_with_parent)
