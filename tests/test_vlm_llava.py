@@ -158,6 +158,44 @@ def test_a_vlm_artifact_suffix_is_refused_with_its_own_reason(llava, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llava"]
 
 
+def test_generate_without_a_mask_infers_it_from_the_pad_token_as_hf(llava):
+    """A left-padded batch and no attention_mask: generate() masks the pad tokens, as model.generate() does."""
+    model, inputs, program = llava
+    assert model.generation_config.pad_token_id == PAD and bool((inputs["input_ids"] == PAD).any())
+    pruned = prune(model, program, inputs, method="fastv", layers=0, keep=1.0)
+    unmasked = {"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"]}
+    with torch.no_grad():
+        expected = model.generate(**unmasked, max_new_tokens=4)
+    assert torch.equal(pruned.generate(**unmasked, max_new_tokens=4), expected)
+    assert torch.equal(expected, model.generate(**inputs, max_new_tokens=4))
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda x: {**x, "input_ids": x["input_ids"][:0], "attention_mask": x["attention_mask"][:0],
+                "pixel_values": x["pixel_values"][:0]}, r"input_ids of shape \(0, 24\) hold no prompt"),
+    (lambda x: {**x, "input_ids": x["input_ids"][0]}, r"input_ids must be \[batch, tokens\], got \(24,\)"),
+    (lambda x: {**x, "attention_mask": x["attention_mask"][:, 1:]}, r"attention_mask \(2, 23\) does not match"),
+    (lambda x: {**x, "attention_mask": x["attention_mask"] * 7}, "values other than 0 and 1"),
+    (lambda x: {**x, "attention_mask": torch.zeros_like(x["attention_mask"])}, "example 0 of the batch is all padding"),
+    (lambda x: {**x, "max_new_tokens": 0}, "generate\\(\\): `max_new_tokens` must be greater than 0"),
+])
+def test_generate_refuses_bad_prompts_in_one_line(llava, change, message):
+    model, inputs, program = llava
+    pruned = prune(model, program, inputs, method="fastv", layers=0, keep=0.5)
+    with pytest.raises(TpcError, match=message) as err:
+        pruned.generate(**{"max_new_tokens": 2, **change(inputs)})
+    assert "\n" not in str(err.value)
+
+
+def test_generate_takes_a_bool_or_float_mask_as_hf(llava):
+    model, inputs, program = llava
+    pruned = prune(model, program, inputs, method="fastv", layers=0, keep=0.5)
+    want = pruned.generate(**inputs, max_new_tokens=3)
+    for dtype in (torch.bool, torch.float32):
+        got = pruned.generate(**{**inputs, "attention_mask": inputs["attention_mask"].to(dtype)}, max_new_tokens=3)
+        assert torch.equal(got, want)
+
+
 def test_keeps_travel_with_their_layers_given_out_of_order(llava):
     """`--layers 1,0 --keep 0.25,0.5`: layer 0 keeps half of the 16 visual tokens, layer 1 a quarter of those."""
     model, inputs, program = llava

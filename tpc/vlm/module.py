@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from tpc.errors import TpcError
 from tpc.vlm.family import Family, language_model
+from tpc.vlm.inputs import checked_mask
 
 if TYPE_CHECKING:  # transformers is an optional dependency: `import tpc` must work without it
     from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
@@ -66,8 +67,7 @@ class VlmModule(nn.Module):
         if unknown:
             raise TpcError(f"{type(self._model[0]).__name__} takes no input {unknown[0]!r}: it reads input_ids, "
                            f"pixel_values, attention_mask{''.join(', ' + n for n in self.family.INPUTS)}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        attention_mask = checked_mask(input_ids, attention_mask)
         args, visual = self.family.graph_args({"input_ids": input_ids, "pixel_values": pixel_values,
                                                "attention_mask": attention_mask, **image_inputs})
         if visual != self.visual:
@@ -143,10 +143,14 @@ class VlmModule(nn.Module):
         from transformers import GenerationConfig
 
         image_inputs = {k: generation_kwargs.pop(k) for k in self.family.INPUTS if k in generation_kwargs}
-        config = GenerationConfig(**{**self.generation_config.to_dict(), **generation_kwargs,
-                                     **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),
-                                     **({"do_sample": do_sample} if do_sample is not None else {})})
+        try:
+            config = GenerationConfig(**{**self.generation_config.to_dict(), **generation_kwargs,
+                                         **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),
+                                         **({"do_sample": do_sample} if do_sample is not None else {})})
+        except ValueError as err:  # transformers' own check of the settings, e.g. max_new_tokens=0
+            raise TpcError(f"generate(): {str(err).strip().splitlines()[0]}") from None
         _refuse_unsupported(config, generation_kwargs)
+        attention_mask = checked_mask(input_ids, attention_mask, config.pad_token_id, config.eos_token_id)
         if pixel_values is None:
             return self._text_only(input_ids, attention_mask, config)
         _refuse_right_padding(attention_mask)
