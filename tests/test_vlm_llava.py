@@ -196,6 +196,17 @@ def test_generate_takes_a_bool_or_float_mask_as_hf(llava):
         assert torch.equal(got, want)
 
 
+def test_inspect_of_a_pruned_vlm_program_says_it_is_pruned(llava, tmp_path, capsys):
+    import tpc
+    from tpc.cli import main
+
+    model, inputs, program = llava
+    tpc.export(prune(model, program, inputs, method="fastv", layers=0, keep=0.5), tmp_path / "vlm.pt2", check=False)
+    assert "vlm.pt2 was already pruned by tpc" in tpc.inspect(str(tmp_path / "vlm.pt2")).summary()
+    assert main(["inspect", str(tmp_path / "vlm.pt2")]) == 0
+    assert "note: vlm.pt2 was already pruned by tpc: the table shows the pruned program's" in capsys.readouterr().out
+
+
 def test_keeps_travel_with_their_layers_given_out_of_order(llava):
     """`--layers 1,0 --keep 0.25,0.5`: layer 0 keeps half of the 16 visual tokens, layer 1 a quarter of those."""
     model, inputs, program = llava

@@ -378,9 +378,12 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
         sites = analyze(gm, name)
         prefix, source = _prefix_of(gm, sites)
         flops = count_flops(gm).total
+        notes = [f"{name} was already pruned by tpc: the table shows the pruned program's layers, not the original "
+                 "model's (inspect the original model with --layers/--keep to see the pruning)"] \
+            if models.is_pruned(module) else []
         return CompileReport(model=name, method=None, layers=[], keep=[], prefix=prefix, prefix_source=source,
                              insert_after=compile_kwargs.get("after", "attention"), sites=_layer_infos(sites, {}, sizes=example_sizes(gm)),
-                             flops_before=flops, flops_after=flops)
+                             flops_before=flops, flops_after=flops, notes=notes)
     return compile(model, example_inputs, **compile_kwargs).report
 
 

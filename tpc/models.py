@@ -197,11 +197,16 @@ def _check_recompilable(ep: torch.export.ExportedProgram, path: Path) -> None:
                        "args, dynamic_shapes=... with Dim.DYNAMIC on dim 0)) or give tpc the module itself")
 
 
+def is_pruned(module: nn.Module) -> bool:
+    """Whether ``module`` is a program tpc pruned (a .pt2 it wrote): its graph holds ``tpc::`` nodes."""
+    graph = getattr(module, "graph", None)
+    return isinstance(graph, torch.fx.Graph) and any(getattr(n.target, "namespace", None) == "tpc" for n in graph.nodes)
+
+
 def refuse_pruned(module: nn.Module, name: str) -> None:
     """Pruning a program tpc already pruned (a .pt2 it wrote) is refused: its ``tpc::`` nodes are
     not inputs tpc's passes take; the original model with the combined schedule is the way."""
-    graph = getattr(module, "graph", None)
-    if isinstance(graph, torch.fx.Graph) and any(getattr(n.target, "namespace", None) == "tpc" for n in graph.nodes):
+    if is_pruned(module):
         raise TpcError(f"{name} was already pruned by tpc: compile the original model with the combined schedule "
                        "(--layers/--keep over all layers) instead")
 
