@@ -97,9 +97,11 @@ def test_flops_of_a_linear_and_an_attention():
 # The scoring MACs each method adds on the tiny timm ViT (17 tokens, 2 heads of 16) pruned after
 # layer 1: topk-cls reads one [CLS] row of q·kᵀ, topk-mass takes its column sums from the layer's
 # own fused attention, zero-tprune's recomputed q·kᵀ is not counted (see tpc/flops.py), and the
-# rest select or merge without multiply-adds.
+# rest select or merge without multiply-adds but tome, whose one selection op (the matching) scores
+# the 9 even tokens' keys against the 8 odd ones' (head-mean, 16 wide).
 SCORING_MACS = {"topk-cls": 2 * 17 * 16, "zero-tprune": 0, "topk-mass": 0, "kcenter": 0,
                 "divprune": 0, "tome": 0, "random": 0}
+SELECTION_MACS = {"tome": 9 * 8 * 16}
 
 
 def _vit_macs(tokens_attention: list[int], tokens_mlp: list[int], dim=32, heads=2, hidden=64, classes=5) -> int:
@@ -120,6 +122,8 @@ def test_flops_split_by_role(method):
     pm = tpc.compile(factory(), inputs(2), method=method, layers=[1], keep=12)
     flops = count_flops(pm.graph_module)
     model = _vit_macs([17, 17, 13, 13], [17, 13, 13, 13])
-    assert flops.by_role == {Role.MODEL: model, Role.SCORING: SCORING_MACS[method], Role.SELECTION: 0, Role.GATHER: 0}
-    assert pm.report.flops_scoring == SCORING_MACS[method]
-    assert pm.report.flops_after == model + SCORING_MACS[method]
+    selection = SELECTION_MACS.get(method, 0)
+    assert flops.by_role == {Role.MODEL: model, Role.SCORING: SCORING_MACS[method], Role.SELECTION: selection,
+                             Role.GATHER: 0}
+    assert pm.report.flops_scoring == SCORING_MACS[method] + selection
+    assert pm.report.flops_after == model + SCORING_MACS[method] + selection

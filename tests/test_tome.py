@@ -106,3 +106,15 @@ def test_a_schedule_on_named_layers_spans_those_layers():
 def test_other_methods_still_need_layers():
     with pytest.raises(tpc.TpcError, match="no pruning layers given"):
         tpc.compile(tiny_timm_vit(), image_inputs(2), method="topk-cls", keep=0.5)
+
+
+def test_the_bipartite_matching_is_counted_as_scoring_flops():
+    """ToMe's scores are the A·Bᵀ cosine similarities of the head-mean keys: ceil(N/2)·floor(N/2)·d
+    multiply-adds per merging layer at batch 1 (d the head width: 99·98·64 ≈ 0.62 M on DeiT-T), not 0."""
+    pruned = tpc.compile(tiny_timm_vit(), image_inputs(), method="tome", layers=[0, 2], r=2)
+    vit = tiny_timm_vit()
+    width = vit.embed_dim // vit.blocks[0].attn.num_heads
+    tokens = [s.tokens for s in pruned.report.sites if s.r]
+    assert tokens == [17, 15]
+    assert pruned.report.flops_scoring == sum(((n + 1) // 2) * (n // 2) * width for n in tokens)
+    assert tpc.compile(tiny_timm_vit(), image_inputs(), method="tome", layers=[0], r=0).report.flops_scoring == 0

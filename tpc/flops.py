@@ -7,10 +7,11 @@ attention (SDPA, or ``tpc::sparse_attention`` where topk-mass fused it). Each no
 to the role a pass gave it (:class:`tpc.passes.compaction.Role`): the model's own nodes and
 rewritten model computation (ToMe's proportional attention, the fused SDPA) are model
 compute; scoring, selection and gathers are the pruning overhead. Of the ``tpc::`` scorers
-only ``cls_attention`` and the VLM's ``last_token_attention`` (FastV's one query row, counted
-in tpc/vlm/ops.py) have a MAC count; ``attention_probs`` (zero-tprune's q·kᵀ beside an
-SDPA) and the graph methods' scorers (PageRank, greedy selections, matching) are not counted
-here — their cost is measured as run time instead (``tpc bench``'s "inserted" share).
+only ``cls_attention``, ToMe's ``bipartite_match`` (the cosine similarity of every set-A key
+to every set-B key) and the VLM's ``last_token_attention`` (FastV's one query row, counted in
+tpc/vlm/ops.py) have a MAC count; ``attention_probs`` (zero-tprune's q·kᵀ beside an SDPA) and
+the other graph methods' scorers (PageRank, greedy selections) are not counted here — their
+cost is measured as run time instead (``tpc bench``'s "inserted" share).
 """
 
 from __future__ import annotations
@@ -113,8 +114,18 @@ def sparse_attention_macs(node: fx.Node, sizes: dict | None = None) -> int:
     return math.prod(q[:-1]) * keys * 2 * q[-1]
 
 
+def bipartite_match_macs(node: fx.Node, sizes: dict | None = None) -> int:
+    """ToMe's scores (Bolya et al., ICLR 2023, Sec. 3): set A (even tokens) · set Bᵀ (odd tokens) of
+    the normalized keys, [B, ceil(N/2), C] x [B, C, floor(N/2)]; r = 0 matches nothing."""
+    if node.args[1] == 0:
+        return 0
+    b, n, c = _concrete(val(node.args[0]), sizes)
+    return b * ((n + 1) // 2) * (n // 2) * c
+
+
 # MAC counts of the tpc:: ops that compute (gathers and selections move memory only).
 TPC_OP_MACS = {
     torch.ops.tpc.cls_attention: cls_attention_macs,
     torch.ops.tpc.sparse_attention: sparse_attention_macs,
+    torch.ops.tpc.bipartite_match: bipartite_match_macs,
 }
