@@ -234,3 +234,11 @@ def test_cli_bad_settings_give_one_line_and_no_file(tmp_path, capsys, args, word
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading weights" not in line]
     assert len(err) == 1 and words in err[0]
     assert not out.exists()
+
+
+def test_passes_lists_tidal_where_it_applies(capsys):
+    from tpc.cli import main
+
+    assert main(["passes"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("tidal"))
+    assert "decoder LMs, decode step" in line

