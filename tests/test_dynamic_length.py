@@ -115,9 +115,18 @@ def test_seq_len_fixes_the_length_and_images_stay_fixed():
         tpc.compile(tiny_vit(), image_inputs(2), layers=[1], keep=0.5, seq_len=24)
 
 
+def test_zero_tprune_by_default_runs_at_a_dynamic_length_and_its_s_stage_at_a_fixed_one():
+    """similarity='auto': the paper's S-stage (0.5) where the length is fixed, importance alone where it is not."""
+    def stages(pm):
+        return sum(n.target is torch.ops.tpc.similarity_keep.default for n in pm.graph_module.graph.nodes)
+
+    assert stages(tpc.compile(encoder(), EXAMPLE, method="zero-tprune", layers=[1], keep=0.5)) == 0
+    assert stages(tpc.compile(encoder(), EXAMPLE, method="zero-tprune", layers=[1], keep=0.5, seq_len=16)) == 1
+
+
 def test_fixed_length_only_options_are_refused_clearly():
     with pytest.raises(tpc.TpcError, match="similarity stage.*needs a fixed sequence length.*--seq-len N"):
-        tpc.compile(encoder(), EXAMPLE, method="zero-tprune", layers=[1], keep=0.5)
+        tpc.compile(encoder(), EXAMPLE, method="zero-tprune", layers=[1], keep=0.5, options={"similarity": 0.5})
     with pytest.raises(tpc.TpcError, match="tome .its merge count. needs a fixed sequence length"):
         tpc.compile(encoder().encoder, EXAMPLE[:1], method="tome", layers=[1], keep=0.5)  # no mask: tome would run
     with pytest.raises(tpc.TpcError, match="--r removes a fixed number of tokens.*--seq-len N"):

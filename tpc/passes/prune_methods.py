@@ -197,7 +197,10 @@ def build_topk_mass(b: Builder, ctx: PruneContext) -> MethodOutput:
 def build_zero_tprune(b: Builder, ctx: PruneContext) -> MethodOutput:
     o = ctx.options
     site = ctx.site
-    if float(o["similarity"]) > 0:
+    similarity = o["similarity"]
+    if similarity == "auto":  # the paper's 0.5 where the S-stage can run: at a fixed length
+        similarity = 0.0 if dynamic_length(ctx) else 0.5
+    if float(similarity) > 0:
         _fixed_length_only(ctx, "zero-tprune's similarity stage (option similarity > 0; similarity=0 works at any length)")
     if site.probs is not None and len(val(site.probs).shape) == 4:
         probs = site.probs
@@ -206,7 +209,7 @@ def build_zero_tprune(b: Builder, ctx: PruneContext) -> MethodOutput:
         probs = b.op(tpc_ops.attention_probs.default, q, k, site.scale, keep_mask(b, site), role=Role.SCORING)
     iterations = auto_iterations(ctx.layer, ctx.depth) if o["iterations"] == "auto" else int(o["iterations"])
     importance = b.op(tpc_ops.weighted_pagerank.default, probs, iterations, float(o["v_min"]), float(o["v_max"]), None, role=Role.SCORING)
-    drop = 0 if dynamic_length(ctx) else s_stage_drop_count(ctx.tokens, ctx.prefix, ctx.kept, float(o["similarity"]))
+    drop = 0 if dynamic_length(ctx) else s_stage_drop_count(ctx.tokens, ctx.prefix, ctx.kept, float(similarity))
     if drop > 0:
         keep = b.op(tpc_ops.similarity_keep.default, importance, mean_keys(b, site), drop, ctx.prefix, str(o["partition"]), role=Role.SCORING)
         importance = b.op(tpc_ops.weighted_pagerank.default, probs, iterations, float(o["v_min"]), float(o["v_max"]), keep, role=Role.SCORING)
@@ -268,7 +271,8 @@ def check_zero_tprune(o: dict) -> None:
         raise TpcError(f"option iterations must be 'auto' or an integer >= 0, not {it!r}")
     _number("v_min", o["v_min"], 0.0, float("inf"))
     _number("v_max", o["v_max"], o["v_min"], float("inf"))
-    _number("similarity", o["similarity"], 0.0, 1.0)
+    if o["similarity"] != "auto":
+        _number("similarity", o["similarity"], 0.0, 1.0)
     if o["partition"] not in ("sequential", "alternate"):
         raise TpcError(f"option partition must be 'sequential' or 'alternate', not {o['partition']!r}")
 
@@ -306,7 +310,7 @@ METHODS: dict[str, PruneMethod] = {
         PruneMethod("zero-tprune", "Zero-TPrune (Wang, Dedhia, Jha, CVPR 2024, arXiv 2305.17328)",
                     "Weighted PageRank importance over the attention graph (VHF, EIR), I' -> S -> I stages",
                     build_zero_tprune,
-                    {"iterations": "auto", "v_min": 0.01, "v_max": 0.7, "similarity": 0.5, "partition": "sequential"},
+                    {"iterations": "auto", "v_min": 0.01, "v_max": 0.7, "similarity": "auto", "partition": "sequential"},
                     check_zero_tprune),
         PruneMethod("kcenter", "ToDRE (greedy k-center token diversity)",
                     "greedy k-center (farthest point) selection on token features, prefix tokens as first centers",
