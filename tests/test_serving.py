@@ -15,7 +15,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +26,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 
 pytest.importorskip("pytriton", reason='needs the Triton server of the serve extra: pip install -e ".[serve]"')
 import tritonclient.grpc as grpcclient  # noqa: E402
@@ -64,8 +65,18 @@ def served(artifacts, tmp_path_factory):
     for name, path in artifacts.items():
         write_repository(path, repo, name, backend="python", max_batch=8)
     running = triton.start(repo, free_port(), free_port(), free_port())
+    running.http_clients = []
     yield running
+    for client in running.http_clients:
+        client.close()  # an open keep-alive connection holds the server's exit until its timeout
     running.stop()
+
+
+def http_client(served):
+    """An HTTP client of the module's server, closed before the server stops."""
+    client = httpclient.InferenceServerClient(f"localhost:{served.http_port}")
+    served.http_clients.append(client)
+    return client
 
 
 class Direct:
@@ -98,7 +109,7 @@ def bert_tokens(reals: list[int], length: int, seed: int) -> tuple[np.ndarray, n
 
 
 def test_outputs_through_the_server_equal_onnxruntime_at_batch_1(served, artifacts):
-    client = httpclient.InferenceServerClient(f"localhost:{served.http_port}")
+    client = http_client(served)
     vit = Direct(artifacts["vit"])
     x = vit_images(1, seed=3)
     np.testing.assert_allclose(infer(client, httpclient, "vit", vit, x), vit(x), rtol=0, atol=1e-5)
@@ -134,13 +145,13 @@ def test_dynamic_batching_with_concurrent_clients_keeps_every_output(served, art
 
 def _executions(served) -> dict[str, tuple[int, int]]:
     """Per model: (requests answered, model executions) from the server's statistics."""
-    stats = httpclient.InferenceServerClient(f"localhost:{served.http_port}").get_inference_statistics()
+    stats = http_client(served).get_inference_statistics()
     return {m["name"]: (int(m["inference_stats"]["success"]["count"]), int(m["execution_count"]))
             for m in stats["model_stats"]}
 
 
 def test_malformed_requests_get_errors_and_the_server_goes_on(served, artifacts):
-    client = httpclient.InferenceServerClient(f"localhost:{served.http_port}")
+    client = http_client(served)
     vit, bert = Direct(artifacts["vit"]), Direct(artifacts["bert"])
     x = vit_images(1, seed=5)
     ids, mask = bert_tokens([6], 8, seed=1)
@@ -172,7 +183,7 @@ def test_a_bad_request_batched_with_good_ones_fails_alone(served, artifacts):
     jobs[3] = (jobs[3][0] + 1000, jobs[3][1])
 
     def call(arrays):
-        client = httpclient.InferenceServerClient(f"localhost:{served.http_port}")
+        client = http_client(served)
         try:
             return infer(client, httpclient, "bert", bert, *arrays)
         except InferenceServerException as err:
@@ -245,6 +256,17 @@ def test_serve_without_the_extra_says_what_to_install(artifacts, monkeypatch, cl
     done = cli("serve", artifacts["vit"])
     assert done.returncode == 1
     assert len(done.stderr.strip().splitlines()) == 1 and 'pip install "tpc[serve]"' in done.stderr
+
+
+def test_serve_on_a_busy_port_says_which_and_starts_nothing(artifacts, tmp_path, monkeypatch, cli):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where tpc serve makes its folder
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = cli("serve", artifacts["vit"], "--grpc-port", port)
+    assert done.returncode == 1 and done.stderr.startswith(f"tpc: error: --grpc-port {port}: cannot listen")
+    assert list(tmp_path.iterdir()) == []
 
 
 def _descendants(pid: int) -> set[int]:

@@ -8,6 +8,7 @@ server and its stub processes and removes that folder.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -26,13 +27,10 @@ def curl_example(sig: Signature, name: str, port: int) -> str:
     for t in sig.inputs:
         shape = [1] + [8 if d == -1 else d for d in t.dims]
         zero = "0.0" if "FP" in t.dtype or "BF" in t.dtype else ("False" if t.dtype == "TYPE_BOOL" else "0")
-        count = 1
-        for d in shape:
-            count *= d
         inputs.append(f'{{"name":"{t.name}","shape":{json.dumps(shape)},"datatype":"{t.dtype.removeprefix("TYPE_")}",'
-                      f'"data":[{zero}]*{count}}}')
+                      f'"data":[{zero}]*{math.prod(shape)}}}')
     body = f'import json;print(json.dumps({{"inputs":[{",".join(inputs)}]}}))'
-    return f"python -c '{body}' | curl -s -d @- http://localhost:{port}/v2/models/{name}/infer"
+    return f"python3 -c '{body}' | curl -s -d @- http://localhost:{port}/v2/models/{name}/infer"
 
 
 def serve(artifact: str, name: str | None = None, http_port: int = 8000, grpc_port: int = 8001,

@@ -18,6 +18,7 @@ import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -135,6 +136,12 @@ def start(repo: Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port
     and is removed by ``Server.stop``.
     """
     root = bundled_server()
+    for flag, port in (("--port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError as err:
+                raise TpcError(f"{flag} {port}: cannot listen there ({err.strerror}); choose another port") from None
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="tpc-serve-"))
     shm_prefix = f"tpc{os.getpid()}x{http_port}_"
     log = workdir / "tritonserver.log"
