@@ -42,6 +42,12 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+def pytest_runtest_teardown(item):
+    """A test that sets torch's threads (tpc bench does, for all cores) leaves its worker at one."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
 @pytest.fixture
 def update_golden(request) -> bool:
     return request.config.getoption("--update-golden")

@@ -1,4 +1,5 @@
-"""The command line end to end, through a subprocess, and its one-line errors."""
+"""The command line end to end, through `python -m tpc` (a subprocess) and, where a case needs no
+fresh Python, through tpc.cli.main in the test process (the cli fixture); and its one-line errors."""
 
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ def test_compile_writes_a_checked_onnx_file(tmp_path):
     assert onnx.load(out).graph.node
 
 
-def test_compile_pt2_and_inspect_it(tmp_path):
+def test_compile_pt2_and_inspect_it(cli, tmp_path):
     out = tmp_path / "tiny.pt2"
-    assert tpc("compile", "models:cli_tiny_vit", "--pass", "random", "--layers", "0", "--keep", "4", "-o", out).returncode == 0
-    r = tpc("inspect", out)
+    assert cli("compile", "models:cli_tiny_vit", "--pass", "random", "--layers", "0", "--keep", "4", "-o", out).returncode == 0
+    r = cli("inspect", out)
     assert r.returncode == 0, r.stderr
     assert "4 attention layers" in r.stdout
 
@@ -44,15 +45,15 @@ def test_deit_small_end_to_end(tmp_path):
     assert "34.8% fewer" in r.stdout  # the report compile prints is inspect's (tests/test_cli.py's tiny models run inspect)
 
 
-def test_inspect_tome_merges_every_layer_with_tome_s_schedule():
-    r = tpc("inspect", "models:cli_tiny_vit", "--pass", "tome", "--r", "(4,-1)")
+def test_inspect_tome_merges_every_layer_with_tome_s_schedule(cli):
+    r = cli("inspect", "models:cli_tiny_vit", "--pass", "tome", "--r", "(4,-1)")
     assert r.returncode == 0, r.stderr
     assert "tome r=8,5,2,0 after layers 0-3" in r.stdout, r.stdout  # ToMe's parse_r(4, (4, -1))
     assert "tome: 17 -> 9" in r.stdout and "(r 5 clamped to 4)" in r.stdout, r.stdout
 
 
-def test_passes_lists_methods_with_papers():
-    r = tpc("passes")
+def test_passes_lists_methods_with_papers(cli):
+    r = cli("passes")
     assert r.returncode == 0 and "topk-cls" in r.stdout and "EViT" in r.stdout and "random" in r.stdout
 
 
@@ -69,24 +70,24 @@ def test_passes_lists_methods_with_papers():
     (["resnet18", "--random-weights", "--layers", "1"], "no attention layers"),
     (["deit_tiny_patch16_224", "--layers", "1"], "--random-weights"),
 ])
-def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, args, words):
+def test_bad_input_gives_one_line_and_writes_nothing(cli, tmp_path, args, words):
     out = tmp_path / "out.onnx"
-    r = tpc("compile", *args, "-o", out)
+    r = cli("compile", *args, "-o", out)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tpc: error: ") and words in lines[0], r.stderr
     assert list(tmp_path.iterdir()) == []
 
 
-def test_missing_output_directory(tmp_path):
-    r = tpc("compile", "models:cli_tiny_vit", "--layers", "1", "-o", tmp_path / "nope" / "m.onnx")
+def test_missing_output_directory(cli, tmp_path):
+    r = cli("compile", "models:cli_tiny_vit", "--layers", "1", "-o", tmp_path / "nope" / "m.onnx")
     assert r.returncode != 0 and "does not exist" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_existing_output_is_not_clobbered_on_failure(tmp_path):
+def test_existing_output_is_not_clobbered_on_failure(cli, tmp_path):
     out = tmp_path / "model.onnx"
     out.write_text("keep me")
-    r = tpc("compile", "models:cli_tiny_vit", "--layers", "9", "-o", out)
+    r = cli("compile", "models:cli_tiny_vit", "--layers", "9", "-o", out)
     assert r.returncode != 0 and out.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
@@ -105,14 +106,14 @@ def test_output_onto_the_model_file_is_refused_before_any_work(tmp_path, capsys)
     assert model.read_bytes() == b"the user's exported model"
 
 
-def test_plan_without_tensorrt_or_gpu_names_what_is_missing(tmp_path):
+def test_plan_without_tensorrt_or_gpu_names_what_is_missing(cli, tmp_path):
     import importlib.util
 
     import torch
 
     if importlib.util.find_spec("tensorrt") and torch.cuda.is_available():
         pytest.skip("TensorRT and a GPU are here: nothing is missing")
-    r = tpc("compile", "models:cli_tiny_vit", "--layers", "1", "-o", tmp_path / "engine.plan")
+    r = cli("compile", "models:cli_tiny_vit", "--layers", "1", "-o", tmp_path / "engine.plan")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and ("TensorRT is not installed" in lines[0] or "no CUDA GPU" in lines[0])
     assert "pip install" in lines[0] or "GPU" in lines[0]

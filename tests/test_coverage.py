@@ -19,6 +19,8 @@ from tpc.passes.compaction import is_rewritten
 from models import sharpen
 from reference import eager_cait, eager_data2vec, eager_eva, eager_levit, eager_llama, eager_t5_encoder
 
+pytestmark = pytest.mark.slow  # real architectures' position schemes: the full run; test_token_axis_rules covers the rules on every edit
+
 
 def _images(batch, seed, size=32):
     return (torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)),)

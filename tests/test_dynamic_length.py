@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import tpc
 from families import MeanPooledEncoder
+from lanes import first_fast
 from models import sharpen
 from reference import ratio_kept
 from specs import DYNAMIC_LENGTH_OPTIONS, SELECTING
@@ -23,6 +24,8 @@ from tpc.capture import length_range
 from tpc.exports.checks import run_graph
 from tpc.exports.onnx import check_onnx, to_onnx
 from tpc.exports.tensorrt_compat import DYNAMIC_LENGTH, tensorrt_problems
+
+pytestmark = pytest.mark.usefixtures("reuse_captures")
 
 MAX_LENGTH = 128
 MASK_METHODS = {m: DYNAMIC_LENGTH_OPTIONS.get(m) for m in SELECTING}
@@ -57,7 +60,7 @@ def compiled(method: str, keep=0.5):
     return tpc.compile(encoder(), EXAMPLE, method=method, layers=[0, 1], keep=keep, options=MASK_METHODS[method])
 
 
-@pytest.mark.parametrize("method", list(MASK_METHODS))
+@pytest.mark.parametrize("method", first_fast(MASK_METHODS))
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_any_length_and_padding_pattern_keeps_ceil_ratio_and_real_tokens_first(method, data):
@@ -133,7 +136,7 @@ def test_fixed_length_only_options_are_refused_clearly():
         tpc.compile(encoder(), EXAMPLE, method="topk-cls", layers=[1], r=2)
 
 
-@pytest.mark.parametrize("method", ["topk-cls", "divprune"])
+@pytest.mark.parametrize("method", first_fast(["topk-cls", "divprune"]))
 def test_onnx_and_pt2_take_any_batch_and_length(method, tmp_path):
     pm = compiled(method)
     model = to_onnx(pm.graph_module, EXAMPLE)

@@ -11,10 +11,13 @@ from torch.utils import _pytree as pytree
 
 import tpc
 from families import FAMILIES, MeanPooledEncoder, hf_bert, text_inputs
+from lanes import first_fast
 from specs import DYNAMIC_LENGTH_OPTIONS, SELECTING
 from tpc.exports.checks import run_graph
 from tpc.graph.printing import format_rewrites
 from tpc.passes import compactions
+
+pytestmark = pytest.mark.usefixtures("reuse_captures")
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -23,7 +26,7 @@ def leaves(out):
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", first_fast(FAMILIES))
 def test_family_keep_one_prune_and_onnx(name, tmp_path, update_golden):
     factory, inputs, prefix = FAMILIES[name]
     model = factory()
@@ -44,7 +47,7 @@ def test_family_keep_one_prune_and_onnx(name, tmp_path, update_golden):
     assert path.exists() and text == path.read_text(), f"{path.name} changed: review, then pytest --update-golden"
 
 
-@pytest.mark.parametrize("method", SELECTING)
+@pytest.mark.parametrize("method", first_fast(SELECTING))
 def test_bert_padding_never_outranks_real_tokens_and_mask_is_gathered(method):
     model = hf_bert()
     ids, mask = text_inputs(4, seed=3)
@@ -60,7 +63,7 @@ def test_bert_padding_never_outranks_real_tokens_and_mask_is_gathered(method):
     assert pm.report.pruned_outputs == [0]  # last_hidden_state holds the kept tokens; the pooler stays right
 
 
-@pytest.mark.parametrize("method", SELECTING)
+@pytest.mark.parametrize("method", first_fast(SELECTING))
 def test_mask_aware_mean_pooling_stays_a_mean_over_kept_real_tokens(method):
     model = MeanPooledEncoder(hf_bert()).eval()
     ids, mask = text_inputs(3, seed=6)

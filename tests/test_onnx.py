@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import tpc
+from lanes import first_fast
 from models import TEST_MODELS, tiny_timm_vit
 from specs import SPECS, parse_spec
 from tpc.exports.checks import run_graph
@@ -18,14 +19,12 @@ from tpc.exports.onnx import decision_names, with_decision_outputs
 STANDARD_DOMAINS = {"", "ai.onnx"}
 
 
-@pytest.mark.parametrize("name", list(TEST_MODELS))
+@pytest.mark.parametrize("name", first_fast(TEST_MODELS))
 @pytest.mark.parametrize("spec", SPECS)
-def test_onnx_runtime_parity_at_batch_1_and_5(tmp_path, name, spec):
-    factory, inputs, depth, _ = TEST_MODELS[name]
-    method, options = parse_spec(spec)
-    pm = tpc.compile(factory(), inputs(2), method=method, layers=[0, depth - 1], keep=[0.6, 0.5], options=options)
-    path = tmp_path / "m.onnx"
-    result = tpc.export(pm, path)
+def test_onnx_runtime_parity_at_batch_1_and_5(exported, name, spec):
+    _, inputs, _, _ = TEST_MODELS[name]
+    method, _ = parse_spec(spec)
+    pm, path, result = exported(name, spec)  # compiled at layers 0 and depth-1, keep 0.6 and 0.5
     assert result.batches == (1, 2)
 
     model = onnx.load(path)

@@ -24,6 +24,8 @@ from models import sharpen
 from reference import ratio_kept, select_slow
 from tpc.methods import baseline
 
+pytestmark = pytest.mark.usefixtures("reuse_captures")  # the keep=1.0 twin reuses its pruned sibling's capture
+
 FEATURES = 6
 
 
@@ -148,6 +150,7 @@ DRAWS = settings(max_examples=80, deadline=None, derandomize=True, database=None
                  suppress_health_check=[HealthCheck.too_slow])
 
 
+@pytest.mark.slow  # 80 drawn models, each captured: test_pipeline's fast cases cover the pipeline on every edit
 def test_pipeline_is_right_or_refuses():
     outcomes: Counter = Counter()
 

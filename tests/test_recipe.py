@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tpc
+from lanes import first_fast
 from models import TEST_MODELS, tiny_timm_vit
 from reference import eager_timm_vit
 from test_golden import GOLDEN, _check_text
@@ -17,6 +18,8 @@ from tpc.exports.checks import run_graph
 from tpc.exports.onnx import with_decision_outputs
 from tpc.graph.printing import format_rewrites
 from tpc.recipe import Recipe, Step, load_recipe
+
+pytestmark = pytest.mark.usefixtures("reuse_captures")
 
 # (recipe steps, the eager reference's schedule and per-layer methods) on the 17-token tiny timm ViT
 MIXED_VS_EAGER = {
@@ -30,7 +33,7 @@ MIXED_VS_EAGER = {
 }
 
 
-@pytest.mark.parametrize("case", list(MIXED_VS_EAGER))
+@pytest.mark.parametrize("case", first_fast(MIXED_VS_EAGER))
 def test_mixed_recipe_matches_the_eager_reference(case):
     steps, schedule, methods = MIXED_VS_EAGER[case]
     model = tiny_timm_vit()
@@ -45,7 +48,7 @@ def _mixed(depth: int) -> list[dict]:
     return [{"layer": 0, "method": "tome", "r": 3}, {"layer": depth - 1, "method": "topk-mass", "keep": 0.6}]
 
 
-@pytest.mark.parametrize("name", list(TEST_MODELS))
+@pytest.mark.parametrize("name", first_fast(TEST_MODELS))
 def test_mixed_recipe_golden_graph_and_outputs(name, update_golden):
     factory, inputs, depth, _ = TEST_MODELS[name]
     pm = tpc.compile(factory(), inputs(2), recipe=_mixed(depth))
@@ -57,7 +60,7 @@ def test_mixed_recipe_golden_graph_and_outputs(name, update_golden):
     np.testing.assert_allclose(out, np.load(path)["output"], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", list(TEST_MODELS))
+@pytest.mark.parametrize("name", first_fast(TEST_MODELS))
 def test_mixed_recipe_onnx_runtime_parity(tmp_path, name):
     factory, inputs, depth, _ = TEST_MODELS[name]
     pm = tpc.compile(factory(), inputs(2), recipe=_mixed(depth))

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import tpc
+from lanes import first_fast
 from models import TEST_MODELS
 from tpc.exports import check_batches
 from tpc.exports.onnx import check_onnx, with_plugin_references
@@ -27,14 +28,14 @@ def _plugin_nodes(model):
     return [n for n in model.graph.node if n.domain == PLUGIN_DOMAIN]
 
 
-@pytest.mark.parametrize("name", list(TEST_MODELS))
+@pytest.mark.parametrize("name", first_fast(TEST_MODELS))
 # The plugin ops are gather_tokens (every method) and sparse_attention (topk-mass): one method per kind of
 # selection (scores + top-k, graph scores, greedy, fused attention) keeps the run short; every method's
 # engine ONNX passes the parser check in test_tensorrt_compat.py.
 @pytest.mark.parametrize("method", ["topk-cls", "zero-tprune", "kcenter", "topk-mass"])
-def test_engine_onnx_runs_the_plugin_graph_like_the_torch_graph(name, method):
-    factory, inputs, depth, _ = TEST_MODELS[name]
-    pm = tpc.compile(factory(), inputs(2), method=method, layers=[0, depth - 1], keep=[0.6, 0.5])
+def test_engine_onnx_runs_the_plugin_graph_like_the_torch_graph(compiled, name, method):
+    _, inputs, _, _ = TEST_MODELS[name]
+    pm = compiled(name, method)  # at layers 0 and depth-1, keep 0.6 and 0.5
     model = engine_onnx(pm.graph_module, inputs(2))
     plugins = _plugin_nodes(model)
     kinds = [n.op_type for n in plugins]
@@ -96,9 +97,9 @@ def test_a_plugin_node_without_its_namespace_is_refused():
 aot = pytest.importorskip("tpc.kernels.aot")
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("index_dtype", ["i32", "i64"])
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", first_fast(["fp32", "fp16", "bf16"]))
+@pytest.mark.parametrize("index_dtype", first_fast(["i32", "i64"]))
+@pytest.mark.parametrize("arch", first_fast([80, 90]))
 def test_gather_kernel_compiles_to_ptx_with_tensorrts_argument_layout(dtype, index_dtype, arch):
     kernel = aot.gather_ptx(dtype, index_dtype, 512, arch)
     kinds = [p.split()[1] for p in kernel.params]
@@ -116,8 +117,8 @@ def test_trimming_refuses_parameters_the_body_reads():
         aot.trim_params(ptx, "k", 1)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("head_dim", [32, 64, 80])
+@pytest.mark.parametrize("dtype", first_fast(["fp32", "fp16", "bf16"]))
+@pytest.mark.parametrize("head_dim", first_fast([32, 64, 80]))
 def test_sparse_attention_kernel_compiles_to_ptx_with_tensorrts_argument_layout(dtype, head_dim):
     kernel = aot.sparse_attention_ptx(dtype, "i64", head_dim ** -0.5, head_dim, 90)
     kinds = [p.split()[1] for p in kernel.params]

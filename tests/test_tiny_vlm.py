@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import train_tiny_vlm as tiny  # noqa: E402
 from benchmarks.cifar_vit import DATA, WEIGHTS  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the trained CIFAR ViT as a VLM tower: the full run
+
 SHARED = WEIGHTS.exists() and DATA.exists()
 needs_shared = pytest.mark.skipif(not SHARED, reason=f"the shared CIFAR ViT and images are not at {WEIGHTS.parent}")
 

@@ -14,6 +14,8 @@ from reference import R, eager_timm_vit, tome_merge_slow
 from tpc.methods import tome
 from tpc.schedule import parse_removals
 
+pytestmark = pytest.mark.usefixtures("reuse_captures")
+
 G = torch.Generator().manual_seed(15)
 
 

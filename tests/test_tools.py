@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +21,6 @@ MODEL = "models:cli_tiny_vit"
 @pytest.fixture(autouse=True)
 def _in_tests_dir(monkeypatch):
     monkeypatch.chdir(TESTS)
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "tpc", *map(str, args)], cwd=TESTS, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture
@@ -59,14 +53,14 @@ def test_the_speedup_lies_within_its_spread():
     assert t.base.median_ms == 4000 and t.pruned.median_ms == 2000 and (t.repeats, t.iters) == (3, 3)
 
 
-def test_bench_cli_json():
+def test_bench_cli_json(cli):
     r = cli("bench", MODEL, "--layers", "1", "--keep", "0.5", "--batch", "2", "--iters", "2", "--repeats", "2", "--json")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert data["rows"][0]["batch"] == 2 and "of_limit" in data["rows"][0]
 
 
-def test_bench_threads_0_is_refused_in_one_line():
+def test_bench_threads_0_is_refused_in_one_line(cli):
     r = cli("bench", MODEL, "--layers", "1", "--threads", "0")  # once taken silently as "all cores"
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "--threads 0" in r.stderr
 
@@ -82,7 +76,7 @@ def test_eval_sweep_table_and_plot(npz, tmp_path):
     assert Image.open(plot).format == "PNG"
 
 
-def test_eval_cli_onnxruntime_json(npz):
+def test_eval_cli_onnxruntime_json(cli, npz):
     r = cli("eval", MODEL, "--data", npz, "--layers", "1", "--keep", "0.5", "--mean", "0.5,0.5,0.5", "--std",
             "0.5,0.5,0.5", "--backend", "onnxruntime", "--limit", "16", "--json")
     assert r.returncode == 0, r.stderr
@@ -119,7 +113,7 @@ def test_visualize_greys_the_dropped_patches(tmp_path):
     (["bench", MODEL, "--layers", "1", "--backend", "tensorrt"], "TensorRT is not installed"),
     (["eval", MODEL, "--data", "{wrongsize}", "--layers", "1", "--backend", "tpu"], "unknown backend"),
 ])
-def test_bad_input_one_line(tmp_path, args, words):
+def test_bad_input_one_line(cli, tmp_path, args, words):
     np.savez(tmp_path / "noimages.npz", labels=np.zeros(3))
     np.savez(tmp_path / "wrongsize.npz", images=np.zeros((3, 16, 16, 3), dtype=np.uint8))
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "small.png")

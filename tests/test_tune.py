@@ -72,6 +72,7 @@ def test_recipe_found_written_read_back_and_reproduced(tmp_path):
     assert [s.as_dict() for s in load_recipe(out).steps] == saved["steps"]
 
 
+@pytest.mark.slow
 def test_labels_make_top1_the_default_and_the_cli_writes_table_and_plot(tmp_path, capsys):
     from tpc.cli import main
 
@@ -92,6 +93,7 @@ def test_labels_make_top1_the_default_and_the_cli_writes_table_and_plot(tmp_path
     assert abs(top1 - saved["measured"]["tuning"]["pruned"]) < 1e-9
 
 
+@pytest.mark.slow
 def test_text_encoder_tunes_on_token_arrays_with_cosine_by_default(tmp_path):
     ids, mask = text_inputs(24, seed=3)
     data = tmp_path / "text.npz"
@@ -113,6 +115,7 @@ def test_text_encoder_tunes_on_token_arrays_with_cosine_by_default(tmp_path):
         assert torch.equal(result.best.module(ids, mask), pm(ids, mask))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("ids", "words"), [
     (lambda ids: ids + 0.5, "not whole numbers"),  # once cut to ints without a word
     (lambda ids: np.where(ids == ids[0, 0], np.nan, ids), "not whole numbers"),  # once an internal error
@@ -134,6 +137,7 @@ def test_one_example_is_refused_in_one_singular_line(tmp_path):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_no_recipe_within_the_bound_says_so_with_the_tightest_bound(tmp_path):
     result = run_tune("models:cli_tiny_vit", _images(tmp_path / "d.npz", n=24, labels=True), max_drop=0.0, time_budget=1,
                       methods="topk-cls", mean=MEAN, std=STD, check_split=0, output=tmp_path / "r.json")
@@ -143,6 +147,7 @@ def test_no_recipe_within_the_bound_says_so_with_the_tightest_bound(tmp_path):
     assert "no recipe met the budget: the tightest bound was" in table and "--confidence" in table
 
 
+@pytest.mark.slow
 def test_ctrl_c_writes_the_best_so_far(tmp_path, monkeypatch):
     from tpc.tune import engine
 
@@ -299,6 +304,7 @@ def wide_tiny_vit():
     return tiny_timm_vit(img_size=64, patch_size=4, embed_dim=64, depth=1), (torch.randn(2, 3, 64, 64),)
 
 
+@pytest.mark.slow
 def test_latency_target_times_recipes_in_onnx_runtime_beside_the_unpruned_model(tmp_path, monkeypatch):
     """The timing is real (ONNX Runtime at --batch, interleaved with the unpruned model); which recipe runs
     faster on a busy machine is not fixed, so what is checked holds either way: every rung ran faster than
@@ -402,6 +408,7 @@ def test_a_check_drop_beyond_the_budget_is_warned_about(check_drop, warned):
         assert "on the check part the drop is 1.09 pt, beyond the budget of 0.50 pt" in lines[0]
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_the_recipes_are_timed_says_so_and_writes_nothing(tmp_path, monkeypatch, capsys):
     """Ctrl-C before any recipe was timed: no latency pick exists yet. It once printed "no recipe met the
     budget" (nothing was tested against it) and exited 1, as if the search had finished."""
@@ -427,6 +434,7 @@ def test_ctrl_c_while_the_recipes_are_timed_says_so_and_writes_nothing(tmp_path,
     assert "no recipe met the budget" not in table
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "code", "said"), [
     ("SIGINT", 130, "interrupted before any recipe was timed"), ("SIGTERM", 143, "tpc: terminated; nothing was written")])
 def test_ctrl_c_or_sigterm_that_torch_export_turns_into_an_error_still_stops_the_search(
@@ -482,6 +490,7 @@ def test_a_latency_search_interrupted_before_any_timing_says_so_not_that_no_reci
     assert "interrupted before any recipe was timed" in table and "no recipe met the budget" not in table
 
 
+@pytest.mark.slow
 def test_max_flops_picks_the_best_metric_under_the_flops_budget(tmp_path):
     result = run_tune("models:cli_tiny_vit", _images(tmp_path / "d.npz", n=24), max_flops=0.9, time_budget=1,
                       methods="tome", mean=MEAN, std=STD, check_split=0, output=tmp_path / "r.json")
@@ -503,6 +512,7 @@ def test_space_has_fine_tome_r_decreasing_schedules_and_gentle_mixes():
     assert "tome@0 r=16, tome@1 r=16, tome@2 r=16, tome@3 r=16" not in space  # 16 tokens left at layer 3: 8 merges at most
 
 
+@pytest.mark.slow
 def test_tune_reads_images_and_files_as_tpc_eval_does(tmp_path):
     """One loader: float images already in [0, 1] are not divided by 255 again, and a file that is
     not an .npz is refused in one line."""
@@ -520,6 +530,7 @@ def test_tune_reads_images_and_files_as_tpc_eval_does(tmp_path):
         load_tune_data(tmp_path / "d.txt", loaded, MEAN, STD)
 
 
+@pytest.mark.slow
 def test_recipes_the_compiler_refuses_are_counted_with_the_reason():
     """At a dynamic text length zero-tprune's similarity stage is refused: the table says why, once per method."""
     from tpc.tune.run import TuneResult
@@ -536,6 +547,7 @@ def test_recipes_the_compiler_refuses_are_counted_with_the_reason():
     assert f"refused 2 zero-tprune recipe(s): {why}\n" in table
 
 
+@pytest.mark.slow
 def test_candidates_reuse_the_shapes_before_their_first_pruned_layer():
     """The captured graph's fake values are computed once; a candidate's passes recompute only what they changed."""
     from tpc.capture import capture
@@ -567,6 +579,7 @@ def test_no_flip_seen_gets_the_standard_error_of_one_flipped_example(name, off):
         assert drop == 0.0 and se == pytest.approx(metric.drop(one_flip, base)[1]) and se == pytest.approx(off / n)
 
 
+@pytest.mark.slow
 def test_a_search_cut_by_time_reports_the_bound_its_test_used_and_the_drop_on_every_tuning_example(tmp_path, monkeypatch):
     """Time stops the search after its first candidate, scored on the first batch only: the pick's bound is
     the one the ladder tested, on those examples (recomputed on all of them, it could exceed the budget of a
@@ -618,6 +631,7 @@ def _tune_latency_with(timer, monkeypatch, tmp_path, n, model="test_tune:shallow
     return result, out
 
 
+@pytest.mark.slow
 def test_after_a_last_cut_whose_recipes_all_ran_slower_nothing_more_is_timed(tmp_path, monkeypatch):
     """16 images, two rounds: the last cut times 2 of the 5 recipes (at most 2 here, for a small test); all
     run slower than the unpruned model. The 3 it left untimed are not timed after the search (each is an
@@ -633,6 +647,7 @@ def test_after_a_last_cut_whose_recipes_all_ran_slower_nothing_more_is_timed(tmp
     assert "no recipe ran faster than the unpruned model" in result.table()
 
 
+@pytest.mark.slow
 def test_a_latency_search_past_its_time_budget_still_times_its_compared_recipes(tmp_path, monkeypatch):
     """8 images, one round that spends the whole --time: the recipes it scored are timed after it (at most
     FINALISTS, here 4, spread over FLOPs: timing is off the --time clock), and recipe.json's front has a
@@ -663,6 +678,7 @@ def test_a_latency_search_past_its_time_budget_still_times_its_compared_recipes(
     assert any(f["latency_ratio"] is None for f in saved["front"])  # an untimed recipe on the front, with its bound
 
 
+@pytest.mark.slow
 def test_the_latency_timing_is_off_the_time_budget_so_the_last_round_still_runs(tmp_path, monkeypatch):
     """On DeiT-S at batch 8 timing 11 recipes took about ten minutes: counted against a 10-minute --time it
     left the last round nothing, and the ladder was tested on half the tuning examples. Here each timing
@@ -697,6 +713,7 @@ def test_the_latency_timing_is_off_the_time_budget_so_the_last_round_still_runs(
     assert json.loads(out.read_text())["ladder"][0]["examples"] == 16
 
 
+@pytest.mark.slow
 def test_a_recipe_onnx_cannot_time_is_counted_as_refused_and_the_search_goes_on(tmp_path, monkeypatch):
     """The ONNX export can refuse a recipe the torch pipeline took: it once ended the whole search (minutes
     of it) with that one line; now that recipe is refused with the reason, as the compiler's refusals are."""
@@ -715,6 +732,7 @@ def test_a_recipe_onnx_cannot_time_is_counted_as_refused_and_the_search_goes_on(
     assert "refused 1 topk-cls recipe(s): not timed: ONNX export failed: some op" in result.table()
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_timing_picks_among_the_recipes_already_timed(tmp_path, monkeypatch):
     def interrupt_on_third(c):
         if len(timer.calls) == 3:  # the user presses Ctrl-C while the third recipe is timed

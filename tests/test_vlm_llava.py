@@ -92,6 +92,7 @@ def test_fastv_matches_eager_reference_and_shrinks_the_cache(llava):
     assert [out.cache.layers[i].keys.shape[2] for i in range(3)] == [s, s, s - VISUAL + keep]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,select", [("divprune", divprune_loop), ("kcenter", kcenter_loop), ("random", None)])
 def test_diversity_before_the_language_model(llava, method, select):
     model, inputs, program = llava
@@ -106,6 +107,7 @@ def test_diversity_before_the_language_model(llava, method, select):
     assert all(out.cache.layers[i].keys.shape[2] == kept.shape[1] for i in range(3))
 
 
+@pytest.mark.slow
 def test_pyramid_schedule_composes_stages_and_batch_equals_alone(llava):
     model, inputs, program = llava
     pruned = prune(model, program, inputs, method="random", layers=[0, 1], keep=0.5)
@@ -127,6 +129,7 @@ def test_pyramid_schedule_composes_stages_and_batch_equals_alone(llava):
 
 
 
+@pytest.mark.slow
 def test_a_prompt_of_the_image_tokens_and_nothing_more_generates_as_the_stock_model(llava):
     """Any prompt length the stock model takes: the BOS and the image tokens, or the image tokens alone."""
     model, inputs, program = llava
@@ -158,6 +161,7 @@ def test_a_vlm_artifact_suffix_is_refused_with_its_own_reason(llava, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llava"]
 
 
+@pytest.mark.slow
 def test_generate_without_a_mask_infers_it_from_the_pad_token_as_hf(llava):
     """A left-padded batch and no attention_mask: generate() masks the pad tokens, as model.generate() does."""
     model, inputs, program = llava
@@ -187,6 +191,7 @@ def test_generate_refuses_bad_prompts_in_one_line(llava, change, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_generate_takes_a_bool_or_float_mask_as_hf(llava):
     model, inputs, program = llava
     pruned = prune(model, program, inputs, method="fastv", layers=0, keep=0.5)
@@ -196,6 +201,7 @@ def test_generate_takes_a_bool_or_float_mask_as_hf(llava):
         assert torch.equal(got, want)
 
 
+@pytest.mark.slow
 def test_inspect_of_a_pruned_vlm_program_says_it_is_pruned(llava, tmp_path, capsys):
     import tpc
     from tpc.cli import main
@@ -207,6 +213,7 @@ def test_inspect_of_a_pruned_vlm_program_says_it_is_pruned(llava, tmp_path, caps
     assert "note: vlm.pt2 was already pruned by tpc: the table shows the pruned program's" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_keeps_travel_with_their_layers_given_out_of_order(llava):
     """`--layers 1,0 --keep 0.25,0.5`: layer 0 keeps half of the 16 visual tokens, layer 1 a quarter of those."""
     model, inputs, program = llava
@@ -216,6 +223,7 @@ def test_keeps_travel_with_their_layers_given_out_of_order(llava):
     assert [k.shape[1] for k in out.kept] == [24 - 8, 24 - 16]  # ToDRE's keep 0 stays with layer 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vision_layer,via", [(None, "prune"), (0, "prune"), (0, "tpc.compile")])
 def test_vtc_cls_scores_with_the_vision_towers_cls_attention(llava, vision_layer, via):
     """VTC-CLS (Zhang et al., 2024): the [CLS] query's head-mean attention over the patches at a
@@ -246,6 +254,7 @@ def test_vtc_cls_scores_with_the_vision_towers_cls_attention(llava, vision_layer
     assert all(out.cache.layers[i].keys.shape[2] == kept.shape[1] for i in range(3))
 
 
+@pytest.mark.slow
 def test_inspect_with_a_vision_layer_reports_vtc_cls_at_that_layer(llava):
     """tpc.inspect(vlm, vision_layer=i) with no method does what ``tpc inspect --vision-layer i`` does
     (topk-cls, the default method, at that layer), instead of silently describing the unpruned model."""
@@ -258,6 +267,7 @@ def test_inspect_with_a_vision_layer_reports_vtc_cls_at_that_layer(llava):
         tpc.inspect(model, inputs, vision_layer=5)
 
 
+@pytest.mark.slow
 def test_keep_zero_drops_every_visual_token_after_a_layer(llava):
     model, inputs, program = llava
     out = prune(model, program, inputs, method="fastv", layers=[0, 1], keep=[0.5, 0]).prefill(**inputs)
@@ -287,6 +297,7 @@ def test_bad_inputs_are_refused_in_one_line(llava, change, message):
             compile_vlm(model, change(inputs), method="fastv", layers=1)
 
 
+@pytest.mark.slow
 def test_half_precision_pixels_run_as_the_stock_model_casts_them(llava):
     model, inputs, program = llava
     pruned = prune(model, program, inputs, method="fastv", layers=1, keep=0.5)
@@ -345,6 +356,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "tpc", *map(str, args)], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_layer_beyond_the_language_model(tmp_path):
     tiny_llava().save_pretrained(tmp_path / "llava")
     bad = tmp_path / "bad.pt2"
@@ -354,6 +366,7 @@ def test_cli_refuses_a_layer_beyond_the_language_model(tmp_path):
     assert last == "tpc: error: layer 5 is beyond the language model's depth: it has 3 decoder layers (0-2)"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,layers", [("fastv", 1), ("divprune", None)])
 def test_golden_graph(llava, method, layers, update_golden):
     model, inputs, program = llava
@@ -373,6 +386,7 @@ def test_keep_as_text_as_the_cli_gives_it():
         stages_of(spec, VISUAL, "random", None, "half")
 
 
+@pytest.mark.slow
 def test_a_saved_vlm_is_a_vlm_whatever_method_and_layers_it_is_given(tmp_path):
     import tpc
 
@@ -393,6 +407,7 @@ def test_encoder_only_settings_are_refused_on_a_vlm_not_ignored(llava, flag):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_tpc_imports_without_the_optional_transformers():
     import subprocess
     import sys
@@ -402,6 +417,7 @@ def test_tpc_imports_without_the_optional_transformers():
     assert r.returncode == 0, r.stderr.strip().splitlines()[-1:]
 
 
+@pytest.mark.slow
 def test_commands_without_vlm_support_refuse_a_vlm_in_one_line(tmp_path):
     from tpc.commands.eval import run_eval
     from tpc.tune import run_tune
@@ -417,6 +433,7 @@ def test_commands_without_vlm_support_refuse_a_vlm_in_one_line(tmp_path):
         assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_generate_refuses_settings_it_would_ignore(llava):
     model, inputs, program = llava
     pruned = prune(model, program, inputs, method="random", keep=0.5)
@@ -428,6 +445,7 @@ def test_generate_refuses_settings_it_would_ignore(llava):
     pruned.generate(**inputs, max_new_tokens=2, num_beams=1, repetition_penalty=1.0)  # neutral values are fine
 
 
+@pytest.mark.slow
 def test_text_only_prompt_generates_as_the_stock_model(llava):
     model, inputs, program = llava
     pruned = prune(model, program, inputs, method="fastv", layers=1, keep=0.5)
@@ -444,6 +462,7 @@ def test_text_only_prompt_generates_as_the_stock_model(llava):
         assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_a_keep_beyond_the_visual_tokens_names_the_stage(llava):
     model, inputs, program = llava
     for kwargs, where in (({}, "before the language model"), ({"layers": 1}, "after decoder layer 1")):
@@ -463,6 +482,7 @@ def right_padded(inputs):
     return {"input_ids": torch.stack(ids), "attention_mask": torch.stack(mask), "pixel_values": inputs["pixel_values"]}
 
 
+@pytest.mark.slow
 def test_fastv_scores_with_the_last_real_token_under_right_padding(llava):
     model, inputs, program = llava
     pruned = prune(model, program, inputs, method="fastv", layers=1, keep=4)
@@ -498,6 +518,7 @@ def test_last_token_attention_against_a_loop():
     assert torch.allclose(torch.ops.tpc.last_token_attention(q, k, 0.5, mask, None)[1], got[1])  # last row is real
 
 
+@pytest.mark.slow
 def test_vtc_cls_on_a_siglip_tower_names_the_methods_that_work():
     from transformers import SiglipVisionConfig
 
@@ -575,6 +596,7 @@ def test_prefill_flops_are_counted_on_the_graphs(llava, kwargs, tokens, scoring)
     assert f"({report.flops_ratio:.3f}x" in report.summary() and "prefill FLOPs at batch 1" in report.summary()
 
 
+@pytest.mark.slow
 def test_vtc_cls_scoring_is_counted_once_per_image_whatever_the_prompt_length(llava):
     """VTC-CLS's [CLS] row (``tpc::cls_attention`` at the feature layer: H·(P+1)·d multiply-adds per
     image) is in the report's scoring FLOPs, as docs/vlm.md says; it runs in the vision tower, so a
@@ -588,6 +610,7 @@ def test_vtc_cls_scoring_is_counted_once_per_image_whatever_the_prompt_length(ll
     assert pruned.report.flops_after == lm_macs([12, 12, 12]) + cls_row
     assert tpc.vlm.prefill_flops(pruned.gm, 40).total == lm_macs([28, 28, 28]) + cls_row
 
+@pytest.mark.slow
 def test_vision_layer_is_refused_where_it_means_nothing(llava, tmp_path, capsys):
     """tpc.compile / tpc compile --vision-layer: one line for a non-VLM, a method that does not read
     the vision tower, a layer out of range; no file written."""
@@ -620,6 +643,7 @@ def test_vision_layer_is_refused_where_it_means_nothing(llava, tmp_path, capsys)
         capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_measures_prefill_decode_and_kv_cache_side_by_side(llava, tmp_path, capsys):
     """tpc bench on a VLM: prefill and decode-step latency, pruned against unpruned, KV-cache bytes
     and the FLOPs ratio, per batch size (and as --json); one line for a backend or a layer it cannot take."""
@@ -670,6 +694,7 @@ def test_bench_kv_bytes_decode_step_and_batches(llava):
     assert torch.equal(three["pixel_values"], inputs["pixel_values"][[0, 1, 0]])
 
 
+@pytest.mark.slow
 def test_loading_a_vlm_with_its_prompts_or_a_text_length(tmp_path, monkeypatch):
     """A module:function may return (VLM, processor outputs dict); --input-size N gives a VLM's
     example prompts N text tokens (one number, else one line)."""
@@ -689,6 +714,7 @@ def test_loading_a_vlm_with_its_prompts_or_a_text_length(tmp_path, monkeypatch):
         assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_vtc_cls_on_a_vit_tower_reads_its_cls_attention():
     """A transformers ViTModel tower (its [CLS] is ``embeddings.cls_token``, its layers
     ``vision_tower.layers.<i>``): topk-cls keeps the top-k patches of the eager [CLS] attention row."""
@@ -751,6 +777,7 @@ def assert_onnx_equals_torch(pruned, path, inputs, cut: int):
     assert got[0].shape == want[0].shape and torch.allclose(got[0][rows], want[0][rows], atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,layers,cut", [("fastv", 1, 2), ("divprune", None, 0)])
 def test_onnx_prefill_equals_torch_at_any_batch_and_length(llava, tmp_path, method, layers, cut):
     """tpc.export(pruned, "vlm.onnx"): checked against the graph (batch 1 and the left-padded batch 2)

@@ -12,6 +12,8 @@ from tpc.errors import TpcError
 from tpc.vlm import capture_prefill, compile_vlm, prune
 from vlm_reference import check_golden, divprune_loop, eager_from, expected_kept, fastv_kept, kcenter_loop, real
 
+pytestmark = pytest.mark.slow  # Qwen2-VL's own paths: the full run; test_vlm_llava's fast cases cover tpc.vlm on every edit
+
 IMAGE, PAD, START, END, VISUAL, SIDE = 63, 0, 61, 60, 16, 8  # an 8x8-patch image, 2x2 merged: 16 visual tokens
 
 

@@ -15,6 +15,8 @@ from tpc.vlm.inputs import prompt_positions
 from vlm_reference import (check_golden, divprune_loop, eager_from, expected_kept, fastv_kept, kcenter_loop,
                            real)
 
+pytestmark = pytest.mark.slow  # SmolVLM's own paths: the full run; test_vlm_llava's fast cases cover tpc.vlm on every edit
+
 IMAGE, PAD, VISUAL = 63, 0, 16  # a 32x32 image, 4x4 patches, pixel shuffle 2: 16 visual tokens
 
 
