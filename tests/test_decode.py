@@ -177,6 +177,34 @@ def test_right_padding_is_refused(captured):
         sparse.generate(ids, mask.flip(1), max_new_tokens=2)
 
 
+@pytest.mark.parametrize("call, words", [
+    (lambda ids, mask: (ids[:0], mask[:0]), "hold no prompt"),
+    (lambda ids, mask: (ids[0], None), "must be \\[batch, tokens\\]"),
+    (lambda ids, mask: (ids.float(), mask), "token ids are integers"),
+    (lambda ids, mask: (ids + 200, mask), "outside the model's vocabulary"),
+    (lambda ids, mask: (ids, mask[:, :5]), "does not match input_ids"),
+    (lambda ids, mask: (ids, mask * 7), "values other than 0 and 1"),
+    (lambda ids, mask: (ids, mask * 0), "all padding"),
+])
+def test_bad_prompts_are_refused_in_one_line(captured, call, words):
+    model, program = captured("llama")
+    sparse = compile_decoder(model, layers=[1], keep=3, program=program)
+    with pytest.raises(TpcError, match=words):
+        sparse.generate(*call(*prompts()), max_new_tokens=2)
+
+
+def test_generate_without_a_mask_masks_the_pad_tokens_as_hf(captured):
+    model, program = captured("llama")
+    sparse = compile_decoder(model, layers=[1], keep=64, program=program)
+    ids, mask = prompts()
+    ids = ids.masked_fill(mask == 0, model.config.pad_token_id)
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(sparse.generate(ids, max_new_tokens=4), expected)
+    with pytest.raises(TpcError, match="max_new_tokens"):
+        sparse.generate(ids, max_new_tokens=0)
+
+
 def test_the_decode_ops_match_loops_and_their_fakes():
     gen = torch.Generator().manual_seed(1)
     cache, index = torch.randn(2, 3, 7, 4, generator=gen), torch.randint(0, 7, (2, 3, 5), generator=gen)

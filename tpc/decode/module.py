@@ -111,15 +111,19 @@ class DecodeModule(nn.Module):
         """Prompt and new tokens, [B, S + new], as ``model.generate(**tokenizer_outputs)`` returns them."""
         from transformers import GenerationConfig
 
+        from tpc.vlm.inputs import checked_mask
         from tpc.vlm.module import _refuse_right_padding, _refuse_unsupported, _warpers
 
-        config = GenerationConfig(**{**self.generation_config.to_dict(), **generation_kwargs,
-                                     **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),
-                                     **({"do_sample": do_sample} if do_sample is not None else {})})
+        try:
+            config = GenerationConfig(**{**self.generation_config.to_dict(), **generation_kwargs,
+                                         **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),
+                                         **({"do_sample": do_sample} if do_sample is not None else {})})
+        except ValueError as err:  # transformers' own check of the settings, e.g. max_new_tokens=0
+            raise TpcError(f"generate(): {str(err).strip().splitlines()[0]}") from None
         _refuse_unsupported(config, generation_kwargs)
+        attention_mask = checked_mask(input_ids, attention_mask, config.pad_token_id, config.eos_token_id)
+        _refuse_outside_vocabulary(input_ids, self._model[0].config.vocab_size)
         _refuse_right_padding(attention_mask)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         eos = config.eos_token_id
         eos = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), dtype=torch.long)
         pad = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
@@ -148,6 +152,16 @@ class DecodeModule(nn.Module):
             kv.append(out[1:])
             logits = out[0].float()
         return torch.cat(tokens, 1)
+
+
+def _refuse_outside_vocabulary(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Token ids are integers in [0, vocab_size): anything else would fail deep in the embedding."""
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TpcError(f"input_ids are {input_ids.dtype}: token ids are integers (the tokenizer's input_ids)")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise TpcError(f"input_ids hold token id {low if low < 0 else high}, outside the model's vocabulary "
+                       f"(0-{vocab_size - 1}): use the tokenizer that belongs to this model")
 
 
 class KVBuffer:

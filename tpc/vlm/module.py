@@ -250,13 +250,13 @@ def _refuse_unsupported(config: GenerationConfig, given: dict) -> None:
     """One line for a generation setting ``generate`` would otherwise ignore (from the call or the model's config)."""
     unknown = sorted(k for k in given if k not in _SUPPORTED and k not in _NEUTRAL)
     if unknown:
-        raise TpcError(f"generate() of a pruned VLM has no option {unknown[0]!r}: it takes "
+        raise TpcError(f"generate() of a pruned model has no option {unknown[0]!r}: it takes "
                        f"{', '.join(sorted(_SUPPORTED))}")
     for name, neutral in _NEUTRAL.items():
         value = getattr(config, name, None)
         if value is not None and value != neutral:
             where = "given" if name in given else "set in the model's generation_config"
-            raise TpcError(f"generate() of a pruned VLM does greedy or sampled decoding with temperature/top-k/top-p "
+            raise TpcError(f"generate() of a pruned model does greedy or sampled decoding with temperature/top-k/top-p "
                            f"only; {name}={value!r} ({where}) is not implemented: pass {name}={neutral!r}")
 
 
