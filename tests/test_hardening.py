@@ -99,6 +99,7 @@ def test_a_pt2_with_a_fixed_batch_or_already_pruned_is_refused_with_what_to_do(t
 HALF = (torch.float16, torch.bfloat16)
 
 
+@pytest.mark.usefixtures("reuse_captures")  # one capture of the tiny ViT for every method
 @pytest.mark.parametrize("method", sorted(tpc.passes.METHODS))
 def test_every_method_runs_cast_to_half_precision(method):
     """A pruned module cast with .to(fp16/bf16) runs in that dtype and stays near the fp32 output."""
