@@ -245,6 +245,24 @@ def test_cli_compiles_a_checked_decode_step_and_inspects_it(tmp_path, capsys):
     torch.testing.assert_close(logits, expected.float(), atol=1e-5, rtol=1e-5)
     assert main(["inspect", str(directory), "--pass", "tidal", "--layers", "2", "--keep", "3"]) == 0
     assert "    3  sparse            4" in capsys.readouterr().out
+    for args in (["inspect", str(out)], ["compile", str(out), "--pass", "tidal", "-o", str(tmp_path / "again.pt2")]):
+        assert main(args) == 1
+        assert "is a decode step tpc wrote" in capsys.readouterr().err
+
+
+def test_a_decode_step_is_not_inspected_as_a_prompt_model(captured):
+    import tpc
+
+    model, program = captured("llama")
+    sparse = compile_decoder(model, layers=[1], keep=3, program=program)
+    token, position, valid, past = _random_step(model)
+    with pytest.raises(TpcError, match="is a decode step tpc wrote"):
+        tpc.inspect(sparse.gm, (token, position, valid.long(), [t for kv in past for t in kv]))
+
+
+def test_cli_refuses_a_decode_step_suffix_before_loading(cli, tmp_path):
+    result = cli("compile", tmp_path / "no-such-model", "--pass", "tidal", "-o", tmp_path / "dec.onnx")
+    assert result.returncode == 1 and "is written as .pt2; .onnx is not supported" in result.stderr
 
 
 @pytest.mark.parametrize("args, words", [

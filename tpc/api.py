@@ -222,7 +222,9 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
                            "restore, options, seq_len, after, vision_layer and backends other than torch are for "
                            "encoders and VLMs)")
         decode.check_settings(method, layers, keep)  # malformed settings fail before the model loads
-        module = _resolve(model, example_inputs, seed, **load_kwargs)[0]
+        module, _, name = _resolve(model, example_inputs, seed, **load_kwargs)
+        decode.refuse_decode_step(module, name)
+        models.refuse_pruned(module, name)
         return decode.compile_decoder(module, method=method, layers=layers, keep=keep)
     if recipe is not None and (layers is not None or keep is not None or r is not None or options):
         raise TpcError("give either a recipe or method/layers/keep/r/options, not both")
@@ -355,7 +357,9 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
         settings = {k: v for k, v in compile_kwargs.items() if k not in ("method", "layers", "keep")}
         load_kwargs = {k: settings.pop(k) for k in LOAD_KEYWORDS if k in settings}
         decode.check_settings(compile_kwargs["method"], compile_kwargs.get("layers"), compile_kwargs.get("keep"))
-        module = _resolve(model, example_inputs, settings.pop("seed", 0), **load_kwargs)[0]
+        module, _, name = _resolve(model, example_inputs, settings.pop("seed", 0), **load_kwargs)
+        decode.refuse_decode_step(module, name)
+        models.refuse_pruned(module, name)
         layers = decode.decoder_spec(module)[0]
         return decode.describe(module, decode.make_plan(compile_kwargs["method"], layers, compile_kwargs.get("layers"),
                                                         compile_kwargs.get("keep")))
@@ -374,6 +378,7 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
             return vlm.describe(module, inputs)
         if compile_kwargs.get("vision_layer") is not None:
             refuse_vision_layer(name)
+        decode.refuse_decode_step(module, name)
         gm = capture(module, inputs)
         sites = analyze(gm, name)
         prefix, source = _prefix_of(gm, sites)

@@ -105,7 +105,9 @@ def _describe_model(args) -> str:
 def cmd_compile(args) -> int:
     import tpc
     from tpc.compiled import recipe
+    from tpc import decode
     from tpc.decode import DecodeModule
+    from tpc.decode.export import check_step_suffix
     from tpc.exports import check_target
     from tpc.vlm import VlmModule
     from tpc.vlm.family import names_a_vlm
@@ -114,6 +116,8 @@ def cmd_compile(args) -> int:
     if out.suffix.lower() == ".plan" and names_a_vlm(args.model):
         raise TpcError(f"{args.model} is a vision-language model: TensorRT engines are written for encoders only; "
                        "write its pruned prefill as .pt2 or .onnx")
+    if args.method in decode.METHODS:
+        check_step_suffix(out)
     check_target(out, args.batch, args.precision)
     for flag, given in (("the model", args.model), ("--weights", args.weights)):
         if given and os.path.exists(given) and os.path.realpath(out) == os.path.realpath(given):

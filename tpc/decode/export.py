@@ -18,11 +18,17 @@ from tpc.exports.checks import CheckResult, check_artifact
 from tpc.pt2 import load_program, program_bytes
 
 
-def save_step(module, path, check: bool = True) -> CheckResult | None:
+def check_step_suffix(path) -> None:
+    """The decode step is written as .pt2 only: anything else is refused (before any capture, in the CLI)."""
     path = Path(path)
     if path.suffix.lower() != ".pt2":
         raise TpcError(f"the decode step of a decoder language model is written as .pt2; {path.suffix or 'no suffix'} "
                        "is not supported for it (its ONNX export is not implemented)")
+
+
+def save_step(module, path, check: bool = True) -> CheckResult | None:
+    path = Path(path)
+    check_step_suffix(path)
     check_output_path(path)
     model = module._model[0]
     example = example_step(model, batch=2, length=12)

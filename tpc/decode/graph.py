@@ -82,3 +82,15 @@ def step_symbols(gm: fx.GraphModule) -> dict[str, str]:
     past = [n for n in gm.graph.nodes if n.op == "placeholder"][3]
     shape = val(past).shape
     return {str(shape[0].node.expr): "B", str(shape[2].node.expr): "L"}
+
+
+def refuse_decode_step(module, name: str) -> None:
+    """A decode step tpc wrote (a .pt2 of ``--pass tidal``) takes a KV cache, not a prompt:
+    it is run by its own caller, and inspected or compiled from the model it came from."""
+    from tpc.decode import ops  # noqa: F401  (registers the tpc:: decode ops)
+
+    graph = getattr(module, "graph", None)
+    ops = (torch.ops.tpc.top_positions.default, torch.ops.tpc.gather_positions.default)
+    if isinstance(graph, fx.Graph) and any(n.target in ops for n in graph.nodes):
+        raise TpcError(f"{name} is a decode step tpc wrote (decode-time sparse attention): it takes a KV cache, not a "
+                       "prompt; inspect or compile the model it came from (with --pass tidal --layers … --keep …)")
