@@ -351,11 +351,11 @@ def test_random_weights_are_seeded_the_same_way_for_timm():
 
     args = dict(random_weights=True, model_args="img_size=32,depth=1")
     state = torch.random.get_rng_state()
-    a, b, c = (load("vit_tiny_patch16_224", **args, seed=s).module.state_dict() for s in (0, 0, 1))
+    a, b, c = (load("vit_tiny_patch16_224", **args, weights_seed=s).module.state_dict() for s in (0, 0, 1))
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
     assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
     help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["compile"].format_help().split())
-    assert "seed of the random method and of --random-weights (timm and Hugging Face alike); default 0" in help_text
+    assert "the seed --random-weights are drawn with (timm and Hugging Face alike); default 0" in help_text
 
 
 def test_float_images_in_unit_range_are_taken_as_they_are(bad_files):

@@ -29,7 +29,7 @@ logger = logging.getLogger("tpc")
 INSERT_POINTS = ("attention", "block")
 
 
-LOAD_KEYWORDS = ("weights", "random_weights", "model_args", "input_size")
+LOAD_KEYWORDS = ("weights", "random_weights", "weights_seed", "model_args", "input_size")
 
 
 def _check_keywords(function: str, given: dict, accepted) -> None:
@@ -43,9 +43,9 @@ def _check_keywords(function: str, given: dict, accepted) -> None:
             raise TpcError(f"{function} has no keyword {key!r}{hint}")
 
 
-def _resolve(model, example_inputs, seed: int = 0, **load_kwargs) -> tuple[nn.Module, tuple, str]:
+def _resolve(model, example_inputs, **load_kwargs) -> tuple[nn.Module, tuple, str]:
     if isinstance(model, (str, os.PathLike)):
-        loaded = models.load(str(model), seed=seed, **load_kwargs)
+        loaded = models.load(str(model), **load_kwargs)
         set_eval(loaded.module)  # tpc built this module: it is an inference model
         loaded.module.requires_grad_(False)
         inputs = loaded.example_inputs if example_inputs is None else example_inputs
@@ -87,7 +87,7 @@ def _maybe_vlm(model, method: str, layers) -> bool:
     """Whether compile must load the model before parsing encoder options: it may be a VLM."""
     if isinstance(model, nn.Module):
         return vlm.is_vlm(model)
-    return method in vlm.VLM_ONLY or layers is None
+    return method in vlm.VLM_ONLY or (layers is None and models.could_be_vlm(str(model)))
 
 
 def _prefix_of(gm: fx.GraphModule, sites) -> tuple[int, str]:
@@ -184,24 +184,24 @@ def parse_options(options) -> dict | None:
 
 
 def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=None, r=None,
-            prefix: int | None = None, after: str = "attention", seed: int = 0, options: dict | str | None = None,
+            prefix: int | None = None, after: str | None = None, seed: int | None = None, options: dict | str | None = None,
             restore: bool = False, backend: str = "torch", seq_len: int | None = None, recipe=None,
             vision_layer: int | None = None, **load_kwargs) -> nn.Module:
     """Prune ``model``'s tokens after ``layers`` with ``method``; returns an nn.Module.
 
     ``model`` is an ``nn.Module`` or a model id (see :func:`tpc.models.load`, which takes
-    ``weights``, ``random_weights`` (drawn with ``seed``), ``model_args`` and ``input_size``);
+    ``weights``, ``random_weights`` (drawn with ``weights_seed``), ``model_args`` and ``input_size``);
     ``keep`` is a ratio (default 0.7), a list with one ratio per layer, or token counts (ints);
     ``r`` (as in ToMe) is instead the number of tokens each layer removes: an int, a per-layer list, or ToMe's
     ``(r, inflection)`` schedule, clamped per layer by the method (tome: as ToMe clamps it).
     ``layers=None`` is an error, except for tome, which then merges at every layer as ToMe does. ``after`` is "attention" (the block's
-    MLP already runs on fewer tokens) or "block". ``options`` are the method's own settings
-    (see ``tpc passes``). ``restore=True`` brings the full sequence back after the last block,
+    MLP already runs on fewer tokens; the default) or "block"; ``seed`` (default 0) draws the random
+    method. ``options`` are the method's own settings (see ``tpc passes``). ``restore=True`` brings the full sequence back after the last block,
     dropped tokens unchanged, for models whose outputs need every position.
     ``recipe`` (a recipe.json path, a :class:`tpc.recipe.Recipe`, or a list of steps such as
     ``[{"layer": 0, "method": "tome", "r": 8}, {"layer": 4, "method": "topk-cls", "keep": 0.6}]``)
     gives a method per layer instead of ``method``/``layers``/``keep``/``r``/``options``; its own
-    ``after`` and ``seed`` then prune (``seed`` still draws ``random_weights``).
+    ``after`` and ``seed`` then prune (giving ``after`` or ``seed`` too is refused).
     ``backend="onnxruntime"`` returns the ONNX Runtime session of the exported model, checked
     against the torch module. Text models (token inputs [B, N]) are captured with a dynamic
     sequence length, so the pruned module and its artifacts take any length;
@@ -216,18 +216,21 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     check_backend(backend, ("torch", "onnxruntime"), "tpc.compile")
     if recipe is None and method in decode.METHODS:
         decoder_only = (r, prefix, seq_len, options, restore or None, vision_layer,
-                        None if backend == "torch" else backend, None if after == "attention" else after)
+                        None if backend == "torch" else backend, None if after in (None, "attention") else after)
         if any(v is not None for v in decoder_only):
             raise TpcError(f"{method} (decode-time sparse attention) takes method, layers and keep only (r, prefix, "
                            "restore, options, seq_len, after, vision_layer and backends other than torch are for "
                            "encoders and VLMs)")
         decode.check_settings(method, layers, keep)  # malformed settings fail before the model loads
-        module, _, name = _resolve(model, example_inputs, seed, **load_kwargs)
+        module, _, name = _resolve(model, example_inputs, **load_kwargs)
         decode.refuse_decode_step(module, name)
         models.refuse_pruned(module, name)
         return decode.compile_decoder(module, method=method, layers=layers, keep=keep)
     if recipe is not None and (layers is not None or keep is not None or r is not None or options):
         raise TpcError("give either a recipe or method/layers/keep/r/options, not both")
+    if recipe is not None and (seed is not None or after is not None):
+        raise TpcError("a recipe holds its own after and seed (what it was tuned with): drop after/seed "
+                       "(--after/--seed), or edit them in the recipe")
     if r is not None and keep is not None:
         raise TpcError("--r and --keep both set how many tokens each layer keeps: pass one of them")
     keep = 0.7 if keep is None else keep
@@ -237,17 +240,17 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
 
     def compile_vlm(module, inputs):
         encoder_only = (r, prefix, seq_len, given_options or None, restore or None, None if backend == "torch" else backend,
-                        None if after == "attention" else after)
+                        None if after in (None, "attention") else after)
         if any(v is not None for v in encoder_only):
             raise TpcError("a VLM takes method, layers, keep, seed and vision_layer only (r, prefix, restore, options, "
                            "seq_len, after and backends other than torch are for encoders)")
-        return vlm.compile_vlm(module, inputs, method=method, layers=layers, keep=keep, seed=seed,
+        return vlm.compile_vlm(module, inputs, method=method, layers=layers, keep=keep, seed=seed or 0,
                                vision_layer=vision_layer)
 
     given_options = options
     resolved = None
     if recipe is None and _maybe_vlm(model, method, layers):
-        resolved = _resolve(model, example_inputs, seed, **load_kwargs)
+        resolved = _resolve(model, example_inputs, **load_kwargs)
         if vlm.is_vlm(resolved[0]):
             return compile_vlm(*resolved[:2])
     if vision_layer is not None and isinstance(model, nn.Module) and not vlm.is_vlm(model):
@@ -255,10 +258,9 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     if recipe is None and method in vlm.VLM_ONLY:
         raise TpcError(f"{method} prunes the visual tokens of a vision-language model ({', '.join(vlm.FAMILIES)}); "
                        f"{type(model).__name__ if isinstance(model, nn.Module) else model} is not one")
-    prune_seed = seed  # seed also draws --random-weights; a recipe brings its own for the pruning
     if recipe is not None:
         loaded = load_recipe(recipe)
-        steps, after, prune_seed = loaded.steps, loaded.after, loaded.seed
+        steps, after, seed = loaded.steps, loaded.after, loaded.seed
     else:
         spec = get_method(method)
         options = spec.resolve_options(options)
@@ -268,9 +270,10 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
             read_r(r)  # a malformed r fails before the model loads
         if layer_list is not None:
             steps = check_steps(steps_from_pass(method, layer_list, keep, r, options))
+    after, seed = after or "attention", models.check_seed(seed or 0)
     if after not in INSERT_POINTS:
         raise TpcError(f"unknown insertion point {after!r}: choose one of {', '.join(INSERT_POINTS)}")
-    module, inputs, name = resolved or _resolve(model, example_inputs, seed, **load_kwargs)
+    module, inputs, name = resolved or _resolve(model, example_inputs, **load_kwargs)
     if vlm.is_vlm(module):  # a VLM named by path, with a method and layers an encoder could take too
         if recipe is not None:
             raise TpcError("a recipe is for encoders; a VLM takes method, layers, keep, seed and vision_layer")
@@ -283,12 +286,14 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
                        "model (tune this one with `tpc tune` to know them here)", tuned_on, name)
     models.refuse_pruned(module, name)
     inputs = _fix_length(inputs, seq_len)
+    if seq_len is not None:
+        models.check_text_length(module, seq_len, "seq_len (--seq-len)")
     notes = _usage_notes(module)
     gm = capture(module, inputs, dynamic_length=seq_len is None)
     if recipe is None and layer_list is None:  # every layer: ToMe's r (a list padded with 0, or a schedule)
         depth = len(analyze(gm, name))
         steps = check_steps(steps_from_pass(method, list(range(depth)), keep, r, options, pad=True))
-    pruned = prune_graph(gm, inputs, name, steps, prefix=prefix, after=after, seed=prune_seed, restore=restore, notes=notes)
+    pruned = prune_graph(gm, inputs, name, steps, prefix=prefix, after=after, seed=seed, restore=restore, notes=notes)
     if backend == "onnxruntime":
         from tpc.exports import to_onnxruntime
 
@@ -357,7 +362,7 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
         settings = {k: v for k, v in compile_kwargs.items() if k not in ("method", "layers", "keep")}
         load_kwargs = {k: settings.pop(k) for k in LOAD_KEYWORDS if k in settings}
         decode.check_settings(compile_kwargs["method"], compile_kwargs.get("layers"), compile_kwargs.get("keep"))
-        module, _, name = _resolve(model, example_inputs, settings.pop("seed", 0), **load_kwargs)
+        module, _, name = _resolve(model, example_inputs, **load_kwargs)
         decode.refuse_decode_step(module, name)
         models.refuse_pruned(module, name)
         layers = decode.decoder_spec(module)[0]
@@ -369,7 +374,7 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
             and compile_kwargs.get("recipe") is None:
         get_method(compile_kwargs.get("method") or "topk-cls").resolve_options(parse_options(compile_kwargs.get("options")))
         load_kwargs = {k: compile_kwargs[k] for k in LOAD_KEYWORDS if k in compile_kwargs}
-        module, inputs, name = _resolve(model, example_inputs, compile_kwargs.get("seed", 0), **load_kwargs)
+        module, inputs, name = _resolve(model, example_inputs, **load_kwargs)
         if vlm.is_vlm(module):
             if compile_kwargs.get("method") in VISUAL_METHODS or compile_kwargs.get("vision_layer") is not None:
                 # no layers: pruned before the language model (a vision_layer alone: topk-cls, the default)
@@ -387,7 +392,7 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
                  "model's (inspect the original model with --layers/--keep to see the pruning)"] \
             if models.is_pruned(module) else []
         return CompileReport(model=name, method=None, layers=[], keep=[], prefix=prefix, prefix_source=source,
-                             insert_after=compile_kwargs.get("after", "attention"), sites=_layer_infos(sites, {}, sizes=example_sizes(gm)),
+                             insert_after=compile_kwargs.get("after") or "attention", sites=_layer_infos(sites, {}, sizes=example_sizes(gm)),
                              flops_before=flops, flops_after=flops, notes=notes)
     return compile(model, example_inputs, **compile_kwargs).report
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -21,6 +20,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     w = p.add_mutually_exclusive_group()
     w.add_argument("--weights", help="state_dict or .safetensors file to load into the model")
     w.add_argument("--random-weights", action="store_true", help="architecture only: no pretrained weights")
+    p.add_argument("--weights-seed", type=int, help="the seed --random-weights are drawn with (timm and Hugging Face "
+                                                    "alike); default 0")
     p.add_argument("--model-args", help="constructor arguments, e.g. img_size=32,patch_size=4,num_classes=10")
     p.add_argument("--input-size", help="input shape without batch, e.g. 3,224,224 (default: from the model)")
 
@@ -30,10 +31,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", help="layers after which to prune, 0-based, e.g. 3,6,9 (tome: every layer by default)")
     p.add_argument("--keep", help="ratio kept per layer (default 0.7), one per layer (0.9,0.8,0.7), or token counts (120)")
     p.add_argument("--prefix", type=int, help="number of prefix tokens always kept (default: found in the graph)")
-    p.add_argument("--after", choices=("attention", "block"), default="attention",
+    p.add_argument("--after", choices=("attention", "block"),
                    help="prune after the attention residual (default; the MLP runs on fewer tokens) or after the block")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the random method and of --random-weights (timm and Hugging Face alike); default 0")
+    p.add_argument("--seed", type=int, help="seed of the random method; default 0 (--weights-seed draws --random-weights)")
     p.add_argument("--r", help="tokens removed per layer instead of --keep, as ToMe takes r: 16, one per layer 16,8,4, "
                                "or ToMe's schedule '(16,-0.5)' (r, inflection); tome clamps it per layer as ToMe does")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -50,7 +50,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
 
 PRUNE_DEFAULTS = {"method": "topk-cls"}  # keep: None means 0.7 (tpc.compile)
 SCHEDULE_FLAGS = {"method": "--pass", "layers": "--layers", "keep": "--keep", "r": "--r", "option": "--option",
-                  "fuse": "--fuse", "vision_layer": "--vision-layer"}
+                  "fuse": "--fuse", "vision_layer": "--vision-layer", "after": "--after", "seed": "--seed"}
 
 
 def _fill_prune_defaults(args) -> None:
@@ -77,7 +77,7 @@ def _options(args) -> dict | None:
 
 def _load_kwargs(args) -> dict:
     return dict(weights=args.weights, random_weights=args.random_weights, model_args=args.model_args,
-                input_size=args.input_size, seed=args.seed)
+                input_size=args.input_size, weights_seed=args.weights_seed)
 
 
 def _prune_kwargs(args) -> dict:
@@ -109,6 +109,7 @@ def cmd_compile(args) -> int:
     from tpc.decode import DecodeModule
     from tpc.decode.export import check_step_suffix
     from tpc.exports import check_target
+    from tpc.exports.atomic import refuse_overwriting
     from tpc.vlm import VlmModule
     from tpc.vlm.family import names_a_vlm
 
@@ -119,10 +120,8 @@ def cmd_compile(args) -> int:
     if args.method in decode.METHODS:
         check_step_suffix(out)
     check_target(out, args.batch, args.precision)
-    for flag, given in (("the model", args.model), ("--weights", args.weights)):
-        if given and os.path.exists(given) and os.path.realpath(out) == os.path.realpath(given):
-            raise TpcError(f"-o {str(out)!r} is {flag} you compile: writing there would overwrite it; choose another "
-                           "-o path")
+    refuse_overwriting([("-o", out)], [("the model you compile", args.model), ("the --weights file", args.weights),
+                                       ("the --recipe file", args.recipe)])
     start = time.perf_counter()
     pruned = tpc.compile(args.model, **_compile_kwargs(args))
     report = pruned.report

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tpc.errors import TpcError
+from tpc.errors import TpcError, check_readable
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,10 @@ def _pixels(images: np.ndarray, path: Path) -> np.ndarray:
         return images.astype(np.float32)
     if images.dtype.kind == "f" and not images.size:
         return images.astype(np.float32)
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        bad = np.isnan(images).sum()
+        what = f"{bad:,} NaN values" if bad else f"{(~np.isfinite(images)).sum():,} infinite values"
+        raise TpcError(f"{str(path)!r}: images hold {what}: give uint8 (0-255) or float images in [0, 1]")
     found = f"{images.dtype}" + (f" in [{images.min():g}, {images.max():g}]" if images.size and images.dtype.kind in "fiub" else "")
     raise TpcError(f"{str(path)!r}: images must be uint8 (0-255) or float in [0, 1], not {found}")
 
@@ -136,10 +140,7 @@ def resize_crop(img, size: tuple[int, int]) -> np.ndarray:
 
 
 def check_data_path(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise TpcError(f"data {str(path)!r} does not exist: give an .npz with images/labels or an ImageFolder directory")
-    return path
+    return check_readable(path, "data", "an .npz with images/labels or an ImageFolder directory", directory=True)
 
 
 def load_dataset(path: str | Path, input_size: Sequence[int]) -> Dataset:

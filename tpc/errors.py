@@ -14,6 +14,30 @@ class TpcError(Exception):
     """A user-facing failure: bad input, an unsupported model, or a graph tpc refuses."""
 
 
+def check_readable(path, what: str, expect: str, directory: bool = False):
+    """``path`` (a ``Path``) when this process can read it; else one line saying why (it does not
+    exist, is a directory where a file is wanted, or reading it is not permitted) and ``expect``."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        raise TpcError(f"{what} {str(path)!r} does not exist: give {expect}")
+    if path.is_dir() and not directory:
+        raise TpcError(f"{what} {str(path)!r} is a directory: give {expect}")
+    try:
+        if path.is_dir():
+            os.listdir(path)
+        else:
+            with open(path, "rb"):
+                pass
+    except PermissionError:
+        raise TpcError(f"{what} {str(path)!r} cannot be read: permission denied (check its permissions)") from None
+    except OSError as err:
+        raise TpcError(f"{what} {str(path)!r} cannot be read: {err.strerror or err}") from None
+    return path
+
+
 class TpcInternalError(RuntimeError):
     """A bug inside tpc: the pass (and node) where it happened; the original exception is its cause."""
 

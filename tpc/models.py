@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib
+import json
 import os
 import pickle
 import socket
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tpc.errors import TpcError
+from tpc.errors import TpcError, check_readable
 
 EXAMPLE_BATCH = 2
 HUB_HOST = ("huggingface.co", 443)
@@ -82,6 +83,16 @@ def parse_input_size(text) -> tuple[int, ...] | None:
     return parse_numbers(text, int, "input-size", "3,224,224")
 
 
+SEED_RANGE = 2**32  # as numpy's; the random method adds the layer index, within torch's int64
+
+
+def check_seed(seed, flag: str = "--seed") -> int:
+    """``seed`` when it is an integer from 0 to 2**32 - 1 (a generator takes it, whatever the layer added)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_RANGE:
+        raise TpcError(f"{flag} is an integer from 0 to {SEED_RANGE - 1}, not {seed!r}")
+    return seed
+
+
 def example_images(input_size: tuple[int, ...], batch: int = EXAMPLE_BATCH, seed: int = 0) -> tuple[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn((batch, *input_size), generator=gen),)
@@ -89,10 +100,7 @@ def example_images(input_size: tuple[int, ...], batch: int = EXAMPLE_BATCH, seed
 
 def load_state_dict_file(path: str | os.PathLike) -> dict:
     """A state_dict from .safetensors or a torch file, without unpickling arbitrary objects."""
-    path = Path(path)
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise TpcError(f"weights file {str(path)!r} {what}")
+    path = check_readable(path, "weights file", "a state_dict or .safetensors file")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -124,6 +132,11 @@ def load_state_dict_file(path: str | os.PathLike) -> dict:
     return state
 
 
+def _kind(dtype: torch.dtype) -> str:
+    return ("bool" if dtype == torch.bool else "complex" if dtype.is_complex else
+            "float" if dtype.is_floating_point else "integer")
+
+
 def apply_weights(module: nn.Module, path: str | os.PathLike) -> None:
     """Load ``path`` into ``module``; a mismatch names the first keys concerned and both shapes."""
     state = load_state_dict_file(path)
@@ -132,9 +145,13 @@ def apply_weights(module: nn.Module, path: str | os.PathLike) -> None:
              for k, v in state.items() if k in own and v.shape != own[k].shape]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
+    kinds = [f"{k} {str(v.dtype).split('.')[-1]} in the file, {str(own[k].dtype).split('.')[-1]} in the model"
+             for k, v in state.items() if k in own and _kind(v.dtype) != _kind(own[k].dtype)]
     parts = []
     if wrong:
         parts.append(f"{len(wrong)} with other shapes (e.g. {wrong[0]})")
+    if kinds:  # load_state_dict would cast them silently: integer copies of float weights are not the weights
+        parts.append(f"{len(kinds)} of another kind of number (e.g. {kinds[0]})")
     if missing:
         parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
     if unexpected:
@@ -228,11 +245,54 @@ def hf_example_inputs(config, module, input_size) -> tuple | dict:
         size = input_size or (config.num_channels, config.image_size, config.image_size)
         return example_images(size)
     if getattr(config, "vocab_size", None):
+        if input_size is not None and (len(input_size) != 1 or input_size[0] < 2):
+            raise TpcError(f"--input-size of a text model is its example length in tokens (one number, 2 or more, e.g. "
+                           f"64), not {','.join(map(str, input_size))}: {type(module).__name__} takes token ids, not images")
+        if input_size:
+            check_text_length(module, input_size[0], "--input-size")
         length = int(input_size[0]) if input_size else min(TEXT_LENGTH, getattr(config, "max_position_embeddings", TEXT_LENGTH))
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(1000 if config.vocab_size > 2000 else 1, config.vocab_size, (EXAMPLE_BATCH, length), generator=gen)
         return ids, torch.ones(EXAMPLE_BATCH, length, dtype=torch.int64)
     raise TpcError(f"cannot make example inputs for {type(module).__name__}: pass --input-size")
+
+
+def check_text_length(module: nn.Module, length: int, flag: str) -> None:
+    """``length`` tokens fit the model's position table (``max_position_embeddings`` of any config in it)."""
+    limits = [c.max_position_embeddings for c in (getattr(m, "config", None) for m in module.modules())
+              if isinstance(getattr(c, "max_position_embeddings", None), int)]
+    if limits and length > min(limits):
+        raise TpcError(f"{flag} {length}: {type(module).__name__} takes at most {min(limits)} tokens "
+                       f"(max_position_embeddings); give a length of {min(limits)} or less")
+
+
+@contextlib.contextmanager
+def _quiet(transformers):
+    """No progress bars or load reports from transformers while tpc loads (tpc says what matters in one
+    line); the caller's settings are restored."""
+    logging, bars = transformers.utils.logging, transformers.utils.logging.is_progress_bar_enabled()
+    verbosity = logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def _refuse_unfitting(model_id: str, cls_name: str, report: dict) -> None:
+    """Weights missing for the model or of other shapes would be drawn at random: refused, not run.
+    (Unexpected keys, such as a pretraining head the model does not have, are left out as usual.)"""
+    missing = sorted(report.get("missing_keys") or [])
+    mismatched = [k if isinstance(k, str) else k[0] for k in report.get("mismatched_keys") or []]
+    if missing or mismatched:
+        parts = ([f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []) + (
+            [f"{len(mismatched)} with other shapes (e.g. {mismatched[0]})"] if mismatched else [])
+        raise TpcError(f"the weights in {model_id!r} do not fit {cls_name}, the model its config.json describes: "
+                       f"{', '.join(parts)}, which would be random; save the model and its config together "
+                       "(save_pretrained), or pass --random-weights for an architecture-only run")
 
 
 def _load_hf(model_id: str, weights, random_weights: bool, model_args: dict, input_size) -> LoadedModel:
@@ -245,7 +305,7 @@ def _load_hf(model_id: str, weights, random_weights: bool, model_args: dict, inp
         raise TpcError("--model-args trust_remote_code=True: tpc never runs a model repository's own code; "
                        "use a model whose architecture transformers ships")
     model_args["trust_remote_code"] = False  # never prompt, never run the directory's or the hub repo's .py files
-    with _offline_unless_reachable() as online:
+    with _offline_unless_reachable() as online, _quiet(transformers):
         try:
             config = transformers.AutoConfig.from_pretrained(model_id, local_files_only=not online, **model_args)
         except Exception as err:
@@ -266,10 +326,12 @@ def _load_hf(model_id: str, weights, random_weights: bool, model_args: dict, inp
             module = cls.from_config(config) if cls is transformers.AutoModel else cls(config)
         else:
             try:
-                module = cls.from_pretrained(model_id, local_files_only=not online, **model_args)
+                module, report = cls.from_pretrained(model_id, local_files_only=not online, output_loading_info=True,
+                                                     ignore_mismatched_sizes=True, **model_args)  # refused below
             except Exception as err:
                 raise TpcError(f"cannot load the weights of {model_id!r}: {str(err).splitlines()[0]}; "
                                "pass --random-weights for an architecture-only run") from None
+            _refuse_unfitting(model_id, type(module).__name__, report)
     if weights is not None:
         apply_weights(module, weights)
     module.eval()
@@ -289,6 +351,26 @@ def _seeded(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def could_be_vlm(model_id: str) -> bool:
+    """Whether ``model_id`` may name a vision-language model, known without loading it: a timm name
+    or a file never does, a directory's config.json says, a hub id or a function may."""
+    from tpc.vlm.family import FAMILIES
+
+    lower = model_id.lower()
+    if lower.endswith((".pt2", ".onnx")) or model_id.startswith("timm/"):
+        return False
+    if ":" in model_id and not os.path.exists(model_id):
+        return True
+    config = Path(model_id) / "config.json"
+    if config.is_file():
+        try:
+            architectures = json.loads(config.read_text()).get("architectures") or []
+        except (OSError, ValueError, AttributeError):
+            return True  # the load says what is wrong with it
+        return any(a in FAMILIES for a in architectures)
+    return _looks_like_hf(model_id)
 
 
 def _looks_like_hf(model_id: str) -> bool:
@@ -392,20 +474,25 @@ def _timm_input_size(module: nn.Module, cfg: dict) -> tuple[int, ...]:
 
 
 def load(model_id: str, weights: str | None = None, random_weights: bool = False, model_args=None,
-         input_size=None, seed: int = 0) -> LoadedModel:
+         input_size=None, weights_seed: int | None = None) -> LoadedModel:
     """Resolve a model id to a module and example inputs (batch of 2).
 
-    Randomly initialised weights (``random_weights``, or before ``weights`` are loaded) are drawn
-    with ``seed``, the same way for timm and Hugging Face models, without touching the global RNG.
+    ``random_weights`` are drawn with ``weights_seed`` (default 0), the same way for timm and
+    Hugging Face models, without touching the global RNG. It is apart from the random method's
+    seed, so changing the draw of kept tokens never changes the model.
     """
     if random_weights and weights is not None:
         raise TpcError("--weights and --random-weights contradict each other: pass one")
+    if weights_seed is not None and not random_weights:
+        raise TpcError("--weights-seed draws --random-weights; without them it does nothing: add --random-weights, "
+                       "or drop --weights-seed (--seed seeds the random method)")
+    seed = check_seed(weights_seed or 0, "--weights-seed")
     model_args = parse_model_args(model_args)
     input_size = parse_input_size(input_size)
     if model_id.lower().endswith(".onnx"):
         raise TpcError(f"{model_id!r} is an ONNX file: tpc compiles PyTorch models (a timm name, a Hugging Face id or "
                        "directory, a .pt2 program, a module:function) and writes ONNX files as its output")
-    if model_id.endswith(".pt2"):
+    if model_id.lower().endswith(".pt2"):
         given = [flag for flag, value in (("--weights", weights), ("--random-weights", random_weights),
                                           ("--model-args", model_args), ("--input-size", input_size)) if value]
         if given:

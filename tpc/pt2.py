@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from tpc.errors import REPORT, TpcError, TpcInternalError
+from tpc.errors import REPORT, TpcError, TpcInternalError, check_readable
 
 CODE_MEMBERS = {
     "data/aotinductor/": "an AOTInductor shared library",
@@ -43,8 +43,25 @@ def _inner(name: str) -> str:
     return name.split("/", 1)[1] if "/" in name else name
 
 
-def _refusal(names: list[str], read) -> str | None:
-    for name in names:
+EXPANSION_LIMIT = 100  # torch.export.save stores members uncompressed; zeros deflate about 1000 times
+
+
+def _odd_member(info: zipfile.ZipInfo) -> str | None:
+    """A member torch.export.save never writes: a path leaving the archive, or a compressed bomb."""
+    parts = info.filename.replace("\\", "/").split("/")
+    if info.filename.startswith("/") or ".." in parts:
+        return f"its member {info.filename!r} points outside the archive"
+    if info.file_size > 2**20 and info.file_size > EXPANSION_LIMIT * max(info.compress_size, 1):
+        return (f"its member {info.filename!r} expands from {info.compress_size:,} to {info.file_size:,} bytes "
+                "(torch.export.save stores members uncompressed)")
+    return None
+
+
+def _refusal(infos: list[zipfile.ZipInfo], read) -> str | None:
+    odd = next(filter(None, map(_odd_member, infos)), None)
+    if odd:
+        return f"{odd}: not an archive torch.export.save wrote"
+    for name in (info.filename for info in infos):
         inner = _inner(name)
         for prefix, what in CODE_MEMBERS.items():
             if inner.startswith(prefix):
@@ -89,11 +106,13 @@ def load_program(path: str | os.PathLike, written_by_tpc: bool = False) -> torch
         return TpcInternalError(f"internal error: tpc cannot load the program it wrote: {message}"
                                 + (f" ({type(cause).__name__})" if cause is not None else "") + f"; {REPORT}")
 
-    if not path.is_file():
-        raise refuse(f"model file {str(path)!r} does not exist")
+    try:
+        check_readable(path, "model file", "a .pt2 file written by torch.export.save")
+    except TpcError as err:
+        raise refuse(str(err)) from None
     try:
         with zipfile.ZipFile(path) as archive:
-            why = _refusal(archive.namelist(), archive.read)
+            why = _refusal(archive.infolist(), archive.read)
     except (zipfile.BadZipFile, OSError) as err:
         raise refuse(f"cannot load {str(path)!r}: not a torch.export archive ({err})", err) from err
     if why:

@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tpc.errors import TpcError
+from tpc.errors import TpcError, check_readable
 from tpc.schedule import KeepValue, Removal, parse_keep, parse_layers, parse_removals, read_r
 
 FORMAT = "tpc-recipe/1"
@@ -144,14 +144,13 @@ def load_recipe(source) -> Recipe:
         return Recipe(check_steps(source.steps), source.after, source.seed, dict(source.info))
     where = "recipe"
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
+        path = check_readable(source, "recipe", "the recipe.json `tpc tune` wrote")
         where = str(path)
-        if not path.is_file():
-            raise TpcError(f"recipe {where!r} does not exist: give the recipe.json `tpc tune` wrote")
         try:
             source = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise TpcError(f"{where} is not valid JSON ({err}): give the recipe.json `tpc tune` wrote") from None
+        except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, a 5000-digit number, nesting too deep
+            why = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0]
+            raise TpcError(f"{where} is not valid JSON ({why}): give the recipe.json `tpc tune` wrote") from None
     if isinstance(source, list):
         source = {"steps": source}
     if not isinstance(source, dict) or "steps" not in source:
@@ -164,7 +163,7 @@ def load_recipe(source) -> Recipe:
         raise TpcError(f"{where}: 'steps' is a list of steps, not {type(raw).__name__}")
     steps = [s if isinstance(s, Step) else step_from_dict(s, f"{where} step {i}") for i, s in enumerate(raw)]
     info = {k: v for k, v in source.items() if k not in ("format", "steps", "after", "seed")}
-    seed = source.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TpcError(f"{where}: 'seed' is an integer (the pruning methods' seed), not {seed!r}")
+    from tpc.models import check_seed
+
+    seed = check_seed(source.get("seed", 0), f"{where}: 'seed'")
     return Recipe(check_steps(steps), source.get("after", "attention"), seed, info)

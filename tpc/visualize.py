@@ -7,7 +7,6 @@ merges (ToMe) a merged-away token counts as dropped; its patch lives on in the t
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,13 +118,13 @@ def run_visualize(model_id, image_path, out, method="topk-cls", layers=None, kee
                   load_kwargs=None, compile_kwargs=None) -> Visualization:
     import tpc
     from tpc.dataset import parse_floats
-    from tpc.exports.atomic import check_output_path
+    from tpc.exports.atomic import check_output_path, refuse_overwriting
 
     check_output_path(out)
     if Path(out).suffix.lower() != ".png":
         raise TpcError(f"tpc visualize writes a PNG: give -o with a .png name, not {str(out)!r}")
-    if Path(out).exists() and Path(image_path).exists() and os.path.samefile(out, image_path):
-        raise TpcError(f"-o {str(out)!r} is the input image: give another file name, so the image is not overwritten")
+    refuse_overwriting([("-o", out)], [("the input image", image_path), ("the model you visualize", model_id),
+                                       ("the --weights file", (load_kwargs or {}).get("weights"))])
     loaded = models.load(str(model_id), **(load_kwargs or {}))
     refuse_vlm(loaded.module, "visualize")
     size = loaded.input_size

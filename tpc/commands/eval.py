@@ -13,7 +13,7 @@ from tpc.api import prunes
 from tpc.backends import check_backend
 from tpc.dataset import accuracy, check_data_path, load_dataset, parse_floats, predict, warn_if_labels_look_meaningless
 from tpc.errors import TpcError
-from tpc.exports.atomic import check_output_path
+from tpc.exports.atomic import check_output_path, refuse_overwriting
 from tpc.vlm.family import refuse_vlm
 
 
@@ -73,6 +73,8 @@ def run_eval(model_id, data, method="topk-cls", layers=None, keep=None, sweep=No
         plot = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(model_id)).stem) + "_sweep.png"
     if plot:
         check_output_path(plot, "--plot")
+        refuse_overwriting([("--plot", plot)], [("the model you evaluate", model_id), ("the --data file", data),
+                                                ("the --weights file", (load_kwargs or {}).get("weights"))])
     user_mean, user_std = parse_floats(mean, "mean"), parse_floats(std, "std")
     loaded = models.load(str(model_id), **(load_kwargs or {}))
     refuse_vlm(loaded.module, "eval")

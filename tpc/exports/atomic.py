@@ -34,6 +34,30 @@ def check_output_path(path: str | os.PathLike, flag: str = "-o") -> Path:
     return path
 
 
+def refuse_overwriting(outputs, inputs) -> None:
+    """Every output path against every input path and against each other, before any work: a command
+    never writes over a file it reads (the model, its weights, the data) or over another of its outputs.
+
+    ``outputs`` and ``inputs``: (flag or description, path or None) pairs."""
+    def same(a, b) -> bool:
+        if os.path.realpath(a) == os.path.realpath(b):
+            return True
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)  # hard links
+
+    written = []
+    for flag, path in outputs:
+        if not path:
+            continue
+        for what, given in inputs:
+            if given and isinstance(given, (str, os.PathLike)) and same(path, given):
+                raise TpcError(f"{flag} {str(path)!r} is {what}: writing there would overwrite it; choose another "
+                               f"{flag} path")
+        for other, earlier in written:
+            if same(path, earlier):
+                raise TpcError(f"{flag} {str(path)!r} is also {other}: give each output its own path")
+        written.append((flag, path))
+
+
 def write_target(path: Path) -> Path:
     """Where the bytes go: a symlink's target (followed through every link), else ``path``."""
     return Path(os.path.realpath(path)) if path.is_symlink() else path

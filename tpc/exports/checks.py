@@ -141,6 +141,9 @@ def check_artifact(gm: fx.GraphModule, run_artifact: Callable[[tuple], tuple[lis
                 raise TpcError(f"{what}: output shape {tuple(o.shape)} differs from the torch module's {tuple(r.shape)}")
             if m is not None:
                 o, r = o[m.to(o.device)], r[m]
+            if o.dtype.is_floating_point and r.numel() and bool(torch.isnan(r).any()):
+                raise TpcError(f"{what}: the model's outputs are NaN on the example inputs, so nothing can be checked: "
+                               "look for NaN or inf in its weights")
             if o.dtype.is_floating_point:
                 err = float((o.float() - r.float().cpu()).abs().max()) if o.numel() else 0.0
                 scale = max(1.0, float(r.float().abs().max())) if r.numel() else 1.0

@@ -49,6 +49,7 @@ from tpc.passes.prune_methods import PruneContext, get_method, stream_sizes
 from tpc.schedule import KeepValue, Removal, kept_count, ratio_fraction
 
 logger = logging.getLogger("tpc.passes")
+FEW_KEPT = 0.05  # an integer keep below this share of the tokens is said: likely a ratio typed without its point
 
 
 def _self_attention_layers(sites) -> str:
@@ -94,6 +95,10 @@ class InsertPrune(Pass):
             logger.debug("%s: r = 0, nothing to remove", self.name)
             return PassResult(gm, False)  # ToMe's r = 0: the layer is left as it is
         kept = None if symbolic else kept_count(keep, tokens, self.prefix, self.layer)
+        if type(keep) is int and kept < FEW_KEPT * (tokens - self.prefix):  # --keep 1 meant as 1.0?
+            logger.warning("layer %d keeps %d of its %d tokens (not counting prefix tokens), under %d%%: an integer "
+                           "keep counts tokens, a ratio is written with a point (keep 1.0 keeps every token)",
+                           self.layer, kept, tokens - self.prefix, 100 * FEW_KEPT)
 
         b = Builder(gm, point.node)
         rank = len(val(point.node).shape)

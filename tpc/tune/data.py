@@ -3,8 +3,9 @@
 - images: an ``.npz`` with ``images`` (uint8, NHWC or NCHW) and optional ``labels``, or an
   ImageFolder directory (as ``tpc eval`` reads them), normalised with the model's mean/std;
 - anything else (token ids and masks of a text encoder): an ``.npz`` with one array per model
-  input, named after the forward arguments (``input_ids``, ``attention_mask``) or given in
-  the forward's order, plus optional ``labels``.
+  input, named after the forward arguments (``input_ids``, ``attention_mask``: matched by name,
+  never by their order in the file), plus optional ``labels``; masks hold 0 and 1, each
+  example at least one 1.
 
 The split is deterministic and contiguous: the first ``1 - check_split`` of the examples tune,
 the rest check (shuffle a file that is sorted by class beforehand).
@@ -52,13 +53,28 @@ def _numbers(array: np.ndarray, dtype: torch.dtype, name: str, path: str) -> np.
     return array
 
 
+def _check_mask(mask: torch.Tensor, name: str, path: str) -> None:
+    """An attention mask: 1 for a token, 0 for padding, and at least one token per example."""
+    if not ((mask == 0) | (mask == 1)).all():
+        raise TpcError(f"{path}: {name!r} holds values other than 0 and 1 (e.g. {mask[(mask != 0) & (mask != 1)][0].item()}): "
+                       "an attention mask is 1 for each token and 0 for padding")
+    empty = (mask.reshape(len(mask), -1) == 0).all(dim=1).nonzero()
+    if len(empty):
+        raise TpcError(f"{path}: {name!r} is all zeros for {len(empty)} example(s) (e.g. example {int(empty[0])}): "
+                       "every example needs at least one token; drop empty examples")
+
+
 def _arrays_in_input_order(npz, module, examples: tuple, path: str) -> tuple[torch.Tensor, ...]:
     names = [k for k in npz.files if k != "labels"]
     if len(names) != len(examples):
         raise TpcError(f"{path} has {len(names)} input arrays ({', '.join(names)}) but the model takes {len(examples)} "
                        "inputs: give one array per input, named after the forward arguments")
     params = [p for p in inspect.signature(module.forward).parameters if p not in ("self", "args", "kwargs")]
-    if set(names) <= set(params):
+    if len(names) > 1:
+        if set(names) != set(params[:len(names)]):
+            raise TpcError(f"{path} names its input arrays {', '.join(names)} but the model's forward takes "
+                           f"{', '.join(params[:len(examples)])}: name each array after the argument it feeds "
+                           "(they are matched by name, not by their order in the file)")
         names = sorted(names, key=params.index)
     out = []
     for name, example in zip(names, examples):
@@ -67,6 +83,8 @@ def _arrays_in_input_order(npz, module, examples: tuple, path: str) -> tuple[tor
             raise TpcError(f"{path}: {name!r} has shape {list(array.shape[1:])} per example but the model's input "
                            f"takes {list(example.shape[1:])}: give examples of that shape (pad or cut token ids to its length, "
                            "resize images)")
+        if "mask" in name:
+            _check_mask(array, name, path)
         out.append(array)
     if len({len(a) for a in out}) != 1:
         raise TpcError(f"{path}: the input arrays have different lengths")

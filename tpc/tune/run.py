@@ -150,6 +150,9 @@ class TuneResult:
                          f"{fastest.latency['backend']} pruning costs more than it saves here; keep the unpruned model, "
                          "or tune for a larger --batch")
             return "\n".join(lines)
+        if self.best is None and not any(c.n for c in self.candidates) and (s["space_cut"] or s["out_of_time"]):
+            lines.append("the time budget ran out before any recipe was scored: give more --time (e.g. --time 5m)")
+            return "\n".join(lines)
         if self.best is None:
             tightest = min(rungs, key=lambda c: c.bound, default=None)
             lines.append("no recipe met the budget" + (
@@ -258,8 +261,9 @@ def run_tune(model, data, max_drop=None, target="flops", backend=None, batch=Non
         raise TpcError(f"--max-flops {max_flops} is outside (0, 1]: it is the FLOPs ratio to the unpruned model")
     if max_flops is not None and target == "latency":
         raise TpcError("--max-flops picks the best metric under a FLOPs budget; it does not combine with --target latency")
-    if max_drop is not None and not max_drop >= 0:  # NaN too
-        raise TpcError(f"--max-drop {max_drop} is not a drop of 0 or more: it is the largest metric drop allowed")
+    if max_drop is not None and not 0 <= max_drop < float("inf"):  # NaN too
+        raise TpcError(f"--max-drop {max_drop} is not a finite drop of 0 or more: it is the largest metric drop "
+                       "allowed (100 allows any top-1 drop)")
     if not 0.0 < confidence < 1.0:
         raise TpcError(f"--confidence {confidence} is outside (0, 1): it is the probability that the pick's drop "
                        "is within the budget, e.g. 0.9")
@@ -277,7 +281,8 @@ def run_tune(model, data, max_drop=None, target="flops", backend=None, batch=Non
     if not seconds > 0:
         raise TpcError(f"--time {time_budget} leaves no time to search: give a duration such as 15m, 90s or 1h")
     method_list = parse_methods(methods)
-    _check_outputs(data, output, plot)
+    seed = models.check_seed(seed)
+    _check_outputs(model, data, output, plot, (load_kwargs or {}).get("weights"))
     if isinstance(model, torch.nn.Module):
         if example_inputs is None:
             raise TpcError("tuning an nn.Module needs example_inputs (a batch of at least 2)")
@@ -376,22 +381,18 @@ def run_tune(model, data, max_drop=None, target="flops", backend=None, batch=Non
     return result
 
 
-def _check_outputs(data, output, plot) -> None:
-    """Before any work: -o and --plot writable, and neither one the data file nor each other."""
-    from tpc.exports.atomic import check_output_path
+def _check_outputs(model, data, output, plot, weights) -> None:
+    """Before any work: -o a .json and --plot writable, neither one an input file nor each other."""
+    from tpc.exports.atomic import check_output_path, refuse_overwriting
 
-    written = {}
+    if output is not None and Path(output).suffix.lower() != ".json":
+        raise TpcError(f"-o {str(output)!r} is where the recipe goes, a JSON file: give it a .json name "
+                       "(the artifact is written by tpc compile --recipe)")
     for flag, path in (("-o", output), ("--plot", plot)):
-        if path is None or path == "":
-            continue
-        check_output_path(path, flag)
-        real = os.path.realpath(path)
-        if real == os.path.realpath(data):
-            raise TpcError(f"{flag} {str(path)!r} is the --data file: writing there would overwrite your data; "
-                           "choose another path")
-        if real in written:
-            raise TpcError(f"{flag} {str(path)!r} is also {written[real]}: give the recipe and the plot different paths")
-        written[real] = flag
+        if path:
+            check_output_path(path, flag)
+    refuse_overwriting([("-o", output), ("--plot", plot)], [("the model you tune", model),
+                                                            ("the --weights file", weights), ("the --data file", data)])
 
 
 def _on_whole_tuning_part(search: Search, c: Candidate) -> Candidate:
