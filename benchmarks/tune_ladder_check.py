@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tpc  # noqa: E402
 from tpc import models  # noqa: E402
 from tpc.dataset import accuracy, load_dataset, predict  # noqa: E402
-from tpc.recipe import Step  # noqa: E402
+from tpc.recipe import Recipe, Step  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -45,8 +45,8 @@ def main(argv=None) -> int:
           f"{'u.bound':>7} {'check':>6}")
     verdicts = {True: "certified", False: "FAILS: stop", None: "not tested"}
     for rung in saved["ladder"]:
-        pm = tpc.compile(loaded.module, loaded.example_inputs, recipe=[Step(**s) for s in rung["steps"]],
-                         after=saved.get("after", "attention"), seed=saved.get("seed", 0))
+        recipe = Recipe([Step(**s) for s in rung["steps"]], saved.get("after", "attention"), saved.get("seed", 0))
+        pm = tpc.compile(loaded.module, loaded.example_inputs, recipe=recipe)
         preds = predict(pm, data, loaded.mean, loaded.std, args.batch, rung["recipe"], False)
         check = 100 * (base - accuracy(preds, ref, data.labels).top1)
         seen, unseen = rung.get("screened", {}), rung.get("unseen", {})
