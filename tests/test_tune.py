@@ -290,9 +290,9 @@ def test_a_latency_backend_tune_cannot_time_is_refused_before_the_model_loads():
 def test_outputs_onto_the_data_or_each_other_are_refused_before_any_work(tmp_path):
     data = _images(tmp_path / "d.npz", n=8)
     before = data.read_bytes()
-    for kwargs, message in (({"output": data}, "-o .* is the --data file"), ({"output": tmp_path / "r.json", "plot": data},
+    for kwargs, message in (({"output": data}, "give it a .json name"), ({"output": tmp_path / "r.json", "plot": data},
                             "--plot .* is the --data file"), ({"output": tmp_path / "r.json", "plot": tmp_path / "r.json"},
-                            "different paths")):
+                            "is also -o")):
         with pytest.raises(tpc.TpcError, match=message):
             run_tune("models:cli_tiny_vit", data, max_drop=100, time_budget=1, mean=MEAN, std=STD, **kwargs)
     assert data.read_bytes() == before and not (tmp_path / "r.json").exists()
