@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,25 @@ def test_an_integer_keep_under_5_percent_of_the_tokens_is_said(caplog):
         caplog.clear()
         tpc.compile(model, inputs, layers=[1], keep=keep)
         assert ("layer 1 keeps 1 of its 64 tokens" in caplog.text) == warned, (keep, caplog.text)
+def test_the_pt2_serialization_id_is_the_same_whatever_id_torch_drew():
+    """torch.export.save's serialization_id may differ between processes: the id tpc writes instead
+    is a digest of the rest of the archive, which once still held the drawn id's CRC-32."""
+    import torch
+
+    from tpc.pt2 import SERIALIZATION_ID, _fixed_serialization_id, replace_member
+
+    class AddOne(torch.nn.Module):
+        def forward(self, x):
+            return x + 1
+
+    drawn = io.BytesIO()
+    torch.export.save(torch.export.export(AddOne(), (torch.ones(2),)), drawn)
+    drawn = drawn.getvalue()
+    with zipfile.ZipFile(io.BytesIO(drawn)) as archive:
+        size = next(i.file_size for i in archive.infolist() if i.filename.endswith(SERIALIZATION_ID))
+    other = replace_member(drawn, SERIALIZATION_ID, b"7" * size)  # what another process may have drawn
+    with zipfile.ZipFile(io.BytesIO(other)) as archive:  # a valid archive (CRCs checked on read)
+        assert archive.read(next(n for n in archive.namelist() if n.endswith(SERIALIZATION_ID))) == b"7" * size
+        assert archive.testzip() is None
+    assert other != drawn
+    assert _fixed_serialization_id(other) == _fixed_serialization_id(drawn)

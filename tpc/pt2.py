@@ -152,32 +152,53 @@ def program_bytes(program: torch.export.ExportedProgram) -> bytes:
 
 
 def _fixed_serialization_id(data: bytes) -> bytes:
-    """``data`` with its ``serialization_id`` member replaced in place by a digest of everything else
-    (same length, stored uncompressed; the CRC-32 rewritten in the data descriptor and the central
-    directory, the two places a streamed zip keeps it)."""
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        infos = archive.infolist()
-        start_dir = archive.start_dir
-    info = next((i for i in infos if _inner(i.filename) == SERIALIZATION_ID), None)
-    if info is None:
+    """``data`` with its ``serialization_id`` member replaced in place by a digest of everything
+    else: the archive without the old id and without the CRC-32 fields that hold its checksum."""
+    places = _member_places(data, SERIALIZATION_ID)
+    if places is None:
         return data
+    begin, end, crcs = places
+    rest = bytearray(data)
+    for at in crcs:
+        rest[at:at + 4] = bytes(4)
+    digest = hashlib.sha256(bytes(rest[:begin]) + bytes(rest[end:])).digest()
+    size = end - begin
+    return replace_member(data, SERIALIZATION_ID, str(int.from_bytes(digest, "big") % 10 ** size).zfill(size).encode())
+
+
+def replace_member(data: bytes, name: str, content: bytes) -> bytes:
+    """``data`` with its stored member ``name`` (below the archive's top folder) holding ``content``
+    instead, of the same length; its CRC-32 rewritten wherever the zip keeps it."""
+    places = _member_places(data, name)
+    if places is None or len(content) != places[1] - places[0]:
+        raise ValueError(f"{name}: only a stored member's bytes can be replaced, by as many bytes")
+    begin, end, crcs = places
     out = bytearray(data)
-    _, _, _, _, _, _, _, _, _, name_len, extra_len = struct.unpack_from("<IHHHHHIIIHH", out, info.header_offset)
+    out[begin:end] = content
+    for at in crcs:
+        out[at:at + 4] = struct.pack("<I", zipfile.crc32(content))
+    return bytes(out)
+
+
+def _member_places(data: bytes, name: str) -> tuple[int, int, list[int]] | None:
+    """Where the stored member ``name``'s bytes begin and end in ``data``, and the offsets of its
+    CRC-32 fields (the local header's, or the data descriptor's after a streamed member, and the
+    central directory's); None when the archive holds no such stored member."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        infos, at = archive.infolist(), archive.start_dir
+    info = next((i for i in infos if _inner(i.filename) == name), None)
+    if info is None or info.compress_type != zipfile.ZIP_STORED:
+        return None
+    name_len, extra_len = struct.unpack_from("<HH", data, info.header_offset + 26)
     begin = info.header_offset + 30 + name_len + extra_len
     end = begin + info.file_size
-    digest = hashlib.sha256(bytes(out[:begin]) + bytes(out[end:start_dir])).digest()
-    new_id = str(int.from_bytes(digest, "big") % 10 ** info.file_size).zfill(info.file_size).encode()
-    out[begin:end] = new_id
-    crc = struct.pack("<I", zipfile.crc32(new_id))
     if info.flag_bits & 0x08:  # the CRC follows the data, after an optional descriptor signature
-        at = end + 4 if out[end:end + 4] == b"PK\x07\x08" else end
-        out[at:at + 4] = crc
+        crcs = [end + 4 if data[end:end + 4] == b"PK\x07\x08" else end]
     else:
-        out[info.header_offset + 14:info.header_offset + 18] = crc
-    at = start_dir
+        crcs = [info.header_offset + 14]
     for entry in infos:  # central directory headers, in the order they were read
-        n, m, k = struct.unpack_from("<HHH", out, at + 28)
+        n, m, k = struct.unpack_from("<HHH", data, at + 28)
         if entry is info:
-            out[at + 16:at + 20] = crc
+            crcs.append(at + 16)
         at += 46 + n + m + k
-    return bytes(out)
+    return begin, end, crcs
