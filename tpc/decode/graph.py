@@ -14,7 +14,8 @@ import torch
 from torch import fx
 
 from tpc.errors import TpcError
-from tpc.graph.nodes import is_op
+from tpc.decode import ops  # noqa: F401  (registers the tpc:: decode ops a written step holds)
+from tpc.graph.nodes import is_op, val
 from tpc.vlm.graph import layer_of
 
 aten = torch.ops.aten
@@ -40,8 +41,6 @@ class CacheAttention:
 
     @property
     def scale(self) -> float:
-        from tpc.graph.nodes import val
-
         scale = self.sdpa.kwargs.get("scale")
         return float(scale) if scale is not None else float(val(self.q).shape[-1]) ** -0.5
 
@@ -77,8 +76,6 @@ def cache_attention(gm: fx.GraphModule) -> list[CacheAttention]:
 
 def step_symbols(gm: fx.GraphModule) -> dict[str, str]:
     """Printable names of the decode step's symbols: B (batch), L (cached positions)."""
-    from tpc.graph.nodes import val
-
     past = [n for n in gm.graph.nodes if n.op == "placeholder"][3]
     shape = val(past).shape
     return {str(shape[0].node.expr): "B", str(shape[2].node.expr): "L"}
@@ -87,10 +84,8 @@ def step_symbols(gm: fx.GraphModule) -> dict[str, str]:
 def refuse_decode_step(module, name: str) -> None:
     """A decode step tpc wrote (a .pt2 of ``--pass tidal``) takes a KV cache, not a prompt:
     it is run by its own caller, and inspected or compiled from the model it came from."""
-    from tpc.decode import ops  # noqa: F401  (registers the tpc:: decode ops)
-
     graph = getattr(module, "graph", None)
-    ops = (torch.ops.tpc.top_positions.default, torch.ops.tpc.gather_positions.default)
-    if isinstance(graph, fx.Graph) and any(n.target in ops for n in graph.nodes):
+    decode_ops = (torch.ops.tpc.top_positions.default, torch.ops.tpc.gather_positions.default)
+    if isinstance(graph, fx.Graph) and any(n.target in decode_ops for n in graph.nodes):
         raise TpcError(f"{name} is a decode step tpc wrote (decode-time sparse attention): it takes a KV cache, not a "
                        "prompt; inspect or compile the model it came from (with --pass tidal --layers … --keep …)")
