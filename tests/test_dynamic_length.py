@@ -165,3 +165,13 @@ def test_the_check_names_its_half_length_run(tmp_path):
     """`tpc compile` says "checked … at batch 1 and 2, and batch 2 at 8 tokens", not "at batch 1 and 2 and 2"."""
     result = tpc.export(compiled("topk-cls"), tmp_path / "m.onnx")
     assert result.batches == (1, 2, 2) and result.where() == "at batch 1 and 2, and batch 2 at 8 tokens"
+
+
+def test_the_module_refuses_the_lengths_its_pt2_refuses_in_one_line():
+    """A length of 1 fails the .pt2's guard (torch.export specialises 0 and 1): the module says the same
+    range in one line, instead of running a length no exported artifact was captured for."""
+    pm = compiled("topk-cls")
+    assert length_range(pm.graph_module) == (2, MAX_LENGTH)
+    with pytest.raises(tpc.TpcError, match=r"takes 2-128 tokens .*not 1: pad the text to at least 2 tokens"):
+        pm(*batch([1, 1], 1))
+    assert pm(*batch([2, 1], 2)).shape == (2, 32)

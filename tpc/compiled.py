@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from tpc.capture import is_token_input, length_range
 from tpc.errors import TpcError
 
 
@@ -123,8 +124,23 @@ class TpcModule(nn.Module):
     def forward(self, *args, **kwargs):
         if kwargs:
             args = self._by_position(args, kwargs)
+        self._check_length(args)
         with torch.no_grad():
             return self.graph_module(*args)
+
+    def _check_length(self, args: tuple) -> None:
+        """A token length outside the captured range refused in one line, as the .pt2 refuses it
+        (its guard) and as the ONNX file is documented: one range for every artifact. Length 1 is
+        outside it because torch.export specialises sizes 0 and 1, so a dynamic length starts at 2."""
+        lengths = length_range(self.graph_module)
+        length = next((x.shape[1] for x in args if is_token_input(x)), None)
+        if lengths is None or length is None:
+            return
+        low, high = lengths
+        if length < low or (high is not None and length > high):
+            span = f"{low} or more" if high is None else f"{low}-{high}"
+            fix = f"pad the text to at least {low} tokens" if length < low else f"cut the text to {high} tokens"
+            raise TpcError(f"this pruned model takes {span} tokens (the range torch.export captured), not {length}: {fix}")
 
     def _by_position(self, args: tuple, kwargs: dict) -> tuple:
         """Keyword arguments (a tokenizer's output: ``pruned(**batch)``) in the captured inputs' order."""
