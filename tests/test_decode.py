@@ -205,6 +205,21 @@ def test_generate_without_a_mask_masks_the_pad_tokens_as_hf(captured):
         sparse.generate(ids, max_new_tokens=0)
 
 
+def test_generate_past_a_sliding_window_is_refused():
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                                        pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    model = transformers.MistralForCausalLM(config).eval()
+    sparse = compile_decoder(model, layers=[0], keep=64)
+    ids = torch.randint(3, 96, (1, 6))
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, max_new_tokens=2, do_sample=False)
+    assert torch.equal(sparse.generate(ids, max_new_tokens=2), expected)  # within the window
+    with pytest.raises(TpcError, match="sliding window of 8 tokens"):
+        sparse.generate(ids, max_new_tokens=3)
+
+
 def test_the_decode_ops_match_loops_and_their_fakes():
     gen = torch.Generator().manual_seed(1)
     cache, index = torch.randn(2, 3, 7, 4, generator=gen), torch.randint(0, 7, (2, 3, 5), generator=gen)

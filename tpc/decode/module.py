@@ -129,6 +129,7 @@ class DecodeModule(nn.Module):
         pad = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
         warpers = _warpers(config)
         new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - input_ids.shape[1]
+        _refuse_past_window(self._model[0], input_ids.shape[1] + new)
         logits, cache, positions = self.prefill(input_ids, attention_mask)
         kv = KVBuffer(cache, input_ids.shape[1] + max(new, 1))
         position = positions[:, -1:]
@@ -162,6 +163,26 @@ def _refuse_outside_vocabulary(input_ids: torch.Tensor, vocab_size: int) -> None
     if low < 0 or high >= vocab_size:
         raise TpcError(f"input_ids hold token id {low if low < 0 else high}, outside the model's vocabulary "
                        f"(0-{vocab_size - 1}): use the tokenizer that belongs to this model")
+
+
+def sliding_window(config) -> int | None:
+    """The window of the model's sliding-window attention layers (Mistral's ``sliding_window``,
+    Qwen2's ``use_sliding_window``), or None when every layer attends to the whole cache."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None and "sliding_attention" not in types or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return window
+
+
+def _refuse_past_window(model: nn.Module, tokens: int) -> None:
+    """Past its window a sliding-window model keeps only the window's positions in its cache,
+    which the captured decode step (reading every cached position) does not: one line instead."""
+    window = sliding_window(model.config)
+    if window is not None and tokens > window:
+        raise TpcError(f"{type(model).__name__} attends within a sliding window of {window} tokens, and the decode "
+                       f"step covers prompt and new tokens up to that window only ({tokens} asked): shorten the "
+                       "prompt or max_new_tokens")
 
 
 class KVBuffer:
