@@ -283,6 +283,7 @@ def test_cli_refuses_a_decode_step_suffix_before_loading(cli, tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["--keep", "0"], "give a budget of 1 or more"),
     (["--keep", "0.5"], "a number of cached positions"),
+    (["--keep", "99999999999999999999999"], "more than the 1048576 cached positions"),
     (["--layers", "9"], "selection layer 9 is out of range"),
 ])
 def test_cli_bad_settings_give_one_line_and_no_file(tmp_path, capsys, args, words):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tpc.decode.capture import MAX_CACHE
 from tpc.errors import TpcError
 from tpc.schedule import parse_layers
 
@@ -84,4 +85,7 @@ def _count(keep) -> int:
     if keep < 1:
         raise TpcError(f"keep {keep} leaves the sparse layers nothing to attend to but the new token: give a budget "
                        "of 1 or more cached positions, such as 256")
+    if keep > MAX_CACHE:
+        raise TpcError(f"keep {keep} is more than the {MAX_CACHE} cached positions a decode step takes: give a budget "
+                       "such as 256 (a budget over the cache reads the whole cache)")
     return keep
