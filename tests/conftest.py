@@ -11,6 +11,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+if os.environ.get("TPC_TOY_METHOD"):  # test_registry.py: a method registered as a new one would be
+    import toy_method  # noqa: F401
+
 SHARED = Path(os.environ.get("TPC_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data"
 MAX_WORKERS = 8  # beyond this, starting a worker (torch import, captures) costs more than it saves
 

@@ -4,18 +4,22 @@ tested everywhere without editing tests. A spec is a method name, optionally wit
 
 from __future__ import annotations
 
-from tpc.passes import METHODS
+from tpc.registry import METHODS, Kind, Where
 
+ENCODER = [m for m in METHODS.values() if m.applies(Where.ENCODER)]
+ENCODER_METHODS = [m.name for m in ENCODER]
 # Options that change the graph enough to be tested as a method of their own.
 VARIANTS = ("topk-cls+fuse",)
-SPECS = [*METHODS, *VARIANTS]
+SPECS = [*ENCODER_METHODS, *VARIANTS]
 
-# Methods that merge tokens rather than keep a subset of them: they take no attention mask and
-# need a fixed sequence length. Every other method (a new one included) is tested on padded text.
-MERGING = ("tome",)
-SELECTING = [m for m in METHODS if m not in MERGING]
+# Methods that keep a subset of the tokens, taking an attention mask at any sequence length, are
+# tested on padded text; merging methods (no mask, a fixed length) are not.
+SELECTING = [m.name for m in ENCODER if m.kind is Kind.SELECT and m.takes_mask and not m.fixed_length]
 # What a selecting method needs at a dynamic sequence length (zero-tprune's similarity stage needs a fixed one).
 DYNAMIC_LENGTH_OPTIONS = {"zero-tprune": {"similarity": 0.0}}
+# The methods that prune a VLM's visual tokens before the language model, and after a decoder layer.
+VISUAL_BEFORE = [m.name for m in METHODS.values() if m.applies(Where.VISUAL_BEFORE_LM)]
+VISUAL_INSIDE = [m.name for m in METHODS.values() if m.applies(Where.VISUAL_IN_LM)]
 
 
 def parse_spec(spec: str) -> tuple[str, dict | None]:

@@ -10,10 +10,11 @@ from torch import nn
 
 import tpc
 from models import TEST_MODELS, EncoderClassifier, sharpen
+from specs import ENCODER_METHODS
 from tpc.capture import capture
 from tpc.flops import count_flops
 from tpc.graph import count_prefix_tokens, find_attention_sites, find_stream_point
-from tpc.passes import METHODS, Role
+from tpc.passes import Role
 
 
 @pytest.mark.parametrize("name, kind", [("timm_vit", "sdpa"), ("handwritten_vit", "explicit"), ("transformer_encoder", "sdpa")])
@@ -114,7 +115,7 @@ def _vit_macs(tokens_attention: list[int], tokens_mlp: list[int], dim=32, heads=
     return total
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", ENCODER_METHODS)
 def test_flops_split_by_role(method):
     """Model compute is the pruned ViT's own work, whatever the method (ToMe's proportional attention
     included); the overhead is the method's scoring alone."""

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from specs import VISUAL_BEFORE, VISUAL_INSIDE
 from tpc.errors import TpcError
 from tpc.vlm import capture_prefill, compile_vlm, prune
 from tpc.vlm.inputs import prompt_positions
@@ -105,6 +106,43 @@ def test_diversity_before_the_language_model(llava, method, select):
     rows = real(inputs["attention_mask"], kept)
     assert torch.allclose(out.logits[rows], ref[rows], atol=1e-5)
     assert all(out.cache.layers[i].keys.shape[2] == kept.shape[1] for i in range(3))
+
+
+def _keeps_text_and_visual(kept: torch.Tensor, ids: torch.Tensor, keep: int) -> None:
+    for row, example in zip(kept, ids):
+        visual = example == IMAGE
+        assert row.unique().numel() == row.numel() and torch.equal(row, row.sort().values)
+        assert int(visual[row].sum()) == keep and int((~visual[row]).sum()) == int((~visual).sum())
+
+
+@pytest.mark.parametrize("method", VISUAL_BEFORE)
+def test_every_method_before_the_language_model_runs_it_on_the_tokens_it_keeps(llava, method):
+    """Each method the registry says prunes visual tokens before the language model: every text
+    token and ``keep`` visual tokens per example stay, and the logits are the eager language
+    model's on exactly those positions, whatever the method chose."""
+    model, inputs, program = llava
+    keep = 5
+    out = prune(model, program, inputs, method=method, keep=keep).prefill(**inputs)
+    kept = out.kept[0]
+    _keeps_text_and_visual(kept, inputs["input_ids"], keep)
+    embeds = hf_forward(model, inputs, output_hidden_states=True).hidden_states[0]
+    rows = real(inputs["attention_mask"], kept)
+    assert torch.allclose(out.logits[rows], reference(model, inputs, embeds, kept, 0)[rows], atol=1e-5)
+
+
+@pytest.mark.parametrize("method", VISUAL_INSIDE)
+def test_every_method_inside_the_language_model_runs_it_on_the_tokens_it_keeps(llava, method):
+    """The same after decoder layer 1, for each method the registry says prunes there; the
+    layers after the cut cache only the kept positions."""
+    model, inputs, program = llava
+    layer, keep = 1, 4
+    out = prune(model, program, inputs, method=method, layers=layer, keep=keep).prefill(**inputs)
+    kept = out.kept[0]
+    _keeps_text_and_visual(kept, inputs["input_ids"], keep)
+    hidden = hf_forward(model, inputs, output_hidden_states=True).hidden_states[layer + 1]
+    rows = real(inputs["attention_mask"], kept)
+    assert torch.allclose(out.logits[rows], reference(model, inputs, hidden, kept, layer + 1)[rows], atol=1e-5)
+    assert out.cache.layers[layer + 1].keys.shape[2] == kept.shape[1]
 
 
 @pytest.mark.slow
@@ -534,8 +572,8 @@ def test_vtc_cls_on_a_siglip_tower_names_the_methods_that_work():
               "pixel_values": torch.randn(2, 3, 32, 32)}
     with pytest.raises(TpcError) as err:
         compile_vlm(model, inputs, method="topk-cls", keep=0.5)
-    assert str(err.value) == ("SiglipVisionModel has no [CLS] token, so topk-cls (VTC-CLS) cannot score its visual "
-                              "tokens: use fastv, divprune, kcenter, random")
+    assert str(err.value) == ("SiglipVisionModel has no [CLS] token, so topk-cls cannot score its visual tokens "
+                              "with [CLS] attention: use kcenter, divprune, fastv, random")
 
 
 def test_cli_lines_for_a_vlm(llava, tmp_path, capsys):

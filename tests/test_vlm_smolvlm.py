@@ -137,8 +137,8 @@ def test_bad_inputs_are_refused_in_one_line(smol):
         assert "\n" not in str(err.value)
     with pytest.raises(TpcError, match="beyond the language model's depth"):
         compile_vlm(model, inputs, method="fastv", layers=3)
-    with pytest.raises(TpcError, match=r"SmolVLMVisionTransformer has no \[CLS\] token, so topk-cls \(VTC-CLS\) cannot "
-                                       "score its visual tokens: use fastv, divprune, kcenter, random$"):
+    with pytest.raises(TpcError, match=r"SmolVLMVisionTransformer has no \[CLS\] token, so topk-cls cannot "
+                                       "score its visual tokens with \\[CLS\\] attention: use kcenter, divprune, fastv, random$"):
         compile_vlm(model, inputs, method="topk-cls", keep=0.5)
 
 

@@ -9,6 +9,6 @@
 from tpc import kernels  # noqa: F401  (registers the tpc:: ops before anything uses them)
 from tpc.api import compile, export, inspect
 from tpc.errors import TpcError, TpcInternalError
+from tpc.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["TpcError", "TpcInternalError", "__version__", "compile", "export", "inspect"]

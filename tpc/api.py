@@ -21,8 +21,8 @@ from tpc.graph.nodes import val
 from tpc.passes import FuseAttentionScores, InsertPrune, PassManager, ProportionalAttention, compactions, get_method
 from tpc.passes.compaction import pruned_outputs
 from tpc.recipe import Step, check_steps, load_recipe, steps_from_pass
+from tpc.registry import METHODS, VISUAL, Where, methods_for
 from tpc.schedule import parse_keep, parse_layers, parse_removals, read_r
-from tpc.vlm.prune_visual import METHODS as VISUAL_METHODS
 
 logger = logging.getLogger("tpc")
 
@@ -87,7 +87,13 @@ def _maybe_vlm(model, method: str, layers) -> bool:
     """Whether compile must load the model before parsing encoder options: it may be a VLM."""
     if isinstance(model, nn.Module):
         return vlm.is_vlm(model)
-    return method in vlm.VLM_ONLY or (layers is None and models.could_be_vlm(str(model)))
+    return _visual_only(method) or (layers is None and models.could_be_vlm(str(model)))
+
+
+def _visual_only(method) -> bool:
+    """Whether ``method`` prunes a VLM's visual tokens but no encoder's tokens (fastv)."""
+    known = METHODS.get(method)
+    return known is not None and known.applies(*VISUAL) and not known.applies(Where.ENCODER)
 
 
 def _prefix_of(gm: fx.GraphModule, sites) -> tuple[int, str]:
@@ -255,14 +261,14 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
             return compile_vlm(*resolved[:2])
     if vision_layer is not None and isinstance(model, nn.Module) and not vlm.is_vlm(model):
         refuse_vision_layer(type(model).__name__)
-    if recipe is None and method in vlm.VLM_ONLY:
+    if recipe is None and _visual_only(method):
         raise TpcError(f"{method} prunes the visual tokens of a vision-language model ({', '.join(vlm.FAMILIES)}); "
                        f"{type(model).__name__ if isinstance(model, nn.Module) else model} is not one")
     if recipe is not None:
         loaded = load_recipe(recipe)
         steps, after, seed = loaded.steps, loaded.after, loaded.seed
     else:
-        spec = get_method(method)
+        spec = get_method(method, Where.ENCODER)
         options = spec.resolve_options(options)
         every_layer = layers is None and spec.every_layer_by_default  # ToMe merges at every layer
         layer_list = None if every_layer else parse_layers(layers)
@@ -368,7 +374,7 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
         layers = decode.decoder_spec(module)[0]
         return decode.describe(module, decode.make_plan(compile_kwargs["method"], layers, compile_kwargs.get("layers"),
                                                         compile_kwargs.get("keep")))
-    if compile_kwargs.get("method") in vlm.VLM_ONLY:
+    if _visual_only(compile_kwargs.get("method")):
         return compile(model, example_inputs, **compile_kwargs).report
     if not prunes(compile_kwargs.get("method") or "topk-cls", compile_kwargs.get("layers")) \
             and compile_kwargs.get("recipe") is None:
@@ -376,7 +382,7 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
         load_kwargs = {k: compile_kwargs[k] for k in LOAD_KEYWORDS if k in compile_kwargs}
         module, inputs, name = _resolve(model, example_inputs, **load_kwargs)
         if vlm.is_vlm(module):
-            if compile_kwargs.get("method") in VISUAL_METHODS or compile_kwargs.get("vision_layer") is not None:
+            if compile_kwargs.get("method") in methods_for(*VISUAL) or compile_kwargs.get("vision_layer") is not None:
                 # no layers: pruned before the language model (a vision_layer alone: topk-cls, the default)
                 settings = {k: v for k, v in compile_kwargs.items() if k not in LOAD_KEYWORDS}
                 return compile(module, inputs, **settings).report

@@ -151,11 +151,12 @@ def cmd_compile(args) -> int:
 def cmd_passes(args) -> int:
     from tpc.decode.plan import DECODE_METHODS
 
-    from tpc.passes import METHODS
+    from tpc.registry import METHODS
 
     width = max(len(n) for n in METHODS)
     for m in METHODS.values():
         print(f"{m.name:<{width}}  {m.summary}\n{'':<{width}}  paper: {m.paper}")
+        print(f"{'':<{width}}  {m.capabilities()}")
         if m.options:
             print(f"{'':<{width}}  options: " + ", ".join(f"{k}={v!r}" for k, v in m.options.items()))
     for name, (summary, paper) in DECODE_METHODS.items():

@@ -23,7 +23,7 @@ import torch
 from torch import fx
 
 from tpc.graph.nodes import aten, input_symbols, size_at, target_packet, val
-from tpc.passes.compaction import Role, role_of
+from tpc.record import Role, role_of
 
 
 def _concrete(x, sizes: dict | None = None) -> tuple[int, ...]:

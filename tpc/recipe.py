@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tpc.errors import TpcError, check_readable
+from tpc.registry import Kind, Where, get_method
 from tpc.schedule import KeepValue, Removal, parse_keep, parse_layers, parse_removals, read_r
+from tpc.version import __version__
 
 FORMAT = "tpc-recipe/1"
 
@@ -74,14 +76,12 @@ def steps_from_pass(method: str, layers, keep=0.7, r=None, options: dict | None 
 
 def check_steps(steps: list[Step]) -> list[Step]:
     """Validated steps in layer order, each method's options resolved; illegal recipes refused in one line."""
-    from tpc.passes import get_method
-
     if not steps:
         raise TpcError("the recipe has no steps: give at least one (layer, method, keep or r)")
     parse_layers([s.layer for s in steps])  # integers, non-negative, each layer once
-    out, merged = [], False
+    out, merged = [], None  # the first merging method so far
     for s in sorted(steps, key=lambda s: s.layer):
-        method = get_method(s.method)
+        method = get_method(s.method, Where.ENCODER)
         if (s.keep is None) == (s.r is None):
             raise TpcError(f"recipe step at layer {s.layer} needs exactly one of keep and r")
         if s.r is not None:
@@ -90,9 +90,9 @@ def check_steps(steps: list[Step]) -> list[Step]:
             parse_keep([s.keep], 1)
         options = method.resolve_options(s.options)
         if merged and options.get("fuse"):
-            raise TpcError(f"recipe step at layer {s.layer}: topk-cls with fuse=True cannot follow a tome step "
-                           "(the fused token's size is not tracked); drop fuse or move tome after it")
-        merged = merged or s.method == "tome"
+            raise TpcError(f"recipe step at layer {s.layer}: {s.method} with fuse=True cannot follow a {merged} step "
+                           f"(the fused token's size is not tracked); drop fuse or move {merged} after it")
+        merged = merged or (s.method if method.kind is Kind.MERGE else None)
         out.append(Step(s.layer, s.method, s.keep, s.r, options))
     return out
 
@@ -122,8 +122,6 @@ class Recipe:
     info: dict = field(default_factory=dict)  # model, tpc_version, metric, measured, search
 
     def as_dict(self) -> dict:
-        from tpc import __version__
-
         head = {"format": FORMAT, "model": self.info.get("model"), "tpc_version": self.info.get("tpc_version", __version__)}
         body = {"after": self.after, "seed": self.seed, "steps": [s.as_dict() for s in self.steps]}
         rest = {k: v for k, v in self.info.items() if k not in head}

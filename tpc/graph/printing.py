@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from tpc.graph.nodes import shape_text, symbol_names, target_packet, val
-from tpc.passes.compaction import is_rewritten, role_of
+from tpc.record import is_rewritten, role_of
 
 
 def _op_name(node: fx.Node) -> str:

@@ -5,7 +5,7 @@ from tpc.passes.fuse_attention_scores import FuseAttentionScores
 from tpc.passes.infra import Pass, PassManager, PassResult
 from tpc.passes.insert_prune import InsertPrune
 from tpc.passes.proportional_attention import ProportionalAttention
-from tpc.passes.prune_methods import METHODS, get_method
+from tpc.registry import METHODS, get_method
 
 __all__ = ["METHODS", "Compaction", "FuseAttentionScores", "InsertPrune", "Pass", "PassManager", "PassResult",
            "ProportionalAttention", "Role", "compactions", "get_method", "role_of"]

@@ -1,95 +1,31 @@
-"""What passes tell each other: one typed record per compaction and a role for every inserted node.
+"""``Builder``: how a pass inserts nodes, each with a :class:`~tpc.record.Role` and fake value.
 
-A compaction (``insert_prune`` at one layer) is described by a frozen :class:`Compaction`
-kept on the node of the new stream; every node a pass inserts carries a :class:`Role`.
-FLOPs, reports, visualisation and later passes read these through this module only
-(``compactions``, ``role_of``, ``is_rewritten``), never through metadata keys of their own.
+The records passes leave (``Compaction``, roles, rewritten marks) live in :mod:`tpc.record`,
+below ``graph/`` and ``passes/``; they are re-exported here for the passes.
 """
 
 from __future__ import annotations
 
-import enum
 import operator
-from dataclasses import dataclass
 
+import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 
 from tpc.graph.nodes import val
-
-_RECORD = "tpc_compaction"
-_ROLE = "tpc_role"
-_REWRITTEN = "tpc_rewritten"
-
-
-class Role(enum.Enum):
-    """What an inserted node computes, for cost accounting and reports."""
-
-    SCORING = "scoring"  # token scores and what feeds them (attention probabilities, PageRank, keys averaged)
-    SELECTION = "selection"  # which tokens stay: top-k, greedy selections, matching, index bookkeeping
-    GATHER = "gather"  # moving tokens: gathers, merges, fused token, restore, side-tensor gathers, layout glue
-    MODEL = "model"  # the model's own computation, rewritten (ToMe's proportional attention, fused SDPA)
-
-
-@dataclass(frozen=True)
-class Compaction:
-    """One N -> K change of the token count after a layer.
-
-    ``out`` is the new stream ([B, tokens_out, C], before any permute back to a [N, B, C] stream's
-    layout), ``index`` the [B, tokens_out] original position each output token stands for (side
-    tensors are gathered with it), ``merge`` the ``tpc.merge_tokens`` node whose output 1 holds
-    token sizes (ToMe), ``carries`` the earlier record whose token sizes a later gather carries on.
-    """
-
-    layer: int
-    method: str
-    module: str
-    out: fx.Node
-    index: fx.Node
-    tokens_in: int
-    tokens_out: int
-    prefix: int
-    merge: fx.Node | None = None
-    carries: Compaction | None = None  # a gather after a merge: the record whose token sizes it carries on
-
-
-def attach(record: Compaction) -> None:
-    record.out.meta[_RECORD] = record
-
-
-def compactions(gm: fx.GraphModule) -> list[Compaction]:
-    """The compaction records of the graph, in graph order."""
-    return [n.meta[_RECORD] for n in gm.graph.nodes if _RECORD in n.meta]
-
-
-def role_of(node: fx.Node) -> Role | None:
-    """The role of a node a pass inserted; None for the model's own nodes."""
-    return node.meta.get(_ROLE)
-
-
-def set_role(node: fx.Node, role: Role) -> None:
-    if not isinstance(role, Role):
-        raise TypeError(f"role must be a tpc.passes.compaction.Role, not {role!r}")
-    node.meta[_ROLE] = role
-
-
-def mark_rewritten(node: fx.Node) -> None:
-    """Mark a node of the model whose arguments a pass rewrote, or that replaces one in place."""
-    node.meta[_REWRITTEN] = True
-
-
-def is_rewritten(node: fx.Node) -> bool:
-    return bool(node.meta.get(_REWRITTEN))
-
+from tpc.record import (Compaction, Role, attach, compactions, is_rewritten, mark_pruned_outputs,  # noqa: F401
+                        mark_rewritten, pruned_outputs, role_of, set_role)
 
 class Builder:
     """Inserts nodes one after another, computing their fake values as it goes; each has a role."""
 
-    def __init__(self, gm: fx.GraphModule, anchor: fx.Node):
+    def __init__(self, gm: fx.GraphModule, anchor: fx.Node, like: fx.Node | None = None):
+        """Insert after ``anchor``; each node takes the ``nn_module_stack`` of ``like`` (default: the anchor)."""
         self.graph = gm.graph
         self.cursor = anchor
-        self.like = anchor
-        self.fake_mode = detect_fake_mode([val(anchor)])
+        self.like = like if like is not None else anchor
+        values = [val(anchor)] + [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
+        self.fake_mode = detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
         self.inserted: list[fx.Node] = []
 
     def op(self, target, *args, role: Role, value=None) -> fx.Node:
@@ -116,15 +52,3 @@ def merge_sizes(merge: fx.Node) -> fx.Node:
     node.meta.update(val=val(merge)[1], nn_module_stack=merge.meta.get("nn_module_stack", {}))
     set_role(node, Role.GATHER)
     return node
-
-
-_PRUNED_OUTPUTS = "tpc_pruned_outputs"
-
-
-def mark_pruned_outputs(gm: fx.GraphModule, outputs: list[int]) -> None:
-    """Note graph outputs that carry the token axis (they hold the kept tokens only)."""
-    gm.meta.setdefault(_PRUNED_OUTPUTS, set()).update(outputs)
-
-
-def pruned_outputs(gm: fx.GraphModule) -> list[int]:
-    return sorted(gm.meta.get(_PRUNED_OUTPUTS, ()))

@@ -45,7 +45,8 @@ from tpc.passes.cleanup import finish
 from tpc.passes.compaction import Builder, Compaction, Role, attach, compactions
 from tpc.passes.infra import Pass, PassResult
 from tpc.passes.propagate_token_axis import propagate
-from tpc.passes.prune_methods import PruneContext, get_method, stream_sizes
+from tpc.passes.prune_methods import PruneContext, stream_sizes
+from tpc.registry import Where, get_method
 from tpc.schedule import KeepValue, Removal, kept_count, ratio_fraction
 
 logger = logging.getLogger("tpc.passes")
@@ -60,7 +61,7 @@ def _self_attention_layers(sites) -> str:
 class InsertPrune(Pass):
     def __init__(self, method: str, layer: int, keep: KeepValue, prefix: int, after: str = "attention",
                  seed: int = 0, options: dict | None = None, restore: bool = False):
-        self.method = get_method(method)
+        self.method = get_method(method, Where.ENCODER)
         self.options = self.method.resolve_options(options)
         self.layer = layer
         self.keep = keep
@@ -120,7 +121,7 @@ class InsertPrune(Pass):
         ctx = PruneContext(site=site, point=point, stream=stream, tokens=tokens, kept=kept, prefix=self.prefix,
                            layer=self.layer, depth=len(sites), seed=self.seed, options=self.options,
                            sizes=stream_sizes(gm, sized) if sized is not None else None)
-        result = self.method.build(b, ctx)
+        result = self.method.implementation(Where.ENCODER)(b, ctx)
         out = result.out
         if to_canonical is not None:
             out = b.op(aten.permute.default, result.out, from_canonical, role=Role.GATHER)

@@ -5,14 +5,14 @@ A method gets a ``Builder`` positioned right after the stream tensor and a ``Pru
 emits ``tpc::`` ops: scores, a selection, and a gather (or a merge). It returns the new
 stream and the [B, K] index of the original position each output token stands for, which
 ``propagate_token_axis`` uses to gather side tensors. The algorithms live in
-:mod:`tpc.methods`; this module only wires q, k, masks and the stream into the ops.
+:mod:`tpc.methods`; this module only wires q, k, masks and the stream into the ops. Each
+``build_*`` is a method's implementation at ``Where.ENCODER`` in :mod:`tpc.registry`.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -23,6 +23,7 @@ from tpc.graph.nodes import aten, numeric_shape, val
 from tpc.methods import tome
 from tpc.methods.zero_tprune import auto_iterations, s_stage_drop_count
 from tpc.passes.compaction import Builder, Role, merge_sizes
+from tpc.registry import METHODS, Where
 
 tpc_ops = torch.ops.tpc
 
@@ -241,8 +242,9 @@ def build_tome(b: Builder, ctx: PruneContext) -> MethodOutput:
             f"{ctx.tokens - ctx.prefix - limit} tokens there, or give r, which tome clamps to that bound as ToMe does"
         )
     if ctx.site.mask is not None:
+        masked = [m.name for m in METHODS.values() if m.applies(Where.ENCODER) and m.takes_mask]
         raise TpcError(f"tome does not take attention masks yet (layer {ctx.layer}): padding could be merged into "
-                       "real tokens; use topk-cls, topk-mass, zero-tprune, kcenter, divprune or random")
+                       f"real tokens; use {', '.join(masked[:-1])} or {masked[-1]}")
     match = b.op(tpc_ops.bipartite_match.default, mean_keys(b, ctx.site), r, ctx.prefix, role=Role.SELECTION)
     index = b.op(operator.getitem, match, 0, role=Role.SELECTION)
     assign = b.op(operator.getitem, match, 1, role=Role.SELECTION)
@@ -253,84 +255,3 @@ def build_tome(b: Builder, ctx: PruneContext) -> MethodOutput:
     merge = b.op(tpc_ops.merge_tokens.default, ctx.stream, sizes, assign, count, True, role=Role.GATHER)
     out = b.op(operator.getitem, merge, 0, role=Role.GATHER, value=val(ctx.stream))
     return MethodOutput(out, index, count, merge)
-
-
-def _number(name: str, value, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise TpcError(f"option {name} must be a number in [{low}, {high}], not {value!r}")
-
-
-def check_topk_cls(o: dict) -> None:
-    if not isinstance(o["fuse"], bool):
-        raise TpcError(f"option fuse must be True or False, not {o['fuse']!r}")
-
-
-def check_zero_tprune(o: dict) -> None:
-    it = o["iterations"]
-    if it != "auto" and (isinstance(it, bool) or not isinstance(it, int) or it < 0):
-        raise TpcError(f"option iterations must be 'auto' or an integer >= 0, not {it!r}")
-    _number("v_min", o["v_min"], 0.0, float("inf"))
-    _number("v_max", o["v_max"], o["v_min"], float("inf"))
-    if o["similarity"] != "auto":
-        _number("similarity", o["similarity"], 0.0, 1.0)
-    if o["partition"] not in ("sequential", "alternate"):
-        raise TpcError(f"option partition must be 'sequential' or 'alternate', not {o['partition']!r}")
-
-
-@dataclass(frozen=True)
-class PruneMethod:
-    name: str
-    paper: str
-    summary: str
-    build: Callable[[Builder, PruneContext], MethodOutput]
-    options: dict = field(default_factory=dict)
-    check: Callable[[dict], None] | None = None
-    # ToMe's conventions: r clamped per layer to max_removal(tokens, prefix); every layer when none are named
-    max_removal: Callable[[int, int], int] | None = None
-    every_layer_by_default: bool = False
-
-    def resolve_options(self, given: dict | None) -> dict:
-        given = dict(given or {})
-        unknown = sorted(set(given) - set(self.options))
-        if unknown:
-            valid = ", ".join(f"{k} (default {v!r})" for k, v in self.options.items()) or "none"
-            raise TpcError(f"{self.name} has no option {unknown[0]!r}; its options: {valid}")
-        options = {**self.options, **given}
-        if self.check is not None:
-            self.check(options)
-        return options
-
-
-METHODS: dict[str, PruneMethod] = {
-    m.name: m
-    for m in (
-        PruneMethod("topk-cls", "EViT (Liang et al., ICLR 2022); VTC-CLS (2024)",
-                    "keep the tokens [CLS] attends to most (head-mean attention); fuse=True appends EViT's fused token",
-                    build_topk_cls, {"fuse": False}, check_topk_cls),
-        PruneMethod("zero-tprune", "Zero-TPrune (Wang, Dedhia, Jha, CVPR 2024, arXiv 2305.17328)",
-                    "Weighted PageRank importance over the attention graph (VHF, EIR), I' -> S -> I stages",
-                    build_zero_tprune,
-                    {"iterations": "auto", "v_min": 0.01, "v_max": 0.7, "similarity": "auto", "partition": "sequential"},
-                    check_zero_tprune),
-        PruneMethod("kcenter", "ToDRE (greedy k-center token diversity)",
-                    "greedy k-center (farthest point) selection on token features, prefix tokens as first centers",
-                    build_kcenter),
-        PruneMethod("divprune", "DivPrune (Alvar et al., CVPR 2025)",
-                    "greedy max-min diversity with 1 - cosine distance", build_divprune),
-        PruneMethod("tome", "ToMe (Bolya et al., ICLR 2023)",
-                    "bipartite soft matching on head-averaged keys, size-weighted merge, proportional attention; "
-                    "r as ToMe takes it, clamped per layer as ToMe clamps it; every layer unless --layers",
-                    build_tome, max_removal=tome.max_merges, every_layer_by_default=True),
-        PruneMethod("topk-mass", "PoWER-BERT (Goyal et al., ICML 2020, arXiv 2001.08950); LTP (Kim et al., KDD 2022)",
-                    "keep the tokens that receive the most attention (column sums of the attention, head mean); "
-                    "no [CLS] needed; on SDPA layers the scores come from the layer's own attention",
-                    build_topk_mass),
-        PruneMethod("random", "baseline", "keep a seeded uniform random subset per example", build_random),
-    )
-}
-
-
-def get_method(name: str) -> PruneMethod:
-    if name not in METHODS:
-        raise TpcError(f"unknown pruning method {name!r}: choose one of {', '.join(METHODS)} (see `tpc passes`)")
-    return METHODS[name]

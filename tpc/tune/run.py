@@ -6,7 +6,7 @@ import dataclasses
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,14 +15,15 @@ from tpc import models
 from tpc.dataset import warn_if_labels_look_meaningless
 from tpc.errors import TpcError, refusal_or_bug
 from tpc.recipe import Recipe, check_steps, describe
+from tpc.registry import PruneMethod, Where, get_method
 from tpc.tune.data import load_tune_data, split
 from tpc.tune.engine import Engine
 from tpc.tune.metrics import choose_metric, first_tensor
 from tpc.tune.search import Candidate, LatencyTimer, Search, compiled, refusals, runs_faster
-from tpc.tune.space import GATHER_METHODS, candidates
+from tpc.tune.space import candidates, searched_by_default
+from tpc.version import __version__
 
 TARGETS = ("flops", "latency")
-DEFAULT_METHODS = (*GATHER_METHODS, "tome")
 
 
 def parse_time(text) -> float:
@@ -36,16 +37,23 @@ def parse_time(text) -> float:
 
 
 def parse_methods(text) -> list[str]:
-    from tpc.passes import get_method
-
     if text is None:
-        return list(DEFAULT_METHODS)
+        return searched_by_default()
     names = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
     for name in names:
-        get_method(name)
+        get_method(name, Where.ENCODER)
     if not names:
         raise TpcError("--methods is empty: name at least one method, e.g. --methods tome,topk-cls")
     return names
+
+
+def _cannot_run(method: PruneMethod, sites, prefix: int) -> str | None:
+    """Why ``method`` cannot prune this model (its capabilities against what the model has), or None."""
+    if not method.takes_mask and any(site.mask is not None for site in sites):
+        return f"the attention takes a mask ({method.name} refuses masks)"
+    if method.needs_cls and prefix < 1:
+        return "no [CLS] token found"
+    return None
 
 
 @dataclass
@@ -322,9 +330,7 @@ def run_tune(model, data, max_drop=None, target="flops", backend=None, batch=Non
     timer = LatencyTimer(engine, backend, batch) if target == "latency" else None
     search = Search(engine, metric_obj, references, base_scores, max_drop, max_flops, seconds,
                     sys.stderr.isatty() if progress is None else progress, confidence, timer)
-    skipped = {m: why for m, why in (("tome", "the attention takes a mask (tome refuses masks)" if any(
-        site.mask is not None for site in sites) else None), ("topk-cls", "no [CLS] token found" if prefix < 1 else None))
-        if why and m in method_list}
+    skipped = {m: why for m in method_list if (why := _cannot_run(get_method(m), sites, prefix))}
     space = candidates(len(sites), sites[0].tokens, prefix, [m for m in method_list if m not in skipped])
     if not space:
         raise TpcError(f"no method to search on {loaded.name}: " + "; ".join(f"{m}: {why}" for m, why in skipped.items()))
@@ -407,10 +413,6 @@ def _on_whole_tuning_part(search: Search, c: Candidate) -> Candidate:
 
 
 def _recipe_info(r: TuneResult, model: str) -> dict:
-    from dataclasses import asdict
-
-    from tpc import __version__
-
     best = r.best
     measured = {"flops_before": r.flops_before, "flops_after": r.flops_before * best.flops_ratio,
                 "flops_ratio": best.flops_ratio, "tuning": asdict(r.tuning) if r.tuning else None,

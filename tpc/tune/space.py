@@ -18,12 +18,10 @@ Families, for a model of D attention layers with N tokens (P of them prefix):
 
 from __future__ import annotations
 
-from tpc.methods.tome import max_merges as tome_max_merges
 from tpc.recipe import Step
+from tpc.registry import METHODS, Kind, PruneMethod, Where, get_method
 from tpc.schedule import kept_count, tome_schedule
 
-GATHER_METHODS = ("topk-cls", "topk-mass", "zero-tprune", "kcenter", "divprune")
-IMPORTANCE_METHODS = ("topk-cls", "topk-mass")
 KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5)
 TOME_FRACTIONS = tuple(k / 32 for k in range(2, 9))  # a sixteenth to a quarter of the tokens, per layer
 TOME_INFLECTIONS = (0.0, -0.5)  # ToMe's constant and decreasing schedules
@@ -38,14 +36,22 @@ def starts(depth: int) -> list[int]:
     return sorted({1, depth // 4, depth // 3, depth // 2, (2 * depth) // 3})
 
 
-def _tome_steps(layers, r: int, tokens: int, prefix: int, inflection: float = 0.0) -> list[Step] | None:
+def searched_by_default() -> list[str]:
+    """The encoder methods ``tpc tune`` searches unless told: the selecting ones, then the merging
+    ones, in registry order (baselines such as random are never searched)."""
+    encoder = [m for m in METHODS.values() if m.applies(Where.ENCODER) and not m.baseline]
+    return [m.name for kind in (Kind.SELECT, Kind.MERGE) for m in encoder if m.kind is kind]
+
+
+def _merge_steps(merge: PruneMethod, layers, r: int, tokens: int, prefix: int,
+                 inflection: float = 0.0) -> list[Step] | None:
     layers = list(layers)
     steps = []
     for layer, r_layer in zip(layers, tome_schedule(r, inflection, len(layers))):
-        if r_layer > tome_max_merges(tokens, prefix) or tokens - prefix - r_layer < 1:
+        if r_layer > merge.max_removal(tokens, prefix) or tokens - prefix - r_layer < 1:
             return None
         if r_layer:
-            steps.append(Step(layer, "tome", r=r_layer))
+            steps.append(Step(layer, merge.name, r=r_layer))
         tokens -= r_layer
     return steps or None
 
@@ -57,18 +63,22 @@ def _gather_steps(method: str, layers, keep: float) -> list[Step]:
 def candidates(depth: int, tokens: int, prefix: int, methods: list[str]) -> list[list[Step]]:
     """Every recipe of the grid for these methods, families interleaved."""
     families: list[list[list[Step]]] = []
-    for method in [m for m in methods if m not in ("tome",)]:
+    chosen = [get_method(m, Where.ENCODER) for m in methods]
+    for method in [m.name for m in chosen if m.kind is Kind.SELECT]:
         families.append([_gather_steps(method, range(s, depth), keep) for keep in KEEPS for s in starts(depth)])
-    if "tome" in methods:
+    # the mixed family's tail: selecting methods that read importance off one attention map, in registry order
+    importance = [m.name for m in METHODS.values() if m in chosen and m.kind is Kind.SELECT
+                  and m.criterion == "attention"]
+    for merge in [m for m in chosen if m.kind is Kind.MERGE]:
         rs = sorted({max(1, round(f * (tokens - prefix))) for f in TOME_FRACTIONS})
-        family = [_tome_steps(range(s, depth), r, tokens, prefix, inflection)
+        family = [_merge_steps(merge, range(s, depth), r, tokens, prefix, inflection)
                   for r in rs for s in starts(depth)[:2] for inflection in TOME_INFLECTIONS]
         families.append([f for f in family if f])
         mixed = []
-        for method in [m for m in IMPORTANCE_METHODS if m in methods]:
+        for method in importance:
             for t in starts(depth)[1:]:
                 for r in sorted({max(1, round(f * (tokens - prefix))) for f in MIXED_TOME_FRACTIONS}):
-                    head = _tome_steps(range(t), r, tokens, prefix)
+                    head = _merge_steps(merge, range(t), r, tokens, prefix)
                     if head is None:
                         continue
                     for keep in MIXED_KEEPS:

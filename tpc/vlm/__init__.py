@@ -11,7 +11,5 @@ from tpc.vlm.flops import prefill_flops, prefill_gflops
 from tpc.vlm.module import VlmModule
 from tpc.vlm.report import describe
 
-VLM_ONLY = ("fastv",)  # methods that only exist for VLMs
-
-__all__ = ["FAMILIES", "VLM_ONLY", "VlmModule", "capture_prefill", "compile_vlm", "describe", "is_vlm", "prefill_flops",
+__all__ = ["FAMILIES", "VlmModule", "capture_prefill", "compile_vlm", "describe", "is_vlm", "prefill_flops",
            "prefill_gflops", "prune", "spec_of"]

@@ -20,7 +20,8 @@ from tpc.vlm.family import family_of
 from tpc.vlm.flops import prefill_flops
 from tpc.vlm.graph import prompt_mask, visual_mask
 from tpc.vlm.module import Stage, VlmModule
-from tpc.vlm.prune_visual import METHODS, STATE, PruneVisual
+from tpc.registry import VISUAL, Where, get_method, methods_for
+from tpc.vlm.prune_visual import STATE, PruneVisual
 from tpc.vlm.report import describe
 
 
@@ -55,16 +56,20 @@ def _export(family, args: tuple, visual: int) -> torch.export.ExportedProgram:
 
 
 def stages_of(spec, visual: int, method: str, layers, keep) -> list[Stage]:
-    if method not in METHODS:
-        raise TpcError(f"method {method!r} does not prune visual tokens: choose one of {', '.join(METHODS)}")
-    if method == "topk-cls":
-        others = ", ".join(m for m in METHODS if m != method)
-        if not spec.vision_cls:
-            raise TpcError(f"{spec.vision_tower} has no [CLS] token, so topk-cls (VTC-CLS) cannot score its visual "
-                           f"tokens: use {others}")
-        if layers is not None:
-            raise TpcError("topk-cls (VTC-CLS) scores visual tokens with the vision tower's [CLS] attention, before "
-                           "the language model: drop layers (or use fastv to prune after a decoder layer)")
+    chosen = get_method(method)
+    if not chosen.applies(*VISUAL):
+        raise TpcError(f"method {method!r} does not prune visual tokens: choose one of {', '.join(methods_for(*VISUAL))}")
+    if chosen.needs_cls and not spec.vision_cls:
+        others = ", ".join(m for m in methods_for(*VISUAL) if not get_method(m).needs_cls)
+        raise TpcError(f"{spec.vision_tower} has no [CLS] token, so {method} cannot score its visual tokens with "
+                       f"[CLS] attention: use {others}")
+    if layers is not None and not chosen.applies(Where.VISUAL_IN_LM):
+        raise TpcError(f"{method} prunes visual tokens only before the language model: drop layers (or use "
+                       f"{', '.join(methods_for(Where.VISUAL_IN_LM))} to prune after a decoder layer)")
+    if layers is None and not chosen.applies(Where.VISUAL_BEFORE_LM):
+        raise TpcError(f"{method} prunes visual tokens only after a decoder layer (it reads that layer's attention): "
+                       "give the layer(s) to prune after (--layers), or prune before the language model with "
+                       + ", ".join(methods_for(Where.VISUAL_BEFORE_LM)))
     cuts = [0] if layers is None else [layer + 1 for layer in parse_layers(layers)]
     for cut in cuts:
         if cut - 1 >= spec.num_layers:
@@ -141,10 +146,12 @@ def prune(model: nn.Module, program: torch.export.ExportedProgram, inputs, *, me
 def _plan(family, visual: int, method: str, layers, keep, vision_layer) -> tuple[list[Stage], tuple | None]:
     """The stages, and for topk-cls the vision layer it reads; every refusal before any capture."""
     stages = stages_of(family.spec(), visual, method, layers, keep)
-    if vision_layer is not None and method != "topk-cls":
-        raise TpcError(f"vision_layer chooses the [CLS] attention topk-cls (VTC-CLS) scores with; {method} does not "
+    needs_cls = get_method(method).needs_cls
+    if vision_layer is not None and not needs_cls:
+        readers = ", ".join(m for m in methods_for(*VISUAL) if get_method(m).needs_cls)
+        raise TpcError(f"vision_layer chooses the [CLS] attention {readers} scores with; {method} does not "
                        "read the vision tower")
-    return stages, family.cls_scoring(vision_layer) if method == "topk-cls" else None
+    return stages, family.cls_scoring(vision_layer) if needs_cls else None
 
 
 def _rewrite(family, program, inputs, example: tuple, plan, method: str, seed: int) -> VlmModule:

@@ -18,6 +18,7 @@ from tpc.errors import TpcError, refusal_or_bug
 from tpc.exports.atomic import atomic_output, check_output_path
 from tpc.exports.checks import CheckResult, check_artifact
 from tpc.pt2 import load_program, program_bytes
+from tpc.vlm.inputs import layer_valid
 
 ONNX_LIMIT = 2**31  # a protobuf message above 2 GB cannot be serialized in one piece
 
@@ -98,8 +99,6 @@ def real_positions(module, args: tuple, outputs: list[torch.Tensor]) -> list[tor
     the first layer — are unspecified: torch and ONNX Runtime fill such rows differently, and
     no real token reads them. The kept positions (integers) are compared whole.
     """
-    from tpc.vlm.module import layer_valid
-
     n = module.spec.num_layers
     kept = list(outputs[1 + 2 * n:])
     valid = layer_valid(args[2], module.stages, kept, n)

@@ -22,7 +22,6 @@ and its head. What differs is ``visual`` and the positions:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,20 +29,7 @@ from torch.export import Dim
 
 from tpc.errors import TpcError
 from tpc.vlm.inputs import prompt_positions, visual_per_example
-
-
-@dataclass(frozen=True)
-class VlmSpec:
-    """What tpc needs to know about a VLM, read from its config."""
-
-    family: str
-    image_token_id: int
-    tokens_per_image: int | None  # None: it depends on the image's size (Qwen2-VL)
-    num_layers: int  # decoder layers of the language model
-    vision_layers: int
-    vision_cls: bool  # the vision tower has a [CLS] token
-    vision_tower: str  # class name, for reports
-    tower_in_graph: bool = True  # False: the vision encoder runs eagerly before the captured prefill
+from tpc.vlm.spec import VlmSpec
 
 
 def is_vlm(model) -> bool:

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from tpc.errors import TpcError
-
-if TYPE_CHECKING:
-    from tpc.vlm.family import VlmSpec
+from tpc.vlm.spec import VlmSpec
 
 
 def visual_per_example(spec: VlmSpec, input_ids: torch.Tensor, images: int, features: int) -> int:
@@ -70,3 +66,17 @@ def checked_mask(input_ids, attention_mask, pad_token_id=None, eos_token_id=None
         raise TpcError(f"example {int(empty[0, 0])} of the batch is all padding (its attention_mask is all 0): "
                        "give every example at least one real token")
     return mask
+
+
+def layer_valid(attention_mask: torch.Tensor, stages: list, kept: list[torch.Tensor], layers: int
+                ) -> list[torch.Tensor]:
+    """Per decoder layer, [B, tokens it saw] bool: which of its tokens (its cached keys) are real
+    prompt tokens, not padding; ``stages``: the pruning stages (their ``before_layer``), ``kept``:
+    each stage's kept positions in the prompt."""
+    valid, mask, stage = [], attention_mask.bool(), 0
+    for i in range(layers):
+        while stage < len(stages) and stages[stage].before_layer <= i:
+            mask = attention_mask.bool().gather(1, kept[stage])
+            stage += 1
+        valid.append(mask)
+    return valid

@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from tpc.errors import TpcError
 from tpc.vlm.family import Family, language_model
-from tpc.vlm.inputs import checked_mask
+from tpc.vlm.inputs import checked_mask, layer_valid
 
 if TYPE_CHECKING:  # transformers is an optional dependency: `import tpc` must work without it
     from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
@@ -199,19 +199,6 @@ def _as_captured(gm: fx.GraphModule, args: tuple) -> tuple:
     dtypes = [getattr(n.meta.get("val"), "dtype", None) for n in gm.graph.nodes if n.op == "placeholder"]
     return tuple(a.to(d) if d is not None and a.is_floating_point() and d.is_floating_point and a.dtype != d else a
                  for a, d in zip(args, dtypes))
-
-
-def layer_valid(attention_mask: torch.Tensor, stages: list[Stage], kept: list[torch.Tensor], layers: int
-                ) -> list[torch.Tensor]:
-    """Per decoder layer, [B, tokens it saw] bool: which of its tokens (its cached keys) are real
-    prompt tokens, not padding; ``kept``: each stage's kept positions in the prompt."""
-    valid, mask, stage = [], attention_mask.bool(), 0
-    for i in range(layers):
-        while stage < len(stages) and stages[stage].before_layer <= i:
-            mask = attention_mask.bool().gather(1, kept[stage])
-            stage += 1
-        valid.append(mask)
-    return valid
 
 
 def last_position(positions: torch.Tensor) -> torch.Tensor:

@@ -41,28 +41,40 @@ import logging
 import torch
 from torch import fx
 
+from dataclasses import dataclass
+
 from tpc.errors import TpcError
 from tpc.graph.nodes import describe, val
 from tpc.passes.cleanup import finish
-from tpc.passes.compaction import Role, mark_rewritten, set_role
+from tpc.passes.compaction import Builder, Role, mark_rewritten
 from tpc.passes.infra import Pass, PassResult
+from tpc.registry import VISUAL, Where, get_method, methods_for
 from tpc.vlm import ops  # noqa: F401  (registers the tpc:: VLM ops)
-from tpc.vlm.graph import decoder_layers, vision_attention
+from tpc.vlm.graph import DecoderLayer, decoder_layers, vision_attention
 
 logger = logging.getLogger("tpc.passes")
 tpc = torch.ops.tpc
 aten = torch.ops.aten
 
-METHODS = ("fastv", "divprune", "kcenter", "random", "topk-cls")
-# What each inserted op is for (FLOPs and reports count by role); the rest (gathers, sizes) move tokens.
-_ROLES = {tpc.last_token_attention.default: Role.SCORING, tpc.random_scores.default: Role.SCORING,
-          tpc.cls_attention.default: Role.SCORING, aten.reshape.default: Role.SCORING,
-          aten.slice.Tensor: Role.SCORING, tpc.visual_index.default: Role.SELECTION,
-          tpc.select_topk.default: Role.SELECTION, tpc.divprune.default: Role.SELECTION,
-          tpc.kcenter.default: Role.SELECTION, tpc.keep_visual.default: Role.SELECTION,
-          aten.expand.default: Role.SELECTION}
 STATE = "tpc_vlm"  # gm.meta key: {"visual": the placeholder mask, "attention_mask": the prompt's [B, S] mask input,
 #                   "positions": last kept positions, "stages", "inserted"}
+
+
+@dataclass
+class VisualContext:
+    """What a method's visual-token chooser reads: it returns ``chosen`` [B, keep], offsets into ``pos``."""
+
+    layers: list[DecoderLayer]
+    before: int  # the decoder layer the cut is before (0: before the language model)
+    stream: fx.Node  # the residual stream [B, S, C] entering the cut
+    pos: fx.Node  # [B, V]: each example's visual positions
+    visual: int
+    keep: int
+    seed: int
+    attention_mask: fx.Node  # the prompt's [B, S] attention mask input
+    positions: fx.Node | None  # [B, S]: the original positions the stream holds after earlier stages (None: all)
+    vision: DecoderLayer | None = None  # the vision layer whose [CLS] attention scores (needs_cls)
+    cls_drop: int = 0  # leading vision tokens the features drop (1 when [CLS] is not a visual token)
 
 
 class PruneVisual(Pass):
@@ -70,13 +82,15 @@ class PruneVisual(Pass):
 
     def __init__(self, before_layer: int, method: str, visual: int, keep: int, hidden: int, seed: int = 0,
                  cls: tuple[int, int] | None = None):
-        """``cls``: for topk-cls, (the vision layer whose [CLS] attention scores, leading tokens
-        the features drop: 1 when the [CLS] itself is not a visual token)."""
-        if method not in METHODS:
-            raise TpcError(f"unknown visual-token method {method!r}: choose one of {', '.join(METHODS)}")
+        """``cls``: for a method that needs a [CLS] token, (the vision layer whose [CLS] attention
+        scores, leading tokens the features drop: 1 when the [CLS] itself is not a visual token)."""
+        self.where = Where.VISUAL_BEFORE_LM if before_layer == 0 else Where.VISUAL_IN_LM
+        self.method = get_method(method)
+        if not self.method.applies(*VISUAL):
+            raise TpcError(f"unknown visual-token method {method!r}: choose one of {', '.join(methods_for(*VISUAL))}")
         if not 0 <= keep <= visual:
             raise TpcError(f"cannot keep {keep} of {visual} visual tokens")
-        self.before, self.method, self.visual, self.keep, self.hidden, self.seed = before_layer, method, visual, keep, hidden, seed
+        self.before, self.visual, self.keep, self.hidden, self.seed = before_layer, visual, keep, hidden, seed
         self.cls = cls
 
     def call(self, gm: fx.GraphModule) -> PassResult:
@@ -84,66 +98,65 @@ class PruneVisual(Pass):
         layers = decoder_layers(gm)
         if not 0 <= self.before < len(layers):
             raise TpcError(f"cannot prune before decoder layer {self.before}: the language model has {len(layers)} layers")
+        choose = self.method.implementation(self.where)
         cut = layers[self.before].first
         before = _nodes_before(gm, cut)
         crossing = [n for n in graph_order(gm, before)
                     if n.op != "get_attr" and any(u not in before and u.op != "output" for u in n.users)]
         stream = self._stream(crossing, cut)
         seq = val(stream).shape[1]
-        graph = gm.graph
-        with graph.inserting_before(cut):
-            length = graph.call_function(aten.sym_size.int, (stream, 1))
-            visual = state["visual"] if state["positions"] is None else graph.call_function(
-                tpc.gather_axis.default, (state["visual"], state["positions"], 1))
-            pos = graph.call_function(tpc.visual_index.default, (visual, self.visual))
-            vision = vision_attention(gm, self.cls[0]) if self.method == "topk-cls" else None
-            chosen = self._choose(graph, layers, stream, pos, state, vision)
-            kept = graph.call_function(tpc.keep_visual.default, (pos, chosen, length))
-            gathered = {}
-            for node in crossing:
-                value = val(node)
-                if isinstance(value, torch.SymInt):
-                    if _same(value, seq):
-                        gathered[node] = None  # replaced by the new length below
-                    elif _mentions(value, seq):
-                        raise TpcError(f"{describe(node)} is a size derived from the sequence length and is read after "
-                                       "the pruning point: tpc cannot rewrite it")
-                    continue
-                if not isinstance(value, torch.Tensor):
-                    continue
-                axes = [d for d, size in enumerate(value.shape) if _same(size, seq)]
-                if not axes:
-                    continue
-                if axes[0] == 0:
-                    raise TpcError(f"{describe(node)} has the token axis first (no batch axis) and is read after the "
-                                   "pruning point: tpc cannot gather it")
-                out = node
-                for axis in axes:
-                    out = graph.call_function(tpc.gather_axis.default, (out, kept, axis))
-                gathered[node] = out
-            positions = kept if state["positions"] is None else graph.call_function(
-                tpc.gather_axis.default, (state["positions"], kept, 1))
-            new_stream = gathered[stream]
-            new_length = graph.call_function(aten.sym_size.int, (new_stream, 1))
-        inserted = set(graph.nodes) - before - _after_nodes(gm, cut)
+        b = Builder(gm, cut.prev, like=cut)
+        length = b.op(aten.sym_size.int, stream, 1, role=Role.GATHER)
+        positions = state["positions"]
+        visual = state["visual"] if positions is None else b.op(
+            tpc.gather_axis.default, state["visual"], positions, 1, role=Role.GATHER)
+        pos = b.op(tpc.visual_index.default, visual, self.visual, role=Role.SELECTION)
+        vision = vision_attention(gm, self.cls[0]) if self.method.needs_cls else None
+        ctx = VisualContext(layers, self.before, stream, pos, self.visual, self.keep, self.seed,
+                            state["attention_mask"], positions, vision, self.cls[1] if self.cls else 0)
+        chosen = choose(b, ctx)
+        kept = b.op(tpc.keep_visual.default, pos, chosen, length, role=Role.SELECTION)
+        gathered = {}
+        for node in crossing:
+            value = val(node)
+            if isinstance(value, torch.SymInt):
+                if _same(value, seq):
+                    gathered[node] = None  # replaced by the new length below
+                elif _mentions(value, seq):
+                    raise TpcError(f"{describe(node)} is a size derived from the sequence length and is read after "
+                                   "the pruning point: tpc cannot rewrite it")
+                continue
+            if not isinstance(value, torch.Tensor):
+                continue
+            axes = [d for d, size in enumerate(value.shape) if _same(size, seq)]
+            if not axes:
+                continue
+            if axes[0] == 0:
+                raise TpcError(f"{describe(node)} has the token axis first (no batch axis) and is read after the "
+                               "pruning point: tpc cannot gather it")
+            out = node
+            for axis in axes:
+                out = b.op(tpc.gather_axis.default, out, kept, axis, role=Role.GATHER)
+            gathered[node] = out
+        positions = kept if positions is None else b.op(tpc.gather_axis.default, positions, kept, 1,
+                                                        role=Role.GATHER)
+        new_length = b.op(aten.sym_size.int, gathered[stream], 1, role=Role.GATHER)
+        inserted = set(b.inserted)
         for node, out in gathered.items():
             replacement = new_length if out is None else out
             for user in list(node.users):
                 if user not in before and user not in inserted and user.op != "output":
                     user.replace_input_with(node, replacement)
                     mark_rewritten(user)
-        output = next(iter(graph.find_nodes(op="output")))
+        output = next(iter(gm.graph.find_nodes(op="output")))
         output.args = (tuple(output.args[0]) + (positions,),)  # the kept positions are graph outputs
         state["positions"] = positions
-        state["stages"].append({"before_layer": self.before, "method": self.method, "visual_in": self.visual,
+        state["stages"].append({"before_layer": self.before, "method": self.method.name, "visual_in": self.visual,
                                 "visual_out": self.keep, "kept": positions})
-        for node in inserted:
-            set_role(node, _ROLES.get(node.target, Role.GATHER))
-            node.meta["nn_module_stack"] = dict(cut.meta.get("nn_module_stack") or {})
         state["inserted"] |= inserted
-        finish(gm, start=next(n for n in graph.nodes if n in inserted))
+        finish(gm, start=b.inserted[0])
         logger.debug("prune_visual: %s keeps %d of %d visual tokens before decoder layer %d",
-                     self.method, self.keep, self.visual, self.before)
+                     self.method.name, self.keep, self.visual, self.before)
         return PassResult(gm, True)
 
     def _stream(self, crossing: list[fx.Node], cut: fx.Node) -> fx.Node:
@@ -154,32 +167,49 @@ class PruneVisual(Pass):
                            f"{[n.name for n in found]}")
         return found[0]
 
-    def _choose(self, graph: fx.Graph, layers, stream: fx.Node, pos: fx.Node, state: dict, vision) -> fx.Node:
-        call = graph.call_function
-        if self.method == "topk-cls":  # VTC-CLS: the vision encoder's [CLS] attention over its patches
-            scores = call(tpc.cls_attention.default, (vision.q, vision.k, vision.scale, vision.mask))
-            if self.cls[1]:
-                scores = call(aten.slice.Tensor, (scores, 1, self.cls[1]))
-            per_example = call(aten.reshape.default, (scores, [call(aten.sym_size.int, (pos, 0)), self.visual]))
-            return call(tpc.select_topk.default, (per_example, self.keep, 0))
-        if self.method == "fastv":
-            if self.before == 0:
-                raise TpcError("fastv scores tokens with a decoder layer's attention: give the layer(s) to prune "
-                               "after (--layers), or prune before the language model with divprune, kcenter or random")
-            layer = layers[self.before - 1]
-            valid = state["attention_mask"] if state["positions"] is None else call(
-                tpc.gather_axis.default, (state["attention_mask"], state["positions"], 1))
-            scores = call(tpc.last_token_attention.default, (layer.q, layer.k, layer.scale, layer.mask, valid))
-            visual_scores = call(tpc.gather_axis.default, (scores, pos, 1))
-            return call(tpc.select_topk.default, (visual_scores, self.keep, 0))
-        if self.method in ("divprune", "kcenter"):
-            features = call(tpc.gather_axis.default, (stream, pos, 1))
-            op = tpc.divprune.default if self.method == "divprune" else tpc.kcenter.default
-            return call(op, (features, self.keep, 0))
-        one = call(aten.slice.Tensor, (pos, 0, 0, 1))
-        scores = call(tpc.random_scores.default, (one, self.seed))
-        picks = call(tpc.select_topk.default, (scores, self.keep, 0))
-        return call(aten.expand.default, (picks, [call(aten.sym_size.int, (pos, 0)), self.keep]))
+
+def choose_topk_cls(b: Builder, ctx: VisualContext) -> fx.Node:
+    """VTC-CLS: the vision encoder's [CLS] attention over its patches, [B·images, P] -> [B, V]."""
+    vision = ctx.vision
+    scores = b.op(tpc.cls_attention.default, vision.q, vision.k, vision.scale, vision.mask, role=Role.SCORING)
+    if ctx.cls_drop:
+        scores = b.op(aten.slice.Tensor, scores, 1, ctx.cls_drop, role=Role.SCORING)
+    batch = b.op(aten.sym_size.int, ctx.pos, 0, role=Role.GATHER)
+    per_example = b.op(aten.reshape.default, scores, [batch, ctx.visual], role=Role.SCORING)
+    return b.op(tpc.select_topk.default, per_example, ctx.keep, 0, role=Role.SELECTION)
+
+
+def choose_fastv(b: Builder, ctx: VisualContext) -> fx.Node:
+    """FastV: the last prompt token's attention at the decoder layer before the cut."""
+    layer = ctx.layers[ctx.before - 1]
+    valid = ctx.attention_mask if ctx.positions is None else b.op(
+        tpc.gather_axis.default, ctx.attention_mask, ctx.positions, 1, role=Role.GATHER)
+    scores = b.op(tpc.last_token_attention.default, layer.q, layer.k, layer.scale, layer.mask, valid,
+                  role=Role.SCORING)
+    visual_scores = b.op(tpc.gather_axis.default, scores, ctx.pos, 1, role=Role.GATHER)
+    return b.op(tpc.select_topk.default, visual_scores, ctx.keep, 0, role=Role.SELECTION)
+
+
+def _diverse(op, b: Builder, ctx: VisualContext) -> fx.Node:
+    features = b.op(tpc.gather_axis.default, ctx.stream, ctx.pos, 1, role=Role.GATHER)
+    return b.op(op, features, ctx.keep, 0, role=Role.SELECTION)
+
+
+def choose_divprune(b: Builder, ctx: VisualContext) -> fx.Node:
+    return _diverse(tpc.divprune.default, b, ctx)
+
+
+def choose_kcenter(b: Builder, ctx: VisualContext) -> fx.Node:
+    return _diverse(tpc.kcenter.default, b, ctx)
+
+
+def choose_random(b: Builder, ctx: VisualContext) -> fx.Node:
+    """The same draw over the V offsets for every example (a batch gives each what it gets alone)."""
+    one = b.op(aten.slice.Tensor, ctx.pos, 0, 0, 1, role=Role.SCORING)
+    scores = b.op(tpc.random_scores.default, one, ctx.seed, role=Role.SCORING)
+    picks = b.op(tpc.select_topk.default, scores, ctx.keep, 0, role=Role.SELECTION)
+    batch = b.op(aten.sym_size.int, ctx.pos, 0, role=Role.GATHER)
+    return b.op(aten.expand.default, picks, [batch, ctx.keep], role=Role.SELECTION)
 
 
 def _nodes_before(gm: fx.GraphModule, cut: fx.Node) -> set[fx.Node]:
