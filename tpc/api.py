@@ -220,7 +220,7 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     """
     _check_keywords("tpc.compile", load_kwargs, COMPILE_KEYWORDS)
     check_backend(backend, ("torch", "onnxruntime"), "tpc.compile")
-    if recipe is None and method in decode.METHODS:
+    if recipe is None and decode.decode_time(method):
         decoder_only = (r, prefix, seq_len, options, restore or None, vision_layer,
                         None if backend == "torch" else backend, None if after in (None, "attention") else after)
         if any(v is not None for v in decoder_only):
@@ -364,7 +364,7 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
     Without ``layers`` it describes the unpruned model (for tome: merging at every layer).
     """
     _check_keywords("tpc.inspect", compile_kwargs, COMPILE_KEYWORDS)
-    if compile_kwargs.get("method") in decode.METHODS:  # the plan says what each layer reads: no capture needed
+    if decode.decode_time(compile_kwargs.get("method")):  # the plan says what each layer reads: no capture needed
         settings = {k: v for k, v in compile_kwargs.items() if k not in ("method", "layers", "keep")}
         load_kwargs = {k: settings.pop(k) for k in LOAD_KEYWORDS if k in settings}
         decode.check_settings(compile_kwargs["method"], compile_kwargs.get("layers"), compile_kwargs.get("keep"))

@@ -118,7 +118,7 @@ def cmd_compile(args) -> int:
     if out.suffix.lower() == ".plan" and names_a_vlm(args.model):
         raise TpcError(f"{args.model} is a vision-language model: TensorRT engines are written for encoders only; "
                        "write its pruned prefill as .pt2 or .onnx")
-    if args.method in decode.METHODS:
+    if decode.decode_time(args.method):
         check_step_suffix(out)
     check_target(out, args.batch, args.precision)
     refuse_overwriting([("-o", out)], [("the model you compile", args.model), ("the --weights file", args.weights),
@@ -149,8 +149,6 @@ def cmd_compile(args) -> int:
 
 
 def cmd_passes(args) -> int:
-    from tpc.decode.plan import DECODE_METHODS
-
     from tpc.registry import METHODS
 
     width = max(len(n) for n in METHODS)
@@ -159,8 +157,6 @@ def cmd_passes(args) -> int:
         print(f"{'':<{width}}  {m.capabilities()}")
         if m.options:
             print(f"{'':<{width}}  options: " + ", ".join(f"{k}={v!r}" for k, v in m.options.items()))
-    for name, (summary, paper) in DECODE_METHODS.items():
-        print(f"{name:<{width}}  {summary}\n{'':<{width}}  paper: {paper}")
     return 0
 
 

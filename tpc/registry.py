@@ -201,6 +201,10 @@ for _m in (
                 "keep the visual tokens the last prompt token attends to most at a decoder layer (that layer's "
                 "own q and k); after the decoder layers given with --layers",
                 Kind.SELECT, "attention", {Where.VISUAL_IN_LM: _VLM + "choose_fastv"}),
+    PruneMethod("tidal", "TidalDecode (Yang et al., 2024), arXiv 2410.05076",
+                "decoder LMs, decode step: selection layers (--layers) pick the top --keep cache positions per KV "
+                "head; the layers after each read only those",
+                Kind.SELECT, "attention", {Where.DECODE: "tpc.decode.rewrite:SparseDecode"}),
     PruneMethod("random", "baseline", "keep a seeded uniform random subset per example",
                 Kind.SELECT, "random", {Where.ENCODER: _ENC + "build_random",
                                         Where.VISUAL_BEFORE_LM: _VLM + "choose_random",

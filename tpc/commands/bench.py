@@ -55,7 +55,7 @@ def run_bench(model_id, method="topk-cls", layers=None, keep=None, backend=None,
         raise TpcError(f"--threads {threads}: give at least 1 (or leave it out for all cores)")
     threads = threads or os.cpu_count() or 1
     loaded = models.load(str(model_id), **(load_kwargs or {}))
-    if method in decode.METHODS:
+    if decode.decode_time(method):
         return _bench_decoder(loaded, method, layers, keep, backend, sizes, contexts, threads, warmup, iters, repeats)
     if is_vlm(loaded.module):
         return _bench_vlm(loaded, method, layers, keep, backend, sizes, threads, warmup, iters, repeats,

@@ -8,7 +8,7 @@ from tpc.decode.capture import capture_step, decoder_spec
 from tpc.decode.compile import compile_decoder
 from tpc.decode.graph import refuse_decode_step
 from tpc.decode.module import DecodeModule, DecodeReport, describe
-from tpc.decode.plan import METHODS, check_settings, make_plan
+from tpc.decode.plan import check_settings, decode_time, make_plan
 
-__all__ = ["METHODS", "DecodeModule", "DecodeReport", "capture_step", "compile_decoder", "decoder_spec", "make_plan", "check_settings", "describe",
-           "refuse_decode_step"]
+__all__ = ["DecodeModule", "DecodeReport", "capture_step", "check_settings", "compile_decoder", "decode_time",
+           "decoder_spec", "describe", "make_plan", "refuse_decode_step"]

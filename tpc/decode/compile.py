@@ -7,8 +7,8 @@ from torch import nn
 from tpc.decode.capture import capture_step, decoder_spec
 from tpc.decode.module import DecodeModule, describe
 from tpc.decode.plan import make_plan
-from tpc.decode.rewrite import SparseDecode
 from tpc.passes import PassManager
+from tpc.registry import Where, get_method
 
 
 def compile_decoder(model: nn.Module, *, method: str = "tidal", layers=None, keep=None,
@@ -19,5 +19,6 @@ def compile_decoder(model: nn.Module, *, method: str = "tidal", layers=None, kee
     plan = make_plan(method, decoder_spec(model)[0], layers, keep)  # refuse before capturing
     program = program if program is not None else capture_step(model)
     gm = program.module()
-    PassManager([SparseDecode(plan)])(gm)
+    rewrite = get_method(plan.method, Where.DECODE).implementation(Where.DECODE)  # the method's pass
+    PassManager([rewrite(plan)])(gm)
     return DecodeModule(gm, model, describe(model, plan), program, plan)

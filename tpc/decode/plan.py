@@ -12,14 +12,8 @@ from dataclasses import dataclass
 
 from tpc.decode.capture import MAX_CACHE
 from tpc.errors import TpcError
+from tpc.registry import METHODS, Where, methods_for
 from tpc.schedule import parse_layers
-
-# name -> (what it does and where it applies, paper), as `tpc passes` lists them
-DECODE_METHODS = {
-    "tidal": ("decoder LMs, decode step: selection layers (--layers) pick the top --keep cache positions per KV head; "
-              "the layers after each read only those", "TidalDecode (Yang et al., 2024), arXiv 2410.05076"),
-}
-METHODS = tuple(DECODE_METHODS)
 
 
 @dataclass(frozen=True)
@@ -48,10 +42,17 @@ def default_layers(layers: int) -> list[int]:
     return sorted({min(2, layers - 1), layers // 2}) if layers > 1 else [0]
 
 
+def decode_time(method) -> bool:
+    """Whether ``method`` is a registered decode-time method (``tpc/registry.py``, ``Where.DECODE``)."""
+    known = METHODS.get(method)
+    return known is not None and known.applies(Where.DECODE)
+
+
 def check_settings(method: str, selection=None, keep=None) -> None:
     """Refuse a malformed method, layer list or budget (before any model is loaded)."""
-    if method not in METHODS:
-        raise TpcError(f"method {method!r} is not a decode-time method: choose one of {', '.join(METHODS)}")
+    if not decode_time(method):
+        raise TpcError(f"method {method!r} is not a decode-time method: choose one of "
+                       f"{', '.join(methods_for(Where.DECODE))}")
     if selection is not None:
         parse_layers(selection)
     _count(keep)
