@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+os.environ.setdefault("TPC_CHECK_PASSES", "1")  # every pass run by a test is checked against passes/README.md
 if os.environ.get("TPC_TOY_METHOD"):  # test_registry.py: a method registered as a new one would be
     import toy_method  # noqa: F401
 

@@ -9,7 +9,9 @@ import tpc
 from models import TEST_MODELS
 from tpc import TpcError, TpcInternalError
 from tpc.cli import main
-from tpc.passes import Pass, PassManager, PassResult
+from tpc.passes import FuseAttentionScores, InsertPrune, Pass, PassManager, PassResult, ProportionalAttention
+from tpc.passes.cleanup import finish
+from tpc.passes.compaction import Builder, Role
 
 
 class Noop(Pass):
@@ -178,3 +180,66 @@ def test_a_bug_while_handling_a_refusal_is_still_a_bug():
             _chain("torch", "tpc")()
     except ValueError as err:
         assert isinstance(refusal_or_bug(err, "export failed: raised"), TpcInternalError)
+
+
+def _tiny_graph():
+    """A captured graph with fake values (two linears and a relu)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).eval()
+    return torch.export.export(model, (torch.randn(2, 4),)).module()
+
+
+def _first(gm, target):
+    return next(n for n in gm.graph.nodes if n.target is target)
+
+
+class InsertsWithoutRole(Pass):
+    name = "inserts_without_role"
+
+    def call(self, gm):
+        relu = _first(gm, torch.ops.aten.relu.default)
+        with gm.graph.inserting_after(relu):
+            neg = gm.graph.call_function(torch.ops.aten.neg.default, (relu,))
+        relu.replace_all_uses_with(neg, delete_user_cb=lambda u: u is not neg)
+        finish(gm)
+        return PassResult(gm, True)
+
+
+class SaysNoChange(Pass):
+    name = "says_no_change"
+
+    def call(self, gm):
+        relu = _first(gm, torch.ops.aten.relu.default)
+        relu.target = torch.ops.aten.sigmoid.default
+        gm.recompile()
+        return PassResult(gm, False)
+
+
+class LeavesStaleValues(Pass):
+    name = "leaves_stale_values"
+
+    def call(self, gm):
+        relu = _first(gm, torch.ops.aten.relu.default)
+        linear = next(iter(relu.users))
+        linear.replace_input_with(relu, relu.args[0])  # no finish(): its fake value was computed from the relu
+        gm.recompile()
+        return PassResult(gm, True)
+
+
+@pytest.mark.parametrize("bad,message", [(InsertsWithoutRole, r"node 'neg_default' \(aten.neg\) in the top-level module was inserted without a role"),
+                                         (SaysNoChange, "it reported no change but changed gm.code"),
+                                         (LeavesStaleValues, r"the fake value of node 'linear_1' \(aten.linear\) .* is stale")])
+def test_the_manager_enforces_the_pass_rules_when_checking(bad, message):
+    with pytest.raises(TpcInternalError, match=f"pass {bad.name} broke the pass rules: {message}"):
+        PassManager([bad()], check=True)(_tiny_graph())
+    PassManager([bad()], check=False)(_tiny_graph())  # unchecked, the same pass goes through
+
+
+def test_the_test_suite_checks_every_pass():
+    assert PassManager([]).check  # conftest.py sets TPC_CHECK_PASSES=1
+
+
+def test_declared_pass_order_is_enforced_before_anything_runs():
+    with pytest.raises(TpcInternalError, match="pass fuse_attention_scores must run after every InsertPrune, but "
+                                               r"insert_prune\(layer 0\) comes later"):
+        PassManager([FuseAttentionScores(), InsertPrune("random", 0, 0.5, 1)])
+    PassManager([InsertPrune("random", 0, 0.5, 1), ProportionalAttention(), FuseAttentionScores()])

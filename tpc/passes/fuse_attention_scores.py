@@ -50,6 +50,7 @@ def _column_sums(site: AttentionSite) -> fx.Node | None:
 
 class FuseAttentionScores(Pass):
     name = "fuse_attention_scores"
+    runs_after = ("InsertPrune", "ProportionalAttention")  # fuses the scores of every compaction, after ToMe's bias
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         changed = False

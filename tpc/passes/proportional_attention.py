@@ -29,6 +29,7 @@ from tpc.passes.prune_methods import stream_sizes
 
 class ProportionalAttention(Pass):
     name = "proportional_attention"
+    runs_after = ("InsertPrune",)  # reads every compaction's merge sizes
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         records = compactions(gm)
