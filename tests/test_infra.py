@@ -137,6 +137,22 @@ def test_a_program_tpc_cannot_read_back_is_its_own_bug(monkeypatch, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+def test_a_graph_tpc_rewrote_that_will_not_re_export_is_its_own_bug(monkeypatch, tmp_path, suffix):
+    """torch.export captured the model once; failing on tpc's rewrite of it is tpc's bug, whoever's
+    frame raised it (here a stand-in outside tpc, as torch's would be)."""
+    factory, inputs, _, _ = TEST_MODELS["timm_vit"]
+    pm = tpc.compile(factory(), inputs(2), method="random", layers=[1], keep=8)
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("cannot trace this")
+
+    monkeypatch.setattr(torch.export, "export", refuses)
+    with pytest.raises(TpcInternalError, match="torch.export could not re-export tpc's rewritten graph: RuntimeError"):
+        tpc.export(pm, tmp_path / f"m{suffix}")
+    assert not list(tmp_path.iterdir())
+
+
 def _chain(*packages: str):
     """A function that calls through one frame per package (outermost first); the last one raises."""
     call = None
@@ -160,6 +176,9 @@ def _raised(*packages: str) -> Exception:
     (("tpc", "transformers", "torch"), False),  # the model's code (called from tpc's VLM wrapper) failed in torch
     (("torch", "mymodel"), False),  # the user's own model file
     (("torch", "onnxscript", "onnx"), False),  # the tooling alone
+    (("tpc", "triton", "torch"), True),  # tpc's kernel handed Triton something it refused
+    (("tpc", "safetensors"), True),  # tpc's code loading weights
+    (("tpc", "transformers", "optree"), False),  # the model's code, in a library torch calls
     (("torch", "mymodel", "torch"), False),  # torch refused what the model handed it
 ])
 def test_who_raised_it(packages, bug):
@@ -243,3 +262,14 @@ def test_declared_pass_order_is_enforced_before_anything_runs():
                                                r"insert_prune\(layer 0\) comes later"):
         PassManager([FuseAttentionScores(), InsertPrune("random", 0, 0.5, 1)])
     PassManager([InsertPrune("random", 0, 0.5, 1), ProportionalAttention(), FuseAttentionScores()])
+
+
+def test_a_tpc_op_without_a_token_axis_rule_is_tpcs_bug_not_a_refusal():
+    """Compactions inserted out of layer order make the earlier one meet the later one's tpc:: ops;
+    that is a bug in the pass list, never a refusal of the user's model."""
+    factory, inputs, _, _ = TEST_MODELS["timm_vit"]
+    gm = tpc.capture.capture(factory(), inputs(2))
+    with pytest.raises(TpcInternalError, match=r"pass insert_prune\(layer 1\) at node .*: RuntimeError: tpc's own "
+                                               r"op tpc\.\w+\.default reads the tokens of the compaction at layer 1"):
+        PassManager([InsertPrune("random", 2, 0.5, 1), InsertPrune("random", 1, 0.5, 1)])(gm)
+

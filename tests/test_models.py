@@ -67,3 +67,10 @@ def test_missing_files_and_bad_functions(tmp_path):
         load("no_such_module_xyz:fn")
     with pytest.raises(tpc.TpcError, match="does not exist"):
         load("vit_tiny_patch16_224", weights=tmp_path / "nope.pth")
+
+
+def test_a_hugging_face_config_that_does_not_load_says_why(tmp_path):
+    """A directory with a config.json transformers cannot read is not 'no such model': the line says why."""
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "hidden_size": ')  # cut short
+    with pytest.raises(tpc.TpcError, match=r"its config.json does not load \(\w+: .+\); fix it, or save the model again"):
+        load(str(tmp_path))

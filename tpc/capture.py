@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.export import Dim
 from torch.utils._sympy.numbers import int_oo
 
-from tpc.errors import TpcError, refusal_or_bug
+from tpc.errors import REPORT, TpcError, TpcInternalError, refusal_or_bug
 
 MAX_BATCH = 65536
 
@@ -63,12 +63,14 @@ def dynamic_batch_shapes(example_inputs: tuple, example_kwargs: dict | None = No
 
 
 def export_program(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None,
-                   dynamic_length: bool = True) -> torch.export.ExportedProgram:
+                   dynamic_length: bool = True, rewritten_by_tpc: bool = False) -> torch.export.ExportedProgram:
     """torch.export with a dynamic batch (and sequence length of token inputs, see the module
     docstring); one clear error when the model cannot be captured.
 
     The batch range is 1..MAX_BATCH unless the model itself bounds it (a loaded .pt2 keeps
     the range it was exported with): then the range torch.export infers is taken.
+    ``rewritten_by_tpc``: ``model`` is tpc's rewrite of a graph torch.export already captured,
+    so a failure is tpc's bug (``TpcInternalError``), whoever's frame raised it.
     """
     last = None
     for batch in (None, Dim.DYNAMIC):
@@ -86,6 +88,9 @@ def export_program(model: nn.Module, example_inputs: tuple, example_kwargs: dict
                 if "Constraints violated" not in str(err):
                     break
     first = str(last).strip().splitlines()[0] if str(last).strip() else type(last).__name__
+    if rewritten_by_tpc and not isinstance(last, TpcError):
+        raise TpcInternalError(f"internal error: torch.export could not re-export tpc's rewritten graph: "
+                               f"{type(last).__name__}: {first}; {REPORT}") from last
     raise refusal_or_bug(last, f"torch.export could not capture {type(model).__name__} with a dynamic batch: {first}") from last
 
 

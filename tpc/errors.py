@@ -42,8 +42,11 @@ class TpcInternalError(RuntimeError):
     """A bug inside tpc: the pass (and node) where it happened; the original exception is its cause."""
 
 
-# Code that runs under tpc's calls to torch.export and torch.onnx but is neither tpc's nor the model's.
-_TOOLING = frozenset({"torch", "onnx", "onnxscript", "onnx_ir", "onnxruntime", "sympy", "numpy", "typing_extensions"})
+# Code that runs under tpc's calls (torch.export, torch.onnx, ONNX Runtime, Triton, TensorRT, loading weights,
+# images and plots) but is neither tpc's nor the model's.
+_TOOLING = frozenset({"torch", "functorch", "onnx", "onnxscript", "onnx_ir", "onnxruntime", "sympy", "numpy",
+                      "typing_extensions", "optree", "ml_dtypes", "google", "triton", "tensorrt", "safetensors",
+                      "huggingface_hub", "filelock", "fsspec", "jinja2", "networkx", "packaging", "PIL", "matplotlib"})
 
 
 def _innermost_author(tb) -> str | None:

@@ -313,8 +313,14 @@ def _load_hf(model_id: str, weights, random_weights: bool, model_args: dict, inp
                 raise TpcError(f"{model_id!r} needs its own Python code (auto_map in its config.json): custom code "
                                "is never run by tpc, and was not; use a model whose architecture transformers "
                                "ships") from None
-            where = "this directory has no usable config.json" if local else (
-                "the hub is unreachable and the local cache has no copy" if not online else "no such model on the hub")
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            if local and (Path(model_id) / "config.json").is_file():
+                raise TpcError(f"cannot load Hugging Face model {model_id!r}: its config.json does not load "
+                               f"({type(err).__name__}: {first}); fix it, or save the model again with "
+                               "save_pretrained") from err
+            where = "this directory has no config.json" if local else (
+                "the hub is unreachable and the local cache has no copy" if not online
+                else f"no such model on the hub, or its config does not load: {first}")
             raise TpcError(
                 f"cannot load Hugging Face model {model_id!r} ({where}): download it once where the hub is reachable, "
                 "or pass a directory saved with save_pretrained"

@@ -97,7 +97,7 @@ def write_artifact(module: nn.Module, path: Path, example_inputs=None, check: bo
     else:
         # Serialized in memory, written by Python: the archive's root folder is "archive" whatever the
         # file is called (same inputs, same bytes), and a full disk is an OSError, not a C++ abort.
-        data = program_bytes(export_program(gm, inputs))
+        data = program_bytes(export_program(gm, inputs, rewritten_by_tpc=True))
         with atomic_output(path, len(data)) as tmp:
             tmp.write_bytes(data)
             if check:

@@ -32,7 +32,7 @@ def to_onnx(module: nn.Module, example_inputs: tuple, plugins: bool = False) -> 
     With ``plugins``, the ops in ``onnx_plugins.PLUGIN_OPS`` stay single nodes in domain ``tpc`` for
     tpc's TensorRT plugins instead of being spelled out in standard ops.
     """
-    ep = export_program(module, example_inputs)
+    ep = export_program(module, example_inputs, rewritten_by_tpc=True)  # a graph tpc captured (and rewrote)
     return program_to_onnx(ep, example_inputs, PLUGIN_TRANSLATIONS if plugins else TRANSLATIONS)
 
 
@@ -111,7 +111,7 @@ def check_onnx(model: onnx.ModelProto, gm: fx.GraphModule, inputs_list: list[tup
             raise
         first = (str(err).strip().splitlines() or [""])[0]
         raise TpcError(f"{what}: ONNX Runtime cannot run this bfloat16 model on the CPU ({first[:160]}); write it "
-                       "unchecked with --no-check (check=False), or compile the model in float16 or float32") from None
+                       "unchecked with --no-check (check=False), or compile the model in float16 or float32") from err
     names = [i.name for i in session.get_inputs()]
     n_out = len(model.graph.output)
 

@@ -176,6 +176,10 @@ def propagate(gm: fx.GraphModule, compaction: Compaction) -> int:
         if node.op != "call_function" or not any(a in ctx.tracked for a in node.all_input_nodes):
             continue
         rule = rule_for(node)
+        if rule is None and getattr(node.target, "namespace", None) == "tpc":
+            with at_node(node):  # another compaction's op downstream: the passes ran out of order, tpc's bug
+                raise RuntimeError(f"tpc's own op {node.target} reads the tokens of the compaction at layer "
+                                   f"{compaction.layer} and has no token-axis rule")
         if rule is None:
             raise TpcError(_refusal(node, "reads the tokens and tpc has no token-axis rule for this op", compaction, gm))
         try:

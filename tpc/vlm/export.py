@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tpc.errors import TpcError, refusal_or_bug
+from tpc.errors import REPORT, TpcError, TpcInternalError
 from tpc.exports.atomic import atomic_output, check_output_path
 from tpc.exports.checks import CheckResult, check_artifact
 from tpc.pt2 import load_program, program_bytes
@@ -58,9 +58,10 @@ def _program(module) -> torch.export.ExportedProgram:
         warnings.simplefilter("ignore")
         try:
             return torch.export.export(module.gm, module.example_inputs, dynamic_shapes=dynamic)
-        except Exception as err:  # one line for the user; tpc's own bugs are reported as such
+        except Exception as err:  # the prefill was captured before tpc rewrote it: failing now is tpc's bug
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise refusal_or_bug(err, f"torch.export could not capture the pruned prefill: {first}") from err
+            raise TpcInternalError(f"internal error: torch.export could not re-export the pruned prefill: "
+                                   f"{type(err).__name__}: {first}; {REPORT}") from err
 
 
 def to_onnx(module, program: torch.export.ExportedProgram | None = None):
