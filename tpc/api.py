@@ -8,21 +8,19 @@ import os
 from pathlib import Path
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from tpc import decode, models, vlm
 from tpc.backends import check_backend
-from tpc.capture import capture, is_token_input, length_range, set_eval
-from tpc.compiled import CompileReport, LayerInfo, TpcModule
+from tpc.capture import capture, is_token_input, set_eval
+from tpc.compiled import CompileReport
 from tpc.errors import TpcError
-from tpc.flops import count_flops, example_size, example_sizes
-from tpc.graph import count_prefix_tokens, find_attention_sites, find_stream_point
-from tpc.graph.nodes import val
-from tpc.passes import FuseAttentionScores, InsertPrune, PassManager, ProportionalAttention, compactions, get_method
-from tpc.passes.compaction import pruned_outputs
-from tpc.recipe import Step, check_steps, load_recipe, steps_from_pass
+from tpc.flops import count_flops, example_sizes
+from tpc.passes import get_method
+from tpc.pipeline import analyze, layer_infos, prefix_of, prune_graph
+from tpc.recipe import check_steps, load_recipe, steps_from_pass
 from tpc.registry import METHODS, VISUAL, Where, methods_for
-from tpc.schedule import parse_keep, parse_layers, parse_removals, read_r
+from tpc.schedule import parse_layers, read_r
 
 logger = logging.getLogger("tpc")
 
@@ -96,11 +94,6 @@ def _visual_only(method) -> bool:
     return known is not None and known.applies(*VISUAL) and not known.applies(Where.ENCODER)
 
 
-def _prefix_of(gm: fx.GraphModule, sites) -> tuple[int, str]:
-    point = find_stream_point(gm, sites[0])
-    return count_prefix_tokens(point.skip, point)
-
-
 def _usage_notes(module: nn.Module) -> list[str]:
     """What tpc did about a module in training mode or with trainable parameters, said plainly."""
     notes = []
@@ -113,32 +106,6 @@ def _usage_notes(module: nn.Module) -> list[str]:
     for note in notes:
         logger.info(note)
     return notes
-
-
-def analyze(gm: fx.GraphModule, name: str = "model") -> list:
-    sites = find_attention_sites(gm)
-    if not sites:
-        raise TpcError(
-            f"no attention layers found in {name}: tpc prunes the tokens of transformer models "
-            "(scaled_dot_product_attention or softmax(q·kᵀ)·v in the exported graph)"
-        )
-    windowed = next((s for s in sites if s.windows > 1), None)
-    if windowed is not None:
-        raise TpcError(
-            f"{name} uses windowed or hierarchical attention ({windowed.module or 'layer ' + str(windowed.layer)} "
-            f"attends within {windowed.windows} windows of {windowed.tokens} tokens): its layers need the full token "
-            "grid to form windows, so tpc cannot prune them; use a plain (global-attention) ViT"
-        )
-    return sites
-
-
-def _layer_infos(sites, kept: dict[int, int], removals: dict | None = None, sizes: dict | None = None,
-                 methods: dict[int, str] | None = None) -> list[LayerInfo]:
-    """One row per attention site found before pruning; tokens are read from its queries now (with a
-    symbolic length, at the example length: ``sizes``)."""
-    removals, methods = removals or {}, methods or {}
-    return [LayerInfo(s.layer, s.module, s.kind, s.heads, example_size(val(s.q).shape[-2], sizes or {}), kept.get(s.layer),
-                      *removals.get(s.layer, (None, None)), methods.get(s.layer)) for s in sites]
 
 
 def _fix_length(inputs: tuple, seq_len: int | None) -> tuple:
@@ -160,23 +127,6 @@ def _fix_length(inputs: tuple, seq_len: int | None) -> tuple:
         return torch.cat([x, x.new_zeros(x.shape[0], seq_len - x.shape[1])], dim=1)
 
     return tuple(fit(x) for x in inputs)
-
-
-def _length_notes(gm: fx.GraphModule, keeps: list, inputs: tuple) -> list[str]:
-    """What a symbolic sequence length means for this compile, said once in the report."""
-    lengths = length_range(gm)
-    if lengths is None:
-        return []
-    example = next(x.shape[1] for x in inputs if is_token_input(x))
-    span = f"{lengths[0]} or more" if lengths[1] is None else f"{lengths[0]}-{lengths[1]}"
-    notes = [f"the sequence length is dynamic ({span} tokens): one graph serves every length; a ratio keeps "
-             f"ceil(ratio x n) of the n non-prefix tokens a layer sees (at least 1); the token counts and FLOPs above are "
-             f"at the example length {example}; seq_len=N (--seq-len N) fixes the length instead"]
-    counts = sorted({int(k) for k in keeps if isinstance(k, int) and not isinstance(k, bool)})
-    if counts:
-        notes.append(f"keep given as a token count ({', '.join(map(str, counts))}) is clamped to the non-prefix tokens a "
-                     "layer sees: shorter sequences keep all of theirs")
-    return notes
 
 
 def parse_options(options) -> dict | None:
@@ -307,42 +257,6 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     return pruned
 
 
-def prune_graph(gm: fx.GraphModule, inputs: tuple, name: str, steps: list[Step], *, prefix: int | None = None,
-                after: str = "attention", seed: int = 0, restore: bool = False, notes=()) -> TpcModule:
-    """Run the pass pipeline for validated ``steps`` on a captured graph (rewritten in place)."""
-    sites = analyze(gm, name)
-    for step in steps:
-        if step.layer >= len(sites):
-            raise TpcError(f"layer {step.layer} is out of range: {name} has {len(sites)} attention layers (0-{len(sites) - 1})")
-    if prefix is None:
-        prefix, prefix_source = _prefix_of(gm, sites)
-    else:
-        prefix_source = "given"
-    flops_before = count_flops(gm).total
-
-    passes = [InsertPrune(step.method, step.layer, step.amount, prefix, after, seed, step.options, restore)
-              for step in steps]
-    passes += [ProportionalAttention(), FuseAttentionScores()]
-    PassManager(passes)(gm)
-    removals = {p.layer: p.removal for p in passes if isinstance(p, InsertPrune) and p.removal is not None}
-
-    notes = [*notes, *_length_notes(gm, [s.amount for s in steps], inputs)]
-    sizes = example_sizes(gm)
-    kept = {c.layer: example_size(val(c.index).shape[1], sizes) for c in compactions(gm)}
-    methods = {s.layer: s.method for s in steps}
-    flops = count_flops(gm)
-    names = list(dict.fromkeys(s.method for s in steps))
-    report = CompileReport(
-        model=name, method="+".join(names), layers=[s.layer for s in steps], keep=[str(s.amount) for s in steps],
-        options=steps[0].options if len(names) == 1 else {s.layer: s.options for s in steps if s.options},
-        prefix=prefix, prefix_source=prefix_source, insert_after=after, sites=_layer_infos(sites, kept, removals, sizes, methods),
-        flops_before=flops_before, flops_after=flops.total,
-        flops_scoring=flops.scoring, pruned_outputs=pruned_outputs(gm),
-        passes=[p.name for p in passes], notes=list(notes),
-    )
-    return TpcModule(gm, report, inputs)
-
-
 COMPILE_KEYWORDS = (*(name for name, p in inspect_module.signature(compile).parameters.items()
                       if p.kind is p.KEYWORD_ONLY), *LOAD_KEYWORDS)
 
@@ -392,13 +306,13 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
         decode.refuse_decode_step(module, name)
         gm = capture(module, inputs)
         sites = analyze(gm, name)
-        prefix, source = _prefix_of(gm, sites)
+        prefix, source = prefix_of(gm, sites)
         flops = count_flops(gm).total
         notes = [f"{name} was already pruned by tpc: the table shows the pruned program's layers, not the original "
                  "model's (inspect the original model with --layers/--keep to see the pruning)"] \
             if models.is_pruned(module) else []
         return CompileReport(model=name, method=None, layers=[], keep=[], prefix=prefix, prefix_source=source,
-                             insert_after=compile_kwargs.get("after") or "attention", sites=_layer_infos(sites, {}, sizes=example_sizes(gm)),
+                             insert_after=compile_kwargs.get("after") or "attention", sites=layer_infos(sites, {}, sizes=example_sizes(gm)),
                              flops_before=flops, flops_after=flops, notes=notes)
     return compile(model, example_inputs, **compile_kwargs).report
 

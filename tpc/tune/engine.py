@@ -21,7 +21,7 @@ import copy
 import torch
 from torch import fx
 
-from tpc.api import prune_graph
+from tpc.pipeline import analyze, prefix_of, prune_graph
 from tpc.compiled import TpcModule
 from tpc.passes.cleanup import refresh_meta
 from tpc.recipe import Step
@@ -45,10 +45,8 @@ class Engine:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: tuple, name: str, data: TuneData, batch: int,
                  after: str = "attention", seed: int = 0):
-        from tpc.api import _prefix_of, analyze
-
         # the prefix as `tpc compile` finds it, before dead code goes: BERT's [CLS] shows in its unused pooler
-        self.prefix, _ = _prefix_of(gm, analyze(gm, name))
+        self.prefix, _ = prefix_of(gm, analyze(gm, name))
         gm.graph.eliminate_dead_code()  # as every pruned graph is: unused outputs (a pooler) must not shift the node order
         gm.recompile()
         refresh_meta(gm)  # once here, so each candidate's passes find the values before its first pruned layer current

@@ -14,6 +14,7 @@ import torch
 from tpc import models
 from tpc.dataset import warn_if_labels_look_meaningless
 from tpc.errors import TpcError, refusal_or_bug
+from tpc.pipeline import analyze
 from tpc.recipe import Recipe, check_steps, describe
 from tpc.registry import PruneMethod, Where, get_method
 from tpc.tune.data import load_tune_data, split
@@ -306,8 +307,6 @@ def run_tune(model, data, max_drop=None, target="flops", backend=None, batch=Non
     tuning, check, cut = split(dataset, check_split)
 
     gm = capture(loaded.module, loaded.example_inputs)
-    from tpc.api import analyze
-
     eval_batch = eval_batch or max(8, min(256, len(tuning) // 8))
     engine = Engine(gm, loaded.example_inputs, loaded.name, tuning, eval_batch, after, seed)
     sites, prefix = analyze(engine.gm, loaded.name), engine.prefix
