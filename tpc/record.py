@@ -37,6 +37,12 @@ class Compaction:
     layout), ``index`` the [B, tokens_out] original position each output token stands for (side
     tensors are gathered with it), ``merge`` the ``tpc.merge_tokens`` node whose output 1 holds
     token sizes (ToMe), ``carries`` the earlier record whose token sizes a later gather carries on.
+
+    Where only some tokens may go (a VLM's visual tokens, at per-example positions), ``prunable``
+    marks them and ``spans`` holds each example's positions of them; ``tokens_in`` and ``tokens_out``
+    then count those tokens (the prompt length is symbolic), ``index`` holds every kept token's
+    position in the original prompt (composed over earlier compactions), and ``layer`` is the
+    decoder layer the compaction follows (-1: before the language model).
     """
 
     layer: int
@@ -49,6 +55,8 @@ class Compaction:
     prefix: int
     merge: fx.Node | None = None
     carries: Compaction | None = None  # a gather after a merge: the record whose token sizes it carries on
+    prunable: fx.Node | None = None  # [B, S] bool: the tokens the method chose among (a VLM's visual tokens)
+    spans: fx.Node | None = None  # [B, tokens_in]: each example's positions of those tokens in the stream
 
 
 def attach(record: Compaction) -> None:

@@ -15,13 +15,12 @@ from torch import fx, nn
 from tpc.capture import eval_mode
 from tpc.errors import TpcError, refusal_or_bug
 from tpc.passes import PassManager
+from tpc.registry import VISUAL, Where, get_method, methods_for
 from tpc.schedule import kept_count, parse_keep, parse_layers
 from tpc.vlm.family import family_of
 from tpc.vlm.flops import prefill_flops
-from tpc.vlm.graph import prompt_mask, visual_mask
 from tpc.vlm.module import Stage, VlmModule
-from tpc.registry import VISUAL, Where, get_method, methods_for
-from tpc.vlm.prune_visual import STATE, PruneVisual
+from tpc.vlm.prune_visual import PruneVisual
 from tpc.vlm.report import describe
 
 
@@ -157,13 +156,11 @@ def _plan(family, visual: int, method: str, layers, keep, vision_layer) -> tuple
 def _rewrite(family, program, inputs, example: tuple, plan, method: str, seed: int) -> VlmModule:
     (stages, cls), spec, model = plan, family.spec(), family.model
     gm = program.module()
-    gm.meta[STATE] = {"visual": visual_mask(gm, spec.image_token_id), "attention_mask": prompt_mask(gm),
-                      "positions": None, "stages": [], "inserted": set()}
     prompt = inputs["input_ids"].shape[1]
     unpruned = prefill_flops(gm, prompt).total  # counted before the rewrite, on the same graph
     hidden = model.config.text_config.hidden_size
-    PassManager([PruneVisual(s.before_layer, s.method, s.visual_in, s.visual_out, hidden, seed, cls)
-                 for s in stages])(gm)
+    PassManager([PruneVisual(s.before_layer, s.method, s.visual_in, s.visual_out, hidden, spec.image_token_id,
+                             seed, cls) for s in stages])(gm)
     gm.graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs: the kept positions are extra outputs
     gm.recompile()
     pruned = prefill_flops(gm, prompt)

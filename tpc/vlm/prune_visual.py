@@ -24,8 +24,12 @@ model, stage 1; j = L + 1 prunes after decoder layer L, stage 2):
    mask (for a later stage). The symbolic sequence length read after the cut becomes the
    stream's new length; any other size derived from it is refused.
 5. The original positions of the kept tokens (composed over stages) become one more graph
-   output, so decoding knows which prompt tokens each layer's KV cache holds; a later stage
-   reads the visual mask at those positions.
+   output, so decoding knows which prompt tokens each layer's KV cache holds. The stage's
+   ``Compaction`` record (``tpc/record.py``: the new stream, those positions as its index, the
+   visual mask it chose among as ``prunable``, each example's visual positions as ``spans``)
+   goes on the new stream; a later stage composes its positions from the last record.
+Every node is inserted through ``Builder`` with its role; each method's chooser
+(``choose_<method>``) is its implementation at ``Where.VISUAL_*`` in ``tpc/registry.py``.
 
 Sketch (stage 2, after layer L)::
 
@@ -37,28 +41,23 @@ Sketch (stage 2, after layer L)::
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import fx
 
-from dataclasses import dataclass
-
 from tpc.errors import TpcError
-from tpc.graph.nodes import describe, val
+from tpc.graph.nodes import describe, module_path, val
 from tpc.passes.cleanup import finish
-from tpc.passes.compaction import Builder, Role, mark_rewritten
+from tpc.passes.compaction import Builder, Compaction, Role, attach, compactions, mark_rewritten
 from tpc.passes.infra import Pass, PassResult
 from tpc.registry import VISUAL, Where, get_method, methods_for
 from tpc.vlm import ops  # noqa: F401  (registers the tpc:: VLM ops)
-from tpc.vlm.graph import DecoderLayer, decoder_layers, vision_attention
+from tpc.vlm.graph import DecoderLayer, decoder_layers, prompt_mask, vision_attention, visual_mask
 
 logger = logging.getLogger("tpc.passes")
 tpc = torch.ops.tpc
 aten = torch.ops.aten
-
-STATE = "tpc_vlm"  # gm.meta key: {"visual": the placeholder mask, "attention_mask": the prompt's [B, S] mask input,
-#                   "positions": last kept positions, "stages", "inserted"}
-
 
 @dataclass
 class VisualContext:
@@ -80,8 +79,8 @@ class VisualContext:
 class PruneVisual(Pass):
     name = "prune_visual"
 
-    def __init__(self, before_layer: int, method: str, visual: int, keep: int, hidden: int, seed: int = 0,
-                 cls: tuple[int, int] | None = None):
+    def __init__(self, before_layer: int, method: str, visual: int, keep: int, hidden: int, image_token_id: int,
+                 seed: int = 0, cls: tuple[int, int] | None = None):
         """``cls``: for a method that needs a [CLS] token, (the vision layer whose [CLS] attention
         scores, leading tokens the features drop: 1 when the [CLS] itself is not a visual token)."""
         self.where = Where.VISUAL_BEFORE_LM if before_layer == 0 else Where.VISUAL_IN_LM
@@ -91,10 +90,10 @@ class PruneVisual(Pass):
         if not 0 <= keep <= visual:
             raise TpcError(f"cannot keep {keep} of {visual} visual tokens")
         self.before, self.visual, self.keep, self.hidden, self.seed = before_layer, visual, keep, hidden, seed
+        self.image_token_id = image_token_id
         self.cls = cls
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        state = gm.meta[STATE]
         layers = decoder_layers(gm)
         if not 0 <= self.before < len(layers):
             raise TpcError(f"cannot prune before decoder layer {self.before}: the language model has {len(layers)} layers")
@@ -107,13 +106,15 @@ class PruneVisual(Pass):
         seq = val(stream).shape[1]
         b = Builder(gm, cut.prev, like=cut)
         length = b.op(aten.sym_size.int, stream, 1, role=Role.GATHER)
-        positions = state["positions"]
-        visual = state["visual"] if positions is None else b.op(
-            tpc.gather_axis.default, state["visual"], positions, 1, role=Role.GATHER)
+        earlier = compactions(gm)  # the stages before this one: their kept positions compose
+        positions = earlier[-1].index if earlier else None
+        placeholders = visual_mask(gm, self.image_token_id)
+        visual = placeholders if positions is None else b.op(
+            tpc.gather_axis.default, placeholders, positions, 1, role=Role.GATHER)
         pos = b.op(tpc.visual_index.default, visual, self.visual, role=Role.SELECTION)
         vision = vision_attention(gm, self.cls[0]) if self.method.needs_cls else None
         ctx = VisualContext(layers, self.before, stream, pos, self.visual, self.keep, self.seed,
-                            state["attention_mask"], positions, vision, self.cls[1] if self.cls else 0)
+                            prompt_mask(gm), positions, vision, self.cls[1] if self.cls else 0)
         chosen = choose(b, ctx)
         kept = b.op(tpc.keep_visual.default, pos, chosen, length, role=Role.SELECTION)
         gathered = {}
@@ -150,10 +151,9 @@ class PruneVisual(Pass):
                     mark_rewritten(user)
         output = next(iter(gm.graph.find_nodes(op="output")))
         output.args = (tuple(output.args[0]) + (positions,),)  # the kept positions are graph outputs
-        state["positions"] = positions
-        state["stages"].append({"before_layer": self.before, "method": self.method.name, "visual_in": self.visual,
-                                "visual_out": self.keep, "kept": positions})
-        state["inserted"] |= inserted
+        attach(Compaction(layer=self.before - 1, method=self.method.name, module=module_path(cut),
+                          out=gathered[stream], index=positions, tokens_in=self.visual, tokens_out=self.keep, prefix=0,
+                          prunable=visual, spans=pos))
         finish(gm, start=b.inserted[0])
         logger.debug("prune_visual: %s keeps %d of %d visual tokens before decoder layer %d",
                      self.method.name, self.keep, self.visual, self.before)
