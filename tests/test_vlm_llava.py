@@ -841,3 +841,25 @@ def test_onnx_prefill_of_todre_keep_zero(llava, tmp_path):
     result = tpc.export(pruned, tmp_path / "todre.onnx")
     assert result.batches == (1, 2) and result.max_abs_error < 1e-5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["todre.onnx"]
+
+
+def test_a_tensor_with_a_dim_derived_from_the_prompt_length_is_refused_with_its_node():
+    """A tensor crossing the cut with a dim of S + 1 (not S) cannot be gathered with the kept
+    positions: refused, naming the node, instead of being carried across unchanged."""
+    from tpc.graph.nodes import val
+    from tpc.vlm.prune_visual import token_axes
+
+    class Extend(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([x, x[:, :1]], 1), x * 2
+
+    s = torch.export.Dim("s", min=2)
+    gm = torch.export.export(Extend(), (torch.randn(2, 6, 4),), dynamic_shapes=({1: s},)).module()
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    cat = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.cat.default)
+    mul = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.mul.Tensor)
+    seq = val(x).shape[1]
+    assert token_axes(mul, seq) == [1]
+    with pytest.raises(TpcError, match=r"node 'cat\w*' \(aten\.cat\) .* has dim 1 of size s\w* \+ 1, derived from the "
+                                       r"prompt length"):
+        token_axes(cat, seq)

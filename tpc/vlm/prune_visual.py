@@ -129,12 +129,9 @@ class PruneVisual(Pass):
                 continue
             if not isinstance(value, torch.Tensor):
                 continue
-            axes = [d for d, size in enumerate(value.shape) if _same(size, seq)]
+            axes = token_axes(node, seq)
             if not axes:
                 continue
-            if axes[0] == 0:
-                raise TpcError(f"{describe(node)} has the token axis first (no batch axis) and is read after the "
-                               "pruning point: tpc cannot gather it")
             out = node
             for axis in axes:
                 out = b.op(tpc.gather_axis.default, out, kept, axis, role=Role.GATHER)
@@ -226,13 +223,20 @@ def graph_order(gm: fx.GraphModule, nodes: set[fx.Node]) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n in nodes]
 
 
-def _after_nodes(gm: fx.GraphModule, cut: fx.Node) -> set[fx.Node]:
-    out, seen = set(), False
-    for node in gm.graph.nodes:
-        seen = seen or node is cut
-        if seen:
-            out.add(node)
-    return out
+def token_axes(node: fx.Node, seq) -> list[int]:
+    """The dims of a tensor crossing the cut that hold the ``seq`` prompt tokens (gathered with
+    the kept positions); a dim whose size is derived from ``seq`` but is not ``seq`` (S - 1, 2·S)
+    cannot be carried across and is refused with the node named, as is a token axis first."""
+    shape = val(node).shape
+    odd = [d for d, size in enumerate(shape) if not _same(size, seq) and _mentions(size, seq)]
+    if odd:
+        raise TpcError(f"{describe(node)} has dim {odd[0]} of size {shape[odd[0]]}, derived from the prompt length "
+                       f"{seq} but not equal to it, and is read after the pruning point: tpc cannot carry it across")
+    axes = [d for d, size in enumerate(shape) if _same(size, seq)]
+    if axes and axes[0] == 0:
+        raise TpcError(f"{describe(node)} has the token axis first (no batch axis) and is read after the "
+                       "pruning point: tpc cannot gather it")
+    return axes
 
 
 def _same(size, seq) -> bool:
@@ -242,6 +246,6 @@ def _same(size, seq) -> bool:
 
 
 def _mentions(size, seq) -> bool:
-    if isinstance(seq, int):
+    if isinstance(seq, int) or isinstance(size, int):
         return False
     return bool(size.node.expr.free_symbols & seq.node.expr.free_symbols)
