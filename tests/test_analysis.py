@@ -128,3 +128,38 @@ def test_flops_split_by_role(method):
                              Role.GATHER: 0}
     assert pm.report.flops_scoring == SCORING_MACS[method] + selection
     assert pm.report.flops_after == model + SCORING_MACS[method] + selection
+
+
+class EinsumAttention(nn.Module):
+    """Attention written with einsum: q·kᵀ as 'bhqd,bhkd->bhqk' and the output as 'bhqk,bhkd->bhqd'."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.qkv, self.proj, self.heads = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), heads
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        probs = torch.einsum("bhqd,bhkd->bhqk", q, k).mul((c // self.heads) ** -0.5).softmax(-1)
+        out = torch.einsum("bhqk,bhkd->bhqd", probs, v).transpose(1, 2).reshape(b, n, c)
+        return x + self.proj(out)
+
+
+class EinsumEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, 16))
+        self.blocks = nn.Sequential(EinsumAttention(), EinsumAttention())
+
+    def forward(self, x):
+        return self.blocks(torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1))[:, 0]
+
+
+def test_einsum_attention_is_an_attention_site():
+    torch.manual_seed(0)
+    model, x = EinsumEncoder().eval(), torch.randn(3, 16, 16)
+    sites = find_attention_sites(capture(model, (x[:2],)))
+    assert [(s.module, s.tokens, s.heads, s.scale) for s in sites] == [(f"blocks.{i}", 17, 2, 8 ** -0.5) for i in (0, 1)]
+    torch.testing.assert_close(tpc.compile(model, (x[:2],), layers=[0], keep=1.0)(x), model(x), atol=1e-5, rtol=1e-5)
+    pruned = tpc.compile(model, (x[:2],), layers=[0], keep=0.5)
+    assert [s.tokens for s in pruned.report.sites] == [17, 9] and pruned(x).shape == (3, 16)

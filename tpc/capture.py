@@ -113,7 +113,11 @@ def capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None
     """The model as a GraphModule of aten ops with ``meta['val']`` on every node."""
     if example_inputs and isinstance(example_inputs[0], torch.Tensor) and example_inputs[0].shape[0] < 2:
         raise TpcError("example inputs need a batch of at least 2 so the batch dimension is captured as dynamic")
-    return export_program(model, example_inputs, example_kwargs, dynamic_length).module()
+    from tpc.graph.einsum import einsum_to_matmul
+
+    gm = export_program(model, example_inputs, example_kwargs, dynamic_length).module()
+    einsum_to_matmul(gm)
+    return gm
 
 
 def length_range(gm: fx.GraphModule) -> tuple[int, int] | None:

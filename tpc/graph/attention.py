@@ -11,6 +11,7 @@ Two forms are recognized, in topological order (the order gives the layer index)
   where "mix heads" is talking-heads attention (CaiT): permute the head dim last, a linear
   layer across heads, permute back. It leaves both token axes alone, so the site is still one
   self-attention; its softmax is what scorers read (``heads_mixed``: q·kᵀ alone is not it).
+  Einsum attention reaches this form through ``tpc.graph.einsum`` at capture.
 
 For each site the analysis records what a scorer needs to recompute the logits
 ``(q @ kᵀ) · scale + mask`` and, for explicit sites, the probabilities already in the graph.
