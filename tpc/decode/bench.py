@@ -68,6 +68,12 @@ def ideal_step(module: DecodeModule) -> fx.GraphModule:
     PassManager([SparseDecode(module.plan, ideal=True)])(gm)
     for guard in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         gm.graph.erase_node(guard)  # export's check that every cache has one length: the ideal's are shorter
+    past = [n for n in gm.graph.nodes if n.op == "placeholder"][3:]
+    short = {past[2 * i + j] for i in module.plan.sparse for j in (0, 1)}
+    for size in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.sym_size.int):
+        if size.args[0] in short:  # the cache length the dense layers use, read from layer 0's cache instead
+            size.args = (past[0], *size.args[1:])
+    gm.recompile()
     return fx.GraphModule(gm, gm.graph)
 
 
