@@ -49,6 +49,8 @@ class SparseDecode(Pass):
         self.name = f"sparse_decode({plan.method}{', ideal' if ideal else ''})"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
+        if not self.plan.sparse:  # every layer dense (no layer after a selection layer): nothing to rewrite
+            return PassResult(gm, False)
         sites = {a.layer: a for a in cache_attention(gm)}
         index: dict[int, fx.Node] = {}
         if not self.ideal:
