@@ -269,6 +269,18 @@ def test_serve_on_a_busy_port_says_which_and_starts_nothing(artifacts, tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("ports, words", [(["--port", "99999"], "--port 99999: a port is a number from 1 to 65535"),
+                                           (["--port", "8123", "--metrics-port", "8123"], "are both 8123")])
+def test_serve_on_an_impossible_port_says_so_in_one_line(artifacts, cli, ports, words):
+    done = cli("serve", artifacts["vit"], *ports)
+    assert done.returncode == 1 and words in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_export_where_nothing_can_be_written_says_so_in_one_line(artifacts, cli):
+    done = cli("export", artifacts["vit"], "--triton-repo", "/proc/tpc-repo")  # /proc takes no new folders
+    assert done.returncode == 1 and "cannot write the model repository '/proc/tpc-repo'" in done.stderr
+
+
 def _descendants(pid: int) -> set[int]:
     parents = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):

@@ -12,6 +12,7 @@ nothing, and an existing folder is never replaced.
 
 from __future__ import annotations
 
+import errno
 import re
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 import onnx
 
 from tpc.errors import TpcError
+from tpc.exports.atomic import disk_full
 
 BACKENDS = ("onnxruntime", "python")
 MODEL_PY = Path(__file__).with_name("triton_model.py")
@@ -120,8 +122,11 @@ def write_repository(artifact: str | Path, repo: str | Path, name: str | None = 
     if target.exists():
         raise TpcError(f"{str(target)!r} already exists: remove it, or give another --name or --triton-repo")
     created = not repo.exists()
-    repo.mkdir(exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=repo))
+    try:
+        repo.mkdir(exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=repo))
+    except OSError as err:
+        raise TpcError(f"cannot write the model repository {str(repo)!r}: {err.strerror}") from None
     try:
         (tmp / "1").mkdir()
         shutil.copyfile(artifact, tmp / "1" / "model.onnx")
@@ -130,9 +135,13 @@ def write_repository(artifact: str | Path, repo: str | Path, name: str | None = 
         (tmp / "config.pbtxt").write_text(config_text(sig, name, backend, max_batch))
         tmp.chmod(0o755)
         tmp.rename(target)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if created:
             shutil.rmtree(repo, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(target, artifact.stat().st_size) from None
+        if isinstance(err, OSError):
+            raise TpcError(f"cannot write the model repository {str(target)!r}: {err.strerror}") from None
         raise
     return target

@@ -135,8 +135,15 @@ def start(repo: Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port
     ``workdir`` (a fresh temporary folder by default) receives the backend folder and the log,
     and is removed by ``Server.stop``.
     """
+    ports = (("--port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port))
+    for flag, port in ports:
+        if not 1 <= port <= 65535:
+            raise TpcError(f"{flag} {port}: a port is a number from 1 to 65535")
+    for (flag, port), (other, same) in zip(ports, ports[1:] + ports[:1]):
+        if port == same:
+            raise TpcError(f"{flag} and {other} are both {port}: the HTTP, gRPC and metrics ports must differ")
     root = bundled_server()
-    for flag, port in (("--port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
+    for flag, port in ports:
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
