@@ -304,3 +304,10 @@ def test_passes_lists_tidal_where_it_applies(capsys):
     assert main(["passes"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("tidal"))
     assert "decoder LMs, decode step" in line
+
+
+def test_bench_refuses_a_context_over_the_step_limit_before_allocating(cli, tmp_path):
+    tiny("llama").save_pretrained(tmp_path / "llama")
+    result = cli("bench", tmp_path / "llama", "--pass", "tidal", "--layers", "1", "--keep", "3", "--context",
+                 "64,99999999999")
+    assert result.returncode == 1 and "--context 99999999999: a decode step takes at most 1048576" in result.stderr

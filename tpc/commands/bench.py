@@ -116,6 +116,7 @@ def _bench_vlm(loaded, method, layers, keep, backend, sizes, threads, warmup, it
 def _bench_decoder(loaded, method, layers, keep, backend, sizes, contexts, threads, warmup, iters, repeats):
     """A decode-time method: one decode step, dense vs sparse vs the ideal (tpc.decode.bench)."""
     from tpc.decode.bench import bench_decode
+    from tpc.decode.capture import MAX_CACHE
 
     if backend not in (None, "torch"):
         raise TpcError(f"tpc bench measures a decode step in torch: --backend {backend} is for encoders; drop it or "
@@ -126,5 +127,7 @@ def _bench_decoder(loaded, method, layers, keep, backend, sizes, contexts, threa
         lengths = []
     if not lengths or min(lengths) < 1:
         raise TpcError(f"--context takes cached positions such as 2048,8192, not {contexts!r}")
+    if max(lengths) > MAX_CACHE:
+        raise TpcError(f"--context {max(lengths)}: a decode step takes at most {MAX_CACHE} cached positions")
     module = decode.compile_decoder(loaded.module, method=method, layers=layers, keep=keep)
     return bench_decode(module, sizes, lengths, warmup, iters, repeats, threads)
