@@ -17,6 +17,7 @@ from torch import fx, nn
 from tpc.decode.capture import decoder_spec
 from tpc.decode.plan import Plan
 from tpc.errors import TpcError
+from tpc.generation import decode_tokens, generation_config, new_tokens, refuse_right_padding
 
 
 @dataclass
@@ -109,50 +110,27 @@ class DecodeModule(nn.Module):
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int | None = None,
                  do_sample: bool | None = None, **generation_kwargs) -> torch.Tensor:
         """Prompt and new tokens, [B, S + new], as ``model.generate(**tokenizer_outputs)`` returns them."""
-        from transformers import GenerationConfig
-
         from tpc.vlm.inputs import checked_mask
-        from tpc.vlm.module import _refuse_right_padding, _refuse_unsupported, _warpers
 
-        try:
-            config = GenerationConfig(**{**self.generation_config.to_dict(), **generation_kwargs,
-                                         **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),
-                                         **({"do_sample": do_sample} if do_sample is not None else {})})
-        except ValueError as err:  # transformers' own check of the settings, e.g. max_new_tokens=0
-            raise TpcError(f"generate(): {str(err).strip().splitlines()[0]}") from None
-        _refuse_unsupported(config, generation_kwargs)
+        config = generation_config(self.generation_config, generation_kwargs, max_new_tokens, do_sample)
         attention_mask = checked_mask(input_ids, attention_mask, config.pad_token_id, config.eos_token_id)
         _refuse_outside_vocabulary(input_ids, self._model[0].config.vocab_size)
-        _refuse_right_padding(attention_mask)
-        eos = config.eos_token_id
-        eos = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), dtype=torch.long)
-        pad = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
-        warpers = _warpers(config)
-        new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - input_ids.shape[1]
+        refuse_right_padding(attention_mask)
+        new = new_tokens(config, input_ids.shape[1])
         _refuse_past_window(self._model[0], input_ids.shape[1] + new)
         logits, cache, positions = self.prefill(input_ids, attention_mask)
         kv = KVBuffer(cache, input_ids.shape[1] + max(new, 1))
-        position = positions[:, -1:]
-        mask = attention_mask.long()
-        unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool)
-        tokens = [input_ids]
-        for index in range(new):
-            scores = warpers(torch.cat(tokens, 1), logits) if config.do_sample else logits
-            if config.do_sample:
-                token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-            else:
-                token = scores.argmax(-1)
-            token = torch.where(unfinished, token, torch.full_like(token, pad))
-            tokens.append(token[:, None])
-            unfinished &= ~torch.isin(token, eos)
-            if not unfinished.any() or index == new - 1:
-                break
+        position, mask = positions[:, -1:], attention_mask.long()
+
+        def step(token):
+            nonlocal position, mask
             position = position + 1
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            out = self.step(token[:, None], position, mask, kv.views())
+            out = self.step(token, position, mask, kv.views())
             kv.append(out[1:])
-            logits = out[0].float()
-        return torch.cat(tokens, 1)
+            return out[0].float()
+
+        return decode_tokens(input_ids, logits, config, step)
 
 
 def _refuse_outside_vocabulary(input_ids: torch.Tensor, vocab_size: int) -> None:

@@ -17,11 +17,12 @@ import torch
 from torch import fx, nn
 
 from tpc.errors import TpcError
+from tpc.generation import decode_tokens, generation_config, refuse_right_padding
 from tpc.vlm.family import Family, language_model
 from tpc.vlm.inputs import checked_mask, layer_valid
 
 if TYPE_CHECKING:  # transformers is an optional dependency: `import tpc` must work without it
-    from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
+    from transformers import DynamicCache
 
 
 @dataclass
@@ -140,48 +141,24 @@ class VlmModule(nn.Module):
         A text-only prompt (no image tokens, no ``pixel_values``) has nothing to prune: it runs
         through the stock model's ``generate``, as the Hugging Face model runs it.
         """
-        from transformers import GenerationConfig
-
         image_inputs = {k: generation_kwargs.pop(k) for k in self.family.INPUTS if k in generation_kwargs}
-        try:
-            config = GenerationConfig(**{**self.generation_config.to_dict(), **generation_kwargs,
-                                         **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),
-                                         **({"do_sample": do_sample} if do_sample is not None else {})})
-        except ValueError as err:  # transformers' own check of the settings, e.g. max_new_tokens=0
-            raise TpcError(f"generate(): {str(err).strip().splitlines()[0]}") from None
-        _refuse_unsupported(config, generation_kwargs)
+        config = generation_config(self.generation_config, generation_kwargs, max_new_tokens, do_sample)
         attention_mask = checked_mask(input_ids, attention_mask, config.pad_token_id, config.eos_token_id)
         if pixel_values is None:
             return self._text_only(input_ids, attention_mask, config)
-        _refuse_right_padding(attention_mask)
-        eos = config.eos_token_id
-        eos = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), dtype=torch.long)
-        pad = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
-        warpers = _warpers(config)
+        refuse_right_padding(attention_mask)
         state = self.prefill(input_ids, pixel_values, attention_mask, **image_inputs)
         lm, head = language_model(self._model[0])
         position = last_position(state.positions)
-        logits = state.logits[:, -1].float()
-        valid, cache = state.valid, state.cache
-        unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool)
-        tokens = [input_ids]
-        new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - input_ids.shape[1]
-        with torch.no_grad():
-            for step in range(new):
-                scores = warpers(torch.cat(tokens, 1), logits) if config.do_sample else logits
-                if config.do_sample:
-                    token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-                else:
-                    token = scores.argmax(-1)
-                token = torch.where(unfinished, token, torch.full_like(token, pad))
-                tokens.append(token[:, None])
-                unfinished &= ~torch.isin(token, eos)
-                if not unfinished.any() or step == new - 1:
-                    break
-                position = position + 1
-                valid = [torch.cat([v, torch.ones_like(v[:, :1])], 1) for v in valid]
-                logits = _decode_step(lm, head, token[:, None], position, valid, cache)
-        return torch.cat(tokens, 1)
+        valid = state.valid
+
+        def step(token):
+            nonlocal position, valid
+            position = position + 1
+            valid = [torch.cat([v, torch.ones_like(v[:, :1])], 1) for v in valid]
+            return _decode_step(lm, head, token, position, valid, state.cache)
+
+        return decode_tokens(input_ids, state.logits[:, -1].float(), config, step)
 
     def _text_only(self, input_ids, attention_mask, config) -> torch.Tensor:
         images = int((input_ids == self.spec.image_token_id).sum())
@@ -210,43 +187,6 @@ def last_position(positions: torch.Tensor) -> torch.Tensor:
     return (positions if positions.dim() == 2 else positions.amax(0)).amax(-1, keepdim=True)
 
 
-def _refuse_right_padding(attention_mask) -> None:
-    """generate() continues every prompt from its last position: a padded last position would be continued."""
-    if attention_mask is not None and not bool(attention_mask[:, -1].bool().all()):
-        rows = torch.nonzero(~attention_mask[:, -1].bool())[:, 0].tolist()
-        raise TpcError(f"example {rows[0]} of the batch is right-padded: generate() continues each prompt from its "
-                       "last token; pad on the left (the processor's padding_side='left'), as for model.generate()")
-
-
-# Generation settings this decoder does not implement, with the values that leave generate() unchanged:
-# any other value would make tokens differ from model.generate's without a word.
-_NEUTRAL = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
-            "encoder_repetition_penalty": 1.0, "typical_p": 1.0, "no_repeat_ngram_size": 0,
-            "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0, "epsilon_cutoff": 0.0,
-            "eta_cutoff": 0.0, "diversity_penalty": 0.0, "penalty_alpha": None, "bad_words_ids": None, "min_p": None,
-            "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None,
-            "begin_suppress_tokens": None, "sequence_bias": None, "guidance_scale": None,
-            "exponential_decay_length_penalty": None, "watermarking_config": None, "prompt_lookup_num_tokens": None,
-            "top_h": None, "stop_strings": None, "max_time": None, "return_dict_in_generate": False,
-            "output_scores": False, "output_logits": False, "output_attentions": False, "output_hidden_states": False}
-_SUPPORTED = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
-              "pad_token_id", "bos_token_id"}
-
-
-def _refuse_unsupported(config: GenerationConfig, given: dict) -> None:
-    """One line for a generation setting ``generate`` would otherwise ignore (from the call or the model's config)."""
-    unknown = sorted(k for k in given if k not in _SUPPORTED and k not in _NEUTRAL)
-    if unknown:
-        raise TpcError(f"generate() of a pruned model has no option {unknown[0]!r}: it takes "
-                       f"{', '.join(sorted(_SUPPORTED))}")
-    for name, neutral in _NEUTRAL.items():
-        value = getattr(config, name, None)
-        if value is not None and value != neutral:
-            where = "given" if name in given else "set in the model's generation_config"
-            raise TpcError(f"generate() of a pruned model does greedy or sampled decoding with temperature/top-k/top-p "
-                           f"only; {name}={value!r} ({where}) is not implemented: pass {name}={neutral!r}")
-
-
 def _decode_step(lm, head, token, position, valid, cache) -> torch.Tensor:
     """One token through the stock decoder layers, each attending to the keys its cache holds."""
     hidden = lm.embed_tokens(token)
@@ -255,18 +195,3 @@ def _decode_step(lm, head, token, position, valid, cache) -> torch.Tensor:
         hidden = layer(hidden, attention_mask=valid[i][:, None, None, :], position_ids=position, cache=cache,
                        use_cache=True, position_embeddings=rotary)
     return head(lm.norm(hidden))[:, -1].float()
-
-
-def _warpers(config: GenerationConfig) -> LogitsProcessorList:
-    """Sampling warpers in the order ``generate()`` applies them."""
-    from transformers import LogitsProcessorList
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-    out = LogitsProcessorList()
-    if config.temperature is not None and config.temperature != 1.0:
-        out.append(TemperatureLogitsWarper(config.temperature))
-    if config.top_k is not None and config.top_k != 0:
-        out.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
-    if config.top_p is not None and config.top_p < 1.0:
-        out.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
-    return out
