@@ -163,3 +163,32 @@ def test_einsum_attention_is_an_attention_site():
     torch.testing.assert_close(tpc.compile(model, (x[:2],), layers=[0], keep=1.0)(x), model(x), atol=1e-5, rtol=1e-5)
     pruned = tpc.compile(model, (x[:2],), layers=[0], keep=0.5)
     assert [s.tokens for s in pruned.report.sites] == [17, 9] and pruned(x).shape == (3, 16)
+
+
+class SplitClsEncoder(EinsumEncoder):
+    """Splits [CLS] off the stream between blocks and joins it back (``split([1, N - 1]) + cat``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        x = self.blocks[0](torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1))
+        cls, rest = x.split([1, x.shape[1] - 1], dim=1)
+        return self.blocks[1](torch.cat([cls, self.norm(rest)], dim=1))[:, 0]
+
+
+def test_a_cls_token_split_off_and_joined_back_is_pruned_through():
+    from tpc.exports.checks import run_graph
+
+    torch.manual_seed(0)
+    model, x = SplitClsEncoder().eval(), torch.randn(3, 16, 16)
+    torch.testing.assert_close(tpc.compile(model, (x[:2],), layers=[0], keep=1.0)(x), model(x), atol=1e-5, rtol=1e-5)
+    pruned = tpc.compile(model, (x[:2],), layers=[0], keep=0.5)
+    out, replay = run_graph(pruned.graph_module, (x,))
+    kept = replay.decisions[0]
+    h = model.blocks[0](torch.cat([model.cls.expand(3, -1, -1), x], dim=1))
+    h = h.gather(1, kept[..., None].expand(-1, -1, 16))
+    expected = model.blocks[1](torch.cat([h[:, :1], model.norm(h[:, 1:])], dim=1))[:, 0]
+    assert kept.shape == (3, 9) and (kept[:, 0] == 0).all()
+    torch.testing.assert_close(out[0], expected, atol=1e-5, rtol=1e-5)

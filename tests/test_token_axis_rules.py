@@ -350,7 +350,17 @@ def test_stack_split_unbind_and_getitem():
     item = g.op(operator.getitem, parts, 1)
     assert infer(g, item, p=(parts, [{1: T}, {1: T}])).axes == {1: T}
     assert infer(g, g.op(aten.unbind.int, g.x, dim=2)).axes == [{1: T}] * C
-    assert refusal(g, g.op(aten.chunk.default, g.x, 3, 1)) == "splits the sequence along the token axis"
+    assert refusal(g, g.op(aten.chunk.default, g.x, 3, 1)).startswith("splits the token axis into pieces of a fixed size")
+
+
+def test_a_prefix_token_split_off_the_front_is_followed_and_resized():
+    """``split(x, [1, N - 1], dim=1)``: the [CLS] piece is untracked, the rest is the stream from
+    token 1 and takes the K - 1 kept tokens after it; a piece reaching past the prefix is refused."""
+    g = Graph()
+    parts = g.op(aten.split_with_sizes.default, g.x, [1, N - 1], 1)
+    assert infer(g, parts).axes == [{}, {1: Axis(1, 1)}]
+    assert resize(g, parts) == {"split_sizes": [1, K - 1]}
+    assert refusal(g, g.op(aten.split_with_sizes.default, g.x, [2, N - 2], 1)) == "slices tokens [0:2] of 9, which pruning moves"
 
 
 # --------------------------------------------------------------------------- contractions

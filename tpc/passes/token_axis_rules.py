@@ -547,12 +547,38 @@ def split(ctx, node: fx.Node, args: dict) -> Inferred:
     dim = _norm_dim(args["dim"], _rank(x))
     axes = ctx.axes(x)
     if dim in axes:
-        raise Refusal("splits the sequence along the token axis")
+        return _split_tokens(ctx, node, args, dim)
     if node.target is aten.unbind.int:
         part = {d - (d > dim): ax for d, ax in axes.items()}
     else:
         part = dict(axes)
     return Inferred([part] * len(val(node)))
+
+
+def _split_tokens(ctx, node: fx.Node, args: dict, dim: int) -> Inferred:
+    """``split(x, [1, N - 1], dim=tokens)`` (a [CLS] token split off): each piece is the slice it
+    stands for, so prefix-only pieces before one last piece that runs to the end are allowed."""
+    sizes = args.get("split_sizes")
+    if node.target is not aten.split_with_sizes.default or not all(isinstance(n, int) for n in sizes[:-1]):
+        raise Refusal("splits the token axis into pieces of a fixed size, which pruning changes "
+                      "(only prefix tokens split off in front of the rest can be followed)")
+    parts, start = [], 0
+    for i, size in enumerate(sizes):
+        end = start + size if i < len(sizes) - 1 else INT_MAX
+        parts.append(slice_(ctx, node, {"input": args["input"], "dim": dim, "start": start, "end": end, "step": 1}).axes)
+        start = end
+    return Inferred(parts)
+
+
+def resize_split(ctx, node: fx.Node, args: dict, axes) -> dict:
+    """The last piece of a token-axis split takes what the front pieces leave of the new count."""
+    x = args["input"]
+    dim = _norm_dim(args["dim"], _rank(x))
+    ax = ctx.axes(x).get(dim)
+    if ax is None or node.target is not aten.split_with_sizes.default:
+        return {}
+    front = list(args["split_sizes"][:-1])
+    return {"split_sizes": [*front, ctx.atom_new(ax) - sum(front)]}
 
 
 def stack(ctx, node: fx.Node, args: dict) -> Inferred:
@@ -646,7 +672,7 @@ RESHAPE = Rule(reshape)
 PERMUTE = Rule(permute)
 REDUCTION = Rule(reduction)
 ARG_REDUCTION = Rule(arg_reduction)
-SPLIT = Rule(split)
+SPLIT = Rule(split, resize_split)
 MATMUL = Rule(matmul)
 NORMALIZED = Rule(last_dims(lambda args: len(args["normalized_shape"])))
 BATCH_NORM = Rule(batch_norm)
