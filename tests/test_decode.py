@@ -311,3 +311,20 @@ def test_bench_refuses_a_context_over_the_step_limit_before_allocating(cli, tmp_
     result = cli("bench", tmp_path / "llama", "--pass", "tidal", "--layers", "1", "--keep", "3", "--context",
                  "64,99999999999")
     assert result.returncode == 1 and "--context 99999999999: a decode step takes at most 1048576" in result.stderr
+
+
+def test_a_rewritten_step_that_will_not_re_export_is_tpc_s_bug(captured, tmp_path, monkeypatch):
+    """torch.export captured the step once; failing on tpc's rewrite of it is tpc's bug, as for
+    encoders and the VLM prefill, whoever's frame raised it (here a stand-in outside tpc)."""
+    from tpc.errors import TpcInternalError
+
+    model, program = captured("llama")
+    sparse = compile_decoder(model, layers=[1], keep=3, program=program)
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("cannot trace this")
+
+    monkeypatch.setattr(torch.export, "export", refuses)
+    with pytest.raises(TpcInternalError, match="could not re-export the rewritten decode step: RuntimeError"):
+        sparse.save(tmp_path / "dec.pt2")
+    assert not list(tmp_path.iterdir())

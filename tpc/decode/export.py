@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tpc.decode.capture import MAX_BATCH, MAX_CACHE, decoder_spec, example_step
-from tpc.errors import TpcError, refusal_or_bug
+from tpc.errors import REPORT, TpcError, TpcInternalError
 from tpc.exports.atomic import atomic_output, check_output_path
 from tpc.exports.checks import CheckResult, check_artifact
 from tpc.pt2 import load_program, program_bytes
@@ -38,9 +38,10 @@ def save_step(module, path, check: bool = True) -> CheckResult | None:
         warnings.simplefilter("ignore")
         try:
             program = torch.export.export(module.gm, example, dynamic_shapes=dynamic)
-        except Exception as err:  # one line for the user; tpc's own bugs are reported as such
+        except Exception as err:  # the step was captured before tpc rewrote it: failing now is tpc's bug
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise refusal_or_bug(err, f"torch.export could not capture the rewritten decode step: {first}") from err
+            raise TpcInternalError(f"internal error: torch.export could not re-export the rewritten decode step: "
+                                   f"{type(err).__name__}: {first}; {REPORT}") from err
     data = program_bytes(program)
     with atomic_output(path, len(data)) as tmp:
         tmp.write_bytes(data)
