@@ -175,3 +175,11 @@ def test_the_module_refuses_the_lengths_its_pt2_refuses_in_one_line():
     with pytest.raises(tpc.TpcError, match=r"takes 2-128 tokens .*not 1: pad the text to at least 2 tokens"):
         pm(*batch([1, 1], 1))
     assert pm(*batch([2, 1], 2)).shape == (2, 32)
+
+
+def test_seq_len_shorter_than_the_example_exports_to_onnx(tmp_path):
+    """seq_len cut the example inputs as views; torch.export guarded on their base, which the ONNX
+    exporter's decomposition cannot evaluate ('NoneType' object has no attribute 'size')."""
+    fixed = tpc.compile(encoder(), batch([32, 32], 32), method="topk-cls", layers=[0], keep=0.5, seq_len=16)
+    result = tpc.export(fixed, tmp_path / "m.onnx")
+    assert result.max_abs_error <= 1e-4 and (tmp_path / "m.onnx").exists()

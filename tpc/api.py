@@ -123,7 +123,7 @@ def _fix_length(inputs: tuple, seq_len: int | None) -> tuple:
         if not is_token_input(x):
             return x
         if x.shape[1] >= seq_len:
-            return x[:, :seq_len]
+            return x[:, :seq_len].clone()  # a view would make torch.export guard on its base, which ONNX export cannot evaluate
         return torch.cat([x, x.new_zeros(x.shape[0], seq_len - x.shape[1])], dim=1)
 
     return tuple(fit(x) for x in inputs)
