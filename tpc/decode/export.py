@@ -13,9 +13,8 @@ import torch
 
 from tpc.decode.capture import MAX_BATCH, MAX_CACHE, decoder_spec, example_step
 from tpc.errors import REPORT, TpcError, TpcInternalError
-from tpc.exports.atomic import atomic_output, check_output_path
-from tpc.exports.checks import CheckResult, check_artifact
-from tpc.pt2 import load_program, program_bytes
+from tpc.exports.atomic import check_output_path
+from tpc.exports.checks import CheckResult, write_checked_program
 
 
 def check_step_suffix(path) -> None:
@@ -42,17 +41,5 @@ def save_step(module, path, check: bool = True) -> CheckResult | None:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise TpcInternalError(f"internal error: torch.export could not re-export the rewritten decode step: "
                                    f"{type(err).__name__}: {first}; {REPORT}") from err
-    data = program_bytes(program)
-    with atomic_output(path, len(data)) as tmp:
-        tmp.write_bytes(data)
-        if not check:
-            return None
-        loaded = load_program(tmp, written_by_tpc=True).module()
-
-        def run(inputs):
-            with torch.no_grad():
-                return list(loaded(*inputs)), None
-
-        one = (example[0][:1], example[1][:1], example[2][:1], [p[:1] for p in example[3]])
-        with torch.no_grad():
-            return check_artifact(module.gm, run, [one, example], "the written program")
+    one = (example[0][:1], example[1][:1], example[2][:1], [p[:1] for p in example[3]])
+    return write_checked_program(program, path, module.gm, [one, example] if check else None)

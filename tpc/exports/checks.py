@@ -21,6 +21,8 @@ from torch.utils import _pytree as pytree
 
 from tpc.capture import is_token_input
 from tpc.errors import TpcError
+from tpc.exports.atomic import atomic_output
+from tpc.pt2 import load_program, program_bytes
 
 SELECT = torch.ops.tpc.select_topk.default
 # Ops whose int64 output is a pruning decision (kept positions), in the order they run.
@@ -155,3 +157,22 @@ def check_artifact(gm: fx.GraphModule, run_artifact: Callable[[tuple], tuple[lis
         batches.append(int(pytree.tree_leaves(inputs)[0].shape[0]))
         lengths.append(next((int(x.shape[1]) for x in pytree.tree_leaves(inputs) if is_token_input(x)), None))
     return CheckResult(worst, flips, tuple(batches), tuple(lengths))
+
+
+def write_checked_program(program: torch.export.ExportedProgram, path, gm: fx.GraphModule,
+                          inputs: list[tuple] | None, what: str = "the written program") -> CheckResult | None:
+    """``program`` written to ``path`` as a ``.pt2`` (atomically, reproducible bytes); unless ``inputs``
+    is None, the file read back and run on each of ``inputs`` against ``gm`` before it is renamed into place."""
+    data = program_bytes(program)
+    with atomic_output(path, len(data)) as tmp:
+        tmp.write_bytes(data)
+        if inputs is None:
+            return None
+        loaded = load_program(tmp, written_by_tpc=True).module()
+
+        def run(batch):
+            with torch.no_grad():
+                return list(loaded(*batch)), None
+
+        with torch.no_grad():  # tolerance from the outputs' dtype (wider for half precision), as for encoders
+            return check_artifact(gm, run, inputs, what)

@@ -16,8 +16,7 @@ import torch
 
 from tpc.errors import REPORT, TpcError, TpcInternalError
 from tpc.exports.atomic import atomic_output, check_output_path
-from tpc.exports.checks import CheckResult, check_artifact
-from tpc.pt2 import load_program, program_bytes
+from tpc.exports.checks import CheckResult, write_checked_program
 from tpc.vlm.inputs import layer_valid
 
 ONNX_LIMIT = 2**31  # a protobuf message above 2 GB cannot be serialized in one piece
@@ -37,19 +36,7 @@ def save_prefill(module, path, check: bool = True) -> CheckResult | None:
     inputs = [module.family.first_example(module.example_inputs), module.example_inputs]  # an example, the batch
     if suffix == ".onnx":
         return _save_onnx(module, program, path, inputs, check)
-    data = program_bytes(program)
-    with atomic_output(path, len(data)) as tmp:
-        tmp.write_bytes(data)
-        if not check:
-            return None
-        loaded = load_program(tmp, written_by_tpc=True).module()
-
-        def run(inputs):
-            with torch.no_grad():
-                return list(loaded(*inputs)), None
-
-        with torch.no_grad():  # tolerance from the outputs' dtype (wider for half precision), as for encoders
-            return check_artifact(module.gm, run, inputs, "the written program")
+    return write_checked_program(program, path, module.gm, inputs if check else None)
 
 
 def _program(module) -> torch.export.ExportedProgram:
