@@ -96,7 +96,7 @@ class InsertPrune(Pass):
             logger.debug("%s: r = 0, nothing to remove", self.name)
             return PassResult(gm, False)  # ToMe's r = 0: the layer is left as it is
         kept = None if symbolic else kept_count(keep, tokens, self.prefix, self.layer)
-        if type(keep) is int and kept < FEW_KEPT * (tokens - self.prefix):  # --keep 1 meant as 1.0?
+        if type(keep) is int and kept is not None and kept < FEW_KEPT * (tokens - self.prefix):  # --keep 1 meant as 1.0?
             logger.warning("layer %d keeps %d of its %d tokens (not counting prefix tokens), under %d%%: an integer "
                            "keep counts tokens, a ratio is written with a point (keep 1.0 keeps every token)",
                            self.layer, kept, tokens - self.prefix, 100 * FEW_KEPT)
