@@ -120,6 +120,11 @@ def capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None
     return gm
 
 
+def length_span(lengths: tuple[int, int | None]) -> str:
+    """``(2, 128)`` -> "2-128", ``(2, None)`` -> "2 or more"."""
+    return f"{lengths[0]} or more" if lengths[1] is None else f"{lengths[0]}-{lengths[1]}"
+
+
 def length_range(gm: fx.GraphModule) -> tuple[int, int] | None:
     """(min, max) of the graph's symbolic sequence length (dim 1 of a token input), None when fixed."""
     for node in gm.graph.find_nodes(op="placeholder"):

@@ -104,7 +104,7 @@ def _describe_model(args) -> str:
 
 def cmd_compile(args) -> int:
     import tpc
-    from tpc.capture import length_range
+    from tpc.capture import length_range, length_span
     from tpc.compiled import recipe
     from tpc import decode
     from tpc.decode import DecodeModule
@@ -139,7 +139,7 @@ def cmd_compile(args) -> int:
         "the decode step, dynamic batch and cache length" if decoder else "dynamic batch"
     lengths = None if decoder or isinstance(pruned, VlmModule) else length_range(pruned.graph_module)
     if lengths is not None:
-        dynamic += f" and length ({lengths[0]}-{lengths[1]} tokens)" if lengths[1] else f" and length ({lengths[0]}+ tokens)"
+        dynamic += f" and length ({length_span(lengths)} tokens)"
     print(f"wrote {out} in {took:.1f} s: {kind}, {dynamic}")
     if result:
         flips = f", {result.tie_flips} near-tie decision(s) resolved differently" if result.tie_flips else ""

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from tpc.capture import is_token_input, length_range
+from tpc.capture import is_token_input, length_range, length_span
 from tpc.errors import TpcError
 
 
@@ -138,9 +138,8 @@ class TpcModule(nn.Module):
             return
         low, high = lengths
         if length < low or (high is not None and length > high):
-            span = f"{low} or more" if high is None else f"{low}-{high}"
             fix = f"pad the text to at least {low} tokens" if length < low else f"cut the text to {high} tokens"
-            raise TpcError(f"this pruned model takes {span} tokens (the range torch.export captured), not {length}: {fix}")
+            raise TpcError(f"this pruned model takes {length_span(lengths)} tokens (the range torch.export captured), not {length}: {fix}")
 
     def _by_position(self, args: tuple, kwargs: dict) -> tuple:
         """Keyword arguments (a tokenizer's output: ``pruned(**batch)``) in the captured inputs' order."""

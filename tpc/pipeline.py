@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from tpc.capture import is_token_input, length_range
+from tpc.capture import is_token_input, length_range, length_span
 from tpc.compiled import CompileReport, LayerInfo, TpcModule
 from tpc.errors import TpcError
 from tpc.flops import count_flops, example_size, example_sizes
@@ -67,8 +67,7 @@ def length_notes(gm: fx.GraphModule, keeps: list, inputs: tuple) -> list[str]:
     if lengths is None:
         return []
     example = next(x.shape[1] for x in inputs if is_token_input(x))
-    span = f"{lengths[0]} or more" if lengths[1] is None else f"{lengths[0]}-{lengths[1]}"
-    notes = [f"the sequence length is dynamic ({span} tokens): one graph serves every length; a ratio keeps "
+    notes = [f"the sequence length is dynamic ({length_span(lengths)} tokens): one graph serves every length; a ratio keeps "
              f"ceil(ratio x n) of the n non-prefix tokens a layer sees (at least 1); the token counts and FLOPs above are "
              f"at the example length {example}; seq_len=N (--seq-len N) fixes the length instead"]
     counts = sorted({int(k) for k in keeps if isinstance(k, int) and not isinstance(k, bool)})
