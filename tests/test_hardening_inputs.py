@@ -288,3 +288,15 @@ def test_the_pt2_serialization_id_is_the_same_whatever_id_torch_drew():
         assert archive.testzip() is None
     assert other != drawn
     assert _fixed_serialization_id(other) == _fixed_serialization_id(drawn)
+
+
+@pytest.mark.parametrize("architectures", [[{}], "LlavaForConditionalGeneration", {"a": 1}])
+def test_a_config_json_with_odd_architectures_gets_one_line(cli, tmp_path, architectures):
+    """compile without --layers reads config.json to know whether a VLM is meant: an architectures
+    entry that is not a class name (a dict raised TypeError: unhashable) is the load's to refuse."""
+    model = tmp_path / "odd"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": architectures}))
+    result = cli("compile", model, "-o", tmp_path / "m.onnx")
+    assert result.returncode == 1 and result.stderr.startswith("tpc: error:"), result.stderr
+    assert not (tmp_path / "m.onnx").exists()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib
-import json
 import os
 import pickle
 import socket
@@ -362,20 +361,15 @@ def _seeded(seed: int):
 def could_be_vlm(model_id: str) -> bool:
     """Whether ``model_id`` may name a vision-language model, known without loading it: a timm name
     or a file never does, a directory's config.json says, a hub id or a function may."""
-    from tpc.vlm.family import FAMILIES
+    from tpc.vlm.family import names_a_vlm
 
     lower = model_id.lower()
     if lower.endswith((".pt2", ".onnx")) or model_id.startswith("timm/"):
         return False
     if ":" in model_id and not os.path.exists(model_id):
         return True
-    config = Path(model_id) / "config.json"
-    if config.is_file():
-        try:
-            architectures = json.loads(config.read_text()).get("architectures") or []
-        except (OSError, ValueError, AttributeError):
-            return True  # the load says what is wrong with it
-        return any(a in FAMILIES for a in architectures)
+    if (Path(model_id) / "config.json").is_file():
+        return names_a_vlm(model_id, unreadable=True)  # unreadable: the load says what is wrong with it
     return _looks_like_hf(model_id)
 
 

@@ -36,15 +36,16 @@ def is_vlm(model) -> bool:
     return type(model).__name__ in FAMILIES
 
 
-def names_a_vlm(model_id) -> bool:
-    """Whether a model directory's config.json names a VLM class tpc knows (read as JSON, nothing loaded)."""
+def names_a_vlm(model_id, unreadable: bool = False) -> bool:
+    """Whether a model directory's config.json names a VLM class tpc knows (read as JSON, nothing
+    loaded); ``unreadable`` when there is no config.json tpc can read as JSON."""
     import json
     from pathlib import Path
 
     try:
         config = json.loads((Path(model_id) / "config.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return False
+    except (OSError, ValueError, TypeError, RecursionError):
+        return unreadable
     architectures = config.get("architectures") if isinstance(config, dict) else None
     return isinstance(architectures, list) and any(a in FAMILIES for a in architectures if isinstance(a, str))
 
