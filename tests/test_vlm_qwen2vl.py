@@ -167,7 +167,7 @@ def test_bad_inputs_are_refused_in_one_line(qwen, tmp_path):
         compile_vlm(model, inputs, method="topk-cls", keep=0.5)
     import tpc
 
-    with pytest.raises(TpcError, match="TensorRT engines are for encoders"):
+    with pytest.raises(TpcError, match="TensorRT engines are written for encoders only"):
         tpc.export(pruned, tmp_path / "vlm.plan")
     assert list(tmp_path.iterdir()) == []
 
