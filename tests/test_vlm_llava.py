@@ -216,6 +216,7 @@ def test_generate_without_a_mask_infers_it_from_the_pad_token_as_hf(llava):
     (lambda x: {**x, "input_ids": x["input_ids"][:0], "attention_mask": x["attention_mask"][:0],
                 "pixel_values": x["pixel_values"][:0]}, r"input_ids of shape \(0, 24\) hold no prompt"),
     (lambda x: {**x, "input_ids": x["input_ids"][0]}, r"input_ids must be \[batch, tokens\], got \(24,\)"),
+    (lambda x: {**x, "input_ids": x["input_ids"].float()}, "input_ids are torch.float32: token ids are integers"),
     (lambda x: {**x, "attention_mask": x["attention_mask"][:, 1:]}, r"attention_mask \(2, 23\) does not match"),
     (lambda x: {**x, "attention_mask": x["attention_mask"] * 7}, "values other than 0 and 1"),
     (lambda x: {**x, "attention_mask": torch.zeros_like(x["attention_mask"])}, "example 0 of the batch is all padding"),

@@ -134,9 +134,8 @@ class DecodeModule(nn.Module):
 
 
 def _refuse_outside_vocabulary(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Token ids are integers in [0, vocab_size): anything else would fail deep in the embedding."""
-    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-        raise TpcError(f"input_ids are {input_ids.dtype}: token ids are integers (the tokenizer's input_ids)")
+    """Token ids lie in [0, vocab_size) (``checked_mask`` has refused non-integer ids): anything else
+    would fail deep in the embedding."""
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab_size:
         raise TpcError(f"input_ids hold token id {low if low < 0 else high}, outside the model's vocabulary "

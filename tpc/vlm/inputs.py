@@ -47,6 +47,8 @@ def checked_mask(input_ids, attention_mask, pad_token_id=None, eos_token_id=None
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise TpcError(f"input_ids must be [batch, tokens], got {shape}: pass the processor's input_ids")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TpcError(f"input_ids are {input_ids.dtype}: token ids are integers (the tokenizer's input_ids)")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise TpcError(f"input_ids of shape {tuple(input_ids.shape)} hold no prompt: give at least one token")
     if attention_mask is None:
