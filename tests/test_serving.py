@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -63,7 +64,8 @@ def artifacts(exported, tmp_path_factory) -> dict[str, Path]:
 def served(artifacts, tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
     for name, path in artifacts.items():
-        write_repository(path, repo, name, backend="python", max_batch=8)
+        # 0.2 s for a batch to fill: the concurrent-clients test must see batching even on loaded cores
+        write_repository(path, repo, name, backend="python", max_batch=8, queue_delay_us=200_000)
     running = triton.start(repo, free_port(), free_port(), free_port())
     running.http_clients = []
     yield running
@@ -128,13 +130,18 @@ def test_dynamic_batching_with_concurrent_clients_keeps_every_output(served, art
     jobs += [("bert", bert, bert_tokens([4 + i % 5, 3], (8, 12)[i % 2], seed=i)) for i in range(12)]
     before = _executions(served)
 
-    def call(job):
+    clients = [grpcclient.InferenceServerClient(f"localhost:{served.grpc_port}") for _ in jobs]
+    together = threading.Barrier(len(jobs))
+
+    def call(job, client):
         name, direct, arrays = job
-        client = grpcclient.InferenceServerClient(f"localhost:{served.grpc_port}")
+        together.wait()
         return infer(client, grpcclient, name, direct, *arrays)
 
     with ThreadPoolExecutor(len(jobs)) as pool:
-        outputs = list(pool.map(call, jobs))
+        outputs = list(pool.map(call, jobs, clients))
+    for client in clients:
+        client.close()
     for (name, direct, arrays), out in zip(jobs, outputs):
         np.testing.assert_allclose(out, direct(*arrays), rtol=0, atol=1e-5, err_msg=name)
     after = _executions(served)
@@ -190,7 +197,9 @@ def test_a_bad_request_batched_with_good_ones_fails_alone(served, artifacts):
             return err
 
     with ThreadPoolExecutor(len(jobs)) as pool:
-        outputs = list(pool.map(call, jobs))
+        outputs = list(pool.map(call, jobs, clients))
+    for client in clients:
+        client.close()
     assert isinstance(outputs[3], InferenceServerException)
     for i, (arrays, out) in enumerate(zip(jobs, outputs)):
         if i != 3:
@@ -232,7 +241,7 @@ def test_the_server_loads_the_config_as_written(served, artifacts):
     client = grpcclient.InferenceServerClient(f"localhost:{served.grpc_port}")
     for name, path in artifacts.items():
         config = client.get_model_config(name).config
-        assert config.max_batch_size == 8
+        assert config.max_batch_size == 8 and config.dynamic_batching.max_queue_delay_microseconds == 200_000
         _check_against_artifact(config, path)
 
 

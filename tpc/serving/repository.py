@@ -89,12 +89,12 @@ def _tensor_config(kind: str, tensors: tuple[Tensor, ...]) -> str:
     return f"{kind} [\n{items}\n]\n"
 
 
-def config_text(sig: Signature, name: str, backend: str, max_batch: int) -> str:
+def config_text(sig: Signature, name: str, backend: str, max_batch: int, queue_delay_us: int = QUEUE_DELAY_US) -> str:
     """``config.pbtxt`` (protobuf text format of Triton's ModelConfig) for ``sig``."""
     kind = 'backend: "python"' if backend == "python" else 'backend: "onnxruntime"\ndefault_model_filename: "model.onnx"'
     return (f'name: "{name}"\n{kind}\nmax_batch_size: {max_batch}\n'
             + _tensor_config("input", sig.inputs) + _tensor_config("output", sig.outputs)
-            + f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US}\n}}\n"
+            + f"dynamic_batching {{\n  max_queue_delay_microseconds: {queue_delay_us}\n}}\n"
             + "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n")
 
 
@@ -105,13 +105,18 @@ def check_name(name: str) -> str:
 
 
 def write_repository(artifact: str | Path, repo: str | Path, name: str | None = None, backend: str = "onnxruntime",
-                     max_batch: int = 32) -> Path:
-    """Write ``repo/name/`` (config.pbtxt, 1/model.onnx, and 1/model.py for ``python``); returns that folder."""
+                     max_batch: int = 32, queue_delay_us: int = QUEUE_DELAY_US) -> Path:
+    """Write ``repo/name/`` (config.pbtxt, 1/model.onnx, and 1/model.py for ``python``); returns that folder.
+
+    ``queue_delay_us`` is Triton's ``max_queue_delay_microseconds``: how long the dynamic batcher
+    holds a request for others to join it (longer: bigger batches, more latency)."""
     artifact, repo = Path(artifact), Path(repo)
     if backend not in BACKENDS:
         raise TpcError(f"unknown Triton backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if max_batch < 1:
         raise TpcError(f"--max-batch {max_batch}: the largest batch the server forms must be at least 1")
+    if queue_delay_us < 0:
+        raise TpcError(f"queue delay {queue_delay_us} µs: the dynamic batcher's wait cannot be negative")
     name = check_name(name or artifact.stem)
     sig = signature(artifact)
     if repo.exists() and not repo.is_dir():
@@ -132,7 +137,7 @@ def write_repository(artifact: str | Path, repo: str | Path, name: str | None = 
         shutil.copyfile(artifact, tmp / "1" / "model.onnx")
         if backend == "python":
             shutil.copyfile(MODEL_PY, tmp / "1" / "model.py")
-        (tmp / "config.pbtxt").write_text(config_text(sig, name, backend, max_batch))
+        (tmp / "config.pbtxt").write_text(config_text(sig, name, backend, max_batch, queue_delay_us))
         tmp.chmod(0o755)
         tmp.rename(target)
     except BaseException as err:
