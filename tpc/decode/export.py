@@ -20,9 +20,13 @@ from tpc.exports.checks import CheckResult, write_checked_program
 def check_step_suffix(path) -> None:
     """The decode step is written as .pt2 only: anything else is refused (before any capture, in the CLI)."""
     path = Path(path)
-    if path.suffix.lower() != ".pt2":
-        raise TpcError(f"the decode step of a decoder language model is written as .pt2; {path.suffix or 'no suffix'} "
-                       "is not supported for it (its ONNX export is not implemented)")
+    suffix = path.suffix.lower()
+    if suffix in (".onnx", ".plan"):
+        raise TpcError(f"the decode step of a decoder language model is written as .pt2; {path.suffix} is not supported "
+                       "for it (its ONNX export is not implemented)")
+    if suffix != ".pt2":
+        raise TpcError(f"unknown artifact type {path.suffix or '(none)'!r} for {str(path)!r}: the decode step of a "
+                       "decoder language model is written as .pt2")
 
 
 def save_step(module, path, check: bool = True) -> CheckResult | None:
