@@ -240,6 +240,7 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     if tuned_on and tuned_on != name:
         logger.warning("the recipe was tuned on %s, not %s: the drop and FLOPs it records were measured on that "
                        "model (tune this one with `tpc tune` to know them here)", tuned_on, name)
+    decode.refuse_encoder_method(module, name, method if recipe is None else steps[0].method)
     models.refuse_pruned(module, name)
     inputs = _fix_length(inputs, seq_len)
     if seq_len is not None:
@@ -304,6 +305,7 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
         if compile_kwargs.get("vision_layer") is not None:
             refuse_vision_layer(name)
         decode.refuse_decode_step(module, name)
+        decode.refuse_encoder_method(module, name, compile_kwargs.get("method"))
         gm = capture(module, inputs)
         sites = analyze(gm, name)
         prefix, source = prefix_of(gm, sites)

@@ -91,6 +91,10 @@ def export_program(model: nn.Module, example_inputs: tuple, example_kwargs: dict
     if rewritten_by_tpc and not isinstance(last, TpcError):
         raise TpcInternalError(f"internal error: torch.export could not re-export tpc's rewritten graph: "
                                f"{type(last).__name__}: {first}; {REPORT}") from last
+    if "DynamicCache" in first:  # a transformers decoder called with its default use_cache=True
+        first = ("it returns its KV cache (a transformers DynamicCache), which torch.export cannot take as an output: "
+                 "wrap it to call it with use_cache=False and return its hidden states (a decoder-only LM's decoding is "
+                 "pruned by a decode-time method, docs/decode.md)")
     raise refusal_or_bug(last, f"torch.export could not capture {type(model).__name__} with a dynamic batch: {first}") from last
 
 

@@ -14,6 +14,7 @@ from tpc.backends import check_backend
 from tpc.dataset import accuracy, check_data_path, load_dataset, parse_floats, predict, warn_if_labels_look_meaningless
 from tpc.errors import TpcError
 from tpc.exports.atomic import check_output_path, refuse_overwriting
+from tpc.decode.capture import refuse_encoder_method
 from tpc.vlm.family import refuse_vlm
 
 
@@ -78,6 +79,7 @@ def run_eval(model_id, data, method="topk-cls", layers=None, keep=None, sweep=No
     user_mean, user_std = parse_floats(mean, "mean"), parse_floats(std, "std")
     loaded = models.load(str(model_id), **(load_kwargs or {}))
     refuse_vlm(loaded.module, "eval")
+    refuse_encoder_method(loaded.module, loaded.name, method)
     mean, std = user_mean or loaded.mean, user_std or loaded.std
     if mean is None or std is None:
         raise TpcError(f"{loaded.name} has no normalisation in its config: pass --mean and --std")

@@ -23,6 +23,7 @@ from torch.export import Dim
 
 from tpc.capture import eval_mode
 from tpc.errors import TpcError, refusal_or_bug
+from tpc.registry import METHODS, Where, methods_for
 
 MAX_BATCH = 4096
 MAX_CACHE = 1 << 20
@@ -38,6 +39,29 @@ def decoder_spec(model: nn.Module) -> tuple[int, int, int]:
     heads = config.num_attention_heads
     width = getattr(config, "head_dim", None) or config.hidden_size // heads
     return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, width
+
+
+def is_decoder_lm(model: nn.Module) -> bool:
+    """A Hugging Face model that generates from its own outputs (``can_generate()``: a causal LM), not a VLM
+    or an encoder-decoder: its forward returns a KV cache, and its tokens are pruned at decode time."""
+    from tpc.vlm.family import is_vlm
+
+    can_generate = getattr(model, "can_generate", None)
+    return (callable(can_generate) and bool(can_generate()) and not is_vlm(model)
+            and not getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def refuse_encoder_method(model: nn.Module, name: str, method: str | None = None) -> None:
+    """One line, before any capture, when a method that does not prune at decode time (by the registry's
+    capabilities) is given a decoder-only LM (torch.export would fail on the returned ``DynamicCache``)."""
+    known = METHODS.get(method)
+    if not is_decoder_lm(model) or (known is not None and known.applies(Where.DECODE)):
+        return
+    what = (f"{method} prunes {' and '.join(w.value for w in Where if w in known.impl)}" if known is not None
+            else "without a decode-time method tpc prunes encoder tokens")
+    named = name if name == type(model).__name__ else f"{name} ({type(model).__name__})"
+    raise TpcError(f"{named} is a decoder-only language model and {what}: for a decoder-only LM use a decode-time "
+                   f"method (--pass {' or '.join(methods_for(Where.DECODE))}, see docs/decode.md)")
 
 
 def _step_cache(past: list[torch.Tensor]):

@@ -13,6 +13,7 @@ import torch
 
 from tpc import models
 from tpc.dataset import warn_if_labels_look_meaningless
+from tpc.decode.capture import refuse_encoder_method
 from tpc.errors import TpcError, refusal_or_bug
 from tpc.pipeline import analyze
 from tpc.recipe import Recipe, check_steps, describe
@@ -303,6 +304,7 @@ def run_tune(model, data, max_drop=None, target="flops", backend=None, batch=Non
     from tpc.vlm.family import refuse_vlm
 
     refuse_vlm(loaded.module, "tune")
+    refuse_encoder_method(loaded.module, loaded.name)
     dataset = load_tune_data(data, loaded, mean, std)
     tuning, check, cut = split(dataset, check_split)
 
