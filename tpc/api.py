@@ -167,6 +167,9 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     A decode-time method (``tidal``) on a causal LM returns a :class:`tpc.decode.DecodeModule`
     whose decode step reads, in the sparse layers, ``keep`` cached positions chosen at the
     selection ``layers`` (docs/decode.md); ``pruned.generate(**tokenizer_outputs)`` decodes.
+    A KV-eviction method (``streaming``, ``h2o``, ``snapkv``, ``scissorhands``) returns a
+    :class:`tpc.decode.CompressedDecoder` whose ``generate`` keeps ``keep`` cached positions per
+    layer (a count, or a ratio of the prompt).
     """
     _check_keywords("tpc.compile", load_kwargs, COMPILE_KEYWORDS)
     check_backend(backend, ("torch", "onnxruntime"), "tpc.compile")
@@ -182,6 +185,19 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
         decode.refuse_decode_step(module, name)
         models.refuse_pruned(module, name)
         return decode.compile_decoder(module, method=method, layers=layers, keep=keep)
+    if recipe is None and decode.kv_eviction(method):
+        not_kv = (r, prefix, seq_len, layers, restore or None, vision_layer, None if backend == "torch" else backend,
+                  None if after in (None, "attention") else after)
+        if any(v is not None for v in not_kv):
+            raise TpcError(f"{method} (a compressed KV cache) takes method, keep and options only (layers, r, prefix, "
+                           "restore, seq_len, after, vision_layer and backends other than torch are for the other "
+                           "methods)")
+        options = parse_options(options)
+        decode.eviction_rule(method, keep, options)  # malformed settings fail before the model loads
+        module, _, name = _resolve(model, example_inputs, **load_kwargs)
+        decode.refuse_decode_step(module, name)
+        models.refuse_pruned(module, name)
+        return decode.compile_compressed(module, method=method, keep=keep, options=options)
     if recipe is not None and (layers is not None or keep is not None or r is not None or options):
         raise TpcError("give either a recipe or method/layers/keep/r/options, not both")
     if recipe is not None and (seed is not None or after is not None):

@@ -63,6 +63,18 @@ def check_zero_tprune(o: dict) -> None:
         raise TpcError(f"option partition must be 'sequential' or 'alternate', not {o['partition']!r}")
 
 
+def check_windows(o: dict) -> None:
+    """KV-eviction windows are counts of positions (an odd count for a pooling kernel)."""
+    for name, value in o.items():
+        if value is None and name == "recent":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "sinks" else 1):
+            raise TpcError(f"option {name} is a number of positions ({0 if name == 'sinks' else 1} or more), "
+                           f"not {value!r}")
+        if name == "kernel" and value % 2 == 0:
+            raise TpcError(f"option kernel is the odd width of SnapKV's pooling (such as 5), not {value}")
+
+
 @dataclass(frozen=True)
 class PruneMethod:
     """One method. ``impl`` maps each place it applies to its implementation (a callable, or
@@ -164,6 +176,7 @@ def methods_for(*places: Where) -> list[str]:
 
 
 _ENC = "tpc.passes.prune_methods:"
+_KV = "tpc.decode.eviction:"
 _VLM = "tpc.vlm.prune_visual:"
 
 for _m in (
@@ -205,6 +218,26 @@ for _m in (
                 "decoder LMs, decode step: selection layers (--layers) pick the top --keep cache positions per KV "
                 "head; the layers after each read only those",
                 Kind.SELECT, "attention", {Where.DECODE: "tpc.decode.rewrite:SparseDecode"}),
+    PruneMethod("streaming", "StreamingLLM (Xiao et al., ICLR 2024), arXiv 2309.17453",
+                "decoder LMs, KV cache: keep the first --options sinks positions and the most recent ones, "
+                "--keep positions per layer",
+                Kind.SELECT, "recency", {Where.KV_EVICTION: _KV + "Streaming"}, options={"sinks": 4},
+                check=check_windows),
+    PruneMethod("h2o", "H2O (Zhang et al., NeurIPS 2023), arXiv 2306.14048",
+                "decoder LMs, KV cache: keep the heavy hitters (attention accumulated over every query, per KV "
+                "head) and the recent window (default half of --keep)",
+                Kind.SELECT, "attention", {Where.KV_EVICTION: _KV + "H2O"}, options={"recent": None},
+                check=check_windows),
+    PruneMethod("snapkv", "SnapKV (Li et al., 2024), arXiv 2404.14469",
+                "decoder LMs, KV cache: at the end of the prefill the last window prompt queries vote per KV head "
+                "(pooled), the window is kept; decoding appends",
+                Kind.SELECT, "attention", {Where.KV_EVICTION: _KV + "SnapKV"}, options={"window": 32, "kernel": 5},
+                check=check_windows),
+    PruneMethod("scissorhands", "Scissorhands (Liu et al., NeurIPS 2023), arXiv 2305.17118",
+                "decoder LMs, KV cache: drop the positions most often below the mean attention over the last "
+                "history queries, per KV head; the recent window kept",
+                Kind.SELECT, "attention", {Where.KV_EVICTION: _KV + "Scissorhands"},
+                options={"history": 32, "recent": 16}, check=check_windows),
     PruneMethod("random", "baseline", "keep a seeded uniform random subset per example",
                 Kind.SELECT, "random", {Where.ENCODER: _ENC + "build_random",
                                         Where.VISUAL_BEFORE_LM: _VLM + "choose_random",

@@ -109,12 +109,20 @@ def example_step(model: nn.Module, batch: int = 2, length: int = 8) -> tuple:
     return ids, torch.full((batch, 1), length), torch.ones(batch, length + 1, dtype=torch.long), past
 
 
-def capture_step(model: nn.Module) -> torch.export.ExportedProgram:
-    """The decode step as an aten program, symbolic in batch and cache length."""
+def capture_step(model: nn.Module, chunk: bool = False) -> torch.export.ExportedProgram:
+    """The decode step as an aten program, symbolic in batch and cache length. ``chunk``: the step
+    takes T new tokens (T symbolic, 1 or more; input_ids and position_ids [B, T], attention_mask
+    [B, L + T]), so one program serves the prefill (over a one-position masked cache) and every
+    decode step of a compressed cache."""
     layers = decoder_spec(model)[0]
     args = example_step(model)
     batch, cache = Dim("batch", min=1, max=MAX_BATCH), Dim("cache", min=1, max=MAX_CACHE)
     dynamic = ({0: batch}, {0: batch}, {0: batch, 1: cache + 1}, [{0: batch, 2: cache}] * (2 * layers))
+    if chunk:
+        ids, _, mask, past = args
+        args = (ids.repeat(1, 3), torch.arange(8, 11).repeat(ids.shape[0], 1), mask[:, :1].repeat(1, 11), past)
+        new = Dim("new", min=1, max=MAX_CACHE)
+        dynamic = ({0: batch, 1: new}, {0: batch, 1: new}, {0: batch, 1: Dim.AUTO}, dynamic[3])
     with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -68,3 +68,70 @@ def gather_positions(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 @gather_positions.register_fake
 def _(cache, index):
     return cache.new_empty((*index.shape, cache.shape[-1]))
+
+
+def _query_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """[B, Hkv, G, W, N] float32 softmax attention of the last W = min(window, T) queries (q: [B, H, T, d])
+    over the keys of their KV head (k: [B, Hkv, N, d]; mask [B, 1, T or 1, N]); a query that sees no key
+    (a padding query) gives 0 everywhere."""
+    b, h, t, d = q.shape
+    kv_heads = k.shape[1]
+    w = min(window, t)
+    rows = q[:, :, t - w:].float().reshape(b, kv_heads, h // kv_heads, w, d)
+    logits = torch.matmul(rows, k.float()[:, :, None].transpose(-1, -2)) * scale
+    mask = mask[:, :, -w:] if mask.shape[2] > 1 else mask
+    mask = mask[:, :, None]  # [B, 1, 1, W or 1, N]
+    if mask.dtype == torch.bool:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    else:
+        logits = logits + mask.float()
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+
+@torch.library.custom_op(f"{_LIB}::attention_mass", mutates_args=())
+def attention_mass(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """[B, Hkv, N] float32: the attention the last ``window`` queries give each key, summed over those
+    queries and over the query heads of each KV group (H2O's accumulated attention, SnapKV's vote).
+
+    q: [B, H, T, d] (rotary applied); k: [B, Hkv, N, d], the layer's cached keys then the T new ones;
+    mask: the layer's SDPA mask [B, 1, T, N] (bool: may attend; float: added). Queries are taken
+    in blocks of 256 so a long prefill never holds its whole T × N attention at once."""
+    t = q.shape[2]
+    w = min(window, t)
+    total = q.new_zeros((q.shape[0], k.shape[1], k.shape[2]), dtype=torch.float32)
+    for start in range(t - w, t, 256):
+        stop = min(start + 256, t)
+        block_mask = mask[:, :, start:stop] if mask.shape[2] > 1 else mask
+        total += _query_probs(q[:, :, start:stop], k, block_mask, scale, stop - start).sum((2, 3))
+    return total
+
+
+@attention_mass.register_fake
+def _(q, k, mask, scale, window):
+    return q.new_empty((q.shape[0], k.shape[1], k.shape[2]), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_LIB}::below_mean_counts", mutates_args=())
+def below_mean_counts(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float,
+                      window: int) -> torch.Tensor:
+    """[B, Hkv, W, N] float32, W = min(window, T): for each of the last W queries, how many query heads
+    of each KV group give the key less attention than the mean 1 / t over the t keys that query sees
+    (Scissorhands' "unimportant"); keys a query does not see count 0."""
+    probs = _query_probs(q, k, mask, scale, window)
+    visible = _visible(mask, probs.shape)
+    mean = 1.0 / visible.sum(-1, keepdim=True).clamp(min=1)
+    return ((probs < mean) & visible).float().sum(2)
+
+
+def _visible(mask: torch.Tensor, shape) -> torch.Tensor:
+    """[B, Hkv, G, W, N] bool: which keys each of the last W queries may attend to (from the SDPA mask)."""
+    w = shape[3]
+    mask = mask[:, :, -w:] if mask.shape[2] > 1 else mask
+    visible = mask if mask.dtype == torch.bool else mask > float("-inf")
+    return visible[:, :, None].expand(shape)
+
+
+@below_mean_counts.register_fake
+def _(q, k, mask, scale, window):
+    return q.new_empty((q.shape[0], k.shape[1], torch.sym_min(window, q.shape[2]), k.shape[2]),
+                       dtype=torch.float32)

@@ -1,0 +1,133 @@
+"""``CompressedDecoder``: a causal LM that generates with a KV cache of ``keep`` positions per layer.
+
+One captured program runs both phases (``capture_step(model, chunk=True)``, rewritten by
+``EvictionScores`` to return each layer's scores): the prefill is the step over T = prompt tokens
+and a one-position, fully masked cache; each decode step is the step over T = 1 and the kept
+positions, with the mask of their padding. After each, every layer's cache appends the new keys
+and values and evicts by its rule (``tpc/decode/kv_cache.py``), so between steps the cache holds
+the budget, not the context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tpc.decode.capture import capture_step, decoder_spec
+from tpc.decode.kv_cache import compressed_cache, kv_bytes, state_bytes
+from tpc.decode.kv_methods import budget_for, check_keep, eviction_rule
+from tpc.decode.scores import EvictionScores
+from tpc.generation import decode_tokens, generation_config, new_tokens, refuse_right_padding
+from tpc.passes import PassManager
+
+
+@dataclass
+class CompressedReport:
+    model: str
+    method: str
+    keep: int | float
+    options: dict
+    layers: int
+    kv_heads: int
+    head_dim: int
+    itemsize: int
+
+    def budget(self, prompt_length: int) -> int:
+        return budget_for(self.keep, prompt_length)
+
+    def kv_bytes(self, positions: int, batch: int = 1) -> int:
+        """Bytes of keys and values of ``positions`` cached positions in every layer."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.itemsize * batch * positions
+
+    def summary(self) -> str:
+        keep = f"{self.keep} positions" if isinstance(self.keep, int) else f"{self.keep:g} of the prompt"
+        options = ", ".join(f"{k} {v}" for k, v in self.options.items())
+        return (f"{self.model}, KV cache compressed by {self.method} ({options or 'no options'}): budget {keep} "
+                f"in each of the {self.layers} layers")
+
+
+class CompressedDecoder(nn.Module):
+    def __init__(self, gm, model: nn.Module, method: str, keep, options: dict, program=None):
+        super().__init__()
+        self.gm, self.method, self.keep, self.options = gm, method, keep, options
+        self._model = [model]  # not a submodule: its parameters are shared, never registered twice
+        self._program = program
+        layers, heads, width = decoder_spec(model)
+        self.report = CompressedReport(type(model).__name__, method, keep, options, layers, heads, width,
+                                       next(model.parameters()).element_size())
+        self.generation_config = model.generation_config
+
+    def new_cache(self, attention_mask: torch.Tensor):
+        """An empty compressed cache for prompts with this (left-padded) mask."""
+        budget = budget_for(self.keep, attention_mask.shape[1])
+        eviction_rule(self.method, budget, self.options)  # a ratio's budget checked against the windows
+        return compressed_cache(self._model[0].config, self.method, budget, self.options, attention_mask)
+
+    def prefill(self, input_ids, attention_mask=None):
+        """(last logits [B, vocab], the compressed cache after the prompt)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        cache = self.new_cache(attention_mask)
+        layers, heads, width = decoder_spec(self._model[0])
+        dtype = next(self._model[0].parameters()).dtype
+        batch = input_ids.shape[0]
+        nothing = [input_ids.new_zeros(batch, heads, 1, width, dtype=dtype)] * (2 * layers)
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        mask = torch.cat([attention_mask.new_zeros(batch, 1), attention_mask], 1).long()
+        return self._feed(cache, self._run(input_ids, positions, mask, nothing), skip=1), cache
+
+    def step(self, cache, tokens) -> torch.Tensor:
+        """Logits [B, vocab] of ``tokens`` [B, 1] after the cache; the cache appends them and evicts."""
+        first = cache.layers[0]
+        past = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        mask = torch.cat([first.positions[:, 0] >= 0, torch.ones_like(tokens, dtype=torch.bool)], 1).long()
+        position = (first.length - first.start)[:, None]  # the rotary position: the sequence index less the padding
+        return self._feed(cache, self._run(tokens, position, mask, past), skip=0)
+
+    def _run(self, ids, positions, mask, past):
+        with torch.no_grad():
+            return self.gm(ids, positions, mask, past)
+
+    def _feed(self, cache, out, skip: int) -> torch.Tensor:
+        layers = len(cache.layers)
+        scores = out[1 + 2 * layers:]
+        for i, layer in enumerate(cache.layers):
+            layer.scores = scores[i][..., skip:] if scores else None
+            layer.update(out[1 + 2 * i], out[2 + 2 * i])
+        return out[0].float()
+
+    def forward(self, input_ids, attention_mask=None) -> torch.Tensor:
+        return self.prefill(input_ids, attention_mask)[0]
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int | None = None,
+                 do_sample: bool | None = None, **generation_kwargs) -> torch.Tensor:
+        """Prompt and new tokens, [B, S + new], as ``model.generate(**tokenizer_outputs)`` returns them."""
+        from tpc.decode.module import _refuse_outside_vocabulary, _refuse_past_window
+        from tpc.vlm.inputs import checked_mask
+
+        config = generation_config(self.generation_config, generation_kwargs, max_new_tokens, do_sample)
+        attention_mask = checked_mask(input_ids, attention_mask, config.pad_token_id, config.eos_token_id)
+        _refuse_outside_vocabulary(input_ids, self._model[0].config.vocab_size)
+        refuse_right_padding(attention_mask)
+        _refuse_past_window(self._model[0], input_ids.shape[1] + new_tokens(config, input_ids.shape[1]))
+        logits, cache = self.prefill(input_ids, attention_mask)
+        return decode_tokens(input_ids, logits, config, lambda tokens: self.step(cache, tokens))
+
+    def cache_bytes(self, cache) -> tuple[int, int]:
+        """(bytes of keys and values the cache holds, bytes of the method's own state)."""
+        return kv_bytes(cache), state_bytes(cache)
+
+
+def compile_compressed(model: nn.Module, *, method: str, keep=None, options=None, program=None) -> CompressedDecoder:
+    """``model`` generating with a KV cache of ``keep`` positions per layer, evicted by ``method``.
+    ``program``: a chunked step captured before (``capture_step(model, chunk=True)``), reused."""
+    keep = check_keep(keep)
+    rule, options = eviction_rule(method, keep, options)  # refuse before capturing
+    decoder_spec(model)
+    program = program if program is not None else capture_step(model, chunk=True)
+    gm = program.module()
+    window = rule(budget_for(keep, 1), options).window
+    PassManager([EvictionScores(rule.score, window)])(gm)
+    return CompressedDecoder(gm, model, method, keep, options, program)
