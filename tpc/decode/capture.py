@@ -55,13 +55,14 @@ def refuse_encoder_method(model: nn.Module, name: str, method: str | None = None
     """One line, before any capture, when a method that does not prune at decode time (by the registry's
     capabilities) is given a decoder-only LM (torch.export would fail on the returned ``DynamicCache``)."""
     known = METHODS.get(method)
-    if not is_decoder_lm(model) or (known is not None and known.applies(Where.DECODE)):
+    if not is_decoder_lm(model) or (known is not None and known.applies(Where.DECODE, Where.KV_EVICTION)):
         return
     what = (f"{method} prunes {' and '.join(w.value for w in Where if w in known.impl)}" if known is not None
             else "without a decode-time method tpc prunes encoder tokens")
     named = name if name == type(model).__name__ else f"{name} ({type(model).__name__})"
     raise TpcError(f"{named} is a decoder-only language model and {what}: for a decoder-only LM use a decode-time "
-                   f"method (--pass {' or '.join(methods_for(Where.DECODE))}, see docs/decode.md)")
+                   f"method (--pass {' or '.join(methods_for(Where.DECODE))}) or a compressed KV cache (--pass "
+                   f"{' or '.join(methods_for(Where.KV_EVICTION))}), see docs/decode.md")
 
 
 def _step_cache(past: list[torch.Tensor]):
