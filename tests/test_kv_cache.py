@@ -149,6 +149,19 @@ def test_stock_generate_takes_the_streaming_cache_as_it_is(captured):
         model.generate(input_ids=ids, attention_mask=mask, cache=h2o, max_new_tokens=2)
 
 
+@pytest.mark.slow
+def test_bench_reports_the_bytes_each_cache_holds(compiled):
+    from tpc.decode.kv_bench import bench_compressed
+
+    result = bench_compressed(compiled("h2o", 4, SMALL["h2o"]), [2], [12], warmup=1, iters=1, repeats=1)
+    row = result.rows[0]
+    per_position = 2 * 3 * 2 * 8 * 4 * 2 / 2**20  # keys and values, 3 layers, 2 KV heads of 8, float32, batch 2
+    assert (row.new, row.budget) == (2, 4)
+    assert row.dense_prefill_mib == pytest.approx(12 * per_position) and row.kv_prefill_mib == pytest.approx(4 * per_position)
+    assert row.dense_after_mib == pytest.approx(14 * per_position) and row.kv_after_mib == pytest.approx(4 * per_position)
+    assert "budget 4 positions in each of the 3 layers" in result.table() and row.dense_ms > 0 and row.kv_ms > 0
+
+
 @pytest.mark.parametrize("method, keep, options, words", [
     ("h2o", 0, None, "a budget of cached positions per layer \\(1 or more"),
     ("h2o", 1.5, None, "a ratio of the prompt in \\(0, 1\\]"),

@@ -55,6 +55,9 @@ def run_bench(model_id, method="topk-cls", layers=None, keep=None, backend=None,
         raise TpcError(f"--threads {threads}: give at least 1 (or leave it out for all cores)")
     threads = threads or os.cpu_count() or 1
     loaded = models.load(str(model_id), **(load_kwargs or {}))
+    if decode.kv_eviction(method):
+        return _bench_kv(loaded, method, keep, (compile_kwargs or {}).get("options"), backend, sizes, contexts,
+                         threads, warmup, iters, repeats)
     if decode.decode_time(method):
         return _bench_decoder(loaded, method, layers, keep, backend, sizes, contexts, threads, warmup, iters, repeats)
     if is_vlm(loaded.module):
@@ -113,9 +116,18 @@ def _bench_vlm(loaded, method, layers, keep, backend, sizes, threads, warmup, it
     return bench_vlm(pruned, loaded.example_inputs, loaded.name, sizes, threads, warmup, iters, repeats)
 
 
-def _bench_decoder(loaded, method, layers, keep, backend, sizes, contexts, threads, warmup, iters, repeats):
-    """A decode-time method: one decode step, dense vs sparse vs the ideal (tpc.decode.bench)."""
-    from tpc.decode.bench import bench_decode
+def _bench_kv(loaded, method, keep, options, backend, sizes, contexts, threads, warmup, iters, repeats):
+    """A KV-eviction method: bytes held and decode-step latency, compressed vs dense (tpc.decode.kv_bench)."""
+    import tpc
+    from tpc.decode.kv_bench import bench_compressed
+
+    lengths = _contexts(backend, contexts)
+    module = tpc.compile(loaded.module, method=method, keep=keep, options=options)
+    return bench_compressed(module, sizes, lengths, warmup, iters, repeats, threads)
+
+
+def _contexts(backend, contexts) -> list[int]:
+    """--context as cached positions; a backend other than torch refused (decoders are measured in torch)."""
     from tpc.decode.capture import MAX_CACHE
 
     if backend not in (None, "torch"):
@@ -129,5 +141,13 @@ def _bench_decoder(loaded, method, layers, keep, backend, sizes, contexts, threa
         raise TpcError(f"--context takes cached positions such as 2048,8192, not {contexts!r}")
     if max(lengths) > MAX_CACHE:
         raise TpcError(f"--context {max(lengths)}: a decode step takes at most {MAX_CACHE} cached positions")
+    return lengths
+
+
+def _bench_decoder(loaded, method, layers, keep, backend, sizes, contexts, threads, warmup, iters, repeats):
+    """A decode-time method: one decode step, dense vs sparse vs the ideal (tpc.decode.bench)."""
+    from tpc.decode.bench import bench_decode
+
+    lengths = _contexts(backend, contexts)
     module = decode.compile_decoder(loaded.module, method=method, layers=layers, keep=keep)
     return bench_decode(module, sizes, lengths, warmup, iters, repeats, threads)

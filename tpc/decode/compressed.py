@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tpc.decode.capture import capture_step, decoder_spec
+from tpc.decode.capture import MAX_CACHE, capture_step, decoder_spec
 from tpc.decode.kv_cache import compressed_cache, kv_bytes, state_bytes
 from tpc.decode.kv_methods import budget_for, check_keep, eviction_rule
 from tpc.decode.scores import EvictionScores
@@ -26,7 +26,7 @@ from tpc.passes import PassManager
 @dataclass
 class CompressedReport:
     model: str
-    method: str
+    method: str | None  # None: the dense cache
     keep: int | float
     options: dict
     layers: int
@@ -42,8 +42,10 @@ class CompressedReport:
         return 2 * self.layers * self.kv_heads * self.head_dim * self.itemsize * batch * positions
 
     def summary(self) -> str:
+        if self.method is None:
+            return f"{self.model}, dense KV cache (every position in each of the {self.layers} layers)"
         keep = f"{self.keep} positions" if isinstance(self.keep, int) else f"{self.keep:g} of the prompt"
-        options = ", ".join(f"{k} {v}" for k, v in self.options.items())
+        options = ", ".join(f"{k} {'half the budget' if v is None else v}" for k, v in self.options.items())
         return (f"{self.model}, KV cache compressed by {self.method} ({options or 'no options'}): budget {keep} "
                 f"in each of the {self.layers} layers")
 
@@ -62,8 +64,13 @@ class CompressedDecoder(nn.Module):
     def new_cache(self, attention_mask: torch.Tensor):
         """An empty compressed cache for prompts with this (left-padded) mask."""
         budget = budget_for(self.keep, attention_mask.shape[1])
-        eviction_rule(self.method, budget, self.options)  # a ratio's budget checked against the windows
+        if self.method is not None:
+            eviction_rule(self.method, budget, self.options)  # a ratio's budget checked against the windows
         return compressed_cache(self._model[0].config, self.method, budget, self.options, attention_mask)
+
+    def dense(self) -> CompressedDecoder:
+        """The same captured step over a cache that keeps every position (what ``tpc bench`` compares with)."""
+        return CompressedDecoder(self._program.module(), self._model[0], None, MAX_CACHE, {}, self._program)
 
     def prefill(self, input_ids, attention_mask=None):
         """(last logits [B, vocab], the compressed cache after the prompt)."""

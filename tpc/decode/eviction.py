@@ -74,6 +74,13 @@ class Eviction:
                                                                     index.shape[-1]).expand(*t.shape[:-1], -1)))
 
 
+class KeepAll(Eviction):
+    """The dense cache through the same store (what ``tpc bench`` compares with): nothing evicted."""
+
+    def evicts(self, prefill):
+        return False
+
+
 def recent(positions: torch.Tensor, length: int, count: int) -> torch.Tensor:
     """[B, Hkv, N] bool: the ``count`` newest positions (left padding: the newest are real)."""
     return positions >= length - count

@@ -85,20 +85,22 @@ class CompressedLayer:
                        "assisted or speculative decoding is not supported with it")
 
 
-def compressed_cache(config, method: str, budget: int, options: dict | None = None, attention_mask=None):
-    """A transformers ``Cache`` whose layers keep ``budget`` positions each by ``method``'s rule.
+def compressed_cache(config, method: str | None, budget: int, options: dict | None = None, attention_mask=None):
+    """A transformers ``Cache`` whose layers keep ``budget`` positions each by ``method``'s rule
+    (``None``: every position, the dense cache in the same store).
 
     ``attention_mask`` [B, S]: the prompt's (left padding), so padding is never kept as a sink or
-    counted as a kept position; ``model.generate(**batch, past_key_values=cache)`` uses it as it is
-    (for rules without scores: ``streaming``)."""
+    counted as a kept position; ``model.generate(**batch, cache=cache)`` uses it as it is (for
+    rules without scores: ``streaming``)."""
     from transformers.cache_utils import Cache, DynamicLayer
 
+    from tpc.decode.eviction import KeepAll
     from tpc.decode.kv_methods import eviction_rule
 
     class CompressedDynamicLayer(CompressedLayer, DynamicLayer):
         pass
 
-    rule, options = eviction_rule(method, budget, options)
+    rule, options = eviction_rule(method, budget, options) if method is not None else (KeepAll, {})
     layers = config.num_hidden_layers
     start = None if attention_mask is None else attention_mask.shape[1] - attention_mask.long().sum(1)
     cache_layers = []
