@@ -171,3 +171,33 @@ def test_per_layer_keep_and_r_travel_with_their_layers():
     ordered = tpc.compile(model, inputs, layers=[0, 2], keep=[0.9, 0.5])
     assert [s.kept for s in swapped.report.sites] == [s.kept for s in ordered.report.sites]
     assert torch.equal(swapped(*inputs), ordered(*inputs))
+
+
+def test_every_kind_of_model_parses_its_settings_into_steps():
+    """One normal form: encoder, VLM and decode settings are parsed into Steps by tpc.recipe, values
+    travelling with their layers, in layer order; the same bad value gets the same line everywhere."""
+    from tpc.recipe import Step, decode_steps, steps_from_pass, visual_steps
+
+    assert steps_from_pass("kcenter", "2,0", "0.5,9") == [Step(2, "kcenter", 0.5), Step(0, "kcenter", 9)]
+    assert visual_steps("kcenter", "2,0", "0.5,0") == [Step(0, "kcenter", 0), Step(2, "kcenter", 0.5)]
+    assert visual_steps("kcenter", None, "5") == [Step(-1, "kcenter", 5)]  # before the language model
+    assert decode_steps("tidal", "3,1", "8", maximum=16) == [Step(1, "tidal", 8), Step(3, "tidal", 8)]
+    assert decode_steps("tidal", None, None, maximum=512, default_layers=[2]) == [Step(2, "tidal", 256)]
+    for parse in (lambda: steps_from_pass("kcenter", "0,x", 0.5), lambda: visual_steps("kcenter", "0,x", 0.5),
+                  lambda: decode_steps("tidal", "0,x", 4, maximum=16)):
+        with pytest.raises(tpc.TpcError, match=r"^--layers takes comma-separated layer indices such as 3,6,9, "
+                                               r"not '0,x'$"):
+            parse()
+    for parse in (lambda: steps_from_pass("kcenter", 0, 1.5), lambda: visual_steps("kcenter", 0, 1.5)):
+        with pytest.raises(tpc.TpcError, match=r"^keep ratio 1.5 is outside \(0, 1\]"):
+            parse()
+    with pytest.raises(tpc.TpcError, match="keep 0 drops every visual token; before the language model"):
+        visual_steps("kcenter", None, 0)
+    with pytest.raises(tpc.TpcError, match="keep 0 is not positive"):
+        steps_from_pass("kcenter", 0, 0)
+    with pytest.raises(tpc.TpcError, match="more than the 16 cached positions"):
+        decode_steps("tidal", None, 17, maximum=16)
+    with pytest.raises(tpc.TpcError, match="'topk-mass' does not prune visual tokens"):
+        visual_steps("topk-mass", None, 0.5)
+    with pytest.raises(tpc.TpcError, match="'kcenter' is not a decode-time method"):
+        decode_steps("kcenter", None, 4, maximum=16)

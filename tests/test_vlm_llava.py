@@ -419,8 +419,8 @@ def test_keep_as_text_as_the_cli_gives_it():
 
     spec = spec_of(tiny_llava())
     assert stages_of(spec, VISUAL, "fastv", "1", "0.25") == stages_of(spec, VISUAL, "fastv", 1, 0.25)
-    assert [s.visual_out for s in stages_of(spec, VISUAL, "fastv", "0,1", "0.5,0")] == [8, 0]
-    assert [s.visual_out for s in stages_of(spec, VISUAL, "random", None, "5")] == [5]
+    assert [s.tokens_out for s in stages_of(spec, VISUAL, "fastv", "0,1", "0.5,0")] == [8, 0]
+    assert [s.tokens_out for s in stages_of(spec, VISUAL, "random", None, "5")] == [5]
     with pytest.raises(TpcError, match="--keep takes ratios"):
         stages_of(spec, VISUAL, "random", None, "half")
 

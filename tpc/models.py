@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from tpc.errors import TpcError, check_readable
+from tpc.schedule import check_seed
 
 EXAMPLE_BATCH = 2
 HUB_HOST = ("huggingface.co", 443)
@@ -80,16 +81,6 @@ def parse_numbers(text, cast, flag: str, example: str) -> tuple | None:
 
 def parse_input_size(text) -> tuple[int, ...] | None:
     return parse_numbers(text, int, "input-size", "3,224,224")
-
-
-SEED_RANGE = 2**32  # as numpy's; the random method adds the layer index, within torch's int64
-
-
-def check_seed(seed, flag: str = "--seed") -> int:
-    """``seed`` when it is an integer from 0 to 2**32 - 1 (a generator takes it, whatever the layer added)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_RANGE:
-        raise TpcError(f"{flag} is an integer from 0 to {SEED_RANGE - 1}, not {seed!r}")
-    return seed
 
 
 def example_images(input_size: tuple[int, ...], batch: int = EXAMPLE_BATCH, seed: int = 0) -> tuple[torch.Tensor]:

@@ -1,5 +1,11 @@
 """Recipes: which method prunes after which layer, and how much, one step per layer.
 
+:class:`Step` is the one normal form of what a user asks for, for every kind of model: the
+single ``--pass`` form, a ``recipe.json``, a VLM's visual-token stages and a decoder's
+selection layers are all parsed here (:func:`steps_from_pass`, :func:`load_recipe`,
+:func:`visual_steps`, :func:`decode_steps`, with the value parsers of :mod:`tpc.schedule`),
+and each path checks the steps against the model it captured.
+
 A recipe is a list of steps ``(layer, method, keep or r, options)``; the single ``--pass``
 form (one method, several layers) is the special case where every step has the same method.
 Different methods at different layers are legal in any order (merge early with ``tome``,
@@ -24,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tpc.errors import TpcError, check_readable
-from tpc.registry import Kind, Where, get_method
-from tpc.schedule import KeepValue, Removal, parse_keep, parse_layers, parse_removals, read_r
+from tpc.registry import METHODS, VISUAL, Kind, Where, get_method, methods_for
+from tpc.schedule import KeepValue, Removal, check_seed, parse_budget, parse_keep, parse_layers, parse_removals, read_r
 from tpc.version import __version__
 
 FORMAT = "tpc-recipe/1"
@@ -33,13 +39,20 @@ FORMAT = "tpc-recipe/1"
 
 @dataclass(frozen=True)
 class Step:
-    """One pruning step: after ``layer``, ``method`` keeps ``keep`` (ratio or count) or removes ``r`` tokens."""
+    """One pruning step: after ``layer``, ``method`` keeps ``keep`` (ratio or count) or removes ``r`` tokens.
+
+    ``layer`` -1 prunes before the first layer (a VLM's visual tokens entering the language
+    model). ``tokens_in``/``tokens_out``: the tokens the step chooses among and keeps, where the
+    path knows them before rewriting (a VLM's visual tokens per example); None otherwise.
+    """
 
     layer: int
     method: str
     keep: float | int | None = None
     r: int | None = None
     options: dict = field(default_factory=dict)
+    tokens_in: int | None = None
+    tokens_out: int | None = None
 
     @property
     def amount(self) -> KeepValue:
@@ -72,6 +85,41 @@ def steps_from_pass(method: str, layers, keep=0.7, r=None, options: dict | None 
     amounts = parse_removals(r, len(layer_list), pad=pad) if r is not None else parse_keep(keep, len(layer_list))
     return [Step(layer, method, None if isinstance(a, Removal) else a, int(a) if isinstance(a, Removal) else None,
                  dict(options or {})) for layer, a in zip(layer_list, amounts)]
+
+
+def visual_steps(method: str, layers, keep) -> list[Step]:
+    """A VLM's visual-token pruning as steps in layer order: before the language model (layer -1)
+    without ``layers``, after each listed decoder layer with them (one keep each, or one for all);
+    keep 0 drops every visual token left, which only a stage inside the language model may do."""
+    chosen = get_method(method)
+    if not chosen.applies(*VISUAL):
+        raise TpcError(f"method {method!r} does not prune visual tokens: choose one of {', '.join(methods_for(*VISUAL))}")
+    if layers is not None and not chosen.applies(Where.VISUAL_IN_LM):
+        raise TpcError(f"{method} prunes visual tokens only before the language model: drop layers (or use "
+                       f"{', '.join(methods_for(Where.VISUAL_IN_LM))} to prune after a decoder layer)")
+    if layers is None and not chosen.applies(Where.VISUAL_BEFORE_LM):
+        raise TpcError(f"{method} prunes visual tokens only after a decoder layer (it reads that layer's attention): "
+                       "give the layer(s) to prune after (--layers), or prune before the language model with "
+                       + ", ".join(methods_for(Where.VISUAL_BEFORE_LM)))
+    layer_list = [-1] if layers is None else parse_layers(layers)
+    keeps = parse_keep(keep, len(layer_list), zero=True, what="pruning stages")
+    steps = sorted((Step(layer, method, k) for layer, k in zip(layer_list, keeps)), key=lambda s: s.layer)
+    if steps[0].layer == -1 and steps[0].keep == 0:
+        raise TpcError("keep 0 drops every visual token; before the language model that is a text-only prompt: "
+                       "give the layer after which the text no longer needs them (ToDRE's second stage)")
+    return steps
+
+
+def decode_steps(method: str, layers, keep, *, maximum: int, default_layers=()) -> list[Step]:
+    """Decode-time sparse attention as steps, one per selection layer in layer order
+    (``default_layers`` when none are given), each keeping ``keep`` cached positions (a count)."""
+    known = METHODS.get(method) if isinstance(method, str) else None
+    if known is None or not known.applies(Where.DECODE):
+        raise TpcError(f"method {method!r} is not a decode-time method: choose one of "
+                       f"{', '.join(methods_for(Where.DECODE))}")
+    layer_list = list(default_layers) if layers is None else parse_layers(layers)
+    budget = parse_budget(keep, maximum, default=256)
+    return [Step(layer, method, budget) for layer in sorted(layer_list)]
 
 
 def check_steps(steps: list[Step]) -> list[Step]:
@@ -161,7 +209,5 @@ def load_recipe(source) -> Recipe:
         raise TpcError(f"{where}: 'steps' is a list of steps, not {type(raw).__name__}")
     steps = [s if isinstance(s, Step) else step_from_dict(s, f"{where} step {i}") for i, s in enumerate(raw)]
     info = {k: v for k, v in source.items() if k not in ("format", "steps", "after", "seed")}
-    from tpc.models import check_seed
-
     seed = check_seed(source.get("seed", 0), f"{where}: 'seed'")
     return Recipe(check_steps(steps), source.get("after", "attention"), seed, info)

@@ -69,7 +69,7 @@ def _parse_one(text: str) -> KeepValue:
         raise TpcError(f"--keep takes ratios such as 0.7 or token counts such as 120, not {text!r}") from None
 
 
-def _per_layer(value, count: int, flag: str, parse_one) -> list:
+def _per_layer(value, count: int, flag: str, parse_one, what: str = "pruning layers") -> list:
     """One value for every pruning layer, or one per layer (``"0.7"``, ``"0.7,0.5"``, ``[0.7, 0.5]``)."""
     if isinstance(value, str):
         value = [parse_one(p) for p in value.split(",") if p.strip()]
@@ -77,21 +77,59 @@ def _per_layer(value, count: int, flag: str, parse_one) -> list:
             value = value[0]
     values = list(value) if isinstance(value, Sequence) else [value] * count
     if len(values) != count:
-        raise TpcError(f"--{flag} has {len(values)} values for {count} pruning layers: give one value, or one per layer")
+        raise TpcError(f"--{flag} has {len(values)} values for {count} {what}: give one value, or one per layer")
     return values
 
 
-def parse_keep(keep, count: int) -> list[KeepValue]:
-    """One keep value per pruning layer, validated."""
-    values = _per_layer(keep, count, "keep", _parse_one)
+def parse_keep(keep, count: int, zero: bool = False, what: str = "pruning layers") -> list[KeepValue]:
+    """One keep value per pruning layer, validated. ``zero``: keep 0 (``0``, ``0.0``, ``"0"``) is
+    allowed and read as the count 0 (a VLM stage that drops every visual token left)."""
+    values = _per_layer(keep, count, "keep", _parse_one, what)
+    if zero:
+        values = [0 if not isinstance(v, bool) and isinstance(v, (int, float)) and v == 0 else v for v in values]
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TpcError(f"keep values are ratios in (0, 1] or token counts, got {v!r}")
+        if zero and v == 0:
+            continue
         if isinstance(v, float) and not 0.0 < v <= 1.0:
             raise TpcError(f"keep ratio {v} is outside (0, 1]: it is the fraction of tokens each layer keeps")
         if isinstance(v, int) and v <= 0:
             raise TpcError(f"keep {v} is not positive: give a ratio in (0, 1] or a count of tokens to keep (>= 1)")
     return values
+
+
+def parse_budget(keep, maximum: int, default: int) -> int:
+    """A decode-time budget: the number of cached positions each sparse layer reads (``default``
+    when not given; ``"256"`` as the CLI gives it), 1 to ``maximum``."""
+    if keep is None:
+        return default
+    if isinstance(keep, str):
+        try:
+            keep = int(keep)
+        except ValueError:
+            raise TpcError(f"--keep for decode-time sparse attention is a number of cached positions such as {default}, "
+                           f"not {keep!r}") from None
+    if isinstance(keep, bool) or not isinstance(keep, int):
+        raise TpcError(f"keep for decode-time sparse attention is a number of cached positions such as {default}, "
+                       f"not {keep!r}")
+    if keep < 1:
+        raise TpcError(f"keep {keep} leaves the sparse layers nothing to attend to but the new token: give a budget "
+                       f"of 1 or more cached positions, such as {default}")
+    if keep > maximum:
+        raise TpcError(f"keep {keep} is more than the {maximum} cached positions a decode step takes: give a budget "
+                       f"such as {default} (a budget over the cache reads the whole cache)")
+    return keep
+
+
+SEED_RANGE = 2**32  # as numpy's; the random method adds the layer index, within torch's int64
+
+
+def check_seed(seed, flag: str = "--seed") -> int:
+    """``seed`` when it is an integer from 0 to 2**32 - 1 (a generator takes it, whatever the layer added)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_RANGE:
+        raise TpcError(f"{flag} is an integer from 0 to {SEED_RANGE - 1}, not {seed!r}")
+    return seed
 
 
 RValue = int | list | tuple

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from tpc.decode.capture import MAX_CACHE
 from tpc.errors import TpcError
-from tpc.registry import METHODS, Where, methods_for
-from tpc.schedule import parse_layers
+from tpc.recipe import decode_steps
+from tpc.registry import METHODS, Where
 
 
 @dataclass(frozen=True)
@@ -50,17 +50,13 @@ def decode_time(method) -> bool:
 
 def check_settings(method: str, selection=None, keep=None) -> None:
     """Refuse a malformed method, layer list or budget (before any model is loaded)."""
-    if not decode_time(method):
-        raise TpcError(f"method {method!r} is not a decode-time method: choose one of "
-                       f"{', '.join(methods_for(Where.DECODE))}")
-    if selection is not None:
-        parse_layers(selection)
-    _count(keep)
+    decode_steps(method, selection, keep, maximum=MAX_CACHE)
 
 
 def make_plan(method: str, layers: int, selection=None, keep=None) -> Plan:
-    check_settings(method, selection, keep)
-    chosen = default_layers(layers) if selection is None else sorted(parse_layers(selection))
+    """The steps :func:`tpc.recipe.decode_steps` parses, checked against a model of ``layers`` decoder layers."""
+    steps = decode_steps(method, selection, keep, maximum=MAX_CACHE, default_layers=default_layers(layers))
+    chosen = [s.layer for s in steps]
     for layer in chosen:
         if layer >= layers:
             raise TpcError(f"selection layer {layer} is out of range: the model has {layers} decoder layers "
@@ -68,25 +64,5 @@ def make_plan(method: str, layers: int, selection=None, keep=None) -> Plan:
     if chosen[-1] == layers - 1 and len(chosen) == 1:
         raise TpcError(f"selection at the last decoder layer ({layers - 1}) leaves no layer to read the selected "
                        "positions: choose an earlier layer")
-    return Plan(method, layers, tuple(chosen), _count(keep))
+    return Plan(method, layers, tuple(chosen), steps[0].keep)
 
-
-def _count(keep) -> int:
-    if keep is None:
-        return 256
-    if isinstance(keep, str):
-        try:
-            keep = int(keep)
-        except ValueError:
-            raise TpcError(f"--keep for decode-time sparse attention is a number of cached positions such as 256, "
-                           f"not {keep!r}") from None
-    if isinstance(keep, bool) or not isinstance(keep, int):
-        raise TpcError(f"keep for decode-time sparse attention is a number of cached positions such as 256, "
-                       f"not {keep!r}")
-    if keep < 1:
-        raise TpcError(f"keep {keep} leaves the sparse layers nothing to attend to but the new token: give a budget "
-                       "of 1 or more cached positions, such as 256")
-    if keep > MAX_CACHE:
-        raise TpcError(f"keep {keep} is more than the {MAX_CACHE} cached positions a decode step takes: give a budget "
-                       "such as 256 (a budget over the cache reads the whole cache)")
-    return keep

@@ -8,6 +8,7 @@ schedule, each keeping its ratio of the visual tokens that reach it).
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import torch
 from torch import fx, nn
@@ -15,11 +16,12 @@ from torch import fx, nn
 from tpc.capture import eval_mode
 from tpc.errors import TpcError, refusal_or_bug
 from tpc.passes import PassManager
-from tpc.registry import VISUAL, Where, get_method, methods_for
-from tpc.schedule import kept_count, parse_keep, parse_layers
+from tpc.registry import VISUAL, get_method, methods_for
+from tpc.recipe import Step, visual_steps
+from tpc.schedule import kept_count
 from tpc.vlm.family import family_of
 from tpc.vlm.flops import prefill_flops
-from tpc.vlm.module import Stage, VlmModule
+from tpc.vlm.module import VlmModule
 from tpc.vlm.prune_visual import PruneVisual
 from tpc.vlm.report import describe
 
@@ -54,70 +56,31 @@ def _export(family, args: tuple, visual: int) -> torch.export.ExportedProgram:
                                       f"{first}") from err
 
 
-def stages_of(spec, visual: int, method: str, layers, keep) -> list[Stage]:
-    chosen = get_method(method)
-    if not chosen.applies(*VISUAL):
-        raise TpcError(f"method {method!r} does not prune visual tokens: choose one of {', '.join(methods_for(*VISUAL))}")
-    if chosen.needs_cls and not spec.vision_cls:
+def stages_of(spec, visual: int, method: str, layers, keep) -> list[Step]:
+    """The steps :func:`tpc.recipe.visual_steps` parses, checked against this VLM, each with the visual
+    tokens per example it chooses among and keeps (``tokens_in``, ``tokens_out``)."""
+    steps = visual_steps(method, layers, keep)
+    if get_method(method).needs_cls and not spec.vision_cls:
         others = ", ".join(m for m in methods_for(*VISUAL) if not get_method(m).needs_cls)
         raise TpcError(f"{spec.vision_tower} has no [CLS] token, so {method} cannot score its visual tokens with "
                        f"[CLS] attention: use {others}")
-    if layers is not None and not chosen.applies(Where.VISUAL_IN_LM):
-        raise TpcError(f"{method} prunes visual tokens only before the language model: drop layers (or use "
-                       f"{', '.join(methods_for(Where.VISUAL_IN_LM))} to prune after a decoder layer)")
-    if layers is None and not chosen.applies(Where.VISUAL_BEFORE_LM):
-        raise TpcError(f"{method} prunes visual tokens only after a decoder layer (it reads that layer's attention): "
-                       "give the layer(s) to prune after (--layers), or prune before the language model with "
-                       + ", ".join(methods_for(Where.VISUAL_BEFORE_LM)))
-    cuts = [0] if layers is None else [layer + 1 for layer in parse_layers(layers)]
-    for cut in cuts:
-        if cut - 1 >= spec.num_layers:
-            raise TpcError(f"layer {cut - 1} is beyond the language model's depth: it has {spec.num_layers} decoder "
+    for step in steps:
+        if step.layer >= spec.num_layers:
+            raise TpcError(f"layer {step.layer} is beyond the language model's depth: it has {spec.num_layers} decoder "
                            f"layers (0-{spec.num_layers - 1})")
-        if cut == spec.num_layers:
-            raise TpcError(f"pruning after the last decoder layer ({cut - 1}) saves nothing: choose a layer below "
+        if step.layer == spec.num_layers - 1:
+            raise TpcError(f"pruning after the last decoder layer ({step.layer}) saves nothing: choose a layer below "
                            f"{spec.num_layers - 1}")
-    if len(_values(keep, len(cuts))) != len(cuts):
-        raise TpcError(f"--keep has {len(_values(keep, len(cuts)))} values for {len(cuts)} pruning stages: give one "
-                       "value, or one per layer")
-    drop_all = _drop_all(keep, len(cuts))
-    keeps = parse_keep([1 if d else k for d, k in zip(drop_all, _values(keep, len(cuts)))], len(cuts))
-    stages = []
-    for cut, k, drop in sorted(zip(cuts, keeps, drop_all), key=lambda stage: stage[0]):  # keeps travel with layers
-        if drop and cut == 0:
-            raise TpcError("keep 0 drops every visual token; before the language model that is a text-only prompt: "
-                           "give the layer after which the text no longer needs them (ToDRE's second stage)")
-        if isinstance(k, int) and k > visual:
-            where = "before the language model" if cut == 0 else f"after decoder layer {cut - 1}"
-            raise TpcError(f"{visual} visual tokens per example reach the pruning point {where}: cannot keep {k}; "
-                           f"give a count up to {visual} or a ratio")
-        out = 0 if drop else kept_count(k, visual, 0, cut - 1)
-        stages.append(Stage(cut, method, visual, out))
-        visual = out
-    return stages
-
-
-def _values(keep, count: int) -> list:
-    """One keep value per stage; text as the CLI gives it ("0.25", "0.5,0") is parsed, 0 kept as 0."""
-    if isinstance(keep, str):
-        keep = [_text_value(v) for v in keep.split(",") if v.strip()]
-        keep = keep[0] if len(keep) == 1 else keep
-    return list(keep) if isinstance(keep, (list, tuple)) else [keep] * count
-
-
-def _text_value(text: str):
-    try:
-        if float(text) == 0:
-            return 0  # every visual token dropped (parse_keep refuses 0 for encoders)
-    except ValueError:
-        pass
-    return parse_keep(text, 1)[0]
-
-
-def _drop_all(keep, count: int) -> list[bool]:
-    """Which stages keep 0 visual tokens (ToDRE's second stage drops every one left)."""
-    values = _values(keep, count)
-    return [v == 0 and not isinstance(v, bool) for v in values] if len(values) == count else [False] * count
+    out = []
+    for step in steps:
+        if isinstance(step.keep, int) and step.keep > visual:
+            where = "before the language model" if step.layer < 0 else f"after decoder layer {step.layer}"
+            raise TpcError(f"{visual} visual tokens per example reach the pruning point {where}: cannot keep "
+                           f"{step.keep}; give a count up to {visual} or a ratio")
+        kept = kept_count(step.keep, visual, 0, step.layer)
+        out.append(replace(step, tokens_in=visual, tokens_out=kept))
+        visual = kept
+    return out
 
 
 def compile_vlm(model: nn.Module, inputs, *, method: str = "fastv", layers=None, keep=0.5, seed: int = 0,
@@ -142,7 +105,7 @@ def prune(model: nn.Module, program: torch.export.ExportedProgram, inputs, *, me
                     method, seed)
 
 
-def _plan(family, visual: int, method: str, layers, keep, vision_layer) -> tuple[list[Stage], tuple | None]:
+def _plan(family, visual: int, method: str, layers, keep, vision_layer) -> tuple[list[Step], tuple | None]:
     """The stages, and for topk-cls the vision layer it reads; every refusal before any capture."""
     stages = stages_of(family.spec(), visual, method, layers, keep)
     needs_cls = get_method(method).needs_cls
@@ -159,7 +122,7 @@ def _rewrite(family, program, inputs, example: tuple, plan, method: str, seed: i
     prompt = inputs["input_ids"].shape[1]
     unpruned = prefill_flops(gm, prompt).total  # counted before the rewrite, on the same graph
     hidden = model.config.text_config.hidden_size
-    PassManager([PruneVisual(s.before_layer, s.method, s.visual_in, s.visual_out, hidden, spec.image_token_id,
+    PassManager([PruneVisual(s.layer + 1, s.method, s.tokens_in, s.tokens_out, hidden, spec.image_token_id,
                              seed, cls) for s in stages])(gm)
     gm.graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs: the kept positions are extra outputs
     gm.recompile()

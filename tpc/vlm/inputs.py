@@ -73,11 +73,11 @@ def checked_mask(input_ids, attention_mask, pad_token_id=None, eos_token_id=None
 def layer_valid(attention_mask: torch.Tensor, stages: list, kept: list[torch.Tensor], layers: int
                 ) -> list[torch.Tensor]:
     """Per decoder layer, [B, tokens it saw] bool: which of its tokens (its cached keys) are real
-    prompt tokens, not padding; ``stages``: the pruning stages (their ``before_layer``), ``kept``:
+    prompt tokens, not padding; ``stages``: the pruning steps (their ``layer``, -1 before the LM), ``kept``:
     each stage's kept positions in the prompt."""
     valid, mask, stage = [], attention_mask.bool(), 0
     for i in range(layers):
-        while stage < len(stages) and stages[stage].before_layer <= i:
+        while stage < len(stages) and stages[stage].layer < i:
             mask = attention_mask.bool().gather(1, kept[stage])
             stage += 1
         valid.append(mask)

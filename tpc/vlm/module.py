@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from tpc.errors import TpcError
 from tpc.generation import decode_tokens, generation_config, refuse_right_padding
+from tpc.recipe import Step
 from tpc.vlm.family import Family, language_model
 from tpc.vlm.inputs import checked_mask, layer_valid
 
@@ -34,18 +35,10 @@ class Prefill:
     positions: torch.Tensor  # prompt positions: [B, S], or [3, B, S] (Qwen2-VL's M-RoPE)
 
 
-@dataclass(frozen=True)
-class Stage:
-    before_layer: int  # decoder layer that first runs on the pruned tokens (0: before the LM)
-    method: str
-    visual_in: int
-    visual_out: int
-
-
 class VlmModule(nn.Module):
     """A VLM whose prefill prunes visual tokens; ``generate`` as the Hugging Face model's."""
 
-    def __init__(self, gm: fx.GraphModule, model: nn.Module, family: Family, stages: list[Stage], report,
+    def __init__(self, gm: fx.GraphModule, model: nn.Module, family: Family, stages: list[Step], report,
                  example_inputs: tuple, program: torch.export.ExportedProgram | None = None):
         """``stages`` empty: the captured prefill unpruned (the baseline ``unpruned()`` returns);
         ``program``: that capture, kept so the baseline needs no second export."""
@@ -92,13 +85,13 @@ class VlmModule(nn.Module):
     def fewest_text_tokens(self) -> int:
         """Text tokens a prompt needs besides its visual ones: a stage keeping no visual token leaves
         the text alone, and torch.export takes a symbolic length of 2 or more (0 and 1 are specialized)."""
-        return 2 if any(s.visual_out == 0 for s in self.stages) else 0
+        return 2 if any(s.tokens_out == 0 for s in self.stages) else 0
 
     def _refuse_short_text(self, input_ids, attention_mask) -> None:
         need = self.fewest_text_tokens
         if not need:
             return
-        drop = next(s for s in self.stages if s.visual_out == 0).before_layer - 1
+        drop = next(s for s in self.stages if s.tokens_out == 0).layer
         why = f"keep 0 drops every visual token after decoder layer {drop}, leaving the text alone"
         if input_ids.shape[1] - self.visual < need:
             raise TpcError(f"{why}: a prompt needs {need} tokens besides its {self.visual} image tokens (BOS and one "

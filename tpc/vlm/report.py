@@ -42,13 +42,13 @@ class VlmReport:
                 f"of the {self.prompt_tokens}-token example prompt",
                 f"{'layer':>5}  {'tokens':>6}  pruning"]
         for stage in self.stages:
-            if stage.before_layer == 0:
+            if stage.layer < 0:
                 cls = f" ([CLS] attention of vision layer {self.vision_layer})" if self.vision_layer is not None else ""
-                rows.append(f"{'LM in':>5}  {self.prompt_tokens:>6}  {stage.method}: visual {stage.visual_in} -> "
-                            f"{stage.visual_out} before the language model{cls}")
+                rows.append(f"{'LM in':>5}  {self.prompt_tokens:>6}  {stage.method}: visual {stage.tokens_in} -> "
+                            f"{stage.tokens_out} before the language model{cls}")
         for i, tokens in enumerate(self.layer_tokens):
-            prune = next((f"{s.method}: visual {s.visual_in} -> {s.visual_out}" for s in self.stages
-                          if s.before_layer == i + 1 and s.before_layer > 0), "")
+            prune = next((f"{s.method}: visual {s.tokens_in} -> {s.tokens_out}" for s in self.stages
+                          if s.layer == i), "")
             rows.append(f"{i:>5}  {tokens:>6}  {prune}")
         return "\n".join(rows)
 
@@ -70,8 +70,8 @@ def layer_tokens(prompt: int, layers: int, stages) -> list[int]:
     out, tokens = [], prompt
     for i in range(layers):
         for stage in stages:
-            if stage.before_layer == i:
-                tokens -= stage.visual_in - stage.visual_out
+            if stage.layer + 1 == i:  # the layer after the cut is the first to run on fewer tokens
+                tokens -= stage.tokens_in - stage.tokens_out
         out.append(tokens)
     return out
 
@@ -90,4 +90,4 @@ def describe(model, inputs, stages=(), method: str | None = None, flops: tuple[i
     return VlmReport(type(model).__name__, spec.vision_tower, spec.vision_layers, spec.tower_in_graph,
                      spec.image_token_id, ids.shape[1],
                      span, len(first), layer_tokens(ids.shape[1], spec.num_layers, stages), method,
-                     [s.before_layer - 1 for s in stages], [str(s.visual_out) for s in stages], list(stages), *flops)
+                     [s.layer for s in stages], [str(s.tokens_out) for s in stages], list(stages), *flops)
