@@ -7,7 +7,6 @@ reshape), and the model's SDPA mask [B, 1, 1, L + 1].
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -15,11 +14,10 @@ from torch import fx
 
 from tpc.errors import TpcError
 from tpc.decode import ops  # noqa: F401  (registers the tpc:: decode ops a written step holds)
+from tpc.graph.layers import layer_path
 from tpc.graph.nodes import is_op, val
-from tpc.vlm.graph import layer_of
 
 aten = torch.ops.aten
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)$")
 _REPEAT = (aten.unsqueeze, aten.expand, aten.reshape, aten.view, aten.clone, aten.contiguous)
 
 
@@ -58,7 +56,8 @@ def cache_attention(gm: fx.GraphModule) -> list[CacheAttention]:
     """Every decoder layer's attention over the cache, by layer index."""
     found: dict[int, CacheAttention] = {}
     for node in gm.graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default):
-        layer = layer_of(node, _LAYER)
+        path = layer_path(node)
+        layer = path[1] if path else None
         if layer is None or layer in found:
             raise TpcError(f"attention {node.name} is not the one self-attention of a decoder layer "
                            f"(model.layers.<i>): tpc expects stock decoder layers")

@@ -3,24 +3,24 @@
 The visual tokens are found from the graph itself: the boolean mask ``input_ids ==
 image_token_id`` that feeds ``masked_scatter`` of the image features into the prompt's
 embeddings. It is a [B, S] tensor, so every example has its own visual span (prompts of
-different lengths, left padding). Decoder layers are the nodes whose ``nn_module_stack``
-holds ``language_model.layers.<i>`` (``text_model.layers.<i>`` in SmolVLM).
+different lengths, left padding). The layers come from the analysis encoders use
+(:func:`tpc.graph.layers.find_layers`: each attention site and the numbered layer it sits in):
+the language model's decoder layers are the last stack in graph order (the prefill ends with
+it), the vision tower's the stack before it.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
 from tpc.errors import TpcError
+from tpc.graph.layers import Layer, find_layers, stacks
 from tpc.graph.nodes import is_op, val
 
 aten = torch.ops.aten
-_LAYER = re.compile(r"(?:^|\.)(?:language_model|text_model)\.layers\.(\d+)$")
-_VISION_LAYER = re.compile(r"(?:^|\.)vision_tower\.(?:vision_model\.)?(?:encoder\.)?layers\.(\d+)$")  # CLIP, ViT
 
 
 @dataclass(frozen=True)
@@ -48,32 +48,25 @@ class DecoderLayer:
         return float(scale) if scale is not None else float(val(self.q).shape[-1]) ** -0.5
 
 
-def layer_of(node: fx.Node, pattern: re.Pattern = _LAYER) -> int | None:
-    for path, _cls in (node.meta.get("nn_module_stack") or {}).values():
-        match = pattern.search(path) if isinstance(path, str) else None
-        if match:
-            return int(match.group(1))
-    return None
+def _sdpa(layer: Layer, what: str) -> DecoderLayer:
+    if layer.site.kind != "sdpa":
+        raise TpcError(f"{what} {layer.index} has no scaled_dot_product_attention in the captured graph "
+                       f"({layer.site.node.name} is softmax(q·kᵀ)·v written out): load the model with "
+                       "attn_implementation='sdpa'")
+    return DecoderLayer(layer.index, layer.first, layer.site.node)
+
+
+def _stacks(gm: fx.GraphModule) -> list[list[Layer]]:
+    found = list(stacks(find_layers(gm)).values())
+    if not found:
+        raise TpcError("no decoder layers with attention in the captured prefill: load the model with "
+                       "attn_implementation='sdpa'")
+    return found
 
 
 def decoder_layers(gm: fx.GraphModule) -> list[DecoderLayer]:
-    first: dict[int, fx.Node] = {}
-    attention: dict[int, fx.Node] = {}
-    for node in gm.graph.nodes:
-        index = layer_of(node)
-        if index is None:
-            continue
-        first.setdefault(index, node)
-        if is_op(node, aten.scaled_dot_product_attention):
-            if index in attention:
-                raise TpcError(f"decoder layer {index} runs attention twice ({attention[index].name}, {node.name}); "
-                               "tpc expects one self-attention per decoder layer")
-            attention[index] = node
-    missing = sorted(set(first) - set(attention))
-    if missing:
-        raise TpcError(f"decoder layer {missing[0]} has no scaled_dot_product_attention in the captured graph: "
-                       "load the model with attn_implementation='sdpa'")
-    return [DecoderLayer(i, first[i], attention[i]) for i in sorted(first)]
+    """The language model's decoder layers: the last stack of layers in graph order."""
+    return [_sdpa(layer, "decoder layer") for layer in _stacks(gm)[-1]]
 
 
 def visual_mask(gm: fx.GraphModule, image_token_id: int) -> fx.Node:
@@ -99,10 +92,12 @@ def prompt_mask(gm: fx.GraphModule) -> fx.Node:
 
 
 def vision_attention(gm: fx.GraphModule, index: int) -> DecoderLayer:
-    """Vision-tower layer ``index``'s self-attention (LLaVA's CLIP or ViT tower: VTC-CLS reads its [CLS] row)."""
-    nodes = [n for n in gm.graph.nodes if layer_of(n, _VISION_LAYER) == index]
-    attention = [n for n in nodes if is_op(n, aten.scaled_dot_product_attention)]
-    if len(attention) != 1:
-        raise TpcError(f"vision layer {index} has {len(attention)} scaled_dot_product_attention calls in the captured "
-                       "graph; VTC-CLS needs its one self-attention (load the model with attn_implementation='sdpa')")
-    return DecoderLayer(index, nodes[0], attention[0])
+    """Vision-tower layer ``index``'s self-attention (the stack before the language model's: VTC-CLS
+    reads its [CLS] row)."""
+    found = _stacks(gm)
+    tower = found[-2] if len(found) > 1 else []
+    layer = next((layer for layer in tower if layer.index == index), None)
+    if layer is None:
+        raise TpcError(f"vision layer {index} has no self-attention in the captured graph; VTC-CLS needs its one "
+                       "self-attention (load the model with attn_implementation='sdpa')")
+    return _sdpa(layer, "vision layer")
