@@ -205,6 +205,17 @@ def test_the_score_ops_match_loops_and_their_fakes():
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
+def test_compile_and_inspect_have_no_artifact_for_a_kv_cache(tmp_path, capsys):
+    from tpc.cli import main
+
+    for args in (["compile", str(tmp_path / "none"), "--pass", "h2o", "-o", str(tmp_path / "x.pt2")],
+                 ["inspect", str(tmp_path / "none"), "--pass", "snapkv"]):
+        assert main(args) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "compresses the KV cache while generating" in err[0]
+    assert not list(tmp_path.iterdir())
+
+
 def test_passes_lists_the_kv_eviction_methods(capsys):
     from tpc.cli import main
 

@@ -295,6 +295,7 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
     Without ``layers`` it describes the unpruned model (for tome: merging at every layer).
     """
     _check_keywords("tpc.inspect", compile_kwargs, COMPILE_KEYWORDS)
+    decode.refuse_kv_artifact(compile_kwargs.get("method"), "inspect")
     if decode.decode_time(compile_kwargs.get("method")):  # the plan says what each layer reads: no capture needed
         settings = {k: v for k, v in compile_kwargs.items() if k not in ("method", "layers", "keep")}
         load_kwargs = {k: settings.pop(k) for k in LOAD_KEYWORDS if k in settings}

@@ -115,6 +115,7 @@ def cmd_compile(args) -> int:
     from tpc.vlm.family import names_a_vlm
 
     out = Path(args.output)
+    decode.refuse_kv_artifact(args.method)
     if out.suffix.lower() == ".plan" and names_a_vlm(args.model):
         raise TpcError(f"{args.model} is a vision-language model: TensorRT engines are written for encoders only; "
                        "write its pruned prefill as .pt2 or .onnx")
@@ -166,6 +167,9 @@ def cmd_inspect(args) -> int:
     from tpc.compiled import recipe
 
     kwargs = _compile_kwargs(args)
+    from tpc import decode
+
+    decode.refuse_kv_artifact(kwargs.get("method"), "inspect")
     if not getattr(args, "schedule_given", True):  # no schedule flag: the unpruned model, not --pass's default
         # (a VLM would otherwise be pruned with the default topk-cls, or refused for a tower without [CLS])
         kwargs.pop("method", None)

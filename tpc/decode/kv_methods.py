@@ -54,3 +54,11 @@ def eviction_rule(method: str, keep, options: dict | None):
     if isinstance(keep, int):
         rule.check(method, keep, options)
     return rule, options
+
+
+def refuse_kv_artifact(method, command: str = "compile") -> None:
+    """A compressed KV cache lives while generating: ``tpc compile`` and ``tpc inspect`` have nothing to write or show."""
+    if kv_eviction(method):
+        raise TpcError(f"{method} compresses the KV cache while generating: tpc {command} has no artifact for it; use "
+                       f"tpc.compile(model, method='{method}', keep=256).generate(...) in Python, or tpc bench "
+                       f"--pass {method} for its KV bytes and step latency")

