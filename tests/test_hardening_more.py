@@ -37,3 +37,67 @@ def test_an_encoder_method_on_a_causal_lm_is_refused_before_any_capture(cli, lla
     with pytest.raises(TpcError, match="topk-mass prunes encoder tokens: for a decoder-only LM"):
         tpc.compile(tiny("llama", layers=2), (torch.randint(3, 96, (2, 8)),), method="topk-mass", layers=[0])
     assert not out.exists()
+
+
+class TokenVariance(torch.nn.Module):
+    """Features' variance over the tokens: finite on the model's tokens, NaN on one kept token."""
+
+    def __init__(self):
+        super().__init__()
+        from models import tiny_timm_vit
+
+        self.vit = tiny_timm_vit(depth=2)
+
+    def forward(self, x):
+        return self.vit.forward_features(x).var(dim=1)
+
+
+@pytest.mark.slow
+def test_nan_outputs_are_blamed_on_tpc_when_the_unpruned_model_is_finite():
+    """The artifact check once said 'look for NaN or inf in its weights' whoever made them: the
+    unpruned model run on the same inputs decides (here the artifact run is the pruned module's)."""
+    from models import image_inputs
+    from tpc.errors import TpcInternalError
+    from tpc.exports.checks import check_artifact, flat_outputs
+
+    model = TokenVariance().eval()
+    pruned = tpc.compile(model, image_inputs(2), method="topk-mass", layers=[0], keep=1, prefix=0)
+
+    def check():
+        check_artifact(pruned.graph_module, lambda x: (flat_outputs(pruned(*x)), None), [image_inputs(2)], "the check")
+
+    with pytest.raises(TpcInternalError, match="NaN or inf on the example inputs where the unpruned model's are "
+                                               "finite, so tpc's pruning made them"):
+        check()
+    with torch.no_grad():
+        model.vit.norm.bias[0] = float("nan")  # shared with the pruned module
+    with pytest.raises(TpcError, match="outputs are NaN or inf on the example inputs even unpruned"):
+        check()
+
+
+def test_no_layers_is_said_before_loading_a_hub_id_or_calling_a_function(cli, tmp_path, monkeypatch):
+    """A hub id was loaded (weights fetched) and a module:function called before 'pass --layers':
+    now a hub id's cached config.json alone is read, and a method that cannot prune a VLM's visual
+    tokens before its language model needs no look at the model at all."""
+    import json
+
+    import huggingface_hub.constants
+
+    from families import hf_bert
+
+    snapshot = tmp_path / "hub" / "models--someone--bert" / "snapshots" / "0123"
+    snapshot.mkdir(parents=True)
+    hf_bert().config.to_json_file(snapshot / "config.json")  # the config only: loading it would fail
+    (tmp_path / "hub" / "models--someone--bert" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--bert" / "refs" / "main").write_text("0123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    marker = tmp_path / "called"
+    (tmp_path / "builds.py").write_text(f"def model():\n    open({str(marker)!r}, 'w').close()\n")
+    out = tmp_path / "m.onnx"
+    for args in (["someone/bert"], ["builds:model", "--pass", "topk-mass"], ["builds:model", "--pass", "zero-tprune"]):
+        result = cli("compile", *args, "-o", out, cwd=tmp_path)
+        assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+            "tpc: error: no pruning layers given: pass --layers, e.g. --layers 3,6,9"], result.stderr
+    assert not marker.exists() and not out.exists()
+    assert json.loads((snapshot / "config.json").read_text())["model_type"] == "bert"

@@ -82,10 +82,13 @@ def _positional(module: nn.Module, inputs) -> tuple | dict:
 
 
 def _maybe_vlm(model, method: str, layers) -> bool:
-    """Whether compile must load the model before parsing encoder options: it may be a VLM."""
+    """Whether compile must load the model before parsing encoder options: it may be a VLM, which
+    takes no layers when the method prunes its visual tokens before the language model."""
     if isinstance(model, nn.Module):
         return vlm.is_vlm(model)
-    return _visual_only(method) or (layers is None and models.could_be_vlm(str(model)))
+    known = METHODS.get(method)
+    before_lm = known is not None and known.applies(Where.VISUAL_BEFORE_LM)
+    return _visual_only(method) or (layers is None and before_lm and models.could_be_vlm(str(model)))
 
 
 def _visual_only(method) -> bool:

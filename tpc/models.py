@@ -351,7 +351,7 @@ def _seeded(seed: int):
 
 def could_be_vlm(model_id: str) -> bool:
     """Whether ``model_id`` may name a vision-language model, known without loading it: a timm name
-    or a file never does, a directory's config.json says, a hub id or a function may."""
+    or a file never does, a directory's or a hub id's config.json says, a function may."""
     from tpc.vlm.family import names_a_vlm
 
     lower = model_id.lower()
@@ -361,7 +361,24 @@ def could_be_vlm(model_id: str) -> bool:
         return True
     if (Path(model_id) / "config.json").is_file():
         return names_a_vlm(model_id, unreadable=True)  # unreadable: the load says what is wrong with it
-    return _looks_like_hf(model_id)
+    if not _looks_like_hf(model_id):
+        return False
+    config = _hub_config(model_id)
+    return config is None or names_a_vlm(config.parent, unreadable=True)  # None: the load says why
+
+
+def _hub_config(model_id: str) -> Path | None:
+    """A hub id's config.json alone (from the local cache, or the hub when reachable): no weights
+    are fetched; None when it cannot be had."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        return None
+    with _offline_unless_reachable() as online:
+        try:
+            return Path(hf_hub_download(model_id, "config.json", local_files_only=not online))
+        except Exception:  # no such repo, no network, no cached copy: the load says which
+            return None
 
 
 def _looks_like_hf(model_id: str) -> bool:

@@ -14,6 +14,8 @@ compiler, three kinds of model"): a method from :mod:`tpc.registry`, passes unde
 
 from __future__ import annotations
 
+import copy
+
 from torch import fx
 
 from tpc.capture import is_token_input, length_range, length_span
@@ -23,7 +25,7 @@ from tpc.flops import count_flops, example_size, example_sizes
 from tpc.graph import count_prefix_tokens, find_attention_sites, find_stream_point
 from tpc.graph.nodes import val
 from tpc.passes import FuseAttentionScores, InsertPrune, PassManager, ProportionalAttention, compactions
-from tpc.record import pruned_outputs
+from tpc.record import pruned_outputs, remember_unpruned
 from tpc.recipe import Step
 
 
@@ -93,7 +95,9 @@ def prune_graph(gm: fx.GraphModule, inputs: tuple, name: str, steps: list[Step],
     passes = [InsertPrune(step.method, step.layer, step.amount, prefix, after, seed, step.options, restore)
               for step in steps]
     passes += [ProportionalAttention(), FuseAttentionScores()]
+    unpruned = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # its nodes only: parameters are shared
     PassManager(passes)(gm)
+    remember_unpruned(gm, lambda: unpruned)
     removals = {p.layer: p.removal for p in passes if isinstance(p, InsertPrune) and p.removal is not None}
 
     notes = [*notes, *length_notes(gm, [s.amount for s in steps], inputs)]

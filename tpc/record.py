@@ -11,6 +11,8 @@ It imports nothing of tpc, so ``graph/`` and ``passes/`` both sit above it.
 from __future__ import annotations
 
 import enum
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import fx
@@ -98,3 +100,17 @@ def mark_pruned_outputs(gm: fx.GraphModule, outputs: list[int]) -> None:
 
 def pruned_outputs(gm: fx.GraphModule) -> list[int]:
     return sorted(gm.meta.get(_PRUNED_OUTPUTS, ()))
+
+
+_UNPRUNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def remember_unpruned(gm: fx.GraphModule, make: Callable[[], fx.GraphModule]) -> None:
+    """How to get the graph ``gm`` was before tpc pruned it: the artifact check runs it to tell a
+    model whose own outputs are NaN from a pruning that made them so."""
+    _UNPRUNED[gm] = make
+
+
+def unpruned_of(gm: fx.GraphModule) -> fx.GraphModule | None:
+    make = _UNPRUNED.get(gm)
+    return None if make is None else make()

@@ -8,6 +8,7 @@ from tpc.decode.capture import capture_step, decoder_spec
 from tpc.decode.module import DecodeModule, describe
 from tpc.decode.plan import make_plan
 from tpc.passes import PassManager
+from tpc.record import remember_unpruned
 from tpc.registry import Where, get_method
 
 
@@ -21,4 +22,5 @@ def compile_decoder(model: nn.Module, *, method: str = "tidal", layers=None, kee
     gm = program.module()
     rewrite = get_method(plan.method, Where.DECODE).implementation(Where.DECODE)  # the method's pass
     PassManager([rewrite(plan)])(gm)
+    remember_unpruned(gm, program.module)
     return DecodeModule(gm, model, describe(model, plan), program, plan)

@@ -20,9 +20,10 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from tpc.capture import is_token_input
-from tpc.errors import TpcError
+from tpc.errors import REPORT, TpcError, TpcInternalError
 from tpc.exports.atomic import atomic_output
 from tpc.pt2 import load_program, program_bytes
+from tpc.record import unpruned_of
 
 SELECT = torch.ops.tpc.select_topk.default
 # Ops whose int64 output is a pruning decision (kept positions), in the order they run.
@@ -143,12 +144,14 @@ def check_artifact(gm: fx.GraphModule, run_artifact: Callable[[tuple], tuple[lis
                 raise TpcError(f"{what}: output shape {tuple(o.shape)} differs from the torch module's {tuple(r.shape)}")
             if m is not None:
                 o, r = o[m.to(o.device)], r[m]
-            if o.dtype.is_floating_point and r.numel() and bool(torch.isnan(r).any()):
-                raise TpcError(f"{what}: the model's outputs are NaN on the example inputs, so nothing can be checked: "
-                               "look for NaN or inf in its weights")
             if o.dtype.is_floating_point:
-                err = float((o.float() - r.float().cpu()).abs().max()) if o.numel() else 0.0
-                scale = max(1.0, float(r.float().abs().max())) if r.numel() else 1.0
+                o, r = o.float().cpu(), r.float().cpu()
+                same_inf = torch.isinf(r) & (o == r)  # an infinity both give (a masked logit) agrees
+                if not bool((torch.isfinite(r) | same_inf).all()):
+                    raise non_finite(gm, inputs, what)
+                o, r = o[~same_inf], r[~same_inf]
+                err = float((o - r).abs().max()) if o.numel() else 0.0
+                scale = max(1.0, float(r.abs().max())) if r.numel() else 1.0
                 if not err <= tol * scale:
                     raise TpcError(f"{what}: outputs differ from the torch module by {err:.3g} (allowed {tol * scale:.3g})")
                 worst = max(worst, err)
@@ -157,6 +160,20 @@ def check_artifact(gm: fx.GraphModule, run_artifact: Callable[[tuple], tuple[lis
         batches.append(int(pytree.tree_leaves(inputs)[0].shape[0]))
         lengths.append(next((int(x.shape[1]) for x in pytree.tree_leaves(inputs) if is_token_input(x)), None))
     return CheckResult(worst, flips, tuple(batches), tuple(lengths))
+
+
+def non_finite(gm: fx.GraphModule, inputs: tuple, what: str) -> Exception:
+    """The error for NaN or inf in the torch module's outputs: tpc's bug when the unpruned model's outputs
+    on the same inputs are finite, the weights' or inputs' fault when they are not (or when unknown)."""
+    unpruned = unpruned_of(gm)
+    if unpruned is not None:
+        outs, _ = run_graph(unpruned, inputs)
+        if all(bool(torch.isfinite(o).all()) for o in outs if o.dtype.is_floating_point):
+            return TpcInternalError(f"internal error: {what}: the pruned model's outputs are NaN or inf on the example "
+                                    f"inputs where the unpruned model's are finite, so tpc's pruning made them; {REPORT}")
+    even = " even unpruned" if unpruned is not None else ""
+    return TpcError(f"{what}: the model's outputs are NaN or inf on the example inputs{even}, so nothing can be "
+                    "checked: look for NaN or inf in its weights or example inputs")
 
 
 def write_checked_program(program: torch.export.ExportedProgram, path, gm: fx.GraphModule,

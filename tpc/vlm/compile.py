@@ -16,6 +16,7 @@ from torch import fx, nn
 from tpc.capture import eval_mode
 from tpc.errors import TpcError, refusal_or_bug
 from tpc.passes import PassManager
+from tpc.record import remember_unpruned
 from tpc.registry import VISUAL, get_method, methods_for
 from tpc.recipe import Step, visual_steps
 from tpc.schedule import kept_count
@@ -129,4 +130,5 @@ def _rewrite(family, program, inputs, example: tuple, plan, method: str, seed: i
     pruned = prefill_flops(gm, prompt)
     report = describe(model, inputs, stages, method, (unpruned, pruned.total, pruned.scoring))
     report.vision_layer = cls[0] if cls else None
+    remember_unpruned(gm, program.module)
     return VlmModule(gm, model, family, stages, report, example, program)
