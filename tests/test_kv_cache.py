@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kv_reference import run
+from test_decode import prompts
 from tpc.decode import capture_step, compile_compressed, compressed_cache
 from tpc.errors import TpcError
-from tests.kv_reference import run
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,14 +46,6 @@ def compiled(captured):
         return done[key]
 
     return get
-
-
-def prompts(batch=2, length=10, seed=3):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 96, (batch, length), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1:, :4] = 0  # the second example is 4 tokens shorter: left padding
-    return ids, mask
 
 
 def kept(cache):

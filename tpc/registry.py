@@ -219,7 +219,7 @@ for _m in (
                 "head; the layers after each read only those",
                 Kind.SELECT, "attention", {Where.DECODE: "tpc.decode.rewrite:SparseDecode"}),
     PruneMethod("streaming", "StreamingLLM (Xiao et al., ICLR 2024), arXiv 2309.17453",
-                "decoder LMs, KV cache: keep the first --options sinks positions and the most recent ones, "
+                "decoder LMs, KV cache: keep the first sinks positions (--option sinks=4) and the most recent ones, "
                 "--keep positions per layer",
                 Kind.SELECT, "recency", {Where.KV_EVICTION: _KV + "Streaming"}, options={"sinks": 4},
                 check=check_windows),

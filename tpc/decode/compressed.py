@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from tpc.decode.capture import MAX_CACHE, capture_step, decoder_spec
-from tpc.decode.kv_cache import compressed_cache, kv_bytes, state_bytes
+from tpc.decode.kv_cache import compressed_cache
 from tpc.decode.kv_methods import budget_for, check_keep, eviction_rule
 from tpc.decode.scores import EvictionScores
-from tpc.generation import decode_tokens, generation_config, new_tokens, refuse_right_padding
+from tpc.generation import decode_tokens
 from tpc.passes import PassManager
 
 
@@ -111,20 +111,13 @@ class CompressedDecoder(nn.Module):
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int | None = None,
                  do_sample: bool | None = None, **generation_kwargs) -> torch.Tensor:
         """Prompt and new tokens, [B, S + new], as ``model.generate(**tokenizer_outputs)`` returns them."""
-        from tpc.decode.module import _refuse_outside_vocabulary, _refuse_past_window
-        from tpc.vlm.inputs import checked_mask
+        from tpc.decode.module import checked_generation
 
-        config = generation_config(self.generation_config, generation_kwargs, max_new_tokens, do_sample)
-        attention_mask = checked_mask(input_ids, attention_mask, config.pad_token_id, config.eos_token_id)
-        _refuse_outside_vocabulary(input_ids, self._model[0].config.vocab_size)
-        refuse_right_padding(attention_mask)
-        _refuse_past_window(self._model[0], input_ids.shape[1] + new_tokens(config, input_ids.shape[1]))
+        config, attention_mask, _ = checked_generation(self._model[0], self.generation_config, input_ids,
+                                                       attention_mask, max_new_tokens, do_sample, generation_kwargs)
         logits, cache = self.prefill(input_ids, attention_mask)
         return decode_tokens(input_ids, logits, config, lambda tokens: self.step(cache, tokens))
 
-    def cache_bytes(self, cache) -> tuple[int, int]:
-        """(bytes of keys and values the cache holds, bytes of the method's own state)."""
-        return kv_bytes(cache), state_bytes(cache)
 
 
 def compile_compressed(model: nn.Module, *, method: str, keep=None, options=None, program=None) -> CompressedDecoder:

@@ -52,7 +52,7 @@ class Eviction:
             more = " plus a recent window of 1" if cls.needs_more else ""
             raise TpcError(f"keep {budget} is smaller than {method}'s {cls.reserved} of {size}{more}: give a budget "
                            f"of at least {size + cls.needs_more} positions or a smaller {cls.reserved} "
-                           f"(options={{'{cls.reserved}': ...}})")
+                           f"(--option {cls.reserved}=…)")
 
     def observe(self, scores: torch.Tensor | None, new: int) -> None:
         """Fold one forward's scores (over the old slots and the ``new`` ones) into the state."""

@@ -110,14 +110,8 @@ class DecodeModule(nn.Module):
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int | None = None,
                  do_sample: bool | None = None, **generation_kwargs) -> torch.Tensor:
         """Prompt and new tokens, [B, S + new], as ``model.generate(**tokenizer_outputs)`` returns them."""
-        from tpc.vlm.inputs import checked_mask
-
-        config = generation_config(self.generation_config, generation_kwargs, max_new_tokens, do_sample)
-        attention_mask = checked_mask(input_ids, attention_mask, config.pad_token_id, config.eos_token_id)
-        _refuse_outside_vocabulary(input_ids, self._model[0].config.vocab_size)
-        refuse_right_padding(attention_mask)
-        new = new_tokens(config, input_ids.shape[1])
-        _refuse_past_window(self._model[0], input_ids.shape[1] + new)
+        config, attention_mask, new = checked_generation(self._model[0], self.generation_config, input_ids,
+                                                         attention_mask, max_new_tokens, do_sample, generation_kwargs)
         logits, cache, positions = self.prefill(input_ids, attention_mask)
         kv = KVBuffer(cache, input_ids.shape[1] + max(new, 1))
         position, mask = positions[:, -1:], attention_mask.long()
@@ -131,6 +125,21 @@ class DecodeModule(nn.Module):
             return out[0].float()
 
         return decode_tokens(input_ids, logits, config, step)
+
+
+def checked_generation(model: nn.Module, base_config, input_ids, attention_mask, max_new_tokens, do_sample,
+                       generation_kwargs: dict):
+    """(the generation settings, the checked attention mask, how many tokens to draw) for ``generate``:
+    one line for settings, prompts or masks it cannot continue."""
+    from tpc.vlm.inputs import checked_mask
+
+    config = generation_config(base_config, generation_kwargs, max_new_tokens, do_sample)
+    attention_mask = checked_mask(input_ids, attention_mask, config.pad_token_id, config.eos_token_id)
+    _refuse_outside_vocabulary(input_ids, model.config.vocab_size)
+    refuse_right_padding(attention_mask)
+    new = new_tokens(config, input_ids.shape[1])
+    _refuse_past_window(model, input_ids.shape[1] + new)
+    return config, attention_mask, new
 
 
 def _refuse_outside_vocabulary(input_ids: torch.Tensor, vocab_size: int) -> None:
