@@ -143,6 +143,15 @@ def test_stock_generate_takes_the_streaming_cache_as_it_is(captured):
 
 
 @pytest.mark.slow
+def test_a_ratio_budget_is_a_share_of_the_prompt(compiled):
+    ids, mask = prompts()
+    _, cache = compiled("streaming", 0.5, SMALL["streaming"]).prefill(ids, mask)
+    assert cache.layers[0].keys.shape[2] == 5  # half of the 10-token prompt
+    with pytest.raises(TpcError, match="keep 1 is smaller than streaming's sinks of 2"):
+        compiled("streaming", 0.1, SMALL["streaming"]).prefill(ids, mask)
+
+
+@pytest.mark.slow
 def test_bench_reports_the_bytes_each_cache_holds(compiled):
     from tpc.decode.kv_bench import bench_compressed
 
@@ -198,6 +207,7 @@ def test_the_score_ops_match_loops_and_their_fakes():
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.slow
 def test_compile_and_inspect_have_no_artifact_for_a_kv_cache(tmp_path, capsys):
     from tpc.cli import main
 

@@ -30,16 +30,6 @@ class CompressedReport:
     keep: int | float
     options: dict
     layers: int
-    kv_heads: int
-    head_dim: int
-    itemsize: int
-
-    def budget(self, prompt_length: int) -> int:
-        return budget_for(self.keep, prompt_length)
-
-    def kv_bytes(self, positions: int, batch: int = 1) -> int:
-        """Bytes of keys and values of ``positions`` cached positions in every layer."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.itemsize * batch * positions
 
     def summary(self) -> str:
         if self.method is None:
@@ -51,14 +41,16 @@ class CompressedReport:
 
 
 class CompressedDecoder(nn.Module):
+    """A causal LM whose ``generate`` keeps ``keep`` cached positions per layer, evicted by ``method``
+    (``None``: none evicted, the dense cache); ``prefill`` and ``step`` expose the cache between steps."""
+
     def __init__(self, gm, model: nn.Module, method: str, keep, options: dict, program=None):
         super().__init__()
         self.gm, self.method, self.keep, self.options = gm, method, keep, options
         self._model = [model]  # not a submodule: its parameters are shared, never registered twice
         self._program = program
-        layers, heads, width = decoder_spec(model)
-        self.report = CompressedReport(type(model).__name__, method, keep, options, layers, heads, width,
-                                       next(model.parameters()).element_size())
+        layers = decoder_spec(model)[0]
+        self.report = CompressedReport(type(model).__name__, method, keep, options, layers)
         self.generation_config = model.generation_config
 
     def new_cache(self, attention_mask: torch.Tensor):
