@@ -101,3 +101,72 @@ def test_no_layers_is_said_before_loading_a_hub_id_or_calling_a_function(cli, tm
             "tpc: error: no pruning layers given: pass --layers, e.g. --layers 3,6,9"], result.stderr
     assert not marker.exists() and not out.exists()
     assert json.loads((snapshot / "config.json").read_text())["model_type"] == "bert"
+
+
+class SpelledAttention(torch.nn.Module):
+    """One attention block; ``scores``/``mix`` are einsum equations (None: matmuls); ``layout`` is
+    how q, k, v are held: [B, H, N, d] ("bhnd"), [B, N, H, d] ("bnhd"), or with kᵀ given ("kt")."""
+
+    def __init__(self, scores=None, mix=None, layout="bhnd", dim=16, heads=2):
+        super().__init__()
+        self.qkv, self.proj, self.heads = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim), heads
+        self.scores, self.mix, self.layout = scores, mix, layout
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        if self.scores is None:
+            out = ((q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5).softmax(-1) @ v
+            return x + self.proj(out.transpose(1, 2).reshape(b, n, c))
+        if self.layout == "bnhd":
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        operands = {"bhnd": (q, k), "bnhd": (q, k), "kt": (q, k.transpose(-2, -1)), "swap": (k, q),
+                    "per-head scale": (q, k, torch.ones(self.heads))}[self.layout]
+        probs = (torch.einsum(self.scores, *operands) * (c // self.heads) ** -0.5).softmax(-1)
+        out = torch.einsum(self.mix, probs, v)
+        return x + self.proj((out if self.layout == "bnhd" else out.transpose(1, 2)).reshape(b, n, c))
+
+
+SPELLINGS = [("bhqd,bhkd->bhqk", "bhqk,bhkd->bhqd", "bhnd"), ("...qd,...kd->...qk", "...qk,...kd->...qd", "bhnd"),
+             ("bhid,bhjd->bhij", "bhij,bhjd->bhid", "bhnd"), ("bhqd,bhdk->bhqk", "bhqk,bhkd->bhqd", "kt"),
+             ("bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd", "bnhd"), ("bhkd,bhqd->bhqk", "zyxw,zywv->zyxv", "swap"),
+             ("b h q d, b h k d -> b h q k", "b h q k, b h k d -> b h q d", "bhnd")]
+
+
+class SpelledEncoder(torch.nn.Module):
+    def __init__(self, blocks):
+        super().__init__()
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, 16))
+        self.blocks = torch.nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.blocks(torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1))[:, 0]
+
+
+@pytest.mark.slow
+def test_every_spelling_of_einsum_attention_prunes_as_its_matmuls_do():
+    """Only 'bhqd,bhkd->bhqk'-like equations were read: '...', [B, N, H, d] layouts, a given kᵀ,
+    operands swapped gave 'no attention layers found'. Each block here spells it another way; the
+    pruned model equals the same weights written with matmuls, pruned alike."""
+    torch.manual_seed(0)
+    spelled = SpelledEncoder([SpelledAttention(*s) for s in SPELLINGS]).eval()
+    plain = SpelledEncoder([SpelledAttention() for _ in SPELLINGS]).eval()
+    plain.load_state_dict(spelled.state_dict())
+    x = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(spelled(x), plain(x), atol=1e-5, rtol=1e-5)
+    settings = dict(method="topk-mass", layers=[0, 2, 4], keep=0.7)
+    pruned, reference = tpc.compile(spelled, (x[:2],), **settings), tpc.compile(plain, (x[:2],), **settings)
+    assert [s.tokens for s in pruned.report.sites] == [s.tokens for s in reference.report.sites] == [17, 13, 13, 10, 10, 8, 8]
+    torch.testing.assert_close(pruned(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_an_einsum_attention_tpc_cannot_read_is_named_never_pruned_silently():
+    x = torch.randn(2, 16, 16)
+    odd = ("bhqd,bhkd,h->bhqk", "bhqk,bhkd->bhqd", "per-head scale")
+    with pytest.raises(TpcError, match=r"no attention layers found .* einsum 'bhqd,bhkd,h->bhqk' \(node 'einsum' "
+                                       r"\(aten.einsum\) in blocks.0\) is not one matrix product"):
+        tpc.compile(SpelledEncoder([SpelledAttention(*odd)]).eval(), (x,), layers=[0])
+    with pytest.raises(TpcError, match=r"cannot prune after layer 0: node 'einsum\w*' \(aten.einsum\) in blocks.1: "
+                                       "reads the tokens and tpc has no token-axis rule"):
+        tpc.compile(SpelledEncoder([SpelledAttention(*SPELLINGS[0]), SpelledAttention(*odd)]).eval(), (x,), layers=[0])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import fx
 
 from tpc.capture import is_token_input, length_range, length_span
@@ -23,7 +24,7 @@ from tpc.compiled import CompileReport, LayerInfo, TpcModule
 from tpc.errors import TpcError
 from tpc.flops import count_flops, example_size, example_sizes
 from tpc.graph import count_prefix_tokens, find_attention_sites, find_stream_point
-from tpc.graph.nodes import val
+from tpc.graph.nodes import describe, val
 from tpc.passes import FuseAttentionScores, InsertPrune, PassManager, ProportionalAttention, compactions
 from tpc.record import pruned_outputs, remember_unpruned
 from tpc.recipe import Step
@@ -34,9 +35,13 @@ def analyze(gm: fx.GraphModule, name: str = "model") -> list:
     when they attend within windows (no global token axis to prune)."""
     sites = find_attention_sites(gm)
     if not sites:
+        einsum = next(iter(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.einsum.default)), None)
         raise TpcError(
             f"no attention layers found in {name}: tpc prunes the tokens of transformer models "
             "(scaled_dot_product_attention or softmax(q·kᵀ)·v in the exported graph)"
+            + ("" if einsum is None else f"; einsum {einsum.args[0]!r} ({describe(einsum)}) is not one matrix "
+               "product tpc reads as attention: write q·kᵀ and p·v as two-operand einsums with an explicit "
+               "output ('bhqd,bhkd->bhqk', 'bhqk,bhkd->bhqd') or as matmuls")
         )
     windowed = next((s for s in sites if s.windows > 1), None)
     if windowed is not None:
