@@ -109,7 +109,7 @@ def eager(net: Net, x, schedule: dict, method: str):
 
 @st.composite
 def cases(draw):
-    depth = draw(st.integers(1, 3))
+    depth = draw(st.integers(2, 3))  # two layers at least, so that most cases prune twice
     heads = draw(st.sampled_from([1, 2, 4]))
     head_dim = draw(st.sampled_from([4, 8]))
     prefix = draw(st.integers(0, 2))
@@ -117,6 +117,8 @@ def cases(draw):
     net = dict(depth=depth, heads=heads, head_dim=head_dim, prefix=prefix, patches=patches,
                pre_norm=draw(st.booleans()), sdpa=draw(st.booleans()))
     layers = sorted(draw(st.sets(st.integers(0, depth - 1), min_size=1)))
+    if len(layers) == 1 and draw(st.booleans()):
+        layers = list(range(depth))
     keeps = [draw(st.one_of(st.floats(0.2, 1.0), st.integers(1, patches))) for _ in layers]
     method = draw(st.sampled_from(["random", "topk-cls"]))
     return net, dict(zip(layers, keeps)), method, draw(st.integers(1, 3)), draw(st.integers(0, 2**16))
@@ -143,14 +145,15 @@ def check_case(case) -> str:
 
 MIN_VERIFIED = 0.7  # share of drawn cases that must compile and verify (about 0.83 is usual; refusals are the rest)
 
-# 80 cases (each two compiles) keep the test near a minute on a loaded 2-core machine. The draws are
+# 32 cases (each two compiles, most pruning at two or three layers) keep the test near half a minute on
+# 2 cores. The draws are
 # derandomized and no example database is read or written: every run checks the same cases, so the
 # share of verified cases cannot flake in CI. Widen the search locally with a larger max_examples.
-DRAWS = settings(max_examples=80, deadline=None, derandomize=True, database=None,
+DRAWS = settings(max_examples=32, deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.mark.slow  # 80 drawn models, each captured: test_pipeline's fast cases cover the pipeline on every edit
+@pytest.mark.slow  # 32 drawn models, each captured: test_pipeline's fast cases cover the pipeline on every edit
 def test_pipeline_is_right_or_refuses():
     outcomes: Counter = Counter()
 
@@ -176,7 +179,7 @@ def test_the_drawn_cases_are_the_same_on_every_run():
         return drawn
 
     first = draw_all()
-    assert len(set(first)) > 40 and draw_all() == first
+    assert len(set(first)) > 24 and draw_all() == first
 
 
 def test_a_crashing_pass_fails_the_property_check(monkeypatch):

@@ -189,8 +189,9 @@ def test_a_bad_request_batched_with_good_ones_fails_alone(served, artifacts):
     jobs = [bert_tokens([5], 8, seed=i) for i in range(8)]
     jobs[3] = (jobs[3][0] + 1000, jobs[3][1])
 
-    def call(arrays):
-        client = http_client(served)
+    clients = [http_client(served) for _ in jobs]
+
+    def call(arrays, client):
         try:
             return infer(client, httpclient, "bert", bert, *arrays)
         except InferenceServerException as err:
@@ -198,8 +199,6 @@ def test_a_bad_request_batched_with_good_ones_fails_alone(served, artifacts):
 
     with ThreadPoolExecutor(len(jobs)) as pool:
         outputs = list(pool.map(call, jobs, clients))
-    for client in clients:
-        client.close()
     assert isinstance(outputs[3], InferenceServerException)
     for i, (arrays, out) in enumerate(zip(jobs, outputs)):
         if i != 3:
