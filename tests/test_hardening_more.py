@@ -170,3 +170,54 @@ def test_an_einsum_attention_tpc_cannot_read_is_named_never_pruned_silently():
     with pytest.raises(TpcError, match=r"cannot prune after layer 0: node 'einsum\w*' \(aten.einsum\) in blocks.1: "
                                        "reads the tokens and tpc has no token-axis rule"):
         tpc.compile(SpelledEncoder([SpelledAttention(*SPELLINGS[0]), SpelledAttention(*odd)]).eval(), (x,), layers=[0])
+
+
+def test_a_pruned_module_says_which_input_is_of_another_dtype_count_or_shape(compiled):
+    """Hostile pass: pm(x.half()), pm(torch.randn(2, 3, 16, 16)), pm(x, x) and a bool BERT mask gave
+    torch's 'Input type (c10::Half) and bias type (float)', 'Guard failed: x.size()[2] == 32', a
+    pytree ValueError and 'Tensor dtype mismatch'."""
+    pm = compiled("timm_vit", "topk-cls")
+    x = torch.randn(3, 3, 32, 32)
+    for args, words in [((x.half(),), "input x is float16 [3, 3, 32, 32]; this pruned model takes float32 "
+                                      "[*, 3, 32, 32]: cast it (.to(torch.float32))"),
+                        ((x.double(),), "input x is float64"), ((x.long(),), "input x is int64"),
+                        ((torch.randn(2, 3, 16, 16),), "input x is float32 [2, 3, 16, 16]; this pruned model takes "
+                                                       "float32 [*, 3, 32, 32]: give it that shape"),
+                        ((x[0],), "float32 [3, 32, 32]; this pruned model takes float32 [*, 3, 32, 32]"),
+                        ((x, x), "this pruned model takes 1 input(s) (x), not 2")]:
+        with pytest.raises(TpcError, match=words.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
+                           .replace("*", r"\*").replace(".", r"\.")):
+            pm(*args)
+    for batch in (0, 1, 17):  # any batch still runs
+        assert pm(torch.randn(batch, 3, 32, 32)).shape == (batch, 5)
+
+
+def test_output_places_and_flags_that_cannot_apply_are_refused_before_any_work(cli, tmp_path):
+    """Hostile pass: -o under /proc compiled, then said 'no space left ... 0 are free'; --precision
+    and --batch with -o x.pt2 were ignored; --input-size 3,-1,32 and --std 0 (images divided by 0)
+    reached torch or ran; an empty .onnx became a Triton repository with no inputs or outputs."""
+    import os
+
+    import numpy as np
+
+    empty, data = tmp_path / "empty.onnx", tmp_path / "data.npz"
+    empty.write_bytes(b"")
+    np.savez(data, images=np.zeros((2, 32, 32, 3), np.uint8), labels=np.zeros(2, np.int64))
+    cases = [(["compile", "no-such-model", "--layers", "1", "--precision", "fp16", "-o", tmp_path / "a.pt2"],
+              "--batch and --precision (batch=, precision=) set a TensorRT engine's"),
+             (["compile", "no-such-model", "--layers", "1", "--batch", "1,2,4", "-o", tmp_path / "a.onnx"],
+              "they do not apply to .onnx"),
+             (["compile", "vit_tiny_patch16_224", "--random-weights", "--input-size", "3,-1,32", "--layers", "1", "-o",
+               tmp_path / "a.pt2"], "--input-size '3,-1,32': every size is 1 or more"),
+             (["eval", "no-such-model", "--data", data, "--mean", "0.5", "--std", "0.5,0,0.5"],
+              "--std 0.5,0,0.5: every value is a finite number above 0"),
+             (["eval", "no-such-model", "--data", data, "--mean", "nan", "--std", "0.5"],
+              "--mean nan: every value is a finite number"),
+             (["export", empty, "--triton-repo", tmp_path / "repo"], "holds no graph with inputs and outputs, it is empty")]
+    if os.path.isdir("/proc") and os.statvfs("/proc").f_blocks == 0:
+        cases.append((["compile", "no-such-model", "--layers", "1", "-o", "/proc/a.pt2"],
+                      "output directory '/proc' of -o is on a virtual filesystem"))
+    for args, words in cases:
+        result = cli(*args)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1 and words in result.stderr, (args, result.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz", "empty.onnx"]

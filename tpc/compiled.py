@@ -124,9 +124,30 @@ class TpcModule(nn.Module):
     def forward(self, *args, **kwargs):
         if kwargs:
             args = self._by_position(args, kwargs)
+        self._check_inputs(args)
         self._check_length(args)
         with torch.no_grad():
             return self.graph_module(*args)
+
+    def _check_inputs(self, args: tuple) -> None:
+        """Inputs of another count, dtype, rank or fixed size refused in one line, naming the input and
+        what it takes (the graph's guards say ``Tensor dtype mismatch`` or ``Guard failed: x.size()[2] == 32``)."""
+        placeholders = list(self.graph_module.graph.find_nodes(op="placeholder"))
+        wanted = [n.meta.get("val") for n in placeholders]
+        if not all(isinstance(w, torch.Tensor) for w in wanted) or not all(isinstance(x, torch.Tensor) for x in args):
+            return  # nested inputs: the graph's own input checks
+        names = [n.target for n in placeholders]
+        if len(args) != len(placeholders):
+            raise TpcError(f"this pruned model takes {len(names)} input(s) ({', '.join(names)}), not {len(args)}")
+        for name, want, x in zip(names, wanted, args):
+            dims = [d if isinstance(d, int) else None for d in want.shape]
+            if x.dtype == want.dtype and x.dim() == len(dims) and all(d in (None, n) for d, n in zip(dims, x.shape)):
+                continue
+            fix = (f"cast it (.to({want.dtype}))" if x.dtype != want.dtype else
+                   "give it that shape (* is any size; a fixed size is the one the model was compiled at)")
+            spec = ", ".join("*" if d is None else str(d) for d in dims)
+            raise TpcError(f"input {name} is {str(x.dtype).removeprefix('torch.')} {list(x.shape)}; this pruned model "
+                           f"takes {str(want.dtype).removeprefix('torch.')} [{spec}]: {fix}")
 
     def _check_length(self, args: tuple) -> None:
         """A token length outside the captured range refused in one line, as the .pt2 refuses it

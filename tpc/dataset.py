@@ -154,9 +154,14 @@ def load_dataset(path: str | Path, input_size: Sequence[int]) -> Dataset:
 
 
 def parse_floats(text, name: str) -> tuple[float, ...] | None:
+    """--mean or --std: finite numbers, a std above 0 (images are divided by it)."""
     from tpc.models import parse_numbers
 
-    return parse_numbers(text, float, name, "0.5,0.5,0.5")
+    values = parse_numbers(text, float, name, "0.5,0.5,0.5")
+    if values is not None and not all(np.isfinite(v) and (v > 0 or name != "std") for v in values):
+        raise TpcError(f"--{name} {text}: " + ("every value is a finite number above 0 (images are divided by it)"
+                                               if name == "std" else "every value is a finite number"))
+    return values
 
 
 def normalise(images: np.ndarray, mean, std) -> torch.Tensor:

@@ -62,6 +62,9 @@ def check_target(path: Path, batch=None, precision: str = "fp32") -> str:
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise TpcError(f"unknown artifact type {path.suffix or '(none)'!r} for {str(path)!r}: use .onnx, .pt2 or .plan")
+    if suffix != ".plan" and (batch is not None or precision != "fp32"):
+        raise TpcError(f"--batch and --precision (batch=, precision=) set a TensorRT engine's profile and precision: "
+                       f"they do not apply to {suffix}; drop them, or write a .plan")
     if suffix == ".plan":
         from tpc.exports.tensorrt import PRECISIONS, parse_batch, require_tensorrt
 

@@ -31,6 +31,9 @@ def check_output_path(path: str | os.PathLike, flag: str = "-o") -> Path:
         raise TpcError(f"output directory {str(parent)!r} of {flag} does not exist: create it or choose another {flag} path")
     if not os.access(parent, os.W_OK):
         raise TpcError(f"output directory {str(parent)!r} of {flag} is not writable")
+    if os.statvfs(parent).f_blocks == 0:  # /proc, /sys: a kernel's view, no room for files
+        raise TpcError(f"output directory {str(parent)!r} of {flag} is on a virtual filesystem "
+                       f"({str(_mount_point(parent))!r}) that holds no files: choose another {flag} path")
     return path
 
 

@@ -80,6 +80,9 @@ def signature(artifact: str | Path) -> Signature:
         raise TpcError(f"{artifact} keeps its weights in external files: serve a single-file ONNX artifact")
     graph_inputs = {t.name for t in model.graph.initializer}
     inputs = tuple(_tensor(v, artifact) for v in model.graph.input if v.name not in graph_inputs)
+    if not inputs or not model.graph.output:  # an empty file parses as an empty model
+        raise TpcError(f"{artifact} is not a readable ONNX file (it holds no graph with inputs and outputs"
+                       f"{', it is empty' if artifact.stat().st_size == 0 else ''}): compile it again")
     return Signature(inputs, tuple(_tensor(v, artifact) for v in model.graph.output))
 
 
