@@ -844,23 +844,61 @@ def test_onnx_prefill_of_todre_keep_zero(llava, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["todre.onnx"]
 
 
-def test_a_tensor_with_a_dim_derived_from_the_prompt_length_is_refused_with_its_node():
-    """A tensor crossing the cut with a dim of S + 1 (not S) cannot be gathered with the kept
-    positions: refused, naming the node, instead of being carried across unchanged."""
-    from tpc.graph.nodes import val
-    from tpc.vlm.prune_visual import token_axes
+class ToyPrefill(torch.nn.Module):
+    """A prefill in the shape tpc reads (image features scattered at the image tokens, a stack of
+    SDPA decoder layers); ``extra`` adds a tensor of S + 1 positions made before the cut."""
 
-    class Extend(torch.nn.Module):
-        def forward(self, x):
-            return torch.cat([x, x[:, :1]], 1), x * 2
+    def __init__(self, extra: str):
+        super().__init__()
+        from test_graph_layers import Stack
 
-    s = torch.export.Dim("s", min=2)
-    gm = torch.export.export(Extend(), (torch.randn(2, 6, 4),), dynamic_shapes=({1: s},)).module()
-    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    cat = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.cat.default)
-    mul = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.mul.Tensor)
-    seq = val(x).shape[1]
-    assert token_axes(mul, seq) == [1]
-    with pytest.raises(TpcError, match=r"node 'cat\w*' \(aten\.cat\) .* has dim 1 of size s\w* \+ 1, derived from the "
-                                       r"prompt length"):
-        token_axes(cat, seq)
+        self.embed, self.model, self.extra = torch.nn.Embedding(64, 8), Stack(3), extra
+
+    def forward(self, input_ids, attention_mask, features):
+        x = self.embed(input_ids) * attention_mask.unsqueeze(-1)
+        x = x.masked_scatter((input_ids == IMAGE).unsqueeze(-1).expand(-1, -1, 8), features)
+        longer = torch.cat([x, x[:, :1]], 1).sum(-1, keepdim=True)  # S + 1 positions
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x)
+            if i == 2 and self.extra == "shifted":  # after the cut before layer 2
+                x = x + longer[:, 1:]  # position t + 1 beside token t: a side tensor, gathered by the rules
+            if i == 2 and self.extra == "joined":
+                x = torch.cat([x, longer.expand(-1, -1, 8)], 1)[:, :x.shape[1]]  # joins S + 1 positions to the tokens
+        return x
+
+
+@pytest.mark.parametrize("extra", ["shifted", pytest.param("joined", marks=pytest.mark.slow)])
+def test_tensors_cross_the_cut_by_the_token_axis_rules_of_encoders(extra):
+    """What crosses the cut is carried by the shared token-axis rules (tpc/passes/token_axis_rules.py):
+    a side tensor meeting the tokens is gathered with the kept positions; an op the rules cannot map
+    (tokens joined to S + 1 other positions) is refused, naming the node."""
+    from tpc.passes import PassManager
+    from tpc.vlm.prune_visual import PruneVisual
+
+    ids = torch.tensor([[1, 5] + [IMAGE] * 4 + [7, 8]] * 2)
+    args = (ids, torch.ones_like(ids), torch.randn(8, 8))
+    tokens = {0: torch.export.Dim("b", max=8), 1: torch.export.Dim("s", min=7, max=64)}
+    model = ToyPrefill(extra).eval()
+    gm = torch.export.export(model, args, dynamic_shapes=(tokens, tokens, None)).module()
+    step = PruneVisual(2, "random", 4, 2, 8, IMAGE)  # after decoder layer 1
+    if extra == "joined":
+        with pytest.raises(TpcError, match=r"^cannot prune after decoder layer 1: node 'cat\w*' \(aten\.cat\) in "
+                                           r"the top-level module: concatenates along the token axis \[in pass prune_visual\]$"):
+            PassManager([step])(gm)
+        return
+    PassManager([step])(gm)
+    gm.graph._codegen = torch.fx.graph.CodeGen()  # flat outputs: the kept positions are one more
+    gm.recompile()
+    out, kept = gm(*args)
+    with torch.no_grad():
+        x = model.embed(ids)
+        x = x.masked_scatter((ids == IMAGE).unsqueeze(-1).expand(-1, -1, 8), args[2])
+        longer = torch.cat([x, x[:, :1]], 1).sum(-1, keepdim=True)
+        for i, layer in enumerate(model.model.layers):
+            if i == 2:
+                x = x.gather(1, kept.unsqueeze(-1).expand(-1, -1, 8))
+            x = layer(x)
+            if i == 2 and extra == "shifted":
+                x = x + longer[:, 1:].gather(1, kept.unsqueeze(-1))
+    assert kept.shape == (2, 6)
+    torch.testing.assert_close(out, x)

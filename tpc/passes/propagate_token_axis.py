@@ -163,8 +163,10 @@ class Propagation:
         return g
 
 
-def propagate(gm: fx.GraphModule, compaction: Compaction) -> int:
-    """Propagate one compaction through every node after it; returns the number of rewritten nodes."""
+def propagate(gm: fx.GraphModule, compaction: Compaction, place: str | None = None) -> int:
+    """Propagate one compaction through every node after it; returns the number of rewritten nodes.
+    ``place``: where the compaction is, for refusals, when it is not after an encoder layer
+    (a VLM's cut: "after decoder layer 1"); its refusals then name no other layer to prune after."""
     ctx = Propagation(gm, compaction)
     nodes = list(gm.graph.nodes)
     for node in nodes[nodes.index(compaction.out) + 1:]:
@@ -181,7 +183,8 @@ def propagate(gm: fx.GraphModule, compaction: Compaction) -> int:
                 raise RuntimeError(f"tpc's own op {node.target} reads the tokens of the compaction at layer "
                                    f"{compaction.layer} and has no token-axis rule")
         if rule is None:
-            raise TpcError(_refusal(node, "reads the tokens and tpc has no token-axis rule for this op", compaction, gm))
+            raise TpcError(_refusal(node, "reads the tokens and tpc has no token-axis rule for this op", compaction, gm,
+                                    place))
         try:
             with at_node(node):
                 args = arguments(node)
@@ -190,7 +193,7 @@ def propagate(gm: fx.GraphModule, compaction: Compaction) -> int:
                 if rule.resize is not None:
                     _resize(ctx, node, args, rule.resize(ctx, node, args, inferred.axes))
         except Refusal as r:
-            raise TpcError(_refusal(node, str(r), compaction, gm)) from None
+            raise TpcError(_refusal(node, str(r), compaction, gm, place)) from None
         if inferred.axes:
             ctx.tracked[node] = inferred.axes
     logger.debug("propagate_token_axis: layer %s, %d nodes rewritten or inserted",
@@ -235,7 +238,9 @@ def _check_outputs(gm, ctx, node):
                     pruned, ctx.tokens_new, ctx.tokens_old)
 
 
-def _refusal(node: fx.Node, reason: str, compaction: Compaction, gm: fx.GraphModule) -> str:
+def _refusal(node: fx.Node, reason: str, compaction: Compaction, gm: fx.GraphModule, place: str | None) -> str:
+    if place is not None:
+        return f"cannot prune {place}: {describe(node)}: {reason}"
     return f"cannot prune after layer {compaction.layer}: {describe(node)}: {reason}. {_way_out(gm, node)}"
 
 

@@ -594,8 +594,10 @@ def stack(ctx, node: fx.Node, args: dict) -> Inferred:
 
 def cat(ctx, node: fx.Node, args: dict) -> Inferred:
     """Along another dim the pieces broadcast like a pointwise op's operands; along the token
-    axis only untouched tokens may go in front of the stream (``_cat_in_front``)."""
-    tensors = operands(args)
+    axis only untouched tokens may go in front of the stream (``_cat_in_front``). An empty 1-D
+    piece is skipped, as torch.cat skips it (a transformers DynamicCache's first update:
+    ``cat([tensor([]), k], dim=-2)``)."""
+    tensors = [(key, t) for key, t in operands(args) if tuple(numeric_shape(t)) != (0,)]
     rank = _rank(node)
     dim = _norm_dim(args["dim"], rank)
     if any(dim in ctx.axes(t) for _, t in tensors):

@@ -18,11 +18,13 @@ model, stage 1; j = L + 1 prunes after decoder layer L, stage 2):
             example, so a batch gives each example what it gets alone), ``tpc::select_topk``.
 3. ``kept = tpc::keep_visual(pos, chosen, S)`` [B, S - V + K]: every text token and the
    chosen visual tokens, in order.
-4. Every tensor made before the cut and read after it is gathered along each of its token
-   axes with ``tpc::gather_axis``: the residual stream, the 4-D attention mask (rows and
-   columns), the rotary cos/sin (so kept tokens keep their original positions), the visual
-   mask (for a later stage). The symbolic sequence length read after the cut becomes the
-   stream's new length; any other size derived from it is refused.
+4. ``tpc::gather_axis(stream, kept, 1)`` is the new stream, carried through the rest of the
+   prefill by the encoders' token-axis rules (``propagate_token_axis``): a tensor made before
+   the cut that meets the kept tokens at a token dim (the 4-D attention mask, rows and
+   columns; the rotary cos/sin, so kept tokens keep their original positions) is gathered
+   there with ``kept``, shape arguments are resized, and an op the rules cannot map is refused
+   with the node named. The symbolic prompt length still read after the cut becomes the new
+   length; any other size derived from it is refused.
 5. The original positions of the kept tokens (composed over stages) become one more graph
    output, so decoding knows which prompt tokens each layer's KV cache holds. The stage's
    ``Compaction`` record (``tpc/record.py``: the new stream, those positions as its index, the
@@ -35,22 +37,23 @@ Sketch (stage 2, after layer L)::
 
     h_L ──────────────────────────────┬─► gather_axis ─► layer L+1 …
     q_L, k_L, mask ─► last_token_attention ─► gather_axis(pos) ─► select_topk ─► keep_visual
-    mask [B,1,S,S], cos/sin [B,S,d] ─────────────────────► gather_axis ─► layer L+1 …
+    mask [B,1,S,S], cos/sin [B,S,d] ──► (token-axis rules) gather_tokens where they meet the tokens
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx
 
 from tpc.errors import TpcError
-from tpc.graph.nodes import describe, module_path, val
+from tpc.graph.nodes import describe, module_path, numeric_size, val
 from tpc.passes.cleanup import finish
 from tpc.passes.compaction import Builder, Compaction, Role, attach, compactions, mark_rewritten
 from tpc.passes.infra import Pass, PassResult
+from tpc.passes.propagate_token_axis import propagate
 from tpc.registry import VISUAL, Where, get_method, methods_for
 from tpc.vlm import ops  # noqa: F401  (registers the tpc:: VLM ops)
 from tpc.vlm.graph import DecoderLayer, decoder_layers, prompt_mask, vision_attention, visual_mask
@@ -117,44 +120,47 @@ class PruneVisual(Pass):
                             prompt_mask(gm), positions, vision, self.cls[1] if self.cls else 0)
         chosen = choose(b, ctx)
         kept = b.op(tpc.keep_visual.default, pos, chosen, length, role=Role.SELECTION)
-        gathered = {}
-        for node in crossing:
-            value = val(node)
-            if isinstance(value, torch.SymInt):
-                if _same(value, seq):
-                    gathered[node] = None  # replaced by the new length below
-                elif _mentions(value, seq):
-                    raise TpcError(f"{describe(node)} is a size derived from the sequence length and is read after "
-                                   "the pruning point: tpc cannot rewrite it")
-                continue
-            if not isinstance(value, torch.Tensor):
-                continue
-            axes = token_axes(node, seq)
-            if not axes:
-                continue
-            out = node
-            for axis in axes:
-                out = b.op(tpc.gather_axis.default, out, kept, axis, role=Role.GATHER)
-            gathered[node] = out
+        out = b.op(tpc.gather_axis.default, stream, kept, 1, role=Role.GATHER, value=val(stream))  # old terms (rule 6)
         positions = kept if positions is None else b.op(tpc.gather_axis.default, positions, kept, 1,
                                                         role=Role.GATHER)
-        new_length = b.op(aten.sym_size.int, gathered[stream], 1, role=Role.GATHER)
+        new_length = b.op(aten.sym_size.int, kept, 1, role=Role.GATHER)
         inserted = set(b.inserted)
-        for node, out in gathered.items():
-            replacement = new_length if out is None else out
-            for user in list(node.users):
-                if user not in before and user not in inserted and user.op != "output":
-                    user.replace_input_with(node, replacement)
-                    mark_rewritten(user)
+        after = [n for n in gm.graph.nodes if n not in before and n not in inserted]
+        for user in list(stream.users):
+            if user in after and user.op != "output":
+                user.replace_input_with(stream, out)
+        record = Compaction(layer=self.before - 1, method=self.method.name, module=module_path(cut),
+                            out=out, index=positions, tokens_in=self.visual, tokens_out=self.keep, prefix=0,
+                            prunable=visual, spans=pos)
+        where = "before the language model" if self.before == 0 else f"after decoder layer {self.before - 1}"
+        local = replace(record, index=kept, tokens_in=numeric_size(seq), tokens_out=numeric_size(val(kept).shape[1]))
+        propagate(gm, local, place=where)  # the encoders' token-axis rules, gathering with this step's own positions
+        self._carry_lengths(crossing, seq, new_length, after, where)
         output = next(iter(gm.graph.find_nodes(op="output")))
         output.args = (tuple(output.args[0]) + (positions,),)  # the kept positions are graph outputs
-        attach(Compaction(layer=self.before - 1, method=self.method.name, module=module_path(cut),
-                          out=gathered[stream], index=positions, tokens_in=self.visual, tokens_out=self.keep, prefix=0,
-                          prunable=visual, spans=pos))
+        attach(record)
         finish(gm, start=b.inserted[0])
         logger.debug("prune_visual: %s keeps %d of %d visual tokens before decoder layer %d",
                      self.method.name, self.keep, self.visual, self.before)
         return PassResult(gm, True)
+
+    @staticmethod
+    def _carry_lengths(crossing: list[fx.Node], seq, new_length: fx.Node, after: list[fx.Node], where: str) -> None:
+        """The prompt length read after the cut (a size argument the token-axis rules left as it was)
+        becomes the new length; a size derived from it cannot be rewritten and is refused."""
+        later = set(after)
+        for node in crossing:
+            value = val(node)
+            if not isinstance(value, torch.SymInt) or not any(user in later for user in node.users):
+                continue
+            if not _same(value, seq) and _mentions(value, seq):
+                raise TpcError(f"cannot prune {where}: {describe(node)} is a size derived from the prompt length and is "
+                               "read after the pruning point: tpc cannot rewrite it")
+            if _same(value, seq):
+                for user in list(node.users):
+                    if user in later and user.op != "output":
+                        user.replace_input_with(node, new_length)
+                        mark_rewritten(user)
 
     def _stream(self, crossing: list[fx.Node], cut: fx.Node) -> fx.Node:
         found = [n for n in crossing if isinstance(val(n), torch.Tensor) and val(n).dim() == 3
@@ -221,22 +227,6 @@ def _nodes_before(gm: fx.GraphModule, cut: fx.Node) -> set[fx.Node]:
 def graph_order(gm: fx.GraphModule, nodes: set[fx.Node]) -> list[fx.Node]:
     """``nodes`` in graph order (a set's order would change the rewrite's node order run to run)."""
     return [n for n in gm.graph.nodes if n in nodes]
-
-
-def token_axes(node: fx.Node, seq) -> list[int]:
-    """The dims of a tensor crossing the cut that hold the ``seq`` prompt tokens (gathered with
-    the kept positions); a dim whose size is derived from ``seq`` but is not ``seq`` (S - 1, 2·S)
-    cannot be carried across and is refused with the node named, as is a token axis first."""
-    shape = val(node).shape
-    odd = [d for d, size in enumerate(shape) if not _same(size, seq) and _mentions(size, seq)]
-    if odd:
-        raise TpcError(f"{describe(node)} has dim {odd[0]} of size {shape[odd[0]]}, derived from the prompt length "
-                       f"{seq} but not equal to it, and is read after the pruning point: tpc cannot carry it across")
-    axes = [d for d, size in enumerate(shape) if _same(size, seq)]
-    if axes and axes[0] == 0:
-        raise TpcError(f"{describe(node)} has the token axis first (no batch axis) and is read after the "
-                       "pruning point: tpc cannot gather it")
-    return axes
 
 
 def _same(size, seq) -> bool:
