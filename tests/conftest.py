@@ -95,9 +95,9 @@ def _fingerprint(model, inputs, kwargs, dynamic_length) -> str:
 
 @contextlib.contextmanager
 def _reusing_captures(captures: dict):
-    import tpc.api as tpc_api
+    import tpc.pipeline as tpc_pipeline  # where tpc.compile captures
 
-    real = tpc_api.capture
+    real = tpc_pipeline.capture
 
     def capture(model, example_inputs, example_kwargs=None, dynamic_length=True):
         key = _fingerprint(model, example_inputs, example_kwargs, dynamic_length)
@@ -106,7 +106,7 @@ def _reusing_captures(captures: dict):
         return copy.deepcopy(captures[key])
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tpc_api, "capture", capture)
+        patch.setattr(tpc_pipeline, "capture", capture)
         yield
 
 

@@ -12,12 +12,11 @@ from torch import nn
 
 from tpc import decode, models, vlm
 from tpc.backends import check_backend
-from tpc.capture import capture, is_token_input, set_eval
+from tpc.capture import is_token_input, set_eval
 from tpc.compiled import CompileReport
 from tpc.errors import TpcError
-from tpc.flops import count_flops, example_sizes
 from tpc.passes import get_method
-from tpc.pipeline import analyze, layer_infos, prefix_of, prune_graph
+from tpc.pipeline import compile_encoder, describe_encoder
 from tpc.recipe import check_steps, load_recipe, steps_from_pass
 from tpc.registry import METHODS, VISUAL, Where, methods_for
 from tpc.schedule import parse_layers, read_r
@@ -265,11 +264,10 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     if seq_len is not None:
         models.check_text_length(module, seq_len, "seq_len (--seq-len)")
     notes = _usage_notes(module)
-    gm = capture(module, inputs, dynamic_length=seq_len is None)
-    if recipe is None and layer_list is None:  # every layer: ToMe's r (a list padded with 0, or a schedule)
-        depth = len(analyze(gm, name))
-        steps = check_steps(steps_from_pass(method, list(range(depth)), keep, r, options, pad=True))
-    pruned = prune_graph(gm, inputs, name, steps, prefix=prefix, after=after, seed=seed, restore=restore, notes=notes)
+    every_layer = recipe is None and layer_list is None  # ToMe's r at every layer the capture finds
+    pruned = compile_encoder(module, inputs, name, None if every_layer else steps,
+                             every_layer=(method, keep, r, options) if every_layer else None, prefix=prefix,
+                             after=after, seed=seed, restore=restore, dynamic_length=seq_len is None, notes=notes)
     if backend == "onnxruntime":
         from tpc.exports import to_onnxruntime
 
@@ -326,16 +324,10 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
             refuse_vision_layer(name)
         decode.refuse_decode_step(module, name)
         decode.refuse_encoder_method(module, name, compile_kwargs.get("method"))
-        gm = capture(module, inputs)
-        sites = analyze(gm, name)
-        prefix, source = prefix_of(gm, sites)
-        flops = count_flops(gm).total
         notes = [f"{name} was already pruned by tpc: the table shows the pruned program's layers, not the original "
                  "model's (inspect the original model with --layers/--keep to see the pruning)"] \
             if models.is_pruned(module) else []
-        return CompileReport(model=name, method=None, layers=[], keep=[], prefix=prefix, prefix_source=source,
-                             insert_after=compile_kwargs.get("after") or "attention", sites=layer_infos(sites, {}, sizes=example_sizes(gm)),
-                             flops_before=flops, flops_after=flops, notes=notes)
+        return describe_encoder(module, inputs, name, compile_kwargs.get("after") or "attention", notes)
     return compile(model, example_inputs, **compile_kwargs).report
 
 

@@ -1,15 +1,20 @@
-"""The encoder pipeline, in one place: capture -> analyse -> passes -> lower.
+"""The pipeline, in one place: capture -> analyse -> passes -> lower, for every kind of model.
 
-``tpc.compile`` and ``tpc tune`` run it; the VLM path (``tpc.vlm.compile``) and the decoder path
-(``tpc.decode.compile``) run the same stages on what they capture (docs/architecture.md, "One
-compiler, three kinds of model"): a method from :mod:`tpc.registry`, passes under one
-``PassManager``, a module that carries its report.
+``tpc.compile`` (through :func:`compile_encoder`), ``tpc tune`` (:func:`prune_graph` on one
+capture), the VLM path (``tpc.vlm.compile_vlm`` / ``prune`` through :func:`prune_prefill`) and the
+decoder path (``tpc.decode.compile_decoder`` through :func:`rewrite_decode_step`) run these
+stages; what they share is the normal form of the settings (:class:`tpc.recipe.Step`), the method
+registry, the layer analysis (``tpc/graph``), passes under one ``PassManager``, and a module that
+carries its report (docs/architecture.md, "One compiler, three kinds of model").
 
-- capture: :func:`tpc.capture.capture` (torch.export, dynamic batch and token length);
-- analyse: :func:`analyze` (attention sites) and :func:`prefix_of` (prefix tokens);
-- passes: :func:`prune_graph` runs ``InsertPrune`` per step, then ``ProportionalAttention`` and
-  ``FuseAttentionScores``;
-- lower: the ``TpcModule`` it returns, which ``tpc.export`` writes as ONNX, ``.pt2`` or an engine.
+- capture: :func:`tpc.capture.capture` (an encoder: dynamic batch and token length),
+  ``tpc.vlm.compile.capture_prefill`` (a VLM's prefill), ``tpc.decode.capture_step`` (one decode step);
+- analyse: :func:`analyze` (attention sites) and :func:`prefix_of` (prefix tokens); a VLM's
+  decoder layers and visual mask, a decoder's attention over the cache (read by their passes);
+- passes: ``InsertPrune`` per step, then ``ProportionalAttention`` and ``FuseAttentionScores``;
+  ``PruneVisual`` per VLM step; the registry's decode-time pass for a decoder;
+- lower: ``TpcModule`` (``tpc.export`` writes ONNX, ``.pt2`` or an engine), ``VlmModule``
+  (prefill + ``generate()``), ``DecodeModule`` (``generate()`` over a KV buffer).
 """
 
 from __future__ import annotations
@@ -17,17 +22,25 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import fx
+from torch import fx, nn
 
-from tpc.capture import is_token_input, length_range, length_span
+from tpc.capture import capture, is_token_input, length_range, length_span
 from tpc.compiled import CompileReport, LayerInfo, TpcModule
+from tpc.decode.capture import capture_step
+from tpc.decode.module import DecodeModule, describe as describe_decoder
+from tpc.decode.plan import Plan
 from tpc.errors import TpcError
 from tpc.flops import count_flops, example_size, example_sizes
 from tpc.graph import count_prefix_tokens, find_attention_sites, find_stream_point
 from tpc.graph.nodes import describe, val
 from tpc.passes import FuseAttentionScores, InsertPrune, PassManager, ProportionalAttention, compactions
 from tpc.record import pruned_outputs, remember_unpruned
-from tpc.recipe import Step
+from tpc.recipe import Step, check_steps, steps_from_pass
+from tpc.registry import Where, get_method
+from tpc.vlm.flops import prefill_flops
+from tpc.vlm.module import VlmModule
+from tpc.vlm.prune_visual import PruneVisual
+from tpc.vlm.report import describe as describe_vlm
 
 
 def analyze(gm: fx.GraphModule, name: str = "model") -> list:
@@ -120,3 +133,58 @@ def prune_graph(gm: fx.GraphModule, inputs: tuple, name: str, steps: list[Step],
         passes=[p.name for p in passes], notes=list(notes),
     )
     return TpcModule(gm, report, inputs)
+
+
+def compile_encoder(module: nn.Module, inputs: tuple, name: str, steps: list[Step] | None, *, every_layer=None,
+                    prefix: int | None = None, after: str = "attention", seed: int = 0, restore: bool = False,
+                    dynamic_length: bool = True, notes=()) -> TpcModule:
+    """An encoder: capture, analyse, passes, lower. ``steps`` None: ``every_layer`` = (method, keep, r,
+    options) at every attention layer the capture has, as ToMe merges by default."""
+    gm = capture(module, inputs, dynamic_length=dynamic_length)
+    if steps is None:  # every layer: ToMe's r (a list padded with 0, or a schedule)
+        method, keep, r, options = every_layer
+        steps = check_steps(steps_from_pass(method, list(range(len(analyze(gm, name)))), keep, r, options, pad=True))
+    return prune_graph(gm, inputs, name, steps, prefix=prefix, after=after, seed=seed, restore=restore, notes=notes)
+
+
+def describe_encoder(module: nn.Module, inputs: tuple, name: str, after: str = "attention", notes=()) -> CompileReport:
+    """An encoder unpruned: capture and analyse only (``tpc inspect`` without layers)."""
+    gm = capture(module, inputs)
+    sites = analyze(gm, name)
+    prefix, source = prefix_of(gm, sites)
+    flops = count_flops(gm).total
+    return CompileReport(model=name, method=None, layers=[], keep=[], prefix=prefix, prefix_source=source,
+                         insert_after=after, sites=layer_infos(sites, {}, sizes=example_sizes(gm)),
+                         flops_before=flops, flops_after=flops, notes=list(notes))
+
+
+def prune_prefill(family, program, inputs, example: tuple, steps: list[Step], cls: tuple | None,
+                  seed: int) -> VlmModule:
+    """A VLM: a fresh copy of its captured prefill (``program`` is not changed), ``PruneVisual`` per
+    step (the steps of ``tpc.vlm.compile.stages_of``), lowered to a ``VlmModule``."""
+    spec, model = family.spec(), family.model
+    gm = program.module()
+    prompt = inputs["input_ids"].shape[1]
+    unpruned = prefill_flops(gm, prompt).total  # counted before the rewrite, on the same graph
+    hidden = model.config.text_config.hidden_size
+    PassManager([PruneVisual(s.layer + 1, s.method, s.tokens_in, s.tokens_out, hidden, spec.image_token_id,
+                             seed, cls) for s in steps])(gm)
+    gm.graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs: the kept positions are extra outputs
+    gm.recompile()
+    pruned = prefill_flops(gm, prompt)
+    report = describe_vlm(model, inputs, steps, steps[0].method if steps else None,
+                          (unpruned, pruned.total, pruned.scoring))
+    report.vision_layer = cls[0] if cls else None
+    remember_unpruned(gm, program.module)
+    return VlmModule(gm, model, family, steps, report, example, program)
+
+
+def rewrite_decode_step(model: nn.Module, plan: Plan, program=None) -> DecodeModule:
+    """A decoder LM: its decode step (``program``, or captured now), the registry's decode-time pass
+    for the plan's method, lowered to a ``DecodeModule``."""
+    program = program if program is not None else capture_step(model)
+    gm = program.module()
+    rewrite = get_method(plan.method, Where.DECODE).implementation(Where.DECODE)  # the method's pass
+    PassManager([rewrite(plan)])(gm)
+    remember_unpruned(gm, program.module)
+    return DecodeModule(gm, model, describe_decoder(model, plan), program, plan)

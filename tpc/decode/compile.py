@@ -1,15 +1,14 @@
-"""``compile_decoder``: capture a decoder LM's decode step, rewrite it for a decode-time method."""
+"""``compile_decoder``: capture a decoder LM's decode step, rewrite it for a decode-time method
+(the plan is the decoder's own; capture, passes and lowering run in :func:`tpc.pipeline.rewrite_decode_step`)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from tpc.decode.capture import capture_step, decoder_spec
-from tpc.decode.module import DecodeModule, describe
+from tpc import pipeline
+from tpc.decode.capture import decoder_spec
+from tpc.decode.module import DecodeModule
 from tpc.decode.plan import make_plan
-from tpc.passes import PassManager
-from tpc.record import remember_unpruned
-from tpc.registry import Where, get_method
 
 
 def compile_decoder(model: nn.Module, *, method: str = "tidal", layers=None, keep=None,
@@ -18,9 +17,4 @@ def compile_decoder(model: nn.Module, *, method: str = "tidal", layers=None, kee
     layers, default layer 2 and the middle one; ``keep``: cached positions the sparse layers read).
     ``program``: a decode step captured before (``capture_step``), reused as it is."""
     plan = make_plan(method, decoder_spec(model)[0], layers, keep)  # refuse before capturing
-    program = program if program is not None else capture_step(model)
-    gm = program.module()
-    rewrite = get_method(plan.method, Where.DECODE).implementation(Where.DECODE)  # the method's pass
-    PassManager([rewrite(plan)])(gm)
-    remember_unpruned(gm, program.module)
-    return DecodeModule(gm, model, describe(model, plan), program, plan)
+    return pipeline.rewrite_decode_step(model, plan, program)

@@ -1,5 +1,8 @@
 """``compile_vlm``: capture a VLM's prefill, prune its visual tokens, return a ``VlmModule``.
 
+What is the VLM's own: its capture (``capture_prefill``) and the check of the steps against it
+(``stages_of``); the passes and the lowering run in :func:`tpc.pipeline.prune_prefill`.
+
 Without ``layers`` the method prunes before the language model (stage 1); with ``layers``
 it prunes after each of those decoder layers (stage 2; several layers make a PyramidDrop
 schedule, each keeping its ratio of the visual tokens that reach it).
@@ -11,20 +14,16 @@ import warnings
 from dataclasses import replace
 
 import torch
-from torch import fx, nn
+from torch import nn
 
+from tpc import pipeline
 from tpc.capture import eval_mode
 from tpc.errors import TpcError, refusal_or_bug
-from tpc.passes import PassManager
-from tpc.record import remember_unpruned
 from tpc.registry import VISUAL, get_method, methods_for
 from tpc.recipe import Step, visual_steps
 from tpc.schedule import kept_count
 from tpc.vlm.family import family_of
-from tpc.vlm.flops import prefill_flops
 from tpc.vlm.module import VlmModule
-from tpc.vlm.prune_visual import PruneVisual
-from tpc.vlm.report import describe
 
 
 def processor_inputs(inputs) -> dict:
@@ -94,7 +93,7 @@ def compile_vlm(model: nn.Module, inputs, *, method: str = "fastv", layers=None,
     family = family_of(model)
     example, visual = family.graph_args(processor_inputs(inputs))  # Qwen2-VL's encoder runs here, once
     plan = _plan(family, visual, method, layers, keep, vision_layer)  # refuse before capturing
-    return _rewrite(family, _export(family, example, visual), inputs, example, plan, method, seed)
+    return pipeline.prune_prefill(family, _export(family, example, visual), inputs, example, *plan, seed)
 
 
 def prune(model: nn.Module, program: torch.export.ExportedProgram, inputs, *, method: str, layers=None, keep=0.5,
@@ -102,8 +101,8 @@ def prune(model: nn.Module, program: torch.export.ExportedProgram, inputs, *, me
     """Rewrite a fresh copy of a captured prefill (``capture_prefill``); the program is not changed."""
     family = family_of(model)
     example, visual = family.graph_args(processor_inputs(inputs))
-    return _rewrite(family, program, inputs, example, _plan(family, visual, method, layers, keep, vision_layer),
-                    method, seed)
+    return pipeline.prune_prefill(family, program, inputs, example,
+                                  *_plan(family, visual, method, layers, keep, vision_layer), seed)
 
 
 def _plan(family, visual: int, method: str, layers, keep, vision_layer) -> tuple[list[Step], tuple | None]:
@@ -115,20 +114,3 @@ def _plan(family, visual: int, method: str, layers, keep, vision_layer) -> tuple
         raise TpcError(f"vision_layer chooses the [CLS] attention {readers} scores with; {method} does not "
                        "read the vision tower")
     return stages, family.cls_scoring(vision_layer) if needs_cls else None
-
-
-def _rewrite(family, program, inputs, example: tuple, plan, method: str, seed: int) -> VlmModule:
-    (stages, cls), spec, model = plan, family.spec(), family.model
-    gm = program.module()
-    prompt = inputs["input_ids"].shape[1]
-    unpruned = prefill_flops(gm, prompt).total  # counted before the rewrite, on the same graph
-    hidden = model.config.text_config.hidden_size
-    PassManager([PruneVisual(s.layer + 1, s.method, s.tokens_in, s.tokens_out, hidden, spec.image_token_id,
-                             seed, cls) for s in stages])(gm)
-    gm.graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs: the kept positions are extra outputs
-    gm.recompile()
-    pruned = prefill_flops(gm, prompt)
-    report = describe(model, inputs, stages, method, (unpruned, pruned.total, pruned.scoring))
-    report.vision_layer = cls[0] if cls else None
-    remember_unpruned(gm, program.module)
-    return VlmModule(gm, model, family, stages, report, example, program)
