@@ -221,3 +221,28 @@ def test_output_places_and_flags_that_cannot_apply_are_refused_before_any_work(c
         result = cli(*args)
         assert result.returncode == 1 and result.stderr.count("\n") == 1 and words in result.stderr, (args, result.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz", "empty.onnx"]
+
+
+def test_bench_refuses_settings_a_decoder_method_does_not_take_before_loading(cli, tmp_path):
+    """Hostile pass: tpc bench --pass streaming --layers 0 (or --r, --seq-len) and --pass tidal --r 2
+    were measured with those flags silently dropped; tpc bench now compiles through tpc.compile,
+    which refuses them as tpc compile does, before the model loads."""
+    model = tmp_path / "none"  # never loaded
+    for args, words in [(["--pass", "streaming", "--keep", "8", "--layers", "0"], "streaming (a compressed KV cache) "
+                                                                                   "takes method, keep and options only"),
+                        (["--pass", "h2o", "--keep", "8", "--r", "2"], "takes method, keep and options only"),
+                        (["--pass", "snapkv", "--keep", "64", "--seq-len", "8"], "takes method, keep and options only"),
+                        (["--pass", "tidal", "--layers", "0", "--keep", "4", "--r", "2"],
+                         "tidal (decode-time sparse attention) takes method, layers and keep only"),
+                        (["--pass", "tidal", "--layers", "0", "--keep", "4", "--option", "a=1"], "layers and keep only")]:
+        result = cli("bench", model, *args, "--context", "16")
+        assert result.returncode == 1 and result.stderr.count("\n") == 1 and words in result.stderr, (args, result.stderr)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_bench_of_a_compressed_kv_cache_runs_from_the_cli(cli, llama_dir):
+    result = cli("bench", llama_dir, "--pass", "h2o", "--keep", "8", "--context", "16", "--batch", "1", "--warmup", "0",
+                 "--iters", "1", "--repeats", "1")
+    assert result.returncode == 0, result.stderr
+    assert "budget 8 positions in each of the 2 layers" in result.stdout

@@ -54,12 +54,10 @@ def run_bench(model_id, method="topk-cls", layers=None, keep=None, backend=None,
     if threads is not None and threads < 1:
         raise TpcError(f"--threads {threads}: give at least 1 (or leave it out for all cores)")
     threads = threads or os.cpu_count() or 1
+    if decode.kv_eviction(method) or decode.decode_time(method):
+        return _bench_decoder(model_id, method, layers, keep, backend, sizes, contexts, threads, warmup, iters,
+                              repeats, load_kwargs, compile_kwargs)
     loaded = models.load(str(model_id), **(load_kwargs or {}))
-    if decode.kv_eviction(method):
-        return _bench_kv(loaded, method, keep, (compile_kwargs or {}).get("options"), backend, sizes, contexts,
-                         threads, warmup, iters, repeats)
-    if decode.decode_time(method):
-        return _bench_decoder(loaded, method, layers, keep, backend, sizes, contexts, threads, warmup, iters, repeats)
     if is_vlm(loaded.module):
         return _bench_vlm(loaded, method, layers, keep, backend, sizes, threads, warmup, iters, repeats,
                           compile_kwargs)
@@ -116,16 +114,6 @@ def _bench_vlm(loaded, method, layers, keep, backend, sizes, threads, warmup, it
     return bench_vlm(pruned, loaded.example_inputs, loaded.name, sizes, threads, warmup, iters, repeats)
 
 
-def _bench_kv(loaded, method, keep, options, backend, sizes, contexts, threads, warmup, iters, repeats):
-    """A KV-eviction method: bytes held and decode-step latency, compressed vs dense (tpc.decode.kv_bench)."""
-    import tpc
-    from tpc.decode.kv_bench import bench_compressed
-
-    lengths = _contexts(backend, contexts)
-    module = tpc.compile(loaded.module, method=method, keep=keep, options=options)
-    return bench_compressed(module, sizes, lengths, warmup, iters, repeats, threads)
-
-
 def _contexts(backend, contexts) -> list[int]:
     """--context as cached positions; a backend other than torch refused (decoders are measured in torch)."""
     from tpc.decode.capture import MAX_CACHE
@@ -144,10 +132,17 @@ def _contexts(backend, contexts) -> list[int]:
     return lengths
 
 
-def _bench_decoder(loaded, method, layers, keep, backend, sizes, contexts, threads, warmup, iters, repeats):
-    """A decode-time method: one decode step, dense vs sparse vs the ideal (tpc.decode.bench)."""
+def _bench_decoder(model_id, method, layers, keep, backend, sizes, contexts, threads, warmup, iters, repeats,
+                   load_kwargs, compile_kwargs):
+    """A decoder LM: one decode step dense vs sparse vs the ideal (decode-time, tpc.decode.bench), or
+    the bytes held and decode-step latency, compressed vs dense (KV eviction, tpc.decode.kv_bench).
+    Compiled by tpc.compile with every setting given, so one the method does not take is refused."""
+    import tpc
     from tpc.decode.bench import bench_decode
+    from tpc.decode.kv_bench import bench_compressed
 
     lengths = _contexts(backend, contexts)
-    module = decode.compile_decoder(loaded.module, method=method, layers=layers, keep=keep)
-    return bench_decode(module, sizes, lengths, warmup, iters, repeats, threads)
+    module = tpc.compile(str(model_id), method=method, layers=layers, keep=keep, **(compile_kwargs or {}),
+                         **(load_kwargs or {}))
+    bench = bench_compressed if decode.kv_eviction(method) else bench_decode
+    return bench(module, sizes, lengths, warmup, iters, repeats, threads)
