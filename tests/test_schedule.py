@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from tpc import TpcError
-from tpc.schedule import kept_count, parse_keep, parse_layers
+from tpc.schedule import kept_count, parse_keep, parse_kv_budget, parse_layers
 
 
 def test_layers_parse_in_the_order_given():
@@ -30,6 +30,18 @@ def test_keep_forms():
 def test_bad_keep(bad):
     with pytest.raises(TpcError):
         parse_keep(bad, 2)
+
+
+def test_kv_budget_forms():
+    assert [parse_kv_budget(k, 1024, 256) for k in (None, "64", 64, "0.25", 0.25, "1e-1")] == [256, 64, 64, 0.25, 0.25, 0.1]
+
+
+@pytest.mark.parametrize("bad,words", [("nan", "not 'nan'"), ("x", "not 'x'"), (float("nan"), "not nan"), (0, "not 0"),
+                                       ("1.5", "not '1.5'"), (True, "not True"), (2048, "more than the 1024")])
+def test_bad_kv_budget_is_named_as_given(bad, words):
+    """--keep nan for a compressed KV cache was reported as 'not None'."""
+    with pytest.raises(TpcError, match=words):
+        parse_kv_budget(bad, 1024, 256)
 
 
 def test_kept_count_rounds_up_like_evit():

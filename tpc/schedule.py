@@ -122,6 +122,27 @@ def parse_budget(keep, maximum: int, default: int) -> int:
     return keep
 
 
+def parse_kv_budget(keep, maximum: int, default: int) -> int | float:
+    """A compressed KV cache's budget per layer: cached positions (an int, 1 to ``maximum``) or a
+    ratio of the prompt in (0, 1]; ``default`` positions when not given; ``"256"``/``"0.2"`` as the CLI gives it."""
+    if keep is None:
+        return default
+    given = keep
+    if isinstance(keep, str):
+        try:
+            keep = float(keep) if any(c in keep for c in ".eE") else int(keep)
+        except ValueError:
+            keep = None
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or keep <= 0 \
+            or isinstance(keep, float) and (keep > 1 or math.isnan(keep)):
+        raise TpcError(f"keep for a compressed KV cache is a budget of cached positions per layer (1 or more, such as "
+                       f"{default}) or a ratio of the prompt in (0, 1] (such as 0.2), not {given!r}")
+    if isinstance(keep, int) and keep > maximum:
+        raise TpcError(f"keep {keep} is more than the {maximum} cached positions a decode step takes: give a budget "
+                       f"such as {default}")
+    return keep
+
+
 SEED_RANGE = 2**32  # as numpy's; the random method adds the layer index, within torch's int64
 
 

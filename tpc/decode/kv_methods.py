@@ -11,6 +11,7 @@ import math
 from tpc.decode.capture import MAX_CACHE
 from tpc.errors import TpcError
 from tpc.registry import METHODS, Where, get_method, methods_for
+from tpc.schedule import parse_kv_budget
 
 
 def kv_eviction(method) -> bool:
@@ -20,22 +21,8 @@ def kv_eviction(method) -> bool:
 
 
 def check_keep(keep) -> int | float:
-    """``keep`` as positions (int >= 1) or a ratio in (0, 1]; one line for anything else."""
-    if keep is None:
-        return 256
-    if isinstance(keep, str):
-        try:
-            keep = float(keep) if any(c in keep for c in ".eE") else int(keep)
-        except ValueError:
-            keep = None
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or keep <= 0 \
-            or isinstance(keep, float) and (keep > 1 or math.isnan(keep)):
-        raise TpcError(f"keep for a compressed KV cache is a budget of cached positions per layer (1 or more, such as "
-                       f"256) or a ratio of the prompt in (0, 1] (such as 0.2), not {keep!r}")
-    if isinstance(keep, int) and keep > MAX_CACHE:
-        raise TpcError(f"keep {keep} is more than the {MAX_CACHE} cached positions a decode step takes: give a budget "
-                       "such as 256")
-    return keep
+    """``keep`` as positions (int >= 1, at most a decode step's cache) or a ratio in (0, 1]."""
+    return parse_kv_budget(keep, MAX_CACHE, default=256)
 
 
 def budget_for(keep: int | float, prompt_length: int) -> int:
