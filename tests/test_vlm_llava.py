@@ -356,6 +356,8 @@ def test_half_precision_pixels_run_as_the_stock_model_casts_them(llava):
     ({"method": "fastv", "layers": 1.5}, "layers are an index or a list"),
     ({"method": "random", "keep": [0.5, 0.25]}, "--keep has 2 values for 1 pruning stages"),
     ({"method": "fastv", "layers": [0, 1], "keep": [0.5, 0.5, 0.5]}, "--keep has 3 values for 2 pruning stages"),
+    ({"method": "random", "seed": -3}, "--seed is an integer from 0 to 4294967295, not -3"),  # was taken
+    ({"method": "random", "seed": 2**64}, "not 18446744073709551616"),  # was an internal error in tpc::random_scores
 ])
 def test_bad_schedules_are_refused(llava, kwargs, message):
     model, inputs, program = llava

@@ -21,7 +21,7 @@ from tpc.capture import eval_mode
 from tpc.errors import TpcError, refusal_or_bug
 from tpc.registry import VISUAL, get_method, methods_for
 from tpc.recipe import Step, visual_steps
-from tpc.schedule import kept_count
+from tpc.schedule import check_seed, kept_count
 from tpc.vlm.family import family_of
 from tpc.vlm.module import VlmModule
 
@@ -92,7 +92,7 @@ def compile_vlm(model: nn.Module, inputs, *, method: str = "fastv", layers=None,
     """
     family = family_of(model)
     example, visual = family.graph_args(processor_inputs(inputs))  # Qwen2-VL's encoder runs here, once
-    plan = _plan(family, visual, method, layers, keep, vision_layer)  # refuse before capturing
+    plan, seed = _plan(family, visual, method, layers, keep, vision_layer), check_seed(seed)  # refuse before capturing
     return pipeline.prune_prefill(family, _export(family, example, visual), inputs, example, *plan, seed)
 
 
@@ -102,7 +102,7 @@ def prune(model: nn.Module, program: torch.export.ExportedProgram, inputs, *, me
     family = family_of(model)
     example, visual = family.graph_args(processor_inputs(inputs))
     return pipeline.prune_prefill(family, program, inputs, example,
-                                  *_plan(family, visual, method, layers, keep, vision_layer), seed)
+                                  *_plan(family, visual, method, layers, keep, vision_layer), check_seed(seed))
 
 
 def _plan(family, visual: int, method: str, layers, keep, vision_layer) -> tuple[list[Step], tuple | None]:
