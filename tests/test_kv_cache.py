@@ -178,6 +178,15 @@ def test_bad_budgets_are_refused_before_capture(method, keep, options, words):
         compile_compressed(tiny(1), method=method, keep=keep, options=options)
 
 
+def test_a_model_without_a_kv_cache_is_refused_naming_the_kv_cache():
+    """A VLM or an encoder given --pass h2o was told that decode-time sparse attention needs a decoder LM."""
+    from families import hf_bert
+
+    with pytest.raises(TpcError, match="BertModel has no KV cache to decode from: decode-time sparse attention and a "
+                                       "compressed KV cache take a decoder language model"):
+        compile_compressed(hf_bert(), method="h2o", keep=8)
+
+
 def test_right_padding_is_refused(compiled):
     compressed = compiled("streaming", 5, SMALL["streaming"])
     ids, mask = prompts()

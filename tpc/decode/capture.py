@@ -34,8 +34,8 @@ def decoder_spec(model: nn.Module) -> tuple[int, int, int]:
     config = getattr(model, "config", None)
     name = type(model).__name__
     if config is None or not name.endswith("ForCausalLM") or not getattr(config, "num_hidden_layers", None):
-        raise TpcError(f"{name} has no KV cache to decode from: decode-time sparse attention takes a decoder "
-                       "language model such as LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM")
+        raise TpcError(f"{name} has no KV cache to decode from: decode-time sparse attention and a compressed KV cache "
+                       "take a decoder language model such as LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM")
     heads = config.num_attention_heads
     width = getattr(config, "head_dim", None) or config.hidden_size // heads
     return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, width
