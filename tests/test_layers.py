@@ -8,6 +8,7 @@ imports a layer above its own.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 TPC = Path(__file__).resolve().parents[1] / "tpc"
@@ -35,6 +36,7 @@ def modules() -> dict[str, Path]:
     return out
 
 
+@functools.cache  # read once for every test here
 def import_graph() -> dict[str, set[str]]:
     """Module -> the tpc modules it imports (``from pkg import sub`` is an edge to ``pkg.sub``)."""
     mods = modules()
@@ -120,3 +122,14 @@ def test_graph_reads_roles_through_the_record_module_only():
     graph = import_graph()
     assert not [m for m in graph if m.startswith("tpc.graph") for t in graph[m] if t.startswith("tpc.passes")]
     assert "tpc.record" in graph["tpc.graph.printing"]
+
+
+def test_the_api_is_the_public_surface_and_the_pipeline_is_shared():
+    """tpc/api.py is the surface users call (tpc.compile/inspect/export): inside tpc only the package
+    and the CLI's commands import it, never tune or the VLM and decoder paths, which call the one
+    pipeline (tpc/pipeline.py) the API calls too."""
+    graph = import_graph()
+    assert {m for m, imported in graph.items() if "tpc.api" in imported} <= {"tpc", "tpc.cli"} | {
+        m for m in graph if m.startswith("tpc.commands.")}
+    users = {m.split(".")[1] for m, imported in graph.items() if "tpc.pipeline" in imported}
+    assert {"api", "tune", "vlm", "decode"} <= users
