@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tpc
+from test_hardening import bad_files  # noqa: F401 (a fixture)
 from tpc.errors import TpcError
 
 
@@ -246,3 +247,22 @@ def test_bench_of_a_compressed_kv_cache_runs_from_the_cli(cli, llama_dir):
                  "--iters", "1", "--repeats", "1")
     assert result.returncode == 0, result.stderr
     assert "budget 8 positions in each of the 2 layers" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_program_tpc_pruned_is_refused_by_every_command_that_would_prune_it_again(cli, compiled, bad_files, tmp_path):
+    """Hostile pass: tune and visualize of a .pt2 tpc wrote said 'no normalisation' or 'does not take
+    images', bench 'GraphModule was already pruned'; eval without --layers still evaluates it as it is."""
+    pruned = tmp_path / "p.pt2"
+    tpc.export(compiled("timm_vit", "topk-cls"), pruned, check=False)
+    data, norm = bad_files / "u8.npz", ["--mean", "0.5", "--std", "0.5"]
+    for args in (["tune", pruned, "--data", data, *norm, "--max-drop", "1", "-o", tmp_path / "r.json"],
+                 ["visualize", pruned, data, "-o", tmp_path / "v.png", "--layers", "0"],
+                 ["bench", pruned, "--layers", "0"],
+                 ["eval", pruned, "--data", data, *norm, "--layers", "0"]):
+        result = cli(*args)
+        assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+            "tpc: error: p.pt2 was already pruned by tpc: compile the original model with the combined schedule "
+            "(--layers/--keep over all layers) instead"], (args, result.stderr)
+    assert cli("eval", pruned, "--data", data, *norm).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.pt2"]

@@ -127,6 +127,7 @@ def run_visualize(model_id, image_path, out, method="topk-cls", layers=None, kee
                                        ("the --weights file", (load_kwargs or {}).get("weights"))])
     loaded = models.load(str(model_id), **(load_kwargs or {}))
     refuse_vlm(loaded.module, "visualize")
+    models.refuse_pruned(loaded.module, loaded.name)
     size = loaded.input_size
     if len(size) != 3:
         raise TpcError(f"{loaded.name} does not take images (its input is {list(size)}); visualize needs an image model")

@@ -80,6 +80,8 @@ def run_eval(model_id, data, method="topk-cls", layers=None, keep=None, sweep=No
     loaded = models.load(str(model_id), **(load_kwargs or {}))
     refuse_vlm(loaded.module, "eval")
     refuse_encoder_method(loaded.module, loaded.name, method)
+    if prunes(method, layers):  # an artifact tpc wrote may be evaluated as it is, not pruned again
+        models.refuse_pruned(loaded.module, loaded.name)
     mean, std = user_mean or loaded.mean, user_std or loaded.std
     if mean is None or std is None:
         raise TpcError(f"{loaded.name} has no normalisation in its config: pass --mean and --std")

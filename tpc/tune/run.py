@@ -305,6 +305,7 @@ def run_tune(model, data, max_drop=None, target="flops", backend=None, batch=Non
 
     refuse_vlm(loaded.module, "tune")
     refuse_encoder_method(loaded.module, loaded.name)
+    models.refuse_pruned(loaded.module, loaded.name)
     dataset = load_tune_data(data, loaded, mean, std)
     tuning, check, cut = split(dataset, check_split)
 
