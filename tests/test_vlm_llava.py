@@ -146,6 +146,24 @@ def test_every_method_inside_the_language_model_runs_it_on_the_tokens_it_keeps(l
 
 
 @pytest.mark.slow
+def test_each_stage_leaves_a_compaction_record(llava):
+    """The VLM pass records what it did as the encoder pass does (tpc/record.py), not in gm.meta: per stage
+    the layer, the visual tokens chosen among and kept, the mask it chose among, each example's visual
+    positions, and the composed kept positions, which are graph outputs."""
+    from tpc.graph.nodes import val
+    from tpc.record import Role, compactions, role_of
+
+    model, inputs, program = llava
+    gm = prune(model, program, inputs, method="fastv", layers="0,1", keep="0.5,0.5").gm
+    records = compactions(gm)
+    assert [(r.layer, r.method, r.tokens_in, r.tokens_out) for r in records] == [(0, "fastv", 16, 8), (1, "fastv", 8, 4)]
+    assert [val(r.spans).shape[1] for r in records] == [16, 8]
+    assert all(val(r.prunable).dtype == torch.bool and role_of(r.out) is Role.GATHER for r in records)
+    outputs = next(iter(gm.graph.find_nodes(op="output"))).args[0]
+    assert all(r.index in outputs for r in records) and "tpc_vlm" not in gm.meta
+
+
+@pytest.mark.slow
 def test_pyramid_schedule_composes_stages_and_batch_equals_alone(llava):
     model, inputs, program = llava
     pruned = prune(model, program, inputs, method="random", layers=[0, 1], keep=0.5)
