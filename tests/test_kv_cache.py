@@ -98,6 +98,30 @@ def test_kept_positions_follow_the_paper_after_the_prompt_and_each_new_token(cap
 
 
 @pytest.mark.slow
+def test_a_prompt_or_budget_under_the_step_s_smallest_mask_runs(captured, compiled):
+    """torch.export raised the captured step's smallest attention mask to 4 positions: a prompt of
+    1-2 tokens and a budget of 2 were a guard AssertionError. Now the dense cache generates as the
+    stock model does, and a budget of 2 keeps what the paper's slow reference keeps."""
+    model, _ = captured
+    ids, _ = prompts()
+    dense = compiled("h2o", 64, SMALL["h2o"])
+    for n in (1, 2):
+        with torch.no_grad():
+            want = model.generate(input_ids=ids[:1, :n], max_new_tokens=3, do_sample=False)
+        assert torch.equal(dense.generate(ids[:1, :n], max_new_tokens=3), want)
+    compressed = compiled("streaming", 2, {"sinks": 1})
+    logits, cache = compressed.prefill(ids[:1, :4])
+    phases, tokens = [kept(cache)], []
+    for _ in range(2):
+        tokens.append(logits.argmax(-1)[:, None])
+        logits = compressed.step(cache, tokens[-1])
+        phases.append(kept(cache))
+    expected, generated = run(model, ids[0, :4].tolist(), "streaming", 2, {"sinks": 1}, 2)
+    assert generated[:2] == torch.cat(tokens, 1)[0].tolist()
+    assert [[layer[0] for layer in phase] for phase in phases] == expected
+
+
+@pytest.mark.slow
 def test_positions_of_new_tokens_ignore_eviction(captured):
     """The n-th generated token is at rotary position prompt length + n, whatever was evicted."""
     model, program = captured

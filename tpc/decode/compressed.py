@@ -49,6 +49,7 @@ class CompressedDecoder(nn.Module):
         self.gm, self.method, self.keep, self.options = gm, method, keep, options
         self._model = [model]  # not a submodule: its parameters are shared, never registered twice
         self._program = program
+        self._shortest_mask = shortest_mask(program) if program is not None else 1
         layers = decoder_spec(model)[0]
         self.report = CompressedReport(type(model).__name__, method, keep, options, layers)
         self.generation_config = model.generation_config
@@ -86,8 +87,16 @@ class CompressedDecoder(nn.Module):
         return self._feed(cache, self._run(tokens, position, mask, past), skip=0)
 
     def _run(self, ids, positions, mask, past):
+        """The captured step; a mask shorter than the step takes (a prompt of 1-2 tokens, a budget of 1-2
+        positions) gets masked cache positions in front, whose scores are dropped again."""
+        pad = max(0, self._shortest_mask - mask.shape[1])
+        if pad:
+            past = [torch.cat([t.new_zeros(*t.shape[:2], pad, t.shape[3]), t], 2) for t in past]
+            mask = torch.cat([mask.new_zeros(mask.shape[0], pad), mask], 1)
         with torch.no_grad():
-            return self.gm(ids, positions, mask, past)
+            out = self.gm(ids, positions, mask, past)
+        kv = 1 + len(past)
+        return (*out[:kv], *(scores[..., pad:] for scores in out[kv:]))
 
     def _feed(self, cache, out, skip: int) -> torch.Tensor:
         layers = len(cache.layers)
@@ -110,6 +119,14 @@ class CompressedDecoder(nn.Module):
         logits, cache = self.prefill(input_ids, attention_mask)
         return decode_tokens(input_ids, logits, config, lambda tokens: self.step(cache, tokens))
 
+
+
+def shortest_mask(program: torch.export.ExportedProgram) -> int:
+    """The fewest attention-mask positions the captured step takes: torch.export may raise the lower
+    bound of that dynamic size above 1 (4 for the stock Llama), which a short prompt or budget is under."""
+    mask = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == "attention_mask")
+    size = mask.meta["val"].shape[1]
+    return int(program.range_constraints[size.node.expr].lower) if isinstance(size, torch.SymInt) else size
 
 
 def compile_compressed(model: nn.Module, *, method: str, keep=None, options=None, program=None) -> CompressedDecoder:
