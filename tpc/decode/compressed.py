@@ -120,7 +120,6 @@ class CompressedDecoder(nn.Module):
         return decode_tokens(input_ids, logits, config, lambda tokens: self.step(cache, tokens))
 
 
-
 def shortest_mask(program: torch.export.ExportedProgram) -> int:
     """The fewest attention-mask positions the captured step takes: torch.export may raise the lower
     bound of that dynamic size above 1 (4 for the stock Llama), which a short prompt or budget is under."""
