@@ -35,6 +35,18 @@ def decode(module, logits, cache, new: int) -> list[int]:
     return tokens
 
 
+def key_positions(tokenizer, ids: torch.Tensor, key: str) -> list[int]:
+    """The prompt positions of the key's digits (each occurrence; one token a digit)."""
+    text = [t.lstrip("Ġ") for t in tokenizer.convert_ids_to_tokens(ids[0])]
+    return sorted({i + j for i in range(len(text)) if "".join(text[i:i + len(key)]) == key for j in range(len(key))})
+
+
+def kept_per_layer(cache, positions: list[int]) -> list[int]:
+    """Per layer: how many of ``positions`` the cache still holds, summed over the KV heads."""
+    wanted = torch.tensor(positions)
+    return [sum(int(torch.isin(wanted, head).sum()) for head in layer.positions[0]) for layer in cache.layers]
+
+
 def main() -> None:
     from tpc.decode import capture_step, compile_compressed, compressed_cache
     from tpc.decode.kv_cache import kv_bytes
@@ -45,6 +57,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--budgets", default="64,128,256,512")
     parser.add_argument("--methods", default="streaming,h2o,snapkv,scissorhands")
+    parser.add_argument("--show", action="store_true",
+                        help="per prompt, method and budget: the tokens generated and the key's digits each layer "
+                        "keeps after the prompt")
     args = parser.parse_args()
     budgets = [int(v) for v in args.budgets.split(",")]
     methods = args.methods.split(",")
@@ -62,6 +77,9 @@ def main() -> None:
         sizes = {}
         for _ in range(args.prompts):
             ids, key = passkey_prompt(tokenizer, length, rng)
+            digits = key_positions(tokenizer, ids, key)
+            if args.show:
+                print(f"key {key} at positions {digits}", flush=True)
             logits, cache = dense.prefill(ids)
             sizes[("dense", 0)] = kv_bytes(cache)
             hits[("dense", 0)] += key in tokenizer.decode(decode(dense, logits, cache, 8))
@@ -75,7 +93,13 @@ def main() -> None:
                     kept = compressed_cache(model.config, method, budget, module.options, mask)
                     first = module._feed(kept, out, skip=1)
                     sizes[(method, budget)] = kv_bytes(kept)
-                    hits[(method, budget)] += key in tokenizer.decode(decode(module, first, kept, 8))
+                    held = kept_per_layer(kept, digits)
+                    text = tokenizer.decode(decode(module, first, kept, 8))
+                    hits[(method, budget)] += key in text
+                    if args.show:
+                        print(f"  {method} {budget}: {text!r}; digits kept per layer (of {len(digits)} x "
+                              f"{kept.layers[0].positions.shape[1]} KV heads, after the prompt) {held}",
+                              flush=True)
         print(f"{ids.shape[1]} tokens, {args.prompts} prompts; load average {os.getloadavg()[0]:.1f}", flush=True)
         print(f"  dense: {hits[('dense', 0)]}/{args.prompts}, KV after prefill {sizes[('dense', 0)] / 2**20:.1f} MiB")
         for method in methods:
