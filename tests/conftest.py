@@ -35,7 +35,7 @@ def pytest_cmdline_main(config):
         return
     config.option.numprocesses = min(cores, MAX_WORKERS)
     if config.option.dist == "no":
-        config.option.dist = "worksteal"
+        config.option.dist = "loadgroup"  # tests/lanes.py ONNX_ARTIFACTS: on one worker
     os.environ["OMP_NUM_THREADS"] = "1"  # the workers and the `python -m tpc` they start: one thread per core
 
 
@@ -115,12 +115,15 @@ def _captures() -> dict:
     return {}
 
 
-@pytest.fixture
-def reuse_captures(_captures):
+@pytest.fixture(autouse=True)
+def reuse_captures(request, _captures):
     """tpc.compile captures each test model once per worker: later compiles of an identical model
     (same classes, attributes, weights, input shapes) get a copy of the graph torch.export made for
-    the first one. torch.export is the slowest step of a tiny compile and is tested on its own;
-    opt in with ``pytestmark = pytest.mark.usefixtures("reuse_captures")``."""
+    the first one. torch.export is the slowest step of a tiny compile and is tested on its own; a
+    test of what happens during a capture opts out with ``@pytest.mark.fresh_capture``."""
+    if request.node.get_closest_marker("fresh_capture"):
+        yield
+        return
     with _reusing_captures(_captures):
         yield
 

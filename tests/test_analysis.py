@@ -17,6 +17,7 @@ from tpc.graph import count_prefix_tokens, find_attention_sites, find_stream_poi
 from tpc.passes import Role
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, kind", [("timm_vit", "sdpa"), ("handwritten_vit", "explicit"), ("transformer_encoder", "sdpa")])
 def test_sites_and_prefix(name, kind):
     factory, inputs, depth, prefix = TEST_MODELS[name]
@@ -52,6 +53,7 @@ class SeqFirst(EncoderClassifier):
         return self.head(self.encoder(x)[0])
 
 
+@pytest.mark.slow
 def test_sequence_first_stream_is_pruned_through_a_permute():
     model = sharpen(SeqFirst())
     x = torch.randn(3, 16, 8)
@@ -115,6 +117,7 @@ def _vit_macs(tokens_attention: list[int], tokens_mlp: list[int], dim=32, heads=
     return total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ENCODER_METHODS)
 def test_flops_split_by_role(method):
     """Model compute is the pruned ViT's own work, whatever the method (ToMe's proportional attention

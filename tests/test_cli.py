@@ -45,6 +45,7 @@ def test_deit_small_end_to_end(tmp_path):
     assert "34.8% fewer" in r.stdout  # the report compile prints is inspect's (tests/test_cli.py's tiny models run inspect)
 
 
+@pytest.mark.slow
 def test_inspect_tome_merges_every_layer_with_tome_s_schedule(cli):
     r = cli("inspect", "models:cli_tiny_vit", "--pass", "tome", "--r", "(4,-1)")
     assert r.returncode == 0, r.stderr
@@ -84,6 +85,7 @@ def test_missing_output_directory(cli, tmp_path):
     assert r.returncode != 0 and "does not exist" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_existing_output_is_not_clobbered_on_failure(cli, tmp_path):
     out = tmp_path / "model.onnx"
     out.write_text("keep me")

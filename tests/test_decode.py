@@ -55,6 +55,7 @@ def prompts(batch=2, length=10, seed=3):
     return ids, mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", [f if f == "llama" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
 def test_a_budget_over_the_cache_generates_the_dense_tokens(captured, family):
     model, program = captured(family)
@@ -186,6 +187,7 @@ def test_right_padding_is_refused(captured):
     (lambda ids, mask: (ids, mask * 7), "values other than 0 and 1"),
     (lambda ids, mask: (ids, mask * 0), "all padding"),
 ])
+@pytest.mark.slow
 def test_bad_prompts_are_refused_in_one_line(captured, call, words):
     model, program = captured("llama")
     sparse = compile_decoder(model, layers=[1], keep=3, program=program)
@@ -205,6 +207,7 @@ def test_generate_without_a_mask_masks_the_pad_tokens_as_hf(captured):
         sparse.generate(ids, max_new_tokens=0)
 
 
+@pytest.mark.slow
 def test_generate_past_a_sliding_window_is_refused():
     torch.manual_seed(0)
     config = transformers.MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

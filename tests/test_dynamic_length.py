@@ -25,7 +25,6 @@ from tpc.exports.checks import run_graph
 from tpc.exports.onnx import check_onnx, to_onnx
 from tpc.exports.tensorrt_compat import DYNAMIC_LENGTH, tensorrt_problems
 
-pytestmark = pytest.mark.usefixtures("reuse_captures")
 
 MAX_LENGTH = 128
 MASK_METHODS = {m: DYNAMIC_LENGTH_OPTIONS.get(m) for m in SELECTING}
@@ -60,6 +59,7 @@ def compiled(method: str, keep=0.5):
     return tpc.compile(encoder(), EXAMPLE, method=method, layers=[0, 1], keep=keep, options=MASK_METHODS[method])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", first_fast(MASK_METHODS))
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
@@ -97,6 +97,7 @@ def test_a_token_count_is_clamped_to_the_length_and_the_report_says_so():
     assert [tuple(d.shape) for d in replay.decisions] == [(2, 6), (2, 6)]
 
 
+@pytest.mark.slow
 def test_the_dynamic_graph_at_length_n_is_the_graph_compiled_for_n():
     dynamic = compiled("topk-cls")
     for length in (9, 24):
@@ -105,6 +106,7 @@ def test_the_dynamic_graph_at_length_n_is_the_graph_compiled_for_n():
         torch.testing.assert_close(dynamic(ids, mask), fixed(ids, mask), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_seq_len_fixes_the_length_and_images_stay_fixed():
     fixed = tpc.compile(encoder(), EXAMPLE, method="topk-cls", layers=[1], keep=0.5, seq_len=24)
     assert length_range(fixed.graph_module) is None
@@ -118,6 +120,7 @@ def test_seq_len_fixes_the_length_and_images_stay_fixed():
         tpc.compile(tiny_vit(), image_inputs(2), layers=[1], keep=0.5, seq_len=24)
 
 
+@pytest.mark.slow
 def test_zero_tprune_by_default_runs_at_a_dynamic_length_and_its_s_stage_at_a_fixed_one():
     """similarity='auto': the paper's S-stage (0.5) where the length is fixed, importance alone where it is not."""
     def stages(pm):
@@ -127,6 +130,7 @@ def test_zero_tprune_by_default_runs_at_a_dynamic_length_and_its_s_stage_at_a_fi
     assert stages(tpc.compile(encoder(), EXAMPLE, method="zero-tprune", layers=[1], keep=0.5, seq_len=16)) == 1
 
 
+@pytest.mark.slow
 def test_fixed_length_only_options_are_refused_clearly():
     with pytest.raises(tpc.TpcError, match="similarity stage.*needs a fixed sequence length.*--seq-len N"):
         tpc.compile(encoder(), EXAMPLE, method="zero-tprune", layers=[1], keep=0.5, options={"similarity": 0.5})
@@ -136,6 +140,7 @@ def test_fixed_length_only_options_are_refused_clearly():
         tpc.compile(encoder(), EXAMPLE, method="topk-cls", layers=[1], r=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", first_fast(["topk-cls", "divprune"]))
 def test_onnx_and_pt2_take_any_batch_and_length(method, tmp_path):
     pm = compiled(method)
@@ -161,6 +166,7 @@ def test_a_tensorrt_engine_refuses_a_dynamic_length_before_building(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_the_check_names_its_half_length_run(tmp_path):
     """`tpc compile` says "checked … at batch 1 and 2, and batch 2 at 8 tokens", not "at batch 1 and 2 and 2"."""
     result = tpc.export(compiled("topk-cls"), tmp_path / "m.onnx")
@@ -177,6 +183,7 @@ def test_the_module_refuses_the_lengths_its_pt2_refuses_in_one_line():
     assert pm(*batch([2, 1], 2)).shape == (2, 32)
 
 
+@pytest.mark.slow
 def test_seq_len_shorter_than_the_example_exports_to_onnx(tmp_path):
     """seq_len cut the example inputs as views; torch.export guarded on their base, which the ONNX
     exporter's decomposition cannot evaluate ('NoneType' object has no attribute 'size')."""

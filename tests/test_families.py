@@ -17,7 +17,6 @@ from tpc.exports.checks import run_graph
 from tpc.graph.printing import format_rewrites
 from tpc.passes import compactions
 
-pytestmark = pytest.mark.usefixtures("reuse_captures")
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -26,6 +25,7 @@ def leaves(out):
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", first_fast(FAMILIES))
 def test_family_keep_one_prune_and_onnx(name, tmp_path, update_golden):
     factory, inputs, prefix = FAMILIES[name]
@@ -47,6 +47,7 @@ def test_family_keep_one_prune_and_onnx(name, tmp_path, update_golden):
     assert path.exists() and text == path.read_text(), f"{path.name} changed: review, then pytest --update-golden"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", first_fast(SELECTING))
 def test_bert_padding_never_outranks_real_tokens_and_mask_is_gathered(method):
     model = hf_bert()
@@ -63,6 +64,7 @@ def test_bert_padding_never_outranks_real_tokens_and_mask_is_gathered(method):
     assert pm.report.pruned_outputs == [0]  # last_hidden_state holds the kept tokens; the pooler stays right
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", first_fast(SELECTING))
 def test_mask_aware_mean_pooling_stays_a_mean_over_kept_real_tokens(method):
     model = MeanPooledEncoder(hf_bert()).eval()
@@ -91,6 +93,7 @@ def test_hf_directory_saved_with_save_pretrained(tmp_path):
         tpc.compile("nobody-xyz/no-such-model", layers=[1])
 
 
+@pytest.mark.slow
 def test_hf_id_from_the_local_cache(tmp_path):
     """A Hugging Face id loads offline from the hub cache, as `huggingface_hub` lays it out."""
     import os
@@ -110,6 +113,7 @@ def test_hf_id_from_the_local_cache(tmp_path):
     assert "17 -> 9" in r.stdout
 
 
+@pytest.mark.slow
 def test_tome_refuses_masked_attention_and_names_the_alternatives():
     with pytest.raises(tpc.TpcError, match="tome does not take attention masks yet.*kcenter, divprune or random"):
         tpc.compile(hf_bert(), text_inputs(2), method="tome", layers=[0], keep=10, seq_len=16)  # at a fixed length

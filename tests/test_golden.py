@@ -15,7 +15,6 @@ from models import TEST_MODELS
 from specs import SPECS, parse_spec
 from tpc.graph.printing import format_rewrites
 
-pytestmark = pytest.mark.usefixtures("reuse_captures")
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = {f"{name}_{spec}": (name, spec) for name in TEST_MODELS for spec in SPECS}
@@ -36,6 +35,7 @@ def _check_text(path: Path, text: str, update: bool):
     assert text == path.read_text(), f"{path.name} changed: review, then run pytest --update-golden"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [c if CASES[c][0] == FIRST else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
 def test_golden_graph_and_outputs(case, update_golden):
     pm, inputs = _compile(*CASES[case])  # one compile per case for both the text and the numbers

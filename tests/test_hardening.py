@@ -67,6 +67,7 @@ def malicious_pt2(tmp_path: Path, marker: Path, where: str) -> Path:
     return bad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["weight", "inputs"])
 def test_a_pt2_never_runs_pickled_code(tmp_path, where):
     marker = tmp_path / "marker"
@@ -80,6 +81,7 @@ def test_a_pt2_never_runs_pickled_code(tmp_path, where):
         assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_pt2_with_a_fixed_batch_or_already_pruned_is_refused_with_what_to_do(tmp_path):
     from models import image_inputs, tiny_timm_vit
 
@@ -100,7 +102,7 @@ def test_a_pt2_with_a_fixed_batch_or_already_pruned_is_refused_with_what_to_do(t
 HALF = (torch.float16, torch.bfloat16)
 
 
-@pytest.mark.usefixtures("reuse_captures")  # one capture of the tiny ViT for every method
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(ENCODER_METHODS))
 def test_every_method_runs_cast_to_half_precision(method):
     """A pruned module cast with .to(fp16/bf16) runs in that dtype and stays near the fp32 output."""
@@ -118,6 +120,7 @@ def test_every_method_runs_cast_to_half_precision(method):
         pm.to(torch.float32)
 
 
+@pytest.mark.slow
 def test_tome_compiles_in_half_precision_and_fp16_onnx_is_checked_with_fp16_tolerances(tmp_path):
     from models import TEST_MODELS
 
@@ -135,6 +138,7 @@ def test_tome_compiles_in_half_precision_and_fp16_onnx_is_checked_with_fp16_tole
     assert [p.name for p in tmp_path.iterdir()] == ["tome16.onnx"]
 
 
+@pytest.mark.slow
 def test_bf16_onnx_check_says_onnx_runtime_cannot_run_it(tmp_path):
     from models import TEST_MODELS
 
@@ -248,6 +252,7 @@ def test_bad_inputs_get_one_line_naming_the_mistake(capsys, bad_files, tmp_path,
 # --- files written as users expect (items 3, 4, 5, 7, 8) ---------------------------------------
 
 
+@pytest.mark.slow
 def test_artifacts_follow_umask_keep_modes_write_through_links_and_are_byte_identical(tmp_path):
     import os
 
@@ -288,6 +293,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_sigterm_while_writing_leaves_nothing(tmp_path):
     import signal
     import time
@@ -330,6 +336,7 @@ def full_disk(tmp_path):
         subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_leaves_nothing(capsys, full_disk, tmp_path):
     from tpc.exports.atomic import atomic_output
 
@@ -369,6 +376,7 @@ def test_float_images_in_unit_range_are_taken_as_they_are(bad_files):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow
 def test_python_api_takes_a_tensor_rejects_misspelt_keywords_and_reads_option_strings():
     x = torch.randn(2, 3, 32, 32)
     pm = tpc.compile("vit_tiny_patch16_224", x, random_weights=True, model_args={"img_size": 32, "depth": 2},
@@ -382,6 +390,7 @@ def test_python_api_takes_a_tensor_rejects_misspelt_keywords_and_reads_option_st
         tpc.compile(module, torch.randn(1, 3), layers=[0], options=3)
 
 
+@pytest.mark.slow
 def test_a_tokenizer_dict_as_example_inputs_is_taken_in_forward_order():
     from families import hf_bert, text_inputs
 

@@ -46,6 +46,7 @@ def test_a_model_directory_s_own_code_never_runs_even_when_the_user_says_yes(cap
     assert not marker.exists() and not out.exists()
 
 
+@pytest.mark.slow
 def test_the_same_compile_in_two_processes_writes_the_same_pt2_bytes(tmp_path, monkeypatch):
     """Node provenance once held memory addresses and the archive a random id: now same input, same bytes."""
     from tpc.cli import main
@@ -84,6 +85,7 @@ def test_no_output_overwrites_an_input_and_a_recipe_is_json(capsys, bad_files, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
+@pytest.mark.slow
 def test_recipe_refuses_after_and_seed_and_the_two_seeds_are_apart(capsys, tmp_path):
     """Item 9: --after/--seed with --recipe were ignored; --seed once drew --random-weights too."""
     import tpc
@@ -211,6 +213,7 @@ def test_weights_that_do_not_fit_the_config_are_refused_not_drawn_at_random(caps
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_weights_of_another_kind_or_nan_say_so(capsys, tmp_path):
     """Item 23: int64 copies of float weights were cast silently; item 24: NaN weights gave 'differ by nan'."""
     from safetensors.torch import save_file
@@ -231,6 +234,7 @@ def test_weights_of_another_kind_or_nan_say_so(capsys, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_tune_says_time_ran_out_refuses_infinite_budgets_and_nan_images(capsys, bad_files, tmp_path):
     """Items 18, 19, 20: 'no recipe met the budget' after no recipe was tried; NaN images as 'not float32 in
     [nan, nan]'; --max-drop inf wrote Infinity into recipe.json."""
@@ -255,6 +259,7 @@ def test_a_model_id_without_layers_is_told_so_before_it_loads(capsys, tmp_path):
     assert_refused(capsys, ["compile", "vit_tiny_patch16_224", "-o", tmp_path / "m.onnx"], "pass --layers")
 
 
+@pytest.mark.slow
 def test_an_integer_keep_under_5_percent_of_the_tokens_is_said(caplog):
     """'Also': --keep 1 (one token) is easily meant as --keep 1.0 (all)."""
     import tpc

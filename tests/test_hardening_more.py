@@ -54,6 +54,7 @@ class TokenVariance(torch.nn.Module):
 
 
 @pytest.mark.slow
+@pytest.mark.fresh_capture  # the pruned module shares the model's weights, as a user's does
 def test_nan_outputs_are_blamed_on_tpc_when_the_unpruned_model_is_finite():
     """The artifact check once said 'look for NaN or inf in its weights' whoever made them: the
     unpruned model run on the same inputs decides (here the artifact run is the pruned module's)."""

@@ -81,6 +81,7 @@ def test_a_broken_rule_is_reported_with_its_pass_and_node(monkeypatch):
         tpc.compile(factory(), inputs(2), method="random", layers=[1], keep=8)
 
 
+@pytest.mark.slow
 def test_the_cli_says_internal_error_and_exits_3(monkeypatch, capsys, tmp_path):
     _break_the_linear_rule(monkeypatch)
     code = main(["compile", "models:cli_tiny_vit", "--layers", "1", "--keep", "8", "-o", str(tmp_path / "x.onnx")])
@@ -96,6 +97,7 @@ def _break_the_onnx_translations(monkeypatch):
     monkeypatch.setattr("tpc.exports.onnx_ops._ints", functools.partial(dict.__getitem__, {}))
 
 
+@pytest.mark.slow
 def test_a_bug_in_tpcs_onnx_translation_is_an_internal_error_not_the_models_fault(monkeypatch, capsys, tmp_path):
     _break_the_onnx_translations(monkeypatch)
     code = main(["compile", "models:cli_tiny_vit", "--layers", "1", "--keep", "8", "-o", str(tmp_path / "x.onnx")])
@@ -104,6 +106,7 @@ def test_a_bug_in_tpcs_onnx_translation_is_an_internal_error_not_the_models_faul
     assert "KeyError" in err and "bug in tpc" in err and err.count("\n") == 1 and not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_refusal_inside_tpcs_onnx_translation_stays_a_refusal(monkeypatch, capsys, tmp_path):
     """torch.onnx wraps what a translation raises in its own error: a TpcError in there is still tpc's
     deliberate refusal (exit 1, its own words), not reported as a bug in tpc."""
@@ -127,6 +130,7 @@ def test_a_model_that_torch_export_cannot_capture_is_still_refused_as_the_models
     assert not isinstance(err.value, TpcInternalError)
 
 
+@pytest.mark.slow
 def test_a_program_tpc_cannot_read_back_is_its_own_bug(monkeypatch, tmp_path):
     """The .pt2 check loads the file tpc just wrote: failing to is not the user's model's fault."""
     factory, inputs, _, _ = TEST_MODELS["timm_vit"]
@@ -137,6 +141,7 @@ def test_a_program_tpc_cannot_read_back_is_its_own_bug(monkeypatch, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
 def test_a_graph_tpc_rewrote_that_will_not_re_export_is_its_own_bug(monkeypatch, tmp_path, suffix):
     """torch.export captured the model once; failing on tpc's rewrite of it is tpc's bug, whoever's

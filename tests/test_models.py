@@ -48,6 +48,7 @@ def test_pickled_code_in_a_weights_file_is_not_executed(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED").exists()
 
 
+@pytest.mark.slow
 def test_pt2_and_function_ids(tmp_path):
     model = tiny_timm_vit()
     x = torch.randn(2, 3, 32, 32)

@@ -10,18 +10,20 @@ import torch
 from torch import nn
 
 import tpc
-from lanes import first_fast
+from lanes import ONNX_ARTIFACTS, first_fast
 from models import TEST_MODELS, tiny_timm_vit
 from specs import SPECS, parse_spec
 from tpc.exports.checks import run_graph
 from tpc.exports.onnx import decision_names, with_decision_outputs
 from tpc.registry import Kind, get_method
 
+pytestmark = ONNX_ARTIFACTS
+
 STANDARD_DOMAINS = {"", "ai.onnx"}
 
 
 @pytest.mark.parametrize("name", first_fast(TEST_MODELS))
-@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("spec", first_fast(SPECS))
 def test_onnx_runtime_parity_at_batch_1_and_5(exported, name, spec):
     _, inputs, _, _ = TEST_MODELS[name]
     method, _ = parse_spec(spec)
@@ -45,6 +47,7 @@ def test_onnx_runtime_parity_at_batch_1_and_5(exported, name, spec):
             assert torch.equal(torch.from_numpy(got), want)
 
 
+@pytest.mark.slow
 def test_ort_backend_returns_a_checked_module(tmp_path):
     factory, inputs, _, _ = TEST_MODELS["timm_vit"]
     model = factory()
@@ -65,6 +68,7 @@ def test_pt2_round_trip(tmp_path):
     torch.testing.assert_close(loaded(*x), pm(*x))
 
 
+@pytest.mark.slow
 def test_decision_values_are_found_in_graph_order(tmp_path):
     factory, inputs, _, _ = TEST_MODELS["timm_vit"]
     pm = tpc.compile(factory(), inputs(2), layers=[0, 1, 2], keep=0.7)
@@ -83,6 +87,7 @@ class NoisyViT(nn.Module):
         return self.vit(x) + torch.rand_like(self.vit(x))
 
 
+@pytest.mark.slow
 def test_a_failed_check_writes_nothing_and_keeps_the_existing_file(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     pm = tpc.compile(NoisyViT().eval(), (x,), layers=[1], keep=0.5)
@@ -94,6 +99,7 @@ def test_a_failed_check_writes_nothing_and_keeps_the_existing_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
+@pytest.mark.slow
 def test_export_replaces_an_existing_artifact_on_success(tmp_path):
     factory, inputs, _, _ = TEST_MODELS["timm_vit"]
     target = tmp_path / "model.onnx"
@@ -103,6 +109,7 @@ def test_export_replaces_an_existing_artifact_on_success(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
+@pytest.mark.slow
 def test_restore_mode_exports_and_matches(tmp_path):
     from test_pipeline import DenseFeatures
 

@@ -14,7 +14,6 @@ from models import TEST_MODELS
 from reference import EAGER
 from specs import SPECS, parse_spec
 
-pytestmark = pytest.mark.usefixtures("reuse_captures")
 
 
 @pytest.mark.parametrize("name", first_fast(TEST_MODELS))
@@ -119,6 +118,7 @@ class DenseFeatures(torch.nn.Module):
         return self.vit.forward_features(x)
 
 
+@pytest.mark.slow
 # One scorer, one graph method, one merge: the eager side tags tokens with their position, which a
 # selection that reads the features (kcenter, divprune) would see.
 @pytest.mark.parametrize("method", ["topk-cls", "zero-tprune", "tome"])

@@ -24,7 +24,6 @@ from models import sharpen
 from reference import ratio_kept, select_slow
 from tpc.methods import baseline
 
-pytestmark = pytest.mark.usefixtures("reuse_captures")  # the keep=1.0 twin reuses its pruned sibling's capture
 
 FEATURES = 6
 

@@ -19,7 +19,6 @@ from tpc.exports.onnx import with_decision_outputs
 from tpc.graph.printing import format_rewrites
 from tpc.recipe import Recipe, Step, load_recipe
 
-pytestmark = pytest.mark.usefixtures("reuse_captures")
 
 # (recipe steps, the eager reference's schedule and per-layer methods) on the 17-token tiny timm ViT
 MIXED_VS_EAGER = {
@@ -60,6 +59,7 @@ def test_mixed_recipe_golden_graph_and_outputs(name, update_golden):
     np.testing.assert_allclose(out, np.load(path)["output"], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", first_fast(TEST_MODELS))
 def test_mixed_recipe_onnx_runtime_parity(tmp_path, name):
     factory, inputs, depth, _ = TEST_MODELS[name]
@@ -135,6 +135,7 @@ def test_fuse_before_a_merge_is_legal():
     assert [s.kept for s in pm.report.sites] == [14, None, 12, None]
 
 
+@pytest.mark.slow
 def test_cli_compile_reads_a_recipe_and_refuses_recipe_with_layers(tmp_path, capsys):
     from tpc.cli import main
 

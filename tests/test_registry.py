@@ -55,6 +55,7 @@ def _pytest(*args: str) -> subprocess.CompletedProcess:
                           cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_a_new_method_is_tested_wherever_its_capabilities_say():
     """A toy method (tests/toy_method.py: an encoder and a before-the-language-model implementation,
     registered as a new method would be) is collected by every test that runs each encoder method

@@ -3,12 +3,14 @@ says about training mode and trainable parameters."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import tpc
 from models import TEST_MODELS
 
 
+@pytest.mark.slow
 def test_the_same_inputs_give_byte_identical_onnx(tmp_path):
     factory, inputs, _, _ = TEST_MODELS["timm_vit"]
     for i in range(2):
@@ -17,6 +19,7 @@ def test_the_same_inputs_give_byte_identical_onnx(tmp_path):
     assert (tmp_path / "0.onnx").read_bytes() == (tmp_path / "1.onnx").read_bytes()
 
 
+@pytest.mark.slow
 def test_training_mode_and_requires_grad_are_handled_and_said():
     factory, inputs, _, _ = TEST_MODELS["handwritten_vit"]
     model = factory().train()

@@ -41,6 +41,9 @@ from test_dynamic_length import batch as token_batch  # noqa: E402
 from test_dynamic_length import encoder  # noqa: E402
 from tpc.serving import server as triton  # noqa: E402
 from tpc.serving.repository import TRITON_DTYPES, write_repository  # noqa: E402
+from lanes import ONNX_ARTIFACTS  # noqa: E402
+
+pytestmark = ONNX_ARTIFACTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,6 +113,7 @@ def bert_tokens(reals: list[int], length: int, seed: int) -> tuple[np.ndarray, n
     return tuple(t.numpy() for t in token_batch(reals, length, seed))
 
 
+@pytest.mark.slow
 def test_outputs_through_the_server_equal_onnxruntime_at_batch_1(served, artifacts):
     client = http_client(served)
     vit = Direct(artifacts["vit"])
@@ -121,6 +125,7 @@ def test_outputs_through_the_server_equal_onnxruntime_at_batch_1(served, artifac
         np.testing.assert_allclose(infer(client, httpclient, "bert", bert, ids, mask), bert(ids, mask), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dynamic_batching_with_concurrent_clients_keeps_every_output(served, artifacts):
     """24 clients at once over gRPC: the server batches them (fewer executions than requests),
     and each gets what ONNX Runtime gives for its own input; BERT requests of different lengths
@@ -157,6 +162,7 @@ def _executions(served) -> dict[str, tuple[int, int]]:
             for m in stats["model_stats"]}
 
 
+@pytest.mark.slow
 def test_malformed_requests_get_errors_and_the_server_goes_on(served, artifacts):
     client = http_client(served)
     vit, bert = Direct(artifacts["vit"]), Direct(artifacts["bert"])
@@ -182,6 +188,7 @@ def test_malformed_requests_get_errors_and_the_server_goes_on(served, artifacts)
     assert served.ready()
 
 
+@pytest.mark.slow
 def test_a_bad_request_batched_with_good_ones_fails_alone(served, artifacts):
     """ONNX Runtime refuses the batch holding an out-of-vocabulary id; the Python model then
     runs each request alone, so only that request gets the error."""
@@ -236,6 +243,7 @@ def test_config_pbtxt_matches_the_artifact_signature(backend, artifacts, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "vit"]  # no partial folder left
 
 
+@pytest.mark.slow
 def test_the_server_loads_the_config_as_written(served, artifacts):
     client = grpcclient.InferenceServerClient(f"localhost:{served.grpc_port}")
     for name, path in artifacts.items():
@@ -244,6 +252,7 @@ def test_the_server_loads_the_config_as_written(served, artifacts):
         _check_against_artifact(config, path)
 
 
+@pytest.mark.slow
 def test_export_cli_writes_a_repository_and_refuses_to_overwrite(artifacts, tmp_path, cli):
     repo = tmp_path / "models"
     done = cli("export", artifacts["vit"], "--triton-repo", repo, "--name", "deit")
@@ -305,6 +314,7 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_tpc_serve_answers_plain_http_json_and_stops_leaving_nothing(stop, artifacts, tmp_path):
     """`tpc serve` in its own process: its curl line's request answers; after Ctrl-C or SIGTERM

@@ -13,8 +13,11 @@ from models import TEST_MODELS
 from specs import SPECS
 from tpc.exports.tensorrt import engine_onnx
 from tpc.exports.tensorrt_compat import tensorrt_problems
+from lanes import ONNX_ARTIFACTS, first_fast
 
-@pytest.mark.parametrize("spec", [*SPECS, "zero-tprune+iterations=20"])
+pytestmark = ONNX_ARTIFACTS
+
+@pytest.mark.parametrize("spec", first_fast([*SPECS, "zero-tprune+iterations=20"]))
 def test_every_method_lowers_to_what_tensorrt_parses(exported, spec):
     _, path, _ = exported("timm_vit", spec)  # the ONNX of to_onnx, as tpc.export wrote it
     assert tensorrt_problems(onnx.load(path)) == []
@@ -61,6 +64,7 @@ def test_loop_bodies_are_checked():
     assert any("Loop node" in p and "Unique" in p for p in problems)
 
 
+@pytest.mark.slow
 def test_an_engine_compile_refuses_what_the_parser_would_refuse():
     """A real compile whose top-k keeps more than TensorRT's TopK takes (K <= 3840) is refused before any build."""
     factory, _, _, _ = TEST_MODELS["transformer_encoder"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tpc
-from lanes import first_fast
+from lanes import ONNX_ARTIFACTS, first_fast
 from models import TEST_MODELS
 from tpc.exports import check_batches
 from tpc.exports.onnx import check_onnx, with_plugin_references
@@ -23,11 +23,14 @@ from tpc.exports.onnx_plugins import PLUGIN_DOMAIN
 from tpc.exports.tensorrt import KEPT, engine_onnx, in_precision, with_kept_outputs
 from tpc.exports.tensorrt_compat import tensorrt_problems
 
+pytestmark = ONNX_ARTIFACTS
+
 
 def _plugin_nodes(model):
     return [n for n in model.graph.node if n.domain == PLUGIN_DOMAIN]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", first_fast(TEST_MODELS))
 # The plugin ops are gather_tokens (every method) and sparse_attention (topk-mass): one method per kind of
 # selection (scores + top-k, graph scores, greedy, fused attention) keeps the run short; every method's
@@ -70,6 +73,7 @@ def test_kept_indices_become_named_engine_outputs():
     torch.testing.assert_close(torch.from_numpy(out), ref[0], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_half_precision_engines_are_typed_in_the_onnx_and_leave_the_users_graph_alone(precision):
     factory, inputs, depth, _ = TEST_MODELS["timm_vit"]
@@ -84,6 +88,7 @@ def test_half_precision_engines_are_typed_in_the_onnx_and_leave_the_users_graph_
     assert {k: v.dtype for k, v in pm.graph_module.state_dict().items()} == before
 
 
+@pytest.mark.slow
 def test_a_plugin_node_without_its_namespace_is_refused():
     factory, inputs, _, _ = TEST_MODELS["timm_vit"]
     pm = tpc.compile(factory(), inputs(2), method="topk-cls", layers=[1], keep=0.5)

@@ -14,7 +14,6 @@ from reference import R, eager_timm_vit, tome_merge_slow
 from tpc.methods import tome
 from tpc.schedule import parse_removals
 
-pytestmark = pytest.mark.usefixtures("reuse_captures")
 
 G = torch.Generator().manual_seed(15)
 
@@ -47,6 +46,7 @@ MODELS = {  # name -> (factory, prefix tokens, r in one of ToMe's forms)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_every_layer_by_default_matches_tome(name):
     """r at every layer, clamped per layer as ToMe clamps it: tokens per layer and logits as
@@ -99,6 +99,7 @@ def test_malformed_r_strings_and_non_finite_inflections_are_refused_in_one_line(
     assert parse_removals("[16, 8, 4]", 3) == [16, 8, 4] == parse_removals(" 16 , 8 , 4 ", 3)
 
 
+@pytest.mark.slow
 def test_a_schedule_on_named_layers_spans_those_layers():
     # ToMe's (2, -1) over two layers: 4, then 0 (no merge at layer 2)
     pm = tpc.compile(tiny_timm_vit(depth=3), image_inputs(2), method="tome", layers=[1, 2], r=(2, -1.0))

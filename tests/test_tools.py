@@ -31,6 +31,7 @@ def npz(tmp_path):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_bench_measures_both_models_side_by_side(backend):
     result = run_bench(MODEL, layers="1,2", keep="0.5", backend=backend, batches="1,2", warmup=1, iters=2, repeats=2)
@@ -53,6 +54,7 @@ def test_the_speedup_lies_within_its_spread():
     assert t.base.median_ms == 4000 and t.pruned.median_ms == 2000 and (t.repeats, t.iters) == (3, 3)
 
 
+@pytest.mark.slow
 def test_bench_cli_json(cli):
     r = cli("bench", MODEL, "--layers", "1", "--keep", "0.5", "--batch", "2", "--iters", "2", "--repeats", "2", "--json")
     assert r.returncode == 0, r.stderr
@@ -65,6 +67,7 @@ def test_bench_threads_0_is_refused_in_one_line(cli):
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "--threads 0" in r.stderr
 
 
+@pytest.mark.slow
 def test_eval_sweep_table_and_plot(npz, tmp_path):
     plot = tmp_path / "sweep.png"
     result = run_eval(MODEL, data=npz, method="topk-cls", layers="1,2", sweep=["0.9", "0.5"], mean="0.5,0.5,0.5",
@@ -76,6 +79,7 @@ def test_eval_sweep_table_and_plot(npz, tmp_path):
     assert Image.open(plot).format == "PNG"
 
 
+@pytest.mark.slow
 def test_eval_cli_onnxruntime_json(cli, npz):
     r = cli("eval", MODEL, "--data", npz, "--layers", "1", "--keep", "0.5", "--mean", "0.5,0.5,0.5", "--std",
             "0.5,0.5,0.5", "--backend", "onnxruntime", "--limit", "16", "--json")
@@ -84,6 +88,7 @@ def test_eval_cli_onnxruntime_json(cli, npz):
     assert len(rows) == 2 and json.loads(r.stdout)["images"] == 16
 
 
+@pytest.mark.slow
 def test_visualize_greys_the_dropped_patches(tmp_path):
     image = tmp_path / "noise.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(image)

@@ -745,3 +745,18 @@ def test_ctrl_c_while_timing_picks_among_the_recipes_already_timed(tmp_path, mon
     assert saved["search"]["interrupted"] and len(saved["timed"]) == 2 and timer.calls[2].latency is None
     assert result.best is min(timer.calls[:2], key=lambda c: c.latency["ratio"])  # the fastest timed, certified
     assert saved["measured"]["latency"] == result.best.latency and "(interrupted: best so far)" in result.table()
+
+
+def test_the_plot_shows_each_family_the_front_the_budget_and_the_pick(tmp_path):
+    """tpc tune --plot's PNG from a result built by hand (the CLI test draws one from a real search)."""
+    from PIL import Image
+
+    from tpc.tune.report import plot_front
+    from tpc.tune.run import TuneResult
+
+    merge, gather, worse = _scored(0.6, 0.1, 0.1), _scored(0.8, 0.0, 0.1), _scored(0.7, 0.4, 0.1)
+    merge.family = "tome"
+    result = TuneResult("m", Metric("top1", "points"), "d.npz", (0, 10), None, 1.0, merge, None, None, [merge, gather],
+                        None, None, _search_info(), [merge, gather, worse], {"max_drop": 0.5}, unpruned=0.9)
+    plot_front(result, tmp_path / "front.png")
+    assert Image.open(tmp_path / "front.png").format == "PNG" and [p.name for p in tmp_path.iterdir()] == ["front.png"]

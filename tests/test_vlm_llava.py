@@ -57,6 +57,7 @@ def reference(model, inputs, hidden, kept, first_layer):
     return eager_from(lm, model.lm_head, hidden, kept, first_layer, mask, prompt_positions(mask))
 
 
+@pytest.mark.slow
 def test_keep_all_is_the_stock_model(llava):
     model, inputs, program = llava
     pruned = prune(model, program, inputs, method="fastv", layers=1, keep=1.0)
@@ -130,6 +131,7 @@ def test_every_method_before_the_language_model_runs_it_on_the_tokens_it_keeps(l
     assert torch.allclose(out.logits[rows], reference(model, inputs, embeds, kept, 0)[rows], atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", VISUAL_INSIDE)
 def test_every_method_inside_the_language_model_runs_it_on_the_tokens_it_keeps(llava, method):
     """The same after decoder layer 1, for each method the registry says prunes there; the
@@ -240,6 +242,7 @@ def test_generate_without_a_mask_infers_it_from_the_pad_token_as_hf(llava):
     (lambda x: {**x, "attention_mask": torch.zeros_like(x["attention_mask"])}, "example 0 of the batch is all padding"),
     (lambda x: {**x, "max_new_tokens": 0}, "generate\\(\\): `max_new_tokens` must be greater than 0"),
 ])
+@pytest.mark.slow
 def test_generate_refuses_bad_prompts_in_one_line(llava, change, message):
     model, inputs, program = llava
     pruned = prune(model, program, inputs, method="fastv", layers=0, keep=0.5)
@@ -343,6 +346,7 @@ def test_keep_zero_drops_every_visual_token_after_a_layer(llava):
                 "pixel_values": torch.cat([i["pixel_values"], i["pixel_values"]])}, "compiled for 16"),
     (lambda i: {**i, "pixel_values": torch.randn(2, 3, 64, 64)}, r"takes pixel_values \[images, 3, 32, 32\]"),
 ])
+@pytest.mark.slow
 def test_bad_inputs_are_refused_in_one_line(llava, change, message):
     model, inputs, program = llava
     pruned = prune(model, program, inputs, method="fastv", layers=1, keep=0.5)
@@ -384,6 +388,7 @@ def test_bad_schedules_are_refused(llava, kwargs, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_api_compiles_and_writes_a_checked_program(llava, tmp_path):
     import tpc
 
@@ -597,6 +602,7 @@ def test_vtc_cls_on_a_siglip_tower_names_the_methods_that_work():
                               "with [CLS] attention: use kcenter, divprune, fastv, random")
 
 
+@pytest.mark.slow
 def test_cli_lines_for_a_vlm(llava, tmp_path, capsys):
     """The one-line recipe `tpc compile` prints, and `tpc inspect` without --pass (the unpruned model)."""
     from tpc.cli import main
@@ -637,6 +643,7 @@ def lm_macs(tokens: list[int]) -> int:
     ({"method": "random", "keep": 1.0}, [24, 24, 24], 0),
     ({"method": "fastv", "layers": 0, "keep": 1.0}, [24, 24, 24], 4 * 24 * 8),
 ])
+@pytest.mark.slow
 def test_prefill_flops_are_counted_on_the_graphs(llava, kwargs, tokens, scoring):
     """The report's FLOPs (tpc's counter on the captured and the rewritten graph) against a
     count by hand from the tokens each layer sees; keep 1.0 costs only the scoring."""
@@ -767,8 +774,8 @@ def test_loading_a_vlm_with_its_prompts_or_a_text_length(tmp_path, monkeypatch):
     assert isinstance(loaded.example_inputs, dict) and loaded.example_inputs["input_ids"].shape == (1, 20)
     tiny_llava().save_pretrained(tmp_path / "llava")
     assert models.load(str(tmp_path / "llava"), input_size="12").example_inputs["input_ids"].shape == (2, 29)
-    for size in ("3,32,32", "0"):  # a prompt needs a text token besides [bos]
-        with pytest.raises(TpcError, match="text tokens per prompt") as err:
+    for size, said in (("3,32,32", "text tokens per prompt"), ("0", "every size is 1 or more")):
+        with pytest.raises(TpcError, match=said) as err:
             models.load(str(tmp_path / "llava"), input_size=size)
         assert "\n" not in str(err.value)
 
@@ -853,6 +860,7 @@ def test_onnx_prefill_equals_torch_at_any_batch_and_length(llava, tmp_path, meth
     assert_onnx_equals_torch(pruned, tmp_path / "vlm.onnx", longer, cut)
 
 
+@pytest.mark.slow
 def test_onnx_prefill_of_todre_keep_zero(llava, tmp_path):
     """ToDRE's second stage (keep 0 after a layer) lowers to ONNX: its selection is an empty [B, 0] index."""
     import tpc

@@ -137,17 +137,19 @@ class TpcModule(nn.Module):
         if not all(isinstance(w, torch.Tensor) for w in wanted) or not all(isinstance(x, torch.Tensor) for x in args):
             return  # nested inputs: the graph's own input checks
         names = [n.target for n in placeholders]
+        cast = next((p.dtype for p in self.graph_module.parameters() if p.is_floating_point()), None)  # after .half()
         if len(args) != len(placeholders):
             raise TpcError(f"this pruned model takes {len(names)} input(s) ({', '.join(names)}), not {len(args)}")
         for name, want, x in zip(names, wanted, args):
             dims = [d if isinstance(d, int) else None for d in want.shape]
-            if x.dtype == want.dtype and x.dim() == len(dims) and all(d in (None, n) for d, n in zip(dims, x.shape)):
+            dtype = cast if cast is not None and want.dtype.is_floating_point else want.dtype
+            if x.dtype == dtype and x.dim() == len(dims) and all(d in (None, n) for d, n in zip(dims, x.shape)):
                 continue
-            fix = (f"cast it (.to({want.dtype}))" if x.dtype != want.dtype else
+            fix = (f"cast it (.to({dtype}))" if x.dtype != dtype else
                    "give it that shape (* is any size; a fixed size is the one the model was compiled at)")
             spec = ", ".join("*" if d is None else str(d) for d in dims)
             raise TpcError(f"input {name} is {str(x.dtype).removeprefix('torch.')} {list(x.shape)}; this pruned model "
-                           f"takes {str(want.dtype).removeprefix('torch.')} [{spec}]: {fix}")
+                           f"takes {str(dtype).removeprefix('torch.')} [{spec}]: {fix}")
 
     def _check_length(self, args: tuple) -> None:
         """A token length outside the captured range refused in one line, as the .pt2 refuses it

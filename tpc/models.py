@@ -82,7 +82,7 @@ def parse_numbers(text, cast, flag: str, example: str) -> tuple | None:
 def parse_input_size(text) -> tuple[int, ...] | None:
     size = parse_numbers(text, int, "input-size", "3,224,224")
     if size is not None and (not size or any(n < 1 for n in size)):
-        raise TpcError(f"--input-size {text!r}: every size is 1 or more, as in 3,224,224")
+        raise TpcError(f"--input-size {text!r}: every size is 1 or more (3,224,224 for images, a token count for text)")
     return size
 
 
