@@ -241,6 +241,8 @@ def test_generate_without_a_mask_infers_it_from_the_pad_token_as_hf(llava):
     (lambda x: {**x, "attention_mask": x["attention_mask"] * 7}, "values other than 0 and 1"),
     (lambda x: {**x, "attention_mask": torch.zeros_like(x["attention_mask"])}, "example 0 of the batch is all padding"),
     (lambda x: {**x, "max_new_tokens": 0}, "generate\\(\\): `max_new_tokens` must be greater than 0"),
+    (lambda x: {**x, "do_sample": True, "temperature": 0.0}, "generate\\(\\): `temperature` \\(=0.0\\) has to be a "
+                                                             "strictly positive float"),  # was transformers' ValueError
 ])
 @pytest.mark.slow
 def test_generate_refuses_bad_prompts_in_one_line(llava, change, message):

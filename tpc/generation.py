@@ -43,6 +43,8 @@ def generation_config(base: GenerationConfig, given: dict, max_new_tokens: int |
         config = GenerationConfig(**{**base.to_dict(), **given,
                                      **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),
                                      **({"do_sample": do_sample} if do_sample is not None else {})})
+        if config.do_sample:
+            _warpers(config)  # the sampling warpers check theirs (temperature=0, top_p over 1) before the prefill
     except ValueError as err:  # transformers' own check of the settings, e.g. max_new_tokens=0
         raise TpcError(f"generate(): {str(err).strip().splitlines()[0]}") from None
     refuse_unsupported(config, given)
