@@ -15,8 +15,6 @@ SPECS = [*ENCODER_METHODS, *VARIANTS]
 # Methods that keep a subset of the tokens, taking an attention mask at any sequence length, are
 # tested on padded text; merging methods (no mask, a fixed length) are not.
 SELECTING = [m.name for m in ENCODER if m.kind is Kind.SELECT and m.takes_mask and not m.fixed_length]
-# What a selecting method needs at a dynamic sequence length (zero-tprune's similarity stage needs a fixed one).
-DYNAMIC_LENGTH_OPTIONS = {"zero-tprune": {"similarity": 0.0}}
 # The methods that prune a VLM's visual tokens before the language model, and after a decoder layer.
 VISUAL_BEFORE = [m.name for m in METHODS.values() if m.applies(Where.VISUAL_BEFORE_LM)]
 VISUAL_INSIDE = [m.name for m in METHODS.values() if m.applies(Where.VISUAL_IN_LM)]

@@ -19,7 +19,7 @@ from families import MeanPooledEncoder
 from lanes import first_fast
 from models import sharpen
 from reference import ratio_kept
-from specs import DYNAMIC_LENGTH_OPTIONS, SELECTING
+from specs import SELECTING
 from tpc.capture import length_range
 from tpc.exports.checks import run_graph
 from tpc.exports.onnx import check_onnx, to_onnx
@@ -27,7 +27,6 @@ from tpc.exports.tensorrt_compat import DYNAMIC_LENGTH, tensorrt_problems
 
 
 MAX_LENGTH = 128
-MASK_METHODS = {m: DYNAMIC_LENGTH_OPTIONS.get(m) for m in SELECTING}
 
 
 @functools.cache
@@ -56,11 +55,11 @@ EXAMPLE = batch([16, 11], 16)
 
 @functools.cache
 def compiled(method: str, keep=0.5):
-    return tpc.compile(encoder(), EXAMPLE, method=method, layers=[0, 1], keep=keep, options=MASK_METHODS[method])
+    return tpc.compile(encoder(), EXAMPLE, method=method, layers=[0, 1], keep=keep)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", first_fast(MASK_METHODS))
+@pytest.mark.parametrize("method", first_fast(SELECTING))
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_any_length_and_padding_pattern_keeps_ceil_ratio_and_real_tokens_first(method, data):

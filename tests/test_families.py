@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 import tpc
 from families import FAMILIES, MeanPooledEncoder, hf_bert, text_inputs
 from lanes import first_fast
-from specs import DYNAMIC_LENGTH_OPTIONS, SELECTING
+from specs import SELECTING
 from tpc.exports.checks import run_graph
 from tpc.graph.printing import format_rewrites
 from tpc.passes import compactions
@@ -52,7 +52,7 @@ def test_family_keep_one_prune_and_onnx(name, tmp_path, update_golden):
 def test_bert_padding_never_outranks_real_tokens_and_mask_is_gathered(method):
     model = hf_bert()
     ids, mask = text_inputs(4, seed=3)
-    pm = tpc.compile(model, text_inputs(2), method=method, layers=[0, 1], keep=[6, 4], options=DYNAMIC_LENGTH_OPTIONS.get(method))
+    pm = tpc.compile(model, text_inputs(2), method=method, layers=[0, 1], keep=[6, 4])
     _, replay = run_graph(pm.graph_module, (ids, mask))
     for b in range(4):
         real = set(range(int(mask[b].sum())))
