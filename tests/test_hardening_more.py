@@ -225,6 +225,7 @@ def test_output_places_and_flags_that_cannot_apply_are_refused_before_any_work(c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz", "empty.onnx"]
 
 
+@pytest.mark.slow
 def test_bench_refuses_settings_a_decoder_method_does_not_take_before_loading(cli, tmp_path):
     """Hostile pass: tpc bench --pass streaming --layers 0 (or --r, --seq-len) and --pass tidal --r 2
     were measured with those flags silently dropped; tpc bench now compiles through tpc.compile,
