@@ -18,12 +18,18 @@ def tpc(*args, cwd=TESTS):
     return subprocess.run([sys.executable, "-m", "tpc", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_compile_writes_a_checked_onnx_file(tmp_path):
     out = tmp_path / "tiny.onnx"
     r = tpc("compile", "models:cli_tiny_vit", "--pass", "topk-cls", "--layers", "1,2", "--keep", "0.5", "-o", out)
     assert r.returncode == 0, r.stderr
     assert "17 -> 9" in r.stdout and "checked against the torch module at batch 1 and 2" in r.stdout
     assert onnx.load(out).graph.node
+
+
+def test_python_m_tpc_runs_the_cli():
+    r = tpc("passes")
+    assert r.returncode == 0 and "topk-cls" in r.stdout and not r.stderr
 
 
 def test_compile_pt2_and_inspect_it(cli, tmp_path):

@@ -170,6 +170,7 @@ def test_a_model_without_a_kv_cache_is_refused():
         compile_decoder(transformers.BertForMaskedLM(config))
 
 
+@pytest.mark.slow
 def test_right_padding_is_refused(captured):
     model, program = captured("llama")
     sparse = compile_decoder(model, layers=[1], keep=3, program=program)

@@ -157,6 +157,7 @@ def test_onnx_and_pt2_take_any_batch_and_length(method, tmp_path):
             torch.testing.assert_close(loaded(ids, mask), pm(ids, mask), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_tensorrt_engine_refuses_a_dynamic_length_before_building(tmp_path):
     from tpc.exports.tensorrt import write_engine
 

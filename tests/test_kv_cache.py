@@ -211,6 +211,7 @@ def test_a_model_without_a_kv_cache_is_refused_naming_the_kv_cache():
         compile_compressed(hf_bert(), method="h2o", keep=8)
 
 
+@pytest.mark.slow
 def test_right_padding_is_refused(compiled):
     compressed = compiled("streaming", 5, SMALL["streaming"])
     ids, mask = prompts()

@@ -54,9 +54,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def artifacts(exported, tmp_path_factory) -> dict[str, Path]:
-    """The pruned tiny ViT (the suite's shared artifact) and a pruned tiny BERT (any length) as ONNX files."""
+    """The pruned tiny ViT (the suite's shared artifact) and a pruned tiny BERT (any length) as ONNX files,
+    exported once per worker."""
     bert = tpc.compile(encoder(), token_batch([16, 11], 16), method="topk-cls", layers=[0, 1], keep=0.5)
     paths = {"vit": exported("timm_vit", "topk-cls")[1], "bert": tmp_path_factory.mktemp("artifacts") / "bert.onnx"}
     tpc.export(bert, paths["bert"])
