@@ -35,7 +35,7 @@ def pytest_cmdline_main(config):
         return
     config.option.numprocesses = min(cores, MAX_WORKERS)
     if config.option.dist == "no":
-        config.option.dist = "loadgroup"  # tests/lanes.py ONNX_ARTIFACTS: on one worker
+        config.option.dist = "worksteal"
     os.environ["OMP_NUM_THREADS"] = "1"  # the workers and the `python -m tpc` they start: one thread per core
 
 

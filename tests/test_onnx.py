@@ -10,14 +10,12 @@ import torch
 from torch import nn
 
 import tpc
-from lanes import ONNX_ARTIFACTS, first_fast
+from lanes import first_fast
 from models import TEST_MODELS, tiny_timm_vit
 from specs import SPECS, parse_spec
 from tpc.exports.checks import run_graph
 from tpc.exports.onnx import decision_names, with_decision_outputs
 from tpc.registry import Kind, get_method
-
-pytestmark = ONNX_ARTIFACTS
 
 STANDARD_DOMAINS = {"", "ai.onnx"}
 

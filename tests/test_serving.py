@@ -41,9 +41,6 @@ from test_dynamic_length import batch as token_batch  # noqa: E402
 from test_dynamic_length import encoder  # noqa: E402
 from tpc.serving import server as triton  # noqa: E402
 from tpc.serving.repository import TRITON_DTYPES, write_repository  # noqa: E402
-from lanes import ONNX_ARTIFACTS  # noqa: E402
-
-pytestmark = ONNX_ARTIFACTS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,9 +13,7 @@ from models import TEST_MODELS
 from specs import SPECS
 from tpc.exports.tensorrt import engine_onnx
 from tpc.exports.tensorrt_compat import tensorrt_problems
-from lanes import ONNX_ARTIFACTS, first_fast
-
-pytestmark = ONNX_ARTIFACTS
+from lanes import first_fast
 
 @pytest.mark.parametrize("spec", first_fast([*SPECS, "zero-tprune+iterations=20"]))
 def test_every_method_lowers_to_what_tensorrt_parses(exported, spec):

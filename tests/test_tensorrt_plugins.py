@@ -15,15 +15,13 @@ import pytest
 import torch
 
 import tpc
-from lanes import ONNX_ARTIFACTS, first_fast
+from lanes import first_fast
 from models import TEST_MODELS
 from tpc.exports import check_batches
 from tpc.exports.onnx import check_onnx, with_plugin_references
 from tpc.exports.onnx_plugins import PLUGIN_DOMAIN
 from tpc.exports.tensorrt import KEPT, engine_onnx, in_precision, with_kept_outputs
 from tpc.exports.tensorrt_compat import tensorrt_problems
-
-pytestmark = ONNX_ARTIFACTS
 
 
 def _plugin_nodes(model):
