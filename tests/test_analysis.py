@@ -33,6 +33,7 @@ def test_sites_and_prefix(name, kind):
     assert count_prefix_tokens(point.skip, point)[0] == prefix
 
 
+@pytest.mark.slow
 def test_module_paths_name_the_attention_modules():
     factory, inputs, _, _ = TEST_MODELS["timm_vit"]
     sites = find_attention_sites(capture(factory(), inputs(2)))

@@ -79,6 +79,7 @@ def test_any_length_and_padding_pattern_keeps_ceil_ratio_and_real_tokens_first(m
         assert kept <= real_set or real_set <= kept, f"padding outranked a real token: kept {sorted(kept)}, real {real}"
 
 
+@pytest.mark.slow
 def test_keep_one_is_the_identity_at_every_length():
     twin = compiled("topk-cls", 1.0)
     for length in (2, 3, 7, 16, 33, 64, 128):

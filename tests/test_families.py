@@ -119,6 +119,7 @@ def test_tome_refuses_masked_attention_and_names_the_alternatives():
         tpc.compile(hf_bert(), text_inputs(2), method="tome", layers=[0], keep=10, seq_len=16)  # at a fixed length
 
 
+@pytest.mark.slow
 def test_a_model_compiled_from_a_tokenizer_dict_takes_keyword_calls():
     """`p = tpc.compile(BertModel, {"input_ids": …, "attention_mask": …}); p(**batch)`, as the model is called."""
     ids, mask = text_inputs()

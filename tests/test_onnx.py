@@ -57,6 +57,7 @@ def test_ort_backend_returns_a_checked_module(tmp_path):
     assert onnx.load(tmp_path / "ort.onnx").graph.node
 
 
+@pytest.mark.slow
 def test_pt2_round_trip(tmp_path):
     factory, inputs, _, _ = TEST_MODELS["handwritten_vit"]
     pm = tpc.compile(factory(), inputs(2), layers=[1], keep=0.5)

@@ -148,6 +148,7 @@ class BiasStack(Stack):
         return self.head(x[:, 0])
 
 
+@pytest.mark.slow
 def test_position_bias_is_gathered_along_both_token_axes():
     model = sharpen(BiasStack())
     x = _inputs(3, seed=5)[0]
@@ -189,6 +190,7 @@ def test_a_stale_copy_of_the_stream_is_gathered_and_mean_pooling_sees_kept_token
         torch.testing.assert_close(pm(x), model.head((t + x0).mean(1)), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_average_pool_over_patch_tokens():
     from models import tiny_timm_vit
     from reference import eager_timm_vit
@@ -318,6 +320,7 @@ class RotaryStack(Stack):
         return self.head(x[:, 0])
 
 
+@pytest.mark.slow
 def test_rotary_table_of_patch_tokens_is_gathered_so_kept_tokens_keep_their_positions():
     model = sharpen(RotaryStack())
     x = _inputs(3, seed=7)[0]

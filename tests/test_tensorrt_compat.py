@@ -15,6 +15,7 @@ from tpc.exports.tensorrt import engine_onnx
 from tpc.exports.tensorrt_compat import tensorrt_problems
 from lanes import first_fast
 
+
 @pytest.mark.parametrize("spec", first_fast([*SPECS, "zero-tprune+iterations=20"]))
 def test_every_method_lowers_to_what_tensorrt_parses(exported, spec):
     _, path, _ = exported("timm_vit", spec)  # the ONNX of to_onnx, as tpc.export wrote it
