@@ -52,16 +52,22 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def vit_artifact(exported) -> Path:
-    """The pruned tiny ViT as ONNX: the suite's shared artifact."""
-    return exported("timm_vit", "topk-cls")[1]
+def small_onnx(tmp_path_factory) -> Path:
+    """An ONNX file with a batch axis (y = relu(x), [batch, 4]): what the refusals before any serving need."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 4])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "small", [x], [y])
+    path = tmp_path_factory.mktemp("small") / "small.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), path)
+    return path
 
 
 @pytest.fixture(scope="session")
-def artifacts(vit_artifact, tmp_path_factory) -> dict[str, Path]:
-    """The pruned tiny ViT and a pruned tiny BERT (any length) as ONNX files, exported once per worker."""
+def artifacts(exported, tmp_path_factory) -> dict[str, Path]:
+    """The pruned tiny ViT (the suite's shared artifact) and a pruned tiny BERT (any length) as ONNX files,
+    exported once per worker."""
     bert = tpc.compile(encoder(), token_batch([16, 11], 16), method="topk-cls", layers=[0, 1], keep=0.5)
-    paths = {"vit": vit_artifact, "bert": tmp_path_factory.mktemp("artifacts") / "bert.onnx"}
+    paths = {"vit": exported("timm_vit", "topk-cls")[1], "bert": tmp_path_factory.mktemp("artifacts") / "bert.onnx"}
     tpc.export(bert, paths["bert"])
     return paths
 
@@ -272,33 +278,33 @@ def test_export_cli_writes_a_repository_and_refuses_to_overwrite(artifacts, tmp_
     assert sorted(p.name for p in repo.iterdir()) == ["deit"] and not (tmp_path / "new").exists()
 
 
-def test_serve_without_the_extra_says_what_to_install(vit_artifact, monkeypatch, cli):
+def test_serve_without_the_extra_says_what_to_install(small_onnx, monkeypatch, cli):
     monkeypatch.setitem(sys.modules, "pytriton", None)  # as if nvidia-pytriton were not installed
-    done = cli("serve", vit_artifact)
+    done = cli("serve", small_onnx)
     assert done.returncode == 1
     assert len(done.stderr.strip().splitlines()) == 1 and 'pip install "tpc[serve]"' in done.stderr
 
 
-def test_serve_on_a_busy_port_says_which_and_starts_nothing(vit_artifact, tmp_path, monkeypatch, cli):
+def test_serve_on_a_busy_port_says_which_and_starts_nothing(small_onnx, tmp_path, monkeypatch, cli):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where tpc serve makes its folder
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        done = cli("serve", vit_artifact, "--grpc-port", port)
+        done = cli("serve", small_onnx, "--grpc-port", port)
     assert done.returncode == 1 and done.stderr.startswith(f"tpc: error: --grpc-port {port}: cannot listen")
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("ports, words", [(["--port", "99999"], "--port 99999: a port is a number from 1 to 65535"),
                                            (["--port", "8123", "--metrics-port", "8123"], "are both 8123")])
-def test_serve_on_an_impossible_port_says_so_in_one_line(vit_artifact, cli, ports, words):
-    done = cli("serve", vit_artifact, *ports)
+def test_serve_on_an_impossible_port_says_so_in_one_line(small_onnx, cli, ports, words):
+    done = cli("serve", small_onnx, *ports)
     assert done.returncode == 1 and words in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
-def test_export_where_nothing_can_be_written_says_so_in_one_line(vit_artifact, cli):
-    done = cli("export", vit_artifact, "--triton-repo", "/proc/tpc-repo")  # /proc takes no new folders
+def test_export_where_nothing_can_be_written_says_so_in_one_line(small_onnx, cli):
+    done = cli("export", small_onnx, "--triton-repo", "/proc/tpc-repo")  # /proc takes no new folders
     assert done.returncode == 1 and "cannot write the model repository '/proc/tpc-repo'" in done.stderr
 
 
