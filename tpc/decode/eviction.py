@@ -24,6 +24,8 @@ window is per example.
 
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 
@@ -32,7 +34,7 @@ from tpc.errors import TpcError
 INF = float("inf")
 
 
-class Eviction:
+class Eviction(abc.ABC):
     """One layer's rule. ``score``: the tpc:: op the step computes for it (None: none) over the last
     ``window`` queries; ``state`` tensors have the slots as their last dim and follow the kept slots."""
 
@@ -60,8 +62,10 @@ class Eviction:
     def evicts(self, prefill: bool) -> bool:
         return True
 
+    @abc.abstractmethod
     def priority(self, positions: torch.Tensor, start: torch.Tensor, length: int) -> torch.Tensor:
-        raise NotImplementedError
+        """[B, Hkv, N] per slot: the ``budget`` highest are kept (``positions`` the slots' sequence
+        indices, ``start`` each example's first real position, ``length`` the logical length)."""
 
     def state(self) -> list[str]:
         return []
@@ -79,6 +83,9 @@ class KeepAll(Eviction):
 
     def evicts(self, prefill):
         return False
+
+    def priority(self, positions, start, length):
+        return positions.float()  # never asked (nothing is evicted); recency if it were
 
 
 def recent(positions: torch.Tensor, length: int, count: int) -> torch.Tensor:
