@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 
 import torch
@@ -129,20 +131,27 @@ class TpcModule(nn.Module):
         with torch.no_grad():
             return self.graph_module(*args)
 
+    @functools.cached_property
+    def _input_specs(self) -> list[tuple[str, list[int | None], torch.dtype]] | None:
+        """Per graph input: name, sizes (None: symbolic) and captured dtype; None for nested inputs."""
+        placeholders = list(self.graph_module.graph.find_nodes(op="placeholder"))
+        wanted = [n.meta.get("val") for n in placeholders]
+        if not all(isinstance(w, torch.Tensor) for w in wanted):
+            return None
+        return [(n.target, [d if isinstance(d, int) else None for d in w.shape], w.dtype) for n, w in zip(placeholders, wanted)]
+
     def _check_inputs(self, args: tuple) -> None:
         """Inputs of another count, dtype, rank or fixed size refused in one line, naming the input and
         what it takes (the graph's guards say ``Tensor dtype mismatch`` or ``Guard failed: x.size()[2] == 32``)."""
-        placeholders = list(self.graph_module.graph.find_nodes(op="placeholder"))
-        wanted = [n.meta.get("val") for n in placeholders]
-        if not all(isinstance(w, torch.Tensor) for w in wanted) or not all(isinstance(x, torch.Tensor) for x in args):
+        specs = self._input_specs
+        if specs is None or not all(isinstance(x, torch.Tensor) for x in args):
             return  # nested inputs: the graph's own input checks
-        names = [n.target for n in placeholders]
+        if len(args) != len(specs):
+            names = ", ".join(name for name, _, _ in specs)
+            raise TpcError(f"this pruned model takes {len(specs)} input(s) ({names}), not {len(args)}")
         cast = next((p.dtype for p in self.graph_module.parameters() if p.is_floating_point()), None)  # after .half()
-        if len(args) != len(placeholders):
-            raise TpcError(f"this pruned model takes {len(names)} input(s) ({', '.join(names)}), not {len(args)}")
-        for name, want, x in zip(names, wanted, args):
-            dims = [d if isinstance(d, int) else None for d in want.shape]
-            dtype = cast if cast is not None and want.dtype.is_floating_point else want.dtype
+        for (name, dims, captured), x in zip(specs, args):
+            dtype = cast if cast is not None and captured.is_floating_point else captured
             if x.dtype == dtype and x.dim() == len(dims) and all(d in (None, n) for d, n in zip(dims, x.shape)):
                 continue
             fix = (f"cast it (.to({dtype}))" if x.dtype != dtype else
