@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import io
 import logging
 import re
@@ -11,6 +13,7 @@ import warnings
 import onnx
 import torch
 from torch import fx, nn
+from torch.onnx._internal.exporter import _core, _registration
 
 from tpc.capture import export_program
 from tpc.errors import TpcError, refusal_or_bug
@@ -44,15 +47,31 @@ def program_to_onnx(ep: torch.export.ExportedProgram, example_inputs: tuple, tab
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
         warnings.simplefilter("ignore")
         try:
-            program = torch.onnx.export(ep, tuple(example_inputs), dynamo=True, opset_version=OPSET,
-                                        custom_translation_table=table, verbose=False, optimize=True,
-                                        report=False, verify=False)
+            # torch.onnx.export(ep, dynamo=True, custom_translation_table=table) with the torchlib registry
+            # built once per process (building it is about a second of every export)
+            program = _core.export(ep, tuple(example_inputs), registry=_registry(table), dynamic_shapes={},
+                                   opset_version=OPSET, optimize=True, report=False, verify=False, verbose=False)
         except Exception as err:  # an op without a translation refuses; a failing tpc translation is a bug
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise refusal_or_bug(err, f"ONNX export failed: {first}") from err
     model = program.model_proto
     model.producer_name = "tpc"
     return model
+
+
+@functools.cache
+def _torchlib_registry() -> _registration.ONNXRegistry:
+    return _registration.ONNXRegistry.from_torchlib(opset_version=OPSET)
+
+
+def _registry(table: dict) -> _registration.ONNXRegistry:
+    """The torchlib registry with ``table``'s translations of tpc:: ops added, on a copy (the
+    exporter only reads it)."""
+    registry = copy.copy(_torchlib_registry())
+    registry.functions = {op: list(metas) for op, metas in registry.functions.items()}
+    for op, translation in table.items():
+        registry.register_op(op, translation, is_complex=False)
+    return registry
 
 
 def with_plugin_references(model: onnx.ModelProto) -> onnx.ModelProto:
