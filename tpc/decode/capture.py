@@ -44,7 +44,7 @@ def decoder_spec(model: nn.Module) -> tuple[int, int, int]:
 def is_decoder_lm(model: nn.Module) -> bool:
     """A Hugging Face model that generates from its own outputs (``can_generate()``: a causal LM), not a VLM
     or an encoder-decoder: its forward returns a KV cache, and its tokens are pruned at decode time."""
-    from tpc.vlm.family import is_vlm
+    from tpc.vlm.family import is_vlm  # not at the top: tpc.vlm's __init__ imports pipeline, which imports this
 
     can_generate = getattr(model, "can_generate", None)
     return (callable(can_generate) and bool(can_generate()) and not is_vlm(model)
