@@ -102,12 +102,6 @@ OPTIONAL = {"transformers", "timm", "torchvision", "tensorrt", "triton", "matplo
             "tritonclient", "triton_python_backend_utils", "gguf", "accelerate", "safetensors", "huggingface_hub"}
 
 
-# Function-level imports that stand in for a cycle the module graph does not show: importing a module
-# first runs its packages' __init__, and tpc/vlm/__init__.py imports vlm.compile -> pipeline ->
-# decode.capture. (The cycle is between the packages' façades; until they stop importing their compile
-# modules, this import stays inside the function that needs it.)
-CYCLE_BREAKERS = {("tpc.decode.capture", "tpc.vlm.family")}
-
 
 def with_packages(module: str) -> set[str]:
     """``module`` and the packages above it: importing it runs each of their ``__init__``."""
@@ -235,17 +229,8 @@ def test_an_import_inside_a_function_defers_an_optional_dependency():
     one table with importlib, so `tpc --help` and argument errors load no command."""
     path = {m: p.relative_to(TPC.parent) for m, p in modules().items()}
     inside = [f"{path[module]}:{line} imports {target}" for module, line, target, where in imports()
-              if where == FUNCTION and not optional_dependencies_of(target)
-              and (module, tpc_module(target)) not in CYCLE_BREAKERS]
+              if where == FUNCTION and not optional_dependencies_of(target)]
     assert inside == []
-
-
-def test_each_cycle_breaker_is_inside_a_function_and_would_close_a_cycle():
-    reached = propagate({m: {m} for m in modules()}, runs_at_import())  # what importing each module runs
-    local = {(module, tpc_module(target)) for module, _, target, where in imports() if where == FUNCTION}
-    for importer, target in CYCLE_BREAKERS:
-        assert (importer, target) in local
-        assert importer in reached[target], f"{importer} -> {target} closes no cycle: import it at the top"
 
 
 def test_optional_dependencies_are_found_through_the_modules_imported():
