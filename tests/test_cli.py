@@ -32,6 +32,26 @@ def test_python_m_tpc_runs_the_cli():
     assert r.returncode == 0 and "topk-cls" in r.stdout and not r.stderr
 
 
+def test_every_command_is_a_module_with_run():
+    """cli.py's COMMANDS names a module with ``run(args)`` for each subcommand the parser knows."""
+    import importlib
+
+    from tpc.cli import COMMANDS, build_parser
+
+    assert set(COMMANDS) == set(build_parser()._subparsers._group_actions[0].choices)
+    assert all(callable(importlib.import_module(module).run) for module in COMMANDS.values())
+
+
+@pytest.mark.slow  # a fresh Python, to see what it imported
+def test_an_argument_error_imports_no_command():
+    """The command's module, and what it imports, waits until the arguments parse (as for --help)."""
+    code = ("import sys\nfrom tpc.cli import main\ntry:\n    main(['compile', 'm'])\nexcept SystemExit as e:\n"
+            "    print(e.code, sorted(m for m in sys.modules if m.startswith('tpc.commands.')))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=TESTS, capture_output=True, text=True, timeout=600)
+    assert r.stdout.split() == ["2", "[]"], r.stdout + r.stderr
+    assert "the following arguments are required: -o/--output" in r.stderr
+
+
 def test_compile_pt2_and_inspect_it(cli, tmp_path):
     out = tmp_path / "tiny.pt2"
     assert cli("compile", "models:cli_tiny_vit", "--pass", "random", "--layers", "0", "--keep", "4", "-o", out).returncode == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect as inspect_module
 import logging
 import os
@@ -15,6 +16,7 @@ from tpc.backends import check_backend
 from tpc.capture import is_token_input, set_eval
 from tpc.compiled import CompileReport
 from tpc.errors import TpcError
+from tpc.exports import to_onnxruntime, write_artifact
 from tpc.passes import get_method
 from tpc.pipeline import compile_encoder, describe_encoder
 from tpc.recipe import check_steps, load_recipe, steps_from_pass
@@ -31,8 +33,6 @@ LOAD_KEYWORDS = ("weights", "random_weights", "weights_seed", "model_args", "inp
 
 def _check_keywords(function: str, given: dict, accepted) -> None:
     """Refuse a keyword ``function`` does not take, naming the nearest one it does."""
-    import difflib
-
     for key in given:
         if key not in accepted:
             near = difflib.get_close_matches(key, list(accepted), n=1)
@@ -269,8 +269,6 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
                              every_layer=(method, keep, r, options) if every_layer else None, prefix=prefix,
                              after=after, seed=seed, restore=restore, dynamic_length=seq_len is None, notes=notes)
     if backend == "onnxruntime":
-        from tpc.exports import to_onnxruntime
-
         return to_onnxruntime(pruned)
     return pruned
 
@@ -340,8 +338,6 @@ def export(module: nn.Module, path: str | os.PathLike, example_inputs=None, chec
     TensorRT ``.plan``, ``batch`` is the optimization profile "min,opt,max" and ``precision``
     one of fp32, fp16, bf16.
     """
-    from tpc.exports import write_artifact
-
     if isinstance(module, (vlm.VlmModule, decode.DecodeModule)):
         return module.save(path, check=check)
     return write_artifact(module, Path(path), example_inputs, check=check, batch=batch, precision=precision)

@@ -12,6 +12,7 @@ caller's module: training flags are set on the way in and restored on the way ou
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 
 import torch
@@ -20,6 +21,7 @@ from torch.export import Dim
 from torch.utils._sympy.numbers import int_oo
 
 from tpc.errors import REPORT, TpcError, TpcInternalError, refusal_or_bug
+from tpc.graph.einsum import einsum_to_matmul
 
 MAX_BATCH = 65536
 
@@ -99,15 +101,11 @@ def export_program(model: nn.Module, example_inputs: tuple, example_kwargs: dict
 
 
 def _variadic(model: nn.Module) -> bool:
-    import inspect
-
     kinds = [p.kind for p in inspect.signature(model.forward).parameters.values()]
     return bool(kinds) and kinds[0] is inspect.Parameter.VAR_POSITIONAL
 
 
 def _by_position(model: nn.Module, args_spec: tuple) -> dict:
-    import inspect
-
     names = [p for p in inspect.signature(model.forward).parameters]
     return dict(zip(names, args_spec))
 
@@ -117,8 +115,6 @@ def capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None
     """The model as a GraphModule of aten ops with ``meta['val']`` on every node."""
     if example_inputs and isinstance(example_inputs[0], torch.Tensor) and example_inputs[0].shape[0] < 2:
         raise TpcError("example inputs need a batch of at least 2 so the batch dimension is captured as dynamic")
-    from tpc.graph.einsum import einsum_to_matmul
-
     gm = export_program(model, example_inputs, example_kwargs, dynamic_length).module()
     einsum_to_matmul(gm)
     return gm

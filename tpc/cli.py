@@ -1,18 +1,35 @@
-"""The ``tpc`` command line: compile, passes, inspect, tune, export, serve (and the measuring commands)."""
+"""The ``tpc`` command line: compile, passes, inspect, tune, export, serve (and the measuring commands).
+
+This module parses the arguments only; each command's work is ``run(args)`` in its module under
+:mod:`tpc.commands`, imported through ``COMMANDS`` once the arguments parse (the table pip keeps
+for its commands), so ``tpc --help`` and an argument error load no command's module (they still
+run ``tpc/__init__.py``, which imports torch and the API).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import signal
 import sys
 import threading
-import time
-from pathlib import Path
 
 from tpc import signals
 from tpc.errors import REPORT, TpcError, TpcInternalError
 from tpc.signals import Terminated
+
+COMMANDS = {  # command -> the module whose run(args) does its work, imported only for that command
+    "compile": "tpc.commands.compile",
+    "passes": "tpc.commands.passes",
+    "inspect": "tpc.commands.inspect",
+    "bench": "tpc.commands.bench",
+    "visualize": "tpc.commands.visualize",
+    "tune": "tpc.commands.tune",
+    "eval": "tpc.commands.eval",
+    "export": "tpc.commands.export",
+    "serve": "tpc.commands.serve",
+}
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -62,216 +79,6 @@ def _fill_prune_defaults(args) -> None:
             setattr(args, key, value)
 
 
-def _options(args) -> dict | None:
-    from tpc.models import parse_model_args
-
-    options = {}
-    for item in args.option:
-        if "=" not in item:
-            raise TpcError(f"--option takes KEY=VALUE, not {item!r}")
-        options.update(parse_model_args(item))
-    if args.fuse:
-        options["fuse"] = True
-    return options or None
-
-
-def _load_kwargs(args) -> dict:
-    return dict(weights=args.weights, random_weights=args.random_weights, model_args=args.model_args,
-                input_size=args.input_size, weights_seed=args.weights_seed)
-
-
-def _prune_kwargs(args) -> dict:
-    """The compile settings besides method, layers and keep."""
-    return dict(r=args.r, prefix=args.prefix, after=args.after, seed=args.seed, options=_options(args),
-                restore=args.restore, seq_len=args.seq_len, vision_layer=args.vision_layer)
-
-
-def _compile_kwargs(args) -> dict:
-    if getattr(args, "recipe", None):
-        if args.schedule_given:
-            raise TpcError(f"--recipe replaces {', '.join(args.schedule_given)}: give the recipe or the flags, not both")
-        return dict(recipe=args.recipe, prefix=args.prefix, restore=args.restore, seq_len=args.seq_len, **_load_kwargs(args))
-    return {"method": args.method, "layers": args.layers, "keep": args.keep, **_prune_kwargs(args), **_load_kwargs(args)}
-
-
-def _describe_model(args) -> str:
-    if args.random_weights:
-        return f"{args.model} (random weights)"
-    if args.weights:
-        return f"{args.model} (weights {args.weights})"
-    return args.model
-
-
-def cmd_compile(args) -> int:
-    import tpc
-    from tpc.capture import length_range, length_span
-    from tpc.compiled import recipe
-    from tpc import decode
-    from tpc.decode import DecodeModule
-    from tpc.decode.export import check_step_suffix
-    from tpc.exports import check_target
-    from tpc.exports.atomic import refuse_overwriting
-    from tpc.vlm import VlmModule
-    from tpc.vlm.family import names_a_vlm
-
-    out = Path(args.output)
-    decode.refuse_kv_artifact(args.method)
-    if out.suffix.lower() == ".plan" and names_a_vlm(args.model):
-        raise TpcError(f"{args.model} is a vision-language model: TensorRT engines are written for encoders only; "
-                       "write its pruned prefill as .pt2 or .onnx")
-    if decode.decode_time(args.method):
-        check_step_suffix(out)
-    check_target(out, args.batch, args.precision)
-    refuse_overwriting([("-o", out)], [("the model you compile", args.model), ("the --weights file", args.weights),
-                                       ("the --recipe file", args.recipe)])
-    start = time.perf_counter()
-    pruned = tpc.compile(args.model, **_compile_kwargs(args))
-    report = pruned.report
-    decoder = isinstance(pruned, DecodeModule)
-    print(f"{_describe_model(args)}: {report.summary() if decoder else recipe(report)}")
-    print(report.table())
-    if not decoder:
-        print(report.summary())
-    result = tpc.export(pruned, out, check=not args.no_check, batch=args.batch, precision=args.precision)
-    took = time.perf_counter() - start
-    kind = {".onnx": "ONNX opset 18, standard ops", ".pt2": "torch.export program",
-            ".plan": f"TensorRT engine, {args.precision}"}[out.suffix.lower()]
-    dynamic = "dynamic batch and prompt length" if isinstance(pruned, VlmModule) else \
-        "the decode step, dynamic batch and cache length" if decoder else "dynamic batch"
-    lengths = None if decoder or isinstance(pruned, VlmModule) else length_range(pruned.graph_module)
-    if lengths is not None:
-        dynamic += f" and length ({length_span(lengths)} tokens)"
-    print(f"wrote {out} in {took:.1f} s: {kind}, {dynamic}")
-    if result:
-        flips = f", {result.tie_flips} near-tie decision(s) resolved differently" if result.tie_flips else ""
-        print(f"checked against the torch module {result.where()}: "
-              f"max abs error {result.max_abs_error:.2g}{flips}")
-    return 0
-
-
-def cmd_passes(args) -> int:
-    from tpc.registry import METHODS
-
-    width = max(len(n) for n in METHODS)
-    for m in METHODS.values():
-        print(f"{m.name:<{width}}  {m.summary}\n{'':<{width}}  paper: {m.paper}")
-        print(f"{'':<{width}}  {m.capabilities()}")
-        if m.options:
-            print(f"{'':<{width}}  options: " + ", ".join(f"{k}={v!r}" for k, v in m.options.items()))
-    return 0
-
-
-def cmd_inspect(args) -> int:
-    import tpc
-    from tpc.decode import DecodeReport
-    from tpc.compiled import recipe
-
-    kwargs = _compile_kwargs(args)
-    from tpc import decode
-
-    decode.refuse_kv_artifact(kwargs.get("method"), "inspect")
-    if not getattr(args, "schedule_given", True):  # no schedule flag: the unpruned model, not --pass's default
-        # (a VLM would otherwise be pruned with the default topk-cls, or refused for a tower without [CLS])
-        kwargs.pop("method", None)
-    report = tpc.inspect(args.model, **kwargs)
-    if isinstance(report, DecodeReport):
-        print(f"{_describe_model(args)}: {report.summary()}")
-        print(report.table())
-        return 0
-    print(f"{_describe_model(args)}: {len(report.sites)} attention layers"
-          + (f"; {recipe(report)}" if report.layers else ""))
-    print(report.table())
-    print(report.summary())
-    return 0
-
-
-def _parse_sweep(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    key, _, values = text.partition("=")
-    if key.strip() != "keep" or not values:
-        raise TpcError(f"--sweep takes keep=V1,V2,... (e.g. keep=0.9,0.8,0.7), not {text!r}")
-    return [v.strip() for v in values.split(",") if v.strip()]
-
-
-def cmd_eval(args) -> int:
-    import json
-
-    from tpc.commands.eval import run_eval
-
-    result = run_eval(args.model, data=args.data, method=args.method, layers=args.layers, keep=args.keep,
-                      sweep=_parse_sweep(args.sweep), mean=args.mean, std=args.std, backend=args.backend,
-                      batch=args.batch, offset=args.offset, limit=args.limit, plot=args.plot,
-                      load_kwargs=_load_kwargs(args), compile_kwargs=_prune_kwargs(args), progress=args.progress)
-    if args.json:
-        print(json.dumps(result.as_dict(), indent=2))
-    else:
-        print(result.table())
-        if result.plot:
-            print(f"wrote {result.plot}")
-    return 0
-
-
-def cmd_bench(args) -> int:
-    import json
-
-    from tpc.commands.bench import run_bench
-
-    result = run_bench(args.model, method=args.method, layers=args.layers, keep=args.keep, backend=args.backend,
-                       batches=args.batch, threads=args.threads, warmup=args.warmup, iters=args.iters,
-                       repeats=args.repeats, load_kwargs=_load_kwargs(args), compile_kwargs=_prune_kwargs(args),
-                       contexts=args.context)
-    print(json.dumps(result.as_dict(), indent=2) if args.json else result.table())
-    return 0
-
-
-def cmd_tune(args) -> int:
-    from tpc.tune import run_tune
-
-    result = run_tune(args.model, args.data, max_drop=args.max_drop, target=args.target, backend=args.backend,
-                      batch=args.batch, time_budget=args.time, metric=args.metric, max_flops=args.max_flops,
-                      check_split=args.check_split, plot=args.plot, output=args.output, methods=args.methods,
-                      mean=args.mean, std=args.std, after=args.after, seed=args.seed, load_kwargs=_load_kwargs(args),
-                      progress=args.progress, confidence=args.confidence)
-    print(result.table())
-    if result.best is not None:
-        return 0
-    return 130 if result.search["interrupted"] else 1  # Ctrl-C before a pick: as an interrupted command exits
-
-
-def cmd_visualize(args) -> int:
-    from tpc.visualize import run_visualize
-
-    result = run_visualize(args.model, args.image, args.output, method=args.method, layers=args.layers, keep=args.keep,
-                           mean=args.mean, std=args.std, load_kwargs=_load_kwargs(args),
-                           compile_kwargs=_prune_kwargs(args))
-    counts = ", ".join(f"layer {layer}: {n} patches" for layer, n in zip(result.layers, result.kept))
-    print(f"wrote {result.path}: {result.grid[0]}x{result.grid[1]} patches of {result.patch} px; kept {counts}")
-    return 0
-
-
-def cmd_export(args) -> int:
-    from tpc.serving.repository import signature, write_repository
-
-    folder = write_repository(args.artifact, args.triton_repo, args.name, backend=args.backend, max_batch=args.max_batch)
-    sig = signature(folder / "1" / "model.onnx")
-    print(f"wrote {folder}: config.pbtxt and 1/{'model.onnx, 1/model.py' if args.backend == 'python' else 'model.onnx'}"
-          f" ({args.backend} backend, max batch {args.max_batch}, dynamic batching)")
-    print(f"inputs {_tensors(sig.inputs)} -> outputs {_tensors(sig.outputs)}")
-    return 0
-
-
-def _tensors(tensors) -> str:
-    return ", ".join(f"{t.name} {t.dtype.removeprefix('TYPE_')} [-1, {', '.join(map(str, t.dims))}]" for t in tensors)
-
-
-def cmd_serve(args) -> int:
-    from tpc.commands.serve import serve
-
-    return serve(args.artifact, name=args.name, http_port=args.port, grpc_port=args.grpc_port,
-                 metrics_port=args.metrics_port, max_batch=args.max_batch)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpc", description="tpc: token pruning compiler for transformers")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what every pass changed")
@@ -287,16 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip checking the artifact against the torch module")
     p.add_argument("--batch", help="TensorRT engines: the optimization profile's batch sizes min,opt,max (default 1,2,32)")
     p.add_argument("--precision", default="fp32", help="TensorRT engines: fp32 (default), fp16 or bf16")
-    p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("passes", help="list the pruning methods and their papers")
-    p.set_defaults(func=cmd_passes)
 
     p = sub.add_parser("inspect", help="attention sites, tokens per layer and FLOPs, before/after pruning")
     _add_model_args(p)
     _add_prune_args(p)
     p.add_argument("--recipe", help="recipe.json: describe the model as this recipe prunes it")
-    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="latency of the pruned and the unpruned model, side by side")
     _add_model_args(p)
@@ -309,7 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats (their spread shows the noise)")
     p.add_argument("--context", default="2048", help="decoders: cached positions (tidal) or prompt length (KV-eviction methods), e.g. 2048,8192")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("visualize", help="draw which patches each pruning layer keeps")
     _add_model_args(p)
@@ -318,7 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean", help="normalisation mean (default: the model's config)")
     p.add_argument("--std", help="normalisation std (default: the model's config)")
     p.add_argument("-o", "--output", required=True, help="the PNG to write")
-    p.set_defaults(func=cmd_visualize)
 
     p = sub.add_parser("tune", help="search the fastest recipe within an accuracy budget on your data; writes recipe.json")
     _add_model_args(p)
@@ -345,7 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="PNG of the Pareto front with every method's recipes and the unpruned model")
     p.add_argument("--progress", action="store_true", default=None, help="show progress even when not on a terminal")
     p.add_argument("-o", "--output", required=True, help="the recipe.json to write (read by tpc compile --recipe)")
-    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("eval", help="top-1 and agreement with the unpruned model on labelled images")
     _add_model_args(p)
@@ -361,7 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="PNG of accuracy against FLOPs (default with --sweep: <model>_sweep.png)")
     p.add_argument("--progress", action="store_true", default=None, help="show a progress bar even when not on a terminal")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a Triton Inference Server model repository for an ONNX artifact")
     p.add_argument("artifact", help="the .onnx artifact (as tpc compile writes it)")
@@ -371,7 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("onnxruntime", "python"), default="onnxruntime",
                    help="onnxruntime (default: a full Triton installation or container) or python (ONNX Runtime in "
                    "Triton's Python backend, as tpc serve runs it)")
-    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="serve an ONNX artifact on the Triton server bundled by nvidia-pytriton")
     p.add_argument("artifact", help="the .onnx artifact (as tpc compile writes it)")
@@ -380,7 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
     p.add_argument("--max-batch", type=int, default=32, help="largest batch the dynamic batcher forms (default 32)")
-    p.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -408,7 +206,7 @@ def _main(argv: list[str] | None) -> int:
         logging.getLogger("torch").setLevel(logging.ERROR)
     try:
         try:
-            return args.func(args)
+            return importlib.import_module(COMMANDS[args.command]).run(args)
         except Exception:
             signals.raise_if_signalled()  # Ctrl-C or SIGTERM that torch turned into another error
             raise

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from tpc.errors import TpcError, check_readable
+from tpc.models import parse_numbers
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +71,6 @@ def _pixels(images: np.ndarray, path: Path) -> np.ndarray:
 
 def open_npz(path: Path):
     """The arrays of an ``.npz`` (numpy.savez), never unpickling; a clear refusal for anything else."""
-    import zipfile
-
     if not zipfile.is_zipfile(path):
         raise TpcError(f"{str(path)!r} is not an .npz file (a zip of arrays written by numpy.savez)")
     try:
@@ -155,8 +155,6 @@ def load_dataset(path: str | Path, input_size: Sequence[int]) -> Dataset:
 
 def parse_floats(text, name: str) -> tuple[float, ...] | None:
     """--mean or --std: finite numbers, a std above 0 (images are divided by it)."""
-    from tpc.models import parse_numbers
-
     values = parse_numbers(text, float, name, "0.5,0.5,0.5")
     if values is not None and not all(np.isfinite(v) and (v > 0 or name != "std") for v in values):
         raise TpcError(f"--{name} {text}: " + ("every value is a finite number above 0 (images are divided by it)"

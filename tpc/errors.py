@@ -6,6 +6,10 @@ raised inside tpc is a bug in tpc; the pass manager reports it as a ``TpcInterna
 (which is deliberately not a ``TpcError``), naming the pass and the node it was at.
 """
 
+import os
+import sys
+from pathlib import Path
+
 REPORT = "this is a bug in tpc, not a problem with your model: please report it with the command and the " \
          "traceback (rerun with --debug, or catch TpcInternalError)"
 
@@ -17,9 +21,6 @@ class TpcError(Exception):
 def check_readable(path, what: str, expect: str, directory: bool = False):
     """``path`` (a ``Path``) when this process can read it; else one line saying why (it does not
     exist, is a directory where a file is wanted, or reading it is not permitted) and ``expect``."""
-    import os
-    from pathlib import Path
-
     path = Path(path)
     if not path.exists():
         raise TpcError(f"{what} {str(path)!r} does not exist: give {expect}")
@@ -52,8 +53,6 @@ _TOOLING = frozenset({"torch", "functorch", "onnx", "onnxscript", "onnx_ir", "on
 def _innermost_author(tb) -> str | None:
     """The top-level package of the innermost frame in ``tb`` written for this model: tpc's code,
     or the model's (its own file, timm, transformers), skipping Python and torch/ONNX tooling."""
-    import sys
-
     author = None
     while tb is not None:
         package = (tb.tb_frame.f_globals.get("__name__") or "").split(".")[0]

@@ -24,6 +24,7 @@ import os
 import pickle
 import socket
 import sys
+import traceback
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -33,7 +34,10 @@ import torch
 from torch import nn
 
 from tpc.errors import TpcError, check_readable
+from tpc.pt2 import load_program
 from tpc.schedule import check_seed
+from tpc.vlm import is_vlm
+from tpc.vlm.family import example_inputs as vlm_example_inputs, names_a_vlm
 
 EXAMPLE_BATCH = 2
 HUB_HOST = ("huggingface.co", 443)
@@ -181,8 +185,6 @@ def _offline_unless_reachable():
 
 
 def _load_pt2(path: Path) -> LoadedModel:
-    from tpc.pt2 import load_program
-
     ep = load_program(path)
     _check_recompilable(ep, path)
     module = ep.module()
@@ -225,15 +227,11 @@ TEXT_LENGTH = 128
 
 
 def hf_example_inputs(config, module, input_size) -> tuple | dict:
-    from tpc.vlm import is_vlm
-
     if is_vlm(module):
-        from tpc.vlm.family import example_inputs
-
         if input_size is not None and (len(input_size) != 1 or input_size[0] < 1):
             raise TpcError(f"--input-size of a vision-language model is its text tokens per prompt (one number, 1 "
                            f"or more, e.g. 64), not {','.join(map(str, input_size))}")
-        return example_inputs(module, text=int(input_size[0])) if input_size else example_inputs(module)
+        return vlm_example_inputs(module, text=int(input_size[0])) if input_size else vlm_example_inputs(module)
     if getattr(config, "image_size", None) and getattr(config, "num_channels", None):
         size = input_size or (config.num_channels, config.image_size, config.image_size)
         return example_images(size)
@@ -355,8 +353,6 @@ def _seeded(seed: int):
 def could_be_vlm(model_id: str) -> bool:
     """Whether ``model_id`` may name a vision-language model, known without loading it: a timm name
     or a file never does, a directory's or a hub id's config.json says, a function may."""
-    from tpc.vlm.family import names_a_vlm
-
     lower = model_id.lower()
     if lower.endswith((".pt2", ".onnx")) or model_id.startswith("timm/"):
         return False
@@ -424,8 +420,6 @@ def _load_function(spec: str, input_size) -> LoadedModel:
 
 def _user_error(err: BaseException) -> str:
     """``Type: message (at file:line)``, the line being the innermost frame of the user's code."""
-    import traceback
-
     frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename != __file__]
     where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
     first = (str(err).strip().splitlines() or [""])[0]

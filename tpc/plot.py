@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from tpc.errors import TpcError
+from tpc.exports.atomic import atomic_output
 
 
 def _pyplot():
@@ -23,8 +24,6 @@ def _pyplot():
 def accuracy_vs_flops(rows: list[dict], path: str | Path, title: str, baseline: dict | None = None,
                       metric: str = "top1") -> None:
     """``rows``: dicts with method, gflops, and the metric (a fraction); one line per method."""
-    from tpc.exports.atomic import atomic_output
-
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for method in dict.fromkeys(r["method"] for r in rows):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import tpc.kernels  # noqa: F401  (a .pt2 written by tpc holds tpc:: ops)
 from tpc.errors import REPORT, TpcError, TpcInternalError, check_readable
 
 CODE_MEMBERS = {
@@ -117,8 +118,6 @@ def load_program(path: str | os.PathLike, written_by_tpc: bool = False) -> torch
         raise refuse(f"cannot load {str(path)!r}: not a torch.export archive ({err})", err) from err
     if why:
         raise refuse(f"refusing to load {str(path)!r}: {why}")
-    import tpc.kernels  # noqa: F401  (a .pt2 written by tpc holds tpc:: ops)
-
     try:
         with _weights_only_loads():
             return torch.export.load(str(path))

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tpc.errors import TpcError, check_readable
+from tpc.exports.atomic import atomic_output
 from tpc.registry import METHODS, VISUAL, Kind, Where, get_method, methods_for
 from tpc.schedule import KeepValue, Removal, check_seed, parse_budget, parse_keep, parse_layers, parse_removals, read_r
 from tpc.version import __version__
@@ -177,8 +178,6 @@ class Recipe:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Written atomically: a failure leaves no half-written recipe and an existing file untouched."""
-        from tpc.exports.atomic import atomic_output
-
         with atomic_output(path) as tmp:
             tmp.write_text(json.dumps(self.as_dict(), indent=2) + "\n")
         return Path(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import statistics
 import tempfile
 import time
@@ -17,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import onnx
+import torch
+from torch.profiler import ProfilerActivity, profile
 
 from tpc.exports.onnxruntime import make_session
 
@@ -107,9 +110,6 @@ def inserted_share(model: onnx.ModelProto, feeds: dict, threads: int | None, ite
 
 def torch_inserted_share(module, inputs: tuple, iters: int = 10) -> float:
     """Fraction of a torch module's forward time spent inside tpc:: ops (torch profiler)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
     with torch.no_grad():
         module(*inputs)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -167,8 +167,6 @@ class BenchResult:
 
 
 def machine_name() -> str:
-    import platform
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:

@@ -14,8 +14,12 @@ import numpy as np
 import torch
 from torch import fx
 
+import tpc
 from tpc import models
+from tpc.dataset import parse_floats, resize_crop
 from tpc.errors import TpcError
+from tpc.exports.atomic import atomic_output, check_output_path, refuse_overwriting
+from tpc.passes.compaction import compactions
 from tpc.vlm.family import refuse_vlm
 
 GREY = (128, 128, 128)
@@ -48,15 +52,11 @@ def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     h, w = size
     if img.height < h or img.width < w:
         raise TpcError(f"image {str(path)!r} is {img.width}x{img.height} but the model takes {w}x{h}: give an image at least that large")
-    from tpc.dataset import resize_crop
-
     return resize_crop(img, size)
 
 
 def kept_positions(gm: fx.GraphModule, inputs: tuple) -> tuple[list[int], list[torch.Tensor]]:
     """(layers, original token positions kept after each compaction) for the first example."""
-    from tpc.passes.compaction import compactions
-
     wanted = {c.index: c.layer for c in compactions(gm)}
     seen: dict[int, torch.Tensor] = {}
 
@@ -86,8 +86,6 @@ def render(image: np.ndarray, positions: list[torch.Tensor], layers: list[int], 
            tokens: int, out: str | Path) -> Visualization:
     from PIL import Image, ImageDraw
 
-    from tpc.exports.atomic import atomic_output
-
     c, h, w = image.shape
     gh, gw = grid
     ph, pw = h // gh, w // gw
@@ -116,10 +114,6 @@ def render(image: np.ndarray, positions: list[torch.Tensor], layers: list[int], 
 
 def run_visualize(model_id, image_path, out, method="topk-cls", layers=None, keep=None, mean=None, std=None,
                   load_kwargs=None, compile_kwargs=None) -> Visualization:
-    import tpc
-    from tpc.dataset import parse_floats
-    from tpc.exports.atomic import check_output_path, refuse_overwriting
-
     check_output_path(out)
     if Path(out).suffix.lower() != ".png":
         raise TpcError(f"tpc visualize writes a PNG: give -o with a .png name, not {str(out)!r}")

@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import os
-from typing import TYPE_CHECKING
 
 import torch
 
+import tpc
 from tpc import decode, models
 from tpc.backends import BACKENDS, check_backend
+from tpc.capture import capture
+from tpc.commands.arguments import load_kwargs, prune_kwargs
+from tpc.decode.bench import bench_decode
+from tpc.decode.capture import MAX_CACHE
+from tpc.decode.kv_bench import bench_compressed
 from tpc.errors import TpcError
+from tpc.exports import to_onnx
+from tpc.exports.onnx import check_onnx
+from tpc.exports.onnxruntime import make_session
+from tpc.exports.tensorrt import engine_runner, graph_engine, require_tensorrt
 from tpc.timing import BenchResult, BenchRow, inserted_share, machine_name, time_pair, torch_inserted_share
+from tpc.vlm.bench import VlmBenchResult, bench_vlm
 from tpc.vlm.family import is_vlm
 
-if TYPE_CHECKING:
-    from tpc.vlm.bench import VlmBenchResult
+
+def run(args) -> int:
+    result = run_bench(args.model, method=args.method, layers=args.layers, keep=args.keep, backend=args.backend,
+                       batches=args.batch, threads=args.threads, warmup=args.warmup, iters=args.iters,
+                       repeats=args.repeats, load_kwargs=load_kwargs(args), compile_kwargs=prune_kwargs(args),
+                       contexts=args.context)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result.table())
+    return 0
 
 
 def parse_batches(text) -> list[int]:
@@ -35,18 +52,9 @@ def run_bench(model_id, method="topk-cls", layers=None, keep=None, backend=None,
     ``backend``: onnxruntime (the default for encoders), torch or tensorrt. A vision-language
     model is measured in torch (prefill and one decode step, KV-cache bytes: tpc.vlm.bench).
     """
-    import tpc
-    from tpc.capture import capture
-    from tpc.exports import to_onnx
-    from tpc.exports.onnx import check_onnx
-    from tpc.exports.onnxruntime import make_session
-    from tpc.flops import count_flops
-
     if backend is not None:
         check_backend(backend, BACKENDS, "tpc bench")
     if backend == "tensorrt":
-        from tpc.exports.tensorrt import require_tensorrt
-
         require_tensorrt()
     if min(warmup, iters, repeats) < 0 or iters < 1 or repeats < 1:
         raise TpcError("--iters and --repeats must be at least 1, --warmup at least 0")
@@ -76,8 +84,6 @@ def run_bench(model_id, method="topk-cls", layers=None, keep=None, backend=None,
         pruned_s = make_session(pruned_model.SerializeToString(), threads)
         name = base_s.get_inputs()[0].name
     elif backend == "tensorrt":
-        from tpc.exports.tensorrt import engine_runner, graph_engine
-
         profile = (1, max(sizes), max(sizes))
         base_plan, _ = graph_engine(base_gm, loaded.example_inputs, profile, "fp16")
         pruned_plan, _ = graph_engine(pruned.graph_module, loaded.example_inputs, profile, "fp16")
@@ -104,9 +110,6 @@ def run_bench(model_id, method="topk-cls", layers=None, keep=None, backend=None,
 
 def _bench_vlm(loaded, method, layers, keep, backend, sizes, threads, warmup, iters, repeats, compile_kwargs):
     """A VLM: prefill and one decode step in torch, pruned against unpruned (tpc.vlm.bench)."""
-    import tpc
-    from tpc.vlm.bench import bench_vlm
-
     if backend not in (None, "torch"):
         raise TpcError(f"tpc bench measures a vision-language model in torch (its decode step runs the stock decoder "
                        f"layers in Python): --backend {backend} is for encoders; drop it or pass --backend torch")
@@ -117,8 +120,6 @@ def _bench_vlm(loaded, method, layers, keep, backend, sizes, threads, warmup, it
 
 def _contexts(backend, contexts) -> list[int]:
     """--context as cached positions; a backend other than torch refused (decoders are measured in torch)."""
-    from tpc.decode.capture import MAX_CACHE
-
     if backend not in (None, "torch"):
         raise TpcError(f"tpc bench measures a decode step in torch: --backend {backend} is for encoders; drop it or "
                        "pass --backend torch")
@@ -138,10 +139,6 @@ def _bench_decoder(model_id, method, layers, keep, backend, sizes, contexts, thr
     """A decoder LM: one decode step dense vs sparse vs the ideal (decode-time, tpc.decode.bench), or
     the bytes held and decode-step latency, compressed vs dense (KV eviction, tpc.decode.kv_bench).
     Compiled by tpc.compile with every setting given, so one the method does not take is refused."""
-    import tpc
-    from tpc.decode.bench import bench_decode
-    from tpc.decode.kv_bench import bench_compressed
-
     lengths = _contexts(backend, contexts)
     module = tpc.compile(str(model_id), method=method, layers=layers, keep=keep, **(compile_kwargs or {}),
                          **(load_kwargs or {}))

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+import tpc
 from tpc import models
 from tpc.api import prunes
 from tpc.backends import check_backend
+from tpc.capture import capture
+from tpc.commands.arguments import load_kwargs, prune_kwargs
 from tpc.dataset import accuracy, check_data_path, load_dataset, parse_floats, predict, warn_if_labels_look_meaningless
-from tpc.errors import TpcError
-from tpc.exports.atomic import check_output_path, refuse_overwriting
 from tpc.decode.capture import refuse_encoder_method
+from tpc.errors import TpcError
+from tpc.exports import to_onnxruntime
+from tpc.exports.atomic import check_output_path, refuse_overwriting
+from tpc.flops import count_flops
+from tpc.plot import accuracy_vs_flops
 from tpc.vlm.family import refuse_vlm
-
 
 @dataclass
 class EvalRow:
@@ -49,21 +55,39 @@ class EvalResult:
         return "\n".join(lines)
 
 
+def parse_sweep(text: str | None) -> list[str] | None:
+    """--sweep keep=V1,V2,... as the keep values."""
+    if text is None:
+        return None
+    key, _, values = text.partition("=")
+    if key.strip() != "keep" or not values:
+        raise TpcError(f"--sweep takes keep=V1,V2,... (e.g. keep=0.9,0.8,0.7), not {text!r}")
+    return [v.strip() for v in values.split(",") if v.strip()]
+
+
+def run(args) -> int:
+    result = run_eval(args.model, data=args.data, method=args.method, layers=args.layers, keep=args.keep,
+                      sweep=parse_sweep(args.sweep), mean=args.mean, std=args.std, backend=args.backend,
+                      batch=args.batch, offset=args.offset, limit=args.limit, plot=args.plot,
+                      load_kwargs=load_kwargs(args), compile_kwargs=prune_kwargs(args), progress=args.progress)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        print(result.table())
+        if result.plot:
+            print(f"wrote {result.plot}")
+    return 0
+
+
 def _runner(module, backend: str, example_inputs=None):
     if backend == "torch":
         return module
-    from tpc.exports import to_onnxruntime
-
     return to_onnxruntime(module, example_inputs)
 
 
 def run_eval(model_id, data, method="topk-cls", layers=None, keep=None, sweep=None, mean=None, std=None,
              backend="torch", batch=500, offset=0, limit=None, plot=None, load_kwargs=None, compile_kwargs=None,
              progress=None) -> EvalResult:
-    import tpc
-    from tpc.capture import capture
-    from tpc.flops import count_flops
-
     check_backend(backend, ("torch", "onnxruntime"), "tpc eval")
     if batch < 1:
         raise TpcError("--batch must be at least 1")
@@ -117,8 +141,6 @@ def run_eval(model_id, data, method="topk-cls", layers=None, keep=None, sweep=No
             acc = accuracy(preds, ref, dataset.labels)
             result.rows.append(EvalRow(label, method, str(k) if k is not None else ",".join(pm.report.keep), pm.report.flops_after / 1e9, pm.report.flops_ratio, acc.top1, acc.agreement))
     if plot:
-        from tpc.plot import accuracy_vs_flops
-
         base = asdict(result.rows[0])
         metric = "top1" if dataset.labels is not None else "agreement"
         accuracy_vs_flops([asdict(r) for r in result.rows[1:]], plot, f"{loaded.name}: {metric} vs FLOPs", base, metric)

@@ -33,6 +33,11 @@ def curl_example(sig: Signature, name: str, port: int) -> str:
     return f"python3 -c '{body}' | curl -s -d @- http://localhost:{port}/v2/models/{name}/infer"
 
 
+def run(args) -> int:
+    return serve(args.artifact, name=args.name, http_port=args.port, grpc_port=args.grpc_port,
+                 metrics_port=args.metrics_port, max_batch=args.max_batch)
+
+
 def serve(artifact: str, name: str | None = None, http_port: int = 8000, grpc_port: int = 8001,
           metrics_port: int = 8002, max_batch: int = 32) -> int:
     server.bundled_server()  # one line saying what to install, before any work

@@ -43,12 +43,12 @@ def decoder_spec(model: nn.Module) -> tuple[int, int, int]:
 
 def is_decoder_lm(model: nn.Module) -> bool:
     """A Hugging Face model that generates from its own outputs (``can_generate()``: a causal LM), not a VLM
-    or an encoder-decoder: its forward returns a KV cache, and its tokens are pruned at decode time."""
-    from tpc.vlm.family import is_vlm
-
+    (a config with a ``vision_config``: LLaVA, Qwen2-VL, SmolVLM and the VLMs tpc does not know) or an
+    encoder-decoder: its forward returns a KV cache, and its tokens are pruned at decode time."""
     can_generate = getattr(model, "can_generate", None)
-    return (callable(can_generate) and bool(can_generate()) and not is_vlm(model)
-            and not getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    config = getattr(model, "config", None)
+    return (callable(can_generate) and bool(can_generate()) and getattr(config, "vision_config", None) is None
+            and not getattr(config, "is_encoder_decoder", False))
 
 
 def refuse_encoder_method(model: nn.Module, name: str, method: str | None = None) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 from tpc.decode.capture import MAX_CACHE, capture_step, decoder_spec
 from tpc.decode.kv_cache import compressed_cache
 from tpc.decode.kv_methods import budget_for, check_keep, eviction_rule
+from tpc.decode.module import checked_generation
 from tpc.decode.scores import EvictionScores
 from tpc.generation import decode_tokens
 from tpc.passes import PassManager
@@ -112,8 +113,6 @@ class CompressedDecoder(nn.Module):
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int | None = None,
                  do_sample: bool | None = None, **generation_kwargs) -> torch.Tensor:
         """Prompt and new tokens, [B, S + new], as ``model.generate(**tokenizer_outputs)`` returns them."""
-        from tpc.decode.module import checked_generation
-
         config, attention_mask, _ = checked_generation(self._model[0], self.generation_config, input_ids,
                                                        attention_mask, max_new_tokens, do_sample, generation_kwargs)
         logits, cache = self.prefill(input_ids, attention_mask)

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from tpc.decode.eviction import Eviction
+from tpc.decode.eviction import Eviction, KeepAll
+from tpc.decode.kv_methods import eviction_rule
 from tpc.errors import TpcError
 
 
@@ -93,9 +94,6 @@ def compressed_cache(config, method: str | None, budget: int, options: dict | No
     counted as a kept position; ``model.generate(**batch, cache=cache)`` uses it as it is (for
     rules without scores: ``streaming``)."""
     from transformers.cache_utils import Cache, DynamicLayer
-
-    from tpc.decode.eviction import KeepAll
-    from tpc.decode.kv_methods import eviction_rule
 
     class CompressedDynamicLayer(CompressedLayer, DynamicLayer):
         pass

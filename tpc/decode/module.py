@@ -15,9 +15,11 @@ import torch
 from torch import fx, nn
 
 from tpc.decode.capture import decoder_spec
+from tpc.decode.export import save_step
 from tpc.decode.plan import Plan
 from tpc.errors import TpcError
 from tpc.generation import decode_tokens, generation_config, new_tokens, refuse_right_padding
+from tpc.vlm.inputs import checked_mask
 
 
 @dataclass
@@ -89,8 +91,6 @@ class DecodeModule(nn.Module):
 
     def save(self, path, check: bool = True):
         """Write the rewritten decode step as a ``.pt2`` program, checked before it is renamed into place."""
-        from tpc.decode.export import save_step
-
         return save_step(self, path, check)
 
     def forward(self, input_ids, attention_mask=None) -> torch.Tensor:
@@ -131,8 +131,6 @@ def checked_generation(model: nn.Module, base_config, input_ids, attention_mask,
                        generation_kwargs: dict):
     """(the generation settings, the checked attention mask, how many tokens to draw) for ``generate``:
     one line for settings, prompts or masks it cannot continue."""
-    from tpc.vlm.inputs import checked_mask
-
     config = generation_config(base_config, generation_kwargs, max_new_tokens, do_sample)
     attention_mask = checked_mask(input_ids, attention_mask, config.pad_token_id, config.eos_token_id)
     _refuse_outside_vocabulary(input_ids, model.config.vocab_size)

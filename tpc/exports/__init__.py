@@ -17,6 +17,7 @@ from tpc.exports.atomic import atomic_output, check_output_path, write_bytes
 from tpc.exports.checks import CheckResult, check_artifact, run_graph
 from tpc.exports.onnx import check_onnx, to_onnx
 from tpc.exports.onnxruntime import OrtModule
+from tpc.exports.tensorrt import PRECISIONS, parse_batch, require_tensorrt, write_engine
 from tpc.pt2 import load_program, program_bytes
 
 SUFFIXES = (".onnx", ".pt2", ".plan")
@@ -66,8 +67,6 @@ def check_target(path: Path, batch=None, precision: str = "fp32") -> str:
         raise TpcError(f"--batch and --precision (batch=, precision=) set a TensorRT engine's profile and precision: "
                        f"they do not apply to {suffix}; drop them, or write a .plan")
     if suffix == ".plan":
-        from tpc.exports.tensorrt import PRECISIONS, parse_batch, require_tensorrt
-
         if precision not in PRECISIONS:
             raise TpcError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
         require_tensorrt()
@@ -80,8 +79,6 @@ def write_artifact(module: nn.Module, path: Path, example_inputs=None, check: bo
     """Write ``module`` as .onnx, .pt2 or .plan (TensorRT; ``batch`` = min,opt,max and ``precision``)."""
     suffix = check_target(path, batch, precision)
     if suffix == ".plan":
-        from tpc.exports.tensorrt import write_engine
-
         gm, inputs = _graph_and_inputs(module, example_inputs)
         return write_engine(gm, inputs, path, batch, precision, check_batches(inputs, gm) if check else None)
     if isinstance(module, OrtModule):

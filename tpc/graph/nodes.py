@@ -7,6 +7,7 @@ import re
 import zlib
 from collections.abc import Iterable
 
+import sympy
 import torch
 from torch import fx
 
@@ -77,8 +78,6 @@ def stand_in(symbol) -> int:
     symbol (the 2k-th for a size ``s<k>``, the (2k+1)-th for an unbacked ``u<k>``), so a product of
     symbolic and static sizes never equals an unrelated static size, and the same symbol always
     gets the same number."""
-    import sympy
-
     match = re.fullmatch(r"([su])(\d+)", str(symbol))
     if match:
         index = 2 * int(match.group(2)) + (match.group(1) == "u")

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import functools
 import re
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 FLOAT_TYPES = ("fp32", "fp16", "bf16")
 INDEX_TYPES = ("i32", "i64")
@@ -76,10 +79,6 @@ def _compile(fn, signature: dict[str, str], constexprs: dict, arch: int) -> PtxK
 
 def assemble(kernel: PtxKernel, arch: int) -> bytes:
     """The PTX through ptxas (bundled with Triton) for ``arch``: proof it is valid, and the cubin."""
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
     from triton.backends.nvidia.compiler import get_ptxas
 
     suffix = "a" if arch >= 90 else ""

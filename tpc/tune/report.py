@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tpc.exports.atomic import atomic_output
+from tpc.plot import _pyplot
+
 
 def plot_front(result, path: str | Path) -> None:
-    from tpc.exports.atomic import atomic_output
-    from tpc.plot import _pyplot
-
     plt = _pyplot()
     m = result.metric
     base = result.base_value

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,18 +12,24 @@ from pathlib import Path
 import torch
 
 from tpc import models
+from tpc.backends import check_backend
+from tpc.capture import capture, set_eval
 from tpc.dataset import warn_if_labels_look_meaningless
 from tpc.decode.capture import refuse_encoder_method
 from tpc.errors import TpcError, refusal_or_bug
+from tpc.exports.atomic import check_output_path, refuse_overwriting
+from tpc.flops import count_flops
 from tpc.pipeline import analyze
 from tpc.recipe import Recipe, check_steps, describe
 from tpc.registry import PruneMethod, Where, get_method
 from tpc.tune.data import load_tune_data, split
 from tpc.tune.engine import Engine
 from tpc.tune.metrics import choose_metric, first_tensor
+from tpc.tune.report import plot_front
 from tpc.tune.search import Candidate, LatencyTimer, Search, compiled, refusals, runs_faster
 from tpc.tune.space import candidates, searched_by_default
 from tpc.version import __version__
+from tpc.vlm.family import refuse_vlm
 
 TARGETS = ("flops", "latency")
 
@@ -257,11 +263,6 @@ def run_tune(model, data, max_drop=None, target="flops", backend=None, batch=Non
 
     See docs/tune.md; the arguments are the ``tpc tune`` flags.
     """
-    import sys
-
-    from tpc.capture import capture, set_eval
-    from tpc.flops import count_flops
-
     start = time.perf_counter()
     if target not in TARGETS:
         raise TpcError(f"unknown --target {target!r}: choose flops or latency")
@@ -278,8 +279,6 @@ def run_tune(model, data, max_drop=None, target="flops", backend=None, batch=Non
         raise TpcError(f"--confidence {confidence} is outside (0, 1): it is the probability that the pick's drop "
                        "is within the budget, e.g. 0.9")
     if target == "latency":
-        from tpc.backends import check_backend
-
         backend = check_backend(backend or "onnxruntime", ("onnxruntime",), "tpc tune --target latency")
         batch = 8 if batch is None else batch
         if batch < 1:
@@ -301,8 +300,6 @@ def run_tune(model, data, max_drop=None, target="flops", backend=None, batch=Non
         loaded = models.load(str(model), **(load_kwargs or {}))
         set_eval(loaded.module)  # tpc built this module: it is an inference model
         loaded.module.requires_grad_(False)
-    from tpc.vlm.family import refuse_vlm
-
     refuse_vlm(loaded.module, "tune")
     refuse_encoder_method(loaded.module, loaded.name)
     models.refuse_pruned(loaded.module, loaded.name)
@@ -382,8 +379,6 @@ def run_tune(model, data, max_drop=None, target="flops", backend=None, batch=Non
         result.recipe.save(output)
         result.output = str(output)
     if plot:
-        from tpc.tune.report import plot_front
-
         plot_front(result, plot)
         result.plot = str(plot)
     return result
@@ -391,8 +386,6 @@ def run_tune(model, data, max_drop=None, target="flops", backend=None, batch=Non
 
 def _check_outputs(model, data, output, plot, weights) -> None:
     """Before any work: -o a .json and --plot writable, neither one an input file nor each other."""
-    from tpc.exports.atomic import check_output_path, refuse_overwriting
-
     if output is not None and Path(output).suffix.lower() != ".json":
         raise TpcError(f"-o {str(output)!r} is where the recipe goes, a JSON file: give it a .json name "
                        "(the artifact is written by tpc compile --recipe)")

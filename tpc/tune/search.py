@@ -56,7 +56,11 @@ import torch
 
 from tpc import signals
 from tpc.errors import TpcError
+from tpc.exports import to_onnx
+from tpc.exports.onnxruntime import make_session
+from tpc.flops import count_flops
 from tpc.recipe import Step, check_steps, describe
+from tpc.timing import time_pair
 from tpc.tune.engine import Engine
 from tpc.tune.metrics import Metric
 from tpc.tune.space import family_of
@@ -307,8 +311,6 @@ class Search:
         return self.engine.batches[batches - 1][1]
 
     def _first_round(self, space: list[list[Step]], size: int, last: bool) -> list[Candidate]:
-        from tpc.flops import count_flops
-
         base = count_flops(self.engine.gm).total
         entrants = []
         self.rounds.append({"examples": self._examples(size), "scored": 0})
@@ -405,9 +407,6 @@ class LatencyTimer:
     REPEAT_S = 0.05
 
     def __init__(self, engine: Engine, backend: str, batch: int, threads: int | None = None):
-        from tpc.exports import to_onnx
-        from tpc.exports.onnxruntime import make_session
-
         self.engine, self.backend, self.batch, self.threads = engine, backend, batch, threads
         x = tuple(t[:1].expand(batch, *t.shape[1:]).contiguous() if t.shape[0] < batch else t[:batch]
                   for t in engine.data.batch(0, batch))
@@ -419,10 +418,6 @@ class LatencyTimer:
         self.iters = min(200, max(5, math.ceil(self.REPEAT_S / (time.perf_counter() - start))))
 
     def __call__(self, c: Candidate) -> None:
-        from tpc.exports import to_onnx
-        from tpc.exports.onnxruntime import make_session
-        from tpc.timing import time_pair
-
         onnx_model = to_onnx(compiled(self.engine, c).graph_module, self.engine.example_inputs)
         session = make_session(onnx_model.SerializeToString(), self.threads)
         timing = time_pair(lambda: self.base.run(None, self.feeds), lambda: session.run(None, self.feeds), self.batch,

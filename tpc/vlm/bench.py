@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tpc.timing import BenchResult, PairTiming, time_pair
+from tpc.compiled import recipe
+from tpc.timing import BenchResult, PairTiming, machine_name, time_pair
 from tpc.vlm.family import language_model
 from tpc.vlm.module import Prefill, VlmModule, _decode_step, last_position
 
@@ -105,9 +106,6 @@ class VlmBenchResult(BenchResult):
 def bench_vlm(pruned: VlmModule, inputs: dict, name: str, batches: list[int], threads: int, warmup: int, iters: int,
               repeats: int) -> VlmBenchResult:
     """Time ``pruned`` against its unpruned prefill on ``inputs`` repeated to each batch size."""
-    from tpc.compiled import recipe
-    from tpc.timing import machine_name
-
     torch.set_num_threads(threads)
     base, model, report = pruned.unpruned(), pruned._model[0], pruned.report
     rows = []

@@ -12,12 +12,15 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import onnx
 import torch
 
 from tpc.errors import REPORT, TpcError, TpcInternalError
 from tpc.exports.atomic import atomic_output, check_output_path
 from tpc.exports.checks import CheckResult, write_checked_program
+from tpc.exports.onnx import check_onnx, program_to_onnx
 from tpc.vlm.inputs import layer_valid
+from tpc.vlm.onnx_ops import ALL_TRANSLATIONS
 
 ONNX_LIMIT = 2**31  # a protobuf message above 2 GB cannot be serialized in one piece
 
@@ -53,18 +56,11 @@ def _program(module) -> torch.export.ExportedProgram:
 
 def to_onnx(module, program: torch.export.ExportedProgram | None = None):
     """The pruned prefill as an ONNX model (opset 18; symbolic batch and prompt length)."""
-    from tpc.exports.onnx import program_to_onnx
-    from tpc.vlm.onnx_ops import ALL_TRANSLATIONS
-
     program = program or _program(module)
     return program_to_onnx(program, module.example_inputs, ALL_TRANSLATIONS)
 
 
 def _save_onnx(module, program, path: Path, inputs: list[tuple], check: bool) -> CheckResult | None:
-    import onnx
-
-    from tpc.exports.onnx import check_onnx
-
     model = to_onnx(module, program)
     if model.ByteSize() >= ONNX_LIMIT:
         raise TpcError(f"the pruned prefill is {model.ByteSize() / 2**30:.1f} GB as ONNX, above the 2 GB a single "

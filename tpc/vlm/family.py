@@ -21,7 +21,9 @@ and its head. What differs is ``visual`` and the positions:
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -39,9 +41,6 @@ def is_vlm(model) -> bool:
 def names_a_vlm(model_id, unreadable: bool = False) -> bool:
     """Whether a model directory's config.json names a VLM class tpc knows (read as JSON, nothing
     loaded); ``unreadable`` when there is no config.json tpc can read as JSON."""
-    import json
-    from pathlib import Path
-
     try:
         config = json.loads((Path(model_id) / "config.json").read_text())
     except (OSError, ValueError, TypeError, RecursionError):

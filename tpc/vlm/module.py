@@ -10,7 +10,7 @@ holds, so every rotary distance is the unpruned model's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,6 +19,7 @@ from torch import fx, nn
 from tpc.errors import TpcError
 from tpc.generation import decode_tokens, generation_config, refuse_right_padding
 from tpc.recipe import Step
+from tpc.vlm.export import save_prefill
 from tpc.vlm.family import Family, language_model
 from tpc.vlm.inputs import checked_mask, layer_valid
 
@@ -104,8 +105,6 @@ class VlmModule(nn.Module):
     def unpruned(self) -> VlmModule:
         """The same captured prefill without the rewrite (every token in every layer, the full KV
         cache): what ``tpc bench`` times this module against."""
-        from dataclasses import replace
-
         if self._program is None:
             raise TpcError("this VlmModule keeps no captured program to take the unpruned prefill from")
         flops = self.report.flops_before
@@ -119,8 +118,6 @@ class VlmModule(nn.Module):
         """Write the pruned prefill as a ``.pt2`` program or an ``.onnx`` model (by ``path``'s suffix;
         symbolic batch and prompt length), checked against this module on the example inputs (the
         batch and its first example) before it is renamed into place. Returns the check's result."""
-        from tpc.vlm.export import save_prefill
-
         return save_prefill(self, path, check)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, **image_inputs) -> torch.Tensor:

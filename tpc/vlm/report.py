@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
+from tpc.vlm.family import spec_of
+
 
 @dataclass
 class VlmReport:
@@ -79,10 +83,6 @@ def layer_tokens(prompt: int, layers: int, stages) -> list[int]:
 def describe(model, inputs, stages=(), method: str | None = None, flops: tuple[int, int, int] = (0, 0, 0)) -> VlmReport:
     """The report for ``model`` on ``inputs`` (processor outputs) under ``stages`` (none: unpruned);
     ``flops``: (unpruned, pruned, scoring) prefill MACs, when counted."""
-    import torch
-
-    from tpc.vlm.family import spec_of
-
     spec = spec_of(model)
     ids = inputs["input_ids"]
     first = torch.nonzero(ids[0] == spec.image_token_id)[:, 0]

@@ -1,0 +1,47 @@
+"""The parsed command line as the keyword arguments of ``tpc.compile``, ``tpc.inspect`` and the
+commands' ``run_*`` functions: what several commands share."""
+
+from __future__ import annotations
+
+from tpc.errors import TpcError
+from tpc.models import parse_model_args
+
+
+def options(args) -> dict | None:
+    """--option KEY=VALUE (repeatable) and --fuse as the method's options."""
+    out = {}
+    for item in args.option:
+        if "=" not in item:
+            raise TpcError(f"--option takes KEY=VALUE, not {item!r}")
+        out.update(parse_model_args(item))
+    if args.fuse:
+        out["fuse"] = True
+    return out or None
+
+
+def load_kwargs(args) -> dict:
+    return dict(weights=args.weights, random_weights=args.random_weights, model_args=args.model_args,
+                input_size=args.input_size, weights_seed=args.weights_seed)
+
+
+def prune_kwargs(args) -> dict:
+    """The compile settings besides method, layers and keep."""
+    return dict(r=args.r, prefix=args.prefix, after=args.after, seed=args.seed, options=options(args),
+                restore=args.restore, seq_len=args.seq_len, vision_layer=args.vision_layer)
+
+
+def compile_kwargs(args) -> dict:
+    """Everything ``tpc.compile`` takes besides the model: a recipe, or the schedule flags."""
+    if getattr(args, "recipe", None):
+        if args.schedule_given:
+            raise TpcError(f"--recipe replaces {', '.join(args.schedule_given)}: give the recipe or the flags, not both")
+        return dict(recipe=args.recipe, prefix=args.prefix, restore=args.restore, seq_len=args.seq_len, **load_kwargs(args))
+    return {"method": args.method, "layers": args.layers, "keep": args.keep, **prune_kwargs(args), **load_kwargs(args)}
+
+
+def describe_model(args) -> str:
+    if args.random_weights:
+        return f"{args.model} (random weights)"
+    if args.weights:
+        return f"{args.model} (weights {args.weights})"
+    return args.model
