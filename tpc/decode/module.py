@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 
 from tpc.decode.capture import decoder_spec
-from tpc.decode.plan import Plan
+from tpc.decode.plan import Plan, sparse_positions
 from tpc.errors import TpcError
 from tpc.generation import decode_tokens, generation_config, new_tokens, refuse_right_padding
 
@@ -31,26 +31,34 @@ class DecodeReport:
     kv_heads: int = 0
     head_dim: int = 0
     itemsize: int = 4
+    page: int | None = None  # quest: positions per page (each sparse layer selects its own pages)
 
     def positions_read(self, layer: int, cached: int) -> int:
-        """Cache positions layer ``layer`` reads in one step at ``cached`` cached positions (+ the new token)."""
-        return (min(self.keep, cached) if layer in self.sparse else cached) + 1
+        """Cache positions layer ``layer`` attends to in one step at ``cached`` cached positions (+ the new token)."""
+        return (sparse_positions(self.keep, self.page, cached) if layer in self.sparse else cached) + 1
 
     def kv_bytes(self, cached: int, batch: int = 1) -> int:
-        """Bytes of keys and values the attention of all layers reads in one step."""
+        """Bytes of keys and values the attention of all layers reads in one step; a quest layer also reads
+        every cached key to bound its pages (the bounds are computed in the step)."""
         per_position = 2 * self.kv_heads * self.head_dim * self.itemsize * batch
-        return sum(self.positions_read(i, cached) for i in range(self.layers)) * per_position
+        positions = sum(self.positions_read(i, cached) for i in range(self.layers))
+        bounds = len(self.sparse) * cached * per_position // 2 if self.page is not None else 0
+        return positions * per_position + bounds
 
     def table(self, cached: int = 8192) -> str:
         rows = ["layer  attention         positions read at L=%d" % cached]
         for i in range(self.layers):
-            kind = "dense + select" if i in self.selection else "sparse" if i in self.sparse else "dense"
+            kind = ("sparse (pages)" if self.page else "sparse") if i in self.sparse else \
+                "dense + select" if i in self.selection else "dense"
             rows.append(f"{i:5d}  {kind:16s}  {self.positions_read(i, cached)}")
         return "\n".join(rows)
 
     def summary(self, cached: int = 8192) -> str:
         what = "dense (every layer reads the whole cache)" if self.method is None else \
-            f"{self.method}: selection layers {self.selection}, {len(self.sparse)} sparse layers reading {self.keep} positions"
+            f"{self.method}: selection layers {self.selection}, {len(self.sparse)} sparse layers reading {self.keep} positions" \
+            if self.page is None else \
+            f"{self.method}: {len(self.sparse)} sparse layers {self.sparse} reading the best {-(-self.keep // self.page)} " \
+            f"pages of {self.page} positions"
         dense = DecodeReport(self.model, None, self.layers, kv_heads=self.kv_heads, head_dim=self.head_dim,
                              itemsize=self.itemsize)
         return (f"{self.model}, decode step, {what}; KV read per step per example at {cached} cached positions: "
@@ -63,7 +71,7 @@ def describe(model: nn.Module, plan: Plan | None) -> DecodeReport:
     if plan is None:
         return DecodeReport(type(model).__name__, None, layers, kv_heads=heads, head_dim=width, itemsize=itemsize)
     return DecodeReport(type(model).__name__, plan.method, layers, list(plan.selection), plan.sparse, plan.keep,
-                        heads, width, itemsize)
+                        heads, width, itemsize, plan.page)
 
 
 class DecodeModule(nn.Module):
