@@ -4,7 +4,8 @@
 prompt goes through the stock model once (the prefill), then every new token through the
 decode-step graph. The KV cache lives in one buffer per layer, [B, Hkv, prompt + new, d],
 whose first L positions are handed to the step as views and to which the step's new keys and
-values are written in place, so the cache is never copied whole between steps.
+values are written in place, so the cache is never copied whole between steps. A quest step
+also takes its layers' page bounds, kept up to date beside the KV buffer (``PageBounds``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from tpc.decode.capture import decoder_spec
+from tpc.decode.pages import PageBounds, bounds_for
 from tpc.decode.plan import Plan, sparse_positions
 from tpc.errors import TpcError
 from tpc.generation import decode_tokens, generation_config, new_tokens, refuse_right_padding
@@ -39,11 +41,11 @@ class DecodeReport:
 
     def kv_bytes(self, cached: int, batch: int = 1) -> int:
         """Bytes of keys and values the attention of all layers reads in one step; a quest layer also reads
-        every cached key to bound its pages (the bounds are computed in the step)."""
+        its page bounds (a min and a max key per page: one position's keys and values per page)."""
         per_position = 2 * self.kv_heads * self.head_dim * self.itemsize * batch
         positions = sum(self.positions_read(i, cached) for i in range(self.layers))
-        bounds = len(self.sparse) * cached * per_position // 2 if self.page is not None else 0
-        return positions * per_position + bounds
+        pages = len(self.sparse) * -(-cached // self.page) if self.page is not None else 0
+        return (positions + pages) * per_position
 
     def table(self, cached: int = 8192) -> str:
         rows = ["layer  attention         positions read at L=%d" % cached]
@@ -85,10 +87,20 @@ class DecodeModule(nn.Module):
         self._program = program  # the dense capture: unpruned() and the ideal reuse it
         self.generation_config = model.generation_config
 
-    def step(self, input_ids, position_ids, attention_mask, past: list[torch.Tensor]) -> tuple:
-        """One decode step: (logits [B, vocab], the new token's keys and values per layer)."""
+    @property
+    def takes_bounds(self) -> bool:
+        """Whether the step takes quest's page bounds (``tpc/decode/pages.py``) as a fifth input."""
+        return self.plan is not None and self.plan.page is not None
+
+    def step(self, input_ids, position_ids, attention_mask, past: list[torch.Tensor], bounds=None) -> tuple:
+        """One decode step: (logits [B, vocab], the new token's keys and values per layer). A quest step
+        takes its layers' page ``bounds`` too, computed here from ``past`` when not given."""
         with torch.no_grad():
-            return self.gm(input_ids, position_ids, attention_mask, list(past))
+            if not self.takes_bounds:
+                return self.gm(input_ids, position_ids, attention_mask, list(past))
+            if bounds is None:
+                bounds = bounds_for(self.plan, past, attention_mask)
+            return self.gm(input_ids, position_ids, attention_mask, list(past), list(bounds))
 
     def unpruned(self) -> DecodeModule:
         """The same captured decode step, every layer dense (what ``tpc bench`` compares with)."""
@@ -121,15 +133,21 @@ class DecodeModule(nn.Module):
         config, attention_mask, new = checked_generation(self._model[0], self.generation_config, input_ids,
                                                          attention_mask, max_new_tokens, do_sample, generation_kwargs)
         logits, cache, positions = self.prefill(input_ids, attention_mask)
-        kv = KVBuffer(cache, input_ids.shape[1] + max(new, 1))
+        capacity = input_ids.shape[1] + max(new, 1)
+        kv = KVBuffer(cache, capacity)
         position, mask = positions[:, -1:], attention_mask.long()
+        pages = None
 
         def step(token):
-            nonlocal position, mask
+            nonlocal position, mask, pages
             position = position + 1
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            out = self.step(token, position, mask, kv.views())
+            if self.takes_bounds and pages is None:
+                pages = PageBounds(self.plan, kv.views(), mask, capacity)
+            out = self.step(token, position, mask, kv.views(), pages.views() if pages is not None else None)
             kv.append(out[1:])
+            if pages is not None:
+                pages.append(out[1:])
             return out[0].float()
 
         return decode_tokens(input_ids, logits, config, step)

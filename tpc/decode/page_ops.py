@@ -11,6 +11,12 @@ Hkv KV heads, G = H / Hkv, L cached positions (the new token not included), P = 
 pages (the last one partial when S does not divide L), K pages kept, d head width. ``mask``
 is the model's SDPA mask of the decode step, [B, 1, 1, L + 1] (bool: may attend; float:
 added to the logits), its last column the new token; left padding is its false columns.
+
+Pages are aligned at each example's first prompt token: page j of example b holds positions
+c_b + j·S … c_b + (j + 1)·S − 1, c_b its count of masked cached positions modulo S (the left
+padding's length modulo S; the positions before c_b are padding). So an example's pages hold
+the same tokens in any batch, whatever padding the batch gives it, and P = ceil(L / S) pages
+cover every example's positions (trailing pages past the cache are empty, never ranked).
 """
 
 from __future__ import annotations
@@ -31,11 +37,22 @@ def _pages(length, page: int):
     return (length + page - 1) // page
 
 
+def page_layout(mask: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, P · S] int64 cache positions of every page slot, page after page, clamped into the cache;
+    [B, P · S] bool: the slot holds a cached position the example may attend to)."""
+    valid = _valid(mask)[:, :-1]
+    length = valid.shape[1]
+    start = (~valid).sum(-1, keepdim=True) % page  # c_b
+    slots = start + torch.arange(_pages(length, page) * page, device=mask.device)
+    inside = slots < length
+    positions = slots.clamp(max=length - 1)
+    return positions, inside & torch.gather(valid, 1, positions)
+
+
 def page_valid(mask: torch.Tensor, page: int) -> torch.Tensor:
     """[B, P] bool: pages holding at least one position the example may attend to (not all padding)."""
-    valid = _valid(mask)[:, :-1]
-    count = _pages(valid.shape[1], page)
-    return F.pad(valid, (0, count * page - valid.shape[1])).reshape(valid.shape[0], count, page).any(-1)
+    _, used = page_layout(mask, page)
+    return used.reshape(used.shape[0], -1, page).any(-1)
 
 
 @torch.library.custom_op(f"{_LIB}::page_bounds", mutates_args=())
@@ -46,13 +63,13 @@ def page_bounds(keys: torch.Tensor, mask: torch.Tensor, page: int) -> torch.Tens
 
     keys: [B, Hkv, L, d], rotary applied (the layer's cached keys); mask: [B, 1, 1, L + 1]."""
     b, heads, length, width = keys.shape
-    count = _pages(length, page)
-    extra = count * page - length
-    valid = F.pad(_valid(mask)[:, :length], (0, extra)).reshape(b, 1, count, page, 1)
-    paged = F.pad(keys, (0, 0, 0, extra)).reshape(b, heads, count, page, width)
-    low = paged.masked_fill(~valid, float("inf")).amin(3)
-    high = paged.masked_fill(~valid, float("-inf")).amax(3)
-    some = valid.any(3)
+    positions, used = page_layout(mask, page)
+    paged = torch.gather(keys, 2, positions[:, None, :, None].expand(b, heads, -1, width))
+    paged = paged.reshape(b, heads, -1, page, width)
+    used = used.reshape(b, 1, -1, page, 1)
+    low = paged.masked_fill(~used, float("inf")).amin(3)
+    high = paged.masked_fill(~used, float("-inf")).amax(3)
+    some = used.any(3)
     return torch.stack([low.masked_fill(~some, 0), high.masked_fill(~some, 0)], 2)
 
 
@@ -95,17 +112,18 @@ def _(scores, count):
     return scores.new_empty((*scores.shape[:2], torch.sym_min(count, scores.shape[-1])), dtype=torch.int64)
 
 
-def _positions(pages: torch.Tensor, page: int) -> torch.Tensor:
-    """[B, Hkv, K · S]: every position of the given pages, page after page."""
+def _slots(pages: torch.Tensor, mask: torch.Tensor, page: int) -> torch.Tensor:
+    """[B, Hkv, K · S]: the cache positions of the given pages, page after page (past the cache too)."""
+    start = (~_valid(mask)[:, :-1]).sum(-1) % page  # c_b
     offsets = torch.arange(page, device=pages.device)
-    return (pages[..., None] * page + offsets).flatten(-2)
+    return (start[:, None, None, None] + pages[..., None] * page + offsets).flatten(-2)
 
 
 @torch.library.custom_op(f"{_LIB}::page_positions", mutates_args=())
 def page_positions(pages: torch.Tensor, mask: torch.Tensor, page: int) -> torch.Tensor:
     """[B, Hkv, K · S] int64: the cache positions of the selected pages, in order; positions past
     the cache (the partial last page) point at its last position, and :func:`page_mask` hides them."""
-    return _positions(pages, page).clamp(max=mask.shape[-1] - 2)
+    return _slots(pages, mask, page).clamp(max=mask.shape[-1] - 2)
 
 
 @page_positions.register_fake
@@ -119,10 +137,10 @@ def page_mask(mask: torch.Tensor, pages: torch.Tensor, page: int) -> torch.Tenso
     positions (as :func:`page_positions` gives them) then the new token; padding and positions
     past the cache may not be attended to."""
     length = mask.shape[-1] - 1
-    positions = _positions(pages, page)
+    slots = _slots(pages, mask, page)
     row = mask[:, 0, 0]  # [B, L + 1]
-    chosen = torch.gather(row[:, None].expand(-1, pages.shape[1], -1), 2, positions.clamp(max=length - 1))
-    outside = positions >= length
+    chosen = torch.gather(row[:, None].expand(-1, pages.shape[1], -1), 2, slots.clamp(max=length - 1))
+    outside = slots >= length
     if row.dtype == torch.bool:
         chosen = chosen & ~outside
     else:
