@@ -134,11 +134,21 @@ def test_a_batch_generates_what_each_example_generates_alone(captured):
     first token, so it reads the same positions in the batch as alone."""
     _, sparse = quest(captured, keep=3, options={"page": 3}, layers=[1, 2, 3])
     ids, mask = prompts()
-    together = sparse.generate(ids, mask, max_new_tokens=6)
+    together, logits = sparse.generate(ids, mask, max_new_tokens=6), _first_step_logits(sparse, ids, mask)
     for b in range(2):
         real = ids[b:b + 1, mask[b].bool()]
         alone = sparse.generate(real, torch.ones_like(real), max_new_tokens=6)
         assert torch.equal(together[b, -6:], alone[0, -6:])
+        torch.testing.assert_close(logits[b:b + 1], _first_step_logits(sparse, real, torch.ones_like(real)),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def _first_step_logits(sparse, ids, mask):
+    """Logits of the decode step after the prompt (its greedy token fed back)."""
+    logits, cache, positions = sparse.prefill(ids, mask)
+    past = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    full = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+    return sparse.step(logits.argmax(-1, keepdim=True), positions[:, -1:] + 1, full, past)[0]
 
 
 def test_golden_decode_step(captured, update_golden):
