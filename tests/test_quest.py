@@ -233,6 +233,7 @@ def test_cli_bad_settings_give_one_line_and_no_file(tmp_path, capsys, args, word
 
 
 def test_inspect_and_passes_say_which_layers_read_pages(tmp_path, capsys):
+    import tpc as tpc_api
     from tpc.cli import main
 
     directory = tmp_path / "llama"
@@ -241,6 +242,10 @@ def test_inspect_and_passes_say_which_layers_read_pages(tmp_path, capsys):
     assert main(["inspect", str(directory), "--pass", "quest", "--keep", "32", "--option", "page=16"]) == 0
     out = capsys.readouterr().out
     assert "    1  dense             8193" in out and "    2  sparse (pages)    33" in out, out
+    report = tpc_api.inspect(str(directory), method="quest", keep=32, options="page=16")
+    per_position = 2 * 2 * 8 * 4  # keys and values of 2 KV heads of width 8, float32
+    # layers 0-1 read the cache and the new token; layers 2-3 two pages, the new token and 512 pages' bounds
+    assert report.kv_bytes(8192) == (2 * 8193 + 2 * (33 + 512)) * per_position
     assert main(["passes"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("quest"))
     assert "decoder LMs, decode step" in line

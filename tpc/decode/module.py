@@ -56,11 +56,14 @@ class DecodeReport:
         return "\n".join(rows)
 
     def summary(self, cached: int = 8192) -> str:
-        what = "dense (every layer reads the whole cache)" if self.method is None else \
-            f"{self.method}: selection layers {self.selection}, {len(self.sparse)} sparse layers reading {self.keep} positions" \
-            if self.page is None else \
-            f"{self.method}: {len(self.sparse)} sparse layers {self.sparse} reading the best {-(-self.keep // self.page)} " \
-            f"pages of {self.page} positions"
+        if self.method is None:
+            what = "dense (every layer reads the whole cache)"
+        elif self.page is None:
+            what = (f"{self.method}: selection layers {self.selection}, {len(self.sparse)} sparse layers reading "
+                    f"{self.keep} positions")
+        else:
+            what = (f"{self.method}: {len(self.sparse)} sparse layers {self.sparse} reading the best "
+                    f"{-(-self.keep // self.page)} pages of {self.page} positions")
         dense = DecodeReport(self.model, None, self.layers, kv_heads=self.kv_heads, head_dim=self.head_dim,
                              itemsize=self.itemsize)
         return (f"{self.model}, decode step, {what}; KV read per step per example at {cached} cached positions: "
