@@ -48,6 +48,8 @@ class QuestDecode(Pass):
         self.name = f"quest_decode(page {plan.page}, {plan.pages} pages{', ideal' if ideal else ''})"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
+        if not self.plan.sparse:  # no quest layer: the step as captured
+            return PassResult(gm, False)
         sites = {a.layer: a for a in cache_attention(gm)}
         inputs = {} if self.ideal else _bounds_inputs(gm, [sites[layer] for layer in self.plan.sparse], self.plan.page)
         for layer in self.plan.sparse:
@@ -66,7 +68,7 @@ class QuestDecode(Pass):
             attend_grouped(gm, b, site, keys, values, mask)
         finish(gm)
         logger.debug("%s: quest layers %s", self.name, self.plan.sparse)
-        return PassResult(gm, bool(self.plan.sparse))
+        return PassResult(gm, True)
 
 
 def _bounds_inputs(gm: fx.GraphModule, sites: list[CacheAttention], page: int) -> dict[int, fx.Node]:
