@@ -152,6 +152,25 @@ def compiled(_captures):
 
 
 @pytest.fixture(scope="session")
+def decode_capture():
+    """decode_capture(family) -> (the tiny seeded causal LM of ``test_decode.tiny(family)``, its captured
+    decode step), captured once per worker and shared by the decode-time tests (tidal, quest): the
+    capture is the slow part, and every rewrite copies the program's graph."""
+    from test_decode import tiny
+    from tpc.decode import capture_step
+
+    made = {}
+
+    def get(family):
+        if family not in made:
+            model = tiny(family)
+            made[family] = model, capture_step(model)
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def exported(compiled, tmp_path_factory):
     """exported(name, spec) -> (compiled(name, spec), its .onnx file, tpc.export's result), exported once per worker."""
     import tpc

@@ -1,6 +1,7 @@
 """Slow references for decode-time sparse attention, written from the papers with loops over
-heads and positions (they do not call ``tpc``): TidalDecode's selected positions, and one
-decode step of a stock Llama-style model whose sparse layers attend only to those positions."""
+heads and positions (they do not call ``tpc``): TidalDecode's selected positions, Quest's
+selected pages, and one decode step of a stock Llama-style model whose sparse layers attend
+only to those positions."""
 
 from __future__ import annotations
 
@@ -53,6 +54,56 @@ def _attend(q, keys, values, positions, scale):
     return sum(w * values[j].double() for w, j in zip(weights, positions))
 
 
+def quest_positions(q, keys, valid, page: int, count: int) -> list[list[list[int]]]:
+    """Quest's selection (arXiv 2406.10774 §3, Alg. 1), grouped: per example b and KV head h, its
+    valid cached positions (keys: [B, Hkv, L, d], valid: [B, L + 1] bool) cut into pages of
+    ``page`` counted from its first valid position; per page and dimension the min m and max M of
+    its valid keys; the page's bound for query head g is sum_d max(q_d m_d, q_d M_d), summed over
+    the query heads of h's group; the valid positions of the ``count`` best pages (ties: lower
+    page), ascending."""
+    batch, heads, kv_heads, length, width = q.shape[0], q.shape[1], keys.shape[1], keys.shape[2], keys.shape[3]
+    group = heads // kv_heads
+    out = []
+    for b in range(batch):
+        first = min([j for j in range(length) if valid[b, j]], default=length)
+        pages = [[j for j in range(start, min(start + page, length)) if valid[b, j]]
+                 for start in range(first, length, page)]
+        rows = []
+        for h in range(kv_heads):
+            bounds = {}
+            for number, members in enumerate(pages):
+                if not members:
+                    continue
+                total = 0.0
+                for g in range(group):
+                    query = q[b, h * group + g, 0].double()
+                    for d in range(width):
+                        low = min(float(keys[b, h, j, d]) for j in members)
+                        high = max(float(keys[b, h, j, d]) for j in members)
+                        total += max(float(query[d]) * low, float(query[d]) * high)
+                bounds[number] = total
+            best = sorted(bounds, key=lambda n: (-bounds[n], n))[:count]
+            rows.append(sorted(j for n in best for j in pages[n]))
+        out.append(rows)
+    return out
+
+
+def quest_step(model, token, position, valid, past, layers, keep, page):
+    """Logits [B, vocab] of one decode step and the positions each quest layer read: each layer in
+    ``layers`` attends only to the valid positions of its ceil(keep / page) best pages (and the new
+    token), every other layer to every valid position."""
+    count = -(-keep // page)
+    chosen = {}
+
+    def read(i, q, keys):
+        if i not in layers:
+            return None
+        chosen[i] = quest_positions(q, keys[:, :, :-1], valid, page, count)
+        return chosen[i]
+
+    return _decode_step(model, token, position, valid, past, read), chosen
+
+
 def tidal_step(model, token, position, valid, past, selection, keep):
     """Logits [B, vocab] of one decode step and the positions each selection layer chose.
 
@@ -60,6 +111,23 @@ def tidal_step(model, token, position, valid, past, selection, keep):
     layers before the first selection layer and the selection layers attend to every valid
     position, every other layer only to the positions its last selection layer chose (and the
     new token)."""
+    chosen, source = {}, []
+
+    def read(i, q, keys):
+        scale = q.shape[-1] ** -0.5
+        if i in selection:
+            chosen[i] = tidal_positions(q, keys, valid, keep, scale)
+            source[:] = [i]
+            return None
+        return chosen[source[0]] if source else None
+
+    return _decode_step(model, token, position, valid, past, read), chosen
+
+
+def _decode_step(model, token, position, valid, past, read):
+    """Logits [B, vocab] of one decode step of a stock Llama-style model, layer i's query heads of KV
+    head h attending to the valid positions among ``read(i, q, keys)[b][h]`` and the new token
+    (``read`` returning None: every valid position)."""
     lm = model.model
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -70,7 +138,6 @@ def tidal_step(model, token, position, valid, past, selection, keep):
     hidden = lm.embed_tokens(token)
     cos, sin = lm.rotary_emb(hidden, position)
     cos, sin = cos[:, None], sin[:, None]
-    chosen, source = {}, None
     for i, layer in enumerate(lm.layers):
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
@@ -78,19 +145,16 @@ def tidal_step(model, token, position, valid, past, selection, keep):
         k = _rotate(attn.k_proj(x).view(batch, 1, kv_heads, width).transpose(1, 2), cos, sin)
         v = attn.v_proj(x).view(batch, 1, kv_heads, width).transpose(1, 2)
         keys, values = torch.cat([past[i][0], k], 2), torch.cat([past[i][1], v], 2)
-        if i in selection:
-            chosen[i] = tidal_positions(q, keys, valid, keep, scale)
+        sparse = read(i, q, keys)
         out = torch.zeros(batch, heads, width, dtype=torch.float64)
         for b in range(batch):
             for h in range(heads):
                 kv = h // group
-                if source is None or i in selection:
+                if sparse is None:
                     positions = [j for j in range(length + 1) if valid[b, j]]
                 else:
-                    positions = [j for j in chosen[source][b][kv] if valid[b, j]] + [length]
+                    positions = [j for j in sparse[b][kv] if valid[b, j]] + [length]
                 out[b, h] = _attend(q[b, h, 0], keys[b, kv], values[b, kv], positions, scale)
-        if i in selection:
-            source = i
         hidden = hidden + attn.o_proj(out.to(hidden.dtype).reshape(batch, 1, heads * width))
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    return model.lm_head(lm.norm(hidden))[:, -1], chosen
+    return model.lm_head(lm.norm(hidden))[:, -1]

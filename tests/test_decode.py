@@ -12,7 +12,7 @@ import torch
 from torch import fx
 
 from decode_reference import tidal_step
-from tpc.decode import capture_step, compile_decoder
+from tpc.decode import compile_decoder
 from tpc.decode.graph import step_symbols
 from tpc.errors import TpcError
 from tpc.graph.printing import format_rewrites
@@ -33,18 +33,10 @@ def tiny(family: str, layers: int = 4):
     return model_class(config).eval()
 
 
-@pytest.fixture(scope="module")
-def captured():
-    """One capture per family, reused by every rewrite (the capture is the slow part)."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            model = tiny(family)
-            cache[family] = model, capture_step(model)
-        return cache[family]
-
-    return get
+@pytest.fixture
+def captured(decode_capture):
+    """One capture per family and worker, reused by every rewrite (conftest's ``decode_capture``)."""
+    return decode_capture
 
 
 def prompts(batch=2, length=10, seed=3):

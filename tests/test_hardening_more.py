@@ -34,7 +34,8 @@ def test_an_encoder_method_on_a_causal_lm_is_refused_before_any_capture(cli, lla
         lines = [line for line in result.stderr.splitlines() if "Loading weights" not in line]
         assert result.returncode == 1 and len(lines) == 1, result.stderr
         assert "LlamaForCausalLM" in lines[0] and "is a decoder-only language model and " + method in lines[0]
-        assert "use a decode-time method (--pass tidal) or a compressed KV cache (--pass streaming or h2o" in lines[0]
+        assert "use a decode-time method (--pass tidal or quest) or a compressed KV cache (--pass streaming or h2o" \
+            in lines[0]
     with pytest.raises(TpcError, match="topk-mass prunes encoder tokens: for a decoder-only LM"):
         tpc.compile(tiny("llama", layers=2), (torch.randint(3, 96, (2, 8)),), method="topk-mass", layers=[0])
     assert not out.exists()
@@ -236,8 +237,9 @@ def test_bench_refuses_settings_a_decoder_method_does_not_take_before_loading(cl
                         (["--pass", "h2o", "--keep", "8", "--r", "2"], "takes method, keep and options only"),
                         (["--pass", "snapkv", "--keep", "64", "--seq-len", "8"], "takes method, keep and options only"),
                         (["--pass", "tidal", "--layers", "0", "--keep", "4", "--r", "2"],
-                         "tidal (decode-time sparse attention) takes method, layers and keep only"),
-                        (["--pass", "tidal", "--layers", "0", "--keep", "4", "--option", "a=1"], "layers and keep only")]:
+                         "tidal (decode-time sparse attention) takes method, layers, keep and options only"),
+                        (["--pass", "tidal", "--layers", "0", "--keep", "4", "--option", "a=1"],
+                         "tidal has no option 'a'; its options: none")]:
         result = cli("bench", model, *args, "--context", "16")
         assert result.returncode == 1 and result.stderr.count("\n") == 1 and words in result.stderr, (args, result.stderr)
     assert not list(tmp_path.iterdir())

@@ -166,9 +166,10 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     ``seq_len=N`` fixes the length at N instead (the example inputs cut or padded to N).
     ``vision_layer`` (VLMs, topk-cls only): the vision layer whose [CLS] attention VTC-CLS scores
     the visual tokens with (default: the layer LLaVA takes its image features from).
-    A decode-time method (``tidal``) on a causal LM returns a :class:`tpc.decode.DecodeModule`
+    A decode-time method (``tidal``, ``quest``) on a causal LM returns a :class:`tpc.decode.DecodeModule`
     whose decode step reads, in the sparse layers, ``keep`` cached positions chosen at the
-    selection ``layers`` (docs/decode.md); ``pruned.generate(**tokenizer_outputs)`` decodes.
+    selection ``layers`` (tidal), or the pages worth ``keep`` positions each quest layer chooses
+    (quest, ``options={"page": 16}``; docs/decode.md); ``pruned.generate(**tokenizer_outputs)`` decodes.
     A KV-eviction method (``streaming``, ``h2o``, ``snapkv``, ``scissorhands``) returns a
     :class:`tpc.decode.CompressedDecoder` whose ``generate`` keeps ``keep`` cached positions per
     layer (a count, or a ratio of the prompt).
@@ -176,17 +177,18 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     _check_keywords("tpc.compile", load_kwargs, COMPILE_KEYWORDS)
     check_backend(backend, ("torch", "onnxruntime"), "tpc.compile")
     if recipe is None and decode.decode_time(method):
-        decoder_only = (r, prefix, seq_len, options, restore or None, vision_layer,
+        decoder_only = (r, prefix, seq_len, restore or None, vision_layer,
                         None if backend == "torch" else backend, None if after in (None, "attention") else after)
         if any(v is not None for v in decoder_only):
-            raise TpcError(f"{method} (decode-time sparse attention) takes method, layers and keep only (r, prefix, "
-                           "restore, options, seq_len, after, vision_layer and backends other than torch are for "
+            raise TpcError(f"{method} (decode-time sparse attention) takes method, layers, keep and options only (r, "
+                           "prefix, restore, seq_len, after, vision_layer and backends other than torch are for "
                            "encoders and VLMs)")
-        decode.check_settings(method, layers, keep)  # malformed settings fail before the model loads
+        options = parse_options(options)
+        decode.check_settings(method, layers, keep, options)  # malformed settings fail before the model loads
         module, _, name = _resolve(model, example_inputs, **load_kwargs)
         decode.refuse_decode_step(module, name)
         models.refuse_pruned(module, name)
-        return decode.compile_decoder(module, method=method, layers=layers, keep=keep)
+        return decode.compile_decoder(module, method=method, layers=layers, keep=keep, options=options)
     if recipe is None and decode.kv_eviction(method):
         not_kv = (r, prefix, seq_len, layers, restore or None, vision_layer, None if backend == "torch" else backend,
                   None if after in (None, "attention") else after)
@@ -298,13 +300,15 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
     if decode.decode_time(compile_kwargs.get("method")):  # the plan says what each layer reads: no capture needed
         settings = {k: v for k, v in compile_kwargs.items() if k not in ("method", "layers", "keep")}
         load_kwargs = {k: settings.pop(k) for k in LOAD_KEYWORDS if k in settings}
-        decode.check_settings(compile_kwargs["method"], compile_kwargs.get("layers"), compile_kwargs.get("keep"))
+        options = parse_options(compile_kwargs.get("options"))
+        decode.check_settings(compile_kwargs["method"], compile_kwargs.get("layers"), compile_kwargs.get("keep"),
+                              options)
         module, _, name = _resolve(model, example_inputs, **load_kwargs)
         decode.refuse_decode_step(module, name)
         models.refuse_pruned(module, name)
         layers = decode.decoder_spec(module)[0]
         return decode.describe(module, decode.make_plan(compile_kwargs["method"], layers, compile_kwargs.get("layers"),
-                                                        compile_kwargs.get("keep")))
+                                                        compile_kwargs.get("keep"), options))
     if _visual_only(compile_kwargs.get("method")):
         return compile(model, example_inputs, **compile_kwargs).report
     if not prunes(compile_kwargs.get("method") or "topk-cls", compile_kwargs.get("layers")) \

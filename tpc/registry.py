@@ -64,7 +64,7 @@ def check_zero_tprune(o: dict) -> None:
 
 
 def check_windows(o: dict) -> None:
-    """KV-eviction windows are counts of positions (an odd count for a pooling kernel)."""
+    """KV-eviction windows and Quest's page are counts of positions (an odd count for a pooling kernel)."""
     for name, value in o.items():
         if value is None and name == "recent":
             continue
@@ -218,6 +218,12 @@ for _m in (
                 "decoder LMs, decode step: selection layers (--layers) pick the top --keep cache positions per KV "
                 "head; the layers after each read only those",
                 Kind.SELECT, "attention", {Where.DECODE: "tpc.decode.rewrite:SparseDecode"}),
+    PruneMethod("quest", "Quest (Tang et al., ICML 2024), arXiv 2406.10774",
+                "decoder LMs, decode step: at each layer from 2 on (--layers), per KV head, the pages of --option "
+                "page=16 positions whose key min/max bound the query's logits highest, --keep positions' worth, "
+                "are the only ones read",
+                Kind.SELECT, "attention", {Where.DECODE: "tpc.decode.quest:QuestDecode"}, options={"page": 16},
+                check=check_windows),
     PruneMethod("streaming", "StreamingLLM (Xiao et al., ICLR 2024), arXiv 2309.17453",
                 "decoder LMs, KV cache: keep the first sinks positions (--option sinks=4) and the most recent ones, "
                 "--keep positions per layer",

@@ -2,7 +2,9 @@
 
 Every step runs on the same random KV cache of ``context`` positions per layer (no padding).
 The *ideal* is the dense step whose sparse layers' caches physically hold only ``keep``
-positions (no scoring, no gather): the most the method can save on this machine. The three
+positions (no scoring, no gather): the most the method can save on this machine. A quest
+step gets its page bounds computed before the timing, as ``generate()`` keeps them beside
+the cache (their update, one page per layer per token, is not timed). The three
 are timed interleaved (the order rotates each repeat), medians over every repeat.
 """
 
@@ -17,8 +19,9 @@ from torch import fx
 
 from tpc.decode.capture import decoder_spec
 from tpc.decode.module import DecodeModule
-from tpc.decode.rewrite import SparseDecode
+from tpc.decode.pages import bounds_for
 from tpc.passes import PassManager
+from tpc.registry import Where, get_method
 
 
 @dataclass
@@ -65,7 +68,8 @@ class DecodeBenchResult:
 def ideal_step(module: DecodeModule) -> fx.GraphModule:
     """The dense step with the sparse layers reading whatever cache they are given (the ideal)."""
     gm = module._program.module()
-    PassManager([SparseDecode(module.plan, ideal=True)])(gm)
+    rewrite = get_method(module.plan.method, Where.DECODE).implementation(Where.DECODE)
+    PassManager([rewrite(module.plan, ideal=True)])(gm)
     for guard in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         gm.graph.erase_node(guard)  # export's check that every cache has one length: the ideal's are shorter
     past = [n for n in gm.graph.nodes if n.op == "placeholder"][3:]
@@ -78,11 +82,12 @@ def ideal_step(module: DecodeModule) -> fx.GraphModule:
 
 
 def _inputs(model, batch: int, context: int, sparse: list[int], keep: int):
+    """Head inputs, the random cache, and the ideal's cache (``keep`` positions in the sparse layers)."""
     layers, heads, width = decoder_spec(model)
     dtype = next(model.parameters()).dtype
     gen = torch.Generator().manual_seed(batch * 7919 + context)
     past = [torch.randn(batch, heads, context, width, generator=gen).to(dtype) for _ in range(2 * layers)]
-    short = [p[:, :, :min(keep, context)].contiguous() if i // 2 in sparse else p for i, p in enumerate(past)]
+    short = [p[:, :, :keep].contiguous() if i // 2 in sparse else p for i, p in enumerate(past)]
     ids = torch.zeros(batch, 1, dtype=torch.long)
     return (ids, torch.full((batch, 1), context), torch.ones(batch, context + 1, dtype=torch.long)), past, short
 
@@ -97,14 +102,16 @@ def bench_decode(module: DecodeModule, batches: list[int], contexts: list[int], 
     rows = []
     for batch in batches:
         for context in contexts:
-            head, past, short = _inputs(model, batch, context, plan.sparse, plan.keep)
-            runs = {"dense": lambda: dense.gm(*head, past), "sparse": lambda: module.gm(*head, past),
+            head, past, short = _inputs(model, batch, context, plan.sparse, plan.positions(context))
+            bounds = (bounds_for(plan, past, head[2]),) if module.takes_bounds else ()  # kept beside the cache
+            runs = {"dense": lambda: dense.gm(*head, past), "sparse": lambda: module.gm(*head, past, *bounds),
                     "ideal": lambda: ideal(*head, short)}
             times = _interleaved(runs, warmup, iters, repeats)
             rows.append(DecodeBenchRow(batch, context, times["dense"], times["sparse"], times["ideal"],
                                        dense.report.kv_bytes(context, batch) / 2**20,
                                        report.kv_bytes(context, batch) / 2**20))
-    recipe = f"{plan.method}, selection layers {list(plan.selection)}, keep {plan.keep}, " \
+    layers = f"page {plan.page}, quest layers" if plan.page else "selection layers"
+    recipe = f"{plan.method}, {layers} {list(plan.selection)}, keep {plan.keep}, " \
              f"{len(plan.sparse)} of {plan.layers} layers sparse"
     return DecodeBenchResult(type(model).__name__, recipe, torch.get_num_threads(), rows)
 

@@ -11,10 +11,11 @@ from tpc.decode.module import DecodeModule
 from tpc.decode.plan import make_plan
 
 
-def compile_decoder(model: nn.Module, *, method: str = "tidal", layers=None, keep=None,
+def compile_decoder(model: nn.Module, *, method: str = "tidal", layers=None, keep=None, options=None,
                     program=None) -> DecodeModule:
-    """``model``'s decode step with ``method``'s sparse attention (``layers``: the selection
-    layers, default layer 2 and the middle one; ``keep``: cached positions the sparse layers read).
+    """``model``'s decode step with ``method``'s sparse attention (``layers``: tidal's selection
+    layers, default layer 2 and the middle one, or quest's sparse layers, default layer 2 on;
+    ``keep``: cached positions the sparse layers read; ``options``: the method's, as quest's page).
     ``program``: a decode step captured before (``capture_step``), reused as it is."""
-    plan = make_plan(method, decoder_spec(model)[0], layers, keep)  # refuse before capturing
+    plan = make_plan(method, decoder_spec(model)[0], layers, keep, options)  # refuse before capturing
     return pipeline.rewrite_decode_step(model, plan, program)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from tpc.decode.capture import MAX_BATCH, MAX_CACHE, decoder_spec, example_step
+from tpc.decode.pages import bounds_for
 from tpc.errors import REPORT, TpcError, TpcInternalError
 from tpc.exports.atomic import check_output_path
 from tpc.exports.checks import CheckResult, write_checked_program
@@ -37,6 +38,10 @@ def save_step(module, path, check: bool = True) -> CheckResult | None:
     example = example_step(model, batch=2, length=12)
     batch, cache = torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("cache", min=1, max=MAX_CACHE)
     dynamic = ({0: batch}, {0: batch}, {0: batch, 1: cache + 1}, [{0: batch, 2: cache}] * (2 * decoder_spec(model)[0]))
+    if module.takes_bounds:  # quest: its layers' page bounds, [B, Hkv, 2, pages, d] each
+        example = (*example, bounds_for(module.plan, example[3], example[2]))
+        pages = torch.export.Dim("pages", min=1, max=MAX_CACHE)
+        dynamic = (*dynamic, [{0: batch, 3: pages}] * len(example[4]))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -45,5 +50,5 @@ def save_step(module, path, check: bool = True) -> CheckResult | None:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise TpcInternalError(f"internal error: torch.export could not re-export the rewritten decode step: "
                                    f"{type(err).__name__}: {first}; {REPORT}") from err
-    one = (example[0][:1], example[1][:1], example[2][:1], [p[:1] for p in example[3]])
+    one = (example[0][:1], example[1][:1], example[2][:1], *([p[:1] for p in group] for group in example[3:]))
     return write_checked_program(program, path, module.gm, [one, example] if check else None)

@@ -4,7 +4,8 @@
 prompt goes through the stock model once (the prefill), then every new token through the
 decode-step graph. The KV cache lives in one buffer per layer, [B, Hkv, prompt + new, d],
 whose first L positions are handed to the step as views and to which the step's new keys and
-values are written in place, so the cache is never copied whole between steps.
+values are written in place, so the cache is never copied whole between steps. A quest step
+also takes its layers' page bounds, kept up to date beside the KV buffer (``PageBounds``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from torch import fx, nn
 
 from tpc.decode.capture import decoder_spec
 from tpc.decode.export import save_step
-from tpc.decode.plan import Plan
+from tpc.decode.pages import PageBounds, bounds_for
+from tpc.decode.plan import Plan, sparse_positions
 from tpc.errors import TpcError
 from tpc.generation import decode_tokens, generation_config, new_tokens, refuse_right_padding
 from tpc.vlm.inputs import checked_mask
@@ -33,26 +35,37 @@ class DecodeReport:
     kv_heads: int = 0
     head_dim: int = 0
     itemsize: int = 4
+    page: int | None = None  # quest: positions per page (each sparse layer selects its own pages)
 
     def positions_read(self, layer: int, cached: int) -> int:
-        """Cache positions layer ``layer`` reads in one step at ``cached`` cached positions (+ the new token)."""
-        return (min(self.keep, cached) if layer in self.sparse else cached) + 1
+        """Cache positions layer ``layer`` attends to in one step at ``cached`` cached positions (+ the new token)."""
+        return (sparse_positions(self.keep, self.page, cached) if layer in self.sparse else cached) + 1
 
     def kv_bytes(self, cached: int, batch: int = 1) -> int:
-        """Bytes of keys and values the attention of all layers reads in one step."""
+        """Bytes of keys and values the attention of all layers reads in one step; a quest layer also reads
+        its page bounds (a min and a max key per page: one position's keys and values per page)."""
         per_position = 2 * self.kv_heads * self.head_dim * self.itemsize * batch
-        return sum(self.positions_read(i, cached) for i in range(self.layers)) * per_position
+        positions = sum(self.positions_read(i, cached) for i in range(self.layers))
+        pages = len(self.sparse) * -(-cached // self.page) if self.page is not None else 0
+        return (positions + pages) * per_position
 
     def table(self, cached: int = 8192) -> str:
         rows = ["layer  attention         positions read at L=%d" % cached]
         for i in range(self.layers):
-            kind = "dense + select" if i in self.selection else "sparse" if i in self.sparse else "dense"
+            kind = ("sparse (pages)" if self.page else "sparse") if i in self.sparse else \
+                "dense + select" if i in self.selection else "dense"
             rows.append(f"{i:5d}  {kind:16s}  {self.positions_read(i, cached)}")
         return "\n".join(rows)
 
     def summary(self, cached: int = 8192) -> str:
-        what = "dense (every layer reads the whole cache)" if self.method is None else \
-            f"{self.method}: selection layers {self.selection}, {len(self.sparse)} sparse layers reading {self.keep} positions"
+        if self.method is None:
+            what = "dense (every layer reads the whole cache)"
+        elif self.page is None:
+            what = (f"{self.method}: selection layers {self.selection}, {len(self.sparse)} sparse layers reading "
+                    f"{self.keep} positions")
+        else:
+            what = (f"{self.method}: {len(self.sparse)} sparse layers {self.sparse} reading the best "
+                    f"{-(-self.keep // self.page)} pages of {self.page} positions")
         dense = DecodeReport(self.model, None, self.layers, kv_heads=self.kv_heads, head_dim=self.head_dim,
                              itemsize=self.itemsize)
         return (f"{self.model}, decode step, {what}; KV read per step per example at {cached} cached positions: "
@@ -65,7 +78,7 @@ def describe(model: nn.Module, plan: Plan | None) -> DecodeReport:
     if plan is None:
         return DecodeReport(type(model).__name__, None, layers, kv_heads=heads, head_dim=width, itemsize=itemsize)
     return DecodeReport(type(model).__name__, plan.method, layers, list(plan.selection), plan.sparse, plan.keep,
-                        heads, width, itemsize)
+                        heads, width, itemsize, plan.page)
 
 
 class DecodeModule(nn.Module):
@@ -79,10 +92,20 @@ class DecodeModule(nn.Module):
         self._program = program  # the dense capture: unpruned() and the ideal reuse it
         self.generation_config = model.generation_config
 
-    def step(self, input_ids, position_ids, attention_mask, past: list[torch.Tensor]) -> tuple:
-        """One decode step: (logits [B, vocab], the new token's keys and values per layer)."""
+    @property
+    def takes_bounds(self) -> bool:
+        """Whether the step takes quest's page bounds (``tpc/decode/pages.py``) as a fifth input."""
+        return self.plan is not None and self.plan.page is not None
+
+    def step(self, input_ids, position_ids, attention_mask, past: list[torch.Tensor], bounds=None) -> tuple:
+        """One decode step: (logits [B, vocab], the new token's keys and values per layer). A quest step
+        takes its layers' page ``bounds`` too, computed here from ``past`` when not given."""
         with torch.no_grad():
-            return self.gm(input_ids, position_ids, attention_mask, list(past))
+            if not self.takes_bounds:
+                return self.gm(input_ids, position_ids, attention_mask, list(past))
+            if bounds is None:
+                bounds = bounds_for(self.plan, past, attention_mask)
+            return self.gm(input_ids, position_ids, attention_mask, list(past), list(bounds))
 
     def unpruned(self) -> DecodeModule:
         """The same captured decode step, every layer dense (what ``tpc bench`` compares with)."""
@@ -113,15 +136,21 @@ class DecodeModule(nn.Module):
         config, attention_mask, new = checked_generation(self._model[0], self.generation_config, input_ids,
                                                          attention_mask, max_new_tokens, do_sample, generation_kwargs)
         logits, cache, positions = self.prefill(input_ids, attention_mask)
-        kv = KVBuffer(cache, input_ids.shape[1] + max(new, 1))
+        capacity = input_ids.shape[1] + max(new, 1)
+        kv = KVBuffer(cache, capacity)
         position, mask = positions[:, -1:], attention_mask.long()
+        pages = None
 
         def step(token):
-            nonlocal position, mask
+            nonlocal position, mask, pages
             position = position + 1
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            out = self.step(token, position, mask, kv.views())
+            if self.takes_bounds and pages is None:
+                pages = PageBounds(self.plan, kv.views(), mask, capacity)
+            out = self.step(token, position, mask, kv.views(), pages.views() if pages is not None else None)
             kv.append(out[1:])
+            if pages is not None:
+                pages.append(out[1:])
             return out[0].float()
 
         return decode_tokens(input_ids, logits, config, step)

@@ -4,6 +4,11 @@ TidalDecode (Yang et al., 2024, arXiv 2410.05076, Fig. 2): the first layers atte
 each *selection layer* attends densely and picks the top-k cached positions for the current
 query; every later layer up to the next selection layer attends only to those positions
 (position-persistent sparse attention). The paper's default: layer 2 and one middle layer.
+
+Quest (Tang et al., ICML 2024, arXiv 2406.10774): every *quest layer* selects the pages of
+its own cache for its own query and reads only those; the other layers attend densely (the
+paper's default: every layer from layer 2 on is a quest layer, layers 0 and 1 dense). A plan
+with a ``page`` size is such a plan: its selection layers are its sparse layers.
 """
 
 from __future__ import annotations
@@ -22,15 +27,36 @@ class Plan:
     layers: int  # decoder layers of the model
     selection: tuple[int, ...]  # layers that attend densely and select
     keep: int  # cached positions each sparse layer reads (the new token comes on top)
+    page: int | None = None  # Quest: positions per page; each selection layer selects its own pages
 
     def source(self, layer: int) -> int | None:
         """The selection layer whose positions ``layer`` reads; None for a dense layer."""
+        if self.page is not None:
+            return layer if layer in self.selection else None
         before = [s for s in self.selection if s < layer]
         return before[-1] if before else None
 
     @property
     def sparse(self) -> list[int]:
-        return [i for i in range(self.layers) if self.source(i) is not None and i not in self.selection]
+        return [i for i in range(self.layers) if self.source(i) is not None
+                and (self.page is not None or i not in self.selection)]
+
+    @property
+    def pages(self) -> int | None:
+        """Pages a quest layer reads (the budget rounded up to whole pages); None without pages."""
+        return None if self.page is None else -(-self.keep // self.page)
+
+    def positions(self, cached: int) -> int:
+        return sparse_positions(self.keep, self.page, cached)
+
+
+def sparse_positions(keep: int, page: int | None, cached: int) -> int:
+    """Cache positions a sparse layer reads at ``cached`` cached positions (the new token not counted):
+    ``keep`` of them, or with pages every position of the ceil(keep / page) pages read (the partial
+    last page counted whole: its positions past the cache are gathered, and masked)."""
+    if page is None:
+        return min(keep, cached)
+    return min(-(-keep // page), -(-cached // page)) * page
 
     @property
     def dense(self) -> list[int]:
@@ -42,27 +68,38 @@ def default_layers(layers: int) -> list[int]:
     return sorted({min(2, layers - 1), layers // 2}) if layers > 1 else [0]
 
 
+def quest_layers(layers: int) -> list[int]:
+    """Every layer from layer 2 on, as Quest (its first two layers attend densely); the last layer for
+    models too shallow for that."""
+    return list(range(min(2, layers - 1), layers))
+
+
 def decode_time(method) -> bool:
     """Whether ``method`` is a registered decode-time method (``tpc/registry.py``, ``Where.DECODE``)."""
     known = METHODS.get(method)
     return known is not None and known.applies(Where.DECODE)
 
 
-def check_settings(method: str, selection=None, keep=None) -> None:
-    """Refuse a malformed method, layer list or budget (before any model is loaded)."""
+def check_settings(method: str, selection=None, keep=None, options=None) -> dict:
+    """Refuse a malformed method, layer list, budget or option (before any model is loaded); the
+    method's options, resolved."""
     decode_steps(method, selection, keep, maximum=MAX_CACHE)
+    return METHODS[method].resolve_options(options)
 
 
-def make_plan(method: str, layers: int, selection=None, keep=None) -> Plan:
-    """The steps :func:`tpc.recipe.decode_steps` parses, checked against a model of ``layers`` decoder layers."""
-    steps = decode_steps(method, selection, keep, maximum=MAX_CACHE, default_layers=default_layers(layers))
+def make_plan(method: str, layers: int, selection=None, keep=None, options=None) -> Plan:
+    """The steps :func:`tpc.recipe.decode_steps` parses, checked against a model of ``layers`` decoder layers.
+    A method with a ``page`` option (quest) selects pages at each of its layers (default: layer 2 on)."""
+    page = check_settings(method, selection, keep, options).get("page")
+    defaults = default_layers(layers) if page is None else quest_layers(layers)
+    steps = decode_steps(method, selection, keep, maximum=MAX_CACHE, default_layers=defaults)
     chosen = [s.layer for s in steps]
     for layer in chosen:
         if layer >= layers:
-            raise TpcError(f"selection layer {layer} is out of range: the model has {layers} decoder layers "
-                           f"(0-{layers - 1})")
-    if chosen[-1] == layers - 1 and len(chosen) == 1:
+            raise TpcError(f"{'sparse' if page else 'selection'} layer {layer} is out of range: the model has {layers} "
+                           f"decoder layers (0-{layers - 1})")
+    if page is None and chosen[-1] == layers - 1 and len(chosen) == 1:
         raise TpcError(f"selection at the last decoder layer ({layers - 1}) leaves no layer to read the selected "
                        "positions: choose an earlier layer")
-    return Plan(method, layers, tuple(chosen), steps[0].keep)
+    return Plan(method, layers, tuple(chosen), steps[0].keep, page)
 

@@ -73,26 +73,39 @@ def _select(gm: fx.GraphModule, site: CacheAttention, keep: int) -> fx.Node:
 
 def _sparse_attention(gm: fx.GraphModule, site: CacheAttention, index: fx.Node | None, masks: dict,
                       source: int) -> None:
-    q = val(site.q)
-    heads, width = q.shape[1], q.shape[3]
-    kv_heads = val(site.past_k).shape[1]
     b = Builder(gm, site.sdpa.prev)
     b.like = site.sdpa
     if index is None:
-        keys, values, mask = site.keys, site.values, None
-    else:
-        keys = b.op(aten.cat.default, [b.op(tpc.gather_positions.default, site.past_k, index, role=Role.GATHER),
-                                       site.new_k], 2, role=Role.GATHER)
-        values = b.op(aten.cat.default, [b.op(tpc.gather_positions.default, site.past_v, index, role=Role.GATHER),
-                                         site.new_v], 2, role=Role.GATHER)
-        if source not in masks:
-            columns = b.op(aten.transpose.int, site.mask, 2, 3, role=Role.GATHER)  # [B, 1, L + 1, 1]
-            chosen = b.op(tpc.gather_positions.default, columns, index, role=Role.GATHER)
-            new = b.op(aten.expand.default, b.op(aten.slice.Tensor, columns, 2, -1, _END, role=Role.GATHER),
-                       [-1, kv_heads, -1, -1], role=Role.GATHER)
-            masks[source] = b.op(aten.transpose.int, b.op(aten.cat.default, [chosen, new], 2, role=Role.GATHER),
-                                 2, 3, role=Role.GATHER)
-        mask = masks[source]
+        attend_grouped(gm, b, site, site.keys, site.values, None)
+        return
+    keys, values = gathered_cache(b, site, index)
+    if source not in masks:
+        kv_heads = val(site.past_k).shape[1]
+        columns = b.op(aten.transpose.int, site.mask, 2, 3, role=Role.GATHER)  # [B, 1, L + 1, 1]
+        chosen = b.op(tpc.gather_positions.default, columns, index, role=Role.GATHER)
+        new = b.op(aten.expand.default, b.op(aten.slice.Tensor, columns, 2, -1, _END, role=Role.GATHER),
+                   [-1, kv_heads, -1, -1], role=Role.GATHER)
+        masks[source] = b.op(aten.transpose.int, b.op(aten.cat.default, [chosen, new], 2, role=Role.GATHER),
+                             2, 3, role=Role.GATHER)
+    attend_grouped(gm, b, site, keys, values, masks[source])
+
+
+def gathered_cache(b: Builder, site: CacheAttention, index: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """The layer's cached keys and values at ``index`` ([B, Hkv, K]), the new token's appended: [B, Hkv, K + 1, d]."""
+    keys = b.op(aten.cat.default, [b.op(tpc.gather_positions.default, site.past_k, index, role=Role.GATHER),
+                                   site.new_k], 2, role=Role.GATHER)
+    values = b.op(aten.cat.default, [b.op(tpc.gather_positions.default, site.past_v, index, role=Role.GATHER),
+                                     site.new_v], 2, role=Role.GATHER)
+    return keys, values
+
+
+def attend_grouped(gm: fx.GraphModule, b: Builder, site: CacheAttention, keys: fx.Node, values: fx.Node,
+                   mask: fx.Node | None) -> None:
+    """Replace the layer's SDPA by one over ``keys``/``values`` ([B, Hkv, N, d]), the G query heads of a
+    KV head folded into G queries of that head (no repeat of the keys over query heads)."""
+    q = val(site.q)
+    heads, width = q.shape[1], q.shape[3]
+    kv_heads = val(site.past_k).shape[1]
     grouped = b.op(aten.reshape.default, site.q, [-1, kv_heads, heads // kv_heads, width], role=Role.GATHER)
     out = b.op(aten.scaled_dot_product_attention.default, grouped, keys, values, mask, role=Role.MODEL)
     out.kwargs = {"scale": site.scale}

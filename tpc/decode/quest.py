@@ -1,0 +1,94 @@
+"""``QuestDecode``: rewrite a captured decode step so each quest layer reads only the pages its query selects.
+
+Quest (Tang et al., ICML 2024, arXiv 2406.10774, §3, Alg. 1), per quest layer l (the plan's
+selection layers; the others attend densely), the step takes one more input, the layer's page
+bounds (min and max of each page's keys, kept by the caller as the cache grows:
+``tpc/decode/pages.py``), and its SDPA over the whole cache is replaced by::
+
+    bounds_l [B, Hkv, 2, P, d] (a graph input, P = ceil(L / page))
+    q_l, bounds_l, mask ─► tpc::page_scores ─► [B, Hkv, P] ─► tpc::top_pages(·, ceil(keep / page))
+        ─► pages [B, Hkv, K] ─► tpc::page_positions ─► index [B, Hkv, K · page]
+    past_k_l ─► gather_positions(index) ─► cat(·, new_k_l) ─┐
+    past_v_l ─► gather_positions(index) ─► cat(·, new_v_l) ─┤
+    mask ─► tpc::page_mask(·, pages) ──────────────────────────┤  (padding and positions past the cache hidden)
+    q_l [B, H, 1, d] ─► reshape [B, Hkv, G, d] ─────────────► SDPA ─► reshape [B, H, 1, d]
+
+The page score is summed over the G query heads of a KV head (one set of pages per KV head,
+as ``tidal`` ranks per KV group), so a KV head's gathered cache serves its G query heads.
+The step's inputs become (input_ids, position_ids, attention_mask, past, bounds), ``bounds``
+the list of the quest layers' bounds in layer order; nothing in the step reads a quest layer's
+whole cache.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import fx
+from torch._guards import detect_fake_mode
+from torch.utils import _pytree as pytree
+
+from tpc.decode import page_ops  # noqa: F401  (registers the tpc:: page ops)
+from tpc.decode.graph import CacheAttention, cache_attention
+from tpc.decode.plan import Plan
+from tpc.decode.rewrite import attend_grouped, gathered_cache
+from tpc.graph.nodes import val
+from tpc.passes.cleanup import finish
+from tpc.passes.compaction import Builder, Role
+from tpc.passes.infra import Pass, PassResult
+
+logger = logging.getLogger("tpc.passes")
+tpc = torch.ops.tpc
+
+
+class QuestDecode(Pass):
+    def __init__(self, plan: Plan, ideal: bool = False):
+        self.plan, self.ideal = plan, ideal
+        self.name = f"quest_decode(page {plan.page}, {plan.pages} pages{', ideal' if ideal else ''})"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        if not self.plan.sparse:  # no quest layer: the step as captured
+            return PassResult(gm, False)
+        sites = {a.layer: a for a in cache_attention(gm)}
+        inputs = {} if self.ideal else _bounds_inputs(gm, [sites[layer] for layer in self.plan.sparse], self.plan.page)
+        for layer in self.plan.sparse:
+            site = sites[layer]
+            b = Builder(gm, site.sdpa.prev)
+            b.like = site.sdpa
+            if self.ideal:
+                attend_grouped(gm, b, site, site.keys, site.values, None)
+                continue
+            page = self.plan.page
+            scores = b.op(tpc.page_scores.default, site.q, inputs[layer], site.mask, page, role=Role.SCORING)
+            pages = b.op(tpc.top_pages.default, scores, self.plan.pages, role=Role.SELECTION)
+            index = b.op(tpc.page_positions.default, pages, site.mask, page, role=Role.SELECTION)
+            keys, values = gathered_cache(b, site, index)
+            mask = b.op(tpc.page_mask.default, site.mask, pages, page, role=Role.GATHER)
+            attend_grouped(gm, b, site, keys, values, mask)
+        finish(gm)
+        logger.debug("%s: quest layers %s", self.name, self.plan.sparse)
+        return PassResult(gm, True)
+
+
+def _bounds_inputs(gm: fx.GraphModule, sites: list[CacheAttention], page: int) -> dict[int, fx.Node]:
+    """One new graph input per quest layer, its page bounds [B, Hkv, 2, ceil(L / page), d], after the
+    cache's inputs; the step's signature gains the list of them as its fifth argument."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    fake_mode = detect_fake_mode([val(n) for n in placeholders])
+    last, made = placeholders[-1], {}
+    for site in sites:
+        keys = val(site.past_k)
+        with gm.graph.inserting_after(last):
+            last = gm.graph.placeholder(f"page_bounds_{site.layer}")
+        with fake_mode:
+            pages = (keys.shape[2] + page - 1) // page
+            last.meta["val"] = torch.empty(keys.shape[0], keys.shape[1], 2, pages, keys.shape[3], dtype=keys.dtype)
+        made[site.layer] = last
+    codegen = gm.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is not None:  # the unflattened program takes (input_ids, position_ids, attention_mask, past, bounds)
+        past = len(placeholders) - 3
+        spec = pytree.tree_structure(((0, 0, 0, [0] * past, [0] * len(sites)), {}))
+        codegen.pytree_info = info._replace(orig_args=[*info.orig_args, "bounds"], in_spec=spec)
+    return made
