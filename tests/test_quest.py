@@ -252,6 +252,26 @@ def test_inspect_and_passes_say_which_layers_read_pages(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_the_default_page_is_written_as_pt2(captured, tmp_path):
+    """Pages of 16 (the default) over the .pt2's example cache: it was one page, which torch.export
+    specialized (an internal error); the program then runs other cache lengths as the module does."""
+    from tpc.pt2 import load_program
+
+    model, sparse = quest(captured, keep=20, options={})
+    assert sparse.plan.page == 16
+    assert sparse.save(tmp_path / "dec.pt2") is not None
+    program = load_program(tmp_path / "dec.pt2").module()
+    gen = torch.Generator().manual_seed(2)
+    for length in (5, 40):
+        past = [torch.randn(2, 2, length, 8, generator=gen) for _ in range(8)]
+        mask = torch.ones(2, length + 1, dtype=torch.long)
+        mask[1, :3] = 0
+        inputs = (torch.tensor([[5], [7]]), torch.full((2, 1), length), mask, past,
+                  bounds_for(sparse.plan, past, mask))
+        torch.testing.assert_close(program(*inputs)[0], sparse.step(*inputs)[0])
+
+
+@pytest.mark.slow
 def test_cli_compiles_a_checked_quest_step(tmp_path, capsys):
     from decode_reference import quest_step as reference
     from tpc.cli import main

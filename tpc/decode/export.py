@@ -35,7 +35,8 @@ def save_step(module, path, check: bool = True) -> CheckResult | None:
     check_step_suffix(path)
     check_output_path(path)
     model = module._model[0]
-    example = example_step(model, batch=2, length=12)
+    # quest: a cache of two pages at least, so the bounds' page count is not 1 (torch.export would specialize it)
+    example = example_step(model, batch=2, length=max(12, module.plan.page + 1) if module.takes_bounds else 12)
     batch, cache = torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("cache", min=1, max=MAX_CACHE)
     dynamic = ({0: batch}, {0: batch}, {0: batch, 1: cache + 1}, [{0: batch, 2: cache}] * (2 * decoder_spec(model)[0]))
     if module.takes_bounds:  # quest: its layers' page bounds, [B, Hkv, 2, pages, d] each
