@@ -151,6 +151,18 @@ def _first_step_logits(sparse, ids, mask):
     return sparse.step(logits.argmax(-1, keepdim=True), positions[:, -1:] + 1, full, past)[0]
 
 
+def test_a_quest_step_is_not_inspected_as_a_prompt_model(captured):
+    """The refusal names the decode-time methods, quest among them (it named tidal alone)."""
+    import tpc as tpc_api
+
+    model, sparse = quest(captured)
+    token, position, valid, past = _random_step(model)
+    flat = [t for kv in past for t in kv]
+    inputs = (token, position, valid.long(), flat, bounds_for(sparse.plan, flat, valid.long()))
+    with pytest.raises(TpcError, match=r"is a decode step tpc wrote .*\(with --pass tidal or quest --layers"):
+        tpc_api.inspect(sparse.gm, inputs)
+
+
 def test_golden_decode_step(captured, update_golden):
     _, sparse = quest(captured, layers=[3])
     text = format_rewrites(sparse.gm, step_symbols(sparse.gm))

@@ -16,6 +16,7 @@ from tpc.errors import TpcError
 from tpc.decode import ops  # noqa: F401  (registers the tpc:: decode ops a written step holds)
 from tpc.graph.layers import layer_path
 from tpc.graph.nodes import is_op, val
+from tpc.registry import Where, methods_for
 
 aten = torch.ops.aten
 _REPEAT = (aten.unsqueeze, aten.expand, aten.reshape, aten.view, aten.clone, aten.contiguous)
@@ -81,10 +82,11 @@ def step_symbols(gm: fx.GraphModule) -> dict[str, str]:
 
 
 def refuse_decode_step(module, name: str) -> None:
-    """A decode step tpc wrote (a .pt2 of ``--pass tidal``) takes a KV cache, not a prompt:
-    it is run by its own caller, and inspected or compiled from the model it came from."""
+    """A decode step tpc wrote (a .pt2 of a decode-time method: ``--pass tidal`` or ``quest``) takes a KV
+    cache, not a prompt: it is run by its own caller, and inspected or compiled from the model it came from."""
     graph = getattr(module, "graph", None)
     decode_ops = (torch.ops.tpc.top_positions.default, torch.ops.tpc.gather_positions.default)
     if isinstance(graph, fx.Graph) and any(n.target in decode_ops for n in graph.nodes):
+        methods = " or ".join(methods_for(Where.DECODE))
         raise TpcError(f"{name} is a decode step tpc wrote (decode-time sparse attention): it takes a KV cache, not a "
-                       "prompt; inspect or compile the model it came from (with --pass tidal --layers … --keep …)")
+                       f"prompt; inspect or compile the model it came from (with --pass {methods} --layers … --keep …)")
