@@ -107,6 +107,25 @@ def test_the_bounds_kept_beside_the_cache_are_those_of_its_keys():
         kept.append((None, None, keys[:, :, length:length + 1], None))
 
 
+def test_generate_hands_every_step_the_bounds_of_its_cache(captured):
+    """generate()'s PageBounds, kept beside the KV buffer, equal tpc::page_bounds of the cache each step
+    is given: a left-padded batch whose cache (10 positions, pages of 3) grows across page boundaries
+    for 7 steps, then a second generate() on the same module (bounds start afresh)."""
+    _, sparse = quest(captured, keep=3, options={"page": 3}, layers=[1, 2, 3])
+    ids, mask = prompts()
+    run, checked = sparse.step, []
+
+    def step(input_ids, position_ids, attention_mask, past, bounds=None):
+        expected = bounds_for(sparse.plan, past, attention_mask)
+        checked.append(all(torch.equal(b, e) for b, e in zip(bounds, expected, strict=True)))
+        return run(input_ids, position_ids, attention_mask, past, bounds)
+
+    sparse.step = step  # an instance attribute: generate() calls it, then the module's own step
+    sparse.generate(ids, mask, max_new_tokens=8, eos_token_id=None)
+    sparse.generate(ids[1:, 4:], mask[1:, 4:], max_new_tokens=5, eos_token_id=None)
+    assert checked == [True] * (7 + 4)
+
+
 @pytest.mark.parametrize("page", [3, pytest.param(16, marks=pytest.mark.slow)])
 def test_a_budget_over_the_cache_generates_the_dense_tokens(captured, page):
     model, sparse = quest(captured, keep=64, options={"page": page})
