@@ -22,7 +22,6 @@ cover every example's positions (trailing pages past the cache are empty, never 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 _LIB = "tpc"
 
