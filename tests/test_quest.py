@@ -233,6 +233,7 @@ def test_the_page_ops_match_loops_and_their_fakes():
     ({"options": {"page": 0}}, "option page is a number of positions \\(1 or more\\), not 0"),
     ({"options": {"page": 2.5}}, "option page is a number of positions \\(1 or more\\), not 2.5"),
     ({"options": {"page": "x"}}, "option page is a number of positions"),
+    ({"options": {"page": 10**9}}, "option page 1000000000 is more than the 1048576 cached positions"),
     ({"options": {"pages": 4}}, "quest has no option 'pages'; its options: page \\(default 16\\)"),
     ({"keep": 0}, "give a budget of 1 or more"),
     ({"keep": 0.5}, "a number of cached positions"),
@@ -252,6 +253,7 @@ def test_tidal_takes_no_options():
     (["--option", "page=0"], "option page is a number of positions (1 or more), not 0"),
     (["--option", "page=x"], "option page is a number of positions (1 or more), not 'x'"),
     (["--keep", "0"], "give a budget of 1 or more"),
+    (["--option", "page=1048577"], "option page 1048577 is more than the 1048576 cached positions"),
 ])
 def test_cli_bad_settings_give_one_line_and_no_file(tmp_path, capsys, args, words):
     from tpc.cli import main

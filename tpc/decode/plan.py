@@ -84,7 +84,12 @@ def check_settings(method: str, selection=None, keep=None, options=None) -> dict
     """Refuse a malformed method, layer list, budget or option (before any model is loaded); the
     method's options, resolved."""
     decode_steps(method, selection, keep, maximum=MAX_CACHE)
-    return METHODS[method].resolve_options(options)
+    resolved = METHODS[method].resolve_options(options)
+    page = resolved.get("page")
+    if page is not None and page > MAX_CACHE:  # a page is read whole: one over the cache a step takes cannot be
+        raise TpcError(f"option page {page} is more than the {MAX_CACHE} cached positions a decode step takes: "
+                       "give a page such as 16")
+    return resolved
 
 
 def make_plan(method: str, layers: int, selection=None, keep=None, options=None) -> Plan:
