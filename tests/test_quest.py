@@ -324,3 +324,15 @@ def test_cli_compiles_a_checked_quest_step(tmp_path, capsys):
         logits = load_program(out).module()(token, position, valid.long(), flat, bounds)[0]
         expected, _ = reference(model, token, position, valid, past, layers=[2, 3], keep=3, page=2)
     torch.testing.assert_close(logits, expected.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("command", ["inspect", "compile"])
+@pytest.mark.parametrize("flag", [["--r", "4"], ["--restore"], ["--prefix", "1"], ["--after", "block"]])
+def test_encoder_flags_are_refused_by_inspect_as_by_compile(tmp_path, capsys, command, flag):
+    """`tpc inspect --pass quest --r 4` printed the plan of the default budget, ignoring --r."""
+    from tpc.cli import main
+
+    out = ["-o", str(tmp_path / "dec.pt2")] if command == "compile" else []
+    assert main([command, str(tmp_path / "never-loaded"), "--pass", "quest", *flag, *out]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "takes method, layers, keep and options only" in err[0], err

@@ -177,12 +177,8 @@ def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None
     _check_keywords("tpc.compile", load_kwargs, COMPILE_KEYWORDS)
     check_backend(backend, ("torch", "onnxruntime"), "tpc.compile")
     if recipe is None and decode.decode_time(method):
-        decoder_only = (r, prefix, seq_len, restore or None, vision_layer,
-                        None if backend == "torch" else backend, None if after in (None, "attention") else after)
-        if any(v is not None for v in decoder_only):
-            raise TpcError(f"{method} (decode-time sparse attention) takes method, layers, keep and options only (r, "
-                           "prefix, restore, seq_len, after, vision_layer and backends other than torch are for "
-                           "encoders and VLMs)")
+        _refuse_encoder_settings(method, r=r, prefix=prefix, seq_len=seq_len, restore=restore,
+                                 vision_layer=vision_layer, backend=backend, after=after)
         options = parse_options(options)
         decode.check_settings(method, layers, keep, options)  # malformed settings fail before the model loads
         module, _, name = _resolve(model, example_inputs, **load_kwargs)
@@ -290,6 +286,18 @@ def prunes(method: str, layers) -> bool:
     return layers is not None or get_method(method).every_layer_by_default
 
 
+def _refuse_encoder_settings(method: str, *, r=None, prefix=None, seq_len=None, restore=False, vision_layer=None,
+                             backend="torch", after=None, **_) -> None:
+    """A decode-time method takes method, layers, keep and options: refuse the encoders' settings given
+    with one (``tpc.compile`` and ``tpc.inspect`` alike), rather than ignore them."""
+    encoder_only = (r, prefix, seq_len, restore or None, vision_layer,
+                    None if backend in (None, "torch") else backend, None if after in (None, "attention") else after)
+    if any(v is not None for v in encoder_only):
+        raise TpcError(f"{method} (decode-time sparse attention) takes method, layers, keep and options only (r, "
+                       "prefix, restore, seq_len, after, vision_layer and backends other than torch are for "
+                       "encoders and VLMs)")
+
+
 def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
     """The report of a compile (attention sites, tokens per layer, FLOPs) without writing anything.
 
@@ -300,6 +308,8 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
     if decode.decode_time(compile_kwargs.get("method")):  # the plan says what each layer reads: no capture needed
         settings = {k: v for k, v in compile_kwargs.items() if k not in ("method", "layers", "keep")}
         load_kwargs = {k: settings.pop(k) for k in LOAD_KEYWORDS if k in settings}
+        settings.pop("options", None)
+        _refuse_encoder_settings(compile_kwargs["method"], **settings)
         options = parse_options(compile_kwargs.get("options"))
         decode.check_settings(compile_kwargs["method"], compile_kwargs.get("layers"), compile_kwargs.get("keep"),
                               options)
