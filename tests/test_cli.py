@@ -146,3 +146,21 @@ def test_plan_without_tensorrt_or_gpu_names_what_is_missing(cli, tmp_path):
     assert r.returncode == 1 and len(lines) == 1 and ("TensorRT is not installed" in lines[0] or "no CUDA GPU" in lines[0])
     assert "pip install" in lines[0] or "GPU" in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_whose_reader_went_away_or_a_full_disk_is_no_internal_error(monkeypatch, capsys):
+    """`tpc passes | head -1` and `tpc passes > /dev/full` said "internal error ... a bug in tpc"."""
+    import os
+
+    from tpc.cli import main
+
+    read, write = os.pipe()
+    os.close(read)
+    with open(write, "w", buffering=1) as closed_pipe:
+        monkeypatch.setattr(sys, "stdout", closed_pipe)
+        assert main(["passes"]) == 141
+    assert capsys.readouterr().err == ""
+    with open("/dev/full", "w", buffering=1) as full:
+        monkeypatch.setattr(sys, "stdout", full)
+        assert main(["passes"]) == 1
+    assert capsys.readouterr().err == "tpc: error: No space left on device; free some space and rerun\n"

@@ -9,8 +9,10 @@ run ``tpc/__init__.py``, which imports torch and the API).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -197,6 +199,17 @@ def main(argv: list[str] | None = None) -> int:
         signals.clear()
 
 
+def _drop_unwritable_stdout() -> None:
+    """Point standard output at /dev/null when what is left in its buffer cannot be written, so the
+    flush at exit does not fail a second time with a traceback."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -221,6 +234,16 @@ def _main(argv: list[str] | None) -> int:
     except Terminated:
         print("tpc: terminated; nothing was written", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except BrokenPipeError:  # the reader of the output went away (`tpc passes | head -1`): nothing to say
+        _drop_unwritable_stdout()
+        return 128 + signal.SIGPIPE
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT) or args.debug:
+            raise
+        _drop_unwritable_stdout()
+        print(f"tpc: error: {err.strerror}{f': {err.filename}' if err.filename else ''}; free some space and rerun",
+              file=sys.stderr)
+        return 1
     except Exception as err:  # a bug in tpc, not bad input: still one line, and no partial file (writes are atomic)
         if args.debug:
             raise
