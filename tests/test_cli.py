@@ -164,3 +164,20 @@ def test_output_whose_reader_went_away_or_a_full_disk_is_no_internal_error(monke
         monkeypatch.setattr(sys, "stdout", full)
         assert main(["passes"]) == 1
     assert capsys.readouterr().err == "tpc: error: No space left on device; free some space and rerun\n"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--option", "page=4", "--option", "page=8"], "--option page is given twice (4, then 8): give it once"),
+    (["--option", "page=4,page=8"], "page is given twice in 'page=4,page=8': give it once"),
+    (["--model-args", "depth=2,depth=3"], "depth is given twice in 'depth=2,depth=3': give it once"),
+])
+def test_a_setting_given_twice_is_refused_not_overridden(tmp_path, capsys, args, words):
+    """`--option page=4 --option page=8` compiled with page 8 without a word."""
+    from tpc.cli import main
+
+    out = tmp_path / "dec.pt2"
+    assert main(["compile", str(tmp_path / "never-loaded"), "--pass", "quest", *args, "-o", str(out)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and words in err[0], err
+    assert not out.exists()
+

@@ -336,3 +336,17 @@ def test_encoder_flags_are_refused_by_inspect_as_by_compile(tmp_path, capsys, co
     assert main([command, str(tmp_path / "never-loaded"), "--pass", "quest", *flag, *out]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "takes method, layers, keep and options only" in err[0], err
+
+
+@pytest.mark.slow
+def test_bench_of_a_decode_step_names_it_as_inspect_does(captured, tmp_path, capsys):
+    """`tpc bench dec.pt2` said 'already pruned by tpc: compile the original model with the combined
+    schedule (--layers/--keep over all layers)', advice for an encoder's artifact."""
+    from tpc.cli import main
+
+    _, sparse = quest(captured)
+    sparse.save(tmp_path / "dec.pt2")
+    capsys.readouterr()
+    assert main(["bench", str(tmp_path / "dec.pt2"), "--batch", "1"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "is a decode step tpc wrote" in err[0], err

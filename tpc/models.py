@@ -66,6 +66,8 @@ def parse_model_args(text: str | dict | None) -> dict:
         if "=" not in part:
             raise TpcError(f"--model-args takes key=value pairs separated by commas, not {part!r}")
         key, value = (s.strip() for s in part.split("=", 1))
+        if key in out:
+            raise TpcError(f"{key} is given twice in {text!r}: give it once")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):

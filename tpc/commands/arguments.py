@@ -13,7 +13,11 @@ def options(args) -> dict | None:
     for item in args.option:
         if "=" not in item:
             raise TpcError(f"--option takes KEY=VALUE, not {item!r}")
-        out.update(parse_model_args(item))
+        given = parse_model_args(item)
+        twice = sorted(set(given) & set(out))
+        if twice:
+            raise TpcError(f"--option {twice[0]} is given twice ({out[twice[0]]!r}, then {given[twice[0]]!r}): give it once")
+        out.update(given)
     if args.fuse:
         out["fuse"] = True
     return out or None

@@ -66,6 +66,7 @@ def run_bench(model_id, method="topk-cls", layers=None, keep=None, backend=None,
         return _bench_decoder(model_id, method, layers, keep, backend, sizes, contexts, threads, warmup, iters,
                               repeats, load_kwargs, compile_kwargs)
     loaded = models.load(str(model_id), **(load_kwargs or {}))
+    decode.refuse_decode_step(loaded.module, loaded.name)
     models.refuse_pruned(loaded.module, loaded.name)
     if is_vlm(loaded.module):
         return _bench_vlm(loaded, method, layers, keep, backend, sizes, threads, warmup, iters, repeats,
