@@ -181,3 +181,21 @@ def test_a_setting_given_twice_is_refused_not_overridden(tmp_path, capsys, args,
     assert len(err) == 1 and words in err[0], err
     assert not out.exists()
 
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["passes", "--keep", "3"], "tpc passes: error: unrecognized arguments: --keep 3"),
+    (["compile", "m", "-o", "m.pt2", "--context", "64"], "tpc compile: error: unrecognized arguments: --context 64"),
+    (["--bogus", "passes"], "tpc: error: unrecognized arguments: --bogus"),
+])
+def test_a_flag_of_another_command_is_reported_by_the_command(capsys, argv, said):
+    """`tpc compile … --context 64` said 'tpc: error:' under tpc's usage, while a missing argument is
+    reported as 'tpc compile: error:' under compile's."""
+    from tpc.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    prog = said.split(": error:")[0]  # the parser that spoke: its usage comes first
+    assert said in err and err.startswith(f"usage: {prog} "), err

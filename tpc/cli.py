@@ -181,7 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
     p.add_argument("--max-batch", type=int, default=32, help="largest batch the dynamic batcher forms (default 32)")
+    parser.command_parsers = sub.choices  # command -> its parser, which reports its own unknown flags
     return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The arguments; a flag no parser takes is reported by the parser of the command it follows (with
+    that command's usage, as a missing argument is), not by tpc's."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        after_command = args.command in argv and argv.index(unknown[0]) > argv.index(args.command)
+        (parser.command_parsers[args.command] if after_command else parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +225,7 @@ def _drop_unwritable_stdout() -> None:
 
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     _fill_prune_defaults(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if not args.verbose:
