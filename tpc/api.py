@@ -20,7 +20,7 @@ from tpc.exports import to_onnxruntime, write_artifact
 from tpc.passes import get_method
 from tpc.pipeline import compile_encoder, describe_encoder
 from tpc.recipe import check_steps, load_recipe, steps_from_pass
-from tpc.registry import METHODS, VISUAL, Where, methods_for
+from tpc.registry import DEFAULT_METHOD, METHODS, VISUAL, Where, methods_for
 from tpc.schedule import parse_layers, read_r
 
 logger = logging.getLogger("tpc")
@@ -141,7 +141,7 @@ def parse_options(options) -> dict | None:
                    f"not a {type(options).__name__}")
 
 
-def compile(model, example_inputs=None, *, method: str = "topk-cls", layers=None, keep=None, r=None,
+def compile(model, example_inputs=None, *, method: str = DEFAULT_METHOD, layers=None, keep=None, r=None,
             prefix: int | None = None, after: str | None = None, seed: int | None = None, options: dict | str | None = None,
             restore: bool = False, backend: str = "torch", seq_len: int | None = None, recipe=None,
             vision_layer: int | None = None, **load_kwargs) -> nn.Module:
@@ -321,9 +321,9 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
                                                         compile_kwargs.get("keep"), options))
     if _visual_only(compile_kwargs.get("method")):
         return compile(model, example_inputs, **compile_kwargs).report
-    if not prunes(compile_kwargs.get("method") or "topk-cls", compile_kwargs.get("layers")) \
+    if not prunes(compile_kwargs.get("method") or DEFAULT_METHOD, compile_kwargs.get("layers")) \
             and compile_kwargs.get("recipe") is None:
-        get_method(compile_kwargs.get("method") or "topk-cls").resolve_options(parse_options(compile_kwargs.get("options")))
+        get_method(compile_kwargs.get("method") or DEFAULT_METHOD).resolve_options(parse_options(compile_kwargs.get("options")))
         load_kwargs = {k: compile_kwargs[k] for k in LOAD_KEYWORDS if k in compile_kwargs}
         module, inputs, name = _resolve(model, example_inputs, **load_kwargs)
         if vlm.is_vlm(module):

@@ -18,6 +18,7 @@ import sys
 import threading
 
 from tpc import signals
+from tpc.registry import DEFAULT_METHOD
 from tpc.errors import REPORT, TpcError, TpcInternalError
 from tpc.signals import Terminated
 
@@ -67,7 +68,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                         "tokens (default: the layer LLaVA takes its image features from)")
 
 
-PRUNE_DEFAULTS = {"method": "topk-cls"}  # keep: None means 0.7 (tpc.compile)
+PRUNE_DEFAULTS = {"method": DEFAULT_METHOD}  # keep: None means 0.7 (tpc.compile)
 SCHEDULE_FLAGS = {"method": "--pass", "layers": "--layers", "keep": "--keep", "r": "--r", "option": "--option",
                   "fuse": "--fuse", "vision_layer": "--vision-layer", "after": "--after", "seed": "--seed"}
 

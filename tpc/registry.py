@@ -142,6 +142,7 @@ class PruneMethod:
 
 
 METHODS: dict[str, PruneMethod] = {}
+DEFAULT_METHOD = "topk-cls"  # what tpc.compile and every command prune with when no method is named
 
 
 def register(method: PruneMethod) -> PruneMethod:

@@ -20,6 +20,7 @@ from tpc.dataset import parse_floats, resize_crop
 from tpc.errors import TpcError
 from tpc.exports.atomic import atomic_output, check_output_path, refuse_overwriting
 from tpc.passes.compaction import compactions
+from tpc.registry import DEFAULT_METHOD
 from tpc.vlm.family import refuse_vlm
 
 GREY = (128, 128, 128)
@@ -112,7 +113,7 @@ def render(image: np.ndarray, positions: list[torch.Tensor], layers: list[int], 
     return Visualization(str(out), grid, ph, kept_counts, layers)
 
 
-def run_visualize(model_id, image_path, out, method="topk-cls", layers=None, keep=None, mean=None, std=None,
+def run_visualize(model_id, image_path, out, method=DEFAULT_METHOD, layers=None, keep=None, mean=None, std=None,
                   load_kwargs=None, compile_kwargs=None) -> Visualization:
     check_output_path(out)
     if Path(out).suffix.lower() != ".png":

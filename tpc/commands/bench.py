@@ -20,6 +20,7 @@ from tpc.exports import to_onnx
 from tpc.exports.onnx import check_onnx
 from tpc.exports.onnxruntime import make_session
 from tpc.exports.tensorrt import engine_runner, graph_engine, require_tensorrt
+from tpc.registry import DEFAULT_METHOD
 from tpc.timing import BenchResult, BenchRow, inserted_share, machine_name, time_pair, torch_inserted_share
 from tpc.vlm.bench import VlmBenchResult, bench_vlm
 from tpc.vlm.family import is_vlm
@@ -44,7 +45,7 @@ def parse_batches(text) -> list[int]:
     return values
 
 
-def run_bench(model_id, method="topk-cls", layers=None, keep=None, backend=None, batches="1,8",
+def run_bench(model_id, method=DEFAULT_METHOD, layers=None, keep=None, backend=None, batches="1,8",
               threads=None, warmup=3, iters=10, repeats=5, load_kwargs=None, compile_kwargs=None,
               contexts="2048") -> BenchResult | VlmBenchResult:
     """Latency of the pruned model against the unpruned one, side by side, per batch size.

@@ -22,6 +22,7 @@ from tpc.exports import to_onnxruntime
 from tpc.exports.atomic import check_output_path, refuse_overwriting
 from tpc.flops import count_flops
 from tpc.plot import accuracy_vs_flops
+from tpc.registry import DEFAULT_METHOD
 from tpc.vlm.family import refuse_vlm
 
 @dataclass
@@ -85,7 +86,7 @@ def _runner(module, backend: str, example_inputs=None):
     return to_onnxruntime(module, example_inputs)
 
 
-def run_eval(model_id, data, method="topk-cls", layers=None, keep=None, sweep=None, mean=None, std=None,
+def run_eval(model_id, data, method=DEFAULT_METHOD, layers=None, keep=None, sweep=None, mean=None, std=None,
              backend="torch", batch=500, offset=0, limit=None, plot=None, load_kwargs=None, compile_kwargs=None,
              progress=None) -> EvalResult:
     check_backend(backend, ("torch", "onnxruntime"), "tpc eval")
