@@ -119,6 +119,65 @@ def test_selected_positions_and_step_logits_match_the_paper(captured):
     assert [int(k) for k in recorder.keys_read] == [10, 10, 4, 4]  # layers 2 and 3 read 3 positions + the new token
 
 
+def test_a_ratio_selects_its_share_of_each_cache_length(captured):
+    """keep=0.3: ceil(0.3 × L) positions at 9 and at 20 cached positions (3, then 6), the positions and the
+    step logits those of the reference with that many; one compiled step serves both lengths."""
+    model, program = captured("llama")
+    sparse = compile_decoder(model, layers=[1], keep=0.3, program=program)
+    for length, k in ((9, 3), (20, 6)):
+        token, position, valid, past = _random_step(model, length)
+        recorder = _Recorder(sparse.gm)
+        with torch.no_grad():
+            logits = recorder.run(token, position, valid.long(), [t for kv in past for t in kv])[0]
+            expected, chosen = tidal_step(model, token, position, valid, past, selection=[1], keep=k)
+        assert [c.tolist() for c in recorder.chosen] == [chosen[1]]
+        torch.testing.assert_close(logits, expected.float(), atol=1e-5, rtol=1e-5)
+        assert [int(n) for n in recorder.keys_read] == [length + 1, length + 1, k + 1, k + 1]
+
+
+@pytest.mark.parametrize("method, options", [("tidal", None), ("quest", {"page": 3})])
+def test_a_ratio_of_one_generates_the_dense_tokens(captured, method, options):
+    model, program = captured("llama")
+    sparse = compile_decoder(model, method=method, keep=1.0, options=options, program=program)
+    ids, mask = prompts()
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(sparse.generate(ids, mask, max_new_tokens=6, do_sample=False), expected)
+
+
+@pytest.mark.slow
+def test_a_ratio_step_is_written_as_pt2_and_runs_other_lengths(captured, tmp_path):
+    from tpc.pt2 import load_program
+
+    model, program = captured("llama")
+    sparse = compile_decoder(model, layers=[1], keep=0.3, program=program)
+    assert sparse.save(tmp_path / "dec.pt2") is not None
+    step = load_program(tmp_path / "dec.pt2").module()
+    gen = torch.Generator().manual_seed(2)
+    for length in (2, 40):  # 1 position, then 12
+        past = [torch.randn(2, 2, length, 8, generator=gen) for _ in range(8)]
+        mask = torch.ones(2, length + 1, dtype=torch.long)
+        mask[1, :1] = 0
+        inputs = (torch.tensor([[5], [7]]), torch.full((2, 1), length), mask, past)
+        torch.testing.assert_close(step(*inputs)[0], sparse.step(*inputs)[0])
+
+
+@pytest.mark.parametrize("method", ["tidal", "quest"])
+@pytest.mark.parametrize("keep, words", [("0", "give a budget of 1 or more"), ("0.0", "keep ratio '0.0' is outside (0, 1]"),
+                                         ("1.5", "keep ratio '1.5' is outside (0, 1]"),
+                                         ("nan", "keep ratio 'nan' is outside (0, 1]"),
+                                         ("-0.1", "keep ratio '-0.1' is outside (0, 1]"),
+                                         ("x", "a number of cached positions such as 256 or a ratio")])
+def test_cli_refuses_a_bad_ratio_in_one_line_before_loading(tmp_path, capsys, method, keep, words):
+    from tpc.cli import main
+
+    out = tmp_path / "dec.pt2"
+    assert main(["compile", str(tmp_path / "never-loaded"), "--pass", method, "--keep", keep, "-o", str(out)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and words in err[0], err
+    assert not out.exists()
+
+
 def test_only_gathers_read_the_sparse_layers_cache(captured):
     model, program = captured("llama")
     sparse = compile_decoder(model, layers=[1], keep=3, program=program)
@@ -149,6 +208,10 @@ def test_golden_decode_step(captured, update_golden):
     ({"layers": [1, 4]}, "selection layer 4 is out of range: the model has 4 decoder layers"),
     ({"layers": [3]}, "leaves no layer to read"),
     ({"method": "quest2"}, "not a decode-time method"),
+    ({"keep": 1.5}, "keep ratio 1.5 is outside \\(0, 1\\]"),
+    ({"keep": float("nan")}, "keep ratio nan is outside \\(0, 1\\]"),
+    ({"keep": -0.1}, "keep ratio -0.1 is outside \\(0, 1\\]"),
+    ({"keep": 0.0}, "keep ratio 0.0 is outside \\(0, 1\\]"),
 ])
 def test_bad_settings_are_refused_before_capture(settings, message):
     with pytest.raises(TpcError, match=message):
@@ -282,7 +345,6 @@ def test_cli_refuses_a_decode_step_suffix_before_loading(cli, tmp_path):
 
 @pytest.mark.parametrize("args, words", [
     (["--keep", "0"], "give a budget of 1 or more"),
-    (["--keep", "0.5"], "a number of cached positions"),
     (["--keep", "99999999999999999999999"], "more than the 1048576 cached positions"),
     (["--layers", "9"], "selection layer 9 is out of range"),
 ])

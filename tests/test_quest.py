@@ -75,6 +75,24 @@ def test_read_positions_and_step_logits_match_the_paper(captured, family):
     assert reads.keys_read == [10, 10, 5, 5]  # layers 2 and 3: 2 pages of 2 positions + the new token
 
 
+def test_a_ratio_reads_the_pages_of_its_share_of_each_cache_length(captured):
+    """keep=0.3, pages of 2: ceil(ceil(0.3 × L) / 2) pages, at 9 cached positions 2 pages (3 positions
+    rounded up), at 20 3 pages (6 positions); positions and logits those of the reference with that budget."""
+    model, sparse = quest(captured, keep=0.3)
+    for length, k in ((9, 3), (20, 6)):
+        token, position, valid, past = _random_step(model, length)
+        flat = [t for kv in past for t in kv]
+        reads = _Reads(sparse.gm)
+        with torch.no_grad():
+            logits = reads.run(token, position, valid.long(), flat, bounds_for(sparse.plan, flat, valid.long()))[0]
+            expected, chosen = quest_step(model, token, position, valid, past, layers=[2, 3], keep=k, page=2)
+        assert reads.positions == [chosen[2], chosen[3]]
+        torch.testing.assert_close(logits, expected.float(), atol=1e-5, rtol=1e-5)
+        pages = -(-k // 2)
+        assert reads.keys_read == [length + 1, length + 1, 2 * pages + 1, 2 * pages + 1]
+        assert sparse.report.positions_read(2, length) == 2 * pages + 1
+
+
 def test_only_gathers_read_the_quest_layers_cache(captured):
     """A quest layer's cached keys and values are read by the gathers alone (its pages are scored from
     the bounds, a step input kept beside the cache), never by a full-cache attention."""
@@ -236,7 +254,7 @@ def test_the_page_ops_match_loops_and_their_fakes():
     ({"options": {"page": 10**9}}, "option page 1000000000 is more than the 1048576 cached positions"),
     ({"options": {"pages": 4}}, "quest has no option 'pages'; its options: page \\(default 16\\)"),
     ({"keep": 0}, "give a budget of 1 or more"),
-    ({"keep": 0.5}, "a number of cached positions"),
+    ({"keep": 1.5}, "keep ratio 1.5 is outside"),
     ({"layers": [1, 4]}, "sparse layer 4 is out of range: the model has 4 decoder layers"),
 ])
 def test_bad_settings_are_refused_before_capture(settings, message):
@@ -292,6 +310,23 @@ def test_the_default_page_is_written_as_pt2(captured, tmp_path):
 
     model, sparse = quest(captured, keep=20, options={})
     assert sparse.plan.page == 16
+    assert sparse.save(tmp_path / "dec.pt2") is not None
+    program = load_program(tmp_path / "dec.pt2").module()
+    gen = torch.Generator().manual_seed(2)
+    for length in (5, 40):
+        past = [torch.randn(2, 2, length, 8, generator=gen) for _ in range(8)]
+        mask = torch.ones(2, length + 1, dtype=torch.long)
+        mask[1, :3] = 0
+        inputs = (torch.tensor([[5], [7]]), torch.full((2, 1), length), mask, past,
+                  bounds_for(sparse.plan, past, mask))
+        torch.testing.assert_close(program(*inputs)[0], sparse.step(*inputs)[0])
+
+
+@pytest.mark.slow
+def test_a_ratio_step_is_written_as_pt2_and_runs_other_lengths(captured, tmp_path):
+    from tpc.pt2 import load_program
+
+    model, sparse = quest(captured, keep=0.3, options={"page": 4})
     assert sparse.save(tmp_path / "dec.pt2") is not None
     program = load_program(tmp_path / "dec.pt2").module()
     gen = torch.Generator().manual_seed(2)

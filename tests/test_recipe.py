@@ -184,12 +184,14 @@ def test_every_kind_of_model_parses_its_settings_into_steps():
     assert visual_steps("kcenter", None, "5") == [Step(-1, "kcenter", 5)]  # before the language model
     assert decode_steps("tidal", "3,1", "8", maximum=16) == [Step(1, "tidal", 8), Step(3, "tidal", 8)]
     assert decode_steps("tidal", None, None, maximum=512, default_layers=[2]) == [Step(2, "tidal", 256)]
+    assert decode_steps("quest", "1", "0.25", maximum=16) == [Step(1, "quest", 0.25)]  # a ratio of the cache
     for parse in (lambda: steps_from_pass("kcenter", "0,x", 0.5), lambda: visual_steps("kcenter", "0,x", 0.5),
                   lambda: decode_steps("tidal", "0,x", 4, maximum=16)):
         with pytest.raises(tpc.TpcError, match=r"^--layers takes comma-separated layer indices such as 3,6,9, "
                                                r"not '0,x'$"):
             parse()
-    for parse in (lambda: steps_from_pass("kcenter", 0, 1.5), lambda: visual_steps("kcenter", 0, 1.5)):
+    for parse in (lambda: steps_from_pass("kcenter", 0, 1.5), lambda: visual_steps("kcenter", 0, 1.5),
+                  lambda: decode_steps("tidal", None, 1.5, maximum=16)):
         with pytest.raises(tpc.TpcError, match=r"^keep ratio 1.5 is outside \(0, 1\]"):
             parse()
     with pytest.raises(tpc.TpcError, match="keep 0 drops every visual token; before the language model"):

@@ -167,7 +167,8 @@ def compile(model, example_inputs=None, *, method: str = DEFAULT_METHOD, layers=
     ``vision_layer`` (VLMs, topk-cls only): the vision layer whose [CLS] attention VTC-CLS scores
     the visual tokens with (default: the layer LLaVA takes its image features from).
     A decode-time method (``tidal``, ``quest``) on a causal LM returns a :class:`tpc.decode.DecodeModule`
-    whose decode step reads, in the sparse layers, ``keep`` cached positions chosen at the
+    whose decode step reads, in the sparse layers, ``keep`` cached positions (a float in (0, 1]: that
+    ratio of the cache, ceil(keep × L) of its L positions at each step) chosen at the
     selection ``layers`` (tidal), or the pages worth ``keep`` positions each quest layer chooses
     (quest, ``options={"page": 16}``; docs/decode.md); ``pruned.generate(**tokenizer_outputs)`` decodes.
     A KV-eviction method (``streaming``, ``h2o``, ``snapkv``, ``scissorhands``) returns a

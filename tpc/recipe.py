@@ -113,7 +113,8 @@ def visual_steps(method: str, layers, keep) -> list[Step]:
 
 def decode_steps(method: str, layers, keep, *, maximum: int, default_layers=()) -> list[Step]:
     """Decode-time sparse attention as steps, one per selection layer in layer order
-    (``default_layers`` when none are given), each keeping ``keep`` cached positions (a count)."""
+    (``default_layers`` when none are given), each keeping ``keep`` cached positions (a count, or a ratio
+    of the cache in (0, 1])."""
     known = METHODS.get(method) if isinstance(method, str) else None
     if known is None or not known.applies(Where.DECODE):
         raise TpcError(f"method {method!r} is not a decode-time method: choose one of "

@@ -99,23 +99,30 @@ def parse_keep(keep, count: int, zero: bool = False, what: str = "pruning layers
     return values
 
 
-def parse_budget(keep, maximum: int, default: int) -> int:
-    """A decode-time budget: the number of cached positions each sparse layer reads (``default``
-    when not given; ``"256"`` as the CLI gives it), 1 to ``maximum``."""
+def parse_budget(keep, maximum: int, default: int) -> int | float:
+    """A decode-time budget: the number of cached positions each sparse layer reads (an int, 1 to
+    ``maximum``; ``default`` when not given) or a ratio of the cache in (0, 1] (a float: ceil(ratio × L)
+    of the L cached positions at each step); ``"256"``/``"0.25"`` as the CLI gives it."""
     if keep is None:
         return default
+    given = keep
     if isinstance(keep, str):
         try:
-            keep = int(keep)
+            keep = float(keep) if any(c in keep.lower() for c in ".en") else int(keep)
         except ValueError:
-            raise TpcError(f"--keep for decode-time sparse attention is a number of cached positions such as {default}, "
-                           f"not {keep!r}") from None
-    if isinstance(keep, bool) or not isinstance(keep, int):
-        raise TpcError(f"keep for decode-time sparse attention is a number of cached positions such as {default}, "
-                       f"not {keep!r}")
+            raise TpcError(f"--keep for decode-time sparse attention is a number of cached positions such as {default} "
+                           f"or a ratio of the cache in (0, 1] such as 0.25, not {keep!r}") from None
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise TpcError(f"keep for decode-time sparse attention is a number of cached positions such as {default} "
+                       f"or a ratio of the cache in (0, 1] such as 0.25, not {given!r}")
+    if isinstance(keep, float):
+        if not 0 < keep <= 1:  # nan fails both comparisons
+            raise TpcError(f"keep ratio {given!r} is outside (0, 1]: a ratio is the share of the cache each sparse "
+                           f"layer reads, such as 0.25 (or give a number of cached positions such as {default})")
+        return keep
     if keep < 1:
         raise TpcError(f"keep {keep} leaves the sparse layers nothing to attend to but the new token: give a budget "
-                       f"of 1 or more cached positions, such as {default}")
+                       f"of 1 or more cached positions, such as {default}, or a ratio of the cache in (0, 1]")
     if keep > maximum:
         raise TpcError(f"keep {keep} is more than the {maximum} cached positions a decode step takes: give a budget "
                        f"such as {default} (a budget over the cache reads the whole cache)")

@@ -15,7 +15,7 @@ def compile_decoder(model: nn.Module, *, method: str = "tidal", layers=None, kee
                     program=None) -> DecodeModule:
     """``model``'s decode step with ``method``'s sparse attention (``layers``: tidal's selection
     layers, default layer 2 and the middle one, or quest's sparse layers, default layer 2 on;
-    ``keep``: cached positions the sparse layers read; ``options``: the method's, as quest's page).
+    ``keep``: cached positions the sparse layers read, or a ratio of the cache in (0, 1]; ``options``: the method's, as quest's page).
     ``program``: a decode step captured before (``capture_step``), reused as it is."""
     plan = make_plan(method, decoder_spec(model)[0], layers, keep, options)  # refuse before capturing
     return pipeline.rewrite_decode_step(model, plan, program)

@@ -18,7 +18,7 @@ from torch import fx, nn
 from tpc.decode.capture import decoder_spec
 from tpc.decode.export import save_step
 from tpc.decode.pages import PageBounds, bounds_for
-from tpc.decode.plan import Plan, sparse_positions
+from tpc.decode.plan import Plan, describe_budget, sparse_positions
 from tpc.errors import TpcError
 from tpc.generation import decode_tokens, generation_config, new_tokens, refuse_right_padding
 from tpc.vlm.inputs import checked_mask
@@ -31,7 +31,7 @@ class DecodeReport:
     layers: int
     selection: list[int] = field(default_factory=list)
     sparse: list[int] = field(default_factory=list)
-    keep: int | None = None
+    keep: int | float | None = None  # positions, or a ratio of the cache
     kv_heads: int = 0
     head_dim: int = 0
     itemsize: int = 4
@@ -57,15 +57,22 @@ class DecodeReport:
             rows.append(f"{i:5d}  {kind:16s}  {self.positions_read(i, cached)}")
         return "\n".join(rows)
 
+    def _at(self, cached: int) -> str:
+        """For a ratio, what it reads at ``cached`` cached positions (an int budget says it already)."""
+        if not isinstance(self.keep, float):
+            return ""
+        return f" ({sparse_positions(self.keep, self.page, cached)} positions at {cached} cached)"
+
     def summary(self, cached: int = 8192) -> str:
         if self.method is None:
             what = "dense (every layer reads the whole cache)"
         elif self.page is None:
             what = (f"{self.method}: selection layers {self.selection}, {len(self.sparse)} sparse layers reading "
-                    f"{self.keep} positions")
+                    f"{describe_budget(self.keep)}{self._at(cached)}")
         else:
-            what = (f"{self.method}: {len(self.sparse)} sparse layers {self.sparse} reading the best "
-                    f"{-(-self.keep // self.page)} pages of {self.page} positions")
+            what = (f"{self.method}: {len(self.sparse)} sparse layers {self.sparse} reading "
+                    f"{'' if isinstance(self.keep, float) else 'the best '}{describe_budget(self.keep, self.page)}"
+                    f"{self._at(cached)}")
         dense = DecodeReport(self.model, None, self.layers, kv_heads=self.kv_heads, head_dim=self.head_dim,
                              itemsize=self.itemsize)
         return (f"{self.model}, decode step, {what}; KV read per step per example at {cached} cached positions: "

@@ -53,7 +53,17 @@ def top_positions(scores: torch.Tensor, count: int) -> torch.Tensor:
 
 @top_positions.register_fake
 def _(scores, count):
-    return scores.new_empty((*scores.shape[:2], torch.sym_min(count, scores.shape[-1] - 1)), dtype=torch.int64)
+    return scores.new_empty((*scores.shape[:2], selected_size(count, scores.shape[-1] - 1)), dtype=torch.int64)
+
+
+def selected_size(count, available):
+    """The fake size of min(count, available) selected items. A symbolic ``count`` (a ratio of the cache, computed
+    from the cache length) is 1 at short caches, which a size computed from the cache length would turn into a
+    guard torch.export refuses (backed sizes are assumed >= 2): it becomes a fresh size (at least 1; the op
+    itself returns at most ``available``)."""
+    if isinstance(count, torch.SymInt):
+        return torch.library.get_ctx().new_dynamic_size(min=1)
+    return torch.sym_min(count, available)
 
 
 @torch.library.custom_op(f"{_LIB}::gather_positions", mutates_args=())

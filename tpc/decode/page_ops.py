@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from tpc.decode.ops import selected_size
+
 _LIB = "tpc"
 
 
@@ -108,7 +110,7 @@ def top_pages(scores: torch.Tensor, count: int) -> torch.Tensor:
 
 @top_pages.register_fake
 def _(scores, count):
-    return scores.new_empty((*scores.shape[:2], torch.sym_min(count, scores.shape[-1])), dtype=torch.int64)
+    return scores.new_empty((*scores.shape[:2], selected_size(count, scores.shape[-1])), dtype=torch.int64)
 
 
 def _slots(pages: torch.Tensor, mask: torch.Tensor, page: int) -> torch.Tensor:

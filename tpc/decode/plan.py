@@ -14,11 +14,13 @@ with a ``page`` size is such a plan: its selection layers are its sparse layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 from tpc.decode.capture import MAX_CACHE
 from tpc.errors import TpcError
 from tpc.recipe import decode_steps
 from tpc.registry import METHODS, Where
+from tpc.schedule import RATIO_DENOMINATOR, ratio_fraction
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class Plan:
     method: str
     layers: int  # decoder layers of the model
     selection: tuple[int, ...]  # layers that attend densely and select
-    keep: int  # cached positions each sparse layer reads (the new token comes on top)
+    keep: int | float  # cached positions each sparse layer reads (the new token comes on top), or a ratio of the cache
     page: int | None = None  # Quest: positions per page; each selection layer selects its own pages
 
     def source(self, layer: int) -> int | None:
@@ -43,24 +45,47 @@ class Plan:
 
     @property
     def pages(self) -> int | None:
-        """Pages a quest layer reads (the budget rounded up to whole pages); None without pages."""
-        return None if self.page is None else -(-self.keep // self.page)
+        """Pages a quest layer reads (the budget rounded up to whole pages); None without pages or for a ratio
+        (whose pages depend on the cache length: :func:`selected_count`)."""
+        return None if self.page is None or isinstance(self.keep, float) else -(-self.keep // self.page)
 
     def positions(self, cached: int) -> int:
         return sparse_positions(self.keep, self.page, cached)
 
 
-def sparse_positions(keep: int, page: int | None, cached: int) -> int:
-    """Cache positions a sparse layer reads at ``cached`` cached positions (the new token not counted):
-    ``keep`` of them, or with pages every position of the ceil(keep / page) pages read (the partial
-    last page counted whole: its positions past the cache are gathered, and masked)."""
-    if page is None:
-        return min(keep, cached)
-    return min(-(-keep // page), -(-cached // page)) * page
+def selected_count(keep: int | float, cached, page: int | None = None):
+    """What a sparse layer selects at ``cached`` cached positions: positions (``page`` None) or pages of
+    ``page`` positions. An int budget is that many positions (quest: ceil(keep / page) pages; a count over
+    the cache is cut by the selection op); a ratio is ceil(ratio × cached) positions, at least 1 (quest:
+    the pages holding that many). ``cached`` may be a symbolic size (or a graph node's value): a ratio is
+    computed in integer arithmetic from its fraction, so torch.export adds no guard on the cache length."""
+    if isinstance(keep, float):
+        n, d = ratio_parts(keep)
+        keep = (cached * n + d - 1) // d
+    return keep if page is None else (keep + page - 1) // page
 
-    @property
-    def dense(self) -> list[int]:
-        return [i for i in range(self.layers) if i not in self.sparse]
+
+def ratio_parts(keep: float) -> tuple[int, int]:
+    """(n, d): the ratio as the exact fraction n / d the graph computes with (at least 1e-6, so that
+    ceil(ratio × L) is at least 1 for a ratio too small for six digits)."""
+    f = max(ratio_fraction(keep), Fraction(1, RATIO_DENOMINATOR))
+    return f.numerator, f.denominator
+
+
+def sparse_positions(keep: int | float, page: int | None, cached: int) -> int:
+    """Cache positions a sparse layer reads at ``cached`` cached positions (the new token not counted):
+    ``keep`` of them (a ratio: ceil(keep × cached)), or with pages every position of the pages read (the
+    partial last page counted whole: its positions past the cache are gathered, and masked)."""
+    if page is None:
+        return min(selected_count(keep, cached), cached)
+    return min(selected_count(keep, cached, page), -(-cached // page)) * page
+
+
+def describe_budget(keep: int | float, page: int | None = None) -> str:
+    """The budget in words: ``256 positions``, ``16 pages of 16 positions``, ``a ratio 0.25 of the cache``."""
+    if isinstance(keep, float):
+        return f"a ratio {keep:g} of the cache" + (f" in pages of {page} positions" if page else "")
+    return f"{keep} positions" if page is None else f"{-(-keep // page)} pages of {page} positions"
 
 
 def default_layers(layers: int) -> list[int]:

@@ -7,6 +7,7 @@ bounds (min and max of each page's keys, kept by the caller as the cache grows:
 
     bounds_l [B, Hkv, 2, P, d] (a graph input, P = ceil(L / page))
     q_l, bounds_l, mask ─► tpc::page_scores ─► [B, Hkv, P] ─► tpc::top_pages(·, ceil(keep / page))
+        (a ratio r of the cache: ceil(ceil(r × L) / page) pages, computed in the graph from the symbolic L)
         ─► pages [B, Hkv, K] ─► tpc::page_positions ─► index [B, Hkv, K · page]
     past_k_l ─► gather_positions(index) ─► cat(·, new_k_l) ─┐
     past_v_l ─► gather_positions(index) ─► cat(·, new_v_l) ─┤
@@ -31,8 +32,8 @@ from torch.utils import _pytree as pytree
 
 from tpc.decode import page_ops  # noqa: F401  (registers the tpc:: page ops)
 from tpc.decode.graph import CacheAttention, cache_attention
-from tpc.decode.plan import Plan
-from tpc.decode.rewrite import attend_grouped, gathered_cache
+from tpc.decode.plan import Plan, describe_budget
+from tpc.decode.rewrite import attend_grouped, budget, gathered_cache
 from tpc.graph.nodes import val
 from tpc.passes.cleanup import finish
 from tpc.passes.compaction import Builder, Role
@@ -45,7 +46,8 @@ tpc = torch.ops.tpc
 class QuestDecode(Pass):
     def __init__(self, plan: Plan, ideal: bool = False):
         self.plan, self.ideal = plan, ideal
-        self.name = f"quest_decode(page {plan.page}, {plan.pages} pages{', ideal' if ideal else ''})"
+        budget = f"{plan.pages} pages" if plan.pages is not None else describe_budget(plan.keep)
+        self.name = f"quest_decode(page {plan.page}, {budget}{', ideal' if ideal else ''})"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         if not self.plan.sparse:  # no quest layer: the step as captured
@@ -61,7 +63,7 @@ class QuestDecode(Pass):
                 continue
             page = self.plan.page
             scores = b.op(tpc.page_scores.default, site.q, inputs[layer], site.mask, page, role=Role.SCORING)
-            pages = b.op(tpc.top_pages.default, scores, self.plan.pages, role=Role.SELECTION)
+            pages = b.op(tpc.top_pages.default, scores, budget(b, site, self.plan.keep, page), role=Role.SELECTION)
             index = b.op(tpc.page_positions.default, pages, site.mask, page, role=Role.SELECTION)
             keys, values = gathered_cache(b, site, index)
             mask = b.op(tpc.page_mask.default, site.mask, pages, page, role=Role.GATHER)

@@ -4,7 +4,9 @@ Rewrite rules (TidalDecode, arXiv 2410.05076, §3; per KV head for grouped-query
 
 1. At each selection layer s, after its (dense) attention:
    ``scores = tpc::group_attention(q_s, cat(past_k_s, new_k_s), mask)`` [B, Hkv, L + 1] and
-   ``index = tpc::top_positions(scores, keep)`` [B, Hkv, K], K = min(keep, L).
+   ``index = tpc::top_positions(scores, keep)`` [B, Hkv, K], K = min(keep, L); for a ratio r of
+   the cache, ``keep`` is computed in the graph from the symbolic L as ceil(r × L) = (L · n + d - 1) // d
+   (r = n / d), so one compiled step serves every cache length.
 2. At each sparse layer l reading selection layer s, the SDPA over the whole cache is
    replaced by one over K + 1 positions (the selected ones and the new token)::
 
@@ -25,13 +27,14 @@ in those layers, the physical limit of the method (benchmarks only; no padding).
 from __future__ import annotations
 
 import logging
+import operator
 
 import torch
 from torch import fx
 
 from tpc.decode import ops  # noqa: F401  (registers the tpc:: decode ops)
 from tpc.decode.graph import CacheAttention, cache_attention
-from tpc.decode.plan import Plan
+from tpc.decode.plan import Plan, ratio_parts, selected_count
 from tpc.graph.nodes import val
 from tpc.passes.cleanup import finish
 from tpc.passes.compaction import Builder, Role, mark_rewritten
@@ -65,10 +68,25 @@ class SparseDecode(Pass):
         return PassResult(gm, True)
 
 
-def _select(gm: fx.GraphModule, site: CacheAttention, keep: int) -> fx.Node:
+def _select(gm: fx.GraphModule, site: CacheAttention, keep: int | float) -> fx.Node:
     b = Builder(gm, site.sdpa)
     scores = b.op(tpc.group_attention.default, site.q, site.keys, site.mask, site.scale, role=Role.SCORING)
-    return b.op(tpc.top_positions.default, scores, keep, role=Role.SELECTION)
+    return b.op(tpc.top_positions.default, scores, budget(b, site, keep), role=Role.SELECTION)
+
+
+def budget(b: Builder, site: CacheAttention, keep: int | float, page: int | None = None):
+    """What the selection op of ``site`` keeps (positions, or with ``page`` pages): an int budget as a constant;
+    a ratio as integer nodes on the layer's symbolic cache length L, (L · n + d - 1) // d for the ratio n / d
+    (then rounded up to pages), as :func:`tpc.decode.plan.selected_count` computes it."""
+    if not isinstance(keep, float):
+        return selected_count(keep, 0, page)
+    n, d = ratio_parts(keep)
+    cached = b.op(aten.sym_size.int, site.past_k, 2, role=Role.SELECTION)
+    count = b.op(operator.floordiv, b.op(operator.add, b.op(operator.mul, cached, n, role=Role.SELECTION), d - 1,
+                                         role=Role.SELECTION), d, role=Role.SELECTION)
+    if page is None:
+        return count
+    return b.op(operator.floordiv, b.op(operator.add, count, page - 1, role=Role.SELECTION), page, role=Role.SELECTION)
 
 
 def _sparse_attention(gm: fx.GraphModule, site: CacheAttention, index: fx.Node | None, masks: dict,
