@@ -302,41 +302,36 @@ def test_inspect_and_passes_say_which_layers_read_pages(tmp_path, capsys):
     assert "decoder LMs, decode step" in line
 
 
+def assert_saved_program_runs_other_lengths(sparse, path):
+    """The step's .pt2, loaded back, gives the module's logits at cache lengths 5 and 40 (a padded example)."""
+    from tpc.pt2 import load_program
+
+    program = load_program(path).module()
+    gen = torch.Generator().manual_seed(2)
+    for length in (5, 40):
+        past = [torch.randn(2, 2, length, 8, generator=gen) for _ in range(8)]
+        mask = torch.ones(2, length + 1, dtype=torch.long)
+        mask[1, :3] = 0
+        inputs = (torch.tensor([[5], [7]]), torch.full((2, 1), length), mask, past,
+                  bounds_for(sparse.plan, past, mask))
+        torch.testing.assert_close(program(*inputs)[0], sparse.step(*inputs)[0])
+
+
 @pytest.mark.slow
 def test_the_default_page_is_written_as_pt2(captured, tmp_path):
     """Pages of 16 (the default) over the .pt2's example cache: it was one page, which torch.export
     specialized (an internal error); the program then runs other cache lengths as the module does."""
-    from tpc.pt2 import load_program
-
     model, sparse = quest(captured, keep=20, options={})
     assert sparse.plan.page == 16
     assert sparse.save(tmp_path / "dec.pt2") is not None
-    program = load_program(tmp_path / "dec.pt2").module()
-    gen = torch.Generator().manual_seed(2)
-    for length in (5, 40):
-        past = [torch.randn(2, 2, length, 8, generator=gen) for _ in range(8)]
-        mask = torch.ones(2, length + 1, dtype=torch.long)
-        mask[1, :3] = 0
-        inputs = (torch.tensor([[5], [7]]), torch.full((2, 1), length), mask, past,
-                  bounds_for(sparse.plan, past, mask))
-        torch.testing.assert_close(program(*inputs)[0], sparse.step(*inputs)[0])
+    assert_saved_program_runs_other_lengths(sparse, tmp_path / "dec.pt2")
 
 
 @pytest.mark.slow
 def test_a_ratio_step_is_written_as_pt2_and_runs_other_lengths(captured, tmp_path):
-    from tpc.pt2 import load_program
-
     model, sparse = quest(captured, keep=0.3, options={"page": 4})
     assert sparse.save(tmp_path / "dec.pt2") is not None
-    program = load_program(tmp_path / "dec.pt2").module()
-    gen = torch.Generator().manual_seed(2)
-    for length in (5, 40):
-        past = [torch.randn(2, 2, length, 8, generator=gen) for _ in range(8)]
-        mask = torch.ones(2, length + 1, dtype=torch.long)
-        mask[1, :3] = 0
-        inputs = (torch.tensor([[5], [7]]), torch.full((2, 1), length), mask, past,
-                  bounds_for(sparse.plan, past, mask))
-        torch.testing.assert_close(program(*inputs)[0], sparse.step(*inputs)[0])
+    assert_saved_program_runs_other_lengths(sparse, tmp_path / "dec.pt2")
 
 
 @pytest.mark.slow
