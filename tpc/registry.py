@@ -75,6 +75,19 @@ def check_windows(o: dict) -> None:
             raise TpcError(f"option kernel is the odd width of SnapKV's pooling (such as 5), not {value}")
 
 
+def check_chunks(o: dict) -> None:
+    """DHSA's chunk lengths are counts of positions (max_chunk at least min_chunk); its boundary threshold a
+    cosine similarity."""
+    for name in ("min_chunk", "max_chunk"):
+        value = o[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TpcError(f"option {name} is a number of positions (1 or more), not {value!r}")
+    if o["max_chunk"] < o["min_chunk"]:
+        raise TpcError(f"option max_chunk ({o['max_chunk']}) is less than min_chunk ({o['min_chunk']}): give "
+                       "max_chunk >= min_chunk")
+    _number("threshold", o["threshold"], -1.0, 1.0)
+
+
 @dataclass(frozen=True)
 class PruneMethod:
     """One method. ``impl`` maps each place it applies to its implementation (a callable, or
@@ -225,6 +238,13 @@ for _m in (
                 "are the only ones read",
                 Kind.SELECT, "attention", {Where.DECODE: "tpc.decode.quest:QuestDecode"}, options={"page": 16},
                 check=check_windows),
+    PruneMethod("dhsa", "DHSA (Xiong et al., NeurIPS 2025), arXiv 2510.24606",
+                "decoder LMs, decode step: at each layer from 2 on (--layers), the cache is cut into chunks where "
+                "adjacent keys' cosine similarity drops below --option threshold=0.5 (min_chunk=8, max_chunk=64 "
+                "positions); the new query scores each chunk's length-normalized mean key, and the --keep "
+                "positions of the best chunks are the only ones read",
+                Kind.SELECT, "attention", {Where.DECODE: "tpc.decode.dhsa:DHSADecode"},
+                options={"min_chunk": 8, "max_chunk": 64, "threshold": 0.5}, check=check_chunks),
     PruneMethod("streaming", "StreamingLLM (Xiao et al., ICLR 2024), arXiv 2309.17453",
                 "decoder LMs, KV cache: keep the first sinks positions (--option sinks=4) and the most recent ones, "
                 "--keep positions per layer",

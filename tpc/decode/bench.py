@@ -3,8 +3,9 @@
 Every step runs on the same random KV cache of ``context`` positions per layer (no padding).
 The *ideal* is the dense step whose sparse layers' caches physically hold only ``keep``
 positions (no scoring, no gather): the most the method can save on this machine. A quest
-step gets its page bounds computed before the timing, as ``generate()`` keeps them beside
-the cache (their update, one page per layer per token, is not timed). The three
+step gets its page bounds (a dhsa step its chunk summaries) computed before the timing, as
+``generate()`` keeps them beside the cache (their update, one page or chunk per layer per
+token, is not timed). The three
 are timed interleaved (the order rotates each repeat), medians over every repeat.
 """
 
@@ -19,7 +20,7 @@ from torch import fx
 
 from tpc.decode.capture import decoder_spec
 from tpc.decode.module import DecodeModule
-from tpc.decode.pages import bounds_for
+from tpc.decode.side import side_inputs
 from tpc.passes import PassManager
 from tpc.registry import Where, get_method
 
@@ -103,14 +104,15 @@ def bench_decode(module: DecodeModule, batches: list[int], contexts: list[int], 
     for batch in batches:
         for context in contexts:
             head, past, short = _inputs(model, batch, context, plan.sparse, plan.positions(context))
-            bounds = (bounds_for(plan, past, head[2]),) if module.takes_bounds else ()  # kept beside the cache
+            bounds = (side_inputs(plan, past, head[2]),) if module.takes_bounds else ()  # kept beside the cache
             runs = {"dense": lambda: dense.gm(*head, past), "sparse": lambda: module.gm(*head, past, *bounds),
                     "ideal": lambda: ideal(*head, short)}
             times = _interleaved(runs, warmup, iters, repeats)
             rows.append(DecodeBenchRow(batch, context, times["dense"], times["sparse"], times["ideal"],
                                        dense.report.kv_bytes(context, batch) / 2**20,
                                        report.kv_bytes(context, batch) / 2**20))
-    layers = f"page {plan.page}, quest layers" if plan.page else "selection layers"
+    layers = f"page {plan.page}, quest layers" if plan.page else \
+        "chunks of {}-{}, threshold {:g}, dhsa layers".format(*plan.chunk) if plan.chunk else "selection layers"
     recipe = f"{plan.method}, {layers} {list(plan.selection)}, keep {plan.keep}, " \
              f"{len(plan.sparse)} of {plan.layers} layers sparse"
     return DecodeBenchResult(type(model).__name__, recipe, torch.get_num_threads(), rows)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tpc.decode.capture import MAX_BATCH, MAX_CACHE, decoder_spec, example_step
-from tpc.decode.pages import bounds_for
+from tpc.decode.side import side_dims, side_inputs, unit
 from tpc.errors import REPORT, TpcError, TpcInternalError
 from tpc.exports.atomic import check_output_path
 from tpc.exports.checks import CheckResult, write_checked_program
@@ -35,14 +35,14 @@ def save_step(module, path, check: bool = True) -> CheckResult | None:
     check_step_suffix(path)
     check_output_path(path)
     model = module._model[0]
-    # quest: a cache of two pages at least, so the bounds' page count is not 1 (torch.export would specialize it)
-    example = example_step(model, batch=2, length=max(12, module.plan.page + 1) if module.takes_bounds else 12)
+    # quest, dhsa: a cache of two pages or chunk slots at least, so their count is not 1 (torch.export would
+    # specialize it)
+    example = example_step(model, batch=2, length=max(12, unit(module.plan) + 1) if module.takes_bounds else 12)
     batch, cache = torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("cache", min=1, max=MAX_CACHE)
     dynamic = ({0: batch}, {0: batch}, {0: batch, 1: cache + 1}, [{0: batch, 2: cache}] * (2 * decoder_spec(model)[0]))
-    if module.takes_bounds:  # quest: its layers' page bounds, [B, Hkv, 2, pages, d] each
-        example = (*example, bounds_for(module.plan, example[3], example[2]))
-        pages = torch.export.Dim("pages", min=1, max=MAX_CACHE)
-        dynamic = (*dynamic, [{0: batch, 3: pages}] * len(example[4]))
+    if module.takes_bounds:  # quest's page bounds, dhsa's chunk summaries
+        example = (*example, side_inputs(module.plan, example[3], example[2]))
+        dynamic = (*dynamic, side_dims(module.plan, batch))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -5,7 +5,8 @@ prompt goes through the stock model once (the prefill), then every new token thr
 decode-step graph. The KV cache lives in one buffer per layer, [B, Hkv, prompt + new, d],
 whose first L positions are handed to the step as views and to which the step's new keys and
 values are written in place, so the cache is never copied whole between steps. A quest step
-also takes its layers' page bounds, kept up to date beside the KV buffer (``PageBounds``).
+also takes its layers' page bounds, a dhsa step its layers' chunk summaries, kept up to date
+beside the KV buffer (``tpc/decode/side.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import fx, nn
 
 from tpc.decode.capture import decoder_spec
 from tpc.decode.export import save_step
-from tpc.decode.pages import PageBounds, bounds_for
+from tpc.decode.side import side_inputs, side_state, takes_side
 from tpc.decode.plan import Plan, describe_budget, sparse_positions
 from tpc.errors import TpcError
 from tpc.generation import decode_tokens, generation_config, new_tokens, refuse_right_padding
@@ -36,6 +37,7 @@ class DecodeReport:
     head_dim: int = 0
     itemsize: int = 4
     page: int | None = None  # quest: positions per page (each sparse layer selects its own pages)
+    min_chunk: int | None = None  # dhsa: the shortest chunk (each sparse layer selects its own chunks' positions)
 
     def positions_read(self, layer: int, cached: int) -> int:
         """Cache positions layer ``layer`` attends to in one step at ``cached`` cached positions (+ the new token)."""
@@ -43,16 +45,21 @@ class DecodeReport:
 
     def kv_bytes(self, cached: int, batch: int = 1) -> int:
         """Bytes of keys and values the attention of all layers reads in one step; a quest layer also reads
-        its page bounds (a min and a max key per page: one position's keys and values per page)."""
+        its page bounds (a min and a max key per page: one position's keys and values per page), a dhsa
+        layer its ceil(L / min_chunk) chunk slots (a float32 key per KV head and two int64 per slot)."""
         per_position = 2 * self.kv_heads * self.head_dim * self.itemsize * batch
         positions = sum(self.positions_read(i, cached) for i in range(self.layers))
         pages = len(self.sparse) * -(-cached // self.page) if self.page is not None else 0
-        return (positions + pages) * per_position
+        chunks = 0
+        if self.min_chunk is not None:
+            chunks = len(self.sparse) * -(-cached // self.min_chunk) * (self.kv_heads * self.head_dim * 4 + 16) * batch
+        return (positions + pages) * per_position + chunks
 
     def table(self, cached: int = 8192) -> str:
         rows = ["layer  attention         positions read at L=%d" % cached]
         for i in range(self.layers):
-            kind = ("sparse (pages)" if self.page else "sparse") if i in self.sparse else \
+            kind = ("sparse (pages)" if self.page else "sparse (chunks)" if self.min_chunk else "sparse") \
+                if i in self.sparse else \
                 "dense + select" if i in self.selection else "dense"
             rows.append(f"{i:5d}  {kind:16s}  {self.positions_read(i, cached)}")
         return "\n".join(rows)
@@ -66,6 +73,10 @@ class DecodeReport:
     def summary(self, cached: int = 8192) -> str:
         if self.method is None:
             what = "dense (every layer reads the whole cache)"
+        elif self.min_chunk is not None:
+            what = (f"{self.method}: {len(self.sparse)} sparse layers {self.sparse} reading the positions of their "
+                    f"best chunks (at least {self.min_chunk} positions each), {describe_budget(self.keep)}"
+                    f"{self._at(cached)}")
         elif self.page is None:
             what = (f"{self.method}: selection layers {self.selection}, {len(self.sparse)} sparse layers reading "
                     f"{describe_budget(self.keep)}{self._at(cached)}")
@@ -85,7 +96,7 @@ def describe(model: nn.Module, plan: Plan | None) -> DecodeReport:
     if plan is None:
         return DecodeReport(type(model).__name__, None, layers, kv_heads=heads, head_dim=width, itemsize=itemsize)
     return DecodeReport(type(model).__name__, plan.method, layers, list(plan.selection), plan.sparse, plan.keep,
-                        heads, width, itemsize, plan.page)
+                        heads, width, itemsize, plan.page, plan.chunk[0] if plan.chunk else None)
 
 
 class DecodeModule(nn.Module):
@@ -101,17 +112,19 @@ class DecodeModule(nn.Module):
 
     @property
     def takes_bounds(self) -> bool:
-        """Whether the step takes quest's page bounds (``tpc/decode/pages.py``) as a fifth input."""
-        return self.plan is not None and self.plan.page is not None
+        """Whether the step takes quest's page bounds or dhsa's chunk summaries (``tpc/decode/side.py``) as a
+        fifth input."""
+        return takes_side(self.plan)
 
     def step(self, input_ids, position_ids, attention_mask, past: list[torch.Tensor], bounds=None) -> tuple:
         """One decode step: (logits [B, vocab], the new token's keys and values per layer). A quest step
-        takes its layers' page ``bounds`` too, computed here from ``past`` when not given."""
+        takes its layers' page ``bounds`` too, a dhsa step its layers' chunk summaries, computed here from
+        ``past`` when not given."""
         with torch.no_grad():
             if not self.takes_bounds:
                 return self.gm(input_ids, position_ids, attention_mask, list(past))
             if bounds is None:
-                bounds = bounds_for(self.plan, past, attention_mask)
+                bounds = side_inputs(self.plan, past, attention_mask)
             return self.gm(input_ids, position_ids, attention_mask, list(past), list(bounds))
 
     def unpruned(self) -> DecodeModule:
@@ -153,7 +166,7 @@ class DecodeModule(nn.Module):
             position = position + 1
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
             if self.takes_bounds and pages is None:
-                pages = PageBounds(self.plan, kv.views(), mask, capacity)
+                pages = side_state(self.plan, kv.views(), mask, capacity)
             out = self.step(token, position, mask, kv.views(), pages.views() if pages is not None else None)
             kv.append(out[1:])
             if pages is not None:

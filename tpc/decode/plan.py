@@ -9,6 +9,11 @@ Quest (Tang et al., ICML 2024, arXiv 2406.10774): every *quest layer* selects th
 its own cache for its own query and reads only those; the other layers attend densely (the
 paper's default: every layer from layer 2 on is a quest layer, layers 0 and 1 dense). A plan
 with a ``page`` size is such a plan: its selection layers are its sparse layers.
+
+DHSA (Xiong et al., NeurIPS 2025, arXiv 2510.24606) is planned as Quest is: every *dhsa layer*
+selects, for its own query, the positions of the chunks of its own cache it scores highest;
+layers 0 and 1 attend densely by default (the paper names none; tpc keeps Quest's). A plan with
+``chunk`` settings (min and max chunk length, the boundary threshold) is such a plan.
 """
 
 from __future__ import annotations
@@ -30,10 +35,16 @@ class Plan:
     selection: tuple[int, ...]  # layers that attend densely and select
     keep: int | float  # cached positions each sparse layer reads (the new token comes on top), or a ratio of the cache
     page: int | None = None  # Quest: positions per page; each selection layer selects its own pages
+    chunk: tuple[int, int, float] | None = None  # DHSA: (min_chunk, max_chunk, threshold); each layer selects its own
+
+    @property
+    def own(self) -> bool:
+        """Whether each sparse layer selects its own positions (quest, dhsa), not a selection layer's (tidal)."""
+        return self.page is not None or self.chunk is not None
 
     def source(self, layer: int) -> int | None:
         """The selection layer whose positions ``layer`` reads; None for a dense layer."""
-        if self.page is not None:
+        if self.own:
             return layer if layer in self.selection else None
         before = [s for s in self.selection if s < layer]
         return before[-1] if before else None
@@ -41,7 +52,7 @@ class Plan:
     @property
     def sparse(self) -> list[int]:
         return [i for i in range(self.layers) if self.source(i) is not None
-                and (self.page is not None or i not in self.selection)]
+                and (self.own or i not in self.selection)]
 
     @property
     def pages(self) -> int | None:
@@ -114,22 +125,31 @@ def check_settings(method: str, selection=None, keep=None, options=None) -> dict
     if page is not None and page > MAX_CACHE:  # a page is read whole: one over the cache a step takes cannot be
         raise TpcError(f"option page {page} is more than the {MAX_CACHE} cached positions a decode step takes: "
                        "give a page such as 16")
+    for name in ("min_chunk", "max_chunk"):
+        if resolved.get(name) is not None and resolved[name] > MAX_CACHE:
+            raise TpcError(f"option {name} {resolved[name]} is more than the {MAX_CACHE} cached positions a decode "
+                           "step takes: give a chunk length such as 16")
     return resolved
 
 
 def make_plan(method: str, layers: int, selection=None, keep=None, options=None) -> Plan:
     """The steps :func:`tpc.recipe.decode_steps` parses, checked against a model of ``layers`` decoder layers.
-    A method with a ``page`` option (quest) selects pages at each of its layers (default: layer 2 on)."""
-    page = check_settings(method, selection, keep, options).get("page")
-    defaults = default_layers(layers) if page is None else quest_layers(layers)
+    A method with a ``page`` option (quest) selects pages at each of its layers (default: layer 2 on), one with
+    chunk options (dhsa) the positions of its best chunks at each of its layers (default: layer 2 on)."""
+    resolved = check_settings(method, selection, keep, options)
+    page = resolved.get("page")
+    chunk = (resolved["min_chunk"], resolved["max_chunk"], float(resolved["threshold"])) \
+        if "max_chunk" in resolved else None
+    own = page is not None or chunk is not None
+    defaults = quest_layers(layers) if own else default_layers(layers)
     steps = decode_steps(method, selection, keep, maximum=MAX_CACHE, default_layers=defaults)
     chosen = [s.layer for s in steps]
     for layer in chosen:
         if layer >= layers:
-            raise TpcError(f"{'sparse' if page else 'selection'} layer {layer} is out of range: the model has {layers} "
+            raise TpcError(f"{'sparse' if own else 'selection'} layer {layer} is out of range: the model has {layers} "
                            f"decoder layers (0-{layers - 1})")
-    if page is None and chosen[-1] == layers - 1 and len(chosen) == 1:
+    if not own and chosen[-1] == layers - 1 and len(chosen) == 1:
         raise TpcError(f"selection at the last decoder layer ({layers - 1}) leaves no layer to read the selected "
                        "positions: choose an earlier layer")
-    return Plan(method, layers, tuple(chosen), steps[0].keep, page)
+    return Plan(method, layers, tuple(chosen), steps[0].keep, page, chunk)
 

@@ -27,14 +27,11 @@ import logging
 
 import torch
 from torch import fx
-from torch._guards import detect_fake_mode
-from torch.utils import _pytree as pytree
 
 from tpc.decode import page_ops  # noqa: F401  (registers the tpc:: page ops)
 from tpc.decode.graph import CacheAttention, cache_attention
 from tpc.decode.plan import Plan, describe_budget
-from tpc.decode.rewrite import attend_grouped, budget, gathered_cache
-from tpc.graph.nodes import val
+from tpc.decode.rewrite import add_step_inputs, attend_grouped, budget, gathered_cache
 from tpc.passes.cleanup import finish
 from tpc.passes.compaction import Builder, Role
 from tpc.passes.infra import Pass, PassResult
@@ -76,21 +73,9 @@ class QuestDecode(Pass):
 def _bounds_inputs(gm: fx.GraphModule, sites: list[CacheAttention], page: int) -> dict[int, fx.Node]:
     """One new graph input per quest layer, its page bounds [B, Hkv, 2, ceil(L / page), d], after the
     cache's inputs; the step's signature gains the list of them as its fifth argument."""
-    placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    fake_mode = detect_fake_mode([val(n) for n in placeholders])
-    last, made = placeholders[-1], {}
-    for site in sites:
-        keys = val(site.past_k)
-        with gm.graph.inserting_after(last):
-            last = gm.graph.placeholder(f"page_bounds_{site.layer}")
-        with fake_mode:
-            pages = (keys.shape[2] + page - 1) // page
-            last.meta["val"] = torch.empty(keys.shape[0], keys.shape[1], 2, pages, keys.shape[3], dtype=keys.dtype)
-        made[site.layer] = last
-    codegen = gm.graph._codegen
-    info = getattr(codegen, "pytree_info", None)
-    if info is not None:  # the unflattened program takes (input_ids, position_ids, attention_mask, past, bounds)
-        past = len(placeholders) - 3
-        spec = pytree.tree_structure(((0, 0, 0, [0] * past, [0] * len(sites)), {}))
-        codegen.pytree_info = info._replace(orig_args=[*info.orig_args, "bounds"], in_spec=spec)
-    return made
+    def bounds(keys):
+        return torch.empty(keys.shape[0], keys.shape[1], 2, (keys.shape[2] + page - 1) // page, keys.shape[3],
+                           dtype=keys.dtype)
+
+    made = add_step_inputs(gm, [(f"page_bounds_{site.layer}", bounds) for site in sites])
+    return {site.layer: node for site, node in zip(sites, made)}

@@ -31,6 +31,8 @@ import operator
 
 import torch
 from torch import fx
+from torch._guards import detect_fake_mode
+from torch.utils import _pytree as pytree
 
 from tpc.decode import ops  # noqa: F401  (registers the tpc:: decode ops)
 from tpc.decode.graph import CacheAttention, cache_attention
@@ -98,14 +100,43 @@ def _sparse_attention(gm: fx.GraphModule, site: CacheAttention, index: fx.Node |
         return
     keys, values = gathered_cache(b, site, index)
     if source not in masks:
-        kv_heads = val(site.past_k).shape[1]
-        columns = b.op(aten.transpose.int, site.mask, 2, 3, role=Role.GATHER)  # [B, 1, L + 1, 1]
-        chosen = b.op(tpc.gather_positions.default, columns, index, role=Role.GATHER)
-        new = b.op(aten.expand.default, b.op(aten.slice.Tensor, columns, 2, -1, _END, role=Role.GATHER),
-                   [-1, kv_heads, -1, -1], role=Role.GATHER)
-        masks[source] = b.op(aten.transpose.int, b.op(aten.cat.default, [chosen, new], 2, role=Role.GATHER),
-                             2, 3, role=Role.GATHER)
+        masks[source] = gathered_mask(b, site, index)
     attend_grouped(gm, b, site, keys, values, masks[source])
+
+
+def gathered_mask(b: Builder, site: CacheAttention, index: fx.Node) -> fx.Node:
+    """The layer's SDPA mask at ``index`` ([B, Hkv, K]), the new token's column appended: [B, Hkv, 1, K + 1]."""
+    kv_heads = val(site.past_k).shape[1]
+    columns = b.op(aten.transpose.int, site.mask, 2, 3, role=Role.GATHER)  # [B, 1, L + 1, 1]
+    chosen = b.op(tpc.gather_positions.default, columns, index, role=Role.GATHER)
+    new = b.op(aten.expand.default, b.op(aten.slice.Tensor, columns, 2, -1, _END, role=Role.GATHER),
+               [-1, kv_heads, -1, -1], role=Role.GATHER)
+    return b.op(aten.transpose.int, b.op(aten.cat.default, [chosen, new], 2, role=Role.GATHER), 2, 3,
+                role=Role.GATHER)
+
+
+def add_step_inputs(gm: fx.GraphModule, inputs: list[tuple[str, object]]) -> list[fx.Node]:
+    """New graph inputs after the cache's, one per (name, make) in order, ``make(past_keys)`` giving the fake
+    value from a fake [B, Hkv, L, d] cache (run in the graph's fake mode, so its sizes are the step's symbols);
+    the step's signature gains the list of them as its fifth argument: (input_ids, position_ids,
+    attention_mask, past, side). Quest's page bounds and DHSA's chunk summaries are such inputs."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    fake_mode = detect_fake_mode([val(n) for n in placeholders])
+    keys = val(placeholders[3])
+    last, made = placeholders[-1], []
+    for name, make in inputs:
+        with gm.graph.inserting_after(last):
+            last = gm.graph.placeholder(name)
+        with fake_mode:
+            last.meta["val"] = make(keys)
+        made.append(last)
+    codegen = gm.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is not None:
+        past = len(placeholders) - 3
+        spec = pytree.tree_structure(((0, 0, 0, [0] * past, [0] * len(made)), {}))
+        codegen.pytree_info = info._replace(orig_args=[*info.orig_args, "bounds"], in_spec=spec)
+    return made
 
 
 def gathered_cache(b: Builder, site: CacheAttention, index: fx.Node) -> tuple[fx.Node, fx.Node]:
