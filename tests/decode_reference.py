@@ -1,6 +1,6 @@
 """Slow references for decode-time sparse attention, written from the papers with loops over
 heads and positions (they do not call ``tpc``): TidalDecode's selected positions, Quest's
-selected pages, and one decode step of a stock Llama-style model whose sparse layers attend
+selected pages, DHSA's chunks and selected positions, and one decode step of a stock Llama-style model whose sparse layers attend
 only to those positions."""
 
 from __future__ import annotations
@@ -99,6 +99,74 @@ def quest_step(model, token, position, valid, past, layers, keep, page):
         if i not in layers:
             return None
         chosen[i] = quest_positions(q, keys[:, :, :-1], valid, page, count)
+        return chosen[i]
+
+    return _decode_step(model, token, position, valid, past, read), chosen
+
+
+def _cosine(a, b) -> float:
+    dot = sum(float(x) * float(y) for x, y in zip(a, b))
+    return dot / max(math.sqrt(sum(float(x) ** 2 for x in a)) * math.sqrt(sum(float(y) ** 2 for y in b)), 1e-8)
+
+
+def dhsa_chunks(keys, valid, min_chunk: int, max_chunk: int, threshold: float) -> list[list[list[int]]]:
+    """Per example b, its chunks (lists of cached positions): its valid positions (keys: [B, Hkv, L, d], valid:
+    [B, L + 1] bool) in order, a new chunk opened at position p when the current one holds ``max_chunk``, or
+    holds ``min_chunk`` and the cosine similarity of p's key with the previous position's, averaged over the
+    KV heads, is below ``threshold`` (tpc's training-free stand-in for DHSA's boundary predictor)."""
+    batch, kv_heads, length = keys.shape[0], keys.shape[1], keys.shape[2]
+    out = []
+    for b in range(batch):
+        chunks = []
+        for p in [j for j in range(length) if valid[b, j]]:
+            if chunks:
+                size = len(chunks[-1])
+                similarity = sum(_cosine(keys[b, h, p - 1], keys[b, h, p]) for h in range(kv_heads)) / kv_heads
+                if size >= max_chunk or (size >= min_chunk and similarity < threshold):
+                    chunks.append([])
+            else:
+                chunks.append([])
+            chunks[-1].append(p)
+        out.append(chunks)
+    return out
+
+
+def dhsa_positions(q, keys, valid, keep: int, min_chunk: int, max_chunk: int,
+                   threshold: float) -> list[list[list[int]]]:
+    """DHSA's decode-time selection (arXiv 2510.24606 §3), grouped: per example b and KV head h, each chunk
+    (:func:`dhsa_chunks`) represented by sqrt(n) times the mean of its n keys (length-normalized
+    aggregation); the chunk's score q · k̄ summed over the query heads of h's group; every position of a
+    chunk gets its chunk's score (upsampling); the ``keep`` best positions (ties: lower position), ascending."""
+    heads, kv_heads, width = q.shape[1], keys.shape[1], keys.shape[3]
+    group = heads // kv_heads
+    out = []
+    for b, chunks in enumerate(dhsa_chunks(keys, valid, min_chunk, max_chunk, threshold)):
+        rows = []
+        for h in range(kv_heads):
+            token = {}
+            for members in chunks:
+                mean = [sum(float(keys[b, h, j, d]) for j in members) / len(members) for d in range(width)]
+                representation = [math.sqrt(len(members)) * m for m in mean]
+                score = sum(float(q[b, h * group + g, 0, d]) * representation[d]
+                            for g in range(group) for d in range(width))
+                for j in members:
+                    token[j] = score
+            best = sorted(token, key=lambda j: (-token[j], j))[:keep]
+            rows.append(sorted(best))
+        out.append(rows)
+    return out
+
+
+def dhsa_step(model, token, position, valid, past, layers, keep, min_chunk, max_chunk, threshold):
+    """Logits [B, vocab] of one decode step and the positions each dhsa layer read: each layer in ``layers``
+    attends only to its ``keep`` best positions by :func:`dhsa_positions` (and the new token), every other
+    layer to every valid position."""
+    chosen = {}
+
+    def read(i, q, keys):
+        if i not in layers:
+            return None
+        chosen[i] = dhsa_positions(q, keys[:, :, :-1], valid, keep, min_chunk, max_chunk, threshold)
         return chosen[i]
 
     return _decode_step(model, token, position, valid, past, read), chosen
