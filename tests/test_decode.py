@@ -162,7 +162,7 @@ def test_a_ratio_step_is_written_as_pt2_and_runs_other_lengths(captured, tmp_pat
         torch.testing.assert_close(step(*inputs)[0], sparse.step(*inputs)[0])
 
 
-@pytest.mark.parametrize("method", ["tidal", "quest"])
+@pytest.mark.parametrize("method", ["tidal", "quest", "dhsa"])
 @pytest.mark.parametrize("keep, words", [("0", "give a budget of 1 or more"), ("0.0", "keep ratio '0.0' is outside (0, 1]"),
                                          ("1.5", "keep ratio '1.5' is outside (0, 1]"),
                                          ("nan", "keep ratio 'nan' is outside (0, 1]"),

@@ -34,7 +34,7 @@ def test_an_encoder_method_on_a_causal_lm_is_refused_before_any_capture(cli, lla
         lines = [line for line in result.stderr.splitlines() if "Loading weights" not in line]
         assert result.returncode == 1 and len(lines) == 1, result.stderr
         assert "LlamaForCausalLM" in lines[0] and "is a decoder-only language model and " + method in lines[0]
-        assert "use a decode-time method (--pass tidal or quest) or a compressed KV cache (--pass streaming or h2o" \
+        assert "use a decode-time method (--pass tidal or quest or dhsa) or a compressed KV cache (--pass streaming or h2o" \
             in lines[0]
     with pytest.raises(TpcError, match="topk-mass prunes encoder tokens: for a decoder-only LM"):
         tpc.compile(tiny("llama", layers=2), (torch.randint(3, 96, (2, 8)),), method="topk-mass", layers=[0])

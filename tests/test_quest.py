@@ -196,7 +196,7 @@ def test_a_quest_step_is_not_inspected_as_a_prompt_model(captured):
     token, position, valid, past = _random_step(model)
     flat = [t for kv in past for t in kv]
     inputs = (token, position, valid.long(), flat, bounds_for(sparse.plan, flat, valid.long()))
-    with pytest.raises(TpcError, match=r"is a decode step tpc wrote .*\(with --pass tidal or quest --layers"):
+    with pytest.raises(TpcError, match=r"is a decode step tpc wrote .*\(with --pass tidal or quest or dhsa --layers"):
         tpc_api.inspect(sparse.gm, inputs)
 
 

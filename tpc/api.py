@@ -166,11 +166,12 @@ def compile(model, example_inputs=None, *, method: str = DEFAULT_METHOD, layers=
     ``seq_len=N`` fixes the length at N instead (the example inputs cut or padded to N).
     ``vision_layer`` (VLMs, topk-cls only): the vision layer whose [CLS] attention VTC-CLS scores
     the visual tokens with (default: the layer LLaVA takes its image features from).
-    A decode-time method (``tidal``, ``quest``) on a causal LM returns a :class:`tpc.decode.DecodeModule`
+    A decode-time method (``tidal``, ``quest``, ``dhsa``) on a causal LM returns a :class:`tpc.decode.DecodeModule`
     whose decode step reads, in the sparse layers, ``keep`` cached positions (a float in (0, 1]: that
     ratio of the cache, ceil(keep × L) of its L positions at each step) chosen at the
     selection ``layers`` (tidal), or the pages worth ``keep`` positions each quest layer chooses
-    (quest, ``options={"page": 16}``; docs/decode.md); ``pruned.generate(**tokenizer_outputs)`` decodes.
+    (quest, ``options={"page": 16}``), or the ``keep`` positions of the best chunks each dhsa layer
+    chooses (dhsa, ``options={"min_chunk": 8, "max_chunk": 64, "threshold": 0.5}``; docs/decode.md); ``pruned.generate(**tokenizer_outputs)`` decodes.
     A KV-eviction method (``streaming``, ``h2o``, ``snapkv``, ``scissorhands``) returns a
     :class:`tpc.decode.CompressedDecoder` whose ``generate`` keeps ``keep`` cached positions per
     layer (a count, or a ratio of the prompt).

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed runs of each model first")
     p.add_argument("--iters", type=int, default=10, help="timed runs per model per repeat")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats (their spread shows the noise)")
-    p.add_argument("--context", default="2048", help="decoders: cached positions (tidal, quest) or prompt length (KV-eviction methods), e.g. 2048,8192")
+    p.add_argument("--context", default="2048", help="decoders: cached positions (tidal, quest, dhsa) or prompt length (KV-eviction methods), e.g. 2048,8192")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
     p = sub.add_parser("visualize", help="draw which patches each pruning layer keeps")

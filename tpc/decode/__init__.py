@@ -1,4 +1,4 @@
-"""Decoder language models: decode-time sparse attention (TidalDecode, Quest) and compressed KV caches.
+"""Decoder language models: decode-time sparse attention (TidalDecode, Quest, DHSA) and compressed KV caches.
 
 The decode step (one new token per sequence over the KV cache) is captured with
 torch.export and rewritten so that sparse layers read only selected cache positions

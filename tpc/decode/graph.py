@@ -82,7 +82,7 @@ def step_symbols(gm: fx.GraphModule) -> dict[str, str]:
 
 
 def refuse_decode_step(module, name: str) -> None:
-    """A decode step tpc wrote (a .pt2 of a decode-time method: ``--pass tidal`` or ``quest``) takes a KV
+    """A decode step tpc wrote (a .pt2 of a decode-time method: ``--pass tidal``, ``quest`` or ``dhsa``) takes a KV
     cache, not a prompt: it is run by its own caller, and inspected or compiled from the model it came from."""
     graph = getattr(module, "graph", None)
     decode_ops = (torch.ops.tpc.top_positions.default, torch.ops.tpc.gather_positions.default)

@@ -74,9 +74,8 @@ class DecodeReport:
         if self.method is None:
             what = "dense (every layer reads the whole cache)"
         elif self.min_chunk is not None:
-            what = (f"{self.method}: {len(self.sparse)} sparse layers {self.sparse} reading the positions of their "
-                    f"best chunks (at least {self.min_chunk} positions each), {describe_budget(self.keep)}"
-                    f"{self._at(cached)}")
+            what = (f"{self.method}: {len(self.sparse)} sparse layers {self.sparse} reading {describe_budget(self.keep)}"
+                    f"{self._at(cached)} from their best-scored chunks of keys")
         elif self.page is None:
             what = (f"{self.method}: selection layers {self.selection}, {len(self.sparse)} sparse layers reading "
                     f"{describe_budget(self.keep)}{self._at(cached)}")
