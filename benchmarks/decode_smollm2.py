@@ -6,6 +6,7 @@ retrieval and decode-step speed, dense against sparse (docs/decode.md).
     python benchmarks/decode_smollm2.py passkey --lengths 1024,2048 --prompts 20 --budgets 64,128,256,512
     python benchmarks/decode_smollm2.py passkey --methods tidal,quest --page 16 --lengths 1024 --prompts 3
     python benchmarks/decode_smollm2.py passkey --methods quest,dhsa --chunks 8,64,0.5 --lengths 1024 --prompts 3
+    python benchmarks/decode_smollm2.py perplexity --text botchan.txt --methods tidal,quest,dhsa --passages 4
     python benchmarks/decode_smollm2.py speed --batch 1,8 --context 2048,8192
 
 ``convert`` dequantises the Q4_1 GGUF with transformers' loader (needs the ``decode`` extra:
@@ -91,13 +92,12 @@ def greedy(module, logits, cache, new: int) -> list[int]:
     return tokens
 
 
-def passkey(path: Path, lengths: list[int], prompts: int, budgets: list[int], layers: str,
-            methods: list[str], page: int, chunks: str = "8,64,0.5") -> None:
-    """``methods``: tidal (selection ``layers``), quest (pages of ``page``, its default layers 2 on) and/or
-    dhsa (``chunks``: min_chunk, max_chunk, threshold; its default layers 2 on)."""
+def decode_steps(model, methods: list[str], budgets: list[int], layers: str, page: int, chunks: str) -> dict:
+    """The dense step (a budget over any cache) and each method's at each budget, from one capture:
+    tidal (selection ``layers``), quest (pages of ``page``, its default layers 2 on), dhsa (``chunks``:
+    min_chunk, max_chunk, threshold; its default layers 2 on)."""
     from tpc.decode import capture_step, compile_decoder
 
-    model, tokenizer = load(path)
     start = time.perf_counter()
     program = capture_step(model)
     modules = {"dense": compile_decoder(model, layers=layers, keep=1 << 20, program=program)}
@@ -106,19 +106,77 @@ def passkey(path: Path, lengths: list[int], prompts: int, budgets: list[int], la
                 "dhsa": {"options": {"min_chunk": int(low), "max_chunk": int(high), "threshold": float(threshold)}}}
     modules.update({f"{method} {k}": compile_decoder(model, method=method, keep=k, program=program, **settings[method])
                     for method in methods for k in budgets})
-    print(f"captured and rewrote {len(modules)} decode steps in {time.perf_counter() - start:.0f} s")
+    print(f"captured and rewrote {len(modules)} decode steps in {time.perf_counter() - start:.0f} s", flush=True)
+    return modules
+
+
+def copied(cache):
+    """A copy of a prefill's cache, so that every configuration decodes from the same one."""
+    copy = type(cache)()
+    for i, layer in enumerate(cache.layers):
+        copy.update(layer.keys.clone(), layer.values.clone(), i)
+    return copy
+
+
+def passkey(path: Path, lengths: list[int], prompts: int, budgets: list[int], layers: str,
+            methods: list[str], page: int, chunks: str) -> None:
+    """A 5-digit key in filler text, 8 greedy tokens from one dense prefill per prompt, every configuration."""
+    model, tokenizer = load(path)
+    modules = decode_steps(model, methods, budgets, layers, page, chunks)
     for length in lengths:
         rng, hits = random.Random(length), {name: 0 for name in modules}
         for _ in range(prompts):
             ids, key = passkey_prompt(tokenizer, length, rng)
             logits, cache, _ = modules["dense"].prefill(ids)
             for name, module in modules.items():
-                copy = type(cache)()
-                for i, layer in enumerate(cache.layers):
-                    copy.update(layer.keys.clone(), layer.values.clone(), i)
-                hits[name] += key in tokenizer.decode(greedy(module, logits, copy, 8))
+                hits[name] += key in tokenizer.decode(greedy(module, logits, copied(cache), 8))
         print(f"{ids.shape[1]} tokens: " + ", ".join(f"{name} {hit}/{prompts}" for name, hit in hits.items()),
               flush=True)
+
+
+def book_passages(text: Path, tokenizer, count: int, length: int) -> torch.Tensor:
+    """``count`` consecutive, non-overlapping passages of ``length`` tokens from a Project Gutenberg
+    text, its licence header and footer cut off: [count, length]."""
+    body = text.read_text(encoding="utf-8-sig")
+    start, end = body.find("*** START OF"), body.find("End of Project Gutenberg")
+    body = body[body.find("\n", start) + 1 if start >= 0 else 0:end if end >= 0 else len(body)]
+    ids = tokenizer(body).input_ids
+    if len(ids) < count * length:
+        raise SystemExit(f"{text} holds {len(ids)} tokens, fewer than {count} passages of {length}")
+    return torch.tensor(ids[:count * length]).view(count, length)
+
+
+def perplexity(path: Path, text: Path, passages: int, length: int, scored: int, budgets: list[int], layers: str,
+               methods: list[str], page: int, chunks: str) -> None:
+    """Teacher-forced over the last ``scored`` tokens of each passage (the rest is the prompt, one dense
+    prefill shared by every configuration): how often each method's next-token prediction equals the
+    dense step's, and its mean negative log-likelihood of the text's tokens against the dense step's."""
+    from tpc.decode.module import KVBuffer
+
+    model, tokenizer = load(path)
+    modules = decode_steps(model, methods, budgets, layers, page, chunks)
+    ids = book_passages(text, tokenizer, passages, length)
+    first, rows = length - scored, torch.arange(passages)
+    logits, cache, _ = modules["dense"].prefill(ids[:, :first])
+    results = {}
+    for name, module in modules.items():
+        kv, out, nll, predicted = KVBuffer(copied(cache), length), logits, [], []
+        for i in range(scored):
+            target = ids[:, first + i]
+            nll.append(-torch.log_softmax(out.float(), -1)[rows, target])
+            predicted.append(out.argmax(-1))
+            if i < scored - 1:
+                at = kv.length
+                step = module.step(target[:, None], torch.full((passages, 1), at),
+                                   torch.ones(passages, at + 1, dtype=torch.long), kv.views())
+                kv.append(step[1:])
+                out = step[0]
+        results[name] = torch.stack(nll, 1), torch.stack(predicted, 1)
+        dense_nll, dense_predicted = results["dense"]
+        agreement = (results[name][1] == dense_predicted).float().mean()
+        change = results[name][0].mean() - dense_nll.mean()
+        print(f"{name}: agreement with dense {agreement:.3f}, log-perplexity {results[name][0].mean():.4f} "
+              f"({change:+.4f} against dense)", flush=True)
 
 
 def speed(path: Path, batches: list[int], contexts: list[int], keep: int, layers: str, iters: int) -> None:
@@ -135,15 +193,21 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("convert")
     p.add_argument("--wheel", type=Path, required=True)
-    for name in ("passkey", "speed"):
+    for name in ("passkey", "perplexity", "speed"):
         p = sub.add_parser(name)
         p.add_argument("--layers", default="2,15", help="selection layers (default: the paper's 2 and a middle one)")
     sub.choices["passkey"].add_argument("--lengths", default="1024,2048,4096")
     sub.choices["passkey"].add_argument("--prompts", type=int, default=20)
-    sub.choices["passkey"].add_argument("--budgets", default="64,128,256,512")
-    sub.choices["passkey"].add_argument("--methods", default="tidal", help="tidal, quest, dhsa or several: tidal,quest,dhsa")
-    sub.choices["passkey"].add_argument("--page", type=int, default=16, help="quest's page size")
-    sub.choices["passkey"].add_argument("--chunks", default="8,64,0.5", help="dhsa's min_chunk,max_chunk,threshold")
+    for name in ("passkey", "perplexity"):
+        sub.choices[name].add_argument("--budgets", default="64,128,256,512")
+        sub.choices[name].add_argument("--methods", default="tidal", help="tidal, quest, dhsa or several: tidal,quest,dhsa")
+        sub.choices[name].add_argument("--page", type=int, default=16, help="quest's page size")
+        sub.choices[name].add_argument("--chunks", default="8,64,0.5", help="dhsa's min_chunk,max_chunk,threshold")
+    p = sub.choices["perplexity"]
+    p.add_argument("--text", type=Path, required=True, help="a Project Gutenberg plain text (docs/decode.md: botchan.txt)")
+    p.add_argument("--passages", type=int, default=4)
+    p.add_argument("--length", type=int, default=2048, help="tokens per passage, prompt and scored together")
+    p.add_argument("--scored", type=int, default=512, help="the last tokens of each passage, teacher-forced")
     sub.choices["speed"].add_argument("--batch", default="1,8")
     sub.choices["speed"].add_argument("--context", default="2048,8192")
     sub.choices["speed"].add_argument("--keep", type=int, default=256)
@@ -160,6 +224,9 @@ def main() -> None:
     elif args.command == "passkey":
         passkey(args.out, ints(args.lengths), args.prompts, ints(args.budgets), args.layers,
                 args.methods.split(","), args.page, args.chunks)
+    elif args.command == "perplexity":
+        perplexity(args.out, args.text, args.passages, args.length, args.scored, ints(args.budgets), args.layers,
+                   args.methods.split(","), args.page, args.chunks)
     else:
         speed(args.out, ints(args.batch), ints(args.context), args.keep, args.layers, args.iters)
 
