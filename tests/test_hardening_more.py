@@ -239,7 +239,7 @@ def test_bench_refuses_settings_a_decoder_method_does_not_take_before_loading(cl
                         (["--pass", "tidal", "--layers", "0", "--keep", "4", "--r", "2"],
                          "tidal (decode-time sparse attention) takes method, layers, keep and options only"),
                         (["--pass", "tidal", "--layers", "0", "--keep", "4", "--option", "a=1"],
-                         "tidal has no option 'a'; its options: none")]:
+                         "tidal has no option 'a'; its options: correct (default 0)")]:
         result = cli("bench", model, *args, "--context", "16")
         assert result.returncode == 1 and result.stderr.count("\n") == 1 and words in result.stderr, (args, result.stderr)
     assert not list(tmp_path.iterdir())

@@ -262,8 +262,8 @@ def test_bad_settings_are_refused_before_capture(settings, message):
         compile_decoder(tiny("llama"), method="quest", **settings)
 
 
-def test_tidal_takes_no_options():
-    with pytest.raises(TpcError, match="tidal has no option 'page'; its options: none"):
+def test_tidal_takes_only_its_correction_option():
+    with pytest.raises(TpcError, match="tidal has no option 'page'; its options: correct \\(default 0\\)"):
         compile_decoder(tiny("llama"), method="tidal", options={"page": 4})
 
 

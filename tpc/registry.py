@@ -64,13 +64,14 @@ def check_zero_tprune(o: dict) -> None:
 
 
 def check_windows(o: dict) -> None:
-    """KV-eviction windows and Quest's page are counts of positions (an odd count for a pooling kernel)."""
+    """KV-eviction windows, Quest's page and TidalDecode's correction interval are counts of positions (an odd
+    count for a pooling kernel)."""
     for name, value in o.items():
         if value is None and name == "recent":
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "sinks" else 1):
-            raise TpcError(f"option {name} is a number of positions ({0 if name == 'sinks' else 1} or more), "
-                           f"not {value!r}")
+        least = 0 if name in ("sinks", "correct") else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise TpcError(f"option {name} is a number of positions ({least} or more), not {value!r}")
         if name == "kernel" and value % 2 == 0:
             raise TpcError(f"option kernel is the odd width of SnapKV's pooling (such as 5), not {value}")
 
@@ -230,8 +231,10 @@ for _m in (
                 Kind.SELECT, "attention", {Where.VISUAL_IN_LM: _VLM + "choose_fastv"}),
     PruneMethod("tidal", "TidalDecode (Yang et al., 2024), arXiv 2410.05076",
                 "decoder LMs, decode step: selection layers (--layers) pick the top --keep cache positions per KV "
-                "head; the layers after each read only those",
-                Kind.SELECT, "attention", {Where.DECODE: "tpc.decode.rewrite:SparseDecode"}),
+                "head; the layers after each read only those; --option correct=128 rewrites the cache of every 128 "
+                "new tokens with one dense pass (the paper's cache correction; 0, the default: never)",
+                Kind.SELECT, "attention", {Where.DECODE: "tpc.decode.rewrite:SparseDecode"}, options={"correct": 0},
+                check=check_windows),
     PruneMethod("quest", "Quest (Tang et al., ICML 2024), arXiv 2406.10774",
                 "decoder LMs, decode step: at each layer from 2 on (--layers), per KV head, the pages of --option "
                 "page=16 positions whose key min/max bound the query's logits highest, --keep positions' worth, "

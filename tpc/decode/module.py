@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from tpc.decode.capture import decoder_spec
+from tpc.decode.correction import corrected_step
 from tpc.decode.export import save_step
 from tpc.decode.side import side_inputs, side_state, takes_side
 from tpc.decode.plan import Plan, describe_budget, sparse_positions
@@ -38,6 +39,7 @@ class DecodeReport:
     itemsize: int = 4
     page: int | None = None  # quest: positions per page (each sparse layer selects its own pages)
     min_chunk: int | None = None  # dhsa: the shortest chunk (each sparse layer selects its own chunks' positions)
+    correct: int = 0  # tidal: generate() rewrites the cache of every `correct` new tokens densely (0: never)
 
     def positions_read(self, layer: int, cached: int) -> int:
         """Cache positions layer ``layer`` attends to in one step at ``cached`` cached positions (+ the new token)."""
@@ -78,7 +80,8 @@ class DecodeReport:
                     f"{self._at(cached)} from their best-scored chunks of keys")
         elif self.page is None:
             what = (f"{self.method}: selection layers {self.selection}, {len(self.sparse)} sparse layers reading "
-                    f"{describe_budget(self.keep)}{self._at(cached)}")
+                    f"{describe_budget(self.keep)}{self._at(cached)}"
+                    + (f", the cache of every {self.correct} new tokens corrected densely" if self.correct else ""))
         else:
             what = (f"{self.method}: {len(self.sparse)} sparse layers {self.sparse} reading "
                     f"{'' if isinstance(self.keep, float) else 'the best '}{describe_budget(self.keep, self.page)}"
@@ -95,7 +98,7 @@ def describe(model: nn.Module, plan: Plan | None) -> DecodeReport:
     if plan is None:
         return DecodeReport(type(model).__name__, None, layers, kv_heads=heads, head_dim=width, itemsize=itemsize)
     return DecodeReport(type(model).__name__, plan.method, layers, list(plan.selection), plan.sparse, plan.keep,
-                        heads, width, itemsize, plan.page, plan.chunk[0] if plan.chunk else None)
+                        heads, width, itemsize, plan.page, plan.chunk[0] if plan.chunk else None, plan.correct)
 
 
 class DecodeModule(nn.Module):
@@ -158,12 +161,19 @@ class DecodeModule(nn.Module):
         capacity = input_ids.shape[1] + max(new, 1)
         kv = KVBuffer(cache, capacity)
         position, mask = positions[:, -1:], attention_mask.long()
-        pages = None
+        pages, fed = None, []
+        correct = self.plan.correct if self.plan is not None else 0
 
         def step(token):
             nonlocal position, mask, pages
             position = position + 1
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            if correct:  # TidalDecode's cache correction (tpc/decode/correction.py)
+                fed.append(token)
+                if len(fed) == correct:
+                    logits = corrected_step(self._model[0], kv, torch.cat(fed, 1), position, mask)
+                    fed.clear()
+                    return logits
             if self.takes_bounds and pages is None:
                 pages = side_state(self.plan, kv.views(), mask, capacity)
             out = self.step(token, position, mask, kv.views(), pages.views() if pages is not None else None)
@@ -235,6 +245,11 @@ class KVBuffer:
     def append(self, new: tuple) -> None:
         if self.length >= self.buffers[0].shape[2]:
             raise TpcError("the KV buffer is full: generate() sized it for max_new_tokens")
+        self.replace(self.length, new)
+
+    def replace(self, start: int, new) -> None:
+        """Write each layer's [B, Hkv, T, d] keys and values (flat, as the step returns them) at positions
+        ``start`` … ``start + T - 1``; the buffer then holds ``start + T`` positions."""
         for buf, t in zip(self.buffers, new):
-            buf[:, :, self.length:self.length + 1] = t
-        self.length += 1
+            buf[:, :, start:start + t.shape[2]] = t
+        self.length = start + new[0].shape[2]

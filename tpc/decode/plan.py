@@ -36,6 +36,7 @@ class Plan:
     keep: int | float  # cached positions each sparse layer reads (the new token comes on top), or a ratio of the cache
     page: int | None = None  # Quest: positions per page; each selection layer selects its own pages
     chunk: tuple[int, int, float] | None = None  # DHSA: (min_chunk, max_chunk, threshold); each layer selects its own
+    correct: int = 0  # TidalDecode: every `correct` new tokens one dense pass rewrites their KV (0: never)
 
     @property
     def own(self) -> bool:
@@ -151,5 +152,5 @@ def make_plan(method: str, layers: int, selection=None, keep=None, options=None)
     if not own and chosen[-1] == layers - 1 and len(chosen) == 1:
         raise TpcError(f"selection at the last decoder layer ({layers - 1}) leaves no layer to read the selected "
                        "positions: choose an earlier layer")
-    return Plan(method, layers, tuple(chosen), steps[0].keep, page, chunk)
+    return Plan(method, layers, tuple(chosen), steps[0].keep, page, chunk, resolved.get("correct", 0))
 
