@@ -73,22 +73,38 @@ def passkey_prompt(tokenizer, length: int, rng: random.Random) -> tuple[torch.Te
     return tokenizer(text, return_tensors="pt").input_ids, key
 
 
+def stepper(module, cache, capacity: int):
+    """``step(tokens [B, 1]) -> logits [B, vocab]``: ``module``'s decode step fed as ``generate()`` feeds it (a
+    KV buffer from the prefill's ``cache``, quest's or dhsa's side state kept beside it; no padding)."""
+    from tpc.decode.module import KVBuffer
+    from tpc.decode.side import side_state, takes_side
+
+    kv, side = KVBuffer(cache, capacity), None
+
+    def step(tokens):
+        nonlocal side
+        at, batch = kv.length, tokens.shape[0]
+        mask = torch.ones(batch, at + 1, dtype=torch.long)
+        if side is None and takes_side(module.plan):
+            side = side_state(module.plan, kv.views(), mask, capacity)
+        out = module.step(tokens, torch.full((batch, 1), at), mask, kv.views(),
+                          side.views() if side is not None else None)
+        kv.append(out[1:])
+        if side is not None:
+            side.append(out[1:])
+        return out[0]
+
+    return step
+
+
 def greedy(module, logits, cache, new: int) -> list[int]:
     """Greedy tokens from a prefill (logits, cache) through ``module``'s decode step."""
-    from tpc.decode.module import KVBuffer
-
-    kv = KVBuffer(cache, cache.layers[0].keys.shape[2] + new)
-    length = kv.length
-    tokens = []
+    step, tokens = stepper(module, cache, cache.layers[0].keys.shape[2] + new), []
     for i in range(new):
         token = logits.argmax(-1)
         tokens.append(int(token[0]))
-        if i == new - 1:
-            break
-        out = module.step(token[:, None], torch.tensor([[length + i]]), torch.ones(1, length + i + 1,
-                          dtype=torch.long), kv.views())
-        kv.append(out[1:])
-        logits = out[0]
+        if i < new - 1:
+            logits = step(token[:, None])
     return tokens
 
 
@@ -151,8 +167,6 @@ def perplexity(path: Path, text: Path, passages: int, length: int, scored: int, 
     """Teacher-forced over the last ``scored`` tokens of each passage (the rest is the prompt, one dense
     prefill shared by every configuration): how often each method's next-token prediction equals the
     dense step's, and its mean negative log-likelihood of the text's tokens against the dense step's."""
-    from tpc.decode.module import KVBuffer
-
     model, tokenizer = load(path)
     modules = decode_steps(model, methods, budgets, layers, page, chunks)
     ids = book_passages(text, tokenizer, passages, length)
@@ -160,17 +174,13 @@ def perplexity(path: Path, text: Path, passages: int, length: int, scored: int, 
     logits, cache, _ = modules["dense"].prefill(ids[:, :first])
     results = {}
     for name, module in modules.items():
-        kv, out, nll, predicted = KVBuffer(copied(cache), length), logits, [], []
+        step, out, nll, predicted = stepper(module, copied(cache), length), logits, [], []
         for i in range(scored):
             target = ids[:, first + i]
             nll.append(-torch.log_softmax(out.float(), -1)[rows, target])
             predicted.append(out.argmax(-1))
             if i < scored - 1:
-                at = kv.length
-                step = module.step(target[:, None], torch.full((passages, 1), at),
-                                   torch.ones(passages, at + 1, dtype=torch.long), kv.views())
-                kv.append(step[1:])
-                out = step[0]
+                out = step(target[:, None])
         results[name] = torch.stack(nll, 1), torch.stack(predicted, 1)
         dense_nll, dense_predicted = results["dense"]
         agreement = (results[name][1] == dense_predicted).float().mean()
