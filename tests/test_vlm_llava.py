@@ -932,3 +932,19 @@ def test_tensors_cross_the_cut_by_the_token_axis_rules_of_encoders(extra):
                 x = x + longer[:, 1:].gather(1, kept.unsqueeze(-1))
     assert kept.shape == (2, 6)
     torch.testing.assert_close(out, x)
+
+
+@pytest.mark.slow
+def test_the_vision_layer_llava_never_reads_is_not_in_the_captured_prefill(llava):
+    """A stock LLaVA reads its tower's layer -2: the last vision layer is dead code, removed after capture
+    (its attention too, which fx would keep: it counts SDPA impure); the prefill still equals the stock model."""
+    _, inputs, _ = llava
+    model = tiny_llava()
+    model.config.vision_feature_layer = -2
+    program = capture_prefill(model, inputs)
+    attentions = [n for n in program.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert len(attentions) == 1 + 3  # vision layer 0 of 2, and the 3 decoder layers
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        out = program.module()(*program.example_inputs[0])
+    torch.testing.assert_close(out[0] if isinstance(out, tuple) else out, expected, atol=1e-5, rtol=1e-5)

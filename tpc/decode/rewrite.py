@@ -160,5 +160,4 @@ def attend_grouped(gm: fx.GraphModule, b: Builder, site: CacheAttention, keys: f
     out.kwargs = {"scale": site.scale}
     merged = b.op(aten.reshape.default, out, [-1, heads, 1, width], role=Role.GATHER)
     site.sdpa.replace_all_uses_with(merged)
-    gm.graph.erase_node(site.sdpa)  # SDPA counts as impure (its dropout draws random numbers): DCE keeps it
     mark_rewritten(out)

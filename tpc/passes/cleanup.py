@@ -1,6 +1,7 @@
 """``finish()``: the ending every modifying pass shares.
 
-1. dead-code elimination (the custom ``tpc::`` ops are pure, so unused scorers go too);
+1. dead-code elimination (the custom ``tpc::`` ops are pure, so unused scorers go too; so is an
+   attention without dropout: :func:`remove_dead_code`);
 2. ``graph.lint()``;
 3. ``recompile()``;
 4. refresh ``meta["val"]`` of every computed node by fake-tensor propagation, so the next
@@ -52,8 +53,26 @@ def refresh_meta(gm: fx.GraphModule, start: fx.Node | None = None) -> None:
             node.meta["tpc_val_key"] = (node.meta["val"], *key)
 
 
+def _impure(node: fx.Node) -> bool:
+    """fx's rule, but for SDPA without dropout: fx counts every SDPA impure (its dropout draws random numbers),
+    so an attention whose output nothing reads would stay, and with it the layer that feeds it."""
+    if node.target is torch.ops.aten.scaled_dot_product_attention.default:
+        return (node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)) != 0
+    return node.is_impure()
+
+
+def remove_dead_code(gm: fx.GraphModule) -> bool:
+    """Remove every node no output uses, attention without dropout included. A stock LLaVA reads its vision
+    tower's layer -2, so the captured prefill's last vision layer is computed for nothing; this removes it
+    (as any layer or head whose result the model drops). Whether anything was removed."""
+    changed = gm.graph.eliminate_dead_code(is_impure_node=_impure)
+    if changed:
+        gm.recompile()
+    return changed
+
+
 def finish(gm: fx.GraphModule, start: fx.Node | None = None) -> None:
-    gm.graph.eliminate_dead_code()
+    remove_dead_code(gm)
     gm.graph.lint()
     gm.recompile()
     refresh_meta(gm, start)

@@ -69,7 +69,6 @@ class ProportionalAttention(Pass):
                              role=Role.MODEL)
                 out = b.op(aten.matmul.default, probs, site.v, role=Role.MODEL)
                 site.node.replace_all_uses_with(out)
-                gm.graph.erase_node(site.node)  # SDPA counts as impure (dropout), so DCE would keep it
             else:
                 logits = b.op(aten.add.Tensor, site.node.args[0], _like(b, bias, site.node.args[0]), role=Role.MODEL)
                 site.node.args = (logits, *site.node.args[1:])

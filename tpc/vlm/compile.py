@@ -19,6 +19,7 @@ from torch import nn
 from tpc import pipeline
 from tpc.capture import eval_mode
 from tpc.errors import TpcError, refusal_or_bug
+from tpc.passes.cleanup import remove_dead_code
 from tpc.registry import VISUAL, get_method, methods_for
 from tpc.recipe import Step, visual_steps
 from tpc.schedule import check_seed, kept_count
@@ -49,11 +50,13 @@ def _export(family, args: tuple, visual: int) -> torch.export.ExportedProgram:
     with eval_mode(family.model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return torch.export.export(family.prefill(), args, dynamic_shapes=dynamic)
+            program = torch.export.export(family.prefill(), args, dynamic_shapes=dynamic)
         except Exception as err:  # torch.export raises many types; the user needs one line, tpc's bugs a report
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise refusal_or_bug(err, f"torch.export could not capture the prefill of {type(family.model).__name__}: "
                                       f"{first}") from err
+    remove_dead_code(program.graph_module)  # e.g. LLaVA's last vision layer: it reads layer -2
+    return program
 
 
 def stages_of(spec, visual: int, method: str, layers, keep) -> list[Step]:
