@@ -161,14 +161,17 @@ def _step_inputs(model, sparse, batch, length, seed):
 
 @pytest.fixture(scope="module")
 def written(decode_capture, tmp_path_factory):
-    """written(method) -> (model, the DecodeModule, its .onnx as a session, the ONNX model), one export each."""
+    """written(method) -> (model, the DecodeModule, its .onnx as a session, the ONNX model), one export each
+    ("dense": the captured step, every layer dense, as ``unpruned()`` gives it)."""
     made = {}
     settings = {"tidal": {"layers": [1], "keep": 3}, "quest": {"keep": 0.3, "options": {"page": 4}}}
 
     def get(method):
         if method not in made:
             model, program = decode_capture("llama")
-            sparse = compile_decoder(model, method=method, program=program, **settings[method])
+            sparse = compile_decoder(model, method=method if method != "dense" else "tidal", program=program,
+                                     **settings.get(method, settings["tidal"]))
+            sparse = sparse.unpruned() if method == "dense" else sparse
             path = tmp_path_factory.mktemp("decode_onnx") / f"{method}.onnx"
             result = sparse.save(path)
             assert result.batches == (1, 2, 1, 2) and len(set(result.lengths)) == 2 and result.max_abs_error < 1e-4
@@ -180,12 +183,12 @@ def written(decode_capture, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["tidal", "quest"])
+@pytest.mark.parametrize("method", ["tidal", "quest", "dense"])
 def test_the_onnx_step_gives_the_torch_step_s_logits_and_cache(written, method, update_golden):
     """Logits and every layer's new keys and values from ONNX Runtime equal the torch step's at batch 1
     and 3 and cache lengths 7 and 30 (left-padded), from one export; the sparse layers read fewer
     positions than the dense step (their logits differ); only GatherElements (and Shape) read a sparse
-    layer's cache; the op types are golden."""
+    layer's cache; the op types are golden. The dense step (no method) is written and checked as well."""
     model, sparse, session, proto = written(method)
     dense = sparse.unpruned()
     names = [i.name for i in session.get_inputs()]
@@ -197,13 +200,13 @@ def test_the_onnx_step_gives_the_torch_step_s_logits_and_cache(written, method, 
         assert len(got) == len(want) == 1 + 2 * model.config.num_hidden_layers
         for g, w in zip(got, want):
             torch.testing.assert_close(torch.from_numpy(g), w, atol=1e-5, rtol=1e-5)
-        if length == 30:
+        if length == 30 and method != "dense":
             assert not torch.allclose(want[0], dense.step(*xs[:4])[0], atol=1e-3)
     readers = {}
     for node in proto.graph.node:
         for name in node.input:
             readers.setdefault(name, set()).add(node.op_type)
-    for layer in sparse.plan.sparse:
+    for layer in sparse.plan.sparse if sparse.plan else []:
         for name in (f"past_{2 * layer}", f"past_{2 * layer + 1}"):
             assert readers[name] <= {"GatherElements", "Shape"}, (name, readers[name])
     text = "".join(f"{op} {n}\n" for op, n in sorted(Counter(n.op_type for n in proto.graph.node).items()))
