@@ -161,35 +161,37 @@ def _step_inputs(model, sparse, batch, length, seed):
 
 @pytest.fixture(scope="module")
 def written(decode_capture, tmp_path_factory):
-    """written(method) -> (model, the DecodeModule, its .onnx as a session, the ONNX model), one export each
-    ("dense": the captured step, every layer dense, as ``unpruned()`` gives it)."""
+    """written(family, method) -> (model, the DecodeModule, its .onnx as a session, the ONNX model), one export
+    each ("dense": the captured step, every layer dense, as ``unpruned()`` gives it)."""
     made = {}
     settings = {"tidal": {"layers": [1], "keep": 3}, "quest": {"keep": 0.3, "options": {"page": 4}}}
 
-    def get(method):
-        if method not in made:
-            model, program = decode_capture("llama")
+    def get(family, method):
+        if (family, method) not in made:
+            model, program = decode_capture(family)
             sparse = compile_decoder(model, method=method if method != "dense" else "tidal", program=program,
                                      **settings.get(method, settings["tidal"]))
             sparse = sparse.unpruned() if method == "dense" else sparse
-            path = tmp_path_factory.mktemp("decode_onnx") / f"{method}.onnx"
+            path = tmp_path_factory.mktemp("decode_onnx") / f"{family}_{method}.onnx"
             result = sparse.save(path)
             assert result.batches == (1, 2, 1, 2) and len(set(result.lengths)) == 2 and result.max_abs_error < 1e-4
-            made[method] = model, sparse, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), \
-                onnx.load(path)
-        return made[method]
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            made[family, method] = model, sparse, session, onnx.load(path)
+        return made[family, method]
 
     return get
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["tidal", "quest", "dense"])
-def test_the_onnx_step_gives_the_torch_step_s_logits_and_cache(written, method, update_golden):
+@pytest.mark.parametrize("family, method", [("llama", "tidal"), ("llama", "quest"), ("llama", "dense"),
+                                            ("qwen2", "tidal")])
+def test_the_onnx_step_gives_the_torch_step_s_logits_and_cache(written, family, method, update_golden):
     """Logits and every layer's new keys and values from ONNX Runtime equal the torch step's at batch 1
     and 3 and cache lengths 7 and 30 (left-padded), from one export; the sparse layers read fewer
     positions than the dense step (their logits differ); only GatherElements (and Shape) read a sparse
-    layer's cache; the op types are golden. The dense step (no method) is written and checked as well."""
-    model, sparse, session, proto = written(method)
+    layer's cache; the op types are golden. The dense step (no method) is written and checked as well, and
+    a Qwen2 step (biased q, k, v projections)."""
+    model, sparse, session, proto = written(family, method)
     dense = sparse.unpruned()
     names = [i.name for i in session.get_inputs()]
     for batch, length in ((1, 7), (3, 30), (3, 7), (1, 30)):
@@ -210,7 +212,7 @@ def test_the_onnx_step_gives_the_torch_step_s_logits_and_cache(written, method, 
         for name in (f"past_{2 * layer}", f"past_{2 * layer + 1}"):
             assert readers[name] <= {"GatherElements", "Shape"}, (name, readers[name])
     text = "".join(f"{op} {n}\n" for op, n in sorted(Counter(n.op_type for n in proto.graph.node).items()))
-    path = GOLDEN / f"decode_onnx_{method}_llama.txt"
+    path = GOLDEN / f"decode_onnx_{method}_{family}.txt"
     if update_golden:
         path.write_text(text)
     assert text == path.read_text(), f"{path.name} changed: review, then run pytest --update-golden"
