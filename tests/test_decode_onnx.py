@@ -21,6 +21,7 @@ from test_decode import _random_step, tiny
 from tpc.decode import compile_decoder
 from tpc.decode.onnx_ops import ALL_TRANSLATIONS
 from tpc.decode.pages import bounds_for
+from tpc.errors import TpcError
 from tpc.exports.onnx import program_to_onnx
 
 transformers = pytest.importorskip("transformers")
@@ -264,7 +265,6 @@ def test_an_onnx_step_that_fails_its_check_leaves_no_file(decode_capture, tmp_pa
     """A translation that selects other positions than the op (the lowest scores): ONNX Runtime's outputs
     differ from the torch step's, the check refuses in one line, and nothing is written."""
     from tpc.decode import onnx_ops
-    from tpc.errors import TpcError
     from onnxscript import opset18 as op
 
     def lowest(scores, count):
@@ -275,5 +275,18 @@ def test_an_onnx_step_that_fails_its_check_leaves_no_file(decode_capture, tmp_pa
     sparse = compile_decoder(model, layers=[1], keep=3, program=program)
     monkeypatch.setitem(onnx_ops.ALL_TRANSLATIONS, torch.ops.tpc.top_positions.default, lowest)
     with pytest.raises(TpcError, match="ONNX file dec.onnx: outputs differ from the torch module"):
+        sparse.save(tmp_path / "dec.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_dhsa_step_is_refused_as_onnx_in_one_line(cli, decode_capture, tmp_path):
+    """dhsa's chunk ops have no ONNX translation: `-o dec.onnx` is refused before the model loads, and
+    ``save("….onnx")`` before anything is exported; no file either way."""
+    result = cli("compile", tmp_path / "no-such-model", "--pass", "dhsa", "-o", tmp_path / "dec.onnx")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "the dhsa decode step is written as .pt2 only: its ops have no ONNX translation yet" in result.stderr
+    model, program = decode_capture("llama")
+    sparse = compile_decoder(model, method="dhsa", keep=4, program=program)
+    with pytest.raises(TpcError, match="the dhsa decode step is written as .pt2 only"):
         sparse.save(tmp_path / "dec.onnx")
     assert not list(tmp_path.iterdir())
