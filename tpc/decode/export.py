@@ -29,8 +29,6 @@ from tpc.exports.checks import CheckResult, write_checked_program
 from tpc.exports.onnx import check_onnx, program_to_onnx
 
 ONNX_LIMIT = 2**31  # a protobuf message above 2 GB cannot be serialized in one piece
-
-
 ONNX_METHODS = ("tidal", "quest")  # the decode-time methods whose tpc:: ops have ONNX translations
 
 
@@ -53,7 +51,8 @@ def check_step_suffix(path, method: str | None = None) -> str:
 
 def step_inputs(module, batch: int, length: int, padding: int = 0) -> tuple:
     """Inputs of one step of ``module`` at ``batch`` × ``length`` cached positions (random cache), the
-    examples after the first left-padded by ``padding`` positions; quest's bounds computed from the cache."""
+    examples after the first left-padded by ``padding`` positions; quest's page bounds or dhsa's chunk
+    summaries computed from the cache."""
     ids, positions, mask, past = example_step(module._model[0], batch=batch, length=length)
     mask[1:, :padding] = 0
     inputs = (ids + 3, positions, mask, past)
@@ -73,7 +72,8 @@ def _example(module) -> tuple:
 
 
 def step_program(module) -> torch.export.ExportedProgram:
-    """The rewritten step re-exported with a symbolic batch, cache length and (quest) page count."""
+    """The rewritten step re-exported with a symbolic batch, cache length and (quest, dhsa) count of pages or
+    chunk slots."""
     example = _example(module)
     batch, cache = torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("cache", min=1, max=MAX_CACHE)
     dynamic = ({0: batch}, {0: batch}, {0: batch, 1: cache + 1},
