@@ -335,12 +335,15 @@ def test_a_decode_step_is_not_inspected_as_a_prompt_model(captured):
 
 
 def test_cli_refuses_a_decode_step_suffix_before_loading(cli, tmp_path):
-    result = cli("compile", tmp_path / "no-such-model", "--pass", "tidal", "-o", tmp_path / "dec.onnx")
-    assert result.returncode == 1 and "is written as .pt2; .onnx is not supported" in result.stderr
+    for method in ("tidal", "quest"):
+        result = cli("compile", tmp_path / "no-such-model", "--pass", method, "-o", tmp_path / "dec.plan")
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert "TensorRT engines are written for encoders only; write the decode step" in result.stderr
     for out, words in ((tmp_path / "x.json", "unknown artifact type '.json'"), (tmp_path / "x", "type '(none)'")):
         result = cli("compile", tmp_path / "no-such-model", "--pass", "tidal", "-o", out)
         assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
-        assert words in result.stderr and "is written as .pt2" in result.stderr
+        assert words in result.stderr and "is written as .pt2 or .onnx" in result.stderr
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("args, words", [

@@ -26,7 +26,7 @@ def run(args) -> int:
         raise TpcError(f"{args.model} is a vision-language model: TensorRT engines are written for encoders only; "
                        "write its pruned prefill as .pt2 or .onnx")
     if decode.decode_time(args.method):
-        check_step_suffix(out)
+        check_step_suffix(out, args.method)
     check_target(out, args.batch, args.precision)
     refuse_overwriting([("-o", out)], [("the model you compile", args.model), ("the --weights file", args.weights),
                                        ("the --recipe file", args.recipe)])

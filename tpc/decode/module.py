@@ -135,7 +135,8 @@ class DecodeModule(nn.Module):
         return DecodeModule(self._program.module(), model, describe(model, None), self._program)
 
     def save(self, path, check: bool = True):
-        """Write the rewritten decode step as a ``.pt2`` program, checked before it is renamed into place."""
+        """Write the rewritten decode step as a ``.pt2`` program or an ``.onnx`` model (by ``path``'s suffix),
+        checked against this module before it is renamed into place."""
         return save_step(self, path, check)
 
     def forward(self, input_ids, attention_mask=None) -> torch.Tensor:

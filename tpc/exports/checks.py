@@ -98,9 +98,16 @@ class CheckResult:
     tie_flips: int
     batches: tuple[int, ...]
     lengths: tuple[int | None, ...] = ()  # per check, its token inputs' length (None: no token input)
+    unit: str | None = None  # what ``lengths`` count when every check names its own (a decode step's cached positions)
 
     def where(self) -> str:
-        """``at batch 1 and 2``, and a shorter check named as such: ``, and batch 2 at 8 tokens``."""
+        """``at batch 1 and 2``, and a shorter check named as such: ``, and batch 2 at 8 tokens``; with a
+        ``unit``, every length named: ``at batch 1 and 2 over 12 cached positions, batch 2 over 21 cached positions``."""
+        if self.unit is not None:
+            groups: dict = {}
+            for b, n in zip(self.batches, self.lengths):
+                groups.setdefault(n, []).append(str(b))
+            return "at " + ", ".join(f"batch {' and '.join(b)} over {n} {self.unit}" for n, b in groups.items())
         full = max((n for n in self.lengths if n is not None), default=None)
         same = [b for b, n in zip(self.batches, self.lengths or [None] * len(self.batches)) if n == full]
         shorter = [f", and batch {b} at {n} tokens" for b, n in zip(self.batches, self.lengths) if n != full]
