@@ -141,11 +141,13 @@ def passkey(path: Path, lengths: list[int], prompts: int, budgets: list[int], la
     modules = decode_steps(model, methods, budgets, layers, page, chunks)
     for length in lengths:
         rng, hits = random.Random(length), {name: 0 for name in modules}
-        for _ in range(prompts):
+        for done in range(1, prompts + 1):
             ids, key = passkey_prompt(tokenizer, length, rng)
             logits, cache, _ = modules["dense"].prefill(ids)
             for name, module in modules.items():
                 hits[name] += key in tokenizer.decode(greedy(module, logits, copied(cache), 8))
+            if done < prompts and done % 5 == 0:  # a running tally: a long run says something before it ends
+                print(f"  after {done} prompts: " + ", ".join(f"{name} {hit}" for name, hit in hits.items()), flush=True)
         print(f"{ids.shape[1]} tokens: " + ", ".join(f"{name} {hit}/{prompts}" for name, hit in hits.items()),
               flush=True)
 
