@@ -8,6 +8,7 @@ retrieval and decode-step speed, dense against sparse (docs/decode.md).
     python benchmarks/decode_smollm2.py passkey --methods quest,dhsa --chunks 8,64,0.5 --lengths 1024 --prompts 3
     python benchmarks/decode_smollm2.py perplexity --text botchan.txt --methods tidal,quest,dhsa --passages 4
     python benchmarks/decode_smollm2.py speed --batch 1,8 --context 2048,8192
+    python benchmarks/decode_smollm2.py compile
 
 ``convert`` dequantises the Q4_1 GGUF with transformers' loader (needs the ``decode`` extra:
 gguf, accelerate) and writes a plain safetensors directory (0.5 GB) to ``--out`` (default
@@ -191,6 +192,23 @@ def perplexity(path: Path, text: Path, passages: int, length: int, scored: int, 
               f"({change:+.4f} against dense)", flush=True)
 
 
+def compile_time(path: Path, layers: str, keep: int) -> None:
+    """Seconds to capture the 30-layer decode step, and to rewrite it for each method (the issue's goal: a
+    compile in under 30 s)."""
+    from tpc.decode import capture_step, compile_decoder
+
+    model, _ = load(path)
+    start = time.perf_counter()
+    program = capture_step(model)
+    captured = time.perf_counter() - start
+    print(f"capture of the decode step: {captured:.1f} s", flush=True)
+    for method, settings in (("tidal", {"layers": layers}), ("quest", {}), ("dhsa", {})):
+        start = time.perf_counter()
+        compile_decoder(model, method=method, keep=keep, program=program, **settings)
+        print(f"rewrite for {method}: {time.perf_counter() - start:.1f} s (compile: {captured + time.perf_counter() - start:.1f} s)",
+              flush=True)
+
+
 def speed(path: Path, batches: list[int], contexts: list[int], keep: int, layers: str, iters: int) -> None:
     from tpc.decode import compile_decoder
     from tpc.decode.bench import bench_decode
@@ -205,7 +223,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("convert")
     p.add_argument("--wheel", type=Path, required=True)
-    for name in ("passkey", "perplexity", "speed"):
+    for name in ("passkey", "perplexity", "speed", "compile"):
         p = sub.add_parser(name)
         p.add_argument("--layers", default="2,15", help="selection layers (default: the paper's 2 and a middle one)")
     sub.choices["passkey"].add_argument("--lengths", default="1024,2048,4096")
@@ -222,7 +240,8 @@ def main() -> None:
     p.add_argument("--scored", type=int, default=512, help="the last tokens of each passage, teacher-forced")
     sub.choices["speed"].add_argument("--batch", default="1,8")
     sub.choices["speed"].add_argument("--context", default="2048,8192")
-    sub.choices["speed"].add_argument("--keep", type=int, default=256)
+    for name in ("speed", "compile"):
+        sub.choices[name].add_argument("--keep", type=int, default=256)
     sub.choices["speed"].add_argument("--iters", type=int, default=3)
     for p in sub.choices.values():
         p.add_argument("--out", type=Path, default=DEFAULT, help="the converted model directory")
@@ -239,6 +258,8 @@ def main() -> None:
     elif args.command == "perplexity":
         perplexity(args.out, args.text, args.passages, args.length, args.scored, ints(args.budgets), args.layers,
                    args.methods.split(","), args.page, args.chunks)
+    elif args.command == "compile":
+        compile_time(args.out, args.layers, args.keep)
     else:
         speed(args.out, ints(args.batch), ints(args.context), args.keep, args.layers, args.iters)
 
