@@ -81,7 +81,8 @@ class DecodeReport:
         elif self.page is None:
             what = (f"{self.method}: selection layers {self.selection}, {len(self.sparse)} sparse layers reading "
                     f"{describe_budget(self.keep)}{self._at(cached)}"
-                    + (f", the cache of every {self.correct} new tokens corrected densely" if self.correct else ""))
+                    + (f"; generate() rewrites the cache of every {self.correct} new tokens densely "
+                       "(not part of the saved step)" if self.correct else ""))
         else:
             what = (f"{self.method}: {len(self.sparse)} sparse layers {self.sparse} reading "
                     f"{'' if isinstance(self.keep, float) else 'the best '}{describe_budget(self.keep, self.page)}"
