@@ -234,7 +234,7 @@ def main() -> None:
         sub.choices[name].add_argument("--page", type=int, default=16, help="quest's page size")
         sub.choices[name].add_argument("--chunks", default="8,64,0.5", help="dhsa's min_chunk,max_chunk,threshold")
     p = sub.choices["perplexity"]
-    p.add_argument("--text", type=Path, required=True, help="a Project Gutenberg plain text (docs/decode.md: botchan.txt)")
+    p.add_argument("--text", type=Path, required=True, help="a Project Gutenberg plain-text book (UTF-8; its licence header and footer are cut off)")
     p.add_argument("--passages", type=int, default=4)
     p.add_argument("--length", type=int, default=2048, help="tokens per passage, prompt and scored together")
     p.add_argument("--scored", type=int, default=512, help="the last tokens of each passage, teacher-forced")
