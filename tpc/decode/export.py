@@ -24,11 +24,10 @@ from tpc.decode.capture import MAX_BATCH, MAX_CACHE, decoder_spec, example_step
 from tpc.decode.onnx_ops import ALL_TRANSLATIONS
 from tpc.decode.side import side_dims, side_inputs, unit
 from tpc.errors import REPORT, TpcError, TpcInternalError
-from tpc.exports.atomic import atomic_output, check_output_path
+from tpc.exports.atomic import check_output_path
 from tpc.exports.checks import CheckResult, write_checked_program
-from tpc.exports.onnx import check_onnx, program_to_onnx
+from tpc.exports.onnx import program_to_onnx, write_checked_onnx
 
-ONNX_LIMIT = 2**31  # a protobuf message above 2 GB cannot be serialized in one piece
 ONNX_METHODS = ("tidal", "quest")  # the decode-time methods whose tpc:: ops have ONNX translations
 
 
@@ -111,21 +110,9 @@ def save_step(module, path, check: bool = True) -> CheckResult | None:
     if suffix == ".pt2":
         result = write_checked_program(program, path, module.gm, inputs)
     else:
-        result = _save_onnx(module, program, path, inputs)
+        result = write_checked_onnx(step_to_onnx(module, program), path, "the decode step", module.gm, inputs)
     if result is None:
         return None
     return dataclasses.replace(result, lengths=tuple(int(i[3][0].shape[2]) for i in inputs), unit="cached positions")
 
 
-def _save_onnx(module, program, path: Path, inputs: list[tuple] | None) -> CheckResult | None:
-    model = step_to_onnx(module, program)
-    if model.ByteSize() >= ONNX_LIMIT:
-        raise TpcError(f"the decode step is {model.ByteSize() / 2**30:.1f} GB as ONNX, above the 2 GB a single ONNX "
-                       "file holds (external weights are not written yet): write .pt2 instead")
-    data = model.SerializeToString()
-    with atomic_output(path, len(data)) as tmp:
-        tmp.write_bytes(data)
-        if inputs is None:
-            return None
-        with torch.no_grad():
-            return check_onnx(onnx.load_from_string(data), module.gm, inputs, f"ONNX file {path.name}")

@@ -118,6 +118,27 @@ def _uses_bfloat16(model: onnx.ModelProto) -> bool:
         v.type.tensor_type.elem_type == bf16 for v in [*model.graph.input, *model.graph.output])
 
 
+ONNX_LIMIT = 2**31  # a protobuf message above 2 GB cannot be serialized in one piece
+
+
+def write_checked_onnx(model: onnx.ModelProto, path, what: str, gm: fx.GraphModule, inputs: list[tuple] | None,
+                       compared=None) -> CheckResult | None:
+    """Write ``model`` to ``path`` through a temporary file renamed into place once ``check_onnx`` against ``gm``
+    on ``inputs`` passed (None: unchecked); ``what`` names the artifact in the size refusal ("the decode step")."""
+    from tpc.exports.atomic import atomic_output
+
+    if model.ByteSize() >= ONNX_LIMIT:
+        raise TpcError(f"{what} is {model.ByteSize() / 2**30:.1f} GB as ONNX, above the 2 GB a single ONNX file holds "
+                       "(external weights are not written yet): write .pt2 instead")
+    data = model.SerializeToString()
+    with atomic_output(path, len(data)) as tmp:
+        tmp.write_bytes(data)
+        if inputs is None:
+            return None
+        with torch.no_grad():
+            return check_onnx(onnx.load_from_string(data), gm, inputs, f"ONNX file {path.name}", compared=compared)
+
+
 def check_onnx(model: onnx.ModelProto, gm: fx.GraphModule, inputs_list: list[tuple], what: str = "ONNX model",
                compared=None) -> CheckResult:
     """Run the model in ONNX Runtime on each input batch and compare with the torch graph

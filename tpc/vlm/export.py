@@ -12,17 +12,15 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import onnx
 import torch
 
 from tpc.errors import REPORT, TpcError, TpcInternalError
-from tpc.exports.atomic import atomic_output, check_output_path
+from tpc.exports.atomic import check_output_path
 from tpc.exports.checks import CheckResult, write_checked_program
-from tpc.exports.onnx import check_onnx, program_to_onnx
+from tpc.exports.onnx import program_to_onnx, write_checked_onnx
 from tpc.vlm.inputs import layer_valid
 from tpc.vlm.onnx_ops import ALL_TRANSLATIONS
 
-ONNX_LIMIT = 2**31  # a protobuf message above 2 GB cannot be serialized in one piece
 
 
 def save_prefill(module, path, check: bool = True) -> CheckResult | None:
@@ -38,7 +36,10 @@ def save_prefill(module, path, check: bool = True) -> CheckResult | None:
     program = _program(module)
     inputs = [module.family.first_example(module.example_inputs), module.example_inputs]  # an example, the batch
     if suffix == ".onnx":
-        return _save_onnx(module, program, path, inputs, check)
+        # as for encoders: a near-tie the two backends decide differently is replayed
+        return write_checked_onnx(to_onnx(module, program), path, "the pruned prefill", module.gm,
+                                  inputs if check else None,
+                                  compared=lambda args, ref: real_positions(module, args, ref))
     return write_checked_program(program, path, module.gm, inputs if check else None)
 
 
@@ -58,21 +59,6 @@ def to_onnx(module, program: torch.export.ExportedProgram | None = None):
     """The pruned prefill as an ONNX model (opset 18; symbolic batch and prompt length)."""
     program = program or _program(module)
     return program_to_onnx(program, module.example_inputs, ALL_TRANSLATIONS)
-
-
-def _save_onnx(module, program, path: Path, inputs: list[tuple], check: bool) -> CheckResult | None:
-    model = to_onnx(module, program)
-    if model.ByteSize() >= ONNX_LIMIT:
-        raise TpcError(f"the pruned prefill is {model.ByteSize() / 2**30:.1f} GB as ONNX, above the 2 GB a single "
-                       "ONNX file holds (external weights are not written yet): write .pt2 instead")
-    data = model.SerializeToString()
-    with atomic_output(path, len(data)) as tmp:
-        tmp.write_bytes(data)
-        if not check:
-            return None
-        with torch.no_grad():  # as for encoders: a near-tie the two backends decide differently is replayed
-            return check_onnx(onnx.load_from_string(data), module.gm, inputs, f"ONNX file {path.name}",
-                              compared=lambda args, ref: real_positions(module, args, ref))
 
 
 def real_positions(module, args: tuple, outputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
