@@ -157,7 +157,8 @@ def book_passages(text: Path, tokenizer, count: int, length: int) -> torch.Tenso
     """``count`` consecutive, non-overlapping passages of ``length`` tokens from a Project Gutenberg
     text, its licence header and footer cut off: [count, length]."""
     body = text.read_text(encoding="utf-8-sig")
-    start, end = body.find("*** START OF"), body.find("End of Project Gutenberg")
+    start = body.find("*** START OF")
+    end = min((i for i in (body.find("*** END OF"), body.find("End of Project Gutenberg")) if i >= 0), default=-1)
     body = body[body.find("\n", start) + 1 if start >= 0 else 0:end if end >= 0 else len(body)]
     ids = tokenizer(body).input_ids
     if len(ids) < count * length:

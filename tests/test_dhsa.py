@@ -324,3 +324,15 @@ def test_the_step_is_written_as_pt2_and_runs_other_lengths(captured, tmp_path):
         mask[1, :3] = 0
         inputs = (torch.tensor([[5], [7]]), torch.full((2, 1), length), mask, past, chunks_for(sparse.plan, past, mask))
         torch.testing.assert_close(program(*inputs)[0], sparse.step(*inputs)[0])
+
+
+def test_a_mask_with_a_hole_inside_a_prompt_is_refused_in_one_line(decode_capture):
+    """A chunk is a span of consecutive positions: a masked position after the first real token would sit
+    inside one and be read (while the chunk's last real position is dropped)."""
+    model, program = decode_capture("llama")
+    sparse = compile_decoder(model, method="dhsa", keep=4, options={"min_chunk": 2, "max_chunk": 4}, program=program)
+    ids, mask = prompts()
+    mask[0, 3] = 0
+    with pytest.raises(TpcError, match="dhsa takes left-padded prompts only: example 0's attention_mask is 0 at "
+                                       "position 3, after its first real token"):
+        sparse.generate(ids, mask, max_new_tokens=2)

@@ -17,11 +17,24 @@ import torch
 from tpc.decode import chunk_ops  # noqa: F401  (registers tpc::chunk_summary)
 from tpc.decode.chunk_ops import adjacent_similarity, chunk_slots, opens
 from tpc.decode.pages import step_mask
+from tpc.errors import TpcError
+
+
+def refuse_holes(attention_mask: torch.Tensor) -> None:
+    """A chunk is a span (first position, length) of consecutive positions: a masked position after an example's
+    first real one would fall inside a span. Left padding only, in one line."""
+    real = attention_mask.bool()
+    holes = real.cummax(-1).values & ~real
+    if bool(holes.any()):
+        row, column = (int(i) for i in torch.nonzero(holes)[0])
+        raise TpcError(f"dhsa takes left-padded prompts only: example {row}'s attention_mask is 0 at position {column}, "
+                       "after its first real token; drop the masked tokens from the prompt or use tidal or quest")
 
 
 def chunks_for(plan, past: list[torch.Tensor], attention_mask: torch.Tensor) -> list[torch.Tensor]:
     """Per dhsa layer of ``plan``, the representations and spans of its cached keys' chunks, flat:
     [reps, spans, reps, spans, …] (``past``: the step's flat keys and values; ``attention_mask``: [B, L + 1])."""
+    refuse_holes(attention_mask)
     mask = step_mask(attention_mask)
     return [t for layer in plan.sparse for t in torch.ops.tpc.chunk_summary(past[2 * layer], mask, *plan.chunk)]
 
