@@ -11,12 +11,14 @@ holds, so every rotary distance is the unpruned model's.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
 
 from tpc.errors import TpcError
+from tpc.exports.atomic import check_output_path
 from tpc.generation import decode_tokens, generation_config, new_tokens, refuse_right_padding
 from tpc.recipe import Step
 from tpc.vlm.export import save_prefill
@@ -123,8 +125,20 @@ class VlmModule(nn.Module):
     def save(self, path, check: bool = True):
         """Write the pruned prefill as a ``.pt2`` program or an ``.onnx`` model (by ``path``'s suffix;
         symbolic batch and prompt length), checked against this module on the example inputs (the
-        batch and its first example) before it is renamed into place. Returns the check's result."""
-        return save_prefill(self, path, check)
+        batch and its first example) before it is renamed into place. Returns the check's result.
+        With a sparse decode step, that step is written too, as ``<path stem>.decode.pt2`` beside it (checked
+        likewise; a failure removes the prefill written before it)."""
+        if self.decoder is None:
+            return save_prefill(self, path, check)
+        step = step_path(path)
+        check_output_path(step)
+        result = save_prefill(self, path, check)
+        try:
+            self.decoder.save(step, check)
+        except BaseException:
+            Path(path).unlink(missing_ok=True)
+            raise
+        return result
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, **image_inputs) -> torch.Tensor:
         """Logits of the tokens the last decoder layer kept, [B, S', vocab]."""
@@ -193,6 +207,12 @@ class VlmModule(nn.Module):
         model = self._model[0]
         with torch.no_grad():
             return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+
+
+def step_path(path) -> Path:
+    """Where ``save`` writes the sparse decode step of a VLM written at ``path``: ``model.pt2`` -> ``model.decode.pt2``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.decode.pt2")
 
 
 def _as_captured(gm: fx.GraphModule, args: tuple) -> tuple:
