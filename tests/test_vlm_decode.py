@@ -77,7 +77,9 @@ def vlms():
 
 @pytest.fixture(scope="module")
 def llava(vlms):
-    return vlms("llava")
+    """LLaVA's vlms("llava"), and its module with a tidal decode step (selection at layer 0) reading 1000 positions,
+    then 3 (the pruned caches hold 13 and 9 real positions)."""
+    return vlms("llava"), sparse(vlms, "llava", "tidal", [0], 1000), sparse(vlms, "llava", "tidal", [0], 3)
 
 
 def sparse(vlms, family, method, layers=None, keep=1000, options=None):
@@ -91,27 +93,33 @@ def sparse(vlms, family, method, layers=None, keep=1000, options=None):
     return out
 
 
-FAMILIES = ["llava", pytest.param("smolvlm", marks=pytest.mark.slow), pytest.param("qwen2vl", marks=pytest.mark.slow)]
-METHODS = [("tidal", [0], None), ("quest", None, {"page": 4}), ("dhsa", None, None)]
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method, layers, options", METHODS)
-def test_a_budget_over_the_cache_generates_the_dense_decode_tokens(vlms, llava, family, method, layers, options):
-    """Prefill pruned, decode sparse with a budget >= the cache: the tokens of the VLM module's dense decode (the
-    stock decoder layers over the same pruned cache), greedy and sampled."""
-    *_, greedy, sampled = vlms(family)
-    inputs = vlms(family)[1]
-    pruned = sparse(vlms, family, method, layers, 1000, options)
+def check_dense_tokens(pruned, inputs, greedy, sampled):
     assert pruned.decoder is not None and pruned.decoder.plan.sparse
     assert torch.equal(pruned.generate(**inputs, max_new_tokens=NEW), greedy)
     torch.manual_seed(5)
     assert torch.equal(pruned.generate(**inputs, max_new_tokens=NEW, **SAMPLING), sampled)
 
 
-def test_a_left_padded_batch_generates_what_each_example_generates_alone(vlms, llava):
-    pruned = sparse(vlms, "llava", "tidal", [0], keep=3)  # the pruned caches hold 13 and 9 real positions
-    inputs = vlms("llava")[1]
+def test_a_tidal_budget_over_the_cache_generates_the_dense_decode_tokens(llava):
+    """Prefill pruned, decode sparse with a budget >= the cache: the tokens of the VLM module's dense decode (the
+    stock decoder layers over the same pruned cache), greedy and sampled."""
+    (model, inputs, program, step, dense, greedy, sampled), pruned, _ = llava
+    check_dense_tokens(pruned, inputs, greedy, sampled)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava", "smolvlm", "qwen2vl"])
+@pytest.mark.parametrize("method, layers, options", [("tidal", [0], None), ("quest", None, {"page": 4}),
+                                                     ("dhsa", None, None)])
+def test_every_method_and_family_over_the_cache_generates_the_dense_decode_tokens(vlms, family, method, layers,
+                                                                                  options):
+    _, inputs, *_, greedy, sampled = vlms(family)
+    check_dense_tokens(sparse(vlms, family, method, layers, 1000, options), inputs, greedy, sampled)
+
+
+def test_a_left_padded_batch_generates_what_each_example_generates_alone(llava):
+    pruned = llava[2]
+    inputs = llava[0][1]
     together = pruned.generate(**inputs, max_new_tokens=NEW)
     for b in range(2):
         real = inputs["attention_mask"][b].bool()
@@ -137,11 +145,11 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def test_the_sparse_layers_read_only_the_budget_of_the_pruned_cache(vlms, llava):
+def test_the_sparse_layers_read_only_the_budget_of_the_pruned_cache(llava):
     """One step over the pruned prefill's cache: layer 0 selects 3 positions, layers 1 and 2 read those and the new
     token (4 keys, not the 17 of the cache); positions and logits those of the paper's step written as loops."""
-    model, inputs, *_ = vlms("llava")
-    pruned = sparse(vlms, "llava", "tidal", [0], keep=3)
+    model, inputs, *_ = llava[0]
+    pruned = llava[2]
     state = pruned.prefill(**inputs)
     length = state.valid[0].shape[1]
     token = state.logits[:, -1].argmax(-1)[:, None]
@@ -180,9 +188,9 @@ def test_pruning_inside_the_language_model_with_a_sparse_decode_is_refused():
     assert "\n" not in str(err.value)
 
 
-def test_the_vlm_s_decode_step_alone_does_not_take_prompts(vlms, llava):
-    inputs = llava[1]
-    pruned = sparse(vlms, "llava", "dhsa")
+def test_the_vlm_s_decode_step_alone_does_not_take_prompts(llava):
+    inputs = llava[0][1]
+    pruned = llava[1]
     with pytest.raises(TpcError, match="call generate\\(\\) of the VlmModule"):
         pruned.decoder.generate(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=2)
 
