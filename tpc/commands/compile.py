@@ -52,7 +52,7 @@ def run(args) -> int:
     print(f"wrote {out} in {took:.1f} s: {kind}, {dynamic}")
     if isinstance(pruned, VlmModule) and pruned.decoder is not None:
         print(f"wrote {step_path(out)}: torch.export program, the language model's sparse decode step, dynamic batch "
-              "and cache length")
+              f"and cache length{'' if args.no_check else ', checked against the torch step before it was renamed'}")
     if result:
         flips = f", {result.tie_flips} near-tie decision(s) resolved differently" if result.tie_flips else ""
         print(f"checked against the torch module {result.where()}: "
