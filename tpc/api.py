@@ -336,13 +336,14 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
         _refuse_encoder_settings(compile_kwargs["method"], **settings)
         options = parse_options(compile_kwargs.get("options"))
         decoders.check_settings(compile_kwargs["method"], compile_kwargs.get("layers"), compile_kwargs.get("keep"),
-                              options)
+                                options)
         module, _, name = _resolve(model, example_inputs, **load_kwargs)
         decoders.refuse_decode_step(module, name)
         models.refuse_pruned(module, name)
         layers = decoders.decoder_spec(module)[0]
-        return decoders.describe(module, decoders.make_plan(compile_kwargs["method"], layers, compile_kwargs.get("layers"),
-                                                        compile_kwargs.get("keep"), options))
+        plan = decoders.make_plan(compile_kwargs["method"], layers, compile_kwargs.get("layers"),
+                                  compile_kwargs.get("keep"), options)
+        return decoders.describe(module, plan)
     if _visual_only(compile_kwargs.get("method")):
         return compile(model, example_inputs, **compile_kwargs).report
     if not prunes(compile_kwargs.get("method") or DEFAULT_METHOD, compile_kwargs.get("layers")) \

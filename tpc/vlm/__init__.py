@@ -13,5 +13,5 @@ from tpc.vlm.flops import prefill_flops, prefill_gflops
 from tpc.vlm.module import VlmModule
 from tpc.vlm.report import describe
 
-__all__ = ["FAMILIES", "VlmModule", "capture_decode_step", "capture_prefill", "compile_vlm", "decode_settings", "describe",
-           "is_vlm", "prefill_flops", "prefill_gflops", "prune", "spec_of"]
+__all__ = ["FAMILIES", "VlmModule", "capture_decode_step", "capture_prefill", "compile_vlm", "decode_settings",
+           "describe", "is_vlm", "prefill_flops", "prefill_gflops", "prune", "spec_of"]

@@ -5,7 +5,8 @@ the prefill (``VlmModule.prefill`` on the same prompts: the captured graph, rewr
 and the KV cache it fills), then one greedy decode step of the stock decoder layers over the
 pruned cache against the same step over the unpruned one (with a sparse decode step,
 ``tpc.vlm.decode``: that step over the pruned cache against the stock dense one over the
-unpruned cache). The KV-cache bytes are those the prefill leaves; the FLOPs ratio is the report's, counted on the graphs (``tpc.vlm.flops``).
+unpruned cache). The KV-cache bytes are those the prefill leaves; the FLOPs ratio is the
+report's, counted on the graphs (``tpc.vlm.flops``).
 """
 
 from __future__ import annotations

@@ -210,7 +210,8 @@ class VlmModule(nn.Module):
 
 
 def step_path(path) -> Path:
-    """Where ``save`` writes the sparse decode step of a VLM written at ``path``: ``model.pt2`` -> ``model.decode.pt2``."""
+    """Where ``save`` writes the sparse decode step of a VLM written at ``path``: ``vlm.pt2`` (or ``vlm.onnx``) ->
+    ``vlm.decode.pt2``."""
     path = Path(path)
     return path.with_name(f"{path.stem}.decode.pt2")
 
