@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tpc import decode, models, vlm
+from tpc import decode as decoders, models, vlm
 from tpc.backends import check_backend
 from tpc.capture import is_token_input, set_eval
 from tpc.compiled import CompileReport
@@ -144,7 +144,7 @@ def parse_options(options) -> dict | None:
 def compile(model, example_inputs=None, *, method: str = DEFAULT_METHOD, layers=None, keep=None, r=None,
             prefix: int | None = None, after: str | None = None, seed: int | None = None, options: dict | str | None = None,
             restore: bool = False, backend: str = "torch", seq_len: int | None = None, recipe=None,
-            vision_layer: int | None = None, **load_kwargs) -> nn.Module:
+            vision_layer: int | None = None, decode: dict | str | None = None, **load_kwargs) -> nn.Module:
     """Prune ``model``'s tokens after ``layers`` with ``method``; returns an nn.Module.
 
     ``model`` is an ``nn.Module`` or a model id (see :func:`tpc.models.load`, which takes
@@ -175,19 +175,24 @@ def compile(model, example_inputs=None, *, method: str = DEFAULT_METHOD, layers=
     A KV-eviction method (``streaming``, ``h2o``, ``snapkv``, ``scissorhands``) returns a
     :class:`tpc.decode.CompressedDecoder` whose ``generate`` keeps ``keep`` cached positions per
     layer (a count, or a ratio of the prompt).
+    ``decode`` (VLMs): the decode steps' sparse attention beside the prefill's visual-token pruning, a decode-time
+    method's settings ``{"method": "tidal", "layers": [2, 15], "keep": 256, "options": {...}}`` (or its name alone:
+    its defaults); the returned :class:`tpc.vlm.VlmModule` prefills pruned and decodes sparse (docs/vlm.md).
     """
     _check_keywords("tpc.compile", load_kwargs, COMPILE_KEYWORDS)
     check_backend(backend, ("torch", "onnxruntime"), "tpc.compile")
-    if recipe is None and decode.decode_time(method):
+    if decode is not None:
+        decode = _decode_settings(method, recipe, decode)
+    if recipe is None and decoders.decode_time(method):
         _refuse_encoder_settings(method, r=r, prefix=prefix, seq_len=seq_len, restore=restore,
                                  vision_layer=vision_layer, backend=backend, after=after)
         options = parse_options(options)
-        decode.check_settings(method, layers, keep, options)  # malformed settings fail before the model loads
+        decoders.check_settings(method, layers, keep, options)  # malformed settings fail before the model loads
         module, _, name = _resolve(model, example_inputs, **load_kwargs)
-        decode.refuse_decode_step(module, name)
+        decoders.refuse_decode_step(module, name)
         models.refuse_pruned(module, name)
-        return decode.compile_decoder(module, method=method, layers=layers, keep=keep, options=options)
-    if recipe is None and decode.kv_eviction(method):
+        return decoders.compile_decoder(module, method=method, layers=layers, keep=keep, options=options)
+    if recipe is None and decoders.kv_eviction(method):
         not_kv = (r, prefix, seq_len, layers, restore or None, vision_layer, None if backend == "torch" else backend,
                   None if after in (None, "attention") else after)
         if any(v is not None for v in not_kv):
@@ -195,11 +200,11 @@ def compile(model, example_inputs=None, *, method: str = DEFAULT_METHOD, layers=
                            "restore, seq_len, after, vision_layer and backends other than torch are for the other "
                            "methods)")
         options = parse_options(options)
-        decode.eviction_rule(method, keep, options)  # malformed settings fail before the model loads
+        decoders.eviction_rule(method, keep, options)  # malformed settings fail before the model loads
         module, _, name = _resolve(model, example_inputs, **load_kwargs)
-        decode.refuse_decode_step(module, name)
+        decoders.refuse_decode_step(module, name)
         models.refuse_pruned(module, name)
-        return decode.compile_compressed(module, method=method, keep=keep, options=options)
+        return decoders.compile_compressed(module, method=method, keep=keep, options=options)
     if recipe is not None and (layers is not None or keep is not None or r is not None or options):
         raise TpcError("give either a recipe or method/layers/keep/r/options, not both")
     if recipe is not None and (seed is not None or after is not None):
@@ -219,14 +224,18 @@ def compile(model, example_inputs=None, *, method: str = DEFAULT_METHOD, layers=
             raise TpcError("a VLM takes method, layers, keep, seed and vision_layer only (r, prefix, restore, options, "
                            "seq_len, after and backends other than torch are for encoders)")
         return vlm.compile_vlm(module, inputs, method=method, layers=layers, keep=keep, seed=seed or 0,
-                               vision_layer=vision_layer)
+                               vision_layer=vision_layer, decode=decode)
 
     given_options = options
     resolved = None
-    if recipe is None and _maybe_vlm(model, method, layers):
+    if recipe is None and (decode is not None or _maybe_vlm(model, method, layers)):
         resolved = _resolve(model, example_inputs, **load_kwargs)
         if vlm.is_vlm(resolved[0]):
             return compile_vlm(*resolved[:2])
+        if decode is not None:
+            raise TpcError(f"decode (--decode) gives a vision-language model's decode steps sparse attention ("
+                           f"{', '.join(vlm.FAMILIES)}); {resolved[2]} is not one: for a decoder language model give "
+                           f"the decode-time method itself (--pass {decode['method']})")
     if vision_layer is not None and isinstance(model, nn.Module) and not vlm.is_vlm(model):
         refuse_vision_layer(type(model).__name__)
     if recipe is None and _visual_only(method):
@@ -258,7 +267,7 @@ def compile(model, example_inputs=None, *, method: str = DEFAULT_METHOD, layers=
     if tuned_on and tuned_on != name:
         logger.warning("the recipe was tuned on %s, not %s: the drop and FLOPs it records were measured on that "
                        "model (tune this one with `tpc tune` to know them here)", tuned_on, name)
-    decode.refuse_encoder_method(module, name, method if recipe is None else steps[0].method)
+    decoders.refuse_encoder_method(module, name, method if recipe is None else steps[0].method)
     models.refuse_pruned(module, name)
     inputs = _fix_length(inputs, seq_len)
     if seq_len is not None:
@@ -280,6 +289,17 @@ COMPILE_KEYWORDS = (*(name for name, p in inspect_module.signature(compile).para
 def refuse_vision_layer(name: str) -> None:
     raise TpcError(f"vision_layer chooses the vision layer whose [CLS] attention topk-cls (VTC-CLS) scores a "
                    f"vision-language model's visual tokens with; {name} is not one: drop vision_layer (--vision-layer)")
+
+
+def _decode_settings(method, recipe, decode) -> dict:
+    """A VLM's ``decode`` settings, checked before any model loads; refused beside a recipe or a decode-time method."""
+    if recipe is not None:
+        raise TpcError("decode (--decode) is for a vision-language model, and a recipe for encoders: drop one")
+    if decoders.decode_time(method) or decoders.kv_eviction(method):
+        raise TpcError(f"{method} prunes at decode time: with decode (--decode), method (--pass) is the visual-token "
+                       f"method of a VLM's prefill ({', '.join(methods_for(*VISUAL))}); for a decoder language model "
+                       f"give {method} alone")
+    return vlm.decode_settings(decode)
 
 
 def prunes(method: str, layers) -> bool:
@@ -306,21 +326,24 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
     Without ``layers`` it describes the unpruned model (for tome: merging at every layer).
     """
     _check_keywords("tpc.inspect", compile_kwargs, COMPILE_KEYWORDS)
-    decode.refuse_kv_artifact(compile_kwargs.get("method"), "inspect")
-    if decode.decode_time(compile_kwargs.get("method")):  # the plan says what each layer reads: no capture needed
+    if compile_kwargs.get("decode") is not None:  # a VLM's prefill pruning and decode plan: the compile's report
+        return compile(model, example_inputs, **compile_kwargs).report
+    decoders.refuse_kv_artifact(compile_kwargs.get("method"), "inspect")
+    if decoders.decode_time(compile_kwargs.get("method")):  # the plan says what each layer reads: no capture needed
         settings = {k: v for k, v in compile_kwargs.items() if k not in ("method", "layers", "keep")}
         load_kwargs = {k: settings.pop(k) for k in LOAD_KEYWORDS if k in settings}
         settings.pop("options", None)
         _refuse_encoder_settings(compile_kwargs["method"], **settings)
         options = parse_options(compile_kwargs.get("options"))
-        decode.check_settings(compile_kwargs["method"], compile_kwargs.get("layers"), compile_kwargs.get("keep"),
-                              options)
+        decoders.check_settings(compile_kwargs["method"], compile_kwargs.get("layers"), compile_kwargs.get("keep"),
+                                options)
         module, _, name = _resolve(model, example_inputs, **load_kwargs)
-        decode.refuse_decode_step(module, name)
+        decoders.refuse_decode_step(module, name)
         models.refuse_pruned(module, name)
-        layers = decode.decoder_spec(module)[0]
-        return decode.describe(module, decode.make_plan(compile_kwargs["method"], layers, compile_kwargs.get("layers"),
-                                                        compile_kwargs.get("keep"), options))
+        layers = decoders.decoder_spec(module)[0]
+        plan = decoders.make_plan(compile_kwargs["method"], layers, compile_kwargs.get("layers"),
+                                  compile_kwargs.get("keep"), options)
+        return decoders.describe(module, plan)
     if _visual_only(compile_kwargs.get("method")):
         return compile(model, example_inputs, **compile_kwargs).report
     if not prunes(compile_kwargs.get("method") or DEFAULT_METHOD, compile_kwargs.get("layers")) \
@@ -336,8 +359,8 @@ def inspect(model, example_inputs=None, **compile_kwargs) -> CompileReport:
             return vlm.describe(module, inputs)
         if compile_kwargs.get("vision_layer") is not None:
             refuse_vision_layer(name)
-        decode.refuse_decode_step(module, name)
-        decode.refuse_encoder_method(module, name, compile_kwargs.get("method"))
+        decoders.refuse_decode_step(module, name)
+        decoders.refuse_encoder_method(module, name, compile_kwargs.get("method"))
         notes = [f"{name} was already pruned by tpc: the table shows the pruned program's layers, not the original "
                  "model's (inspect the original model with --layers/--keep to see the pruning)"] \
             if models.is_pruned(module) else []
@@ -354,6 +377,6 @@ def export(module: nn.Module, path: str | os.PathLike, example_inputs=None, chec
     TensorRT ``.plan``, ``batch`` is the optimization profile "min,opt,max" and ``precision``
     one of fp32, fp16, bf16.
     """
-    if isinstance(module, (vlm.VlmModule, decode.DecodeModule)):
+    if isinstance(module, (vlm.VlmModule, decoders.DecodeModule)):
         return module.save(path, check=check)
     return write_artifact(module, Path(path), example_inputs, check=check, batch=batch, precision=precision)

@@ -9,18 +9,37 @@ from tpc.models import parse_model_args
 
 def options(args) -> dict | None:
     """--option KEY=VALUE (repeatable) and --fuse as the method's options."""
-    out = {}
-    for item in args.option:
-        if "=" not in item:
-            raise TpcError(f"--option takes KEY=VALUE, not {item!r}")
-        given = parse_model_args(item)
-        twice = sorted(set(given) & set(out))
-        if twice:
-            raise TpcError(f"--option {twice[0]} is given twice ({out[twice[0]]!r}, then {given[twice[0]]!r}): give it once")
-        out.update(given)
+    out = _key_values(args.option, "--option")
     if args.fuse:
         out["fuse"] = True
     return out or None
+
+
+def _key_values(items: list[str], flag: str) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise TpcError(f"{flag} takes KEY=VALUE, not {item!r}")
+        given = parse_model_args(item)
+        twice = sorted(set(given) & set(out))
+        if twice:
+            raise TpcError(f"{flag} {twice[0]} is given twice ({out[twice[0]]!r}, then {given[twice[0]]!r}): give it once")
+        out.update(given)
+    return out
+
+
+def decode_settings(args) -> dict | None:
+    """--decode METHOD with --decode-layers, --decode-keep and --decode-option as ``tpc.compile``'s ``decode``."""
+    method = getattr(args, "decode", None)
+    extra = [flag for flag, given in (("--decode-layers", getattr(args, "decode_layers", None)),
+                                      ("--decode-keep", getattr(args, "decode_keep", None)),
+                                      ("--decode-option", getattr(args, "decode_option", None))) if given]
+    if method is None:
+        if extra:
+            raise TpcError(f"{extra[0]} sets the decode-time sparse attention of --decode METHOD: give --decode too")
+        return None
+    return {"method": method, "layers": args.decode_layers, "keep": args.decode_keep,
+            "options": _key_values(args.decode_option, "--decode-option") or None}
 
 
 def load_kwargs(args) -> dict:
@@ -30,8 +49,10 @@ def load_kwargs(args) -> dict:
 
 def prune_kwargs(args) -> dict:
     """The compile settings besides method, layers and keep."""
+    decode = decode_settings(args)
     return dict(r=args.r, prefix=args.prefix, after=args.after, seed=args.seed, options=options(args),
-                restore=args.restore, seq_len=args.seq_len, vision_layer=args.vision_layer)
+                restore=args.restore, seq_len=args.seq_len, vision_layer=args.vision_layer,
+                **({"decode": decode} if decode is not None else {}))
 
 
 def compile_kwargs(args) -> dict:
@@ -39,7 +60,9 @@ def compile_kwargs(args) -> dict:
     if getattr(args, "recipe", None):
         if args.schedule_given:
             raise TpcError(f"--recipe replaces {', '.join(args.schedule_given)}: give the recipe or the flags, not both")
-        return dict(recipe=args.recipe, prefix=args.prefix, restore=args.restore, seq_len=args.seq_len, **load_kwargs(args))
+        decode = decode_settings(args)
+        return dict(recipe=args.recipe, prefix=args.prefix, restore=args.restore, seq_len=args.seq_len,
+                    **({"decode": decode} if decode is not None else {}), **load_kwargs(args))
     return {"method": args.method, "layers": args.layers, "keep": args.keep, **prune_kwargs(args), **load_kwargs(args)}
 
 

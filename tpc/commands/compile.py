@@ -16,6 +16,7 @@ from tpc.errors import TpcError
 from tpc.exports import check_target
 from tpc.exports.atomic import refuse_overwriting
 from tpc.vlm import VlmModule
+from tpc.vlm.module import step_path
 from tpc.vlm.family import names_a_vlm
 
 
@@ -28,8 +29,9 @@ def run(args) -> int:
     if decode.decode_time(args.method):
         check_step_suffix(out, args.method)
     check_target(out, args.batch, args.precision)
-    refuse_overwriting([("-o", out)], [("the model you compile", args.model), ("the --weights file", args.weights),
-                                       ("the --recipe file", args.recipe)])
+    outputs = [("-o", out)] + ([("the decode step written beside -o", step_path(out))] if args.decode else [])
+    refuse_overwriting(outputs, [("the model you compile", args.model), ("the --weights file", args.weights),
+                                 ("the --recipe file", args.recipe)])
     start = time.perf_counter()
     pruned = tpc.compile(args.model, **compile_kwargs(args))
     report = pruned.report
@@ -48,6 +50,9 @@ def run(args) -> int:
     if lengths is not None:
         dynamic += f" and length ({length_span(lengths)} tokens)"
     print(f"wrote {out} in {took:.1f} s: {kind}, {dynamic}")
+    if isinstance(pruned, VlmModule) and pruned.decoder is not None:
+        print(f"wrote {step_path(out)}: torch.export program, the language model's sparse decode step, dynamic batch "
+              f"and cache length{'' if args.no_check else ', checked against the torch step before it was renamed'}")
     if result:
         flips = f", {result.tie_flips} near-tie decision(s) resolved differently" if result.tie_flips else ""
         print(f"checked against the torch module {result.where()}: "

@@ -36,9 +36,22 @@ def decoder_spec(model: nn.Module) -> tuple[int, int, int]:
     if config is None or not name.endswith("ForCausalLM") or not getattr(config, "num_hidden_layers", None):
         raise TpcError(f"{name} has no KV cache to decode from: decode-time sparse attention and a compressed KV cache "
                        "take a decoder language model such as LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM")
+    return _spec(config)
+
+
+def _spec(config) -> tuple[int, int, int]:
     heads = config.num_attention_heads
     width = getattr(config, "head_dim", None) or config.hidden_size // heads
     return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, width
+
+
+def step_spec(model: nn.Module) -> tuple[int, int, int]:
+    """(layers, KV heads, head width) of the language model whose decode step tpc captures: a decoder LM's
+    own, or a VLM's (its ``text_config``: the decoder whose step ``tpc.vlm.decode`` captures)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None:
+        return _spec(config.text_config)
+    return decoder_spec(model)
 
 
 def is_decoder_lm(model: nn.Module) -> bool:
@@ -102,7 +115,7 @@ class DecodeStep(nn.Module):
 
 def example_step(model: nn.Module, batch: int = 2, length: int = 8) -> tuple:
     """Inputs of one decode step at ``batch`` × ``length`` cached positions (random cache)."""
-    layers, heads, width = decoder_spec(model)
+    layers, heads, width = step_spec(model)
     dtype = next(model.parameters()).dtype
     gen = torch.Generator().manual_seed(0)
     past = [torch.randn(batch, heads, length, width, generator=gen).to(dtype) for _ in range(2 * layers)]
@@ -110,12 +123,13 @@ def example_step(model: nn.Module, batch: int = 2, length: int = 8) -> tuple:
     return ids, torch.full((batch, 1), length), torch.ones(batch, length + 1, dtype=torch.long), past
 
 
-def capture_step(model: nn.Module, chunk: bool = False) -> torch.export.ExportedProgram:
+def capture_step(model: nn.Module, chunk: bool = False, step: nn.Module | None = None) -> torch.export.ExportedProgram:
     """The decode step as an aten program, symbolic in batch and cache length. ``chunk``: the step
     takes T new tokens (T symbolic, 1 or more; input_ids and position_ids [B, T], attention_mask
     [B, L + T]), so one program serves the prefill (over a one-position masked cache) and every
-    decode step of a compressed cache."""
-    layers = decoder_spec(model)[0]
+    decode step of a compressed cache. ``step``: the module captured, taking the decode step's inputs
+    (default ``DecodeStep(model)``; a VLM's language model and head: ``tpc.vlm.decode.TextStep``)."""
+    layers = (decoder_spec(model) if step is None else step_spec(model))[0]
     args = example_step(model)
     batch, cache = Dim("batch", min=1, max=MAX_BATCH), Dim("cache", min=1, max=MAX_CACHE)
     dynamic = ({0: batch}, {0: batch}, {0: batch, 1: cache + 1}, [{0: batch, 2: cache}] * (2 * layers))
@@ -127,7 +141,7 @@ def capture_step(model: nn.Module, chunk: bool = False) -> torch.export.Exported
     with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return torch.export.export(DecodeStep(model), args, dynamic_shapes=dynamic)
+            return torch.export.export(step if step is not None else DecodeStep(model), args, dynamic_shapes=dynamic)
         except Exception as err:  # torch.export raises many types; the user needs one line, tpc's bugs a report
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise refusal_or_bug(err, f"torch.export could not capture the decode step of {type(model).__name__}: "

@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from tpc.decode.capture import MAX_BATCH, MAX_CACHE, decoder_spec, example_step
+from tpc.decode.capture import MAX_BATCH, MAX_CACHE, example_step, step_spec
 from tpc.decode.onnx_ops import ALL_TRANSLATIONS
 from tpc.decode.side import side_dims, side_inputs, unit
 from tpc.errors import REPORT, TpcError, TpcInternalError
@@ -76,7 +76,7 @@ def step_program(module) -> torch.export.ExportedProgram:
     example = _example(module)
     batch, cache = torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("cache", min=1, max=MAX_CACHE)
     dynamic = ({0: batch}, {0: batch}, {0: batch, 1: cache + 1},
-               [{0: batch, 2: cache}] * (2 * decoder_spec(module._model[0])[0]))
+               [{0: batch, 2: cache}] * (2 * step_spec(module._model[0])[0]))
     if module.takes_bounds:  # quest's page bounds, dhsa's chunk summaries
         dynamic = (*dynamic, side_dims(module.plan, batch))
     with torch.no_grad(), warnings.catch_warnings():

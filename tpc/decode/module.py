@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from tpc.decode.capture import decoder_spec
+from tpc.decode.capture import step_spec
 from tpc.decode.correction import corrected_step
 from tpc.decode.export import save_step
 from tpc.decode.side import side_inputs, side_state, takes_side
@@ -94,7 +94,7 @@ class DecodeReport:
 
 
 def describe(model: nn.Module, plan: Plan | None) -> DecodeReport:
-    layers, heads, width = decoder_spec(model)
+    layers, heads, width = step_spec(model)
     itemsize = next(model.parameters()).element_size()
     if plan is None:
         return DecodeReport(type(model).__name__, None, layers, kv_heads=heads, head_dim=width, itemsize=itemsize)
@@ -130,6 +130,13 @@ class DecodeModule(nn.Module):
                 bounds = side_inputs(self.plan, past, attention_mask)
             return self.gm(input_ids, position_ids, attention_mask, list(past), list(bounds))
 
+    def _refuse_vlm(self) -> None:
+        """The decode step of a VLM's language model runs inside that VLM's ``generate`` (its prefill is the VLM's)."""
+        model = self._model[0]
+        if getattr(model.config, "vision_config", None) is not None:
+            raise TpcError(f"this is the decode step of {type(model).__name__}'s language model: its prompts go through "
+                           "the VLM's pruned prefill; call generate() of the VlmModule it belongs to")
+
     def unpruned(self) -> DecodeModule:
         """The same captured decode step, every layer dense (what ``tpc bench`` compares with)."""
         model = self._model[0]
@@ -146,6 +153,7 @@ class DecodeModule(nn.Module):
 
     def prefill(self, input_ids, attention_mask=None):
         """Run the prompt through the stock model: (last logits [B, vocab], its cache, positions)."""
+        self._refuse_vlm()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
@@ -157,6 +165,7 @@ class DecodeModule(nn.Module):
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int | None = None,
                  do_sample: bool | None = None, **generation_kwargs) -> torch.Tensor:
         """Prompt and new tokens, [B, S + new], as ``model.generate(**tokenizer_outputs)`` returns them."""
+        self._refuse_vlm()
         config, attention_mask, new = checked_generation(self._model[0], self.generation_config, input_ids,
                                                          attention_mask, max_new_tokens, do_sample, generation_kwargs)
         logits, cache, positions = self.prefill(input_ids, attention_mask)

@@ -3,8 +3,10 @@
 Both run in torch, side by side in one process (interleaved repeats, ``tpc.timing.time_pair``):
 the prefill (``VlmModule.prefill`` on the same prompts: the captured graph, rewritten or not,
 and the KV cache it fills), then one greedy decode step of the stock decoder layers over the
-pruned cache against the same step over the unpruned one. The KV-cache bytes are those the
-prefill leaves; the FLOPs ratio is the report's, counted on the graphs (``tpc.vlm.flops``).
+pruned cache against the same step over the unpruned one (with a sparse decode step,
+``tpc.vlm.decode``: that step over the pruned cache against the stock dense one over the
+unpruned cache). The KV-cache bytes are those the prefill leaves; the FLOPs ratio is the
+report's, counted on the graphs (``tpc.vlm.flops``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,23 @@ def decode_step(model: torch.nn.Module, state: Prefill) -> Callable[[], None]:
             _decode_step(lm, head, token, position, valid, cache)
         for layer, n in zip(cache.layers, lengths):  # views of the prefill's cache: no copy
             layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
+    return run
+
+
+def sparse_decode_step(decoder, state: Prefill) -> Callable[[], None]:
+    """One greedy decode step through ``decoder`` (a VLM's rewritten decode step, ``tpc.vlm.decode``) over
+    ``state``'s cache (every layer the same length); the step returns the new keys and values and leaves the
+    cache as it was, so every call runs the same step."""
+    from tpc.decode.side import side_inputs
+
+    token = state.logits[:, -1].argmax(-1)[:, None]
+    position = last_position(state.positions) + 1
+    mask = torch.cat([state.valid[0], torch.ones_like(state.valid[0][:, :1])], 1).long()
+    past = [t for layer in state.cache.layers for t in (layer.keys, layer.values)]
+    side = side_inputs(decoder.plan, past, mask) if decoder.takes_bounds else None
+
+    def run() -> None:
+        decoder.step(token, position, mask, past, side)
     return run
 
 
@@ -113,11 +132,14 @@ def bench_vlm(pruned: VlmModule, inputs: dict, name: str, batches: list[int], th
         x = repeat_examples(inputs, batch)
         prefill = time_pair(lambda: base.prefill(**x), lambda: pruned.prefill(**x), batch, warmup, iters, repeats)
         base_state, pruned_state = base.prefill(**x), pruned.prefill(**x)
-        decode = time_pair(decode_step(model, base_state), decode_step(model, pruned_state), batch, warmup, iters,
-                           repeats)
+        sparse = decode_step(model, pruned_state) if pruned.decoder is None else \
+            sparse_decode_step(pruned.decoder, pruned_state)
+        decode = time_pair(decode_step(model, base_state), sparse, batch, warmup, iters, repeats)
         rows.append(VlmBenchRow(batch, prefill, decode, (kv_bytes(base_state), kv_bytes(pruned_state)),
                                 report.flops_ratio))
     g = 1e9
     config = (f"{recipe(report)}; prefill FLOPs {report.flops_before / g:.4g} G -> {report.flops_after / g:.4g} G "
-              f"({report.flops_ratio:.3f}x) for the {report.prompt_tokens}-token example prompt")
+              f"({report.flops_ratio:.3f}x) for the {report.prompt_tokens}-token example prompt"
+              + ("" if report.decode is None else f"; decode step: {report.decode.summary(report.layer_tokens[-1])} "
+                 "(timed against the stock dense step over the unpruned cache)"))
     return VlmBenchResult(name, "torch", threads, config, rows, machine_name())

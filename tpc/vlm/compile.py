@@ -23,6 +23,7 @@ from tpc.passes.cleanup import remove_dead_code
 from tpc.registry import VISUAL, get_method, methods_for
 from tpc.recipe import Step, visual_steps
 from tpc.schedule import check_seed, kept_count
+from tpc.vlm.decode import decode_plan, decode_settings, rewrite
 from tpc.vlm.family import family_of
 from tpc.vlm.module import VlmModule
 
@@ -87,25 +88,45 @@ def stages_of(spec, visual: int, method: str, layers, keep) -> list[Step]:
 
 
 def compile_vlm(model: nn.Module, inputs, *, method: str = "fastv", layers=None, keep=0.5, seed: int = 0,
-                vision_layer: int | None = None) -> VlmModule:
+                vision_layer: int | None = None, decode=None) -> VlmModule:
     """Prune ``model``'s visual tokens with ``method``; see the module docstring for stages.
 
     ``vision_layer``: topk-cls (VTC-CLS) only, the vision layer whose [CLS] attention scores
     the visual tokens (default: the layer LLaVA takes its image features from).
+    ``decode``: decode-time sparse attention for the decode steps, ``{"method": "tidal", "layers": [2, 15],
+    "keep": 256, "options": {}}`` (``tpc.vlm.decode``); None: the stock decoder layers, dense.
     """
     family = family_of(model)
     example, visual = family.graph_args(processor_inputs(inputs))  # Qwen2-VL's encoder runs here, once
     plan, seed = _plan(family, visual, method, layers, keep, vision_layer), check_seed(seed)  # refuse before capturing
-    return pipeline.prune_prefill(family, _export(family, example, visual), inputs, example, *plan, seed)
+    step_plan = _decode_plan(model, plan[0], decode)
+    pruned = pipeline.prune_prefill(family, _export(family, example, visual), inputs, example, *plan, seed)
+    return _with_decoder(pruned, model, step_plan, None)
 
 
 def prune(model: nn.Module, program: torch.export.ExportedProgram, inputs, *, method: str, layers=None, keep=0.5,
-          seed: int = 0, vision_layer: int | None = None) -> VlmModule:
-    """Rewrite a fresh copy of a captured prefill (``capture_prefill``); the program is not changed."""
+          seed: int = 0, vision_layer: int | None = None, decode=None,
+          decode_program: torch.export.ExportedProgram | None = None) -> VlmModule:
+    """Rewrite a fresh copy of a captured prefill (``capture_prefill``); the program is not changed.
+    ``decode_program``: the language model's decode step captured before (``tpc.vlm.decode.capture_decode_step``)."""
     family = family_of(model)
     example, visual = family.graph_args(processor_inputs(inputs))
-    return pipeline.prune_prefill(family, program, inputs, example,
-                                  *_plan(family, visual, method, layers, keep, vision_layer), check_seed(seed))
+    plan = _plan(family, visual, method, layers, keep, vision_layer)
+    step_plan = _decode_plan(model, plan[0], decode)
+    pruned = pipeline.prune_prefill(family, program, inputs, example, *plan, check_seed(seed))
+    return _with_decoder(pruned, model, step_plan, decode_program)
+
+
+def _decode_plan(model, stages, decode):
+    if decode is None:
+        return None
+    return decode_plan(model, stages, decode_settings(decode))
+
+
+def _with_decoder(pruned: VlmModule, model, plan, program) -> VlmModule:
+    if plan is not None:
+        pruned.attach_decoder(rewrite(model, plan, program))
+    return pruned
 
 
 def _plan(family, visual: int, method: str, layers, keep, vision_layer) -> tuple[list[Step], tuple | None]:

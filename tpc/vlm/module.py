@@ -11,13 +11,15 @@ holds, so every rotary distance is the unpruned model's.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
 
 from tpc.errors import TpcError
-from tpc.generation import decode_tokens, generation_config, refuse_right_padding
+from tpc.exports.atomic import check_output_path
+from tpc.generation import decode_tokens, generation_config, new_tokens, refuse_right_padding
 from tpc.recipe import Step
 from tpc.vlm.export import save_prefill
 from tpc.vlm.family import Family, language_model
@@ -51,6 +53,12 @@ class VlmModule(nn.Module):
         self._model = [model]  # not a submodule: its parameters are shared, never registered twice
         self._program = program
         self.generation_config = model.generation_config
+        self.decoder = None  # a DecodeModule: the language model's decode step, rewritten (tpc/vlm/decode.py)
+
+    def attach_decoder(self, decoder) -> None:
+        """Decode through ``decoder`` (a ``DecodeModule`` of this VLM's language model) instead of the stock layers."""
+        self.decoder = decoder
+        self.report.decode = decoder.report
 
     def prefill(self, input_ids, pixel_values=None, attention_mask=None, **image_inputs) -> Prefill:
         """Run the pruned prefill on processor outputs (``image_inputs``: the family's others,
@@ -108,7 +116,7 @@ class VlmModule(nn.Module):
         if self._program is None:
             raise TpcError("this VlmModule keeps no captured program to take the unpruned prefill from")
         flops = self.report.flops_before
-        report = replace(self.report, method=None, layers=[], keep=[], stages=[], flops_after=flops,
+        report = replace(self.report, method=None, layers=[], keep=[], stages=[], flops_after=flops, decode=None,
                          flops_scoring=0, vision_layer=None,
                          layer_tokens=[self.report.prompt_tokens] * len(self.report.layer_tokens))
         gm = self._program.module()
@@ -117,8 +125,20 @@ class VlmModule(nn.Module):
     def save(self, path, check: bool = True):
         """Write the pruned prefill as a ``.pt2`` program or an ``.onnx`` model (by ``path``'s suffix;
         symbolic batch and prompt length), checked against this module on the example inputs (the
-        batch and its first example) before it is renamed into place. Returns the check's result."""
-        return save_prefill(self, path, check)
+        batch and its first example) before it is renamed into place. Returns the check's result.
+        With a sparse decode step, that step is written too, as ``<path stem>.decode.pt2`` beside it (checked
+        likewise; a failure removes the prefill written before it)."""
+        if self.decoder is None:
+            return save_prefill(self, path, check)
+        step = step_path(path)
+        check_output_path(step)
+        result = save_prefill(self, path, check)
+        try:
+            self.decoder.save(step, check)
+        except BaseException:
+            Path(path).unlink(missing_ok=True)
+            raise
+        return result
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, **image_inputs) -> torch.Tensor:
         """Logits of the tokens the last decoder layer kept, [B, S', vocab]."""
@@ -138,6 +158,8 @@ class VlmModule(nn.Module):
             return self._text_only(input_ids, attention_mask, config)
         refuse_right_padding(attention_mask)
         state = self.prefill(input_ids, pixel_values, attention_mask, **image_inputs)
+        if self.decoder is not None:
+            return self._generate_sparse(input_ids, state, config)
         lm, head = language_model(self._model[0])
         position = last_position(state.positions)
         valid = state.valid
@@ -150,6 +172,33 @@ class VlmModule(nn.Module):
 
         return decode_tokens(input_ids, state.logits[:, -1].float(), config, step)
 
+    def _generate_sparse(self, input_ids, state: Prefill, config) -> torch.Tensor:
+        """Decode through the rewritten step of the language model (``self.decoder``) over a ``KVBuffer`` holding
+        the pruned prefill's cache; every layer's cache has the same length (``tpc.vlm.decode.decode_plan``), so
+        one mask [B, L + 1] covers them all."""
+        from tpc.decode.module import KVBuffer  # tpc.decode imports tpc.vlm: imported when a VLM decodes
+        from tpc.decode.side import side_state
+
+        decoder = self.decoder
+        capacity = state.valid[0].shape[1] + max(new_tokens(config, input_ids.shape[1]), 1)
+        kv = KVBuffer(state.cache, capacity)
+        position, mask = last_position(state.positions), state.valid[0].long()
+        side = None
+
+        def step(token):
+            nonlocal position, mask, side
+            position = position + 1
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            if decoder.takes_bounds and side is None:  # quest's page bounds, dhsa's chunk summaries
+                side = side_state(decoder.plan, kv.views(), mask, capacity)
+            out = decoder.step(token, position, mask, kv.views(), side.views() if side is not None else None)
+            kv.append(out[1:])
+            if side is not None:
+                side.append(out[1:])
+            return out[0].float()
+
+        return decode_tokens(input_ids, state.logits[:, -1].float(), config, step)
+
     def _text_only(self, input_ids, attention_mask, config) -> torch.Tensor:
         images = int((input_ids == self.spec.image_token_id).sum())
         if images:
@@ -158,6 +207,13 @@ class VlmModule(nn.Module):
         model = self._model[0]
         with torch.no_grad():
             return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+
+
+def step_path(path) -> Path:
+    """Where ``save`` writes the sparse decode step of a VLM written at ``path``: ``vlm.pt2`` (or ``vlm.onnx``) ->
+    ``vlm.decode.pt2``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.decode.pt2")
 
 
 def _as_captured(gm: fx.GraphModule, args: tuple) -> tuple:
