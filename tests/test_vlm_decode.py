@@ -242,3 +242,40 @@ def test_tpc_compile_and_cli_write_prefill_and_sparse_step(tmp_path, capsys):
                  str(tmp_path / "no.pt2")]) == 1
     assert "leaves the layers different lengths" in capsys.readouterr().err
     assert not (tmp_path / "no.pt2").exists() and not (tmp_path / "no.decode.pt2").exists()
+
+
+def test_a_step_path_that_cannot_be_written_is_refused_before_the_prefill_replaces_a_file(llava, tmp_path, cli):
+    """vlm.decode.pt2 a symlink into a missing directory: once the prefill was written over the user's vlm.pt2,
+    then the step failed, and the failure removed vlm.pt2 (the user's file lost)."""
+    pruned, out = llava[2], tmp_path / "vlm.pt2"
+    out.write_text("the user's file")
+    (tmp_path / "vlm.decode.pt2").symlink_to(tmp_path / "gone" / "step.pt2")
+    with pytest.raises(TpcError, match="output directory .*gone' of -o does not exist") as err:
+        pruned.save(out)
+    assert "\n" not in str(err.value)
+    assert out.read_text() == "the user's file"
+    result = cli("compile", tmp_path / "missing", "--pass", "divprune", "--decode", "tidal", "-o", out)
+    assert result.returncode == 1 and "gone' of -o does not exist" in result.stderr  # before loading the model
+    assert out.read_text() == "the user's file"
+
+
+@pytest.mark.slow
+def test_a_step_write_interrupted_after_the_prefill_leaves_the_file_that_was_there(llava, tmp_path, monkeypatch):
+    """Ctrl-C (or any failure) while the step is written, after the prefill was renamed over vlm.pt2: vlm.pt2 is
+    the user's file again, and no temporary file is left."""
+    pruned, out = llava[2], tmp_path / "vlm.pt2"
+    out.write_text("the user's file")
+
+    def interrupted(path, check=True):
+        assert out.read_bytes()[:2] == b"PK"  # the new prefill (a zip archive) is in place
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pruned.decoder, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pruned.save(out, check=False)
+    assert out.read_text() == "the user's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vlm.pt2"]
+    out.unlink()
+    with pytest.raises(KeyboardInterrupt):
+        pruned.save(out, check=False)
+    assert list(tmp_path.iterdir()) == []

@@ -14,7 +14,7 @@ from tpc.decode import DecodeModule
 from tpc.decode.export import check_step_suffix
 from tpc.errors import TpcError
 from tpc.exports import check_target
-from tpc.exports.atomic import refuse_overwriting
+from tpc.exports.atomic import check_output_path, refuse_overwriting
 from tpc.vlm import VlmModule
 from tpc.vlm.module import step_path
 from tpc.vlm.family import names_a_vlm
@@ -30,6 +30,8 @@ def run(args) -> int:
         check_step_suffix(out, args.method)
     check_target(out, args.batch, args.precision)
     outputs = [("-o", out)] + ([("the decode step written beside -o", step_path(out))] if args.decode else [])
+    if args.decode:
+        check_output_path(step_path(out))
     refuse_overwriting(outputs, [("the model you compile", args.model), ("the --weights file", args.weights),
                                  ("the --recipe file", args.recipe)])
     start = time.perf_counter()

@@ -22,8 +22,10 @@ _umask_lock = threading.Lock()
 
 
 def check_output_path(path: str | os.PathLike, flag: str = "-o") -> Path:
-    """Fail early, before any work, when the artifact could not be written."""
-    path = Path(path)
+    """Fail early, before any work, when the artifact could not be written (at a symlink's target: the
+    bytes go there). Returns ``path``."""
+    given = Path(path)
+    path = write_target(given)
     if path.is_dir():
         raise TpcError(f"{flag} {str(path)!r} is a directory: give a file name inside it")
     parent = path.parent if str(path.parent) else Path(".")
@@ -34,7 +36,7 @@ def check_output_path(path: str | os.PathLike, flag: str = "-o") -> Path:
     if os.statvfs(parent).f_blocks == 0:  # /proc, /sys: a kernel's view, no room for files
         raise TpcError(f"output directory {str(parent)!r} of {flag} is on a virtual filesystem "
                        f"({str(_mount_point(parent))!r}) that holds no files: choose another {flag} path")
-    return path
+    return given
 
 
 def refuse_overwriting(outputs, inputs) -> None:
@@ -119,6 +121,36 @@ def atomic_output(path: str | os.PathLike, size: int | None = None):
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise disk_full(target, size) from None
         raise
+
+
+@contextlib.contextmanager
+def kept_on_failure(path: str | os.PathLike):
+    """The file at ``path`` (a symlink's target) as it was, should the block fail or be interrupted: for a
+    command writing several artifacts, each atomically, whose later failure must undo an earlier one. The
+    old file is held under a second name beside it (a hard link, a copy where the filesystem has none)
+    until the block ends; a file the block created where there was none is removed."""
+    target = write_target(Path(path))
+    held = None
+    if target.is_file():
+        parent = target.parent if str(target.parent) else Path(".")
+        fd, name = tempfile.mkstemp(prefix=f".{target.stem}.old-", suffix=target.suffix, dir=parent)
+        os.close(fd)
+        held = Path(name)
+        try:
+            held.unlink()
+            os.link(target, held)
+        except OSError:
+            shutil.copy2(target, held)
+    try:
+        yield
+    except BaseException:
+        if held is not None:
+            os.replace(held, target)
+        else:
+            target.unlink(missing_ok=True)
+        raise
+    if held is not None:
+        held.unlink(missing_ok=True)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

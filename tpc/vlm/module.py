@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from tpc.errors import TpcError
-from tpc.exports.atomic import check_output_path
+from tpc.exports.atomic import check_output_path, kept_on_failure
 from tpc.generation import decode_tokens, generation_config, new_tokens, refuse_right_padding
 from tpc.recipe import Step
 from tpc.vlm.export import save_prefill
@@ -127,17 +127,14 @@ class VlmModule(nn.Module):
         symbolic batch and prompt length), checked against this module on the example inputs (the
         batch and its first example) before it is renamed into place. Returns the check's result.
         With a sparse decode step, that step is written too, as ``<path stem>.decode.pt2`` beside it (checked
-        likewise; a failure removes the prefill written before it)."""
+        likewise; a failure leaves at ``path`` what was there before)."""
         if self.decoder is None:
             return save_prefill(self, path, check)
         step = step_path(path)
         check_output_path(step)
-        result = save_prefill(self, path, check)
-        try:
+        with kept_on_failure(path):  # the step failing leaves the file that was at path, not the new prefill
+            result = save_prefill(self, path, check)
             self.decoder.save(step, check)
-        except BaseException:
-            Path(path).unlink(missing_ok=True)
-            raise
         return result
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, **image_inputs) -> torch.Tensor:
