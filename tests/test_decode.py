@@ -76,6 +76,26 @@ def test_a_batch_generates_what_each_example_generates_alone(captured):
         assert torch.equal(together[b, -6:], alone[0, -6:])
 
 
+@pytest.mark.slow
+def test_the_number_of_new_tokens_is_model_generate_s(captured):
+    """Neither max_new_tokens nor max_length (the tiny model's generation_config sets neither): 20 new tokens, as
+    model.generate() draws (once a TypeError); a max_length the prompt already fills is refused, as
+    model.generate() refuses it (once the prompt came back silently)."""
+    model, program = captured("llama")
+    sparse = compile_decoder(model, layers=[1], keep=64, program=program)
+    ids, mask = prompts()
+    assert model.generation_config.max_length is None and model.generation_config.max_new_tokens is None
+    with torch.no_grad():
+        assert torch.equal(sparse.generate(ids, mask), model.generate(input_ids=ids, attention_mask=mask))
+        assert torch.equal(sparse.generate(ids, mask, max_length=13),
+                           model.generate(input_ids=ids, attention_mask=mask, max_length=13))
+    for length in (3, 10):
+        with pytest.raises(TpcError, match=f"max_length {length} leaves no room for a new token after the 10-token "
+                                           "prompts: set max_new_tokens") as err:
+            sparse.generate(ids, mask, max_length=length)
+        assert "\n" not in str(err.value)
+
+
 class _Recorder(fx.Interpreter):
     """Runs the graph and keeps what the selection ops chose and what each attention read."""
 

@@ -73,9 +73,22 @@ def refuse_right_padding(attention_mask) -> None:
                        "last token; pad on the left (the processor's padding_side='left'), as for model.generate()")
 
 
+# generate()'s new tokens when neither max_new_tokens nor max_length is set (transformers' model-agnostic default)
+DEFAULT_NEW_TOKENS = 20
+
+
 def new_tokens(config: GenerationConfig, prompt_length: int) -> int:
-    """How many tokens ``generate`` draws at most: ``max_new_tokens``, else up to ``max_length``."""
-    return config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_length
+    """How many tokens ``generate`` draws at most: ``max_new_tokens``, else up to ``max_length``, else 20, as
+    ``model.generate()``; one line for a ``max_length`` that leaves no room after the prompt (``generate()``
+    refuses it too)."""
+    if config.max_new_tokens is not None:
+        return config.max_new_tokens
+    if config.max_length is None:
+        return DEFAULT_NEW_TOKENS
+    if config.max_length <= prompt_length:
+        raise TpcError(f"generate(): max_length {config.max_length} leaves no room for a new token after the "
+                       f"{prompt_length}-token prompts: set max_new_tokens (or a max_length over {prompt_length})")
+    return config.max_length - prompt_length
 
 
 def decode_tokens(input_ids: torch.Tensor, logits: torch.Tensor, config: GenerationConfig,
