@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from torch import fx
 
 from decode_reference import tidal_step
+from test_decode import _Recorder
 from test_vlm_llava import prompt, tiny_llava
 from tpc.errors import TpcError
 from tpc.vlm import VlmModule, capture_decode_step, capture_prefill, compile_vlm, prune
@@ -127,22 +127,6 @@ def test_a_left_padded_batch_generates_what_each_example_generates_alone(llava):
         alone = pruned.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                 pixel_values=inputs["pixel_values"][b:b + 1], max_new_tokens=NEW)
         assert torch.equal(together[b, -NEW:], alone[0, -NEW:])
-
-
-class _Recorder(fx.Interpreter):
-    """Runs the step and keeps what the selection ops chose and how many keys each attention read."""
-
-    def __init__(self, gm):
-        super().__init__(gm)
-        self.chosen, self.keys_read = [], []
-
-    def run_node(self, node):
-        out = super().run_node(node)
-        if node.target is torch.ops.tpc.top_positions.default:
-            self.chosen.append(out)
-        if node.target is torch.ops.aten.scaled_dot_product_attention.default:
-            self.keys_read.append(self.env[node.args[1]].shape[2])
-        return out
 
 
 def test_the_sparse_layers_read_only_the_budget_of_the_pruned_cache(llava):
