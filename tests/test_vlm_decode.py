@@ -108,9 +108,9 @@ def test_a_tidal_budget_over_the_cache_generates_the_dense_decode_tokens(llava):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llava", "smolvlm", "qwen2vl"])
-@pytest.mark.parametrize("method, layers, options", [("tidal", [0], None), ("quest", None, {"page": 4}),
-                                                     ("dhsa", None, None)])
+@pytest.mark.parametrize("family, method, layers, options", [  # tidal on LLaVA: the fast test above
+    ("smolvlm", "tidal", [0], None), ("qwen2vl", "tidal", [0], None), ("llava", "quest", None, {"page": 4}),
+    ("qwen2vl", "dhsa", None, None)])
 def test_every_method_and_family_over_the_cache_generates_the_dense_decode_tokens(vlms, family, method, layers,
                                                                                   options):
     _, inputs, *_, greedy, sampled = vlms(family)
@@ -201,15 +201,11 @@ def test_cli_decode_flags_need_decode_before_loading(cli, tmp_path):
 
 @pytest.mark.slow
 def test_tpc_compile_and_cli_write_prefill_and_sparse_step(tmp_path, capsys):
-    """tpc.compile(vlm, inputs, decode=...) and `tpc compile/inspect` on a LLaVA directory with --decode."""
-    import tpc
+    """`tpc compile/inspect` on a LLaVA directory with --decode (the API's decode= runs in the tests above)."""
     from tpc.cli import main
     from tpc.pt2 import load_program
 
-    model, inputs = make("llava")
-    pruned = tpc.compile(model, inputs, method="divprune", keep=0.5, decode={"method": "quest", "keep": 8,
-                                                                            "options": {"page": 4}})
-    assert pruned.decoder.plan.page == 4 and "quest: 1 sparse layers [2]" in pruned.report.summary()
+    model, _ = make("llava")
     directory, out = tmp_path / "llava", tmp_path / "vlm.pt2"
     model.save_pretrained(directory)
     capsys.readouterr()

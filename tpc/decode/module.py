@@ -22,8 +22,7 @@ from tpc.decode.export import save_step
 from tpc.decode.side import side_inputs, side_state, takes_side
 from tpc.decode.plan import Plan, describe_budget, sparse_positions
 from tpc.errors import TpcError
-from tpc.generation import decode_tokens, generation_config, new_tokens, refuse_right_padding
-from tpc.vlm.inputs import checked_mask
+from tpc.generation import checked_mask, decode_tokens, generation_config, new_tokens, refuse_right_padding
 
 
 @dataclass

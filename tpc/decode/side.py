@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from tpc.decode.capture import MAX_CACHE
 from tpc.decode.chunks import ChunkState, chunks_for
 from tpc.decode.pages import PageBounds, bounds_for
 
@@ -35,8 +36,6 @@ def unit(plan) -> int:
 
 def side_dims(plan, batch) -> list[dict]:
     """The dynamic shapes of the side inputs for torch.export: batch and the count of pages or chunk slots."""
-    from tpc.decode.capture import MAX_CACHE
-
     if plan.page is not None:
         return [{0: batch, 3: torch.export.Dim("pages", min=1, max=MAX_CACHE)}] * len(plan.sparse)
     chunks = torch.export.Dim("chunks", min=1, max=MAX_CACHE)

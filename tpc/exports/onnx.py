@@ -17,6 +17,7 @@ from torch.onnx._internal.exporter import _core, _registration
 
 from tpc.capture import export_program
 from tpc.errors import TpcError, refusal_or_bug
+from tpc.exports.atomic import atomic_output
 from tpc.exports.checks import DECISIONS, CheckResult, check_artifact
 from tpc.exports.onnx_ops import TRANSLATIONS
 from tpc.exports.onnx_plugins import PLUGIN_TRANSLATIONS, plugin_reference_functions
@@ -125,8 +126,6 @@ def write_checked_onnx(model: onnx.ModelProto, path, what: str, gm: fx.GraphModu
                        compared=None) -> CheckResult | None:
     """Write ``model`` to ``path`` through a temporary file renamed into place once ``check_onnx`` against ``gm``
     on ``inputs`` passed (None: unchecked); ``what`` names the artifact in the size refusal ("the decode step")."""
-    from tpc.exports.atomic import atomic_output
-
     if model.ByteSize() >= ONNX_LIMIT:
         raise TpcError(f"{what} is {model.ByteSize() / 2**30:.1f} GB as ONNX, above the 2 GB a single ONNX file holds "
                        "(external weights are not written yet): write .pt2 instead")

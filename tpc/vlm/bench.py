@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from tpc.compiled import recipe
+from tpc.decode.side import side_inputs
 from tpc.timing import BenchResult, PairTiming, machine_name, time_pair
 from tpc.vlm.family import language_model
 from tpc.vlm.module import Prefill, VlmModule, _decode_step, last_position
@@ -50,8 +51,6 @@ def sparse_decode_step(decoder, state: Prefill) -> Callable[[], None]:
     """One greedy decode step through ``decoder`` (a VLM's rewritten decode step, ``tpc.vlm.decode``) over
     ``state``'s cache (every layer the same length); the step returns the new keys and values and leaves the
     cache as it was, so every call runs the same step."""
-    from tpc.decode.side import side_inputs
-
     token = state.logits[:, -1].argmax(-1)[:, None]
     position = last_position(state.positions) + 1
     mask = torch.cat([state.valid[0], torch.ones_like(state.valid[0][:, :1])], 1).long()

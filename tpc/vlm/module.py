@@ -17,13 +17,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx, nn
 
+from tpc.decode.module import KVBuffer
+from tpc.decode.side import side_state
 from tpc.errors import TpcError
 from tpc.exports.atomic import check_output_path, kept_on_failure
-from tpc.generation import decode_tokens, generation_config, new_tokens, refuse_right_padding
+from tpc.generation import checked_mask, decode_tokens, generation_config, new_tokens, refuse_right_padding
 from tpc.recipe import Step
 from tpc.vlm.export import save_prefill
 from tpc.vlm.family import Family, language_model
-from tpc.vlm.inputs import checked_mask, layer_valid
+from tpc.vlm.inputs import layer_valid
 
 if TYPE_CHECKING:  # transformers is an optional dependency: `import tpc` must work without it
     from transformers import DynamicCache
@@ -173,9 +175,6 @@ class VlmModule(nn.Module):
         """Decode through the rewritten step of the language model (``self.decoder``) over a ``KVBuffer`` holding
         the pruned prefill's cache; every layer's cache has the same length (``tpc.vlm.decode.decode_plan``), so
         one mask [B, L + 1] covers them all."""
-        from tpc.decode.module import KVBuffer  # tpc.decode imports tpc.vlm: imported when a VLM decodes
-        from tpc.decode.side import side_state
-
         decoder = self.decoder
         capacity = state.valid[0].shape[1] + max(new_tokens(config, input_ids.shape[1]), 1)
         kv = KVBuffer(state.cache, capacity)
