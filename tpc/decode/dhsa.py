@@ -24,53 +24,35 @@ inputs become (input_ids, position_ids, attention_mask, past, chunks), ``chunks`
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import fx
 
 from tpc.decode import chunk_ops  # noqa: F401  (registers the tpc:: chunk ops)
 from tpc.decode.chunk_ops import chunk_slots
-from tpc.decode.graph import CacheAttention, cache_attention
+from tpc.decode.graph import CacheAttention
 from tpc.decode.plan import Plan, describe_budget
-from tpc.decode.rewrite import add_step_inputs, attend_grouped, budget, gathered_cache, gathered_mask
-from tpc.passes.cleanup import finish
+from tpc.decode.rewrite import OwnSelectionDecode, add_step_inputs, budget, gathered_cache, gathered_mask
 from tpc.passes.compaction import Builder, Role
-from tpc.passes.infra import Pass, PassResult
 
-logger = logging.getLogger("tpc.passes")
 tpc = torch.ops.tpc
 
 
-class DHSADecode(Pass):
+class DHSADecode(OwnSelectionDecode):
     def __init__(self, plan: Plan, ideal: bool = False):
-        self.plan, self.ideal = plan, ideal
+        super().__init__(plan, ideal)
         low, high, threshold = plan.chunk
         self.name = (f"dhsa_decode(chunks of {low}-{high}, threshold {threshold:g}, {describe_budget(plan.keep)}"
                      f"{', ideal' if ideal else ''})")
 
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        if not self.plan.sparse:
-            return PassResult(gm, False)
-        sites = {a.layer: a for a in cache_attention(gm)}
-        inputs = {} if self.ideal else _chunk_inputs(gm, [sites[layer] for layer in self.plan.sparse],
-                                                     self.plan.chunk[0])
-        for layer in self.plan.sparse:
-            site = sites[layer]
-            b = Builder(gm, site.sdpa.prev)
-            b.like = site.sdpa
-            if self.ideal:
-                attend_grouped(gm, b, site, site.keys, site.values, None)
-                continue
-            reps, spans = inputs[layer]
-            scores = b.op(tpc.chunk_scores.default, site.q, reps, spans, role=Role.SCORING)
-            index = b.op(tpc.chunk_positions.default, scores, spans, site.mask, budget(b, site, self.plan.keep),
-                         role=Role.SELECTION)
-            keys, values = gathered_cache(b, site, index)
-            attend_grouped(gm, b, site, keys, values, gathered_mask(b, site, index))
-        finish(gm)
-        logger.debug("%s: dhsa layers %s", self.name, self.plan.sparse)
-        return PassResult(gm, True)
+    def side_inputs(self, gm: fx.GraphModule, sites: list[CacheAttention]) -> dict:
+        return _chunk_inputs(gm, sites, self.plan.chunk[0])
+
+    def read(self, b: Builder, site: CacheAttention, inputs: tuple) -> tuple:
+        reps, spans = inputs
+        scores = b.op(tpc.chunk_scores.default, site.q, reps, spans, role=Role.SCORING)
+        index = b.op(tpc.chunk_positions.default, scores, spans, site.mask, budget(b, site, self.plan.keep),
+                     role=Role.SELECTION)
+        return *gathered_cache(b, site, index), gathered_mask(b, site, index)
 
 
 def _chunk_inputs(gm: fx.GraphModule, sites: list[CacheAttention], min_chunk: int) -> dict[int, tuple]:

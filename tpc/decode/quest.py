@@ -23,51 +23,34 @@ whole cache.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import fx
 
 from tpc.decode import page_ops  # noqa: F401  (registers the tpc:: page ops)
-from tpc.decode.graph import CacheAttention, cache_attention
+from tpc.decode.graph import CacheAttention
 from tpc.decode.plan import Plan, describe_budget
-from tpc.decode.rewrite import add_step_inputs, attend_grouped, budget, gathered_cache
-from tpc.passes.cleanup import finish
+from tpc.decode.rewrite import OwnSelectionDecode, add_step_inputs, budget, gathered_cache
 from tpc.passes.compaction import Builder, Role
-from tpc.passes.infra import Pass, PassResult
 
-logger = logging.getLogger("tpc.passes")
 tpc = torch.ops.tpc
 
 
-class QuestDecode(Pass):
+class QuestDecode(OwnSelectionDecode):
     def __init__(self, plan: Plan, ideal: bool = False):
-        self.plan, self.ideal = plan, ideal
+        super().__init__(plan, ideal)
         budget = f"{plan.pages} pages" if plan.pages is not None else describe_budget(plan.keep)
         self.name = f"quest_decode(page {plan.page}, {budget}{', ideal' if ideal else ''})"
 
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        if not self.plan.sparse:  # no quest layer: the step as captured
-            return PassResult(gm, False)
-        sites = {a.layer: a for a in cache_attention(gm)}
-        inputs = {} if self.ideal else _bounds_inputs(gm, [sites[layer] for layer in self.plan.sparse], self.plan.page)
-        for layer in self.plan.sparse:
-            site = sites[layer]
-            b = Builder(gm, site.sdpa.prev)
-            b.like = site.sdpa
-            if self.ideal:
-                attend_grouped(gm, b, site, site.keys, site.values, None)
-                continue
-            page = self.plan.page
-            scores = b.op(tpc.page_scores.default, site.q, inputs[layer], site.mask, page, role=Role.SCORING)
-            pages = b.op(tpc.top_pages.default, scores, budget(b, site, self.plan.keep, page), role=Role.SELECTION)
-            index = b.op(tpc.page_positions.default, pages, site.mask, page, role=Role.SELECTION)
-            keys, values = gathered_cache(b, site, index)
-            mask = b.op(tpc.page_mask.default, site.mask, pages, page, role=Role.GATHER)
-            attend_grouped(gm, b, site, keys, values, mask)
-        finish(gm)
-        logger.debug("%s: quest layers %s", self.name, self.plan.sparse)
-        return PassResult(gm, True)
+    def side_inputs(self, gm: fx.GraphModule, sites: list[CacheAttention]) -> dict:
+        return _bounds_inputs(gm, sites, self.plan.page)
+
+    def read(self, b: Builder, site: CacheAttention, bounds: fx.Node) -> tuple:
+        page = self.plan.page
+        scores = b.op(tpc.page_scores.default, site.q, bounds, site.mask, page, role=Role.SCORING)
+        pages = b.op(tpc.top_pages.default, scores, budget(b, site, self.plan.keep, page), role=Role.SELECTION)
+        index = b.op(tpc.page_positions.default, pages, site.mask, page, role=Role.SELECTION)
+        keys, values = gathered_cache(b, site, index)
+        return keys, values, b.op(tpc.page_mask.default, site.mask, pages, page, role=Role.GATHER)
 
 
 def _bounds_inputs(gm: fx.GraphModule, sites: list[CacheAttention], page: int) -> dict[int, fx.Node]:

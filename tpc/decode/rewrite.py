@@ -161,3 +161,36 @@ def attend_grouped(gm: fx.GraphModule, b: Builder, site: CacheAttention, keys: f
     merged = b.op(aten.reshape.default, out, [-1, heads, 1, width], role=Role.GATHER)
     site.sdpa.replace_all_uses_with(merged)
     mark_rewritten(out)
+
+
+class OwnSelectionDecode(Pass):
+    """A rewrite whose every sparse layer selects from its own cache, for its own query (quest, dhsa): the
+    step gains the method's side inputs (``side_inputs``), and each sparse layer's SDPA is replaced by one over
+    what ``read`` selects; with ``ideal`` each reads its own cache as it is (no scoring, no gather)."""
+
+    def __init__(self, plan: Plan, ideal: bool = False):
+        self.plan, self.ideal = plan, ideal
+
+    def side_inputs(self, gm: fx.GraphModule, sites: list[CacheAttention]) -> dict:
+        raise NotImplementedError
+
+    def read(self, b: Builder, site: CacheAttention, inputs) -> tuple[fx.Node, fx.Node, fx.Node]:
+        """(keys, values, mask) the layer at ``site`` attends to, from its side ``inputs``."""
+        raise NotImplementedError
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        if not self.plan.sparse:  # no sparse layer: the step as captured
+            return PassResult(gm, False)
+        sites = {a.layer: a for a in cache_attention(gm)}
+        inputs = {} if self.ideal else self.side_inputs(gm, [sites[layer] for layer in self.plan.sparse])
+        for layer in self.plan.sparse:
+            site = sites[layer]
+            b = Builder(gm, site.sdpa.prev)
+            b.like = site.sdpa
+            if self.ideal:
+                attend_grouped(gm, b, site, site.keys, site.values, None)
+            else:
+                attend_grouped(gm, b, site, *self.read(b, site, inputs[layer]))
+        finish(gm)
+        logger.debug("%s: sparse layers %s", self.name, self.plan.sparse)
+        return PassResult(gm, True)
