@@ -78,7 +78,7 @@ def refuse_encoder_method(model: nn.Module, name: str, method: str | None = None
                    f"{' or '.join(methods_for(Where.KV_EVICTION))}), see docs/decode.md")
 
 
-def _step_cache(past: list[torch.Tensor]):
+def step_cache(past: list[torch.Tensor]):
     """A ``DynamicCache`` over the given tensors whose layers remember what ``update`` appends."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
@@ -107,7 +107,7 @@ class DecodeStep(nn.Module):
         self.model = model
 
     def forward(self, input_ids, position_ids, attention_mask, past: list[torch.Tensor]):
-        cache = _step_cache(past)
+        cache = step_cache(past)
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                          cache=cache, use_cache=True)
         return out.logits[:, -1], *(t for layer in cache.layers for t in layer.new)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tpc.decode.capture import step_cache
+
 
 def corrected_step(model: nn.Module, kv, tokens: torch.Tensor, position: torch.Tensor,
                    attention_mask: torch.Tensor) -> torch.Tensor:
@@ -22,17 +24,12 @@ def corrected_step(model: nn.Module, kv, tokens: torch.Tensor, position: torch.T
     last not yet) through ``model`` densely over the cache before them; ``kv`` (a ``KVBuffer``) then holds
     the dense keys and values of all T. ``position`` [B, 1] is the last token's position,
     ``attention_mask`` [B, L + 1] covers the cache and it. Returns the last token's logits [B, vocab]."""
-    from transformers import DynamicCache
-
     count = tokens.shape[1]
     start = kv.length - (count - 1)
-    cache = DynamicCache()
-    views = kv.views()
-    for i in range(0, len(views), 2):
-        cache.update(views[i][:, :, :start], views[i + 1][:, :, :start], i // 2)
+    cache = step_cache([view[:, :, :start] for view in kv.views()])
     positions = position + torch.arange(1 - count, 1, device=position.device)
     with torch.no_grad():
         out = model(input_ids=tokens, attention_mask=attention_mask, position_ids=positions, cache=cache,
                     use_cache=True)
-    kv.replace(start, [t[:, :, start:] for layer in out.cache.layers for t in (layer.keys, layer.values)])
+    kv.replace(start, [t for layer in cache.layers for t in layer.new])
     return out.logits[:, -1].float()

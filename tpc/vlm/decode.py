@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from tpc import pipeline
-from tpc.decode.capture import _step_cache, capture_step, step_spec
+from tpc.decode.capture import capture_step, step_cache, step_spec
 from tpc.decode.kv_methods import kv_eviction
 from tpc.decode.plan import Plan, check_settings, make_plan
 from tpc.errors import TpcError
@@ -52,7 +52,7 @@ class TextStep(nn.Module):
         self.lm, self.head = language_model(model)
 
     def forward(self, input_ids, position_ids, attention_mask, past: list[torch.Tensor]):
-        cache = _step_cache(past)
+        cache = step_cache(past)
         out = self.lm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache,
                       use_cache=True)
         return self.head(out.last_hidden_state)[:, -1], *(t for layer in cache.layers for t in layer.new)
