@@ -7,7 +7,7 @@ import pytest
 
 
 def first_fast(values) -> list:
-    """``values`` as parametrize cases, all but the first marked slow."""
-    values = list(values)
-    return [values[0], *(pytest.param(v, marks=pytest.mark.slow) for v in values[1:])]
+    """``values`` as parametrize cases (a tuple: one case of several arguments), all but the first marked slow."""
+    values = [v if isinstance(v, tuple) else (v,) for v in values]
+    return [pytest.param(*values[0]), *(pytest.param(*v, marks=pytest.mark.slow) for v in values[1:])]
 

@@ -12,6 +12,14 @@ ENCODER_METHODS = [m.name for m in ENCODER]
 VARIANTS = ("topk-cls+fuse",)
 SPECS = [*ENCODER_METHODS, *VARIANTS]
 
+
+def rotated(specs, models) -> list[tuple[str, str]]:
+    """Each spec on one of ``models`` in turn: every method's lowering is checked, every model's graph is
+    lowered under several methods, in a third of the cases of the full cross product (each ONNX export
+    and its checks take seconds). The pipeline tests still run every spec on every model."""
+    models = list(models)
+    return [(spec, models[i % len(models)]) for i, spec in enumerate(specs)]
+
 # Methods that keep a subset of the tokens, taking an attention mask at any sequence length, are
 # tested on padded text; merging methods (no mask, a fixed length) are not.
 SELECTING = [m.name for m in ENCODER if m.kind is Kind.SELECT and m.takes_mask and not m.fixed_length]

@@ -61,9 +61,9 @@ def test_compile_pt2_and_inspect_it(cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_deit_small_end_to_end(tmp_path):
+def test_deit_small_end_to_end(tmp_path, cli):
     out = tmp_path / "deit_pruned.onnx"
-    r = tpc("compile", "deit_small_patch16_224", "--random-weights", "--pass", "topk-cls", "--layers", "3,6,9",
+    r = cli("compile", "deit_small_patch16_224", "--random-weights", "--pass", "topk-cls", "--layers", "3,6,9",
             "--keep", "0.7", "-o", out)
     assert r.returncode == 0, r.stderr
     assert "197 -> 139" in r.stdout and "98 -> 69" in r.stdout

@@ -12,7 +12,7 @@ from torch import nn
 import tpc
 from lanes import first_fast
 from models import TEST_MODELS, tiny_timm_vit
-from specs import SPECS, parse_spec
+from specs import SPECS, parse_spec, rotated
 from tpc.exports.checks import run_graph
 from tpc.exports.onnx import decision_names, with_decision_outputs
 from tpc.registry import Kind, get_method
@@ -20,9 +20,8 @@ from tpc.registry import Kind, get_method
 STANDARD_DOMAINS = {"", "ai.onnx"}
 
 
-@pytest.mark.parametrize("name", first_fast(TEST_MODELS))
-@pytest.mark.parametrize("spec", first_fast(SPECS))
-def test_onnx_runtime_parity_at_batch_1_and_5(exported, name, spec):
+@pytest.mark.parametrize("spec,name", first_fast(rotated(SPECS, TEST_MODELS)))
+def test_onnx_runtime_parity_at_batch_1_and_5(exported, spec, name):
     _, inputs, _, _ = TEST_MODELS[name]
     method, _ = parse_spec(spec)
     pm, path, result = exported(name, spec)  # compiled at layers 0 and depth-1, keep 0.6 and 0.5

@@ -144,15 +144,15 @@ def check_case(case) -> str:
 
 MIN_VERIFIED = 0.7  # share of drawn cases that must compile and verify (about 0.83 is usual; refusals are the rest)
 
-# 32 cases (each two compiles, most pruning at two or three layers) keep the test near half a minute on
+# 20 cases (each two compiles, most pruning at two or three layers) keep the test near 20 seconds on
 # 2 cores. The draws are
 # derandomized and no example database is read or written: every run checks the same cases, so the
 # share of verified cases cannot flake in CI. Widen the search locally with a larger max_examples.
-DRAWS = settings(max_examples=32, deadline=None, derandomize=True, database=None,
+DRAWS = settings(max_examples=20, deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.mark.slow  # 32 drawn models, each captured: test_pipeline's fast cases cover the pipeline on every edit
+@pytest.mark.slow  # 20 drawn models, each captured: test_pipeline's fast cases cover the pipeline on every edit
 def test_pipeline_is_right_or_refuses():
     outcomes: Counter = Counter()
 
@@ -178,7 +178,7 @@ def test_the_drawn_cases_are_the_same_on_every_run():
         return drawn
 
     first = draw_all()
-    assert len(set(first)) > 24 and draw_all() == first
+    assert len(set(first)) > 15 and draw_all() == first
 
 
 def test_a_crashing_pass_fails_the_property_check(monkeypatch):

@@ -17,6 +17,7 @@ import torch
 import tpc
 from lanes import first_fast
 from models import TEST_MODELS
+from specs import rotated
 from tpc.exports import check_batches
 from tpc.exports.onnx import check_onnx, with_plugin_references
 from tpc.exports.onnx_plugins import PLUGIN_DOMAIN
@@ -29,12 +30,13 @@ def _plugin_nodes(model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", first_fast(TEST_MODELS))
 # The plugin ops are gather_tokens (every method) and sparse_attention (topk-mass): one method per kind of
-# selection (scores + top-k, graph scores, greedy, fused attention) keeps the run short; every method's
-# engine ONNX passes the parser check in test_tensorrt_compat.py.
-@pytest.mark.parametrize("method", ["topk-cls", "zero-tprune", "kcenter", "topk-mass"])
-def test_engine_onnx_runs_the_plugin_graph_like_the_torch_graph(compiled, name, method):
+# selection (scores + top-k, graph scores, greedy, fused attention), each on one model in turn, keeps the run
+# short; topk-mass also on the explicit attention, which keeps its own probabilities. Every method's engine
+# ONNX passes the parser check in test_tensorrt_compat.py.
+@pytest.mark.parametrize("method,name", first_fast(
+    [*rotated(["topk-cls", "zero-tprune", "kcenter", "topk-mass"], TEST_MODELS), ("topk-mass", "handwritten_vit")]))
+def test_engine_onnx_runs_the_plugin_graph_like_the_torch_graph(compiled, method, name):
     _, inputs, _, _ = TEST_MODELS[name]
     pm = compiled(name, method)  # at layers 0 and depth-1, keep 0.6 and 0.5
     model = engine_onnx(pm.graph_module, inputs(2))

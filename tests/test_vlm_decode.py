@@ -201,7 +201,8 @@ def test_cli_decode_flags_need_decode_before_loading(cli, tmp_path):
 
 @pytest.mark.slow
 def test_tpc_compile_and_cli_write_prefill_and_sparse_step(tmp_path, capsys):
-    """`tpc compile/inspect` on a LLaVA directory with --decode (the API's decode= runs in the tests above)."""
+    """`tpc compile` on a LLaVA directory with --decode (the API's decode= runs in the tests above; `tpc inspect`
+    with --decode prints the compile's report, tests/test_decode.py runs it for a decoder)."""
     from tpc.cli import main
     from tpc.pt2 import load_program
 
@@ -213,11 +214,10 @@ def test_tpc_compile_and_cli_write_prefill_and_sparse_step(tmp_path, capsys):
     assert main(["compile", str(directory), *args, "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "tidal: selection layers [0], 2 sparse layers reading 3 positions" in text
+    assert "    2  sparse            4" in text  # the table `tpc inspect` prints for the same arguments
     assert f"wrote {tmp_path / 'vlm.decode.pt2'}" in text
     step = load_program(tmp_path / "vlm.decode.pt2").module()
     assert any(n.target is torch.ops.tpc.top_positions.default for n in step.graph.nodes)
-    assert main(["inspect", str(directory), *args]) == 0
-    assert "    2  sparse            4" in capsys.readouterr().out
     assert main(["compile", str(directory), "--pass", "fastv", "--layers", "1", "--decode", "tidal", "-o",
                  str(tmp_path / "no.pt2")]) == 1
     assert "leaves the layers different lengths" in capsys.readouterr().err
