@@ -49,23 +49,26 @@ def test_tune_searches_what_the_capabilities_say():
         candidates(4, 17, 1, ["fastv"])
 
 
-def _pytest(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TPC_TOY_METHOD": "1", "PYTHONPATH": os.pathsep.join([str(TESTS.parent), *sys.path])}
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", *args],
-                          cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=900)
-
-
 @pytest.mark.slow
-def test_a_new_method_is_tested_wherever_its_capabilities_say():
+def test_a_new_method_is_tested_wherever_its_capabilities_say(tmp_path):
     """A toy method (tests/toy_method.py: an encoder and a before-the-language-model implementation,
     registered as a new method would be) is collected by every test that runs each encoder method
     and each visual method before the language model, not by the tests of places it does not
-    prune; and the generic tests it is collected by pass for it."""
+    prune; and the generic tests it is collected by pass for it. One pytest run collects the five
+    files (tests/record_collected.py writes what it collected) and runs three of the toy's tests."""
     files = ["tests/test_pipeline.py", "tests/test_golden.py", "tests/test_onnx.py", "tests/test_families.py",
              "tests/test_vlm_llava.py"]
-    collected = _pytest("--collect-only", "-q", *files)
-    assert collected.returncode == 0, collected.stdout[-2000:] + collected.stderr[-2000:]
-    toy = {line.split("[")[0] for line in collected.stdout.splitlines() if "toy-norm" in line}
+    ran_tests = ["test_keep_one_reproduces_the_original and timm_vit",
+                 "test_bert_padding_never_outranks_real_tokens_and_mask_is_gathered",
+                 "test_every_method_before_the_language_model_runs_it_on_the_tokens_it_keeps"]
+    env = {**os.environ, "TPC_TOY_METHOD": "1", "TPC_COLLECTED": str(tmp_path / "collected.txt"),
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), *sys.path])}
+    ran = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-p",
+                          "record_collected", "-q", "-k", f"toy-norm and ({' or '.join(f'({t})' for t in ran_tests)})", *files],
+                         cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=900)
+    assert ran.returncode == 0 and " passed" in ran.stdout, ran.stdout[-3000:] + ran.stderr[-2000:]
+    assert "3 passed" in ran.stdout, ran.stdout[-500:]  # a ViT, BERT, LLaVA
+    toy = {line.split("[")[0] for line in (tmp_path / "collected.txt").read_text().splitlines() if "toy-norm" in line}
     for test in ("test_pipeline.py::test_keep_one_reproduces_the_original",
                  "test_pipeline.py::test_pruned_matches_eager_reference",
                  "test_golden.py::test_golden_graph_and_outputs", "test_onnx.py::test_onnx_runtime_parity_at_batch_1_and_5",
@@ -73,8 +76,3 @@ def test_a_new_method_is_tested_wherever_its_capabilities_say():
                  "test_vlm_llava.py::test_every_method_before_the_language_model_runs_it_on_the_tokens_it_keeps"):
         assert f"tests/{test}" in toy, (test, sorted(toy))
     assert not any("inside_the_language_model" in t for t in toy)  # the toy does not prune there
-    ran = _pytest("-q", "-k", "toy-norm", "tests/test_pipeline.py::test_keep_one_reproduces_the_original",
-                  "tests/test_families.py::test_bert_padding_never_outranks_real_tokens_and_mask_is_gathered",
-                  "tests/test_vlm_llava.py::test_every_method_before_the_language_model_runs_it_on_the_tokens_it_keeps")
-    assert ran.returncode == 0 and " passed" in ran.stdout, ran.stdout[-3000:]
-    assert "5 passed" in ran.stdout, ran.stdout[-500:]  # 3 test models, BERT, LLaVA
