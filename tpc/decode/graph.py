@@ -19,7 +19,7 @@ from tpc.graph.nodes import is_op, val
 from tpc.registry import Where, methods_for
 
 aten = torch.ops.aten
-_REPEAT = (aten.unsqueeze, aten.expand, aten.reshape, aten.view, aten.clone, aten.contiguous)
+REPEAT = (aten.unsqueeze, aten.expand, aten.reshape, aten.view, aten.clone, aten.contiguous)
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class CacheAttention:
 
 
 def _cache_cat(node: fx.Node, sdpa: fx.Node) -> fx.Node:
-    while is_op(node, *_REPEAT):
+    while is_op(node, *REPEAT):
         node = node.args[0]
     if not is_op(node, aten.cat) or len(node.args[0]) != 2 or node.args[0][0].op != "placeholder":
         raise TpcError(f"the attention {sdpa.name} does not read the KV cache as cat([past, new]) (found "
