@@ -62,22 +62,32 @@ def _attention(q, keys, scale):
 
 
 @torch.no_grad()
-def run(model, tokens: list[int], method: str, budget: int, options: dict, steps: int, first: int = 0):
+def run(model, tokens: list[int], method: str, budget: int, options: dict, steps: int, first: int = 0,
+        embeds: torch.Tensor | None = None, positions: list[int] | None = None):
     """Greedy-decode ``steps`` tokens after the prompt ``tokens`` with a compressed cache.
 
     Returns (kept, generated): kept[phase][layer][kv head] the sorted sequence indices each
     head keeps after the prompt (phase 0) and after each new token; ``first``: the sequence
-    index of the prompt's first token (its left padding in a batch)."""
+    index of the prompt's first token (its left padding in a batch). A prompt given as ``embeds``
+    [T, D] at rotary ``positions`` (a VLM's pruned prompt; ``tokens`` then unused): the new tokens'
+    rotary positions continue from its last one."""
     lm, config = model.model, model.config
+    if embeds is not None:
+        tokens = [None] * len(embeds)
+    shift = 0 if positions is None else positions[-1] + 1 - len(tokens)  # rotary position less sequence index
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     group, width = heads // kv_heads, config.hidden_size // heads
     scale = width ** -0.5
     cache = [[Head() for _ in range(kv_heads)] for _ in lm.layers]
     kept, generated, chunk, start = [], [], list(tokens), 0
     for phase in range(steps + 1):
-        hidden = lm.embed_tokens(torch.tensor([chunk]))
-        positions = torch.arange(start, start + len(chunk))[None]
-        cos, sin = lm.rotary_emb(hidden, positions)
+        if phase == 0 and embeds is not None:
+            hidden = embeds[None]
+        else:
+            hidden = lm.embed_tokens(torch.tensor([chunk]))
+        rotary = torch.tensor([positions]) if phase == 0 and positions is not None else \
+            shift + torch.arange(start, start + len(chunk))[None]
+        cos, sin = lm.rotary_emb(hidden, rotary)
         for i, layer in enumerate(lm.layers):
             attn, x = layer.self_attn, layer.input_layernorm(hidden)
             q = _rotate(attn.q_proj(x).view(1, -1, heads, width).transpose(1, 2), cos[:, None], sin[:, None])[0]

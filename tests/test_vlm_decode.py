@@ -152,7 +152,6 @@ def test_the_sparse_layers_read_only_the_budget_of_the_pruned_cache(llava):
 
 
 @pytest.mark.parametrize("decode, words", [
-    ({"method": "h2o", "keep": 8}, "h2o is a compressed KV cache"),
     ({"method": "divprune"}, "is not a decode-time method"),
     ({"method": "tidal", "budget": 8}, "decode has no key 'budget'"),
     ({"method": "tidal", "options": {"correct": 4}}, "drop option correct"),

@@ -175,7 +175,8 @@ def compile(model, example_inputs=None, *, method: str = DEFAULT_METHOD, layers=
     A KV-eviction method (``streaming``, ``h2o``, ``snapkv``, ``scissorhands``) returns a
     :class:`tpc.decode.CompressedDecoder` whose ``generate`` keeps ``keep`` cached positions per
     layer (a count, or a ratio of the prompt).
-    ``decode`` (VLMs): the decode steps' sparse attention beside the prefill's visual-token pruning, a decode-time
+    ``decode`` (VLMs): the decode steps' sparse attention (or a compressed KV cache: h2o, snapkv, scissorhands,
+    streaming, with ``keep`` and ``options``) beside the prefill's visual-token pruning, a decode-time
     method's settings ``{"method": "tidal", "layers": [2, 15], "keep": 256, "options": {...}}`` (or its name alone:
     its defaults); the returned :class:`tpc.vlm.VlmModule` prefills pruned and decodes sparse (docs/vlm.md).
     """
@@ -233,8 +234,9 @@ def compile(model, example_inputs=None, *, method: str = DEFAULT_METHOD, layers=
         if vlm.is_vlm(resolved[0]):
             return compile_vlm(*resolved[:2])
         if decode is not None:
-            raise TpcError(f"decode (--decode) gives a vision-language model's decode steps sparse attention ("
-                           f"{', '.join(vlm.FAMILIES)}); {resolved[2]} is not one: for a decoder language model give "
+            raise TpcError(f"decode (--decode) gives a vision-language model's decode steps sparse attention or a "
+                           f"compressed KV cache ({', '.join(vlm.FAMILIES)}); {resolved[2]} is not one: for a decoder "
+                           "language model give "
                            f"the decode-time method itself (--pass {decode['method']})")
     if vision_layer is not None and isinstance(model, nn.Module) and not vlm.is_vlm(model):
         refuse_vision_layer(type(model).__name__)

@@ -67,12 +67,14 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="VLMs, --pass topk-cls (VTC-CLS): the vision layer whose [CLS] attention scores the visual "
                         "tokens (default: the layer LLaVA takes its image features from)")
     p.add_argument("--decode", metavar="METHOD",
-                   help="VLMs: decode-time sparse attention in the decode steps (tidal, quest, dhsa) beside --pass's "
-                        "visual-token pruning of the prefill (docs/vlm.md)")
+                   help="VLMs: decode-time sparse attention in the decode steps (tidal, quest, dhsa), or a compressed "
+                        "KV cache (h2o, snapkv, scissorhands, streaming), beside --pass's visual-token pruning of the "
+                        "prefill (docs/vlm.md)")
     p.add_argument("--decode-layers", metavar="LAYERS",
                    help="with --decode: tidal's selection layers, or quest's and dhsa's sparse layers (e.g. 2,15)")
     p.add_argument("--decode-keep", metavar="N",
-                   help="with --decode: cached positions the sparse layers read (default 256), or a ratio in (0, 1]")
+                   help="with --decode: cached positions the sparse layers read, or a compressed cache keeps per "
+                        "layer (default 256), or a ratio in (0, 1]")
     p.add_argument("--decode-option", action="append", default=[], metavar="KEY=VALUE",
                    help="with --decode: an option of the decode-time method, e.g. page=16; repeatable")
 

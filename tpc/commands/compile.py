@@ -16,13 +16,14 @@ from tpc.errors import TpcError
 from tpc.exports import check_target
 from tpc.exports.atomic import check_output_path, refuse_overwriting
 from tpc.vlm import VlmModule
-from tpc.vlm.module import step_path
+from tpc.vlm.module import refuse_cache_artifact, step_path
 from tpc.vlm.family import names_a_vlm
 
 
 def run(args) -> int:
     out = Path(args.output)
     decode.refuse_kv_artifact(args.method)
+    refuse_cache_artifact(args.decode)
     if out.suffix.lower() == ".plan" and names_a_vlm(args.model):
         raise TpcError(f"{args.model} is a vision-language model: TensorRT engines are written for encoders only; "
                        "write its pruned prefill as .pt2 or .onnx")

@@ -3,7 +3,8 @@
 ``compile_vlm(model, processor_outputs, method=…, layers=…, keep=…)`` returns a
 :class:`~tpc.vlm.module.VlmModule` whose ``generate`` runs the pruned prefill and decodes
 from its smaller KV cache; with ``decode={"method": "tidal", …}`` its decode steps read only
-selected cache positions (``tpc.vlm.decode``). See docs/vlm.md.
+selected cache positions, with ``decode={"method": "h2o", "keep": 256}`` its KV cache holds
+that budget while it generates (``tpc.vlm.decode``). See docs/vlm.md.
 """
 
 from tpc.vlm.compile import capture_prefill, compile_vlm, prune

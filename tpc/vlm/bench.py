@@ -5,8 +5,9 @@ the prefill (``VlmModule.prefill`` on the same prompts: the captured graph, rewr
 and the KV cache it fills), then one greedy decode step of the stock decoder layers over the
 pruned cache against the same step over the unpruned one (with a sparse decode step,
 ``tpc.vlm.decode``: that step over the pruned cache against the stock dense one over the
-unpruned cache). The KV-cache bytes are those the prefill leaves; the FLOPs ratio is the
-report's, counted on the graphs (``tpc.vlm.flops``).
+unpruned cache; with a compressed KV cache: its step over the cache the rule kept of the
+prompt). The KV-cache bytes are those the prefill leaves (a compressed cache: the budget it
+keeps of them); the FLOPs ratio is the report's, counted on the graphs (``tpc.vlm.flops``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from tpc.compiled import recipe
+from tpc.decode.compressed import CompressedDecoder, CompressedReport
+from tpc.decode.kv_cache import kv_bytes as cache_bytes
 from tpc.decode.side import side_inputs
 from tpc.timing import BenchResult, PairTiming, machine_name, time_pair
 from tpc.vlm.family import language_model
@@ -60,6 +63,23 @@ def sparse_decode_step(decoder, state: Prefill) -> Callable[[], None]:
     def run() -> None:
         decoder.step(token, position, mask, past, side)
     return run
+
+
+def compressed_decode_step(pruned: VlmModule, state: Prefill) -> tuple[Callable[[], None], int]:
+    """(one greedy decode step through ``pruned``'s compressed cache after the prompt, the bytes that cache
+    holds); after each call the cache is put back as it was (every tensor it changes is replaced, not written),
+    so every call runs the same step."""
+    logits, cache = pruned.compressed_cache(state)
+    token = logits.argmax(-1)[:, None]
+    position = last_position(state.positions) + 1
+    saved = [(dict(vars(layer)), dict(vars(layer.rule))) for layer in cache.layers]
+
+    def run() -> None:
+        pruned.decoder.step(cache, token, position)
+        for layer, (own, rule) in zip(cache.layers, saved):
+            vars(layer).update(own)
+            vars(layer.rule).update(rule)
+    return run, cache_bytes(cache)
 
 
 def repeat_examples(inputs: dict, batch: int) -> dict:
@@ -131,14 +151,24 @@ def bench_vlm(pruned: VlmModule, inputs: dict, name: str, batches: list[int], th
         x = repeat_examples(inputs, batch)
         prefill = time_pair(lambda: base.prefill(**x), lambda: pruned.prefill(**x), batch, warmup, iters, repeats)
         base_state, pruned_state = base.prefill(**x), pruned.prefill(**x)
-        sparse = decode_step(model, pruned_state) if pruned.decoder is None else \
-            sparse_decode_step(pruned.decoder, pruned_state)
-        decode = time_pair(decode_step(model, base_state), sparse, batch, warmup, iters, repeats)
-        rows.append(VlmBenchRow(batch, prefill, decode, (kv_bytes(base_state), kv_bytes(pruned_state)),
-                                report.flops_ratio))
+        held = kv_bytes(pruned_state)
+        if isinstance(pruned.decoder, CompressedDecoder):
+            step, held = compressed_decode_step(pruned, pruned_state)
+        elif pruned.decoder is not None:
+            step = sparse_decode_step(pruned.decoder, pruned_state)
+        else:
+            step = decode_step(model, pruned_state)
+        decode = time_pair(decode_step(model, base_state), step, batch, warmup, iters, repeats)
+        rows.append(VlmBenchRow(batch, prefill, decode, (kv_bytes(base_state), held), report.flops_ratio))
     g = 1e9
     config = (f"{recipe(report)}; prefill FLOPs {report.flops_before / g:.4g} G -> {report.flops_after / g:.4g} G "
               f"({report.flops_ratio:.3f}x) for the {report.prompt_tokens}-token example prompt"
-              + ("" if report.decode is None else f"; decode step: {report.decode.summary(report.layer_tokens[-1])} "
+              + ("" if report.decode is None else f"; decode step: {_decode_summary(report)} "
                  "(timed against the stock dense step over the unpruned cache)"))
     return VlmBenchResult(name, "torch", threads, config, rows, machine_name())
+
+
+def _decode_summary(report) -> str:
+    if isinstance(report.decode, CompressedReport):
+        return report.decode.summary()
+    return report.decode.summary(report.layer_tokens[-1])

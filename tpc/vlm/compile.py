@@ -23,7 +23,8 @@ from tpc.passes.cleanup import remove_dead_code
 from tpc.registry import VISUAL, get_method, methods_for
 from tpc.recipe import Step, visual_steps
 from tpc.schedule import check_seed, kept_count
-from tpc.vlm.decode import decode_plan, decode_settings, rewrite
+from tpc.decode.plan import Plan
+from tpc.vlm.decode import compress, decode_plan, decode_settings, rewrite
 from tpc.vlm.family import family_of
 from tpc.vlm.module import VlmModule
 
@@ -94,7 +95,8 @@ def compile_vlm(model: nn.Module, inputs, *, method: str = "fastv", layers=None,
     ``vision_layer``: topk-cls (VTC-CLS) only, the vision layer whose [CLS] attention scores
     the visual tokens (default: the layer LLaVA takes its image features from).
     ``decode``: decode-time sparse attention for the decode steps, ``{"method": "tidal", "layers": [2, 15],
-    "keep": 256, "options": {}}`` (``tpc.vlm.decode``); None: the stock decoder layers, dense.
+    "keep": 256, "options": {}}``, or a compressed KV cache, ``{"method": "h2o", "keep": 256}`` (``tpc.vlm.decode``);
+    None: the stock decoder layers, dense.
     """
     family = family_of(model)
     example, visual = family.graph_args(processor_inputs(inputs))  # Qwen2-VL's encoder runs here, once
@@ -124,8 +126,10 @@ def _decode_plan(model, stages, decode):
 
 
 def _with_decoder(pruned: VlmModule, model, plan, program) -> VlmModule:
-    if plan is not None:
+    if isinstance(plan, Plan):
         pruned.attach_decoder(rewrite(model, plan, program))
+    elif plan is not None:  # a compressed KV cache's settings
+        pruned.attach_decoder(compress(model, pruned, plan, program))
     return pruned
 
 

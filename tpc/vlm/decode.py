@@ -16,6 +16,13 @@ Positions: a generated token's position continues from the unpruned prompt's lar
 stock ``Qwen2VLTextModel`` expands a [B, 1] position to [3, B, 1] itself, so one step
 signature serves the three families.
 
+A compressed KV cache instead (``decode={"method": "h2o", "keep": 256}``: h2o, snapkv,
+scissorhands, streaming; ``tpc/decode/compressed.py``): the same captured step, rewritten by
+``EvictionScores`` to return each layer's scores, runs the decode steps of a ``CompressedDecoder``;
+the pruned prefill, rewritten by ``PrefillScores`` (``tpc/vlm/scores.py``), returns the scores
+its own queries give the cached prompt, so each layer's rule evicts from the prompt's cache
+before the first new token, and after every step, and the cache holds the budget.
+
 One cache length for every layer: the step takes one attention mask [B, L + 1] and one L for
 all layers, so the combination is compiled when the visual tokens are pruned before the
 language model (or not pruned): a stage inside the language model (fastv, a PyramidDrop
@@ -31,14 +38,19 @@ from torch import nn
 
 from tpc import pipeline
 from tpc.decode.capture import capture_step, step_cache, step_spec
-from tpc.decode.kv_methods import kv_eviction
+from tpc.decode.compressed import CompressedDecoder, scoring
+from tpc.decode.kv_methods import check_keep, eviction_rule, kv_eviction
 from tpc.decode.plan import Plan, check_settings, make_plan
+from tpc.decode.scores import EvictionScores
 from tpc.errors import TpcError
+from tpc.passes import PassManager
 from tpc.registry import Where, methods_for
 from tpc.vlm.family import language_model
+from tpc.vlm.scores import PrefillScores
 
 if TYPE_CHECKING:  # tpc.decode.module imports tpc.vlm (its checks on prompts): no import cycle at run time
     from tpc.decode.module import DecodeModule
+    from tpc.vlm.module import VlmModule
 
 KEYS = ("method", "layers", "keep", "options")
 
@@ -65,7 +77,7 @@ def capture_decode_step(model: nn.Module) -> torch.export.ExportedProgram:
 
 def decode_settings(decode) -> dict:
     """``decode=`` as {method, layers, keep, options} (a method name alone: its defaults), checked before any model
-    is loaded; one line for anything that is not decode-time sparse attention."""
+    is loaded; one line for anything that is neither decode-time sparse attention nor a compressed KV cache."""
     if isinstance(decode, str):
         decode = {"method": decode}
     if not isinstance(decode, dict):
@@ -76,13 +88,20 @@ def decode_settings(decode) -> dict:
         raise TpcError(f"decode has no key {unknown[0]!r}: it takes {', '.join(KEYS)}")
     method = decode.get("method")
     if method is None:
-        raise TpcError(f"decode needs a method: one of {', '.join(methods_for(Where.DECODE))}")
-    if kv_eviction(method):
-        raise TpcError(f"{method} is a compressed KV cache (eviction), which a VLM's decode does not take yet: decode "
-                       f"takes decode-time sparse attention ({', '.join(methods_for(Where.DECODE))})")
+        raise TpcError(f"decode needs a method: one of {', '.join(methods_for(Where.DECODE, Where.KV_EVICTION))}")
     options = decode.get("options")
     if options is not None and not isinstance(options, dict):
         raise TpcError(f"decode options are a dict such as {{'page': 16}}, not {type(options).__name__}")
+    if kv_eviction(method):
+        if decode.get("layers") is not None:
+            raise TpcError(f"{method} (a compressed KV cache) keeps its budget in every decoder layer: drop decode "
+                           "layers (--decode-layers)")
+        try:
+            keep = check_keep(decode.get("keep"))
+            options = eviction_rule(method, keep, options)[1]
+        except TpcError as err:  # the decoder LM's flag, as the VLM's CLI spells it
+            raise TpcError(str(err).replace("--option ", "--decode-option ")) from None
+        return {"method": method, "layers": None, "keep": keep, "options": options}
     resolved = check_settings(method, decode.get("layers"), decode.get("keep"), options)
     if resolved.get("correct"):
         raise TpcError(f"{method}'s cache correction (option correct) reruns the model densely over generated tokens, "
@@ -90,14 +109,17 @@ def decode_settings(decode) -> dict:
     return {"method": method, "layers": decode.get("layers"), "keep": decode.get("keep"), "options": options}
 
 
-def decode_plan(model: nn.Module, stages, settings: dict) -> Plan:
+def decode_plan(model: nn.Module, stages, settings: dict) -> Plan | dict:
     """The decode plan for ``model``'s language model after the prefill ``stages`` (refused when a stage inside the
-    language model leaves its layers caches of different lengths)."""
+    language model leaves its layers caches of different lengths); a compressed KV cache: its ``settings``."""
     inside = [s.layer for s in stages if s.layer >= 0]
     if inside:
-        raise TpcError(f"decode-time sparse attention takes one cache length for every decoder layer, and pruning "
+        what = ("a compressed KV cache" if kv_eviction(settings["method"]) else "decode-time sparse attention")
+        raise TpcError(f"{what} takes one cache length for every decoder layer, and pruning "
                        f"visual tokens after decoder layer {inside[0]} leaves the layers different lengths: prune "
                        "before the language model (no layers: divprune, kcenter, random, topk-cls) with decode")
+    if kv_eviction(settings["method"]):
+        return settings
     layers = step_spec(model)[0]
     return make_plan(settings["method"], layers, settings["layers"], settings["keep"], settings["options"])
 
@@ -106,3 +128,17 @@ def rewrite(model: nn.Module, plan: Plan, program: torch.export.ExportedProgram 
     """The language model's decode step (``program``: from ``capture_decode_step``, or captured now), rewritten
     for ``plan`` by the method's decode-time pass."""
     return pipeline.rewrite_decode_step(model, plan, program if program is not None else capture_decode_step(model))
+
+
+def compress(model: nn.Module, pruned: VlmModule, settings: dict,
+             program: torch.export.ExportedProgram | None = None) -> CompressedDecoder:
+    """A compressed KV cache for ``pruned``'s decode: its prefill (``pruned.gm``, rewritten here) returns every
+    decoder layer's scores for the method's rule, and the language model's decode step (``program``: from
+    ``capture_decode_step``, or captured now) does too, run by a ``CompressedDecoder``."""
+    score, window, options = scoring(settings["method"], settings["keep"], settings["options"])
+    PassManager([PrefillScores(score, window)])(pruned.gm)
+    program = program if program is not None else capture_decode_step(model)
+    gm = program.module()
+    PassManager([EvictionScores(score, window)])(gm)
+    return CompressedDecoder(gm, model, settings["method"], settings["keep"], options, program)
+

@@ -5,18 +5,23 @@ keys and values, the layers after a pruning point holding only the kept tokens. 
 then decodes with the model's own (stock, unpatched) decoder layers over that cache: each
 new token's position continues from the unpruned prompt (``generate()``'s positions: the
 count of real tokens), and each layer's attention mask covers exactly the keys its cache
-holds, so every rotary distance is the unpruned model's.
+holds, so every rotary distance is the unpruned model's. With a decoder attached
+(``tpc/vlm/decode.py``) the new tokens run the language model's captured step instead: sparse
+attention over the pruned cache, or a compressed KV cache that the prefill's scores and each
+step's evict down to its budget.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
 
+from tpc.decode.compressed import CompressedDecoder
+from tpc.decode.kv_methods import kv_eviction
 from tpc.decode.module import KVBuffer
 from tpc.decode.side import side_state
 from tpc.errors import TpcError
@@ -38,6 +43,7 @@ class Prefill:
     valid: list[torch.Tensor]  # per layer, [B, len] bool: which cached keys are real (not padding)
     kept: list[torch.Tensor]  # per pruning stage, [B, S'] original positions of the tokens kept
     positions: torch.Tensor  # prompt positions: [B, S], or [3, B, S] (Qwen2-VL's M-RoPE)
+    scores: list[torch.Tensor] = field(default_factory=list)  # per layer, a compressed cache's scores (none: dense)
 
 
 class VlmModule(nn.Module):
@@ -55,10 +61,12 @@ class VlmModule(nn.Module):
         self._model = [model]  # not a submodule: its parameters are shared, never registered twice
         self._program = program
         self.generation_config = model.generation_config
-        self.decoder = None  # a DecodeModule: the language model's decode step, rewritten (tpc/vlm/decode.py)
+        self.decoder = None  # the language model's decode step, rewritten (tpc/vlm/decode.py): a DecodeModule
+        # (sparse attention) or a CompressedDecoder (a compressed KV cache)
 
     def attach_decoder(self, decoder) -> None:
-        """Decode through ``decoder`` (a ``DecodeModule`` of this VLM's language model) instead of the stock layers."""
+        """Decode through ``decoder`` (a ``DecodeModule`` or ``CompressedDecoder`` of this VLM's language model)
+        instead of the stock layers."""
         self.decoder = decoder
         self.report.decode = decoder.report
 
@@ -86,11 +94,12 @@ class VlmModule(nn.Module):
         from transformers import DynamicCache  # noqa: F811  (an optional dependency: imported when a VLM runs)
 
         n = self.spec.num_layers
-        logits, kv, kept = out[0], out[1:1 + 2 * n], list(out[1 + 2 * n:])
+        end = 1 + 2 * n + len(self.stages)  # then the scores of a compressed cache (tpc/vlm/scores.py)
+        logits, kv, kept, scores = out[0], out[1:1 + 2 * n], list(out[1 + 2 * n:end]), list(out[end:])
         cache = DynamicCache()
         for i in range(n):
             cache.update(kv[2 * i], kv[2 * i + 1], i)
-        return Prefill(logits, cache, layer_valid(attention_mask, self.stages, kept, n), kept, args[3])
+        return Prefill(logits, cache, layer_valid(attention_mask, self.stages, kept, n), kept, args[3], scores)
 
     @property
     def fewest_text_tokens(self) -> int:
@@ -132,6 +141,8 @@ class VlmModule(nn.Module):
         likewise; a failure leaves at ``path`` what was there before)."""
         if self.decoder is None:
             return save_prefill(self, path, check)
+        if isinstance(self.decoder, CompressedDecoder):
+            refuse_cache_artifact(self.decoder.method)
         step = step_path(path)
         check_output_path(step)
         with kept_on_failure(path):  # the step failing leaves the file that was at path, not the new prefill
@@ -157,6 +168,8 @@ class VlmModule(nn.Module):
             return self._text_only(input_ids, attention_mask, config)
         refuse_right_padding(attention_mask)
         state = self.prefill(input_ids, pixel_values, attention_mask, **image_inputs)
+        if isinstance(self.decoder, CompressedDecoder):
+            return self._generate_compressed(input_ids, state, config)
         if self.decoder is not None:
             return self._generate_sparse(input_ids, state, config)
         lm, head = language_model(self._model[0])
@@ -195,6 +208,28 @@ class VlmModule(nn.Module):
 
         return decode_tokens(input_ids, state.logits[:, -1].float(), config, step)
 
+    def compressed_cache(self, state: Prefill):
+        """(last logits [B, vocab], the compressed KV cache after the pruned prefill ``state``): every layer's rule
+        keeps its budget of the prompt's cached positions, by the scores the prefill returned."""
+        if not isinstance(self.decoder, CompressedDecoder):
+            raise TpcError("this VlmModule decodes without a compressed KV cache: compile it with decode={'method': "
+                           "'h2o', 'keep': 256} (or snapkv, scissorhands, streaming)")
+        past = [t for layer in state.cache.layers for t in (layer.keys, layer.values)]
+        return self.decoder.take(state.logits[:, -1].float(), past, state.scores, state.valid[0])
+
+    def _generate_compressed(self, input_ids, state: Prefill, config) -> torch.Tensor:
+        """Decode over the compressed cache (``self.decoder``, a ``CompressedDecoder``): each new token runs the
+        language model's step over the kept positions at the VLM's next position, then the cache evicts."""
+        logits, cache = self.compressed_cache(state)
+        position = last_position(state.positions)
+
+        def step(token):
+            nonlocal position
+            position = position + 1
+            return self.decoder.step(cache, token, position)
+
+        return decode_tokens(input_ids, logits, config, step)
+
     def _text_only(self, input_ids, attention_mask, config) -> torch.Tensor:
         images = int((input_ids == self.spec.image_token_id).sum())
         if images:
@@ -210,6 +245,14 @@ def step_path(path) -> Path:
     ``vlm.decode.pt2``."""
     path = Path(path)
     return path.with_name(f"{path.stem}.decode.pt2")
+
+
+def refuse_cache_artifact(method) -> None:
+    """A VLM's compressed KV cache lives while it generates: no file holds it (``tpc compile``, ``save``)."""
+    if kv_eviction(method):
+        raise TpcError(f"decode {method} compresses the KV cache while generating: there is no file to write for it; "
+                       f"run tpc.compile(vlm, inputs, method=…, decode={{'method': '{method}', 'keep': 256}})"
+                       ".generate(…) in Python, or write the pruned prefill without --decode")
 
 
 def _as_captured(gm: fx.GraphModule, args: tuple) -> tuple:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tpc.decode.compressed import CompressedReport
 from tpc.vlm.family import spec_of
 
 
@@ -29,7 +30,8 @@ class VlmReport:
     flops_after: int = 0  # the same on the rewritten prefill (scoring included)
     flops_scoring: int = 0  # of flops_after, the pruning's own (scoring, selection, gathers)
     vision_layer: int | None = None  # topk-cls: the vision layer whose [CLS] attention scores
-    decode: object = None  # a DecodeReport: the decode steps' sparse attention (tpc/vlm/decode.py); None: dense
+    decode: object = None  # a DecodeReport (the decode steps' sparse attention, tpc/vlm/decode.py) or a
+    # CompressedReport (a compressed KV cache); None: dense
 
     @property
     def flops_ratio(self) -> float:
@@ -55,7 +57,9 @@ class VlmReport:
             prune = next((f"{s.method}: visual {s.tokens_in} -> {s.tokens_out}" for s in self.stages
                           if s.layer == i), "")
             rows.append(f"{i:>5}  {tokens:>6}  {prune}")
-        if self.decode is not None:
+        if isinstance(self.decode, CompressedReport):
+            rows.append(f"decode: {self.decode.summary()}")
+        elif self.decode is not None:
             rows += ["decode step:", self.decode.table(self.layer_tokens[-1])]
         return "\n".join(rows)
 
@@ -70,7 +74,9 @@ class VlmReport:
             lines.append(f"prefill FLOPs at batch 1 (multiply-adds, {self.prompt_tokens}-token prompt{eager}): "
                          f"{self.flops_before / g:.4g} G -> {self.flops_after / g:.4g} G ({self.flops_ratio:.3f}x, "
                          f"{100 * (1 - self.flops_ratio):.1f}% fewer; scoring {self.flops_scoring / g:.2g} G)")
-        if self.decode is not None:  # at the example's cache: what its first decode step reads
+        if isinstance(self.decode, CompressedReport):
+            lines.append(f"decode: {self.decode.summary()}")
+        elif self.decode is not None:  # at the example's cache: what its first decode step reads
             lines.append(self.decode.summary(self.layer_tokens[-1]))
         return "\n".join(lines)
 

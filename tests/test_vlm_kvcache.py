@@ -1,0 +1,200 @@
+"""A VLM compiled in one go with a compressed KV cache: the prefill prunes visual tokens and returns each decoder
+layer's eviction scores (tpc/vlm/scores.py), the decode steps run the language model's scored step over a cache that
+holds the budget (tpc/vlm/decode.py, tpc/decode/compressed.py)."""
+
+from __future__ import annotations
+
+import copy
+import types
+from dataclasses import replace
+
+import pytest
+import torch
+
+from kv_reference import run
+from test_vlm_decode import NEW, SAMPLING, llava_inputs, vlms  # noqa: F401  (vlms: the shared fixture)
+from test_vlm_llava import tiny_llava
+from tpc.errors import TpcError
+from tpc.vlm import VlmModule, compile_vlm
+from tpc.vlm.decode import compress, decode_settings
+from tpc.vlm.module import last_position
+
+SMALL = {"streaming": {"sinks": 2}, "h2o": {"recent": 2}, "snapkv": {"window": 2, "kernel": 3},
+         "scissorhands": {"recent": 2, "history": 3}}
+BUDGET = 5  # the pruned LLaVA prompts hold 16 and 13 real positions
+
+
+@pytest.fixture(scope="module")
+def compressed(vlms):
+    """compressed(family, method, keep) -> the dense-decode module's pruned prefill (a copy, rewritten to return
+    scores) with a compressed KV cache; ``tpc.vlm.prune(…, decode=…)`` builds the same
+    (test_tpc_compile_and_cli_take_a_compressed_cache)."""
+    made = {}
+
+    def get(family, method, keep):
+        key = family, method, keep
+        if key not in made:
+            model, inputs, program, step, dense, *_ = vlms(family)
+            out = VlmModule(copy.deepcopy(dense.gm), model, dense.family, dense.stages, replace(dense.report),
+                            dense.example_inputs, program)
+            settings = decode_settings({"method": method, "keep": keep, "options": SMALL[method]})
+            out.attach_decoder(compress(model, out, settings, step))
+            made[key] = out
+        return made[key]
+
+    return get
+
+
+def kept(cache):
+    """Per layer, per example, per KV head: the sequence indices kept (padding slots left out)."""
+    return [[[[j for j in head if j >= 0] for head in example] for example in layer.positions.tolist()]
+            for layer in cache.layers]
+
+
+def decode(pruned, inputs, steps):
+    """Greedy: (the cache's kept positions after the prefill and each step, the tokens, the cache)."""
+    state = pruned.prefill(**inputs)
+    logits, cache = pruned.compressed_cache(state)
+    position, phases, tokens = last_position(state.positions), [kept(cache)], []
+    for _ in range(steps):
+        token = logits.argmax(-1)[:, None]
+        tokens.append(token)
+        position = position + 1
+        logits = pruned.decoder.step(cache, token, position)
+        phases.append(kept(cache))
+    return phases, torch.cat(tokens + [logits.argmax(-1)[:, None]], 1), cache
+
+
+@pytest.mark.parametrize("family, method", [
+    ("llava", "h2o"), *(pytest.param(f, m, marks=pytest.mark.slow) for f, m in (
+        ("smolvlm", "h2o"), ("qwen2vl", "h2o"), ("llava", "snapkv"), ("smolvlm", "scissorhands"),
+        ("qwen2vl", "streaming")))])
+def test_a_budget_over_the_prompt_generates_the_dense_decode_tokens(vlms, compressed, family, method):
+    """Prefill pruned, cache compressed with a budget over prompt and new tokens: the tokens of the VLM module's
+    dense decode (the stock decoder layers over the same pruned cache), greedy and sampled; Qwen2-VL's new tokens
+    continue its M-RoPE positions."""
+    _, inputs, *_, greedy, sampled = vlms(family)
+    pruned = compressed(family, method, 1000)
+    assert torch.equal(pruned.generate(**inputs, max_new_tokens=NEW), greedy)
+    torch.manual_seed(5)
+    assert torch.equal(pruned.generate(**inputs, max_new_tokens=NEW, **SAMPLING), sampled)
+
+
+def test_the_physical_cache_holds_the_budget_after_the_prefill_and_each_step(vlms, compressed):
+    inputs = vlms("llava")[1]
+    pruned = compressed("llava", "h2o", BUDGET)
+    state = pruned.prefill(**inputs)
+    length = state.valid[0].shape[1]
+    _, cache = pruned.compressed_cache(state)
+    token = torch.ones(2, 1, dtype=torch.long)
+    for n in range(4):
+        assert cache.get_seq_length() == length + n  # the logical length: every position seen
+        for layer in cache.layers:
+            assert tuple(layer.keys.shape) == tuple(layer.values.shape) == (2, 2, BUDGET, 8)  # not length + n
+        pruned.decoder.step(cache, token, last_position(state.positions) + n + 1)
+
+
+@pytest.mark.parametrize("method", ["h2o", *(pytest.param(m, marks=pytest.mark.slow)
+                                            for m in ("snapkv", "scissorhands", "streaming"))])
+def test_kept_positions_follow_the_paper_over_the_pruned_prompt(vlms, compressed, method):
+    """LLaVA: the positions each layer and KV head keeps after the pruned prompt and each new token, and the tokens,
+    those of the paper's rule written as loops (tests/kv_reference.py) over the pruned prompt's embeddings at their
+    original positions."""
+    model, inputs, *_ = vlms("llava")
+    pruned = compressed("llava", method, BUDGET)
+    phases, tokens, _ = decode(pruned, inputs, 3)
+    state = pruned.prefill(**inputs)
+    embedded = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: embedded.append(kwargs["inputs_embeds"]), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)  # the stock model: the prompt's embeddings, image features in place
+    hook.remove()
+    lm = types.SimpleNamespace(model=model.model.language_model, config=model.config.text_config,
+                               lm_head=model.lm_head)
+    for b in range(2):
+        pad = int((~state.valid[0][b]).sum())
+        index = state.kept[0][b, pad:]
+        expected, generated = run(lm, None, method, BUDGET, SMALL[method], 3, first=pad,
+                                  embeds=embedded[0][b, index], positions=state.positions[b, index].tolist())
+        assert generated == tokens[b].tolist()
+        assert [[layer[b] for layer in phase] for phase in phases] == expected
+
+
+def test_a_left_padded_batch_evicts_and_generates_as_each_example_alone(vlms, compressed):
+    inputs = vlms("llava")[1]
+    pruned = compressed("llava", "h2o", BUDGET)
+    together = pruned.generate(**inputs, max_new_tokens=NEW)
+    for b in range(2):
+        real = inputs["attention_mask"][b].bool()
+        ids = inputs["input_ids"][b:b + 1, real]
+        alone = pruned.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                pixel_values=inputs["pixel_values"][b:b + 1], max_new_tokens=NEW)
+        assert torch.equal(together[b, -NEW:], alone[0, -NEW:])
+
+
+@pytest.mark.parametrize("decode, layers, words", [
+    ({"method": "h2o", "keep": 0}, None, "keep for a compressed KV cache is a budget of cached positions"),
+    ({"method": "streaming", "keep": 4, "options": {"sinks": 4}}, None,
+     "keep 4 is smaller than streaming's sinks of 4 plus a recent window of 1"),
+    ({"method": "snapkv", "keep": 8}, None,
+     "keep 8 is smaller than snapkv's window of 32: .*a smaller window \\(--decode-option window=…\\)$"),
+    ({"method": "h2o", "layers": [0]}, None, "keeps its budget in every decoder layer: drop decode layers"),
+    ({"method": "h2o", "options": {"sinks": 2}}, None, "h2o has no option 'sinks'; its options: recent"),
+    ({"method": "h2o", "keep": 8}, 1, "a compressed KV cache takes one cache length for every decoder layer, and "
+                                      "pruning visual tokens after decoder layer 1"),
+])
+def test_bad_compressed_cache_settings_are_refused_in_one_line_before_capture(decode, layers, words):
+    method = "fastv" if layers is not None else "divprune"
+    with pytest.raises(TpcError, match=words) as err:
+        compile_vlm(tiny_llava(), llava_inputs(), method=method, layers=layers, keep=0.5, decode=decode)
+    assert "\n" not in str(err.value)
+
+
+def test_the_compressed_cache_has_no_file_and_its_decoder_takes_no_prompts(vlms, compressed, tmp_path, cli):
+    inputs = vlms("llava")[1]
+    pruned = compressed("llava", "h2o", BUDGET)
+    with pytest.raises(TpcError, match="decode h2o compresses the KV cache while generating") as err:
+        pruned.save(tmp_path / "vlm.pt2")
+    assert "\n" not in str(err.value) and list(tmp_path.iterdir()) == []
+    with pytest.raises(TpcError, match="call generate\\(\\) of the VlmModule"):
+        pruned.decoder.generate(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=2)
+    for keep in ("8", "0"):  # refused before the model loads
+        result = cli("compile", tmp_path / "missing", "--pass", "divprune", "--decode", "h2o", "--decode-keep", keep,
+                     "-o", tmp_path / "vlm.pt2")
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+        assert "compresses the KV cache while generating" in result.stderr or "keep for a compressed" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_tpc_compile_and_cli_take_a_compressed_cache(vlms, tmp_path, capsys):
+    """``tpc.compile(…, decode=…)`` and `tpc inspect --decode h2o` on a LLaVA directory."""
+    import tpc
+    from tpc.cli import main
+
+    model, inputs, *_, greedy, _ = vlms("llava")
+    pruned = tpc.compile(model, inputs, method="divprune", keep=0.5, decode={"method": "h2o", "keep": 1000})
+    assert torch.equal(pruned.generate(**inputs, max_new_tokens=NEW), greedy)
+    assert "KV cache compressed by h2o (recent half the budget): budget 1000 positions" in pruned.report.summary()
+    directory = tmp_path / "llava"
+    model.save_pretrained(directory)
+    capsys.readouterr()
+    assert main(["inspect", str(directory), "--pass", "divprune", "--keep", "0.5", "--decode", "h2o", "--decode-keep",
+                 "8", "--decode-option", "recent=2"]) == 0
+    assert "decode: LlavaForConditionalGeneration, KV cache compressed by h2o (recent 2): budget 8 positions in each " \
+           "of the 3 layers" in capsys.readouterr().out
+    out = tmp_path / "a.pt2"
+    assert main(["compile", str(directory), "--pass", "divprune", "--decode", "h2o", "-o", str(out)]) == 1
+    assert not out.exists() and not (tmp_path / "a.decode.pt2").exists()
+
+
+def test_bench_times_the_step_over_the_compressed_cache_and_counts_its_bytes(vlms, compressed):
+    from tpc.vlm.bench import bench_vlm
+
+    inputs = vlms("llava")[1]
+    pruned = compressed("llava", "h2o", BUDGET)
+    result = bench_vlm(pruned, inputs, "tiny llava", [2], threads=1, warmup=0, iters=1, repeats=1)
+    row = result.rows[0]
+    assert row.kv_bytes == (3 * 2 * 2 * 2 * 24 * 8 * 4, 3 * 2 * 2 * 2 * BUDGET * 8 * 4)  # layers, k and v, B, Hkv, d
+    assert "KV cache compressed by h2o (recent 2): budget 5 positions" in result.config
