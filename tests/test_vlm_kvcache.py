@@ -198,3 +198,18 @@ def test_bench_times_the_step_over_the_compressed_cache_and_counts_its_bytes(vlm
     row = result.rows[0]
     assert row.kv_bytes == (3 * 2 * 2 * 2 * 24 * 8 * 4, 3 * 2 * 2 * 2 * BUDGET * 8 * 4)  # layers, k and v, B, Hkv, d
     assert "KV cache compressed by h2o (recent 2): budget 5 positions" in result.config
+
+
+def test_prefill_scores_adds_one_output_per_decoder_layer_and_leaves_a_rule_without_scores_alone(vlms, compressed):
+    """The pass's no-match case (streaming ranks by position: the prefill as captured) and its match (h2o: after the
+    logits, keys, values and kept positions, one [B, Hkv, S'] score per decoder layer, each a tpc::attention_mass)."""
+    from tpc.vlm.scores import PrefillScores
+
+    dense = vlms("llava")[4]
+    gm = copy.deepcopy(dense.gm)
+    code = gm.code
+    assert PrefillScores(None, 1)(gm).modified is False and gm.code == code
+    scored = compressed("llava", "h2o", BUDGET).gm
+    outputs = scored.graph.output_node().args[0]
+    assert len(outputs) == len(gm.graph.output_node().args[0]) + 3
+    assert all(n.target is torch.ops.tpc.attention_mass.default for n in outputs[-3:])
