@@ -171,6 +171,15 @@ def decode_capture():
 
 
 @pytest.fixture(scope="session")
+def vlms():
+    """vlms(family) -> a tiny VLM, its captures and its dense-decode module (tests/test_vlm_decode.py's
+    ``vlm_maker``), made once per worker for the sparse-decode and compressed-cache tests."""
+    from test_vlm_decode import vlm_maker
+
+    return vlm_maker()
+
+
+@pytest.fixture(scope="session")
 def exported(compiled, tmp_path_factory):
     """exported(name, spec) -> (compiled(name, spec), its .onnx file, tpc.export's result), exported once per worker."""
     import tpc

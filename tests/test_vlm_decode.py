@@ -55,10 +55,10 @@ def make(family):
     return tiny_qwen2vl(), qwen2vl_inputs()
 
 
-@pytest.fixture(scope="module")
-def vlms():
+def vlm_maker():
     """vlms(family) -> (model, inputs, prefill program, decode-step program, the dense-decode module (divprune
-    keep 0.5 before the language model), its greedy and sampled generations), made once per family."""
+    keep 0.5 before the language model), its greedy and sampled generations), made once per family and worker
+    (tests/conftest.py's ``vlms``, shared with test_vlm_kvcache.py)."""
     made = {}
 
     def get(family):

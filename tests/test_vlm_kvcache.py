@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kv_reference import run
-from test_vlm_decode import NEW, SAMPLING, llava_inputs, vlms  # noqa: F401  (vlms: the shared fixture)
+from test_vlm_decode import NEW, SAMPLING, llava_inputs
 from test_vlm_llava import tiny_llava
 from tpc.errors import TpcError
 from tpc.vlm import VlmModule, compile_vlm
