@@ -144,7 +144,8 @@ def parse_options(options) -> dict | None:
 def compile(model, example_inputs=None, *, method: str = DEFAULT_METHOD, layers=None, keep=None, r=None,
             prefix: int | None = None, after: str | None = None, seed: int | None = None, options: dict | str | None = None,
             restore: bool = False, backend: str = "torch", seq_len: int | None = None, recipe=None,
-            vision_layer: int | None = None, decode: dict | str | None = None, **load_kwargs) -> nn.Module:
+            vision_layer: int | list[int] | None = None, decode: dict | str | None = None,
+            **load_kwargs) -> nn.Module:
     """Prune ``model``'s tokens after ``layers`` with ``method``; returns an nn.Module.
 
     ``model`` is an ``nn.Module`` or a model id (see :func:`tpc.models.load`, which takes
@@ -165,7 +166,9 @@ def compile(model, example_inputs=None, *, method: str = DEFAULT_METHOD, layers=
     sequence length, so the pruned module and its artifacts take any length;
     ``seq_len=N`` fixes the length at N instead (the example inputs cut or padded to N).
     ``vision_layer`` (VLMs, topk-cls only): the vision layer whose [CLS] attention VTC-CLS scores
-    the visual tokens with (default: the layer LLaVA takes its image features from).
+    the visual tokens with (default: the layer LLaVA takes its image features from), or a list of
+    layers whose scores are summed (VTC-CLS's ensemble); on a tower without [CLS] (SmolVLM) the
+    attention each patch receives scores instead (docs/vlm.md).
     A decode-time method (``tidal``, ``quest``, ``dhsa``) on a causal LM returns a :class:`tpc.decode.DecodeModule`
     whose decode step reads, in the sparse layers, ``keep`` cached positions (a float in (0, 1]: that
     ratio of the cache, ceil(keep × L) of its L positions at each step) chosen at the

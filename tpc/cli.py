@@ -63,9 +63,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="bring the full sequence back after the last block (dropped tokens unchanged), for dense outputs")
     p.add_argument("--seq-len", type=int, metavar="N",
                    help="text models: fix the sequence length at N (default: dynamic, one artifact for every length)")
-    p.add_argument("--vision-layer", type=int, metavar="I",
-                   help="VLMs, --pass topk-cls (VTC-CLS): the vision layer whose [CLS] attention scores the visual "
-                        "tokens (default: the layer LLaVA takes its image features from)")
+    p.add_argument("--vision-layer", metavar="I[,J,...]",
+                   help="VLMs, --pass topk-cls: the vision layer whose attention scores the visual tokens ([CLS] "
+                        "attention, VTC-CLS; attention received where the tower has no [CLS]), or several whose "
+                        "scores are summed (VTC-CLS's ensemble), e.g. 10,11,12 (default: the feature layer)")
     p.add_argument("--decode", metavar="METHOD",
                    help="VLMs: decode-time sparse attention in the decode steps (tidal, quest, dhsa), or a compressed "
                         "KV cache (h2o, snapkv, scissorhands, streaming), beside --pass's visual-token pruning of the "

@@ -158,7 +158,7 @@ def describe_encoder(module: nn.Module, inputs: tuple, name: str, after: str = "
                          flops_before=flops, flops_after=flops, notes=list(notes))
 
 
-def prune_prefill(family, program, inputs, example: tuple, steps: list[Step], cls: tuple | None,
+def prune_prefill(family, program, inputs, example: tuple, steps: list[Step], scoring,
                   seed: int) -> VlmModule:
     """A VLM: a fresh copy of its captured prefill (``program`` is not changed), ``PruneVisual`` per
     step (the steps of ``tpc.vlm.compile.stages_of``), lowered to a ``VlmModule``."""
@@ -168,13 +168,13 @@ def prune_prefill(family, program, inputs, example: tuple, steps: list[Step], cl
     unpruned = prefill_flops(gm, prompt).total  # counted before the rewrite, on the same graph
     hidden = model.config.text_config.hidden_size
     PassManager([PruneVisual(s.layer + 1, s.method, s.tokens_in, s.tokens_out, hidden, spec.image_token_id,
-                             seed, cls) for s in steps])(gm)
+                             seed, scoring) for s in steps])(gm)
     gm.graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs: the kept positions are extra outputs
     gm.recompile()
     pruned = prefill_flops(gm, prompt)
     report = describe_vlm(model, inputs, steps, steps[0].method if steps else None,
                           (unpruned, pruned.total, pruned.scoring))
-    report.vision_layer = cls[0] if cls else None
+    report.vision_scoring = scoring
     remember_unpruned(gm, program.module)
     return VlmModule(gm, model, family, steps, report, example, program)
 

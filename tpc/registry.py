@@ -195,9 +195,10 @@ _KV = "tpc.decode.eviction:"
 _VLM = "tpc.vlm.prune_visual:"
 
 for _m in (
-    PruneMethod("topk-cls", "EViT (Liang et al., ICLR 2022); VTC-CLS (2024)",
+    PruneMethod("topk-cls", "EViT (Liang et al., ICLR 2022); VTC-CLS (Wang et al., 2024, arXiv 2412.05819)",
                 "keep the tokens [CLS] attends to most (head-mean attention); fuse=True appends EViT's fused token; "
-                "in a VLM, the vision tower's [CLS] attention ranks the visual tokens (VTC-CLS)",
+                "in a VLM, the vision tower's [CLS] attention at one or several layers (summed) ranks the visual "
+                "tokens (VTC-CLS); a tower without [CLS]: the attention each patch receives",
                 Kind.SELECT, "attention", {Where.ENCODER: _ENC + "build_topk_cls",
                                            Where.VISUAL_BEFORE_LM: _VLM + "choose_topk_cls"},
                 needs_cls=True, options={"fuse": False}, check=check_topk_cls),

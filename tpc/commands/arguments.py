@@ -28,6 +28,19 @@ def _key_values(items: list[str], flag: str) -> dict:
     return out
 
 
+def vision_layer(text: str | None) -> int | list[int] | None:
+    """--vision-layer I (one layer) or I,J,… (several, VTC-CLS's ensemble; "" names none, refused later)."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")] if text.strip() else []
+    try:
+        layers = [int(p) for p in parts]
+    except ValueError:
+        raise TpcError(f"--vision-layer {text!r}: give a vision layer number or several, comma-separated "
+                       "(e.g. 10,11,12)") from None
+    return layers[0] if len(layers) == 1 and "," not in text else layers
+
+
 def decode_settings(args) -> dict | None:
     """--decode METHOD with --decode-layers, --decode-keep and --decode-option as ``tpc.compile``'s ``decode``."""
     method = getattr(args, "decode", None)
@@ -51,7 +64,7 @@ def prune_kwargs(args) -> dict:
     """The compile settings besides method, layers and keep."""
     decode = decode_settings(args)
     return dict(r=args.r, prefix=args.prefix, after=args.after, seed=args.seed, options=options(args),
-                restore=args.restore, seq_len=args.seq_len, vision_layer=args.vision_layer,
+                restore=args.restore, seq_len=args.seq_len, vision_layer=vision_layer(args.vision_layer),
                 **({"decode": decode} if decode is not None else {}))
 
 

@@ -27,6 +27,7 @@ from tpc.decode.plan import Plan
 from tpc.vlm.decode import compress, decode_plan, decode_settings, rewrite
 from tpc.vlm.family import family_of
 from tpc.vlm.module import VlmModule
+from tpc.vlm.spec import VisionScoring
 
 
 def processor_inputs(inputs) -> dict:
@@ -65,10 +66,6 @@ def stages_of(spec, visual: int, method: str, layers, keep) -> list[Step]:
     """The steps :func:`tpc.recipe.visual_steps` parses, checked against this VLM, each with the visual
     tokens per example it chooses among and keeps (``tokens_in``, ``tokens_out``)."""
     steps = visual_steps(method, layers, keep)
-    if get_method(method).needs_cls and not spec.vision_cls:
-        others = ", ".join(m for m in methods_for(*VISUAL) if not get_method(m).needs_cls)
-        raise TpcError(f"{spec.vision_tower} has no [CLS] token, so {method} cannot score its visual tokens with "
-                       f"[CLS] attention: use {others}")
     for step in steps:
         if step.layer >= spec.num_layers:
             raise TpcError(f"layer {step.layer} is beyond the language model's depth: it has {spec.num_layers} decoder "
@@ -89,11 +86,12 @@ def stages_of(spec, visual: int, method: str, layers, keep) -> list[Step]:
 
 
 def compile_vlm(model: nn.Module, inputs, *, method: str = "fastv", layers=None, keep=0.5, seed: int = 0,
-                vision_layer: int | None = None, decode=None) -> VlmModule:
+                vision_layer: int | list[int] | None = None, decode=None) -> VlmModule:
     """Prune ``model``'s visual tokens with ``method``; see the module docstring for stages.
 
-    ``vision_layer``: topk-cls (VTC-CLS) only, the vision layer whose [CLS] attention scores
-    the visual tokens (default: the layer LLaVA takes its image features from).
+    ``vision_layer``: topk-cls only, the vision layer whose attention scores the visual tokens
+    ([CLS] attention, VTC-CLS; attention received on a tower without [CLS]), or a list of layers
+    whose scores are summed (VTC-CLS's ensemble); default: the layer the features come from.
     ``decode``: decode-time sparse attention for the decode steps, ``{"method": "tidal", "layers": [2, 15],
     "keep": 256, "options": {}}``, or a compressed KV cache, ``{"method": "h2o", "keep": 256}`` (``tpc.vlm.decode``);
     None: the stock decoder layers, dense.
@@ -107,7 +105,7 @@ def compile_vlm(model: nn.Module, inputs, *, method: str = "fastv", layers=None,
 
 
 def prune(model: nn.Module, program: torch.export.ExportedProgram, inputs, *, method: str, layers=None, keep=0.5,
-          seed: int = 0, vision_layer: int | None = None, decode=None,
+          seed: int = 0, vision_layer: int | list[int] | None = None, decode=None,
           decode_program: torch.export.ExportedProgram | None = None) -> VlmModule:
     """Rewrite a fresh copy of a captured prefill (``capture_prefill``); the program is not changed.
     ``decode_program``: the language model's decode step captured before (``tpc.vlm.decode.capture_decode_step``)."""
@@ -133,8 +131,8 @@ def _with_decoder(pruned: VlmModule, model, plan, program) -> VlmModule:
     return pruned
 
 
-def _plan(family, visual: int, method: str, layers, keep, vision_layer) -> tuple[list[Step], tuple | None]:
-    """The stages, and for topk-cls the vision layer it reads; every refusal before any capture."""
+def _plan(family, visual: int, method: str, layers, keep, vision_layer) -> tuple[list[Step], VisionScoring | None]:
+    """The stages, and for topk-cls how it scores from the vision tower; every refusal before any capture."""
     stages = stages_of(family.spec(), visual, method, layers, keep)
     needs_cls = get_method(method).needs_cls
     if vision_layer is not None and not needs_cls:

@@ -31,7 +31,7 @@ from torch.export import Dim
 
 from tpc.errors import TpcError
 from tpc.vlm.inputs import prompt_positions, visual_per_example
-from tpc.vlm.spec import VlmSpec
+from tpc.vlm.spec import VisionScoring, VlmSpec
 
 
 def is_vlm(model) -> bool:
@@ -108,8 +108,9 @@ class Family(ABC):
     def example_inputs(self, batch: int, text: int, seed: int) -> dict:
         """Seeded processor-like inputs for capture: ``batch`` prompts of ``text`` text tokens."""
 
-    def cls_scoring(self, vision_layer: int | None) -> tuple[int, int]:
-        """(vision layer whose [CLS] attention scores, leading tokens the features drop) for topk-cls."""
+    def cls_scoring(self, vision_layer) -> VisionScoring:
+        """How topk-cls scores the visual tokens from the vision tower: ``vision_layer`` is None (the
+        family's default layer), one layer, or a list of layers whose scores are summed."""
         raise TpcError(f"{self.spec().vision_tower} has no [CLS] token, so topk-cls (VTC-CLS) cannot score its "
                        "visual tokens: use fastv, divprune, kcenter or random")
 
@@ -159,18 +160,15 @@ class Llava(Family):
     def prefill(self) -> nn.Module:
         return LlavaPrefill(self.model)
 
-    def cls_scoring(self, vision_layer: int | None) -> tuple[int, int]:
-        """VTC-CLS reads the [CLS] row of a vision layer up to the feature layer (``vision_feature_layer``,
-        whose output LLaVA projects; -2 in LLaVA-1.5): by default that layer itself."""
+    def cls_scoring(self, vision_layer) -> VisionScoring:
+        """VTC-CLS reads the [CLS] row of vision layers up to the feature layer (``vision_feature_layer``,
+        whose output LLaVA projects; -2 in LLaVA-1.5): by default that layer itself; several layers
+        are VTC-CLS's ensemble. A tower without [CLS] (SigLIP): the attention each patch receives."""
         spec, cfg = self.spec(), self.model.config
-        if not spec.vision_cls:
-            super().cls_scoring(vision_layer)
         feature = feature_layer(cfg) % (spec.vision_layers + 1) - 1  # hidden_states[i] is layer i-1's output
-        layer = feature if vision_layer is None else vision_layer
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= feature:
-            raise TpcError(f"vision_layer {vision_layer!r}: choose a vision layer from 0 to {feature} (the layer "
-                           "LLaVA takes its image features from)")
-        return layer, 1 if cfg.vision_feature_select_strategy == "default" else 0
+        layers = vision_layers(vision_layer, feature, "the layer LLaVA takes its image features from")
+        return VisionScoring(layers, "cls" if spec.vision_cls else "received",
+                             1 if cfg.vision_feature_select_strategy == "default" else 0)
 
     def graph_args(self, inputs: dict) -> tuple[tuple, int]:
         ids, pixels, mask = inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]
@@ -188,6 +186,20 @@ class Llava(Family):
         ids = self._text(batch, text, self.spec().tokens_per_image, gen)
         pixels = torch.randn(batch, vision.num_channels, vision.image_size, vision.image_size, generator=gen)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+
+def vision_layers(vision_layer, last: int, what: str) -> tuple[int, ...]:
+    """``vision_layer`` (None: ``last``; one layer; a list or tuple of layers) as sorted layers in 0..last."""
+    layers = [last] if vision_layer is None else list(vision_layer) if isinstance(vision_layer, (list, tuple)) \
+        else [vision_layer]
+    if not layers:
+        raise TpcError(f"vision_layer {vision_layer!r} names no layer: give one vision layer or several, from 0 to "
+                       f"{last} ({what})")
+    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= last for i in layers):
+        raise TpcError(f"vision_layer {vision_layer!r}: choose a vision layer from 0 to {last} ({what})")
+    if len(set(layers)) != len(layers):
+        raise TpcError(f"vision_layer {vision_layer!r} names a layer twice: give each vision layer once")
+    return tuple(sorted(layers))
 
 
 def feature_layer(cfg) -> int:
@@ -243,6 +255,11 @@ class Qwen2VL(Family):
 
     def prefill(self) -> nn.Module:
         return Qwen2VLPrefill(self.model)
+
+    def cls_scoring(self, vision_layer) -> VisionScoring:
+        raise TpcError(f"{self.spec().vision_tower} runs eagerly, outside the captured graph (its per-image split "
+                       "is data-dependent), and has no [CLS] token, so topk-cls has no vision attention to score "
+                       "with: use fastv, divprune, kcenter or random")
 
     def graph_args(self, inputs: dict) -> tuple[tuple, int]:
         """The vision encoder runs here, eagerly; M-RoPE positions from the model's ``get_rope_index``."""
@@ -300,6 +317,14 @@ class SmolVLM(Family):
 
     def prefill(self) -> nn.Module:
         return SmolVLMPrefill(self.model)
+
+    def cls_scoring(self, vision_layer) -> VisionScoring:
+        """No [CLS]: tpc scores a patch by the attention it receives (mean over heads and queries) at the
+        chosen layers (default the last, whose output the connector takes), and a visual token by the
+        mean over the s² patches the connector's pixel shuffle puts in it."""
+        last = self.spec().vision_layers - 1
+        layers = vision_layers(vision_layer, last, "the vision model's last layer feeds the connector")
+        return VisionScoring(layers, "received", 0, int(self.model.config.scale_factor))
 
     def graph_args(self, inputs: dict) -> tuple[tuple, int]:
         ids, pixels, mask = inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]

@@ -92,12 +92,12 @@ def prompt_mask(gm: fx.GraphModule) -> fx.Node:
 
 
 def vision_attention(gm: fx.GraphModule, index: int) -> DecoderLayer:
-    """Vision-tower layer ``index``'s self-attention (the stack before the language model's: VTC-CLS
-    reads its [CLS] row)."""
+    """Vision-tower layer ``index``'s self-attention (the stack before the language model's: topk-cls
+    reads its [CLS] row, or the attention its patches receive)."""
     found = _stacks(gm)
     tower = found[-2] if len(found) > 1 else []
     layer = next((layer for layer in tower if layer.index == index), None)
     if layer is None:
-        raise TpcError(f"vision layer {index} has no self-attention in the captured graph; VTC-CLS needs its one "
+        raise TpcError(f"vision layer {index} has no self-attention in the captured graph; topk-cls needs its one "
                        "self-attention (load the model with attn_implementation='sdpa')")
     return _sdpa(layer, "vision layer")

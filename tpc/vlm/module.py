@@ -128,7 +128,7 @@ class VlmModule(nn.Module):
             raise TpcError("this VlmModule keeps no captured program to take the unpruned prefill from")
         flops = self.report.flops_before
         report = replace(self.report, method=None, layers=[], keep=[], stages=[], flops_after=flops, decode=None,
-                         flops_scoring=0, vision_layer=None,
+                         flops_scoring=0, vision_scoring=None,
                          layer_tokens=[self.report.prompt_tokens] * len(self.report.layer_tokens))
         gm = self._program.module()
         return VlmModule(gm, self._model[0], self.family, [], report, self.example_inputs, self._program)

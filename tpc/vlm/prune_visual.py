@@ -12,8 +12,12 @@ model, stage 1; j = L + 1 prunes after decoder layer L, stage 2):
    divprune / kcenter  ``tpc::divprune`` / ``tpc::kcenter`` on the residual stream at ``pos``;
    topk-cls VTC-CLS: ``tpc::cls_attention`` (head-mean attention of the vision tower's
             [CLS] query at a vision layer, from that layer's own q and k) over the patches,
-            [B·images, P] reshaped to [B, V] (the features' order is the placeholders'
-            order), then ``tpc::select_topk``; before the language model only;
+            summed over the chosen layers (VTC-CLS's ensemble); on a tower without [CLS]
+            (SmolVLM) tpc's substitute, the attention each patch receives
+            (``tpc::attention_probs`` averaged over heads and queries), averaged over the s²
+            patches the pixel shuffle joins into one visual token; [B·images, V/images]
+            reshaped to [B, V] (the features' order is the placeholders' order), then
+            ``tpc::select_topk``; before the language model only;
    random   ``tpc::random_scores`` over the V visual offsets (the same draw for every
             example, so a batch gives each example what it gets alone), ``tpc::select_topk``.
 3. ``kept = tpc::keep_visual(pos, chosen, S)`` [B, S - V + K]: every text token and the
@@ -57,6 +61,7 @@ from tpc.passes.propagate_token_axis import propagate
 from tpc.registry import VISUAL, Where, get_method, methods_for
 from tpc.vlm import ops  # noqa: F401  (registers the tpc:: VLM ops)
 from tpc.vlm.graph import DecoderLayer, decoder_layers, prompt_mask, vision_attention, visual_mask
+from tpc.vlm.spec import VisionScoring
 
 logger = logging.getLogger("tpc.passes")
 tpc = torch.ops.tpc
@@ -75,17 +80,16 @@ class VisualContext:
     seed: int
     attention_mask: fx.Node  # the prompt's [B, S] attention mask input
     positions: fx.Node | None  # [B, S]: the original positions the stream holds after earlier stages (None: all)
-    vision: DecoderLayer | None = None  # the vision layer whose [CLS] attention scores (needs_cls)
-    cls_drop: int = 0  # leading vision tokens the features drop (1 when [CLS] is not a visual token)
+    vision: list[DecoderLayer] | None = None  # the vision layers whose attention scores (needs_cls)
+    scoring: VisionScoring | None = None  # how (``Family.cls_scoring``)
 
 
 class PruneVisual(Pass):
     name = "prune_visual"
 
     def __init__(self, before_layer: int, method: str, visual: int, keep: int, hidden: int, image_token_id: int,
-                 seed: int = 0, cls: tuple[int, int] | None = None):
-        """``cls``: for a method that needs a [CLS] token, (the vision layer whose [CLS] attention
-        scores, leading tokens the features drop: 1 when the [CLS] itself is not a visual token)."""
+                 seed: int = 0, scoring: VisionScoring | None = None):
+        """``scoring``: for a method that reads the vision tower (topk-cls), which layers and rule."""
         self.where = Where.VISUAL_BEFORE_LM if before_layer == 0 else Where.VISUAL_IN_LM
         self.method = get_method(method)
         if not self.method.applies(*VISUAL):
@@ -94,7 +98,7 @@ class PruneVisual(Pass):
             raise TpcError(f"cannot keep {keep} of {visual} visual tokens")
         self.before, self.visual, self.keep, self.hidden, self.seed = before_layer, visual, keep, hidden, seed
         self.image_token_id = image_token_id
-        self.cls = cls
+        self.scoring = scoring
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         layers = decoder_layers(gm)
@@ -115,9 +119,9 @@ class PruneVisual(Pass):
         visual = placeholders if positions is None else b.op(
             tpc.gather_axis.default, placeholders, positions, 1, role=Role.GATHER)
         pos = b.op(tpc.visual_index.default, visual, self.visual, role=Role.SELECTION)
-        vision = vision_attention(gm, self.cls[0]) if self.method.needs_cls else None
+        vision = [vision_attention(gm, i) for i in self.scoring.layers] if self.method.needs_cls else None
         ctx = VisualContext(layers, self.before, stream, pos, self.visual, self.keep, self.seed,
-                            prompt_mask(gm), positions, vision, self.cls[1] if self.cls else 0)
+                            prompt_mask(gm), positions, vision, self.scoring)
         chosen = choose(b, ctx)
         kept = b.op(tpc.keep_visual.default, pos, chosen, length, role=Role.SELECTION)
         out = b.op(tpc.gather_axis.default, stream, kept, 1, role=Role.GATHER, value=val(stream))  # old terms (rule 6)
@@ -172,14 +176,44 @@ class PruneVisual(Pass):
 
 
 def choose_topk_cls(b: Builder, ctx: VisualContext) -> fx.Node:
-    """VTC-CLS: the vision encoder's [CLS] attention over its patches, [B·images, P] -> [B, V]."""
-    vision = ctx.vision
-    scores = b.op(tpc.cls_attention.default, vision.q, vision.k, vision.scale, vision.mask, role=Role.SCORING)
-    if ctx.cls_drop:
-        scores = b.op(aten.slice.Tensor, scores, 1, ctx.cls_drop, role=Role.SCORING)
+    """VTC-CLS (Wang et al., 2024, arXiv 2412.05819): the vision encoder's [CLS] attention over its
+    patches, s_j = Σ_l mean_h A^l_h[CLS, j] over the chosen layers l (the official code's sum over
+    ``attentions[start_layer:-1]``), [B·images, P] -> [B, V]; top K per example. A tower without
+    [CLS]: s_j = Σ_l mean_{h,i} A^l_h[i, j], the attention patch j receives (PoWER-BERT's
+    significance, Goyal et al., ICML 2020), tpc's substitute."""
+    scoring = ctx.scoring
+    scores = None
+    for vision in ctx.vision:
+        if scoring.rule == "cls":
+            layer = b.op(tpc.cls_attention.default, vision.q, vision.k, vision.scale, vision.mask, role=Role.SCORING)
+        else:
+            probs = b.op(tpc.attention_probs.default, vision.q, vision.k, vision.scale, vision.mask,
+                         role=Role.SCORING)
+            layer = b.op(aten.mean.dim, probs, [1, 2], role=Role.SCORING)  # [B·images, P]: heads and queries
+        scores = layer if scores is None else b.op(aten.add.Tensor, scores, layer, role=Role.SCORING)
+    if scoring.drop:
+        scores = b.op(aten.slice.Tensor, scores, 1, scoring.drop, role=Role.SCORING)
+    if scoring.shuffle > 1:
+        scores = _shuffled(b, scores, scoring.shuffle)
     batch = b.op(aten.sym_size.int, ctx.pos, 0, role=Role.GATHER)
     per_example = b.op(aten.reshape.default, scores, [batch, ctx.visual], role=Role.SCORING)
     return b.op(tpc.select_topk.default, per_example, ctx.keep, 0, role=Role.SELECTION)
+
+
+def _shuffled(b: Builder, scores: fx.Node, s: int) -> fx.Node:
+    """[N, P] patch scores -> [N, P/s²]: the mean over the s² patches that the connector's pixel shuffle
+    (Idefics3 / SmolVLM ``pixel_shuffle``, the same views and permutes on one channel) makes one token."""
+    patches = numeric_size(val(scores).shape[1])
+    side = int(round(patches ** 0.5))
+    if side * side != patches or side % s:
+        raise TpcError(f"a vision tower of {patches} patches is not a square grid the pixel shuffle {s} divides: "
+                       "topk-cls cannot map its patch scores to visual tokens")
+    x = b.op(aten.reshape.default, scores, [-1, side, side // s, s], role=Role.SCORING)
+    x = b.op(aten.permute.default, x, [0, 2, 1, 3], role=Role.SCORING)
+    x = b.op(aten.reshape.default, x, [-1, side // s, side // s, s * s], role=Role.SCORING)
+    x = b.op(aten.permute.default, x, [0, 2, 1, 3], role=Role.SCORING)
+    x = b.op(aten.reshape.default, x, [-1, patches // (s * s), s * s], role=Role.SCORING)
+    return b.op(aten.mean.dim, x, [-1], role=Role.SCORING)
 
 
 def choose_fastv(b: Builder, ctx: VisualContext) -> fx.Node:

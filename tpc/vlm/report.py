@@ -29,7 +29,7 @@ class VlmReport:
     flops_before: int = 0  # prefill MACs at batch 1 for the example prompt, unpruned (0: not counted)
     flops_after: int = 0  # the same on the rewritten prefill (scoring included)
     flops_scoring: int = 0  # of flops_after, the pruning's own (scoring, selection, gathers)
-    vision_layer: int | None = None  # topk-cls: the vision layer whose [CLS] attention scores
+    vision_scoring: object = None  # topk-cls: a VisionScoring (the vision layers and rule it scores with)
     decode: object = None  # a DecodeReport (the decode steps' sparse attention, tpc/vlm/decode.py) or a
     # CompressedReport (a compressed KV cache); None: dense
 
@@ -50,7 +50,7 @@ class VlmReport:
                 f"{'layer':>5}  {'tokens':>6}  pruning"]
         for stage in self.stages:
             if stage.layer < 0:
-                cls = f" ([CLS] attention of vision layer {self.vision_layer})" if self.vision_layer is not None else ""
+                cls = f" ({self.vision_scoring.describe()})" if self.vision_scoring is not None else ""
                 rows.append(f"{'LM in':>5}  {self.prompt_tokens:>6}  {stage.method}: visual {stage.tokens_in} -> "
                             f"{stage.tokens_out} before the language model{cls}")
         for i, tokens in enumerate(self.layer_tokens):

@@ -17,3 +17,25 @@ class VlmSpec:
     vision_cls: bool  # the vision tower has a [CLS] token
     vision_tower: str  # class name, for reports
     tower_in_graph: bool = True  # False: the vision encoder runs eagerly before the captured prefill
+
+
+@dataclass(frozen=True)
+class VisionScoring:
+    """How topk-cls scores a VLM's visual tokens from its vision tower (``Family.cls_scoring``).
+
+    ``rule`` "cls": VTC-CLS, the [CLS] query's head-mean attention over the patches; "received":
+    for a tower without [CLS], the attention each patch receives (mean over heads and queries).
+    Several ``layers``: their scores are summed (VTC-CLS's ensemble). ``drop``: leading tower
+    tokens that are not visual tokens (LLaVA's [CLS] under the "default" strategy). ``shuffle``:
+    the connector's pixel-shuffle factor s (SmolVLM), s² patches per visual token; 1: one patch each.
+    """
+
+    layers: tuple[int, ...]
+    rule: str = "cls"
+    drop: int = 0
+    shuffle: int = 1
+
+    def describe(self) -> str:
+        which = f"vision layer {self.layers[0]}" if len(self.layers) == 1 else \
+            f"vision layers {', '.join(map(str, self.layers))}, summed"
+        return f"[CLS] attention of {which}" if self.rule == "cls" else f"attention received at {which}"
