@@ -78,7 +78,7 @@ def vlm_maker():
 @pytest.fixture(scope="module")
 def llava(vlms):
     """LLaVA's vlms("llava"), and its module with a tidal decode step (selection at layer 0) reading 1000 positions,
-    then 3 (the pruned caches hold 13 and 9 real positions)."""
+    then 3 (the pruned caches hold 16 and 13 real positions)."""
     return vlms("llava"), sparse(vlms, "llava", "tidal", [0], 1000), sparse(vlms, "llava", "tidal", [0], 3)
 
 

@@ -5,7 +5,9 @@ holds the budget (tpc/vlm/decode.py, tpc/decode/compressed.py)."""
 from __future__ import annotations
 
 import copy
+import gc
 import types
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -17,7 +19,8 @@ from test_vlm_llava import tiny_llava
 from tpc.errors import TpcError
 from tpc.vlm import VlmModule, compile_vlm
 from tpc.vlm.decode import compress, decode_settings
-from tpc.vlm.module import last_position
+from tpc.vlm.family import language_model
+from tpc.vlm.module import _decode_step, last_position
 
 SMALL = {"streaming": {"sinks": 2}, "h2o": {"recent": 2}, "snapkv": {"window": 2, "kernel": 3},
          "scissorhands": {"recent": 2, "history": 3}}
@@ -78,6 +81,51 @@ def test_a_budget_over_the_prompt_generates_the_dense_decode_tokens(vlms, compre
     assert torch.equal(pruned.generate(**inputs, max_new_tokens=NEW, **SAMPLING), sampled)
 
 
+@pytest.mark.parametrize("family", ["qwen2vl", *(pytest.param(f, marks=pytest.mark.slow) for f in ("llava", "smolvlm"))])
+def test_each_step_s_logits_are_the_stock_layers_at_the_vlm_s_next_position(vlms, compressed, family):
+    """With a budget over prompt and new tokens, each step's logits equal the stock decoder layers' over the dense
+    pruned cache at the VLM's next position (Qwen2-VL: M-RoPE continued from the unpruned prompt). The tiny models
+    barely react to rotary positions in their tokens; their logits move by about 1e-3 at a wrong position."""
+    model, inputs, *_ = vlms(family)
+    pruned = compressed(family, "h2o", 1000)
+    logits, cache = pruned.compressed_cache(pruned.prefill(**inputs))
+    state = pruned.prefill(**inputs)  # the same pruned prefill: its dense cache for the stock layers
+    lm, head = language_model(model)
+    position, valid = last_position(state.positions), state.valid
+    for _ in range(4):
+        token = logits.argmax(-1)[:, None]
+        position = position + 1
+        valid = [torch.cat([v, torch.ones_like(v[:, :1])], 1) for v in valid]
+        with torch.no_grad():
+            want = _decode_step(lm, head, token, position, valid, state.cache)
+        logits = pruned.decoder.step(cache, token, position)
+        torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_frees_the_prefill_s_cache_before_decoding(vlms, compressed, monkeypatch):
+    """Between steps only the compressed cache is alive: the pruned prefill's own cache and logits are gone."""
+    inputs = vlms("llava")[1]
+    pruned = compressed("llava", "h2o", BUDGET)
+    refs, alive = [], []
+    prefill, step = pruned.prefill, pruned.decoder.step
+
+    def watched_prefill(*args, **kwargs):
+        state = prefill(*args, **kwargs)
+        refs.extend(weakref.ref(t) for layer in state.cache.layers for t in (layer.keys, layer.values))
+        refs.append(weakref.ref(state.logits))
+        return state
+
+    def counting_step(*args, **kwargs):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in refs))
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(pruned, "prefill", watched_prefill)
+    monkeypatch.setattr(pruned.decoder, "step", counting_step)
+    pruned.generate(**inputs, max_new_tokens=3)
+    assert refs and alive == [0, 0]
+
+
 def test_the_physical_cache_holds_the_budget_after_the_prefill_and_each_step(vlms, compressed):
     inputs = vlms("llava")[1]
     pruned = compressed("llava", "h2o", BUDGET)
@@ -105,9 +153,11 @@ def test_kept_positions_follow_the_paper_over_the_pruned_prompt(vlms, compressed
     embedded = []
     hook = model.model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: embedded.append(kwargs["inputs_embeds"]), with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs)  # the stock model: the prompt's embeddings, image features in place
-    hook.remove()
+    try:
+        with torch.no_grad():
+            model(**inputs)  # the stock model: the prompt's embeddings, image features in place
+    finally:
+        hook.remove()  # the model is shared with other tests
     lm = types.SimpleNamespace(model=model.model.language_model, config=model.config.text_config,
                                lm_head=model.lm_head)
     for b in range(2):
@@ -158,11 +208,10 @@ def test_the_compressed_cache_has_no_file_and_its_decoder_takes_no_prompts(vlms,
     assert "\n" not in str(err.value) and list(tmp_path.iterdir()) == []
     with pytest.raises(TpcError, match="call generate\\(\\) of the VlmModule"):
         pruned.decoder.generate(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=2)
-    for keep in ("8", "0"):  # refused before the model loads
-        result = cli("compile", tmp_path / "missing", "--pass", "divprune", "--decode", "h2o", "--decode-keep", keep,
-                     "-o", tmp_path / "vlm.pt2")
-        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
-        assert "compresses the KV cache while generating" in result.stderr or "keep for a compressed" in result.stderr
+    result = cli("compile", tmp_path / "missing", "--pass", "divprune", "--decode", "h2o", "--decode-keep", "8",
+                 "-o", tmp_path / "vlm.pt2")  # refused before the model loads
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "compresses the KV cache while generating" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -181,6 +230,7 @@ def test_tpc_compile_and_cli_take_a_compressed_cache(vlms, tmp_path, capsys):
            "of the 3 layers" in capsys.readouterr().out
     out = tmp_path / "a.pt2"
     assert main(["compile", str(directory), "--pass", "divprune", "--decode", "h2o", "-o", str(out)]) == 1
+    assert "compresses the KV cache while generating" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "a.decode.pt2").exists()
 
 
@@ -208,3 +258,13 @@ def test_prefill_scores_adds_one_output_per_decoder_layer_and_leaves_a_rule_with
     outputs = scored.graph.output_node().args[0]
     assert len(outputs) == len(gm.graph.output_node().args[0]) + 3
     assert all(n.target is torch.ops.tpc.attention_mass.default for n in outputs[-3:])
+
+
+@pytest.mark.parametrize("method", ["h2o", "tidal"])
+def test_a_decode_time_method_given_as_a_vlm_s_method_names_decode(vlms, method):
+    import tpc
+
+    model, inputs, *_ = vlms("llava")
+    with pytest.raises(TpcError, match=r"^LlavaForConditionalGeneration is a VLM: .*decode=\{'method': 'h2o'") as err:
+        tpc.compile(model, inputs, method=method, keep=8)
+    assert "\n" not in str(err.value)

@@ -34,6 +34,10 @@ def decoder_spec(model: nn.Module) -> tuple[int, int, int]:
     config = getattr(model, "config", None)
     name = type(model).__name__
     if config is None or not name.endswith("ForCausalLM") or not getattr(config, "num_hidden_layers", None):
+        if getattr(config, "vision_config", None) is not None:
+            raise TpcError(f"{name} is a VLM: its decode takes a decode-time method after its visual tokens are pruned, "
+                           "e.g. method='divprune', decode={'method': 'h2o', 'keep': 256} (--pass divprune --decode h2o "
+                           "--decode-keep 256)")
         raise TpcError(f"{name} has no KV cache to decode from: decode-time sparse attention and a compressed KV cache "
                        "take a decoder language model such as LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM")
     return _spec(config)

@@ -169,7 +169,10 @@ class VlmModule(nn.Module):
         refuse_right_padding(attention_mask)
         state = self.prefill(input_ids, pixel_values, attention_mask, **image_inputs)
         if isinstance(self.decoder, CompressedDecoder):
-            return self._generate_compressed(input_ids, state, config)
+            logits, cache = self.compressed_cache(state)
+            position = last_position(state.positions)
+            del state  # the prefill's whole cache and logits: decoding reads only the compressed cache
+            return self._generate_compressed(input_ids, logits, cache, position, config)
         if self.decoder is not None:
             return self._generate_sparse(input_ids, state, config)
         lm, head = language_model(self._model[0])
@@ -215,13 +218,12 @@ class VlmModule(nn.Module):
             raise TpcError("this VlmModule decodes without a compressed KV cache: compile it with decode={'method': "
                            "'h2o', 'keep': 256} (or snapkv, scissorhands, streaming)")
         past = [t for layer in state.cache.layers for t in (layer.keys, layer.values)]
-        return self.decoder.take(state.logits[:, -1].float(), past, state.scores, state.valid[0])
+        return self.decoder.take(state.logits[:, -1].float().clone(), past, state.scores, state.valid[0])  # no view
 
-    def _generate_compressed(self, input_ids, state: Prefill, config) -> torch.Tensor:
-        """Decode over the compressed cache (``self.decoder``, a ``CompressedDecoder``): each new token runs the
-        language model's step over the kept positions at the VLM's next position, then the cache evicts."""
-        logits, cache = self.compressed_cache(state)
-        position = last_position(state.positions)
+    def _generate_compressed(self, input_ids, logits, cache, position, config) -> torch.Tensor:
+        """Decode over the compressed ``cache`` (``self.decoder``, a ``CompressedDecoder``) after the prompt's last
+        ``logits`` and ``position``: each new token runs the language model's step over the kept positions at the
+        VLM's next position, then the cache evicts."""
 
         def step(token):
             nonlocal position

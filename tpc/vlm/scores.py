@@ -27,7 +27,7 @@ from torch import fx
 from tpc.decode import ops  # noqa: F401  (registers the tpc:: score ops)
 from tpc.decode.graph import REPEAT
 from tpc.errors import TpcError
-from tpc.graph.nodes import is_op
+from tpc.graph.nodes import describe, is_op
 from tpc.passes.cleanup import finish
 from tpc.passes.compaction import Builder, Role
 from tpc.passes.infra import Pass, PassResult
@@ -37,6 +37,16 @@ logger = logging.getLogger("tpc.passes")
 
 
 class PrefillScores(Pass):
+    """Rewrite rules, per decoder layer of the language model (its SDPA stays as it is):
+
+    1. the layer's queries, the keys the prefill returns for its cache and its mask feed one
+       ``tpc::<score>`` node (``attention_mass`` or ``below_mean_counts``), a scoring node;
+    2. the scores follow every other output, layer by layer.
+
+    Every layer is checked before anything is inserted: a layer whose attention does not read its
+    cached keys under one mask is refused in one line and the graph is left as it was. A rule without
+    scores (streaming) matches nothing."""
+
     def __init__(self, score: str | None, window: int):
         self.score, self.window = score, window
         self.name = f"prefill_scores({score}, window {window})"
@@ -47,17 +57,19 @@ class PrefillScores(Pass):
         op = getattr(torch.ops.tpc, self.score).default
         output = gm.graph.output_node()
         outputs = list(output.args[0])
-        scores = []
+        layers = []
         for layer in decoder_layers(gm):
             keys = outputs[1 + 2 * layer.index]  # (logits, k_0, v_0, k_1, v_1, …, kept positions)
             read = layer.k
             while is_op(read, *REPEAT) and read is not keys:
                 read = read.args[0]
             if read is not keys or layer.mask is None:
-                raise TpcError(f"decoder layer {layer.index}'s attention {layer.attention.name} does not read the keys "
-                               "the prefill caches under one mask: a compressed KV cache scores stock attention")
-            b = Builder(gm, layer.attention)
-            scores.append(b.op(op, layer.q, keys, layer.mask, layer.scale, self.window, role=Role.SCORING))
+                raise TpcError(f"decoder layer {layer.index}'s attention, {describe(layer.attention)}, does not read "
+                               "the keys the prefill caches under one mask: a compressed KV cache scores stock "
+                               "attention; decode this model with a dense cache or decode={'method': 'tidal'}")
+            layers.append((layer, keys))
+        scores = [Builder(gm, layer.attention).op(op, layer.q, keys, layer.mask, layer.scale, self.window,
+                                                  role=Role.SCORING) for layer, keys in layers]
         output.args = ((*outputs, *scores),)
         finish(gm, start=scores[0])  # only the language model's nodes from the first score on
         logger.debug("%s: %d decoder layers return their scores", self.name, len(scores))
