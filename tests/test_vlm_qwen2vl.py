@@ -198,7 +198,7 @@ def test_api_writes_a_checked_program_with_the_eager_encoders_features_as_input(
 
     session = ort.InferenceSession(str(tmp_path / "vlm.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["input_ids", "image_features", "attention_mask", "position_ids"]
-    assert pruned.report.visual_span == (4, 19)
+    assert pruned.report.visual_span == (4, 19) and tpc.inspect(model, inputs).visual_span == (4, 19)  # unpruned
 
 
 def test_golden_graph(qwen, update_golden):
