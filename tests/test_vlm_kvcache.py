@@ -268,3 +268,18 @@ def test_a_decode_time_method_given_as_a_vlm_s_method_names_decode(vlms, method)
     with pytest.raises(TpcError, match=r"^LlavaForConditionalGeneration is a VLM: .*decode=\{'method': 'h2o'") as err:
         tpc.compile(model, inputs, method=method, keep=8)
     assert "\n" not in str(err.value)
+
+
+def test_the_report_counts_the_prefill_s_eviction_scores(vlms, compressed):
+    """h2o's prefill scores (one q·kᵀ per decoder layer over every prompt query) are counted as scoring
+    multiply-adds: B·H·T·N·d per layer at batch 1, the pruned prompt's T = N tokens."""
+    dense = vlms("llava")[4]
+    pruned = compressed("llava", "h2o", BUDGET)
+    report = pruned.report  # the compile's (copied) report, recounted after PrefillScores
+    config = vlms("llava")[0].config.text_config
+    heads, width = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    tokens = report.layer_tokens[0]
+    expected = config.num_hidden_layers * heads * tokens * tokens * width
+    assert report.flops_scoring - dense.report.flops_scoring == expected
+    assert report.flops_after - dense.report.flops_after == expected
+    assert "tokens per layer before eviction" in report.summary()

@@ -74,7 +74,7 @@ def node_macs(node: fx.Node, sizes: dict | None = None) -> int:
     if packet is aten.scaled_dot_product_attention:
         q, k, v = (_shape(a) for a in args[:3])
         return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
-    cost = TPC_OP_MACS.get(packet)
+    cost = TPC_OP_MACS.get(packet) or DECODE_OP_MACS.get(getattr(packet, "_qualified_op_name", None))
     return cost(node, sizes) if cost is not None else 0
 
 
@@ -123,9 +123,19 @@ def bipartite_match_macs(node: fx.Node, sizes: dict | None = None) -> int:
     return b * ((n + 1) // 2) * (n // 2) * c
 
 
+def window_scores_macs(node: fx.Node, sizes: dict | None = None) -> int:
+    """A KV-eviction score (``tpc::attention_mass``, ``tpc::below_mean_counts``): the last ``window`` of the
+    T queries [B, H, T, d] against the N keys, q·kᵀ."""
+    b, h, t, d = _concrete(val(node.args[0]), sizes)
+    keys = _concrete(val(node.args[1]), sizes)[2]
+    return b * h * min(node.args[4], t) * keys * d
+
+
 # MAC counts of the tpc:: ops that compute (gathers and selections move memory only).
 TPC_OP_MACS = {
     torch.ops.tpc.cls_attention: cls_attention_macs,
     torch.ops.tpc.sparse_attention: sparse_attention_macs,
     torch.ops.tpc.bipartite_match: bipartite_match_macs,
 }
+# The decode ops (tpc/decode/ops.py) by name: this module is imported before they are registered.
+DECODE_OP_MACS = {"tpc::attention_mass": window_scores_macs, "tpc::below_mean_counts": window_scores_macs}

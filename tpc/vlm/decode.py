@@ -46,6 +46,7 @@ from tpc.errors import TpcError
 from tpc.passes import PassManager
 from tpc.registry import Where, methods_for
 from tpc.vlm.family import language_model
+from tpc.vlm.flops import prefill_flops
 from tpc.vlm.scores import PrefillScores
 
 if TYPE_CHECKING:  # tpc.decode.module imports tpc.vlm (its checks on prompts): no import cycle at run time
@@ -137,6 +138,8 @@ def compress(model: nn.Module, pruned: VlmModule, settings: dict,
     ``capture_decode_step``, or captured now) does too, run by a ``CompressedDecoder``."""
     score, window, options = scoring(settings["method"], settings["keep"], settings["options"])
     PassManager([PrefillScores(score, window)])(pruned.gm)
+    counted = prefill_flops(pruned.gm, pruned.report.prompt_tokens)  # the prefill now scores for the cache too
+    pruned.report.flops_after, pruned.report.flops_scoring = counted.total, counted.scoring
     program = program if program is not None else capture_decode_step(model)
     gm = program.module()
     PassManager([EvictionScores(score, window)])(gm)

@@ -67,7 +67,8 @@ class VlmReport:
         full = self.prompt_tokens * len(self.layer_tokens)
         ratio = sum(self.layer_tokens) / full if full else 1.0
         lines = [f"decoder-layer tokens: {sum(self.layer_tokens)} of {full} ({ratio:.3f}x) for the example prompt; "
-                 "KV cache after prefill: " + ", ".join(map(str, self.layer_tokens)) + " tokens per layer"]
+                 "KV cache after prefill: " + ", ".join(map(str, self.layer_tokens)) + " tokens per layer"
+                 + (" before eviction" if isinstance(self.decode, CompressedReport) else "")]
         if self.flops_before:
             g = 1e9
             eager = "" if self.tower_in_graph else ", the eager vision encoder not counted"
