@@ -149,11 +149,12 @@ def test_golden_graph(smol, update_golden):
 
 def test_onnx_prefill_is_written_after_onnx_runtime_matches_the_graph(smol, tmp_path):
     """tpc.export(pruned, "vlm.onnx") on SmolVLM (vision model, pixel-shuffle connector, text model
-    in the file): ONNX Runtime checked against the graph at batch 1 and the left-padded batch 2."""
+    in the file), pruned by the attention its patches receive at two vision layers (topk-cls on a tower
+    without [CLS]): ONNX Runtime checked against the graph at batch 1 and the left-padded batch 2."""
     import tpc
 
     model, inputs, program = smol
-    pruned = prune(model, program, inputs, method="kcenter", keep=4)
+    pruned = prune(model, program, inputs, method="topk-cls", keep=4, vision_layer=[0, 1])  # attention received
     result = tpc.export(pruned, tmp_path / "vlm.onnx")
     assert result.batches == (1, 2) and result.max_abs_error < 1e-5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vlm.onnx"]

@@ -284,15 +284,3 @@ def test_golden_graph_smolvlm_attention_received(smol, update_golden):
     model, inputs, program = smol
     check_golden(prune(model, program, inputs, method="topk-cls", keep=4, vision_layer=[0, 1]).gm,
                  "vlm_smolvlm_topk_cls_received", update_golden)
-
-
-@pytest.mark.slow
-def test_onnx_of_attention_received_matches_the_graph(smol, tmp_path):
-    """tpc.export writes SmolVLM's attention-received topk-cls (two layers) as ONNX, checked in ONNX Runtime."""
-    import tpc
-
-    model, inputs, program = smol
-    result = tpc.export(prune(model, program, inputs, method="topk-cls", keep=4, vision_layer=[0, 1]),
-                        tmp_path / "vlm.onnx")
-    assert result.batches == (1, 2) and result.max_abs_error < 1e-5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["vlm.onnx"]
