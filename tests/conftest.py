@@ -35,8 +35,23 @@ def pytest_cmdline_main(config):
         return
     config.option.numprocesses = min(cores, MAX_WORKERS)
     if config.option.dist == "no":
-        config.option.dist = "worksteal"
+        config.option.dist = "loadscope"  # a module's captures are made on one worker, not on each
     os.environ["OMP_NUM_THREADS"] = "1"  # the workers and the `python -m tpc` they start: one thread per core
+
+
+# The longest modules first (seconds of test time, longest first): with loadscope each module runs on one
+# worker, and a long one handed out last would leave the other worker idle at the end of the run.
+LONGEST_FIRST = ("test_vlm_llava.py", "test_vlm_decode.py", "test_onnx.py", "test_pipeline.py", "test_vlm_qwen2vl.py",
+                 "test_families.py", "test_tune.py", "test_real_architectures.py", "test_vlm_smolvlm.py",
+                 "test_decode_onnx.py", "test_hardening.py", "test_onnx_ops.py", "test_vlm_vtc.py", "test_cli.py",
+                 "test_vlm_kvcache.py", "test_decode.py", "test_serving.py", "test_tensorrt_plugins.py",
+                 "test_tensorrt_compat.py", "test_registry.py", "test_properties.py", "test_quest.py",
+                 "test_dynamic_length.py", "test_tools.py", "test_hardening_inputs.py", "test_hardening_more.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module keeps its own order
 
 
 def pytest_configure(config):
