@@ -117,9 +117,8 @@ def test_every_method_and_family_over_the_cache_generates_the_dense_decode_token
     check_dense_tokens(sparse(vlms, family, method, layers, 1000, options), inputs, greedy, sampled)
 
 
-def test_a_left_padded_batch_generates_what_each_example_generates_alone(llava):
-    pruned = llava[2]
-    inputs = llava[0][1]
+def generates_each_example_alone(pruned, inputs):
+    """The left-padded batch's new tokens are those each example generates alone, unpadded."""
     together = pruned.generate(**inputs, max_new_tokens=NEW)
     for b in range(2):
         real = inputs["attention_mask"][b].bool()
@@ -127,6 +126,10 @@ def test_a_left_padded_batch_generates_what_each_example_generates_alone(llava):
         alone = pruned.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                 pixel_values=inputs["pixel_values"][b:b + 1], max_new_tokens=NEW)
         assert torch.equal(together[b, -NEW:], alone[0, -NEW:])
+
+
+def test_a_left_padded_batch_generates_what_each_example_generates_alone(llava):
+    generates_each_example_alone(llava[2], llava[0][1])
 
 
 def test_the_sparse_layers_read_only_the_budget_of_the_pruned_cache(llava):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kv_reference import run
-from test_vlm_decode import NEW, SAMPLING, llava_inputs
+from test_vlm_decode import NEW, SAMPLING, generates_each_example_alone, llava_inputs
 from test_vlm_llava import tiny_llava
 from tpc.errors import TpcError
 from tpc.vlm import VlmModule, compile_vlm
@@ -171,15 +171,7 @@ def test_kept_positions_follow_the_paper_over_the_pruned_prompt(vlms, compressed
 
 @pytest.mark.slow
 def test_a_left_padded_batch_evicts_and_generates_as_each_example_alone(vlms, compressed):
-    inputs = vlms("llava")[1]
-    pruned = compressed("llava", "h2o", BUDGET)
-    together = pruned.generate(**inputs, max_new_tokens=NEW)
-    for b in range(2):
-        real = inputs["attention_mask"][b].bool()
-        ids = inputs["input_ids"][b:b + 1, real]
-        alone = pruned.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                pixel_values=inputs["pixel_values"][b:b + 1], max_new_tokens=NEW)
-        assert torch.equal(together[b, -NEW:], alone[0, -NEW:])
+    generates_each_example_alone(compressed("llava", "h2o", BUDGET), vlms("llava")[1])
 
 
 @pytest.mark.parametrize("decode, layers, words", [
