@@ -275,3 +275,11 @@ def test_the_report_counts_the_prefill_s_eviction_scores(vlms, compressed):
     assert report.flops_scoring - dense.report.flops_scoring == expected
     assert report.flops_after - dense.report.flops_after == expected
     assert "tokens per layer before eviction" in report.summary()
+
+
+def test_a_ratio_too_small_for_a_prompt_is_refused_at_generate_with_the_vlm_s_flag(vlms, compressed):
+    """keep=0.1 of the 16- and 13-token pruned prompts is 2 positions, under streaming's 2 sinks + 1."""
+    inputs = vlms("llava")[1]
+    with pytest.raises(TpcError, match=r"--decode-option") as err:
+        compressed("llava", "streaming", 0.1).generate(**inputs, max_new_tokens=2)
+    assert "\n" not in str(err.value) and "--option " not in str(err.value)

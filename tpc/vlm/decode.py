@@ -47,6 +47,7 @@ from tpc.passes import PassManager
 from tpc.registry import Where, methods_for
 from tpc.vlm.family import language_model
 from tpc.vlm.flops import prefill_flops
+from tpc.vlm.module import decode_flags
 from tpc.vlm.scores import PrefillScores
 
 if TYPE_CHECKING:  # tpc.decode.module imports tpc.vlm (its checks on prompts): no import cycle at run time
@@ -97,11 +98,9 @@ def decode_settings(decode) -> dict:
         if decode.get("layers") is not None:
             raise TpcError(f"{method} (a compressed KV cache) keeps its budget in every decoder layer: drop decode "
                            "layers (--decode-layers)")
-        try:
+        with decode_flags():
             keep = check_keep(decode.get("keep"))
             options = eviction_rule(method, keep, options)[1]
-        except TpcError as err:  # the decoder LM's flag, as the VLM's CLI spells it
-            raise TpcError(str(err).replace("--option ", "--decode-option ")) from None
         return {"method": method, "layers": None, "keep": keep, "options": options}
     resolved = check_settings(method, decode.get("layers"), decode.get("keep"), options)
     if resolved.get("correct"):

@@ -13,6 +13,7 @@ step's evict down to its budget.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +35,15 @@ from tpc.vlm.inputs import layer_valid
 
 if TYPE_CHECKING:  # transformers is an optional dependency: `import tpc` must work without it
     from transformers import DynamicCache
+
+
+@contextmanager
+def decode_flags():
+    """A decoder LM's refusal as a VLM's CLI spells its flags (``--option`` is ``--decode-option`` there)."""
+    try:
+        yield
+    except TpcError as err:
+        raise TpcError(str(err).replace("--option ", "--decode-option ")) from None
 
 
 @dataclass
@@ -218,7 +228,8 @@ class VlmModule(nn.Module):
             raise TpcError("this VlmModule decodes without a compressed KV cache: compile it with decode={'method': "
                            "'h2o', 'keep': 256} (or snapkv, scissorhands, streaming)")
         past = [t for layer in state.cache.layers for t in (layer.keys, layer.values)]
-        return self.decoder.take(state.logits[:, -1].float().clone(), past, state.scores, state.valid[0])  # no view
+        with decode_flags():  # a ratio's budget, checked against the rule's windows on this prompt
+            return self.decoder.take(state.logits[:, -1].float().clone(), past, state.scores, state.valid[0])  # no view
 
     def _generate_compressed(self, input_ids, logits, cache, position, config) -> torch.Tensor:
         """Decode over the compressed ``cache`` (``self.decoder``, a ``CompressedDecoder``) after the prompt's last
