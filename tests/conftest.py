@@ -44,9 +44,7 @@ def pytest_cmdline_main(config):
 LONGEST_FIRST = ("test_vlm_llava.py", "test_vlm_decode.py", "test_onnx.py", "test_pipeline.py", "test_vlm_qwen2vl.py",
                  "test_families.py", "test_tune.py", "test_real_architectures.py", "test_vlm_smolvlm.py",
                  "test_decode_onnx.py", "test_hardening.py", "test_onnx_ops.py", "test_vlm_vtc.py", "test_cli.py",
-                 "test_vlm_kvcache.py", "test_decode.py", "test_serving.py", "test_tensorrt_plugins.py",
-                 "test_tensorrt_compat.py", "test_registry.py", "test_properties.py", "test_quest.py",
-                 "test_dynamic_length.py", "test_tools.py", "test_hardening_inputs.py", "test_hardening_more.py")
+                 "test_vlm_kvcache.py", "test_decode.py", "test_serving.py")
 
 
 def pytest_collection_modifyitems(items):
