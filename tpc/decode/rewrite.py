@@ -26,6 +26,7 @@ in those layers, the physical limit of the method (benchmarks only; no padding).
 
 from __future__ import annotations
 
+import abc
 import logging
 import operator
 
@@ -171,12 +172,13 @@ class OwnSelectionDecode(Pass):
     def __init__(self, plan: Plan, ideal: bool = False):
         self.plan, self.ideal = plan, ideal
 
+    @abc.abstractmethod
     def side_inputs(self, gm: fx.GraphModule, sites: list[CacheAttention]) -> dict:
-        raise NotImplementedError
+        """The method's side inputs of the step (quest's page bounds, dhsa's chunks), per sparse layer."""
 
+    @abc.abstractmethod
     def read(self, b: Builder, site: CacheAttention, inputs) -> tuple[fx.Node, fx.Node, fx.Node]:
         """(keys, values, mask) the layer at ``site`` attends to, from its side ``inputs``."""
-        raise NotImplementedError
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         if not self.plan.sparse:  # no sparse layer: the step as captured
